@@ -1,0 +1,420 @@
+"""The bot's configuration: one frozen object, loaded once from the environment and ``.env``.
+
+``load_config()`` reads every setting, validates all of them, and raises one ``ConfigError``
+listing every problem (variable name, what is wrong, how to fix it) instead of stopping at
+the first. Secrets never appear in an error message, a ``repr`` or ``redacted()``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+DEFAULT_PERSONA = (
+    "You are a helpful, friendly assistant chatting in a Discord server. Answer clearly and "
+    "concisely, and use Discord markdown when it helps."
+)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("console", "json")
+
+# Three dot-separated base64url parts: user id, timestamp, HMAC (Discord's bot token layout).
+_BOT_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}")
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One invalid (or, as a warning, risky) setting: which variable, what is wrong, how to fix it."""
+
+    name: str
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.problem}\n    fix: {self.fix}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every problem found, not only the first."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = list(problems)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        count = len(self.problems)
+        head = f"The configuration has {count} problem{'s' if count != 1 else ''}:"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+    def __str__(self) -> str:
+        return self._message()
+
+
+class _Invalid(Exception):
+    """Raised by a parser; becomes a ``ConfigProblem`` for the variable being parsed."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the bot, typed and validated.
+
+    Field names are the environment variable names in lower case. Secret fields are
+    excluded from ``repr``; use ``redacted()`` to show the configuration and ``secrets()``
+    to feed the log redactor.
+    """
+
+    # Discord
+    discord_token: str | None = field(default=None, repr=False)
+    discord_guild_id: int | None = None
+    discord_api_base: str | None = None
+    discord_gateway_url: str | None = None
+    # Gemini
+    gemini_api_key: str | None = field(default=None, repr=False)
+    gemini_model: str = "gemini-2.5-flash"
+    gemini_fallback_models: tuple[str, ...] = ()
+    gemini_base_url: str | None = None
+    gemini_timeout_seconds: float = 30.0
+    bot_persona: str = DEFAULT_PERSONA
+    # Behaviour
+    mutex_acquire_timeout_seconds: float = 5.0
+    processing_timeout_seconds: float = 30.0
+    user_rate_limit_per_minute: int = 6
+    guild_rate_limit_per_minute: int = 60
+    max_input_chars: int = 4000
+    history_max_messages: int = 20
+    history_max_chars: int = 12000
+    retry_max_attempts: int = 3
+    retry_hint_cap_seconds: float = 20.0
+    breaker_fail_max: int = 5
+    breaker_reset_seconds: float = 30.0
+    queue_max_attempts: int = 5
+    queue_max_age_seconds: float = 86400.0
+    maintenance_queue_messages: bool = True
+    shutdown_grace_seconds: float = 10.0
+    # Storage
+    data_dir: Path = Path("data")
+    backup_keep: int = 10
+    # Operations
+    http_host: str = "127.0.0.1"
+    http_port: int = 3000
+    admin_api_token: str | None = field(default=None, repr=False)
+    admin_user_ids: frozenset[int] = frozenset()
+    log_level: str = "INFO"
+    log_format: str = "console"
+    # Risky but valid settings (e.g. a non-loopback HTTP_HOST); shown by `check` and logged at start.
+    warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False)
+
+    @property
+    def discord_mode(self) -> Literal["live", "sandbox"]:
+        """``"live"`` with a bot token, else ``"sandbox"`` (the loopback Discord emulator)."""
+        return "live" if self.discord_token else "sandbox"
+
+    @property
+    def gemini_mode(self) -> Literal["live", "sandbox"]:
+        """``"live"`` with an API key, else ``"sandbox"`` (the loopback Gemini emulator)."""
+        return "live" if self.gemini_api_key else "sandbox"
+
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values that are set, for the log redactor."""
+        values = (getattr(self, name) for name in SECRET_FIELDS)
+        return tuple(v for v in values if v)
+
+    def redacted(self) -> dict[str, str]:
+        """Every setting by variable name, as text, with secrets shown as ``<set, N chars>``."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            if f.name == "warnings":
+                continue
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS:
+                text = f"<set, {len(value)} chars>" if value else "<not set>"
+            else:
+                text = _show(value)
+            out[f.name.upper()] = text
+        return out
+
+
+SECRET_FIELDS = frozenset({"discord_token", "gemini_api_key", "admin_api_token"})
+
+
+def _show(value: object) -> str:
+    """Render a non-secret value for display."""
+    if value is None:
+        return "<not set>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, frozenset):
+        return ",".join(str(v) for v in sorted(value))
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+# --- parsers: text -> value, raising _Invalid with a problem and a fix ---------------------------
+
+
+def _number(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    """A parser for an int or float in ``[low, high]``."""
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise _Invalid(
+                f"{text!r} is not {noun}", f"set it to {noun} between {low:g} and {high:g}"
+            ) from None
+        if value != value or not low <= value <= high:  # value != value catches NaN
+            raise _Invalid(f"{text} is out of range", f"set it to {noun} between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _Invalid(f"{text!r} is not a boolean", "use true/false, 1/0 or yes/no")
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    """A parser for an absolute URL with one of ``schemes``."""
+    example = f"{schemes[0]}://127.0.0.1:8080"
+
+    def parse(text: str) -> str:
+        parts = urlsplit(text)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise _Invalid(
+                f"{text!r} is not a URL with a {' or '.join(s + '://' for s in schemes)} scheme and a host",
+                f"write the full URL, e.g. {example}, or leave it empty for the default",
+            )
+        return text.rstrip("/")
+
+    return parse
+
+
+def _choice(allowed: tuple[str, ...], normalise: Callable[[str], str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = normalise(text)
+        if value not in allowed:
+            raise _Invalid(f"{text!r} is not one of {', '.join(allowed)}", f"use one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _is_snowflake(text: str) -> bool:
+    return re.fullmatch(r"[0-9]{1,20}", text) is not None and 0 < int(text) < 2**64
+
+
+def _snowflake(text: str) -> int:
+    if not _is_snowflake(text):
+        raise _Invalid(
+            f"{text!r} is not a Discord id",
+            "use the numeric id (Discord > Settings > Advanced > Developer Mode, then right-click > Copy ID)",
+        )
+    return int(text)
+
+
+def _user_ids(text: str) -> frozenset[int]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if not _is_snowflake(item)]
+    if bad:
+        raise _Invalid(
+            f"not numeric Discord user ids: {', '.join(repr(b) for b in bad)}",
+            "use comma-separated numeric user ids, e.g. 123456789012345678,234567890123456789",
+        )
+    return frozenset(int(item) for item in items)
+
+
+def _models(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    bad = [item for item in items if any(c.isspace() for c in item)]
+    if bad:
+        raise _Invalid(
+            f"model names cannot contain spaces: {bad!r}", "use a comma-separated list of model names"
+        )
+    return items
+
+
+def _model(text: str) -> str:
+    if any(c.isspace() for c in text):
+        raise _Invalid(f"{text!r} contains whitespace", "use a model name such as gemini-2.5-flash")
+    return text
+
+
+def _discord_token(text: str) -> str:
+    # Messages below never include the value: it is a secret.
+    if text.lower().startswith("bot "):
+        raise _Invalid("starts with 'Bot '", "remove the 'Bot ' prefix; the bot adds it itself")
+    if not _BOT_TOKEN_RE.fullmatch(text):
+        raise _Invalid(
+            "this looks like a client secret or an OAuth token, not the bot token from the Bot page",
+            "copy the token from Discord Developer Portal > your application > Bot > Reset Token "
+            "(or leave it empty to run against the sandbox)",
+        )
+    return text
+
+
+def _gemini_key(text: str) -> str:
+    if any(c.isspace() for c in text):
+        raise _Invalid(
+            "contains whitespace",
+            "paste the key from https://aistudio.google.com/apikey exactly, without spaces or line breaks",
+        )
+    return text
+
+
+def _admin_token(text: str) -> str:
+    if len(text) < 16:
+        raise _Invalid(
+            f"is too short ({len(text)} characters, at least 16 needed)",
+            "generate one, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+        )
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _path(text: str) -> Path:
+    return Path(text)
+
+
+def _host(text: str) -> str:
+    if any(c.isspace() for c in text) or "/" in text:
+        raise _Invalid(f"{text!r} is not a host name or IP address", "use e.g. 127.0.0.1")
+    return text
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "discord_token": _discord_token,
+    "discord_guild_id": _snowflake,
+    "discord_api_base": _url("http", "https"),
+    "discord_gateway_url": _url("ws", "wss"),
+    "gemini_api_key": _gemini_key,
+    "gemini_model": _model,
+    "gemini_fallback_models": _models,
+    "gemini_base_url": _url("http", "https"),
+    "gemini_timeout_seconds": _number(float, 1, 600),
+    "bot_persona": _text,
+    "mutex_acquire_timeout_seconds": _number(float, 0.1, 300),
+    "processing_timeout_seconds": _number(float, 1, 3600),
+    "user_rate_limit_per_minute": _number(int, 1, 10_000),
+    "guild_rate_limit_per_minute": _number(int, 1, 100_000),
+    "max_input_chars": _number(int, 1, 1_000_000),
+    "history_max_messages": _number(int, 0, 1000),
+    "history_max_chars": _number(int, 0, 10_000_000),
+    "retry_max_attempts": _number(int, 1, 20),
+    "retry_hint_cap_seconds": _number(float, 0, 3600),
+    "breaker_fail_max": _number(int, 1, 1000),
+    "breaker_reset_seconds": _number(float, 0.1, 3600),
+    "queue_max_attempts": _number(int, 1, 1000),
+    "queue_max_age_seconds": _number(float, 60, 90 * 86400),
+    "maintenance_queue_messages": _bool,
+    "shutdown_grace_seconds": _number(float, 0, 600),
+    "data_dir": _path,
+    "backup_keep": _number(int, 0, 10_000),
+    "http_host": _host,
+    "http_port": _number(int, 0, 65535),
+    "admin_api_token": _admin_token,
+    "admin_user_ids": _user_ids,
+    "log_level": _choice(LOG_LEVELS, str.upper),
+    "log_format": _choice(LOG_FORMATS, str.lower),
+}
+
+SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_env_file(path: Path) -> dict[str, str | None]:
+    from dotenv import dotenv_values
+
+    # interpolate=False: ${VAR} would otherwise be expanded from os.environ, not from `environ`.
+    return dict(dotenv_values(path, interpolate=False))
+
+
+def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")) -> Config:
+    """Load and validate the configuration.
+
+    Values come from ``env_file`` (read without touching ``os.environ``; a missing file is
+    fine) overlaid by ``environ`` (default ``os.environ``): the real environment wins. An
+    empty value means "not set" and takes the default. Raises ``ConfigError`` with every
+    problem at once.
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    problems: list[ConfigProblem] = []
+    warnings: list[ConfigProblem] = []
+    merged: dict[str, str] = {}
+
+    if env_file is not None and env_file.exists():
+        try:
+            file_values = _read_env_file(env_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(
+                ConfigProblem(
+                    str(env_file), f"cannot be read ({type(exc).__name__})", "fix or remove the file"
+                )
+            )
+            file_values = {}
+        known = set(SETTING_NAMES)
+        for key, value in file_values.items():
+            if key not in known:
+                warnings.append(
+                    ConfigProblem(
+                        key, f"is not a known setting (in {env_file})", "check the name against .env.example"
+                    )
+                )
+            if value is not None:
+                merged[key] = value
+    merged.update({name: env[name] for name in SETTING_NAMES if name in env})
+
+    values: dict[str, Any] = {}
+    for attr, parse in _PARSERS.items():
+        raw = merged.get(attr.upper(), "").strip()
+        if not raw:
+            continue  # unset or empty: the dataclass default applies
+        try:
+            values[attr] = parse(raw)
+        except _Invalid as exc:
+            problems.append(ConfigProblem(attr.upper(), exc.problem, exc.fix))
+
+    if problems:
+        raise ConfigError(problems)
+
+    host = values.get("http_host", Config.http_host)
+    if not _is_loopback(host):
+        warnings.append(
+            ConfigProblem(
+                "HTTP_HOST",
+                f"{host} is not a loopback address: the health/admin/metrics API is open to the network",
+                "keep 127.0.0.1 unless a reverse proxy with TLS and access control sits in front, "
+                "and set ADMIN_API_TOKEN",
+            )
+        )
+    return Config(**values, warnings=tuple(warnings))
