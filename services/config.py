@@ -156,6 +156,8 @@ def _show(value: object) -> str:
         return "<not set>"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple | frozenset) and not value:
+        return "<none>"
     if isinstance(value, frozenset):
         return ",".join(str(v) for v in sorted(value))
     if isinstance(value, tuple):

@@ -1,0 +1,90 @@
+"""The command line: ``python -m bot check|run|datastore ...``.
+
+Every subcommand sets ``func(args) -> int`` with ``set_defaults``; ``main()`` parses and
+calls it, and returns its exit code. A bad configuration prints the problem list, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.config import Config, ConfigError, load_config
+
+
+def load_or_report(args: argparse.Namespace) -> Config | None:
+    """Load the configuration, or print every problem to stderr and return ``None``."""
+    try:
+        return load_config(env_file=args.env_file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        print("See .env.example for every setting and its default.", file=sys.stderr)
+        return None
+
+
+def check(args: argparse.Namespace) -> int:
+    """Print the effective configuration (secrets redacted) and the modes; 1 if it is invalid."""
+    config = load_or_report(args)
+    if config is None:
+        return 1
+    print(f"Discord: {config.discord_mode}    Gemini: {config.gemini_mode}")
+    settings = config.redacted()
+    width = max(len(name) for name in settings)
+    for name, value in settings.items():
+        print(f"  {name.ljust(width)} = {value}")
+    for warning in config.warnings:
+        print(f"warning: {warning}")
+    print("Configuration OK.")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the bot (placeholder until the runtime exists)."""
+    config = load_or_report(args)
+    if config is None:
+        return 1
+    print(
+        f"The bot's runtime is not built yet (configuration OK: Discord {config.discord_mode}, "
+        f"Gemini {config.gemini_mode}). Nothing was started."
+    )
+    return 0
+
+
+def _register_datastore(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``datastore`` from ``bot/datastore_cli.py`` when that module exists."""
+    try:
+        datastore_cli = importlib.import_module("bot.datastore_cli")
+    except ModuleNotFoundError as exc:
+        # Only the module's absence is tolerated; an import error inside it must surface.
+        if exc.name != "bot.datastore_cli":
+            raise
+        return
+    datastore_cli.register(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bot", description="A Discord bot that chats through Google Gemini."
+    )
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=Path(".env"),
+        help="file of settings read before the environment; the environment wins (default: .env)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers.add_parser("check", help="validate and show the configuration").set_defaults(func=check)
+    subparsers.add_parser("run", help="run the bot").set_defaults(func=run)
+    _register_datastore(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen subcommand, return its exit code."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
