@@ -1,0 +1,370 @@
+"""A loopback emulator of the Gemini REST API, with fault injection.
+
+It speaks the shapes the real ``google-genai`` async client sends and parses
+(``generateContent``, ``streamGenerateContent?alt=sse``, ``batchEmbedContents`` under any
+API version), so the unmodified SDK can be pointed at it with
+``HttpOptions(base_url=emulator.base_url)``. Faults come from a shared
+:class:`~sandbox.faults.FaultPlan` whose targets are model names (or ``"*"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from sandbox import responder
+from sandbox.faults import Fault, FaultPlan
+
+API_KEY_HEADER = "x-goog-api-key"
+MODEL_VERSION_SUFFIX = "-sandbox"
+
+FAULT_KINDS = (
+    "429", "quota_daily", "500", "502", "503", "504", "400", "403", "hang", "latency",
+    "malformed_json", "stream_error", "safety", "prompt_block", "empty", "drop",
+)
+
+_STATUS_TEXT = {
+    400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
+    403: ("PERMISSION_DENIED", "The caller does not have permission"),
+    500: ("INTERNAL", "An internal error has occurred. Please retry or report in "
+                      "https://developers.generativeai.google/guide/troubleshooting"),
+    503: ("UNAVAILABLE", "The model is overloaded. Please try again later."),
+    504: ("DEADLINE_EXCEEDED", "The request timed out. Please try again."),
+}
+
+_HTML_502 = (
+    "<!DOCTYPE html>\n<html lang=en>\n  <meta charset=utf-8>\n  <title>Error 502 (Server Error)!!1</title>\n"
+    "  <p><b>502.</b> <ins>That's an error.</ins>\n  <p>The server encountered a temporary error and "
+    "could not complete your request.<p>Please try again in 30 seconds.  <ins>That's all we know.</ins>\n"
+)
+
+_SAFETY_RATINGS = [
+    {"category": "HARM_CATEGORY_SEXUALLY_EXPLICIT", "probability": "NEGLIGIBLE"},
+    {"category": "HARM_CATEGORY_HATE_SPEECH", "probability": "HIGH", "blocked": True},
+    {"category": "HARM_CATEGORY_HARASSMENT", "probability": "NEGLIGIBLE"},
+    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "NEGLIGIBLE"},
+]
+
+
+@dataclass
+class RecordedRequest:
+    """One request the emulator received, with what it did about it."""
+
+    method: str
+    path: str
+    model: str | None
+    api_version: str | None
+    action: str | None                 # generateContent, streamGenerateContent, batchEmbedContents
+    headers: dict[str, str]            # the API key's value is masked
+    body: Any
+    time: float
+    outcome: str = "pending"           # ok, invalid_key, fault:<kind>, not_found, bad_request
+    fault: Fault | None = field(default=None, repr=False)
+
+
+def error_body(code: int, status: str, message: str, details: list[dict[str, Any]] | None = None) -> dict:
+    """Build the ``{"error": {...}}`` document Google APIs return."""
+    error: dict[str, Any] = {"code": code, "message": message, "status": status}
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def invalid_key_body() -> dict:
+    """The body the real API returns for a wrong or missing API key."""
+    message = "API key not valid. Please pass a valid API key."
+    return error_body(400, "INVALID_ARGUMENT", message, [
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+         "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}},
+        {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": message},
+    ])
+
+
+def quota_body(model: str, *, daily: bool, retry_delay: str | None) -> dict:
+    """A 429 RESOURCE_EXHAUSTED body with QuotaFailure (and RetryInfo when a delay is given)."""
+    period, limit = ("Day", "250") if daily else ("Minute", "10")
+    metric = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
+    message = (
+        "You exceeded your current quota, please check your plan and billing details. For more "
+        "information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.\n"
+        f"* Quota exceeded for metric: {metric}, limit: {limit}, model: {model}"
+    )
+    if retry_delay:
+        message += f"\nPlease retry in {retry_delay}."
+    details: list[dict[str, Any]] = [
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+            "quotaMetric": metric,
+            "quotaId": f"GenerateRequestsPer{period}PerProjectPerModel-FreeTier",
+            "quotaDimensions": {"location": "global", "model": model},
+            "quotaValue": limit,
+        }]},
+        {"@type": "type.googleapis.com/google.rpc.Help",
+         "links": [{"description": "Learn more about Gemini API quotas",
+                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+    ]
+    if retry_delay:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay})
+    return error_body(429, "RESOURCE_EXHAUSTED", message, details)
+
+
+def parse_model_path(path: str) -> tuple[str, str, str] | None:
+    """Split ``/{version}/models/{model}:{action}`` into its parts, or return None."""
+    parts = path.strip("/").split("/")
+    if len(parts) != 3 or parts[1] != "models" or ":" not in parts[2]:
+        return None
+    model, _, action = parts[2].partition(":")
+    return parts[0], model, action
+
+
+class GeminiEmulator:
+    """An aiohttp server on loopback that answers like the Gemini API.
+
+    ``requests`` records every request (key masked) with its outcome; ``faults`` is the
+    live :class:`FaultPlan`, which callers may edit at any time. ``seed`` makes latency
+    draws (and the default plan's probabilities) reproducible.
+    """
+
+    def __init__(
+        self,
+        api_key: str = "sandbox-key",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        faults: FaultPlan | None = None,
+        seed: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api_key = api_key
+        self.host = host
+        self.port = port
+        self.faults = faults if faults is not None else FaultPlan(rng=random.Random(seed))
+        self.requests: list[RecordedRequest] = []
+        self._rng = random.Random(seed)
+        self._clock = clock
+        self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    # lifecycle
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` once started (the SDK appends ``/{version}/models/...``)."""
+        if self._runner is None:
+            raise RuntimeError("GeminiEmulator is not started")
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and start serving; the chosen port is in ``.port``."""
+        if self._runner is not None:
+            return
+        self._closing = asyncio.Event()
+        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # A short shutdown_timeout: hung handlers are released by _closing, not waited for.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Release hanging requests, close connections and stop; safe to call twice."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        self._closing.set()
+        await runner.cleanup()
+
+    async def __aenter__(self) -> GeminiEmulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # request handling
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        parsed = parse_model_path(request.path)
+        version, model, action = parsed if parsed else (None, None, None)
+        headers = {k: ("***" if k.lower() == API_KEY_HEADER else v) for k, v in request.headers.items()}
+        rec = RecordedRequest(request.method, request.path, model, version, action, headers, body,
+                              self._clock())
+        self.requests.append(rec)
+
+        key = request.headers.get(API_KEY_HEADER) or request.query.get("key")
+        if key != self.api_key:
+            rec.outcome = "invalid_key"
+            return web.json_response(invalid_key_body(), status=400)
+        if parsed is None or action not in ("generateContent", "streamGenerateContent", "batchEmbedContents"):
+            rec.outcome = "not_found"
+            return web.json_response(
+                error_body(404, "NOT_FOUND", f"Method not found: {request.method} {request.path}"),
+                status=404)
+        if request.method != "POST" or not isinstance(body, dict):
+            rec.outcome = "bad_request"
+            return web.json_response(
+                error_body(400, "INVALID_ARGUMENT", "Invalid JSON payload received."), status=400)
+
+        assert model is not None and action is not None
+        fault = self.faults.pick(model, f"models/{model}")
+        rec.fault = fault
+        rec.outcome = f"fault:{fault.kind}" if fault else "ok"
+        if fault is not None and fault.kind == "latency":
+            await self._wait(self._latency(fault.params))
+            fault = None
+        if fault is not None:
+            response = await self._fault_response(request, fault, model, action, body)
+            if response is not None:
+                return response
+        if action == "batchEmbedContents":
+            return web.json_response(self._embeddings(body))
+        if action == "streamGenerateContent":
+            return await self._stream(request, model, body, fault)
+        return web.json_response(self._generate(model, body, fault))
+
+    async def _wait(self, seconds: float | None) -> bool:
+        """Sleep ``seconds`` (None = forever) unless the emulator stops; True if stopped."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _latency(self, params: dict[str, Any]) -> float:
+        """Draw a delay from a fault's params: ``seconds``, or ``dist`` uniform/exponential/fixed."""
+        if "seconds" in params:
+            return float(params["seconds"])
+        dist = params.get("dist", "fixed")
+        if dist == "uniform":
+            return self._rng.uniform(float(params.get("low", 0.0)), float(params.get("high", 1.0)))
+        if dist == "exponential":
+            return self._rng.expovariate(1.0 / float(params.get("mean", 0.5)))
+        return float(params.get("value", params.get("mean", 0.5)))
+
+    async def _fault_response(
+        self, request: web.Request, fault: Fault, model: str, action: str, body: dict[str, Any]
+    ) -> web.StreamResponse | None:
+        """Answer as the fault dictates, or return None to let the normal path shape it."""
+        kind = fault.kind
+        if kind == "429":
+            return web.json_response(
+                quota_body(model, daily=False, retry_delay=str(fault.params.get("retry_delay", "2s"))),
+                status=429)
+        if kind == "quota_daily":
+            delay = fault.params.get("retry_delay")
+            return web.json_response(quota_body(model, daily=True, retry_delay=delay), status=429)
+        if kind == "502":
+            return web.Response(status=502, text=_HTML_502, content_type="text/html")
+        if kind.isdigit() and int(kind) in _STATUS_TEXT:
+            code = int(kind)
+            status, message = _STATUS_TEXT[code]
+            return web.json_response(error_body(code, status, str(fault.params.get("message", message))),
+                                     status=code)
+        if kind == "hang":
+            await self._wait(None)
+            return self._drop(request)
+        if kind == "drop":
+            return self._drop(request)
+        if kind == "malformed_json":
+            return web.Response(status=200, text='{"candidates": [{"content": {"parts": [{"text": "Hel',
+                                content_type="application/json")
+        return None
+
+    def _drop(self, request: web.Request) -> web.StreamResponse:
+        """Close the TCP connection without writing a response."""
+        if request.transport is not None:
+            request.transport.abort()
+        # aiohttp cannot write to an aborted transport; raising ends the handler quietly.
+        raise asyncio.CancelledError
+
+    def _usage(self, body: dict[str, Any], text: str) -> dict[str, int]:
+        prompt = sum(responder.count_tokens(responder.text_of(c)) for c in body.get("contents", [])
+                     if isinstance(c, dict))
+        prompt += responder.count_tokens(responder.text_of(body.get("systemInstruction")))
+        answer = responder.count_tokens(text)
+        usage = {"promptTokenCount": prompt, "totalTokenCount": prompt + answer}
+        if answer:
+            usage["candidatesTokenCount"] = answer
+        return usage
+
+    def _generate(self, model: str, body: dict[str, Any], fault: Fault | None) -> dict[str, Any]:
+        """The non-streaming ``GenerateContentResponse`` for ``body`` under ``fault``."""
+        version = model + MODEL_VERSION_SUFFIX
+        kind = fault.kind if fault else None
+        if kind == "prompt_block":
+            return {"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": _SAFETY_RATINGS},
+                    "usageMetadata": self._usage(body, ""), "modelVersion": version}
+        if kind == "empty":
+            return {"candidates": [], "usageMetadata": self._usage(body, ""), "modelVersion": version}
+        if kind == "safety":
+            return {"candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": _SAFETY_RATINGS}],
+                    "usageMetadata": self._usage(body, ""), "modelVersion": version}
+        text = responder.reply(body)
+        return {
+            "candidates": [{"content": {"parts": [{"text": text}], "role": "model"},
+                            "finishReason": "STOP", "index": 0}],
+            "usageMetadata": self._usage(body, text),
+            "modelVersion": version,
+        }
+
+    async def _stream(
+        self, request: web.Request, model: str, body: dict[str, Any], fault: Fault | None
+    ) -> web.StreamResponse:
+        """Send the answer as SSE chunks, one ``data: {json}`` event per chunk."""
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        full = self._generate(model, body, None if fault and fault.kind == "stream_error" else fault)
+        candidates = full.get("candidates") or []
+        parts = candidates[0].get("content", {}).get("parts", []) if candidates else []
+        text = parts[0]["text"] if parts else ""
+        if not text:
+            await response.write(self._event(full))
+            await response.write_eof()
+            return response
+        size = max(1, int(fault.params.get("chunk", 40)) if fault else 40)
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        cut = len(pieces) + 1
+        if fault is not None and fault.kind == "stream_error":
+            cut = min(int(fault.params.get("after", 1)), len(pieces))
+        for n, piece in enumerate(pieces[:cut]):
+            chunk: dict[str, Any] = {"candidates": [{"content": {"parts": [{"text": piece}], "role": "model"},
+                                                     "index": 0}], "modelVersion": full["modelVersion"]}
+            if n == len(pieces) - 1:
+                chunk["candidates"][0]["finishReason"] = "STOP"
+                chunk["usageMetadata"] = full["usageMetadata"]
+            await response.write(self._event(chunk))
+        if cut <= len(pieces):
+            assert fault is not None
+            if fault.params.get("mode", "error") == "broken":
+                await response.write(b'data: {"candidates": [{"content": {"parts": [{"tex\r\n\r\n')
+            else:
+                await response.write(self._event(error_body(500, "INTERNAL", _STATUS_TEXT[500][1])))
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _event(doc: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(doc).encode() + b"\r\n\r\n"
+
+    def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Deterministic 8-dimensional embeddings derived from each text."""
+        out = []
+        for req in body.get("requests", []):
+            text = responder.text_of(req.get("content")) if isinstance(req, dict) else ""
+            rng = random.Random(text)
+            out.append({"values": [round(rng.uniform(-1, 1), 6) for _ in range(8)]})
+        return {"embeddings": out}
