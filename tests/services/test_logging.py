@@ -1,0 +1,178 @@
+"""Tests for services.logging: JSON/console output, context fields, redaction, idempotence."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from services.logging import REDACTED, Redactor, configure_logging
+
+SECRET = "configured-secret-value-123"
+BOT_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4OQ.GAbCdE.abcdefghijklmnopqrstuvwxyz0123456789AB"
+GOOGLE_KEY = "AIza" + "B" * 35
+
+Lines = Callable[[], list[dict[str, Any]]]
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """A stream to log into; restores the root logger and structlog's defaults afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield io.StringIO()
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture
+def json_lines(log_stream: io.StringIO) -> Lines:
+    """Configure JSON logging with ``SECRET`` into ``log_stream``; call the result to read the lines."""
+    configure_logging("INFO", "json", secrets=[SECRET], stream=log_stream)
+    return lambda: [json.loads(line) for line in log_stream.getvalue().splitlines()]
+
+
+def test_json_format_writes_one_parseable_object_per_event(json_lines: Lines) -> None:
+    log = structlog.get_logger("bot.test")
+    log.info("first", count=3)
+    log.warning("second")
+    lines = json_lines()
+    assert [(e["event"], e["level"]) for e in lines] == [("first", "info"), ("second", "warning")]
+    assert lines[0]["count"] == 3 and lines[0]["logger"] == "bot.test"
+    assert lines[0]["timestamp"].endswith("Z")
+
+
+def test_configured_secret_in_message_and_nested_values_is_redacted(
+    json_lines: Lines,
+) -> None:
+    structlog.get_logger().info(
+        f"sending with {SECRET}", payload={"headers": [f"x {SECRET}", {"deep": SECRET}]}, pair=(SECRET, 1)
+    )
+    (event,) = json_lines()
+    assert SECRET not in json.dumps(event)
+    assert event["event"] == f"sending with {REDACTED}"
+    assert event["payload"] == {"headers": [f"x {REDACTED}", {"deep": REDACTED}]}
+    assert event["pair"] == [REDACTED, 1]
+
+
+def test_secret_in_an_exception_traceback_is_redacted(json_lines: Lines) -> None:
+    try:
+        raise RuntimeError(f"auth failed for {SECRET}")
+    except RuntimeError:
+        structlog.get_logger().exception("call failed")
+    (event,) = json_lines()
+    assert "RuntimeError: auth failed for " + REDACTED in event["exception"]
+    assert "Traceback" in event["exception"]
+    assert SECRET not in json.dumps(event)
+
+
+def test_stdlib_records_go_through_the_same_redaction_and_format(
+    json_lines: Lines,
+) -> None:
+    std = logging.getLogger("discord.http")
+    std.warning("token %s rejected", SECRET)
+    try:
+        raise ValueError(SECRET)
+    except ValueError:
+        std.error("request failed", exc_info=True)
+    first, second = json_lines()
+    assert (first["event"], first["logger"], first["level"]) == (
+        f"token {REDACTED} rejected",
+        "discord.http",
+        "warning",
+    )
+    assert f"ValueError: {REDACTED}" in second["exception"]
+    assert SECRET not in json.dumps([first, second])
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden"),
+    [
+        (f"Authorization: Bot {BOT_TOKEN}", BOT_TOKEN),
+        (f"key {GOOGLE_KEY} in text", GOOGLE_KEY),
+        ("Authorization: Bearer abc.def-ghi_jkl", "abc.def-ghi_jkl"),
+        ("GET https://example.test/v1/models?key=sk-raw-value&alt=sse", "sk-raw-value"),
+    ],
+)
+def test_credential_shapes_are_redacted_even_when_not_configured(text: str, hidden: str) -> None:
+    redacted = Redactor().redact(text)
+    assert hidden not in redacted
+    assert REDACTED in redacted
+
+
+def test_ordinary_text_is_left_alone() -> None:
+    text = "Bot reconnected to gateway after 3.5s; shard.id=0 model=gemini-2.5-flash key_count=2"
+    assert Redactor(["xy"]).redact(text) == text  # secrets under 4 characters are ignored
+
+
+def test_values_under_secret_looking_keys_are_hidden(json_lines: Lines) -> None:
+    structlog.get_logger().info("headers", headers={"Authorization": "short", "x-goog-api-key": "k1"})
+    (event,) = json_lines()
+    assert event["headers"] == {"Authorization": REDACTED, "x-goog-api-key": REDACTED}
+
+
+def test_objects_whose_repr_holds_a_secret_are_redacted(json_lines: Lines) -> None:
+    class Holder:
+        def __repr__(self) -> str:
+            return f"Holder({SECRET})"
+
+    structlog.get_logger().info("obj", thing=Holder(), error=ValueError(SECRET))
+    (event,) = json_lines()
+    assert event["thing"] == f"Holder({REDACTED})"
+    assert SECRET not in json.dumps(event)
+
+
+def test_context_fields_appear_on_structlog_and_stdlib_events(
+    json_lines: Lines,
+) -> None:
+    structlog.contextvars.bind_contextvars(trace_id="t-42", guild=7, channel=8, user=9)
+    structlog.get_logger().info("from structlog")
+    logging.getLogger("google_genai").info("from stdlib")
+    for event in json_lines():
+        assert (event["trace_id"], event["guild"], event["channel"], event["user"]) == ("t-42", 7, 8, 9)
+
+
+def test_level_filters_both_kinds_of_logger(json_lines: Lines) -> None:
+    structlog.get_logger().debug("hidden")
+    logging.getLogger("aiohttp.client").debug("hidden too")
+    structlog.get_logger().info("shown")
+    assert [e["event"] for e in json_lines()] == ["shown"]
+
+
+def test_configuring_twice_does_not_duplicate_output(log_stream: io.StringIO) -> None:
+    root = logging.getLogger()
+    configure_logging("INFO", "json", stream=log_stream)
+    count = len(root.handlers)
+    configure_logging("INFO", "json", secrets=[SECRET], stream=log_stream)
+    assert len(root.handlers) == count
+    structlog.get_logger().info(f"once {SECRET}")
+    logging.getLogger("discord").info("stdlib once")
+    assert [json.loads(line)["event"] for line in log_stream.getvalue().splitlines()] == [
+        f"once {REDACTED}",
+        "stdlib once",
+    ]
+
+
+def test_console_format_is_readable_and_redacted(log_stream: io.StringIO) -> None:
+    configure_logging("INFO", "console", secrets=[SECRET], stream=log_stream)
+    structlog.contextvars.bind_contextvars(trace_id="t-1")
+    try:
+        raise KeyError(SECRET)
+    except KeyError:
+        structlog.get_logger("bot.pipeline").exception("answer failed", detail=SECRET)
+    out = log_stream.getvalue()
+    assert "answer failed" in out and "trace_id=t-1" in out and "bot.pipeline" in out
+    assert "Traceback" in out and "KeyError" in out
+    assert "\x1b[" not in out  # no colour codes when the stream is not a terminal
+    assert SECRET not in out
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out.splitlines()[0])
