@@ -1,0 +1,149 @@
+"""Tests for the command line: ``check``, ``run``, the dispatcher, and ``python -m bot`` as a process."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from services.config import SETTING_NAMES
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4OQ.GAbCdE.abcdefghijklmnopqrstuvwxyz0123456789AB"
+GEMINI_KEY = "AIzaSyD-fake-key-0123456789abcdefghijk"
+ADMIN_TOKEN = "admin-token-0123456789-secret"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No bot setting in the environment and a cwd without .env, so the developer's own never leaks in."""
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def test_check_prints_the_modes_and_settings_and_exits_0(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "Discord: sandbox" in out and "Gemini: sandbox" in out
+    for name in SETTING_NAMES:
+        assert name in out
+
+
+def test_check_output_never_contains_a_secret(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    clean_env.setenv("GEMINI_API_KEY", GEMINI_KEY)
+    clean_env.setenv("ADMIN_API_TOKEN", ADMIN_TOKEN)
+    assert main(["check"]) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Discord: live" in text and "Gemini: live" in text
+    assert f"<set, {len(GOOD_TOKEN)} chars>" in text
+    for secret in (GOOD_TOKEN, GEMINI_KEY, ADMIN_TOKEN):
+        assert secret not in text
+
+
+def test_check_on_a_bad_config_lists_every_problem_and_exits_1(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("DISCORD_TOKEN", "not-a-bot-token-secret")
+    clean_env.setenv("HTTP_PORT", "70000")
+    assert main(["check"]) == 1
+    captured = capsys.readouterr()
+    assert "DISCORD_TOKEN" in captured.err and "HTTP_PORT" in captured.err
+    assert "not the bot token from the Bot page" in captured.err
+    assert "not-a-bot-token-secret" not in captured.out + captured.err
+
+
+def test_check_reads_the_env_file_option(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env_file = tmp_path / "custom.env"
+    env_file.write_text("GEMINI_MODEL=gemini-custom\nHTTP_HOST=0.0.0.0\n")
+    assert main(["--env-file", str(env_file), "check"]) == 0
+    out = capsys.readouterr().out
+    assert "gemini-custom" in out
+    assert "warning: HTTP_HOST" in out
+
+
+def test_run_says_the_runtime_is_not_built_yet(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run"]) == 0
+    assert "not built yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["nope"], []])
+def test_an_unknown_or_missing_subcommand_is_a_usage_error(
+    argv: list[str], clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_the_datastore_subcommand_is_registered_from_its_module_and_dispatched(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    calls: list[argparse.Namespace] = []
+
+    def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        sub = subparsers.add_parser("datastore")
+        sub.add_argument("action")
+        sub.set_defaults(func=lambda args: calls.append(args) or 7)
+
+    fake = types.ModuleType("bot.datastore_cli")
+    fake.register = register  # type: ignore[attr-defined]
+    clean_env.setitem(sys.modules, "bot.datastore_cli", fake)
+    assert main(["datastore", "verify"]) == 7
+    assert calls[0].action == "verify"
+
+
+def test_the_cli_works_without_the_datastore_module(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setitem(sys.modules, "bot.datastore_cli", None)  # makes the import fail as if absent
+    assert main(["check"]) == 0
+    with pytest.raises(SystemExit):
+        main(["datastore"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def run_module(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bot`` with exactly ``env`` in ``cwd`` (a directory without a .env)."""
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        env={"PYTHONPATH": str(REPO), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_python_m_bot_check_exits_0_on_a_good_config(tmp_path: Path) -> None:
+    result = run_module(["check"], {"GEMINI_API_KEY": GEMINI_KEY, "LOG_FORMAT": "json"}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Gemini: live" in result.stdout
+    assert GEMINI_KEY not in result.stdout + result.stderr
+
+
+def test_python_m_bot_check_exits_1_with_the_names_and_no_traceback_on_a_bad_config(tmp_path: Path) -> None:
+    env = {"DISCORD_TOKEN": "oauth-secret-xyz", "BREAKER_FAIL_MAX": "0", "LOG_LEVEL": "chatty"}
+    result = run_module(["check"], env, tmp_path)
+    assert result.returncode == 1
+    for name in ("DISCORD_TOKEN", "BREAKER_FAIL_MAX", "LOG_LEVEL"):
+        assert name in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "oauth-secret-xyz" not in result.stderr + result.stdout
