@@ -1,0 +1,754 @@
+"""The JSON DataStore: the bot's small state in files that survive crashes and corruption.
+
+Each named file lives at ``<data_dir>/<name>.json``. A write is atomic (temp file in the same
+directory, fsync, ``os.replace``, fsync of the directory) and keeps the previous good version
+as ``<name>.json.bak`` plus a timestamped copy under ``<data_dir>/backups/``. A file that is
+missing, unreadable, not JSON or invalid is moved to ``<data_dir>/quarantine/`` and the state
+comes back from the ``.bak``, then the newest valid backup, then the defaults; the source that
+served is logged, counted and reported through ``on_event``. Falling back to the defaults
+because everything was corrupt is an alert, never silent.
+
+``DataStore`` is synchronous (the files are small); ``DataStoreService`` runs it in a thread
+for the asyncio bot and is what the service registry starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from resilience.clock import Clock, SystemClock
+
+T = TypeVar("T")
+
+SOURCE_FILE = "file"
+SOURCE_BAK = "bak"
+SOURCE_BACKUP = "backup"
+SOURCE_DEFAULTS = "defaults"
+
+_STAMP_FORMAT = "%Y%m%dT%H%M%S.%f"
+_STAMP_RE = r"(\d{8}T\d{6}\.\d{6})"
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class DataStoreError(Exception):
+    """Root of the DataStore's exceptions."""
+
+
+class UnknownFileError(DataStoreError):
+    """The name is not one of the store's files."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = tuple(known)
+        super().__init__(f"unknown datastore file {name!r}; known: {', '.join(self.known)}")
+
+
+class DataStoreValidationError(DataStoreError):
+    """Data offered to ``save`` is invalid; nothing was written."""
+
+    def __init__(self, name: str, problems: list[str]) -> None:
+        self.name = name
+        self.problems = list(problems)
+        super().__init__(f"invalid data for {name!r}: " + "; ".join(self.problems))
+
+
+# --- file specs and the bot's four files ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    """One named JSON file: its default content and a validator returning its problems."""
+
+    name: str
+    default: Callable[[], dict[str, Any]]
+    validate: Callable[[Any], list[str]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float)) and not isinstance(value, bool)
+
+
+def _check_keys(
+    obj: Any, where: str, required: set[str], optional: frozenset[str] = frozenset()
+) -> list[str]:
+    """Problems with an object's shape: not a dict, missing keys, unknown keys."""
+    if not isinstance(obj, dict):
+        return [f"{where}: expected an object, got {type(obj).__name__}"]
+    problems = [f"{where}: missing key {k!r}" for k in sorted(required - obj.keys())]
+    problems += [f"{where}: unknown key {k!r}" for k in sorted(obj.keys() - required - optional, key=str)]
+    return problems
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _check_optional(value: Any, where: str, ok: Callable[[Any], bool], expected: str) -> list[str]:
+    if value is None or ok(value):
+        return []
+    return [f"{where}: expected {expected} or null, got {type(value).__name__}"]
+
+
+def validate_maintenance(data: Any) -> list[str]:
+    """``{"enabled": bool, "message": str|None, "since": float|None, "by": str|None}``."""
+    problems = _check_keys(data, "maintenance", {"enabled", "message", "since", "by"})
+    if problems and not isinstance(data, dict):
+        return problems
+    if "enabled" in data and not isinstance(data["enabled"], bool):
+        problems.append(f"maintenance.enabled: expected bool, got {type(data['enabled']).__name__}")
+    if "message" in data:
+        problems += _check_optional(data["message"], "maintenance.message", _is_str, "str")
+    if "since" in data:
+        problems += _check_optional(data["since"], "maintenance.since", _is_number, "number")
+    if "by" in data:
+        problems += _check_optional(data["by"], "maintenance.by", _is_str, "str")
+    return problems
+
+
+_GUILD_KEYS = frozenset({"chat_channels", "persona", "user_rate_per_minute"})
+
+
+def validate_guild_settings(data: Any) -> list[str]:
+    """``{"guilds": {id: {"chat_channels": [int], "persona": str|None, "user_rate_per_minute": int|None}}}``.
+
+    A guild entry may leave keys out (unset); present keys are typed precisely.
+    """
+    problems = _check_keys(data, "guild_settings", {"guilds"})
+    if problems:
+        return problems
+    guilds = data["guilds"]
+    if not isinstance(guilds, dict):
+        return [f"guild_settings.guilds: expected an object, got {type(guilds).__name__}"]
+    for gid, entry in guilds.items():
+        where = f"guild_settings.guilds[{gid!r}]"
+        if not (isinstance(gid, str) and gid.isdecimal() and gid.isascii()):
+            problems.append(f"{where}: guild id must be a string of digits")
+        shape = _check_keys(entry, where, set(), _GUILD_KEYS)
+        problems += shape
+        if not isinstance(entry, dict):
+            continue
+        channels = entry.get("chat_channels", [])
+        if not isinstance(channels, list) or not all(_is_int(c) and c > 0 for c in channels):
+            problems.append(f"{where}.chat_channels: expected a list of positive ints")
+        problems += _check_optional(entry.get("persona"), f"{where}.persona", _is_str, "str")
+        rate = entry.get("user_rate_per_minute")
+        if rate is not None and not (_is_int(rate) and rate >= 0):
+            problems.append(f"{where}.user_rate_per_minute: expected an int >= 0 or null")
+    return problems
+
+
+def validate_admins(data: Any) -> list[str]:
+    """``{"user_ids": [int]}``."""
+    problems = _check_keys(data, "admins", {"user_ids"})
+    if problems:
+        return problems
+    ids = data["user_ids"]
+    if not isinstance(ids, list) or not all(_is_int(i) and i > 0 for i in ids):
+        problems.append("admins.user_ids: expected a list of positive ints")
+    return problems
+
+
+def validate_breakers(data: Any) -> list[str]:
+    """``{"overrides": {name: {"state": "open"|"closed", "until": float|None, "reason": str}}}``."""
+    problems = _check_keys(data, "breakers", {"overrides"})
+    if problems:
+        return problems
+    overrides = data["overrides"]
+    if not isinstance(overrides, dict):
+        return [f"breakers.overrides: expected an object, got {type(overrides).__name__}"]
+    for name, entry in overrides.items():
+        where = f"breakers.overrides[{name!r}]"
+        if not name:
+            problems.append(f"{where}: breaker name must not be empty")
+        shape = _check_keys(entry, where, {"state", "until", "reason"})
+        problems += shape
+        if not isinstance(entry, dict):
+            continue
+        if "state" in entry and entry["state"] not in ("open", "closed"):
+            problems.append(f"{where}.state: expected 'open' or 'closed', got {entry['state']!r}")
+        if "until" in entry:
+            problems += _check_optional(entry["until"], f"{where}.until", _is_number, "number")
+        if "reason" in entry and not isinstance(entry["reason"], str):
+            problems.append(f"{where}.reason: expected str, got {type(entry['reason']).__name__}")
+    return problems
+
+
+def default_specs() -> list[FileSpec]:
+    """The bot's four files: maintenance, guild_settings, admins, breakers."""
+    return [
+        FileSpec(
+            "maintenance",
+            lambda: {"enabled": False, "message": None, "since": None, "by": None},
+            validate_maintenance,
+        ),
+        FileSpec("guild_settings", lambda: {"guilds": {}}, validate_guild_settings),
+        FileSpec("admins", lambda: {"user_ids": []}, validate_admins),
+        FileSpec("breakers", lambda: {"overrides": {}}, validate_breakers),
+    ]
+
+
+DEFAULT_FILES: tuple[str, ...] = tuple(spec.name for spec in default_specs())
+
+
+# --- reports --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationReport:
+    """The verdict on one file as it is on disk now; ``source`` is what served it, if loaded."""
+
+    name: str
+    path: Path
+    ok: bool
+    problems: list[str]
+    source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What ``recover``/``load`` did: the source that served, what was rejected and moved aside.
+
+    ``alert`` is true when the defaults were used because nothing valid existed.
+    """
+
+    name: str
+    source: str
+    alert: bool
+    problems: list[str] = field(default_factory=list)
+    quarantined: list[Path] = field(default_factory=list)
+
+    @property
+    def from_defaults(self) -> bool:
+        return self.source == SOURCE_DEFAULTS
+
+
+@dataclass(frozen=True, slots=True)
+class BackupInfo:
+    """One timestamped backup copy."""
+
+    name: str
+    path: Path
+    created_at: float
+    size: int
+    valid: bool
+
+
+@dataclass(slots=True)
+class FileStatus:
+    """The state of one file in this process: what served it, whether it raised an alert."""
+
+    name: str
+    path: str
+    loaded: bool = False
+    source: str | None = None
+    alert: bool = False
+    last_error: str | None = None
+    loaded_at: float | None = None
+
+
+class _Rejected(Exception):
+    """A candidate source could not serve; ``exists`` says whether there was anything at all."""
+
+    def __init__(self, problem: str, *, exists: bool) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.exists = exists
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+# --- the sync core --------------------------------------------------------------------------
+
+
+class DataStore:
+    """Named JSON files with atomic writes, backups and recovery. Thread-safe per file.
+
+    ``load(name)`` returns a copy of the current state (recovering it on first use);
+    ``save(name, data)`` validates, then commits atomically. ``on_event(kind, payload)`` hears
+    ``datastore.recovered`` and ``datastore.alert``.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        specs: Iterable[FileSpec] | None = None,
+        *,
+        keep_backups: int = 10,
+        clock: Clock | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        logger: Any = None,
+    ) -> None:
+        if keep_backups < 1:
+            raise ValueError("keep_backups must be >= 1")
+        self.data_dir = Path(data_dir)
+        self.backup_dir = self.data_dir / "backups"
+        self.quarantine_dir = self.data_dir / "quarantine"
+        self.specs: dict[str, FileSpec] = {s.name: s for s in (default_specs() if specs is None else specs)}
+        self.keep_backups = keep_backups
+        self._clock: Clock = clock or SystemClock()
+        self._on_event = on_event
+        self._log = logger or structlog.get_logger("datastore")
+        self._locks = {name: threading.Lock() for name in self.specs}
+        self._cache: dict[str, dict[str, Any]] = {}
+        self._good_bytes: dict[str, bytes] = {}
+        self._status = {name: FileStatus(name, str(self.path(name))) for name in self.specs}
+        self._source_counts: dict[tuple[str, str], int] = {}
+        self._last_stamp_us: dict[str, int] = {}
+
+    # paths
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def path(self, name: str) -> Path:
+        return self.data_dir / f"{name}.json"
+
+    def bak_path(self, name: str) -> Path:
+        return self.data_dir / f"{name}.json.bak"
+
+    def _spec(self, name: str) -> FileSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise UnknownFileError(name, self.specs) from None
+
+    # public API
+
+    def check(self, name: str, data: Any) -> list[str]:
+        """The problems with ``data`` as content of ``name`` (empty when valid); writes nothing."""
+        spec = self._spec(name)
+        try:
+            problems = list(spec.validate(data))
+        except Exception as exc:  # a validator must never take the store down with it
+            problems = [f"validator failed: {exc!r}"]
+        if not problems:
+            try:
+                json.dumps(data, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                problems = [f"not JSON-serialisable: {exc}"]
+        return problems
+
+    def load(self, name: str) -> dict[str, Any]:
+        """The current state of ``name`` (a copy), loading and recovering it on first use."""
+        self._spec(name)
+        with self._locks[name]:
+            if name not in self._cache:
+                self._load_locked(name)
+            return copy.deepcopy(self._cache[name])
+
+    def save(self, name: str, data: dict[str, Any]) -> None:
+        """Validate, then commit atomically; invalid data raises ``DataStoreValidationError`` unwritten."""
+        problems = self.check(name, data)
+        if problems:
+            raise DataStoreValidationError(name, problems)
+        payload = self._encode(data)
+        with self._locks[name]:
+            if name not in self._cache:
+                self._load_locked(name)
+            self._commit(name, payload, previous=self._good_bytes[name])
+
+    def recover(self, name: str) -> RecoveryReport:
+        """Forget the cached state and reload ``name`` from the best valid source."""
+        self._spec(name)
+        with self._locks[name]:
+            self._cache.pop(name, None)
+            self._good_bytes.pop(name, None)
+            return self._load_locked(name)
+
+    def validate(self, name: str | None = None) -> list[ValidationReport]:
+        """Check the files on disk as they are now, without changing anything."""
+        reports = []
+        for n in [name] if name is not None else self.names():
+            self._spec(n)
+            with self._locks[n]:
+                problems: list[str]
+                try:
+                    self._read_candidate(n, self.path(n))
+                    problems = []
+                except _Rejected as rej:
+                    problems = [rej.problem]
+                    # A missing file is fine on a fresh start; not when there is history to restore from.
+                    if not rej.exists and not self.bak_path(n).exists() and not self._backup_paths(n):
+                        problems = []
+                source = self._status[n].source
+            reports.append(ValidationReport(n, self.path(n), not problems, problems, source))
+        return reports
+
+    def list_backups(self, name: str | None = None) -> list[BackupInfo]:
+        """Timestamped backups, newest first per file, each checked for validity."""
+        infos = []
+        for n in [name] if name is not None else self.names():
+            self._spec(n)
+            for path, stamp_us in self._backup_paths(n):
+                try:
+                    size = path.stat().st_size
+                    self._read_candidate(n, path)
+                    valid = True
+                except _Rejected:
+                    valid = False
+                except OSError:
+                    size, valid = 0, False
+                infos.append(BackupInfo(n, path, stamp_us / 1e6, size, valid))
+        return infos
+
+    def status(self) -> dict[str, FileStatus]:
+        """Per file: loaded or not, the source that served, the alert flag, the last error."""
+        return {n: copy.copy(s) for n, s in self._status.items()}
+
+    def alerts(self) -> list[str]:
+        """Names of the files that fell back to defaults because nothing valid existed."""
+        return [n for n, s in self._status.items() if s.alert]
+
+    def source_counts(self) -> dict[tuple[str, str], int]:
+        """How many loads each (file, source kind) served: kinds are file, bak, backup, defaults."""
+        return dict(self._source_counts)
+
+    # loading and recovery
+
+    def _load_locked(self, name: str) -> RecoveryReport:
+        """Find the best valid source, quarantine bad primaries, write recovered state back."""
+        spec = self._spec(name)
+        self._remove_stale_temps(name)
+        problems: list[str] = []
+        quarantined: list[Path] = []
+        anything_existed = False
+        data: dict[str, Any] | None = None
+        source = SOURCE_DEFAULTS
+
+        for label, path in [(SOURCE_FILE, self.path(name)), (SOURCE_BAK, self.bak_path(name))]:
+            try:
+                data = self._read_candidate(name, path)
+                source = label
+                break
+            except _Rejected as rej:
+                anything_existed |= rej.exists
+                if rej.exists:
+                    problems.append(f"{label}: {rej.problem}")
+                    moved = self._quarantine(name, path, label)
+                    if moved is not None:
+                        quarantined.append(moved)
+        if data is None:
+            for path, _ in self._backup_paths(name):
+                anything_existed = True
+                try:
+                    data = self._read_candidate(name, path)
+                    source = f"{SOURCE_BACKUP}:{path.name}"
+                    break
+                except _Rejected as rej:
+                    problems.append(f"backup {path.name}: {rej.problem}")
+        alert = data is None and anything_existed
+        if data is None:
+            data = spec.default()
+
+        status = self._status[name]
+        status.loaded, status.source, status.alert = True, source, alert
+        status.loaded_at = self._clock.time()
+        status.last_error = "; ".join(problems) or None
+        kind = source.split(":", 1)[0]
+        self._source_counts[(name, kind)] = self._source_counts.get((name, kind), 0) + 1
+
+        payload = self._encode(data)
+        self._cache[name] = json.loads(payload)
+        self._good_bytes[name] = payload
+        if source != SOURCE_FILE:
+            try:
+                self._commit(name, payload, previous=payload)
+            except OSError as exc:
+                # Serve the recovered state from memory; the next save tries the disk again.
+                status.last_error = f"{status.last_error or ''}; write-back failed: {exc!r}".lstrip("; ")
+                self._log.error("datastore.writeback_failed", file=name, error=repr(exc))
+
+        report = RecoveryReport(name, source, alert, problems, quarantined)
+        event = {
+            "name": name,
+            "source": source,
+            "alert": alert,
+            "problems": problems,
+            "quarantined": [str(p) for p in quarantined],
+        }
+        if alert:
+            self._log.error("datastore.alert", **event)
+            self._emit("datastore.alert", event)
+        elif problems or source not in (SOURCE_FILE, SOURCE_DEFAULTS):
+            self._log.warning("datastore.recovered", **event)
+            self._emit("datastore.recovered", event)
+        else:
+            self._log.info("datastore.loaded", file=name, source=source)
+        return report
+
+    def _read_candidate(self, name: str, path: Path) -> dict[str, Any]:
+        """Read, parse and validate one candidate file, or raise ``_Rejected`` saying why."""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise _Rejected("missing", exists=False) from None
+        except OSError as exc:
+            raise _Rejected(f"unreadable: {exc.strerror or exc!r}", exists=True) from None
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            reason = "empty" if not raw.strip() else f"not JSON: {str(exc)[:200]}"
+            raise _Rejected(reason, exists=True) from None
+        problems = self.check(name, data)
+        if problems:
+            raise _Rejected("invalid: " + "; ".join(problems[:10]), exists=True)
+        return data  # type: ignore[no-any-return]
+
+    def _quarantine(self, name: str, path: Path, label: str) -> Path | None:
+        """Move a bad file aside so it is kept for inspection but never read again."""
+        prefix = name if label == SOURCE_FILE else f"{name}.{label}"
+        target = self.quarantine_dir / f"{prefix}-{self._stamp(name)}.json"
+        try:
+            self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            _fsync_dir(self.data_dir)
+        except OSError as exc:
+            self._log.error("datastore.quarantine_failed", file=name, path=str(path), error=repr(exc))
+            return None
+        return target
+
+    def _emit(self, kind: str, payload: dict[str, Any]) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(kind, payload)
+        except Exception as exc:  # a listener's bug must not break loading
+            self._log.error("datastore.listener_failed", event=kind, error=repr(exc))
+
+    # writing
+
+    @staticmethod
+    def _encode(data: Any) -> bytes:
+        try:
+            return json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
+        except (TypeError, ValueError) as exc:
+            raise DataStoreValidationError("?", [f"not JSON-serialisable: {exc}"]) from exc
+
+    def _commit(self, name: str, payload: bytes, *, previous: bytes) -> None:
+        """Keep ``previous`` as the .bak, replace the file, add a timestamped backup, rotate."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # One directory fsync after both renames makes both durable; should power fail between
+        # them, the old .bak is still a complete, valid file.
+        _atomic_write(self.bak_path(name), previous, sync_dir=False)
+        _atomic_write(self.path(name), payload)  # the commit point
+        self._cache[name] = json.loads(payload)
+        self._good_bytes[name] = payload
+        try:
+            self.backup_dir.mkdir(exist_ok=True)
+            # History only: after a power cut the newest copy may be missing, never half-written.
+            _atomic_write(self.backup_dir / f"{name}-{self._stamp(name)}.json", payload, sync_dir=False)
+            self._rotate(name)
+        except OSError as exc:
+            # The save itself is committed; a missing history copy is worth a log line, not a failure.
+            self._status[name].last_error = f"backup failed: {exc!r}"
+            self._log.error("datastore.backup_failed", file=name, error=repr(exc))
+
+    def _rotate(self, name: str) -> None:
+        for path, _ in self._backup_paths(name)[self.keep_backups :]:
+            with suppress(FileNotFoundError):
+                path.unlink()
+
+    def _backup_paths(self, name: str) -> list[tuple[Path, int]]:
+        """Backups of ``name`` with their timestamps in microseconds, newest first."""
+        pattern = re.compile(rf"^{re.escape(name)}-{_STAMP_RE}\.json$")
+        found = []
+        try:
+            entries = list(os.scandir(self.backup_dir))
+        except OSError:
+            return []
+        for entry in entries:
+            m = pattern.match(entry.name)
+            if m:
+                found.append((Path(entry.path), _parse_stamp_us(m.group(1))))
+        found.sort(key=lambda item: (item[1], item[0].name), reverse=True)
+        return found
+
+    def _stamp(self, name: str) -> str:
+        """A UTC timestamp for file names, strictly increasing per file even on a frozen clock."""
+        now_us = int(self._clock.time() * 1_000_000)
+        last = self._last_stamp_us.get(name)
+        if last is None:
+            newest = self._backup_paths(name)
+            last = newest[0][1] if newest else 0
+        stamp_us = max(now_us, last + 1)
+        self._last_stamp_us[name] = stamp_us
+        return datetime.fromtimestamp(stamp_us // 1_000_000, UTC).strftime("%Y%m%dT%H%M%S") + (
+            f".{stamp_us % 1_000_000:06d}"
+        )
+
+    def _remove_stale_temps(self, name: str) -> None:
+        """Delete temp files of ``name`` left by writers that died (their pid no longer exists)."""
+        for directory, target_prefix in [(self.data_dir, f"{name}.json"), (self.backup_dir, f"{name}-")]:
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                m = _TEMP_RE.match(entry.name)
+                if m is None or not m.group("target").startswith(target_prefix):
+                    continue
+                if not _pid_alive(int(m.group("pid"))):
+                    with suppress(OSError):
+                        os.unlink(entry.path)
+
+
+# Temp files are ".<target>.<pid>.<random>.tmp" (see _atomic_write); mkstemp's random part has no dots.
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _parse_stamp_us(stamp: str) -> int:
+    whole, frac = stamp.split(".")
+    seconds = datetime.strptime(whole, "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp()
+    return int(seconds) * 1_000_000 + int(frac)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, payload: bytes, *, sync_dir: bool = True) -> None:
+    """Write ``payload`` to ``path`` so a reader sees the old content or the new, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+# --- the async service ----------------------------------------------------------------------
+
+
+class Breaker(Protocol):
+    """What the service needs from a circuit breaker (resilience/breakers.py provides one)."""
+
+    async def call(
+        self, fn: Callable[..., Awaitable[T]], /, *args: Any, timeout: float | None = None  # noqa: ASYNC109
+    ) -> T: ...
+
+
+class DataStoreService:
+    """The DataStore as a registry service: loads every file at start, runs the sync core in threads.
+
+    Caller mistakes (unknown name, invalid data) are raised before the breaker so they never
+    count as failures of the disk.
+    """
+
+    name = "datastore"
+    depends_on: tuple[str, ...] = ()
+
+    def __init__(self, store: DataStore, *, breaker: Breaker | None = None) -> None:
+        self.store = store
+        self._breaker = breaker
+        self._locks = {name: asyncio.Lock() for name in store.names()}
+        self._started = False
+
+    async def start(self) -> None:
+        """Load (and recover, if needed) every file."""
+        for name in self.store.names():
+            await self.get(name)
+        self._started = True
+
+    async def stop(self) -> None:
+        self._started = False
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok": ..., "files": {name: status}, "alerts": [names]}``; not ok while an alert stands."""
+        alerts = self.store.alerts()
+        return {
+            "ok": self._started and not alerts,
+            "files": {n: asdict(s) for n, s in self.store.status().items()},
+            "alerts": alerts,
+        }
+
+    async def get(self, name: str) -> dict[str, Any]:
+        async with self._lock(name):
+            return await self._run(self.store.load, name)
+
+    async def save(self, name: str, data: dict[str, Any]) -> None:
+        self._raise_if_invalid(name, data)
+        async with self._lock(name):
+            await self._run(self.store.save, name, data)
+
+    async def update(
+        self, name: str, fn: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> dict[str, Any]:
+        """Read-modify-write under the file's lock; ``fn`` returns the new state or mutates in place."""
+        async with self._lock(name):
+            current = await self._run(self.store.load, name)
+            result = fn(current)
+            new = current if result is None else result
+            self._raise_if_invalid(name, new)
+            await self._run(self.store.save, name, new)
+            return copy.deepcopy(new)
+
+    async def validate(self, name: str | None = None) -> list[ValidationReport]:
+        return await self._run(self.store.validate, name)
+
+    async def recover(self, name: str) -> RecoveryReport:
+        async with self._lock(name):
+            return await self._run(self.store.recover, name)
+
+    async def list_backups(self, name: str | None = None) -> list[BackupInfo]:
+        return await self._run(self.store.list_backups, name)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        try:
+            return self._locks[name]
+        except KeyError:
+            raise UnknownFileError(name, self._locks) from None
+
+    def _raise_if_invalid(self, name: str, data: Any) -> None:
+        problems = self.store.check(name, data)
+        if problems:
+            raise DataStoreValidationError(name, problems)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._breaker is None:
+            return await asyncio.to_thread(fn, *args)
+        return await self._breaker.call(asyncio.to_thread, fn, *args)
