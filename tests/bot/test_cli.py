@@ -98,10 +98,14 @@ def test_the_datastore_subcommand_is_registered_from_its_module_and_dispatched(
 ) -> None:
     calls: list[argparse.Namespace] = []
 
+    def datastore(args: argparse.Namespace) -> int:
+        calls.append(args)
+        return 7
+
     def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         sub = subparsers.add_parser("datastore")
         sub.add_argument("action")
-        sub.set_defaults(func=lambda args: calls.append(args) or 7)
+        sub.set_defaults(func=datastore)
 
     fake = types.ModuleType("bot.datastore_cli")
     fake.register = register  # type: ignore[attr-defined]
