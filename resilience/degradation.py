@@ -6,9 +6,14 @@ The runtime talks to the queue only through ``DurableQueue``; the SQLite store i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
+
+import structlog
+
+from resilience.clock import Clock
 
 
 class Mode(StrEnum):
@@ -109,3 +114,77 @@ class DurableQueue(Protocol):
     async def purge(self, state: ItemState) -> int:
         """Delete items in a terminal state (done, dead, expired); return how many."""
         ...
+
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAINTENANCE_MESSAGE = (
+    "The bot is under maintenance. Your message is saved and will be answered when it is back."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DegradationSnapshot:
+    """The mode at one instant. ``since`` is wall-clock seconds (``Clock.time()``)."""
+
+    mode: Mode
+    reason: str
+    since: float
+    message: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": str(self.mode), "reason": self.reason, "since": self.since, "message": self.message}
+
+
+ModeListener = Callable[[DegradationSnapshot, DegradationSnapshot], None]
+"""Called as ``listener(old, new)`` after every change."""
+
+
+class DegradationState:
+    """The bot's operating mode (normal, degraded, maintenance) with its reason and notice.
+
+    ``set()`` changes it and notifies listeners (a raising listener is logged and skipped);
+    setting the same mode, reason and message again is a no-op. ``since`` moves only when the
+    mode itself changes. In maintenance, ``message`` is the notice users see (a default one
+    if none is given).
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._current = DegradationSnapshot(Mode.NORMAL, "", clock.time(), None)
+        self._listeners: list[ModeListener] = []
+
+    @property
+    def mode(self) -> Mode:
+        return self._current.mode
+
+    def snapshot(self) -> DegradationSnapshot:
+        """The current mode, reason, since and message."""
+        return self._current
+
+    def add_listener(self, listener: ModeListener) -> None:
+        """Call ``listener(old, new)`` after every change."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ModeListener) -> None:
+        """Stop notifying ``listener`` (no error if it was not added)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def set(self, mode: Mode, reason: str = "", message: str | None = None) -> DegradationSnapshot:
+        """Switch to ``mode``; returns the new snapshot."""
+        mode = Mode(mode)
+        if mode is Mode.MAINTENANCE and message is None:
+            message = DEFAULT_MAINTENANCE_MESSAGE
+        old = self._current
+        if (old.mode, old.reason, old.message) == (mode, reason, message):
+            return old
+        since = old.since if old.mode is mode else self._clock.time()
+        new = self._current = DegradationSnapshot(mode, reason, since, message)
+        log.warning("degradation_mode_changed", old=str(old.mode), new=str(mode), reason=reason)
+        for listener in list(self._listeners):
+            try:
+                listener(old, new)
+            except Exception as exc:
+                log.error("degradation_listener_failed", error=repr(exc), exc_info=exc)
+        return new
