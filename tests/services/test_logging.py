@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.logging import REDACTED, Redactor, configure_logging
 
@@ -176,3 +178,14 @@ def test_console_format_is_readable_and_redacted(log_stream: io.StringIO) -> Non
     assert SECRET not in out
     with pytest.raises(json.JSONDecodeError):
         json.loads(out.splitlines()[0])
+
+
+@given(
+    secret=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=4, max_size=24),
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+)
+def test_a_configured_secret_never_survives_redaction_whatever_surrounds_it(
+    secret: str, before: str, after: str
+) -> None:
+    assert secret not in Redactor([secret, "other-secret"]).redact(before + secret + after + secret)
