@@ -224,7 +224,7 @@ def _classify(exc: BaseException, now: float, depth: int) -> Classification:
     if isinstance(exc, RetryHintTooLongError):
         return _classify_hint_too_long(exc, now, depth)
     if isinstance(exc, CircuitOpenError):
-        return _verdict(Category.CIRCUIT_OPEN, True, _non_negative(exc.remaining))
+        return _verdict(Category.CIRCUIT_OPEN, True, _non_negative(getattr(exc, "remaining", None)))
     if isinstance(exc, MutexTimeoutError):
         return _verdict(Category.BUSY, True)
     if isinstance(exc, genai_errors.APIError):
@@ -232,15 +232,17 @@ def _classify(exc: BaseException, now: float, depth: int) -> Classification:
     if isinstance(exc, genai_errors.UnknownApiResponseError | json.JSONDecodeError):
         return _verdict(Category.BAD_RESPONSE, True)
     if isinstance(exc, discord.RateLimited):
-        return _verdict(Category.RATE_LIMITED, True, _non_negative(exc.retry_after), code=429)
+        return _verdict(
+            Category.RATE_LIMITED, True, _non_negative(getattr(exc, "retry_after", None)), code=429
+        )
     if isinstance(exc, discord.HTTPException):
         return _classify_discord_http(exc)
     if isinstance(exc, discord.LoginFailure):
         return _verdict(Category.AUTH, False)
     if isinstance(exc, discord.ConnectionClosed):
-        if _as_int(exc.code) == _GATEWAY_AUTH_FAILED:
+        if _as_int(getattr(exc, "code", None)) == _GATEWAY_AUTH_FAILED:
             return _verdict(Category.AUTH, False, code=_GATEWAY_AUTH_FAILED)
-        return _verdict(Category.CONNECTION, True, code=_as_int(exc.code))
+        return _verdict(Category.CONNECTION, True, code=_as_int(getattr(exc, "code", None)))
     if isinstance(exc, discord.GatewayNotFound):
         return _verdict(Category.CONNECTION, True)
     # aiohttp.ServerTimeoutError is both a connection error and a TimeoutError: call it a timeout.
@@ -253,12 +255,9 @@ def _classify(exc: BaseException, now: float, depth: int) -> Classification:
 
 def _service_of(exc: BaseException, depth: int) -> str | None:
     """Which dependency failed, for the user message: "Gemini", "Discord", or None if unknown."""
-    if (
-        isinstance(exc, RetryHintTooLongError)
-        and depth < _MAX_DEPTH
-        and isinstance(exc.original, BaseException)
-    ):
-        return _service_of(exc.original, depth + 1)
+    original = getattr(exc, "original", None)
+    if isinstance(exc, RetryHintTooLongError) and depth < _MAX_DEPTH and isinstance(original, BaseException):
+        return _service_of(original, depth + 1)
     if isinstance(exc, genai_errors.APIError | genai_errors.UnknownApiResponseError):
         return "Gemini"
     if isinstance(exc, discord.DiscordException):
@@ -274,12 +273,12 @@ def _service_of(exc: BaseException, depth: int) -> str | None:
 
 def _classify_hint_too_long(exc: RetryHintTooLongError, now: float, depth: int) -> Classification:
     """Same category as the original error, with the hint the policy refused to wait for."""
-    original = exc.original
+    original = getattr(exc, "original", None)
     if depth < _MAX_DEPTH and isinstance(original, BaseException):
         inner = _classify(original, now, depth + 1)
     else:
         inner = _verdict(Category.RATE_LIMITED, True)
-    retry_after = _non_negative(exc.retry_after)
+    retry_after = _non_negative(getattr(exc, "retry_after", None))
     if retry_after is None:
         retry_after = inner.retry_after
     return _verdict(
