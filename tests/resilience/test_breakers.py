@@ -110,7 +110,7 @@ async def test_half_open_admits_exactly_one_of_50_concurrent_callers(
         assert exc.remaining == 0.0
 
     dep.gate.set()
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
     assert results.count("ok") == 1
     assert breaker.state is BreakerState.CLOSED
 
@@ -126,7 +126,7 @@ async def test_cancelled_probe_leaves_half_open_and_a_new_probe_is_admitted(
     probe = asyncio.create_task(breaker.call(dep))
     await asyncio.wait_for(dep.entered.wait(), 1.0)
     with pytest.raises(CircuitOpenError):
-        await breaker.call(dep)
+        await asyncio.wait_for(breaker.call(dep), 1.0)
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe
@@ -143,7 +143,7 @@ async def test_timeout_inside_the_breaker_counts_as_a_failure_and_opens_it(fake_
     dep.gate = asyncio.Event()  # never set: the call hangs
     for _ in range(2):
         with pytest.raises(CallTimeoutError) as info:
-            await breaker.call(dep, timeout=0.01)
+            await asyncio.wait_for(breaker.call(dep, timeout=0.01), 1.0)
         assert info.value.operation == "discord.send"
         assert info.value.timeout == 0.01
     assert breaker.state is BreakerState.OPEN
@@ -245,7 +245,7 @@ async def test_late_success_from_a_call_admitted_while_closed_does_not_close_the
     fake_clock.advance(30.0)
     lease = breaker.admit()  # the half-open probe, still out
     slow.gate.set()
-    assert await straggler == "ok"
+    assert await asyncio.wait_for(straggler, 1.0) == "ok"
     assert breaker.state is BreakerState.HALF_OPEN
     lease.record_success()
     assert breaker.state is BreakerState.CLOSED
