@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -189,3 +190,11 @@ def test_a_configured_secret_never_survives_redaction_whatever_surrounds_it(
     secret: str, before: str, after: str
 ) -> None:
     assert secret not in Redactor([secret, "other-secret"]).redact(before + secret + after + secret)
+
+
+def test_redaction_stays_linear_on_a_long_base64_like_blob() -> None:
+    """A naive token regex backtracks quadratically: 200k characters would take over a minute."""
+    blob = "A" * 200_000
+    started = time.perf_counter()
+    assert Redactor(["some-secret"]).redact(blob) == blob
+    assert time.perf_counter() - started < 2.0
