@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,11 +79,17 @@ class FaultPlan:
         self._prune()
         return list(self._faults)
 
-    def pick(self, *targets: str) -> Fault | None:
-        """Return the fault that hits a request to any of ``targets``, consuming one count."""
+    def pick(self, *targets: str, kinds: Collection[str] | None = None) -> Fault | None:
+        """Return the fault that hits a request to any of ``targets``, consuming one count.
+
+        ``kinds``, when given, limits the match to those fault kinds, so a peer with two
+        surfaces (REST and a gateway) never consumes a ``"*"`` fault meant for the other.
+        """
         self._prune()
         for fault in self._faults:
             if fault.target != "*" and fault.target not in targets:
+                continue
+            if kinds is not None and fault.kind not in kinds:
                 continue
             if fault.probability < 1.0 and self._rng.random() >= fault.probability:
                 continue

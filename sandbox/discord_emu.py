@@ -1,0 +1,1068 @@
+"""A loopback Discord (REST API v10 + gateway) that a real, unpatched discord.py client logs in to.
+
+Point discord.py at it before ``login``/``start``::
+
+    async with DiscordEmulator() as emu:
+        discord.http.Route.BASE = emu.api_base            # REST, webhooks and interaction callbacks
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
+        await bot.start(emu.token)
+
+``Route.BASE`` covers every REST call, including interaction callbacks and follow-ups
+(``discord/webhook/async_.py`` builds them from ``Route`` too). Restore both attributes afterwards.
+
+The world (one guild, ``general``/``random`` channels, a thread, DMs, an admin and a normal
+member) lives in :class:`sandbox.discord_state.World`. Faults come from a shared
+:class:`sandbox.faults.FaultPlan`; each REST route has a name used as the fault ``target``:
+
+==========  ==================================================================
+route name  requests
+==========  ==================================================================
+me          ``GET /users/@me``
+application ``GET /oauth2/applications/@me``
+send        ``POST /channels/{id}/messages``
+edit        ``PATCH /channels/{id}/messages/{mid}``
+delete      ``DELETE /channels/{id}/messages/{mid}``
+history     ``GET /channels/{id}/messages``
+message     ``GET /channels/{id}/messages/{mid}``
+react       ``PUT``/``DELETE .../reactions/{emoji}/@me``
+typing      ``POST /channels/{id}/typing``
+dm          ``POST /users/@me/channels``
+channel     ``GET /channels/{id}``
+commands    application command sync (global and guild)
+interaction ``POST /interactions/{id}/{token}/callback`` and every ``/webhooks/{app}/{token}`` call
+followup    ``/webhooks/{app}/{token}...`` only (follow-ups, ``@original`` get/edit/delete)
+gateway     gateway faults (``close``, ``reconnect``, ``invalid_session``, ``silent``)
+==========  ==================================================================
+
+REST fault kinds: ``"500"``/``"502"``/``"503"``/``"504"`` (or ``"error"`` with ``status=``),
+``"429"`` (params ``retry_after=0.05``, ``global_=False``, ``via=True``), ``"latency"``
+(``seconds=1.0``, then served normally) and ``"drop"`` (the TCP connection is closed unanswered).
+Gateway fault kinds, checked when a session goes live and before each dispatch: ``"close"``
+(``code=4000``), ``"reconnect"`` (op 7), ``"invalid_session"`` (op 9, ``resumable=False``) and
+``"silent"`` (no more heartbeat ACKs or dispatches on that connection, so the client times out
+and RESUMEs). Events are buffered per session, so a RESUME replays what the client missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from sandbox.discord_state import (
+    CHANNEL_DM,
+    INTENT_MESSAGE_CONTENT,
+    UserRecord,
+    World,
+    now_iso,
+)
+from sandbox.faults import Fault, FaultPlan
+
+REST_FAULT_KINDS = frozenset({"500", "502", "503", "504", "error", "429", "latency", "drop"})
+GATEWAY_FAULT_KINDS = frozenset({"close", "reconnect", "invalid_session", "silent"})
+EPHEMERAL = 1 << 6
+
+OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
+OP_RECONNECT, OP_REQUEST_MEMBERS, OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 7, 8, 9, 10, 11
+
+_ERROR_BODIES: dict[int, tuple[str, str]] = {
+    500: ("application/json", json.dumps({"message": "500: Internal Server Error", "code": 0})),
+    502: ("text/html", "<html><head><title>502 Bad Gateway</title></head><body>"
+          "<center><h1>502 Bad Gateway</h1></center><hr><center>cloudflare</center></body></html>"),
+    503: ("text/plain", "upstream connect error or disconnect/reset before headers. "
+          "reset reason: connection termination"),
+    504: ("text/html", "<html><head><title>504 Gateway Time-out</title></head><body>"
+          "<center><h1>504 Gateway Time-out</h1></center><hr><center>cloudflare</center></body></html>"),
+}
+
+Handler = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """A Discord API error response (status, JSON code and message) raised inside a handler."""
+
+    def __init__(self, status: int, message: str, code: int = 0, errors: dict[str, Any] | None = None):
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+        self.code = code
+        self.errors = errors
+
+
+@dataclass
+class RecordedRequest:
+    """One REST request as the emulator saw it; ``status`` is None when the connection was dropped."""
+
+    method: str
+    route: str
+    path: str
+    json: Any
+    time: float
+    query: dict[str, str] = field(default_factory=dict)
+    status: int | None = None
+    fault: str | None = None
+
+
+@dataclass
+class SentMessage:
+    """A message the bot created (REST or interaction follow-up), with what it asked for."""
+
+    id: int
+    channel_id: int
+    content: str
+    embeds: list[dict[str, Any]]
+    allowed_mentions: dict[str, Any] | None
+    message_reference: dict[str, Any] | None
+    flags: int
+    payload: dict[str, Any]
+    edits: list[dict[str, Any]] = field(default_factory=list)
+    deleted: bool = False
+    attachments: list[str] = field(default_factory=list)
+
+    @property
+    def ephemeral(self) -> bool:
+        return bool(self.flags & EPHEMERAL)
+
+
+@dataclass
+class InteractionRecord:
+    """Everything that happened to one interaction, in order (``events``: (kind, json) pairs)."""
+
+    id: int
+    token: str
+    name: str
+    options: dict[str, Any]
+    user_id: int
+    channel_id: int
+    payload: dict[str, Any]
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    callback_type: int | None = None
+    callback_data: dict[str, Any] | None = None
+    original: dict[str, Any] | None = None
+    followups: list[SentMessage] = field(default_factory=list)
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.callback_type is not None
+
+    @property
+    def deferred(self) -> bool:
+        return self.callback_type == 5
+
+    @property
+    def ephemeral(self) -> bool:
+        """True when the first response (callback or deferral) was ephemeral."""
+        return bool((self.callback_data or {}).get("flags", 0) & EPHEMERAL)
+
+    def texts(self) -> list[str]:
+        """Every text the user saw: the callback message, the original's edits, the follow-ups."""
+        shown = {"callback_message", "edit_original"}
+        out = [d.get("content") or "" for kind, d in self.events if kind in shown]
+        return out + [f.content for f in self.followups]
+
+
+class _Session:
+    """A gateway session: survives disconnects so a RESUME can replay what was missed."""
+
+    def __init__(self, session_id: str, intents: int, buffer_size: int) -> None:
+        self.id = session_id
+        self.intents = intents
+        self.seq = 0
+        self.buffer: deque[dict[str, Any]] = deque(maxlen=buffer_size)
+        self.conn: _Connection | None = None
+
+    def can_replay_after(self, seq: int) -> bool:
+        return not self.buffer or self.buffer[0]["s"] <= seq + 1
+
+
+class _Connection:
+    """One gateway websocket; sends are serialized so sequence numbers go out in order."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.session: _Session | None = None
+        self.silent = False
+        self.lock = asyncio.Lock()
+        self.heartbeats = 0
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        async with self.lock:
+            if self.ws.closed:
+                return
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_str(json.dumps(payload))
+
+    async def close(self, code: int) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.close(code=code, message=b"emulator close")
+
+
+class DiscordEmulator:
+    """A loopback Discord API and gateway with fault injection and full recording.
+
+    Public API (also used by the terminal console):
+
+    - lifecycle: ``await start()``, ``await stop()``, ``async with``; ``api_base``, ``gateway_url``,
+      ``token``, ``application_id``, ``faults``, ``heartbeat_interval`` (seconds).
+    - world: ``guild_id``, ``channels[name]``, ``thread_id``, ``users[key]`` (ids),
+      ``bot_user_id``, ``dm_channel(user)``, ``world`` (the :class:`World`).
+    - users act: ``send_user_message(...)``, ``send_interaction(...)``.
+    - gateway control: ``close_gateway(code)``, ``send_reconnect()``, ``invalidate_session()``,
+      ``set_silent(bool)``, ``connected``, ``identify_count``, ``resume_count``.
+    - recording: ``requests``, ``sent_messages(channel_id)``, ``history(channel_id)``,
+      ``interaction_log(id)``, ``commands``, ``typing``, ``reactions(message_id)``.
+    - waiting: ``wait_for_bot_message(channel_id, count, timeout)``, ``wait_until(pred, timeout)``,
+      ``wait_connected(timeout)``.
+    """
+
+    def __init__(
+        self,
+        token: str = "sandbox-token",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        faults: FaultPlan | None = None,
+        *,
+        heartbeat_interval: float = 41.25,
+        buffer_size: int = 1000,
+        echo_bot_messages: bool = True,
+    ) -> None:
+        self.token = token
+        self.host = host
+        self.port = port
+        self.faults = faults if faults is not None else FaultPlan()
+        self.heartbeat_interval = heartbeat_interval
+        self.buffer_size = buffer_size
+        self.echo_bot_messages = echo_bot_messages
+        self.world = World()
+        self.requests: list[RecordedRequest] = []
+        self.commands: dict[int | None, list[dict[str, Any]]] = {}  # guild id (None = global) -> commands
+        self.typing: list[int] = []  # channel ids, one per typing request
+        self.identify_count = 0
+        self.resume_count = 0
+        self._sent: dict[int, list[SentMessage]] = {}
+        self._sent_by_id: dict[int, SentMessage] = {}
+        self._interactions: dict[int, InteractionRecord] = {}
+        self._by_token: dict[str, InteractionRecord] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._connections: set[_Connection] = set()
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind 127.0.0.1 (port 0 = any free port) and start serving."""
+        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app.router.add_get("/gateway", self._gateway)
+        for method, path, name, handler, auth in self._routes():
+            app.router.add_route(method, "/api/v10" + path, self._wrap(name, handler, auth=auth))
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[union-attr]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        """Close every websocket, stop background sends and the server. Safe to call twice."""
+        for conn in list(self._connections):
+            await conn.close(1001)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> DiscordEmulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def api_base(self) -> str:
+        """The value for ``discord.http.Route.BASE``."""
+        return f"http://{self.host}:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        """The value (as ``yarl.URL``) for ``discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY``."""
+        return f"ws://{self.host}:{self.port}/gateway"
+
+    # --- world shortcuts ---------------------------------------------------------------------
+
+    @property
+    def application_id(self) -> int:
+        return self.world.application_id
+
+    @property
+    def bot_user_id(self) -> int:
+        return self.world.bot.id
+
+    @property
+    def guild_id(self) -> int:
+        return self.world.guild_id
+
+    @property
+    def channels(self) -> dict[str, int]:
+        return self.world.channels
+
+    @property
+    def thread_id(self) -> int:
+        return self.world.thread_id
+
+    @property
+    def users(self) -> dict[str, int]:
+        """User ids by key: ``"bot"``, ``"admin"``, ``"normal"`` and any added member."""
+        return {key: user.id for key, user in self.world.users.items()}
+
+    def dm_channel(self, user: str | int) -> int:
+        """The DM channel between the bot and ``user`` (key or id), created on first use."""
+        return self.world.dm_channel(user)
+
+    @property
+    def connected(self) -> bool:
+        """True while a client holds a live (identified or resumed) gateway connection."""
+        return any(s.conn is not None for s in self._sessions.values())
+
+    # --- recording ---------------------------------------------------------------------------
+
+    def sent_messages(self, channel_id: int) -> list[SentMessage]:
+        """Messages the bot created in a channel, in order (deleted ones included, flagged)."""
+        return list(self._sent.get(channel_id, []))
+
+    def history(self, channel_id: int) -> list[dict[str, Any]]:
+        """The channel's stored messages (users' and the bot's), oldest first."""
+        return list(self.world.messages.get(channel_id, []))
+
+    def interaction_log(self, interaction_id: int) -> InteractionRecord:
+        return self._interactions[interaction_id]
+
+    def reactions(self, message_id: int) -> dict[str, set[int]]:
+        """Emoji -> ids of users (the bot included) who reacted to a message."""
+        return {k: set(v) for k, v in self.world.reactions.get(message_id, {}).items()}
+
+    def requests_for(self, route: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.route == route]
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # the wait helpers take ``timeout`` (tests read better with it than with asyncio.timeout blocks)
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Wait (event-driven) until ``predicate()`` holds; raises ``TimeoutError`` after ``timeout``."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def wait_for_bot_message(
+        self, channel_id: int, count: int = 1, timeout: float = 5.0  # noqa: ASYNC109
+    ) -> list[SentMessage]:
+        """Wait until the bot has created at least ``count`` messages in the channel; return them all."""
+        await self.wait_until(lambda: len(self._sent.get(channel_id, [])) >= count, timeout)
+        return self.sent_messages(channel_id)
+
+    async def wait_connected(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Wait until a client holds a live gateway session."""
+        await self.wait_until(lambda: self.connected, timeout)
+
+    # --- users act -----------------------------------------------------------------------------
+
+    async def send_user_message(
+        self,
+        channel_id: int,
+        author: str | int = "normal",
+        content: str = "",
+        *,
+        reference_message_id: int | None = None,
+        mentions_bot: bool = False,
+        attachments: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """A user posts a message: it is stored and dispatched as MESSAGE_CREATE; returns the payload.
+
+        ``mentions_bot`` puts ``<@bot>`` in the content and the bot in ``mentions``; a reply
+        (``reference_message_id``) carries ``message_reference`` and ``referenced_message``, and
+        mentions the replied-to author like Discord's default reply ping.
+        """
+        user = self.world.user(author)
+        if channel_id not in self.world.channel_data:
+            raise KeyError(f"unknown channel {channel_id}")
+        mentions: list[UserRecord] = []
+        if mentions_bot:
+            tag = f"<@{self.bot_user_id}>"
+            if tag not in content:
+                content = f"{tag} {content}".strip()
+            mentions.append(self.world.bot)
+        if reference_message_id is not None:
+            ref = self.world.find_message(channel_id, reference_message_id)
+            if ref is not None:
+                ref_author = self.world.user(int(ref["author"]["id"]))
+                if ref_author not in mentions and ref_author.id != user.id:
+                    mentions.append(ref_author)
+        data = self.world.message_payload(
+            channel_id, user, content, mentions=mentions,
+            reference_message_id=reference_message_id, attachments=attachments,
+        )
+        self.world.store(data)
+        await self._dispatch("MESSAGE_CREATE", data)
+        await self._notify()
+        return data
+
+    async def send_interaction(
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        user: str | int = "normal",
+        channel_id: int | None = None,
+    ) -> InteractionRecord:
+        """A user runs slash command ``name``: dispatches INTERACTION_CREATE; returns its record.
+
+        Options are a flat ``{name: value}`` map (str, int, bool, float). In a DM channel the
+        interaction carries ``user`` instead of ``member``.
+        """
+        who = self.world.user(user)
+        channel_id = channel_id if channel_id is not None else self.channels["general"]
+        channel = self.world.channel_data[channel_id]
+        iid = self.world.snowflake()
+        token = "itok-" + secrets.token_hex(16)
+        command_id = self._command_id(name)
+        data: dict[str, Any] = {
+            "id": str(iid),
+            "application_id": str(self.application_id),
+            "type": 2,
+            "token": token,
+            "version": 1,
+            "data": {
+                "id": str(command_id),
+                "name": name,
+                "type": 1,
+                "options": [_option(k, v) for k, v in (options or {}).items()],
+            },
+            "channel_id": str(channel_id),
+            "channel": dict(channel),
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(self.guild_id)},
+            "attachment_size_limit": 8 * 1024 * 1024,
+            "app_permissions": str(self.world.permissions(self.world.bot)),
+        }
+        if channel.get("type") == CHANNEL_DM:
+            data["user"] = who.payload()
+            data["context"] = 1
+        else:
+            data["guild_id"] = str(self.guild_id)
+            data["guild_locale"] = "en-US"
+            data["guild"] = {"id": str(self.guild_id), "locale": "en-US", "features": []}
+            data["member"] = self.world.member_payload(who) | {
+                "permissions": str(self.world.permissions(who))
+            }
+            data["context"] = 0
+            data["data"]["guild_id"] = str(self.guild_id)
+        record = InteractionRecord(iid, token, name, dict(options or {}), who.id, channel_id, data)
+        self._interactions[iid] = record
+        self._by_token[token] = record
+        await self._dispatch("INTERACTION_CREATE", data)
+        return record
+
+    def _command_id(self, name: str) -> int:
+        for commands in self.commands.values():
+            for command in commands:
+                if command["name"] == name:
+                    return int(command["id"])
+        return self.world.snowflake()
+
+    # --- gateway control -------------------------------------------------------------------------
+
+    async def close_gateway(self, code: int = 4000) -> None:
+        """Close every live gateway connection with ``code`` (4000 resumable, 4004 fatal, ...)."""
+        for conn in list(self._connections):
+            await conn.close(code)
+
+    async def send_reconnect(self) -> None:
+        """Send op 7 RECONNECT on every live connection (discord.py RESUMEs)."""
+        for conn in list(self._connections):
+            await conn.send({"op": OP_RECONNECT, "d": None})
+
+    async def invalidate_session(self, resumable: bool = False) -> None:
+        """Send op 9 INVALID_SESSION; unless resumable the sessions are forgotten (re-IDENTIFY)."""
+        for conn in list(self._connections):
+            await self._invalid_session(conn, resumable)
+
+    def set_silent(self, silent: bool = True) -> None:
+        """Stop (or resume) heartbeat ACKs and dispatches on live connections; events keep buffering."""
+        for conn in self._connections:
+            conn.silent = silent
+
+    # --- gateway ----------------------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0, timeout=2.0, autoping=True)
+        await ws.prepare(request)
+        conn = _Connection(ws)
+        self._connections.add(conn)
+        try:
+            hello = {"heartbeat_interval": int(self.heartbeat_interval * 1000)}
+            await conn.send({"op": OP_HELLO, "d": hello})
+            async for msg in ws:
+                if msg.type is not WSMsgType.TEXT:
+                    continue
+                try:
+                    payload = json.loads(msg.data)
+                except ValueError:
+                    await conn.close(4002)  # decode error, as Discord does
+                    break
+                await self._gateway_op(conn, payload)
+        finally:
+            self._connections.discard(conn)
+            if conn.session is not None and conn.session.conn is conn:
+                conn.session.conn = None
+            await self._notify()
+        return ws
+
+    async def _gateway_op(self, conn: _Connection, payload: dict[str, Any]) -> None:
+        op, data = payload.get("op"), payload.get("d")
+        if op == OP_HEARTBEAT:
+            conn.heartbeats += 1
+            if not conn.silent:
+                await conn.send({"op": OP_HEARTBEAT_ACK})
+        elif op == OP_IDENTIFY:
+            await self._identify(conn, data or {})
+        elif op == OP_RESUME:
+            await self._resume(conn, data or {})
+        elif op == OP_REQUEST_MEMBERS and conn.session is not None:
+            await self._emit(conn.session, "GUILD_MEMBERS_CHUNK", {
+                "guild_id": str(self.guild_id),
+                "members": [self.world.member_payload(u) for u in self.world.users.values()],
+                "chunk_index": 0,
+                "chunk_count": 1,
+                "nonce": (data or {}).get("nonce"),
+            })
+
+    async def _identify(self, conn: _Connection, data: dict[str, Any]) -> None:
+        if data.get("token") != self.token:
+            await conn.close(4004)
+            return
+        self.identify_count += 1
+        # one bot per emulator: a fresh IDENTIFY supersedes sessions nobody is attached to
+        for sid in [sid for sid, s in self._sessions.items() if s.conn is None]:
+            del self._sessions[sid]
+        session = _Session(secrets.token_hex(16), int(data.get("intents", 0)), self.buffer_size)
+        self._sessions[session.id] = session
+        session.conn = conn
+        conn.session = session
+        ready = self.world.ready_payload(session.id, self.gateway_url)
+        await self._emit(session, "READY", ready, check=False)
+        guild = self.world.guild_create_payload(session.intents)
+        await self._emit(session, "GUILD_CREATE", guild, check=False)
+        await self._notify()
+        await self._gateway_fault(conn)
+
+    async def _resume(self, conn: _Connection, data: dict[str, Any]) -> None:
+        session = self._sessions.get(str(data.get("session_id")))
+        seq = data.get("seq") or 0
+        if data.get("token") != self.token:
+            await conn.close(4004)
+            return
+        if session is None or not session.can_replay_after(seq):
+            await self._invalid_session(conn, False)
+            return
+        self.resume_count += 1
+        old = session.conn
+        session.conn = conn
+        conn.session = session
+        if old is not None and old is not conn:
+            self._spawn(old.close(4000))
+        for frame in list(session.buffer):
+            if frame["s"] > seq:
+                await conn.send(frame)
+        await self._emit(session, "RESUMED", {}, check=False)
+        await self._notify()
+        await self._gateway_fault(conn)
+
+    async def _invalid_session(self, conn: _Connection, resumable: bool) -> None:
+        if not resumable and conn.session is not None:
+            self._sessions.pop(conn.session.id, None)
+            conn.session.conn = None
+            conn.session = None
+        await conn.send({"op": OP_INVALID_SESSION, "d": resumable})
+
+    async def _dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Send an event to every session (buffered for replay even when nobody is attached)."""
+        for session in list(self._sessions.values()):
+            await self._emit(session, event, self._visible(session, event, data))
+
+    def _visible(self, session: _Session, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Blank message content the way Discord does for a bot without the message-content intent."""
+        if event != "MESSAGE_CREATE" or session.intents & INTENT_MESSAGE_CONTENT or "guild_id" not in data:
+            return data
+        bot = str(self.bot_user_id)
+        if data["author"]["id"] == bot or any(m["id"] == bot for m in data.get("mentions", [])):
+            return data
+        return data | {"content": "", "embeds": [], "attachments": [], "components": []}
+
+    async def _emit(self, session: _Session, event: str, data: dict[str, Any], *, check: bool = True) -> None:
+        session.seq += 1
+        frame = {"op": OP_DISPATCH, "t": event, "s": session.seq, "d": data}
+        session.buffer.append(frame)
+        conn = session.conn
+        if conn is None or conn.silent:
+            return
+        if check and await self._gateway_fault(conn):
+            return  # the frame stays buffered; a RESUME replays it
+        await conn.send(frame)
+
+    async def _gateway_fault(self, conn: _Connection) -> bool:
+        """Apply the next gateway fault to ``conn``, if any; True when the connection is disturbed."""
+        fault = self.faults.pick("gateway", kinds=GATEWAY_FAULT_KINDS)
+        if fault is None:
+            return False
+        if fault.kind == "close":
+            self._spawn(conn.close(int(fault.params.get("code", 4000))))
+        elif fault.kind == "reconnect":
+            await conn.send({"op": OP_RECONNECT, "d": None})
+        elif fault.kind == "invalid_session":
+            await self._invalid_session(conn, bool(fault.params.get("resumable", False)))
+        elif fault.kind == "silent":
+            conn.silent = True
+        return True
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        """Run a close in the background (it waits for the client's answer) and track it for stop()."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- REST plumbing --------------------------------------------------------------------------------
+
+    def _wrap(self, name: str, handler: Handler, *, auth: bool) -> Callable[[web.Request], Awaitable[Any]]:
+        targets = (name, "interaction") if name == "followup" else (name,)
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            body = await _read_body(request)
+            record = RecordedRequest(request.method, name, request.path, body, time.monotonic(),
+                                     dict(request.query))
+            self.requests.append(record)
+            try:
+                if auth and request.headers.get("Authorization") != f"Bot {self.token}":
+                    raise ApiError(401, "401: Unauthorized", 0)
+                fault = self.faults.pick(*targets, kinds=REST_FAULT_KINDS)
+                response = await self._rest_fault(request, fault, record) if fault else None
+                if response is None:
+                    response = await handler(request, body)
+            except ApiError as exc:
+                response = _json(exc.status, {"message": exc.message, "code": exc.code}
+                                 | ({"errors": exc.errors} if exc.errors else {}))
+            record.status = response.status if not record.fault == "drop" else None
+            await self._notify()
+            return response
+
+        return wrapped
+
+    async def _rest_fault(
+        self, request: web.Request, fault: Fault, record: RecordedRequest
+    ) -> web.StreamResponse | None:
+        record.fault = fault.kind
+        kind, params = fault.kind, fault.params
+        if kind == "latency":
+            await asyncio.sleep(float(params.get("seconds", 1.0)))
+            return None
+        if kind == "drop":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)  # never reaches the client
+        if kind == "429":
+            retry_after = float(params.get("retry_after", 0.05))
+            is_global = bool(params.get("global_", False))
+            headers = {
+                "Content-Type": "application/json",
+                "Retry-After": str(max(1, round(retry_after))),
+                "X-RateLimit-Limit": "5",
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset-After": f"{retry_after:.3f}",
+                "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
+                "X-RateLimit-Bucket": f"emu-{fault.target}",
+                "X-RateLimit-Scope": "global" if is_global else "user",
+            }
+            if is_global:
+                headers["X-RateLimit-Global"] = "true"
+            if params.get("via", True):
+                headers["Via"] = "1.1 google"
+            body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": is_global}
+            return web.Response(status=429, body=json.dumps(body).encode(), headers=headers)
+        status = int(params.get("status", 500)) if kind == "error" else int(kind)
+        content_type, text = _ERROR_BODIES.get(status, _ERROR_BODIES[500])
+        return web.Response(status=status, body=text.encode(), headers={"Content-Type": content_type})
+
+    def _routes(self) -> list[tuple[str, str, str, Handler, bool]]:
+        msg = "/channels/{channel_id}/messages/{message_id}"
+        guild_commands = "/applications/{app_id}/guilds/{guild_id}/commands"
+        hook = "/webhooks/{app_id}/{token}"
+        return [
+            ("GET", "/users/@me", "me", self._get_me, True),
+            ("GET", "/oauth2/applications/@me", "application", self._get_application, True),
+            ("GET", "/gateway", "gateway_url", self._get_gateway, False),
+            ("GET", "/gateway/bot", "gateway_url", self._get_gateway, True),
+            ("POST", "/users/@me/channels", "dm", self._create_dm, True),
+            ("GET", "/channels/{channel_id}", "channel", self._get_channel, True),
+            ("POST", "/channels/{channel_id}/typing", "typing", self._typing, True),
+            ("POST", "/channels/{channel_id}/messages", "send", self._create_message, True),
+            ("GET", "/channels/{channel_id}/messages", "history", self._get_history, True),
+            ("GET", msg, "message", self._get_message, True),
+            ("PATCH", msg, "edit", self._edit_message, True),
+            ("DELETE", msg, "delete", self._delete_message, True),
+            ("PUT", msg + "/reactions/{emoji}/@me", "react", self._add_reaction, True),
+            ("DELETE", msg + "/reactions/{emoji}/@me", "react", self._remove_reaction, True),
+            ("GET", "/applications/{app_id}/commands", "commands", self._get_commands, True),
+            ("PUT", "/applications/{app_id}/commands", "commands", self._put_commands, True),
+            ("GET", guild_commands, "commands", self._get_commands, True),
+            ("PUT", guild_commands, "commands", self._put_commands, True),
+            ("POST", "/interactions/{interaction_id}/{token}/callback", "interaction", self._callback, False),
+            ("POST", hook, "followup", self._followup, False),
+            ("GET", hook + "/messages/{message_id}", "followup", self._get_hook_message, False),
+            ("PATCH", hook + "/messages/{message_id}", "followup", self._edit_hook_message, False),
+            ("DELETE", hook + "/messages/{message_id}", "followup", self._delete_hook_message, False),
+        ]
+
+    # --- REST handlers ----------------------------------------------------------------------------------
+
+    async def _get_me(self, request: web.Request, body: Any) -> web.Response:
+        return _json(200, self.world.bot.payload() | {"verified": True, "mfa_enabled": False, "flags": 0})
+
+    async def _get_application(self, request: web.Request, body: Any) -> web.Response:
+        owner = self.world.users["admin"]
+        return _json(200, {
+            "id": str(self.application_id),
+            "name": self.world.bot.username,
+            "description": "Sandbox application",
+            "icon": None,
+            "bot_public": True,
+            "bot_require_code_grant": False,
+            "owner": owner.payload(),
+            "verify_key": "0" * 64,
+            "flags": 0,
+            "team": None,
+            "summary": "",
+            "bot": self.world.bot.payload(),
+        })
+
+    async def _get_gateway(self, request: web.Request, body: Any) -> web.Response:
+        return _json(200, {"url": self.gateway_url, "shards": 1,
+                           "session_start_limit": {"total": 1000, "remaining": 1000,
+                                                   "reset_after": 0, "max_concurrency": 1}})
+
+    async def _create_dm(self, request: web.Request, body: Any) -> web.Response:
+        try:
+            cid = self.world.dm_channel(int(body["recipient_id"]))
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(400, "Invalid Recipient(s)", 50033) from None
+        return _json(200, self.world.channel_data[cid])
+
+    def _channel(self, request: web.Request) -> int:
+        cid = int(request.match_info["channel_id"])
+        if cid not in self.world.channel_data:
+            raise ApiError(404, "Unknown Channel", 10003)
+        return cid
+
+    def _message(self, request: web.Request) -> tuple[int, dict[str, Any]]:
+        cid = self._channel(request)
+        message = self.world.find_message(cid, int(request.match_info["message_id"]))
+        if message is None:
+            raise ApiError(404, "Unknown Message", 10008)
+        return cid, message
+
+    async def _get_channel(self, request: web.Request, body: Any) -> web.Response:
+        return _json(200, self.world.channel_data[self._channel(request)])
+
+    async def _typing(self, request: web.Request, body: Any) -> web.Response:
+        self.typing.append(self._channel(request))
+        return web.Response(status=204)
+
+    async def _create_message(self, request: web.Request, body: Any) -> web.Response:
+        cid = self._channel(request)
+        sent = self._new_bot_message(cid, body or {})
+        self.world.store(sent.payload)
+        if self.echo_bot_messages:
+            await self._dispatch("MESSAGE_CREATE", sent.payload)
+        return _json(200, sent.payload)
+
+    def _new_bot_message(
+        self, cid: int, body: dict[str, Any], extra: dict[str, Any] | None = None
+    ) -> SentMessage:
+        """Validate a create-message body like Discord and record it as sent by the bot."""
+        content = body.get("content") or ""
+        embeds = body.get("embeds") or []
+        files = body.get("__files__", [])
+        _validate_content(content, embeds, files)
+        ref = body.get("message_reference")
+        ref_id = int(ref["message_id"]) if ref and ref.get("message_id") else None
+        missing = ref_id is not None and self.world.find_message(cid, ref_id) is None
+        if missing and ref.get("fail_if_not_exists", True):
+            raise ApiError(400, "Invalid Form Body", 50035, {"message_reference": {"_errors": [
+                {"code": "REPLIES_UNKNOWN_MESSAGE", "message": "Unknown message"}]}})
+        payload = self.world.message_payload(
+            cid, self.world.bot, content, embeds=embeds, reference_message_id=ref_id,
+            attachments=[{"filename": f} for f in files], flags=int(body.get("flags") or 0), extra=extra,
+        )
+        sent = SentMessage(
+            int(payload["id"]), cid, content, embeds, body.get("allowed_mentions"), ref,
+            int(body.get("flags") or 0), payload, attachments=list(files),
+        )
+        self._sent.setdefault(cid, []).append(sent)
+        self._sent_by_id[sent.id] = sent
+        return sent
+
+    async def _get_history(self, request: web.Request, body: Any) -> web.Response:
+        cid = self._channel(request)
+        q = request.query
+        limit = max(1, min(100, int(q.get("limit", 50))))
+        before = int(q["before"]) if "before" in q else None
+        after = int(q["after"]) if "after" in q else None
+        return _json(200, self.world.history(cid, limit=limit, before=before, after=after))
+
+    async def _get_message(self, request: web.Request, body: Any) -> web.Response:
+        return _json(200, self._message(request)[1])
+
+    async def _edit_message(self, request: web.Request, body: Any) -> web.Response:
+        _, message = self._message(request)
+        if message["author"]["id"] != str(self.bot_user_id):
+            raise ApiError(403, "Cannot edit a message authored by another user", 50005)
+        body = body or {}
+        if "content" in body:
+            _validate_content(body["content"] or "", body.get("embeds", message["embeds"]), [])
+        self._apply_edit(message, body)
+        if self.echo_bot_messages:
+            await self._dispatch("MESSAGE_UPDATE", message)
+        return _json(200, message)
+
+    def _apply_edit(self, message: dict[str, Any], body: dict[str, Any]) -> None:
+        for key in ("content", "embeds", "flags", "components"):
+            if key in body and body[key] is not None:
+                message[key] = body[key]
+        message["edited_timestamp"] = now_iso()
+        sent = self._sent_by_id.get(int(message["id"]))
+        if sent is not None:
+            sent.edits.append(body)
+            sent.content = message["content"]
+            sent.embeds = message["embeds"]
+
+    async def _delete_message(self, request: web.Request, body: Any) -> web.Response:
+        cid, message = self._message(request)
+        self.world.delete_message(cid, int(message["id"]))
+        sent = self._sent_by_id.get(int(message["id"]))
+        if sent is not None:
+            sent.deleted = True
+        if self.echo_bot_messages:
+            event = {"id": message["id"], "channel_id": message["channel_id"]}
+            if "guild_id" in message:
+                event["guild_id"] = message["guild_id"]
+            await self._dispatch("MESSAGE_DELETE", event)
+        return web.Response(status=204)
+
+    async def _add_reaction(self, request: web.Request, body: Any) -> web.Response:
+        _, message = self._message(request)
+        emoji = request.match_info["emoji"]
+        self.world.reactions.setdefault(int(message["id"]), {}).setdefault(emoji, set()).add(self.bot_user_id)
+        return web.Response(status=204)
+
+    async def _remove_reaction(self, request: web.Request, body: Any) -> web.Response:
+        _, message = self._message(request)
+        users = self.world.reactions.get(int(message["id"]), {}).get(request.match_info["emoji"])
+        if users is not None:
+            users.discard(self.bot_user_id)
+        return web.Response(status=204)
+
+    def _command_scope(self, request: web.Request) -> int | None:
+        if int(request.match_info["app_id"]) != self.application_id:
+            raise ApiError(403, "Missing Access", 50001)
+        guild = request.match_info.get("guild_id")
+        if guild is not None and int(guild) != self.guild_id:
+            raise ApiError(403, "Missing Access", 50001)
+        return int(guild) if guild is not None else None
+
+    async def _get_commands(self, request: web.Request, body: Any) -> web.Response:
+        return _json(200, self.commands.get(self._command_scope(request), []))
+
+    async def _put_commands(self, request: web.Request, body: Any) -> web.Response:
+        scope = self._command_scope(request)
+        stored = []
+        for command in body or []:
+            item = {
+                "id": str(self._command_id(command["name"])),
+                "application_id": str(self.application_id),
+                "version": str(self.world.snowflake()),
+                "type": 1,
+                "description": "",
+                "options": [],
+                "default_member_permissions": None,
+                "nsfw": False,
+            } | command
+            if scope is not None:
+                item["guild_id"] = str(scope)
+            stored.append(item)
+        self.commands[scope] = stored
+        return _json(200, stored)
+
+    # --- interactions ---------------------------------------------------------------------------------------
+
+    def _interaction(self, token: str) -> InteractionRecord:
+        record = self._by_token.get(token)
+        if record is None:
+            raise ApiError(404, "Unknown Webhook", 10015)
+        return record
+
+    async def _callback(self, request: web.Request, body: Any) -> web.Response:
+        record = self._interaction(request.match_info["token"])
+        if int(request.match_info["interaction_id"]) != record.id:
+            raise ApiError(404, "Unknown interaction", 10062)
+        if record.acknowledged:
+            raise ApiError(400, "Interaction has already been acknowledged.", 40060)
+        body = body or {}
+        kind = int(body.get("type", 0))
+        data = body.get("data") or {}
+        record.events.append(("callback", body))
+        record.callback_type = kind
+        record.callback_data = data
+        resource: dict[str, Any] = {"type": kind}
+        if kind in (4, 5):
+            # Discord creates the original response now: the answer (4) or a "thinking" message (5)
+            content = data.get("content", "") if kind == 4 else ""
+            if kind == 4:
+                _validate_content(content or "", data.get("embeds") or [], body.get("__files__", []))
+                record.events.append(("callback_message", data))
+            message = self.world.message_payload(
+                record.channel_id, self.world.bot, content or "", embeds=data.get("embeds"),
+                flags=int(data.get("flags") or 0) | (128 if kind == 5 else 0),
+                extra={"interaction_metadata": {"id": str(record.id), "type": 2,
+                                                "user": self.world.user(record.user_id).payload()},
+                       "webhook_id": str(self.application_id), "application_id": str(self.application_id)},
+            )
+            record.original = message
+            resource["message"] = message
+        if "with_response" not in request.query:
+            return web.Response(status=204)
+        return _json(200, {
+            "interaction": {
+                "id": str(record.id),
+                "type": 2,
+                "response_message_id": record.original["id"] if record.original else None,
+                "response_message_loading": kind == 5,
+                "response_message_ephemeral": bool(int(data.get("flags") or 0) & EPHEMERAL),
+            },
+            "resource": resource,
+        })
+
+    def _hook_record(self, request: web.Request) -> InteractionRecord:
+        if int(request.match_info["app_id"]) != self.application_id:
+            raise ApiError(404, "Unknown Webhook", 10015)
+        record = self._interaction(request.match_info["token"])
+        if not record.acknowledged:
+            raise ApiError(404, "Unknown Webhook", 10015)  # Discord has no webhook until the callback
+        return record
+
+    async def _followup(self, request: web.Request, body: Any) -> web.Response:
+        record = self._hook_record(request)
+        body = body or {}
+        extra = {"webhook_id": str(self.application_id), "application_id": str(self.application_id)}
+        sent = self._new_bot_message(record.channel_id, body, extra)
+        if sent.ephemeral:
+            # ephemeral messages are only in the interaction's record, never in channel history
+            self._sent[record.channel_id].remove(sent)
+        else:
+            self.world.store(sent.payload)
+        record.followups.append(sent)
+        record.events.append(("followup", body))
+        return _json(200, sent.payload)
+
+    def _hook_message(self, request: web.Request) -> tuple[InteractionRecord, dict[str, Any]]:
+        record = self._hook_record(request)
+        mid = request.match_info["message_id"]
+        if mid == "@original":
+            if record.original is None:
+                raise ApiError(404, "Unknown Message", 10008)
+            return record, record.original
+        for sent in record.followups:
+            if str(sent.id) == mid:
+                return record, sent.payload
+        raise ApiError(404, "Unknown Message", 10008)
+
+    async def _get_hook_message(self, request: web.Request, body: Any) -> web.Response:
+        return _json(200, self._hook_message(request)[1])
+
+    async def _edit_hook_message(self, request: web.Request, body: Any) -> web.Response:
+        record, message = self._hook_message(request)
+        body = body or {}
+        if "content" in body:
+            _validate_content(body["content"] or "", body.get("embeds") or message["embeds"], [])
+        self._apply_edit(message, body)
+        message["flags"] = int(message.get("flags", 0)) & ~128  # no longer "thinking"
+        if request.match_info["message_id"] == "@original":
+            record.events.append(("edit_original", body))
+        else:
+            record.events.append(("edit_followup", body))
+        return _json(200, message)
+
+    async def _delete_hook_message(self, request: web.Request, body: Any) -> web.Response:
+        record, message = self._hook_message(request)
+        record.events.append(("delete", {"message_id": message["id"]}))
+        if message is record.original:
+            record.original = None
+        return web.Response(status=204)
+
+
+def _json(status: int, data: Any) -> web.Response:
+    # discord.py parses JSON only when Content-Type is exactly "application/json" (no charset)
+    headers = {"Content-Type": "application/json"}
+    return web.Response(status=status, body=json.dumps(data).encode(), headers=headers)
+
+
+def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None:
+    if len(content) > 2000:
+        raise ApiError(400, "Invalid Form Body", 50035, {"content": {"_errors": [
+            {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}})
+    if not content and not embeds and not files:
+        raise ApiError(400, "Cannot send an empty message", 50006)
+
+
+def _option(name: str, value: Any) -> dict[str, Any]:
+    """An application-command option as Discord sends it, typed from the Python value."""
+    if isinstance(value, bool):
+        kind = 5
+    elif isinstance(value, int):
+        kind = 4
+    elif isinstance(value, float):
+        kind = 10
+    else:
+        kind, value = 3, str(value)
+    return {"name": name, "type": kind, "value": value}
+
+
+async def _read_body(request: web.Request) -> Any:
+    """The JSON body, or ``payload_json`` of a multipart body (file names under ``__files__``)."""
+    if not request.can_read_body:
+        return None
+    if request.content_type.startswith("multipart/"):
+        form = await request.post()
+        body = json.loads(str(form.get("payload_json", "{}")))
+        body["__files__"] = [getattr(v, "filename", k) for k, v in form.items() if k != "payload_json"]
+        return body
+    raw = await request.read()
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")

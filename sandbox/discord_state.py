@@ -1,0 +1,376 @@
+"""The emulated Discord world: one guild, its channels, roles, members, DMs and message history.
+
+Pure data and payload builders (no I/O), shaped like the Discord API v10 JSON that discord.py
+parses. ``sandbox.discord_emu`` serves it over REST and the gateway.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+DISCORD_EPOCH_MS = 1420070400000
+
+# Permission bits (https://discord.com/developers/docs/topics/permissions).
+ADMINISTRATOR = 1 << 3
+ALL_PERMISSIONS = (1 << 51) - 1
+EVERYONE_PERMISSIONS = (
+    (1 << 6)  # add reactions
+    | (1 << 10)  # view channel
+    | (1 << 11)  # send messages
+    | (1 << 14)  # embed links
+    | (1 << 15)  # attach files
+    | (1 << 16)  # read message history
+    | (1 << 31)  # use application commands
+    | (1 << 38)  # send messages in threads
+)
+BOT_PERMISSIONS = EVERYONE_PERMISSIONS | (1 << 13)  # + manage messages
+
+# Gateway intents the emulator honours.
+INTENT_GUILD_MEMBERS = 1 << 1
+INTENT_MESSAGE_CONTENT = 1 << 15
+
+CHANNEL_TEXT = 0
+CHANNEL_DM = 1
+CHANNEL_PUBLIC_THREAD = 11
+
+MESSAGE_DEFAULT = 0
+MESSAGE_REPLY = 19
+
+
+def now_iso() -> str:
+    """The current time as Discord writes it (ISO 8601, UTC)."""
+    return datetime.now(UTC).isoformat()
+
+
+@dataclass
+class UserRecord:
+    """A user of the emulated world; ``role_ids`` are guild roles besides @everyone."""
+
+    id: int
+    username: str
+    bot: bool = False
+    role_ids: list[int] = field(default_factory=list)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "username": self.username,
+            "global_name": self.username.title(),
+            "discriminator": "0",
+            "avatar": None,
+            "bot": self.bot,
+            "public_flags": 0,
+        }
+
+
+class World:
+    """Ids and state of everything in the emulated Discord; payload builders for each kind."""
+
+    def __init__(self, *, bot_name: str = "gembot") -> None:
+        self._counter = itertools.count()
+        self.application_id = self.snowflake()
+        self.guild_id = self.snowflake()
+        self.guild_name = "Sandbox"
+        self.users: dict[str, UserRecord] = {}
+        self.bot = self._add_user("bot", bot_name, bot=True)
+        self.bot.id = self.application_id  # a bot user's id is its application's id
+        self.users["bot"] = self.bot
+        self.admin_role_id = self.snowflake()
+        self.bot_role_id = self.snowflake()
+        self.bot.role_ids.append(self.bot_role_id)
+        self._add_user("admin", "alice", roles=[self.admin_role_id])
+        self._add_user("normal", "bob")
+        self.channels: dict[str, int] = {}
+        self.channel_data: dict[int, dict[str, Any]] = {}
+        for position, name in enumerate(("general", "random")):
+            self.add_text_channel(name, position=position)
+        self.thread_id = self.snowflake()
+        self.channel_data[self.thread_id] = {
+            "id": str(self.thread_id),
+            "type": CHANNEL_PUBLIC_THREAD,
+            "guild_id": str(self.guild_id),
+            "parent_id": str(self.channels["general"]),
+            "owner_id": str(self.users["normal"].id),
+            "name": "general-thread",
+            "last_message_id": None,
+            "message_count": 0,
+            "member_count": 2,
+            "rate_limit_per_user": 0,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 1440,
+                "archive_timestamp": now_iso(),
+                "locked": False,
+            },
+        }
+        self.dm_channels: dict[int, int] = {}  # user id -> DM channel id
+        self.messages: dict[int, list[dict[str, Any]]] = {cid: [] for cid in self.channel_data}
+        self.reactions: dict[int, dict[str, set[int]]] = {}  # message id -> emoji -> user ids
+        self.joined_at = now_iso()
+
+    def snowflake(self) -> int:
+        """A fresh id whose timestamp part is now, like Discord's."""
+        ms = int(time.time() * 1000) - DISCORD_EPOCH_MS
+        return (ms << 22) | (next(self._counter) & 0x3FFFFF)
+
+    def _add_user(
+        self, key: str, username: str, *, bot: bool = False, roles: list[int] | None = None
+    ) -> UserRecord:
+        user = UserRecord(self.snowflake(), username, bot, list(roles or []))
+        self.users[key] = user
+        return user
+
+    def add_member(self, key: str, username: str, *, admin: bool = False) -> int:
+        """Add a guild member (visible to the bot on its next IDENTIFY); returns the user id."""
+        return self._add_user(key, username, roles=[self.admin_role_id] if admin else []).id
+
+    def add_text_channel(self, name: str, *, position: int | None = None) -> int:
+        """Add a guild text channel; returns its id."""
+        cid = self.snowflake()
+        self.channels[name] = cid
+        self.channel_data[cid] = {
+            "id": str(cid),
+            "type": CHANNEL_TEXT,
+            "guild_id": str(self.guild_id),
+            "name": name,
+            "position": len(self.channels) - 1 if position is None else position,
+            "parent_id": None,
+            "topic": None,
+            "nsfw": False,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "permission_overwrites": [],
+            "flags": 0,
+        }
+        if hasattr(self, "messages"):
+            self.messages[cid] = []
+        return cid
+
+    def user(self, who: str | int) -> UserRecord:
+        """Look a user up by key (``"admin"``) or id."""
+        if isinstance(who, str):
+            return self.users[who]
+        for user in self.users.values():
+            if user.id == who:
+                return user
+        raise KeyError(who)
+
+    def dm_channel(self, who: str | int) -> int:
+        """The DM channel id between the bot and a user, created on first use."""
+        user = self.user(who)
+        if user.id not in self.dm_channels:
+            cid = self.snowflake()
+            self.dm_channels[user.id] = cid
+            self.channel_data[cid] = {
+                "id": str(cid),
+                "type": CHANNEL_DM,
+                "last_message_id": None,
+                "recipients": [user.payload()],
+                "flags": 0,
+            }
+            self.messages[cid] = []
+        return self.dm_channels[user.id]
+
+    def is_guild_channel(self, channel_id: int) -> bool:
+        return "guild_id" in self.channel_data.get(channel_id, {})
+
+    # --- permissions and members -------------------------------------------------------------
+
+    def permissions(self, user: UserRecord) -> int:
+        """Guild-level permissions of a member (Administrator implies all)."""
+        perms = EVERYONE_PERMISSIONS
+        for role in self.roles():
+            if int(role["id"]) in user.role_ids:
+                perms |= int(role["permissions"])
+        return ALL_PERMISSIONS if perms & ADMINISTRATOR else perms
+
+    def roles(self) -> list[dict[str, Any]]:
+        def role(rid: int, name: str, perms: int, position: int, managed: bool = False) -> dict[str, Any]:
+            return {
+                "id": str(rid), "name": name, "permissions": str(perms), "position": position,
+                "color": 0, "hoist": False, "managed": managed, "mentionable": False, "flags": 0,
+            }
+
+        return [
+            role(self.guild_id, "@everyone", EVERYONE_PERMISSIONS, 0),
+            role(self.admin_role_id, "Admin", ADMINISTRATOR, 1),
+            role(self.bot_role_id, "Bot", BOT_PERMISSIONS, 2, managed=True),
+        ]
+
+    def member_payload(self, user: UserRecord, *, with_user: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "roles": [str(r) for r in user.role_ids],
+            "joined_at": self.joined_at,
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "pending": False,
+            "nick": None,
+        }
+        if with_user:
+            data["user"] = user.payload()
+        return data
+
+    # --- gateway payloads ----------------------------------------------------------------------
+
+    def ready_payload(self, session_id: str, resume_url: str) -> dict[str, Any]:
+        me = self.bot.payload() | {"verified": True, "mfa_enabled": False, "flags": 0}
+        return {
+            "v": 10,
+            "user": me,
+            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "session_id": session_id,
+            "resume_gateway_url": resume_url,
+            "application": {"id": str(self.application_id), "flags": 0},
+            "private_channels": [],
+            "relationships": [],
+            "session_type": "normal",
+        }
+
+    def guild_create_payload(self, intents: int) -> dict[str, Any]:
+        members = list(self.users.values())
+        if not intents & INTENT_GUILD_MEMBERS:
+            members = [self.bot]  # without the members intent Discord sends only the bot itself
+        channels = [c for c in self.channel_data.values() if c.get("type") == CHANNEL_TEXT]
+        threads = [c for c in self.channel_data.values() if c.get("type") == CHANNEL_PUBLIC_THREAD]
+        return {
+            "id": str(self.guild_id),
+            "name": self.guild_name,
+            "owner_id": str(self.users["admin"].id),
+            "unavailable": False,
+            "large": False,
+            "member_count": len(self.users),
+            "joined_at": self.joined_at,
+            "roles": self.roles(),
+            "channels": channels,
+            "threads": threads,
+            "members": [self.member_payload(u) for u in members],
+            "presences": [],
+            "voice_states": [],
+            "emojis": [],
+            "stickers": [],
+            "features": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "preferred_locale": "en-US",
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "nsfw_level": 0,
+            "premium_tier": 0,
+            "system_channel_flags": 0,
+        }
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def message_payload(
+        self,
+        channel_id: int,
+        author: UserRecord,
+        content: str,
+        *,
+        embeds: list[dict[str, Any]] | None = None,
+        mentions: list[UserRecord] | None = None,
+        reference_message_id: int | None = None,
+        attachments: list[dict[str, Any]] | None = None,
+        flags: int = 0,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Build a message payload; the caller stores it with :meth:`store`."""
+        guild = self.is_guild_channel(channel_id)
+        mid = self.snowflake()
+        data: dict[str, Any] = {
+            "id": str(mid),
+            "channel_id": str(channel_id),
+            "author": author.payload(),
+            "content": content,
+            "timestamp": now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [self._attachment(a) for a in attachments or []],
+            "embeds": list(embeds or []),
+            "pinned": False,
+            "type": MESSAGE_DEFAULT,
+            "flags": flags,
+            "components": [],
+        }
+        for user in mentions or []:
+            mentioned = user.payload()
+            if guild:
+                mentioned["member"] = self.member_payload(user, with_user=False)
+            data["mentions"].append(mentioned)
+        if guild:
+            data["guild_id"] = str(self.guild_id)
+            data["member"] = self.member_payload(author, with_user=False)
+        if reference_message_id is not None:
+            data["type"] = MESSAGE_REPLY
+            data["message_reference"] = {
+                "type": 0,
+                "message_id": str(reference_message_id),
+                "channel_id": str(channel_id),
+            }
+            if guild:
+                data["message_reference"]["guild_id"] = str(self.guild_id)
+            data["referenced_message"] = self.find_message(channel_id, reference_message_id)
+        if extra:
+            data.update(extra)
+        return data
+
+    def _attachment(self, spec: dict[str, Any]) -> dict[str, Any]:
+        aid = self.snowflake()
+        filename = spec.get("filename", "file.txt")
+        url = spec.get("url", f"https://cdn.discordapp.com/attachments/0/{aid}/{filename}")
+        return {
+            "id": str(aid),
+            "filename": filename,
+            "size": int(spec.get("size", 0)),
+            "url": url,
+            "proxy_url": spec.get("proxy_url", url),
+            "content_type": spec.get("content_type", "text/plain"),
+        }
+
+    def store(self, data: dict[str, Any]) -> None:
+        """Append a message to its channel's history."""
+        cid = int(data["channel_id"])
+        self.messages.setdefault(cid, []).append(data)
+        channel = self.channel_data.get(cid)
+        if channel is not None:
+            channel["last_message_id"] = data["id"]
+
+    def find_message(self, channel_id: int, message_id: int) -> dict[str, Any] | None:
+        for message in self.messages.get(channel_id, []):
+            if int(message["id"]) == message_id:
+                return message
+        return None
+
+    def delete_message(self, channel_id: int, message_id: int) -> bool:
+        history = self.messages.get(channel_id, [])
+        for index, message in enumerate(history):
+            if int(message["id"]) == message_id:
+                del history[index]
+                self.reactions.pop(message_id, None)
+                return True
+        return False
+
+    def history(
+        self, channel_id: int, *, limit: int = 50, before: int | None = None, after: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Messages newest first, like ``GET /channels/{id}/messages``."""
+        found = [
+            m
+            for m in self.messages.get(channel_id, [])
+            if (before is None or int(m["id"]) < before) and (after is None or int(m["id"]) > after)
+        ]
+        if after is not None and before is None:
+            found = found[:limit]  # the oldest ones just after ``after``
+            return list(reversed(found))
+        return list(reversed(found))[:limit]

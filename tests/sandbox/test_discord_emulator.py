@@ -1,0 +1,378 @@
+"""The Discord emulator against a real, unpatched discord.py ``commands.Bot``.
+
+Each test points ``Route.BASE`` and ``DEFAULT_GATEWAY`` at a fresh emulator (restored afterwards),
+logs a real bot in over loopback and checks what discord.py does and what the emulator recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import discord
+import pytest
+import yarl
+from discord.ext import commands
+
+from sandbox.discord_emu import DiscordEmulator
+from sandbox.faults import FaultPlan
+
+
+@contextlib.contextmanager
+def pointed_at(emu: DiscordEmulator) -> Any:
+    """Point discord.py's REST base and gateway URL at ``emu``; restore them on exit."""
+    old_base, old_gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    discord.http.Route.BASE = emu.api_base
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
+    try:
+        yield
+    finally:
+        discord.http.Route.BASE = old_base
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[DiscordEmulator]:
+    """A started emulator with a 0.1 s heartbeat, discord.py pointed at it."""
+    async with DiscordEmulator(faults=FaultPlan(), heartbeat_interval=0.1) as emulator:
+        with pointed_at(emulator):
+            yield emulator
+
+
+def make_bot(heartbeat_timeout: float = 0.6) -> commands.Bot:
+    intents = discord.Intents.default()
+    intents.members = True
+    intents.message_content = True
+    # heartbeat_timeout bounds how long a silent gateway goes unnoticed
+    return commands.Bot(
+        command_prefix="!", intents=intents, guild_ready_timeout=0.05, heartbeat_timeout=heartbeat_timeout
+    )
+
+
+class Running:
+    """A bot logged in to the emulator, started as a background task."""
+
+    def __init__(self, bot: commands.Bot, task: asyncio.Task[None]) -> None:
+        self.bot = bot
+        self.task = task
+
+
+@contextlib.asynccontextmanager
+async def running(emu: DiscordEmulator, bot: commands.Bot | None = None) -> AsyncIterator[Running]:
+    bot = bot or make_bot()
+    await bot.login(emu.token)
+    task = asyncio.create_task(bot.connect())
+    try:
+        async with asyncio.timeout(5):
+            await bot.wait_until_ready()
+        yield Running(bot, task)
+    finally:
+        await bot.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5)
+
+
+def replying_bot(bot: commands.Bot | None = None, prefix: str = "echo: ") -> commands.Bot:
+    """A bot that replies to every human message, without pinging anyone."""
+    bot = bot or make_bot()
+
+    async def on_message(message: discord.Message) -> None:
+        if message.author.bot:
+            return
+        await message.reply(prefix + message.content, allowed_mentions=discord.AllowedMentions.none())
+
+    bot.add_listener(on_message)
+    return bot
+
+
+async def test_emulator_starts_fast_and_stops_without_leaked_tasks_or_sockets() -> None:
+    """Start takes well under a second; after a bot session, stop leaves no task and no listener."""
+    before = asyncio.all_tasks()
+    started = time.perf_counter()
+    emu = DiscordEmulator(heartbeat_interval=0.1)
+    await emu.start()
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5, elapsed
+    with pointed_at(emu):
+        async with running(emu, replying_bot()):
+            await emu.send_user_message(emu.channels["general"], content="hi")
+            await emu.wait_for_bot_message(emu.channels["general"])
+    await emu.stop()
+    await emu.stop()  # idempotent
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before == set()
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", emu.port), timeout=1):
+        pass
+
+
+async def test_bot_logs_in_sees_guild_channels_thread_and_cached_members(emu: DiscordEmulator) -> None:
+    """READY + GUILD_CREATE: get_guild works, members are cached, the admin has Administrator."""
+    async with running(emu) as run:
+        bot = run.bot
+        assert bot.user is not None and bot.user.id == emu.bot_user_id
+        assert bot.application_id == emu.application_id
+        guild = bot.get_guild(emu.guild_id)
+        assert guild is not None and guild.chunked
+        assert {c.name for c in guild.text_channels} == {"general", "random"}
+        thread = guild.get_thread(emu.thread_id)
+        assert thread is not None and thread.parent_id == emu.channels["general"]
+        admin = guild.get_member(emu.users["admin"])
+        normal = guild.get_member(emu.users["normal"])
+        assert admin is not None and admin.guild_permissions.administrator
+        assert normal is not None and not normal.guild_permissions.administrator
+        assert emu.identify_count == 1 and emu.connected
+
+
+async def test_reply_is_recorded_with_allowed_mentions_and_reference(emu: DiscordEmulator) -> None:
+    """on_message -> message.reply: the emulator records content, allowed_mentions and the reference."""
+    general = emu.channels["general"]
+    async with running(emu, replying_bot()):
+        sent = await emu.send_user_message(general, "normal", "hello", mentions_bot=True)
+        [reply] = await emu.wait_for_bot_message(general)
+    assert sent["content"] == f"<@{emu.bot_user_id}> hello"
+    assert [m["id"] for m in sent["mentions"]] == [str(emu.bot_user_id)]
+    assert reply.content == f"echo: <@{emu.bot_user_id}> hello"
+    assert reply.allowed_mentions == {"parse": []}  # discord.py omits replied_user when False
+    assert reply.message_reference is not None
+    assert int(reply.message_reference["message_id"]) == int(sent["id"])
+    assert reply.payload["referenced_message"]["id"] == sent["id"]
+    assert [m["id"] for m in emu.history(general)] == [sent["id"], str(reply.id)]
+
+
+async def test_dm_message_has_no_guild_and_reaches_the_bot(emu: DiscordEmulator) -> None:
+    """A DM MESSAGE_CREATE carries no guild_id; discord.py sees a DMChannel and the bot can answer."""
+    seen: list[discord.Message] = []
+    bot = replying_bot()
+
+    async def record(message: discord.Message) -> None:
+        seen.append(message)
+
+    bot.add_listener(record, "on_message")
+    dm = emu.dm_channel("normal")
+    async with running(emu, bot):
+        data = await emu.send_user_message(dm, "normal", "psst")
+        [reply] = await emu.wait_for_bot_message(dm)
+    assert "guild_id" not in data
+    assert isinstance(seen[0].channel, discord.DMChannel)
+    assert reply.content == "echo: psst"
+
+
+async def test_gateway_close_4000_resumes_and_replays_the_missed_message_exactly_once(
+    emu: DiscordEmulator,
+) -> None:
+    """A 4000 close hits while a message is dispatched; discord.py RESUMEs and answers it once."""
+    general = emu.channels["general"]
+    async with running(emu, replying_bot()):
+        emu.faults.add("close", "gateway", count=1, code=4000)
+        await emu.send_user_message(general, content="while away")
+        await emu.wait_for_bot_message(general, 1)
+        await emu.send_user_message(general, content="after")
+        replies = await emu.wait_for_bot_message(general, 2)
+        assert [r.content for r in replies] == ["echo: while away", "echo: after"]
+        assert (emu.identify_count, emu.resume_count) == (1, 1)
+
+
+async def test_op7_reconnect_and_silent_gateway_both_lead_to_resume(emu: DiscordEmulator) -> None:
+    """op 7 RECONNECT and a gateway that stops ACKing heartbeats both end in a RESUME, nothing lost."""
+    general = emu.channels["general"]
+    async with running(emu, replying_bot()):
+        await emu.send_reconnect()
+        await emu.wait_until(lambda: emu.resume_count == 1)
+        emu.faults.add("silent", "gateway", count=1)
+        await emu.send_user_message(general, content="into the void")
+        [reply] = await emu.wait_for_bot_message(general, 1, timeout=5)
+        assert reply.content == "echo: into the void"
+        assert (emu.identify_count, emu.resume_count) == (1, 2)
+
+
+async def test_close_4004_ends_bot_connect_with_connection_closed(emu: DiscordEmulator) -> None:
+    """Close code 4004 (authentication failed) is fatal: bot.connect() raises ConnectionClosed."""
+    bot = make_bot()
+    await bot.login(emu.token)
+    task = asyncio.create_task(bot.connect())
+    async with asyncio.timeout(5):
+        await bot.wait_until_ready()
+    await emu.close_gateway(4004)
+    with pytest.raises(discord.ConnectionClosed) as info:
+        await asyncio.wait_for(task, 5)
+    assert info.value.code == 4004
+    assert bot.is_closed()
+
+
+async def test_identify_with_wrong_token_is_closed_with_4004(emu: DiscordEmulator) -> None:
+    """A raw gateway client sending a wrong token in IDENTIFY gets close code 4004 after HELLO."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(emu.gateway_url) as ws:
+        hello = await ws.receive_json(timeout=2)
+        assert hello["op"] == 10 and hello["d"]["heartbeat_interval"] == 100
+        await ws.send_str(json.dumps({"op": 2, "d": {"token": "wrong", "intents": 0, "properties": {}}}))
+        msg = await ws.receive(timeout=2)
+        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 4004
+
+
+async def test_wrong_token_raises_login_failure(emu: DiscordEmulator) -> None:
+    """REST 401 on GET /users/@me becomes discord.LoginFailure."""
+    bot = make_bot()
+    with pytest.raises(discord.LoginFailure):
+        await bot.login("not-the-token")
+    await bot.close()
+    [request] = emu.requests
+    assert (request.route, request.status) == ("me", 401)
+
+
+async def test_slash_command_deferred_then_ephemeral_followup_is_recorded(emu: DiscordEmulator) -> None:
+    """An app command synced, invoked through INTERACTION_CREATE, defers ephemerally and follows up."""
+    bot = make_bot()
+    seen: dict[str, Any] = {}
+
+    @bot.tree.command(name="ask", description="Ask the bot")
+    async def ask(interaction: discord.Interaction, question: str) -> None:
+        seen["admin"] = interaction.permissions.administrator
+        seen["user"] = interaction.user.id
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await interaction.followup.send(f"answer to {question}", ephemeral=True)
+
+    async with running(emu, bot):
+        synced = await bot.tree.sync()
+        assert [c.name for c in synced] == ["ask"]
+        assert emu.commands[None][0]["options"][0]["name"] == "question"
+        record = await emu.send_interaction("ask", {"question": "why"}, user="admin")
+        await emu.wait_until(lambda: len(record.followups) == 1)
+    assert seen == {"admin": True, "user": emu.users["admin"]}
+    assert record.deferred and record.ephemeral
+    assert [kind for kind, _ in record.events] == ["callback", "followup"]
+    assert record.followups[0].content == "answer to why" and record.followups[0].ephemeral
+    assert emu.sent_messages(emu.channels["general"]) == []  # ephemeral: not in the channel
+    assert emu.interaction_log(record.id) is record
+
+
+async def test_interaction_message_response_and_original_edit(emu: DiscordEmulator) -> None:
+    """A type 4 response then an @original edit are both recorded, in order, for a normal member."""
+    bot = make_bot()
+
+    @bot.tree.command(name="ping", description="Ping")
+    async def ping(interaction: discord.Interaction) -> None:
+        assert not interaction.permissions.administrator
+        await interaction.response.send_message("pong")
+        await interaction.edit_original_response(content="pong!")
+
+    async with running(emu, bot):
+        record = await emu.send_interaction("ping")
+        await emu.wait_until(lambda: any(kind == "edit_original" for kind, _ in record.events))
+    assert record.callback_type == 4 and not record.ephemeral
+    assert record.texts() == ["pong", "pong!"]
+    assert record.original is not None and record.original["content"] == "pong!"
+
+
+async def test_rest_429_with_via_is_retried_by_discord_py(emu: DiscordEmulator) -> None:
+    """A 429 carrying Via and retry_after 0.05 is retried by discord.py; the send succeeds."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        emu.faults.add("429", "send", count=1, retry_after=0.05)
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        message = await channel.send("hi")
+    assert message.content == "hi"
+    assert [r.status for r in emu.requests_for("send")] == [429, 200]
+
+
+async def test_rest_503_raises_discord_server_error(emu: DiscordEmulator) -> None:
+    """503 is not retried by discord.py: the caller gets DiscordServerError, the message is not stored."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        emu.faults.add("503", "send", count=1)
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        with pytest.raises(discord.DiscordServerError) as info:
+            await channel.send("hi")
+    assert info.value.status == 503
+    assert [r.status for r in emu.requests_for("send")] == [503]
+    assert emu.sent_messages(general) == []
+
+
+async def test_rest_500_once_is_retried_once_and_succeeds(emu: DiscordEmulator) -> None:
+    """A single 500 is retried by discord.py after its 1 s back-off; the second attempt succeeds."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        emu.faults.add("500", "react", count=1)
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        data = await emu.send_user_message(general, content="react to me")
+        message = await channel.fetch_message(int(data["id"]))
+        await message.add_reaction("👍")
+    assert [r.status for r in emu.requests_for("react")] == [500, 204]
+    assert emu.reactions(int(data["id"])) == {"👍": {emu.bot_user_id}}
+
+
+async def test_dropped_connection_surfaces_as_aiohttp_error_and_typing_is_recorded(
+    emu: DiscordEmulator,
+) -> None:
+    """A dropped TCP connection reaches the caller as an aiohttp error; the next request works."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        emu.faults.add("drop", "typing", count=1)
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        with pytest.raises(aiohttp.ClientError):
+            await channel.typing()
+        await channel.typing()
+    assert [r.status for r in emu.requests_for("typing")] == [None, 204]
+    assert emu.typing == [general]
+
+
+async def test_too_long_and_empty_messages_are_rejected_like_discord(emu: DiscordEmulator) -> None:
+    """Over 2000 characters -> 400 code 50035; empty -> 400 code 50006 (both HTTPException)."""
+    async with running(emu) as run:
+        channel = run.bot.get_channel(emu.channels["random"])
+        assert isinstance(channel, discord.TextChannel)
+        with pytest.raises(discord.HTTPException) as too_long:
+            await channel.send("x" * 2001)
+        with pytest.raises(discord.HTTPException) as empty:
+            await channel.send("")
+    assert (too_long.value.status, too_long.value.code) == (400, 50035)
+    assert (empty.value.status, empty.value.code) == (400, 50006)
+
+
+async def test_without_message_content_intent_guild_content_is_blanked(emu: DiscordEmulator) -> None:
+    """Like Discord: without the intent a bot sees guild content only when mentioned (and in DMs)."""
+    intents = discord.Intents.default()
+    bot = commands.Bot(command_prefix="!", intents=intents, guild_ready_timeout=0.05)
+    got: list[str] = []
+    arrived = asyncio.Event()
+
+    async def on_message(message: discord.Message) -> None:
+        got.append(message.content)
+        if len(got) == 2:
+            arrived.set()
+
+    bot.add_listener(on_message)
+    async with running(emu, bot):
+        await emu.send_user_message(emu.channels["general"], content="secret")
+        await emu.send_user_message(emu.channels["general"], content="hey", mentions_bot=True)
+        async with asyncio.timeout(5):
+            await arrived.wait()
+    assert got == ["", f"<@{emu.bot_user_id}> hey"]
+
+
+async def test_wait_for_bot_message_times_out_when_nothing_is_sent(emu: DiscordEmulator) -> None:
+    """The wait helper raises TimeoutError instead of hanging when the bot says nothing."""
+    with pytest.raises(TimeoutError):
+        await emu.wait_for_bot_message(emu.channels["general"], timeout=0.05)
+
+
+async def test_invalid_session_makes_discord_py_identify_again(emu: DiscordEmulator) -> None:
+    """op 9 (not resumable) -> discord.py re-IDENTIFYs (after its fixed 5 s wait) and gets READY."""
+    # nobody reads the socket during discord.py's 5 s pre-IDENTIFY sleep: a short timeout would fire
+    bot = replying_bot(make_bot(heartbeat_timeout=60.0))
+    async with running(emu, bot):
+        await emu.invalidate_session(resumable=False)
+        await emu.wait_until(lambda: emu.identify_count == 2 and emu.connected, timeout=8)
+        await emu.send_user_message(emu.channels["general"], content="back")
+        [reply] = await emu.wait_for_bot_message(emu.channels["general"])
+    assert reply.content == "echo: back" and emu.resume_count == 0
+
