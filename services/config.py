@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
+
 DEFAULT_PERSONA = (
     "You are a helpful, friendly assistant chatting in a Discord server. Answer clearly and "
     "concisely, and use Discord markdown when it helps."
@@ -355,8 +357,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def _read_env_file(path: Path) -> dict[str, str | None]:
-    from dotenv import dotenv_values
-
     # interpolate=False: ${VAR} would otherwise be expanded from os.environ, not from `environ`.
     return dict(dotenv_values(path, interpolate=False))
 
