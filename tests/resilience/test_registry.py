@@ -213,3 +213,18 @@ async def test_start_all_skips_services_already_running() -> None:
     await registry.start_all()
     await registry.start_all()
     assert log == ["start a"]
+
+
+async def test_cancelling_start_all_rolls_back_and_propagates_cancellation() -> None:
+    """A start_all cancelled mid-start stops what it started and re-raises CancelledError."""
+    log: list[str] = []
+    registry = ServiceRegistry([Recorder("a", log), Recorder("b", log, ("a",), hang_start=True)])
+    task = asyncio.create_task(registry.start_all())
+    async with asyncio.timeout(2):
+        while log != ["start a", "start b"]:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert log == ["start a", "start b", "stop a"]
+    assert registry.states() == {"a": ServiceState.STOPPED, "b": ServiceState.FAILED}
