@@ -547,7 +547,7 @@ class DataStore:
             raise DataStoreValidationError("?", [f"not JSON-serialisable: {exc}"]) from exc
 
     def _commit(self, name: str, payload: bytes, *, previous: bytes) -> None:
-        """Keep ``previous`` as the .bak, replace the file, add a timestamped backup, rotate."""
+        """Keep ``previous`` as the .bak and as a timestamped backup, replace the file, rotate."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # One directory fsync after both renames makes both durable; should power fail between
         # them, the old .bak is still a complete, valid file.
@@ -555,10 +555,14 @@ class DataStore:
         _atomic_write(self.path(name), payload)  # the commit point
         self._cache[name] = json.loads(payload)
         self._good_bytes[name] = payload
+        if previous == payload:
+            return  # a write-back of recovered state: nothing new for the history
         try:
             self.backup_dir.mkdir(exist_ok=True)
+            # The history holds superseded versions, so the newest backup is never newer than the
+            # .bak and "file, .bak, newest backup" is the newest-first order of recovery.
             # History only: after a power cut the newest copy may be missing, never half-written.
-            _atomic_write(self.backup_dir / f"{name}-{self._stamp(name)}.json", payload, sync_dir=False)
+            _atomic_write(self.backup_dir / f"{name}-{self._stamp(name)}.json", previous, sync_dir=False)
             self._rotate(name)
         except OSError as exc:
             # The save itself is committed; a missing history copy is worth a log line, not a failure.
