@@ -35,7 +35,7 @@ gateway     gateway faults (``close``, ``reconnect``, ``invalid_session``, ``sil
 ==========  ==================================================================
 
 REST fault kinds: ``"500"``/``"502"``/``"503"``/``"504"`` (or ``"error"`` with ``status=``),
-``"429"`` (params ``retry_after=0.05``, ``global_=False``, ``via=True``), ``"latency"``
+``"429"`` (params ``retry_after=0.05``, ``global=False`` (or ``global_``), ``via=True``), ``"latency"``
 (``seconds=1.0``, then served normally) and ``"drop"`` (the TCP connection is closed unanswered).
 Gateway fault kinds, checked when a session goes live and before each dispatch: ``"close"``
 (``code=4000``), ``"reconnect"`` (op 7), ``"invalid_session"`` (op 9, ``resumable=False``) and
@@ -193,12 +193,14 @@ class _Connection:
         self.lock = asyncio.Lock()
         self.heartbeats = 0
 
-    async def send(self, payload: dict[str, Any]) -> None:
+    async def send(self, *payloads: dict[str, Any]) -> None:
+        """Send frames back to back: nothing else interleaves (a replay stays contiguous)."""
         async with self.lock:
-            if self.ws.closed:
-                return
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.ws.send_str(json.dumps(payload))
+            for payload in payloads:
+                if self.ws.closed:
+                    return
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.ws.send_str(json.dumps(payload))
 
     async def close(self, code: int) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -490,12 +492,14 @@ class DiscordEmulator:
     async def close_gateway(self, code: int = 4000) -> None:
         """Close every live gateway connection with ``code`` (4000 resumable, 4004 fatal, ...)."""
         for conn in list(self._connections):
+            conn.silent = True  # nothing more goes out on it: later events wait for the RESUME
             await conn.close(code)
 
     async def send_reconnect(self) -> None:
         """Send op 7 RECONNECT on every live connection (discord.py RESUMEs)."""
         for conn in list(self._connections):
             await conn.send({"op": OP_RECONNECT, "d": None})
+            conn.silent = True
 
     async def invalidate_session(self, resumable: bool = False) -> None:
         """Send op 9 INVALID_SESSION; unless resumable the sessions are forgotten (re-IDENTIFY)."""
@@ -586,9 +590,7 @@ class DiscordEmulator:
         conn.session = session
         if old is not None and old is not conn:
             self._spawn(old.close(4000))
-        for frame in list(session.buffer):
-            if frame["s"] > seq:
-                await conn.send(frame)
+        await conn.send(*[frame for frame in session.buffer if frame["s"] > seq])
         await self._emit(session, "RESUMED", {}, check=False)
         await self._notify()
         await self._gateway_fault(conn)
@@ -630,14 +632,15 @@ class DiscordEmulator:
         fault = self.faults.pick("gateway", kinds=GATEWAY_FAULT_KINDS)
         if fault is None:
             return False
+        # Whatever the fault, nothing more goes out on this connection: an event sent after the
+        # one held back would move the client's sequence past it, and the RESUME would skip it.
+        conn.silent = True
         if fault.kind == "close":
             self._spawn(conn.close(int(fault.params.get("code", 4000))))
         elif fault.kind == "reconnect":
             await conn.send({"op": OP_RECONNECT, "d": None})
         elif fault.kind == "invalid_session":
             await self._invalid_session(conn, bool(fault.params.get("resumable", False)))
-        elif fault.kind == "silent":
-            conn.silent = True
         return True
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -678,7 +681,7 @@ class DiscordEmulator:
         record.fault = fault.kind
         kind, params = fault.kind, fault.params
         if kind == "latency":
-            await asyncio.sleep(float(params.get("seconds", 1.0)))
+            await asyncio.sleep(float(params.get("seconds", params.get("delay", 1.0))))
             return None
         if kind == "drop":
             if request.transport is not None:
@@ -686,7 +689,7 @@ class DiscordEmulator:
             return web.Response(status=500)  # never reaches the client
         if kind == "429":
             retry_after = float(params.get("retry_after", 0.05))
-            is_global = bool(params.get("global_", False))
+            is_global = bool(params.get("global", params.get("global_", False)))
             headers = {
                 "Content-Type": "application/json",
                 "Retry-After": str(max(1, round(retry_after))),

@@ -145,8 +145,9 @@ async def test_reply_is_recorded_with_allowed_mentions_and_reference(emu: Discor
     assert [m["id"] for m in emu.history(general)] == [sent["id"], str(reply.id)]
 
 
-async def test_dm_message_has_no_guild_and_reaches_the_bot(emu: DiscordEmulator) -> None:
-    """A DM MESSAGE_CREATE carries no guild_id; discord.py sees a DMChannel and the bot can answer."""
+@pytest.mark.parametrize("where", ["dm", "thread"])
+async def test_dm_and_thread_messages_reach_the_bot_and_get_answers(emu: DiscordEmulator, where: str) -> None:
+    """A DM MESSAGE_CREATE has no guild_id (discord.py sees a DMChannel); a thread's resolves to a Thread."""
     seen: list[discord.Message] = []
     bot = replying_bot()
 
@@ -154,12 +155,12 @@ async def test_dm_message_has_no_guild_and_reaches_the_bot(emu: DiscordEmulator)
         seen.append(message)
 
     bot.add_listener(record, "on_message")
-    dm = emu.dm_channel("normal")
+    channel_id = emu.dm_channel("normal") if where == "dm" else emu.thread_id
     async with running(emu, bot):
-        data = await emu.send_user_message(dm, "normal", "psst")
-        [reply] = await emu.wait_for_bot_message(dm)
-    assert "guild_id" not in data
-    assert isinstance(seen[0].channel, discord.DMChannel)
+        data = await emu.send_user_message(channel_id, "normal", "psst")
+        [reply] = await emu.wait_for_bot_message(channel_id)
+    assert ("guild_id" in data) is (where == "thread")
+    assert isinstance(seen[0].channel, discord.DMChannel if where == "dm" else discord.Thread)
     assert reply.content == "echo: psst"
 
 
@@ -376,3 +377,90 @@ async def test_invalid_session_makes_discord_py_identify_again(emu: DiscordEmula
         [reply] = await emu.wait_for_bot_message(emu.channels["general"])
     assert reply.content == "echo: back" and emu.resume_count == 0
 
+
+
+async def test_edit_delete_history_and_file_upload_through_discord_py(emu: DiscordEmulator) -> None:
+    """message.edit / delete, channel.history and a file upload are served and recorded."""
+    random_id = emu.channels["random"]
+    async with running(emu) as run:
+        channel = run.bot.get_channel(random_id)
+        assert isinstance(channel, discord.TextChannel)
+        first = await channel.send("one")
+        second = await channel.send("two", file=discord.File(__file__, filename="notes.txt"))
+        await first.edit(content="one, edited")
+        history = [m.content async for m in channel.history(limit=10)]
+        await second.delete()
+    assert history == ["two", "one, edited"]
+    sent = emu.sent_messages(random_id)
+    assert [(m.content, m.deleted) for m in sent] == [("one, edited", False), ("two", True)]
+    assert [e["content"] for e in sent[0].edits] == ["one, edited"]
+    assert sent[1].attachments == ["notes.txt"]
+    assert [m["content"] for m in emu.history(random_id)] == ["one, edited"]
+
+
+async def test_global_429_and_latency_faults(emu: DiscordEmulator) -> None:
+    """A global 429 is waited out by discord.py; a latency fault delays the answer but serves it."""
+    async with running(emu) as run:
+        channel = run.bot.get_channel(emu.channels["general"])
+        assert isinstance(channel, discord.TextChannel)
+        emu.faults.add("429", "send", count=1, retry_after=0.05, **{"global": True})
+        await channel.send("after a global limit")
+        emu.faults.add("latency", "send", count=1, seconds=0.2)
+        started = time.perf_counter()
+        await channel.send("slow")
+        assert time.perf_counter() - started >= 0.2
+    assert [r.status for r in emu.requests_for("send")] == [429, 200, 200]
+    assert [r.fault for r in emu.requests_for("send")] == ["429", None, "latency"]
+
+
+async def test_resume_replays_only_missed_events_and_fails_beyond_the_buffer() -> None:
+    """Raw gateway client: RESUME replays exactly the events after its seq then RESUMED; once the
+    bounded buffer has dropped a missed event the emulator answers INVALID_SESSION instead."""
+    emulator = DiscordEmulator(buffer_size=4, heartbeat_interval=10.0)
+    async with emulator as emu, aiohttp.ClientSession() as http:
+        async with http.ws_connect(emu.gateway_url) as ws:
+            await ws.receive_json(timeout=2)  # HELLO
+            await ws.send_json({"op": 2, "d": {"token": emu.token, "intents": 0, "properties": {}}})
+            ready = await ws.receive_json(timeout=2)
+            guild = await ws.receive_json(timeout=2)
+            assert (ready["t"], ready["s"], guild["t"], guild["s"]) == ("READY", 1, "GUILD_CREATE", 2)
+            session_id = ready["d"]["session_id"]
+            assert ready["d"]["resume_gateway_url"] == emu.gateway_url
+        await emu.wait_until(lambda: not emu.connected)
+        for n in range(2):
+            await emu.send_user_message(emu.channels["general"], content=f"missed {n}")
+
+        async def resume(seq: int) -> list[dict[str, Any]]:
+            async with http.ws_connect(emu.gateway_url) as ws:
+                await ws.receive_json(timeout=2)
+                await ws.send_json({"op": 6, "d": {"token": emu.token, "session_id": session_id, "seq": seq}})
+                frames = [await ws.receive_json(timeout=2)]
+                while frames[-1].get("t") not in ("RESUMED", None):
+                    frames.append(await ws.receive_json(timeout=2))
+                return frames
+
+        frames = await resume(2)
+        assert [(f["t"], f["s"]) for f in frames] == [
+            ("MESSAGE_CREATE", 3), ("MESSAGE_CREATE", 4), ("RESUMED", 5)
+        ]
+        assert frames[0]["d"]["content"] == ""  # no message-content intent, no mention: blanked
+        await emu.wait_until(lambda: not emu.connected)
+        for n in range(3):
+            await emu.send_user_message(emu.channels["general"], content=f"overflow {n}")
+        frames = await resume(5)  # the buffer holds 5..8: everything after 5 is still there
+        assert [f["s"] for f in frames] == [6, 7, 8, 9]
+        await emu.wait_until(lambda: not emu.connected)
+        for n in range(5):
+            await emu.send_user_message(emu.channels["general"], content=f"too many {n}")
+        frames = await resume(9)  # 10..14 happened, the buffer keeps 11..14: 10 is lost
+        assert frames == [{"op": 9, "d": False}]
+
+
+async def test_stop_with_a_connected_bot_returns_promptly(emu: DiscordEmulator) -> None:
+    """stop() closes live websockets itself and does not wait on the connected client."""
+    bot = make_bot()
+    async with running(emu, bot):
+        started = time.perf_counter()
+        await emu.stop()
+        assert time.perf_counter() - started < 1.5
+        assert not emu.connected
