@@ -30,6 +30,8 @@ Type a line to send it as the current user in the current channel.
   :fault gemini KIND [MODEL] [next N | 30s | 2m | p=0.5] [key=value ...]
       KIND: 429 quota_daily 500 502 503 504 hang latency malformed_json stream_error
             safety prompt_block empty drop      e.g. :fault gemini 503 30s
+      params: 429 retry_delay=5s, latency seconds=2 (or dist=uniform low=1 high=3),
+              stream_error mode=error|broken|hang after=N
   :fault discord [ROUTE] KIND [next N | 30s | p=0.5] [key=value ...]
       ROUTE: send edit react typing interaction gateway ...   e.g. :fault discord send 500 next 3
       KIND: 429 500 502 503 latency drop close reconnect invalid_session silent

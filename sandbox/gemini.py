@@ -25,6 +25,8 @@ from sandbox.faults import Fault, FaultPlan
 API_KEY_HEADER = "x-goog-api-key"
 MODEL_VERSION_SUFFIX = "-sandbox"
 
+LISTED_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash")
+POST_ACTIONS = frozenset({"generateContent", "streamGenerateContent", "batchEmbedContents", "countTokens"})
 FAULT_KINDS = (
     "429", "quota_daily", "500", "502", "503", "504", "400", "403", "hang", "latency",
     "malformed_json", "stream_error", "safety", "prompt_block", "empty", "drop",
@@ -61,7 +63,7 @@ class RecordedRequest:
     path: str
     model: str | None
     api_version: str | None
-    action: str | None                 # generateContent, streamGenerateContent, batchEmbedContents
+    action: str | None                 # generateContent, streamGenerateContent, ..., get, list
     headers: dict[str, str]            # the API key's value is masked
     body: Any
     time: float
@@ -114,13 +116,28 @@ def quota_body(model: str, *, daily: bool, retry_delay: str | None) -> dict:
     return error_body(429, "RESOURCE_EXHAUSTED", message, details)
 
 
-def parse_model_path(path: str) -> tuple[str, str, str] | None:
-    """Split ``/{version}/models/{model}:{action}`` into its parts, or return None."""
+def parse_model_path(path: str) -> tuple[str, str | None, str] | None:
+    """Split ``/{version}/models[/{model}[:{action}]]`` into (version, model, action), or None.
+
+    The action is ``"list"`` for ``/models``, ``"get"`` for a bare model, else the part after ``:``.
+    """
     parts = path.strip("/").split("/")
-    if len(parts) != 3 or parts[1] != "models" or ":" not in parts[2]:
+    if len(parts) == 2 and parts[1] == "models":
+        return parts[0], None, "list"
+    if len(parts) != 3 or parts[1] != "models" or not parts[2]:
         return None
-    model, _, action = parts[2].partition(":")
-    return parts[0], model, action
+    model, colon, action = parts[2].partition(":")
+    return parts[0], model, action if colon else "get"
+
+
+def model_info(model: str) -> dict[str, Any]:
+    """A ``Model`` resource like ``GET /v1beta/models/{model}`` returns."""
+    return {
+        "name": f"models/{model}", "version": "001", "displayName": f"{model} (sandbox)",
+        "description": "A loopback stand-in for a Gemini model.",
+        "inputTokenLimit": 1_048_576, "outputTokenLimit": 65_536,
+        "supportedGenerationMethods": ["generateContent", "countTokens"],
+    }
 
 
 class GeminiEmulator:
@@ -149,7 +166,6 @@ class GeminiEmulator:
         self._clock = clock
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
-        self._inflight: set[asyncio.Task[Any]] = set()
 
     # lifecycle
 
@@ -168,7 +184,9 @@ class GeminiEmulator:
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # A short shutdown_timeout: hung handlers are released by _closing, not waited for.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
+        # handler_cancellation: a client that gives up on a hung request frees its handler at once.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False,
+                               handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         await site.start()
@@ -209,27 +227,35 @@ class GeminiEmulator:
         if key != self.api_key:
             rec.outcome = "invalid_key"
             return web.json_response(invalid_key_body(), status=400)
-        if parsed is None or action not in ("generateContent", "streamGenerateContent", "batchEmbedContents"):
+        method = "GET" if action in ("list", "get") else "POST"
+        if parsed is None or (method == "POST" and action not in POST_ACTIONS):
             rec.outcome = "not_found"
             return web.json_response(
                 error_body(404, "NOT_FOUND", f"Method not found: {request.method} {request.path}"),
                 status=404)
-        if request.method != "POST" or not isinstance(body, dict):
+        if request.method != method or (method == "POST" and not isinstance(body, dict)):
             rec.outcome = "bad_request"
             return web.json_response(
                 error_body(400, "INVALID_ARGUMENT", "Invalid JSON payload received."), status=400)
 
-        assert model is not None and action is not None
-        fault = self.faults.pick(model, f"models/{model}")
+        assert action is not None
+        fault = self.faults.pick(*(model, f"models/{model}") if model else ("models",))
         rec.fault = fault
         rec.outcome = f"fault:{fault.kind}" if fault else "ok"
         if fault is not None and fault.kind == "latency":
             await self._wait(self._latency(fault.params))
             fault = None
         if fault is not None:
-            response = await self._fault_response(request, fault, model, action, body)
+            response = await self._fault_response(request, fault, model or "", action, body)
             if response is not None:
                 return response
+        if action == "list":
+            return web.json_response({"models": [model_info(m) for m in LISTED_MODELS]})
+        assert model is not None
+        if action == "get":
+            return web.json_response(model_info(model))
+        if action == "countTokens":
+            return web.json_response({"totalTokens": self._usage(body, "")["promptTokenCount"]})
         if action == "batchEmbedContents":
             return web.json_response(self._embeddings(body))
         if action == "streamGenerateContent":
@@ -292,6 +318,7 @@ class GeminiEmulator:
         raise asyncio.CancelledError
 
     def _usage(self, body: dict[str, Any], text: str) -> dict[str, int]:
+        """Token counts for a request body and an answer text."""
         prompt = sum(responder.count_tokens(responder.text_of(c)) for c in body.get("contents", [])
                      if isinstance(c, dict))
         prompt += responder.count_tokens(responder.text_of(body.get("systemInstruction")))
@@ -349,7 +376,11 @@ class GeminiEmulator:
             await response.write(self._event(chunk))
         if cut <= len(pieces):
             assert fault is not None
-            if fault.params.get("mode", "error") == "broken":
+            mode = fault.params.get("mode", "error")
+            if mode == "hang":  # a stream that stalls mid-answer: only the client's timeout ends it
+                await self._wait(None)
+                return self._drop(request)
+            if mode == "broken":
                 await response.write(b'data: {"candidates": [{"content": {"parts": [{"tex\r\n\r\n')
             else:
                 await response.write(self._event(error_body(500, "INTERNAL", _STATUS_TEXT[500][1])))

@@ -427,3 +427,51 @@ async def test_starts_fast_and_stops_with_a_hanging_request_in_flight_leaking_no
 async def test_base_url_before_start_is_an_error():
     with pytest.raises(RuntimeError):
         _ = GeminiEmulator().base_url
+
+
+async def test_a_hung_request_is_released_on_the_server_when_the_client_gives_up(emu):
+    before = asyncio.all_tasks()
+    emu.faults.add("hang", count=1)
+    c = make_client(emu, timeout_ms=100)
+    try:
+        with pytest.raises(TimeoutError):
+            await c.aio.models.generate_content(model=MODEL, contents="hi")
+        for _ in range(100):  # bounded: the server notices the closed connection within a few ticks
+            if asyncio.all_tasks() == before:
+                break
+            await asyncio.sleep(0.005)
+        assert asyncio.all_tasks() == before
+    finally:
+        await c.aio.aclose()
+
+
+# other endpoints the SDK offers
+
+
+async def test_models_get_list_and_count_tokens_are_served(emu, client):
+    model = await client.aio.models.get(model="gemini-2.5-flash")
+    assert model.name == "models/gemini-2.5-flash" and model.input_token_limit > 0
+    names = [m.name async for m in await client.aio.models.list()]
+    assert "models/gemini-2.5-flash" in names
+    counted = await client.aio.models.count_tokens(model=MODEL, contents="hello world how are you")
+    assert counted.total_tokens == responder.count_tokens("hello world how are you")
+
+
+async def test_models_get_honours_error_faults(emu, client):
+    emu.faults.add("503", count=1)
+    with pytest.raises(errors.ServerError):
+        await client.aio.models.get(model=MODEL)
+
+
+async def test_stalled_stream_is_cut_by_the_client_timeout_after_the_first_chunk(emu):
+    emu.faults.add("stream_error", count=1, mode="hang")
+    c = make_client(emu, timeout_ms=150)
+    got: list[str | None] = []
+    try:
+        with pytest.raises(TimeoutError):
+            async for chunk in await c.aio.models.generate_content_stream(
+                    model=MODEL, contents="reply with 200 characters"):
+                got.append(chunk.text)
+    finally:
+        await c.aio.aclose()
+    assert len(got) == 1
