@@ -131,6 +131,7 @@ _TOO_LONG_MARKERS = (
     "payload size",
 )
 _AUTH_MARKERS = ("api key", "api_key", "unauthenticated", "credential")
+_BAD_KEY_MARKERS = ("api key not valid", "api_key_invalid", "api key expired", "api_key_expired")
 _DISCORD_UNKNOWN_CODES = frozenset({10003, 10008})
 _DISCORD_PERMISSION_CODES = frozenset({50001, 50013})
 _GATEWAY_AUTH_FAILED = 4004
@@ -311,6 +312,9 @@ def _classify_genai(exc: genai_errors.APIError, now: float) -> Classification:
     if code in (401, 403) and (
         code == 401 or status == "UNAUTHENTICATED" or _mentions(message, details, _AUTH_MARKERS)
     ):
+        return _verdict(Category.AUTH, False, code=code)
+    # The real API answers a wrong key with 400 INVALID_ARGUMENT + ErrorInfo API_KEY_INVALID.
+    if code == 400 and _mentions(message, details, _BAD_KEY_MARKERS):
         return _verdict(Category.AUTH, False, code=code)
     if code == 403:
         return _verdict(Category.PERMISSION, False, code=code)

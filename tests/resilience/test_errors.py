@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -12,7 +13,10 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import discord
 import pytest
+from aiohttp import web
+from google import genai
 from google.genai import errors as genai_errors
+from google.genai import types as genai_types
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -162,7 +166,7 @@ CASES: list[tuple[str, BaseException, Category, bool, float | None]] = [
     (
         "gemini 400 bad API key",
         gemini_error(400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT"),
-        Category.INVALID_INPUT,
+        Category.AUTH,
         False,
         None,
     ),
@@ -601,3 +605,157 @@ def test_classify_never_raises_on_sdk_built_gemini_errors(code: int, body: Any) 
     except Exception:
         return  # the SDK itself rejects this body; nothing for classify to see
     assert isinstance(classify(exc), Classification)
+
+
+# --- the real google-genai client against a loopback server ------------------------------------
+
+
+class GeminiStub:
+    """A loopback HTTP server answering every request with the configured status and body."""
+
+    def __init__(self) -> None:
+        self.base_url = ""
+        self.status = 200
+        self.body = "{}"
+        self.content_type = "application/json"
+        self.hang = False
+        self.release = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.hang:
+            await self.release.wait()
+        return web.Response(status=self.status, text=self.body, content_type=self.content_type)
+
+
+@pytest.fixture
+async def gemini_stub() -> AsyncIterator[tuple[GeminiStub, genai.Client]]:
+    """A GeminiStub on 127.0.0.1:0 and a real genai.Client pointed at it (SDK retries off, 2 s timeout)."""
+    stub = GeminiStub()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stub.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stub.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    client = sdk_client(stub.base_url, timeout_ms=2000)
+    try:
+        yield stub, client
+    finally:
+        stub.release.set()
+        await client.aio.aclose()
+        await runner.cleanup()
+
+
+def sdk_client(base_url: str, timeout_ms: int) -> genai.Client:
+    """A real google-genai client for the stub, with the SDK's own retries off."""
+    options = genai_types.HttpOptions(
+        base_url=base_url, timeout=timeout_ms, retry_options=genai_types.HttpRetryOptions(attempts=1)
+    )
+    return genai.Client(api_key="test-key", http_options=options)
+
+
+async def _sdk_failure(client: genai.Client) -> BaseException:
+    try:
+        await client.aio.models.generate_content(model="gemini-2.5-flash", contents="hi")
+    except Exception as exc:
+        return exc
+    raise AssertionError("the call succeeded")
+
+
+SDK_CASES = [
+    (
+        429,
+        {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [retry_info("2s")]}},
+        Category.RATE_LIMITED,
+        2.0,
+    ),
+    (
+        429,
+        {
+            "error": {
+                "code": 429,
+                "status": "RESOURCE_EXHAUSTED",
+                "details": [quota_failure("RequestsPerDay")],
+            }
+        },
+        Category.QUOTA_EXHAUSTED,
+        None,
+    ),
+    (
+        503,
+        {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}},
+        Category.UNAVAILABLE,
+        None,
+    ),
+    (
+        400,
+        {
+            "error": {
+                "code": 400,
+                "message": "API key not valid. Please pass a valid API key.",
+                "status": "INVALID_ARGUMENT",
+                "details": [
+                    {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+                ],
+            }
+        },
+        Category.AUTH,
+        None,
+    ),
+    (
+        400,
+        {
+            "error": {
+                "code": 400,
+                "message": "The input token count (2000000) exceeds the maximum number of "
+                "tokens allowed (1048576).",
+                "status": "INVALID_ARGUMENT",
+            }
+        },
+        Category.TOO_LARGE,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "category", "retry_after"), SDK_CASES)
+async def test_classify_sdk_errors_from_a_real_client(
+    gemini_stub: tuple[GeminiStub, genai.Client],
+    status: int,
+    body: dict,
+    category: Category,
+    retry_after: float | None,
+) -> None:
+    """Errors raised by the real google-genai aiohttp path classify as the table says."""
+    stub, client = gemini_stub
+    stub.status, stub.body = status, json.dumps(body)
+    verdict = classify(await _sdk_failure(client))
+    assert verdict.category is category
+    if retry_after is not None:
+        assert verdict.retry_after == retry_after
+
+
+async def test_classify_html_502_and_malformed_json_from_a_real_client(
+    gemini_stub: tuple[GeminiStub, genai.Client],
+) -> None:
+    """A proxy's HTML 502 is UNAVAILABLE; a 200 with a broken JSON body is BAD_RESPONSE; both retryable."""
+    stub, client = gemini_stub
+    stub.status, stub.body, stub.content_type = 502, "<html>Bad Gateway</html>", "text/html"
+    bad_gateway = classify(await _sdk_failure(client))
+    assert (bad_gateway.category, bad_gateway.retryable) == (Category.UNAVAILABLE, True)
+    stub.status, stub.body, stub.content_type = 200, "{not json", "application/json"
+    garbled = classify(await _sdk_failure(client))
+    assert (garbled.category, garbled.retryable) == (Category.BAD_RESPONSE, True)
+
+
+async def test_classify_a_hang_cut_by_the_sdk_timeout(gemini_stub: tuple[GeminiStub, genai.Client]) -> None:
+    """The SDK's own 30 ms timeout on a hung server surfaces as TIMEOUT, retryable."""
+    stub, _client = gemini_stub
+    stub.hang = True
+    quick = sdk_client(stub.base_url, timeout_ms=30)
+    try:
+        verdict = classify(await _sdk_failure(quick))
+    finally:
+        await quick.aio.aclose()
+    assert (verdict.category, verdict.retryable) == (Category.TIMEOUT, True)
