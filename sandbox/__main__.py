@@ -21,6 +21,9 @@ from sandbox.gemini import GeminiEmulator
 
 DEFAULT_DISCORD_PORT = 5710
 DEFAULT_GEMINI_PORT = 5711
+# Shaped like a real bot token (three base64url parts) so the bot's config accepts it; not a secret.
+SANDBOX_DISCORD_TOKEN = "U0FOREJPWC1MT09QQkFDSy1CT1Q.c2Fu.ZGJveC10b2tlbi1ub3QtYS1zZWNyZXQ"
+SANDBOX_GEMINI_KEY = "sandbox-key"
 
 
 def bot_settings(discord: DiscordEmulator, gemini: GeminiEmulator) -> dict[str, str]:
@@ -69,8 +72,8 @@ async def run(
         loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
         async with (
-            DiscordEmulator(port=discord_port) as discord,
-            GeminiEmulator(port=gemini_port, seed=seed) as gemini,
+            DiscordEmulator(token=SANDBOX_DISCORD_TOKEN, port=discord_port) as discord,
+            GeminiEmulator(api_key=SANDBOX_GEMINI_KEY, port=gemini_port, seed=seed) as gemini,
         ):
             settings = bot_settings(discord, gemini)
             if env_file:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sandbox.__main__ import bot_settings, run
+from sandbox.__main__ import SANDBOX_DISCORD_TOKEN, bot_settings, run
 from sandbox.console import CommandError, Console, parse_duration, parse_fault, parse_slash, render_message
 from sandbox.discord_emu import DiscordEmulator
 from sandbox.gemini import FAULT_KINDS, GeminiEmulator
@@ -291,7 +291,7 @@ async def test_sandbox_run_prints_the_bot_settings_and_stops_on_request(tmp_path
             break
         await asyncio.sleep(0.005)
     text = out.getvalue()
-    for key in ("DISCORD_TOKEN=sandbox-token", "DISCORD_API_BASE=http://127.0.0.1:",
+    for key in (f"DISCORD_TOKEN={SANDBOX_DISCORD_TOKEN}", "DISCORD_API_BASE=http://127.0.0.1:",
                 "DISCORD_GATEWAY_URL=ws://127.0.0.1:", "GEMINI_API_KEY=sandbox-key",
                 "GEMINI_BASE_URL=http://127.0.0.1:"):
         assert key in text
@@ -320,3 +320,14 @@ async def test_bot_settings_name_every_variable_the_bot_reads(emulators):
     assert settings["DISCORD_API_BASE"] == discord.api_base
     assert settings["DISCORD_GATEWAY_URL"] == discord.gateway_url
     assert set(FAULT_KINDS) >= {"429", "503", "hang"}
+
+
+async def test_printed_settings_are_accepted_by_the_bots_config():
+    """The sandbox token is token-shaped: the bot's config rejects anything else as DISCORD_TOKEN."""
+    from services.config import load_config
+
+    async with DiscordEmulator(token=SANDBOX_DISCORD_TOKEN) as discord, GeminiEmulator() as gemini:
+        config = load_config(bot_settings(discord, gemini), env_file=None)
+        assert config.discord_token == SANDBOX_DISCORD_TOKEN
+        assert config.discord_api_base == discord.api_base and config.gemini_base_url == gemini.base_url
+        assert config.admin_user_ids == {discord.users["admin"]}
