@@ -82,7 +82,7 @@ def discord_error(
     body: dict[str, Any] | str,
     headers: dict[str, str] | None = None,
 ) -> discord.HTTPException:
-    return cls(FakeResponse(status, headers=headers), body)
+    return cls(FakeResponse(status, headers=headers), body)  # type: ignore[arg-type]
 
 
 class FakeSocket:
@@ -549,8 +549,8 @@ ATTRIBUTES = st.dictionaries(
 @st.composite
 def arbitrary_exceptions(draw: st.DrawFn) -> BaseException:
     """An exception of a known type, built without its constructor and filled with random attributes."""
-    cls = draw(EXCEPTION_TYPES)
-    exc: BaseException = cls.__new__(cls)
+    cls: type[BaseException] = draw(EXCEPTION_TYPES)
+    exc = cls.__new__(cls)
     try:
         BaseException.__init__(exc, *draw(st.lists(JUNK, max_size=3)))
     except Exception:
@@ -586,8 +586,8 @@ def test_classify_falls_back_to_internal_when_an_attribute_explodes() -> None:
     """An exception whose attribute access raises still gets a verdict (INTERNAL), not a crash."""
 
     class Exploding(genai_errors.ServerError):
-        @property  # type: ignore[override]
-        def code(self) -> int:
+        @property
+        def code(self) -> int:  # type: ignore[override]
             raise RuntimeError("boom")
 
     exc = Exploding.__new__(Exploding)
