@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import secrets
 import time
 from collections import deque
@@ -131,6 +132,15 @@ class SentMessage:
     def ephemeral(self) -> bool:
         return bool(self.flags & EPHEMERAL)
 
+    @property
+    def pings(self) -> set[str]:
+        """Who Discord would notify: ``"everyone"``, ``"user:<id>"``, ``"role:<id>"``.
+
+        Applies Discord's ``allowed_mentions`` rules to the content: without the field every
+        mention in the text pings and a reply pings its author; with it, only what it allows.
+        """
+        return _pings(self.content, self.allowed_mentions, self.payload.get("referenced_message"))
+
 
 @dataclass
 class InteractionRecord:
@@ -143,6 +153,7 @@ class InteractionRecord:
     user_id: int
     channel_id: int
     payload: dict[str, Any]
+    created: float = field(default_factory=time.monotonic)
     events: list[tuple[str, Any]] = field(default_factory=list)
     callback_type: int | None = None
     callback_data: dict[str, Any] | None = None
@@ -235,6 +246,7 @@ class DiscordEmulator:
         heartbeat_interval: float = 41.25,
         buffer_size: int = 1000,
         echo_bot_messages: bool = True,
+        interaction_deadline: float = 3.0,
     ) -> None:
         self.token = token
         self.host = host
@@ -243,6 +255,7 @@ class DiscordEmulator:
         self.heartbeat_interval = heartbeat_interval
         self.buffer_size = buffer_size
         self.echo_bot_messages = echo_bot_messages
+        self.interaction_deadline = interaction_deadline
         self.world = World()
         self.requests: list[RecordedRequest] = []
         self.commands: dict[int | None, list[dict[str, Any]]] = {}  # guild id (None = global) -> commands
@@ -269,11 +282,8 @@ class DiscordEmulator:
             app.router.add_route(method, "/api/v10" + path, self._wrap(name, handler, auth=auth))
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[union-attr]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = int(self._runner.addresses[0][1])  # the real port when asked for port 0
 
     async def stop(self) -> None:
         """Close every websocket, stop background sends and the server. Safe to call twice."""
@@ -812,8 +822,8 @@ class DiscordEmulator:
         _validate_content(content, embeds, files)
         ref = body.get("message_reference")
         ref_id = int(ref["message_id"]) if ref and ref.get("message_id") else None
-        missing = ref_id is not None and self.world.find_message(cid, ref_id) is None
-        if missing and ref.get("fail_if_not_exists", True):
+        unknown_ref = ref is not None and ref_id is not None and self.world.find_message(cid, ref_id) is None
+        if unknown_ref and (ref or {}).get("fail_if_not_exists", True):
             raise ApiError(400, "Invalid Form Body", 50035, {"message_reference": {"_errors": [
                 {"code": "REPLIES_UNKNOWN_MESSAGE", "message": "Unknown message"}]}})
         payload = self.world.message_payload(
@@ -824,6 +834,13 @@ class DiscordEmulator:
             int(payload["id"]), cid, content, embeds, body.get("allowed_mentions"), ref,
             int(body.get("flags") or 0), payload, attachments=list(files),
         )
+        pings = sent.pings
+        payload["mention_everyone"] = "everyone" in pings
+        payload["mention_roles"] = sorted(p[5:] for p in pings if p.startswith("role:"))
+        for ping in sorted(pings):
+            if ping.startswith("user:"):
+                with contextlib.suppress(KeyError):
+                    payload["mentions"].append(self.world.user(int(ping[5:])).payload())
         self._sent.setdefault(cid, []).append(sent)
         self._sent_by_id[sent.id] = sent
         return sent
@@ -933,6 +950,9 @@ class DiscordEmulator:
             raise ApiError(404, "Unknown interaction", 10062)
         if record.acknowledged:
             raise ApiError(400, "Interaction has already been acknowledged.", 40060)
+        if time.monotonic() - record.created > self.interaction_deadline:
+            # Discord gives a bot 3 s to acknowledge; after that the interaction is gone
+            raise ApiError(404, "Unknown interaction", 10062)
         body = body or {}
         kind = int(body.get("type", 0))
         data = body.get("data") or {}
@@ -1030,6 +1050,26 @@ def _json(status: int, data: Any) -> web.Response:
     # discord.py parses JSON only when Content-Type is exactly "application/json" (no charset)
     headers = {"Content-Type": "application/json"}
     return web.Response(status=status, body=json.dumps(data).encode(), headers=headers)
+
+
+def _pings(content: str, allowed: dict[str, Any] | None, replied_to: dict[str, Any] | None) -> set[str]:
+    """Apply Discord's allowed_mentions rules; see :attr:`SentMessage.pings`."""
+    parse = {"everyone", "users", "roles"} if allowed is None else set(allowed.get("parse") or [])
+    users = {str(u) for u in (allowed or {}).get("users") or []}
+    roles = {str(r) for r in (allowed or {}).get("roles") or []}
+    found: set[str] = set()
+    if "everyone" in parse and ("@everyone" in content or "@here" in content):
+        found.add("everyone")
+    for uid in re.findall(r"<@!?(\d+)>", content):
+        if "users" in parse or uid in users:
+            found.add(f"user:{uid}")
+    for rid in re.findall(r"<@&(\d+)>", content):
+        if "roles" in parse or rid in roles:
+            found.add(f"role:{rid}")
+    # a reply pings its author unless allowed_mentions is given without replied_user=true
+    if replied_to and (allowed is None or allowed.get("replied_user", False)):
+        found.add(f"user:{replied_to['author']['id']}")
+    return found
 
 
 def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None:

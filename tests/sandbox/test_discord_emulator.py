@@ -45,7 +45,7 @@ async def emu() -> AsyncIterator[DiscordEmulator]:
             yield emulator
 
 
-def make_bot(heartbeat_timeout: float = 0.6) -> commands.Bot:
+def make_bot(heartbeat_timeout: float = 5.0) -> commands.Bot:
     intents = discord.Intents.default()
     intents.members = True
     intents.message_content = True
@@ -182,7 +182,8 @@ async def test_gateway_close_4000_resumes_and_replays_the_missed_message_exactly
 async def test_op7_reconnect_and_silent_gateway_both_lead_to_resume(emu: DiscordEmulator) -> None:
     """op 7 RECONNECT and a gateway that stops ACKing heartbeats both end in a RESUME, nothing lost."""
     general = emu.channels["general"]
-    async with running(emu, replying_bot()):
+    # a short heartbeat_timeout so the silent gateway is noticed quickly (ACKs come every 0.1 s)
+    async with running(emu, replying_bot(make_bot(heartbeat_timeout=0.5))):
         await emu.send_reconnect()
         await emu.wait_until(lambda: emu.resume_count == 1)
         emu.faults.add("silent", "gateway", count=1)
@@ -405,10 +406,10 @@ async def test_global_429_and_latency_faults(emu: DiscordEmulator) -> None:
         assert isinstance(channel, discord.TextChannel)
         emu.faults.add("429", "send", count=1, retry_after=0.05, **{"global": True})
         await channel.send("after a global limit")
-        emu.faults.add("latency", "send", count=1, seconds=0.2)
+        emu.faults.add("latency", "send", count=1, seconds=0.05)
         started = time.perf_counter()
         await channel.send("slow")
-        assert time.perf_counter() - started >= 0.2
+        assert time.perf_counter() - started >= 0.05
     assert [r.status for r in emu.requests_for("send")] == [429, 200, 200]
     assert [r.fault for r in emu.requests_for("send")] == ["429", None, "latency"]
 
@@ -464,3 +465,50 @@ async def test_stop_with_a_connected_bot_returns_promptly(emu: DiscordEmulator) 
         await emu.stop()
         assert time.perf_counter() - started < 1.5
         assert not emu.connected
+
+
+async def test_pings_follow_discords_allowed_mentions_rules(emu: DiscordEmulator) -> None:
+    """Without allowed_mentions everything in the text pings (and a reply pings its author); with
+    it only what it allows. The recorded message says who would have been notified."""
+    general = emu.channels["general"]
+    admin = emu.users["admin"]
+    text = f"@everyone look <@{admin}> <@&{emu.guild_id}>"
+    async with running(emu) as run:
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        await channel.send(text)
+        await channel.send(text, allowed_mentions=discord.AllowedMentions(everyone=False, roles=False))
+        data = await emu.send_user_message(general, "normal", "question")
+        message = await channel.fetch_message(int(data["id"]))
+        await message.reply("default reply")
+        await message.reply("quiet reply", allowed_mentions=discord.AllowedMentions.none())
+    sent = emu.sent_messages(general)
+    assert sent[0].pings == {"everyone", f"user:{admin}", f"role:{emu.guild_id}"}
+    assert sent[0].payload["mention_everyone"] and sent[0].payload["mentions"][0]["id"] == str(admin)
+    assert sent[1].pings == {f"user:{admin}"}
+    assert sent[2].pings == {f"user:{emu.users['normal']}"}
+    assert sent[3].pings == set()
+
+
+async def test_interaction_acknowledged_after_the_deadline_is_unknown(emu: DiscordEmulator) -> None:
+    """Like Discord's 3 s rule (here 0 s, so no test waits): a late first response gets 404 10062."""
+    emu.interaction_deadline = 0.0
+    bot = make_bot()
+    errors: list[discord.HTTPException] = []
+    done = asyncio.Event()
+
+    @bot.tree.command(name="slow", description="Too slow")
+    async def slow(interaction: discord.Interaction) -> None:
+        try:
+            await interaction.response.send_message("late")
+        except discord.HTTPException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    async with running(emu, bot):
+        record = await emu.send_interaction("slow")
+        async with asyncio.timeout(5):
+            await done.wait()
+    assert [(e.status, e.code) for e in errors] == [(404, 10062)]
+    assert not record.acknowledged
