@@ -287,7 +287,11 @@ class DataStore:
 
     ``load(name)`` returns a copy of the current state (recovering it on first use);
     ``save(name, data)`` validates, then commits atomically. ``on_event(kind, payload)`` hears
-    ``datastore.recovered`` and ``datastore.alert``.
+    ``datastore.recovered`` and ``datastore.alert``; it is called from whichever thread runs the
+    store (a worker thread under ``DataStoreService``), so a listener that touches asyncio must
+    hop over with ``loop.call_soon_threadsafe``.
+
+    One process owns a data directory: the locks serialise writers within this process only.
     """
 
     def __init__(
@@ -306,6 +310,10 @@ class DataStore:
         self.backup_dir = self.data_dir / "backups"
         self.quarantine_dir = self.data_dir / "quarantine"
         self.specs: dict[str, FileSpec] = {s.name: s for s in (default_specs() if specs is None else specs)}
+        for name in self.specs:
+            # Names become file names and part of the backup pattern: keep them plain.
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise ValueError(f"file name {name!r} must be letters, digits and underscores")
         self.keep_backups = keep_backups
         self._clock: Clock = clock or SystemClock()
         self._on_event = on_event
@@ -315,6 +323,7 @@ class DataStore:
         self._good_bytes: dict[str, bytes] = {}
         self._status = {name: FileStatus(name, str(self.path(name))) for name in self.specs}
         self._source_counts: dict[tuple[str, str], int] = {}
+        self._counts_lock = threading.Lock()  # loads of different files run in different threads
         self._last_stamp_us: dict[str, int] = {}
 
     # paths
@@ -423,7 +432,8 @@ class DataStore:
 
     def source_counts(self) -> dict[tuple[str, str], int]:
         """How many loads each (file, source kind) served: kinds are file, bak, backup, defaults."""
-        return dict(self._source_counts)
+        with self._counts_lock:
+            return dict(self._source_counts)
 
     # loading and recovery
 
@@ -467,7 +477,8 @@ class DataStore:
         status.loaded_at = self._clock.time()
         status.last_error = "; ".join(problems) or None
         kind = source.split(":", 1)[0]
-        self._source_counts[(name, kind)] = self._source_counts.get((name, kind), 0) + 1
+        with self._counts_lock:
+            self._source_counts[(name, kind)] = self._source_counts.get((name, kind), 0) + 1
 
         payload = self._encode(data)
         self._cache[name] = json.loads(payload)
@@ -535,16 +546,14 @@ class DataStore:
         try:
             self._on_event(kind, payload)
         except Exception as exc:  # a listener's bug must not break loading
-            self._log.error("datastore.listener_failed", event=kind, error=repr(exc))
+            self._log.error("datastore.listener_failed", kind=kind, error=repr(exc))
 
     # writing
 
     @staticmethod
     def _encode(data: Any) -> bytes:
-        try:
-            return json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
-        except (TypeError, ValueError) as exc:
-            raise DataStoreValidationError("?", [f"not JSON-serialisable: {exc}"]) from exc
+        """Canonical bytes of already-checked data."""
+        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
 
     def _commit(self, name: str, payload: bytes, *, previous: bytes) -> None:
         """Keep ``previous`` as the .bak and as a timestamped backup, replace the file, rotate."""
@@ -668,7 +677,7 @@ def _atomic_write(path: Path, payload: bytes, *, sync_dir: bool = True) -> None:
 # --- the async service ----------------------------------------------------------------------
 
 
-class Breaker(Protocol):
+class BreakerLike(Protocol):
     """What the service needs from a circuit breaker (resilience/breakers.py provides one)."""
 
     async def call(
@@ -686,7 +695,7 @@ class DataStoreService:
     name = "datastore"
     depends_on: tuple[str, ...] = ()
 
-    def __init__(self, store: DataStore, *, breaker: Breaker | None = None) -> None:
+    def __init__(self, store: DataStore, *, breaker: BreakerLike | None = None) -> None:
         self.store = store
         self._breaker = breaker
         self._locks = {name: asyncio.Lock() for name in store.names()}

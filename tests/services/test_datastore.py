@@ -577,3 +577,22 @@ def test_cli_runs_as_python_m_bot_and_reads_data_dir_from_the_environment(
     assert done.returncode == 0, done.stderr
     assert "admins           served from bak" in done.stdout
     assert make_store().load("admins") == V2
+
+
+def test_a_failing_event_listener_does_not_break_recovery(data_dir: Path) -> None:
+    """A buggy on_event listener is logged, and the recovered state is still served."""
+    seed_history(DataStore(data_dir))
+    _garbage(data_dir / "admins.json")
+
+    def broken(kind: str, payload: dict[str, Any]) -> None:
+        raise RuntimeError("listener bug")
+
+    store = DataStore(data_dir, on_event=broken)
+    assert store.load("admins") == V2
+    assert store.status()["admins"].source == "bak"
+
+
+def test_file_names_that_would_break_paths_or_backup_names_are_refused(data_dir: Path) -> None:
+    spec = default_specs()[0]
+    with pytest.raises(ValueError, match="letters, digits"):
+        DataStore(data_dir, [type(spec)("bad-name", spec.default, spec.validate)])
