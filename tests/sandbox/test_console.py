@@ -13,12 +13,18 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
+import discord
 import pytest
+import yarl
+from google import genai
+from google.genai import errors, types
 
+from sandbox import responder
 from sandbox.__main__ import SANDBOX_DISCORD_TOKEN, bot_settings, run
 from sandbox.console import CommandError, Console, parse_duration, parse_fault, parse_slash, render_message
 from sandbox.discord_emu import DiscordEmulator
 from sandbox.gemini import FAULT_KINDS, GeminiEmulator
+from services.config import load_config
 
 
 async def scripted(lines: Iterable[str]) -> AsyncIterator[str]:
@@ -324,10 +330,56 @@ async def test_bot_settings_name_every_variable_the_bot_reads(emulators):
 
 async def test_printed_settings_are_accepted_by_the_bots_config():
     """The sandbox token is token-shaped: the bot's config rejects anything else as DISCORD_TOKEN."""
-    from services.config import load_config
-
     async with DiscordEmulator(token=SANDBOX_DISCORD_TOKEN) as discord, GeminiEmulator() as gemini:
         config = load_config(bot_settings(discord, gemini), env_file=None)
         assert config.discord_token == SANDBOX_DISCORD_TOKEN
         assert config.discord_api_base == discord.api_base and config.gemini_base_url == gemini.base_url
         assert config.admin_user_ids == {discord.users["admin"]}
+
+
+# end to end: a real discord.py bot and the real google-genai client behind the console
+
+
+async def test_console_shows_a_real_bots_gemini_answers_and_injected_faults():
+    """A person types; a minimal real bot answers through Gemini; a typed fault changes the answer."""
+    async with DiscordEmulator(heartbeat_interval=0.5) as dc, GeminiEmulator() as gm:
+        old = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+        discord.http.Route.BASE = dc.api_base
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(dc.gateway_url)
+        gemini = genai.Client(api_key=gm.api_key, http_options=types.HttpOptions(
+            base_url=gm.base_url, timeout=2_000, retry_options=types.HttpRetryOptions(attempts=1)))
+        intents = discord.Intents.default()
+        intents.message_content = True
+        bot = discord.Client(intents=intents, guild_ready_timeout=0.05)
+
+        @bot.event
+        async def on_message(message: discord.Message) -> None:
+            if message.author.bot or bot.user not in message.mentions:
+                return
+            prompt = message.content.replace(bot.user.mention, "").strip()
+            try:
+                answer = (await gemini.aio.models.generate_content(model="m", contents=prompt)).text
+            except errors.APIError as exc:
+                answer = f"Gemini failed: {exc.code}"
+            await message.reply(answer or "(no answer)", allowed_mentions=discord.AllowedMentions.none())
+
+        console = make_console((dc, gm))
+        general = dc.channels["general"]
+        try:
+            await bot.login(dc.token)
+            connecting = asyncio.create_task(bot.connect())
+            await asyncio.wait_for(bot.wait_until_ready(), 5)
+            await console.handle("hello")
+            await dc.wait_for_bot_message(general, count=1, timeout=5)
+            await console.handle(":fault gemini 503 next 1")
+            await console.handle("are you there?")
+            await dc.wait_for_bot_message(general, count=2, timeout=5)
+            console.show_new()
+        finally:
+            await bot.close()
+            await asyncio.wait_for(connecting, 5)
+            await gemini.aio.aclose()
+            discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old
+    shown = [line for line in output(console).splitlines() if line.startswith("[#general]")]
+    assert shown == [f"[#general] bot (reply): {responder.CANNED['hello']}",
+                     "[#general] bot (reply): Gemini failed: 503"]
