@@ -247,6 +247,7 @@ class DiscordEmulator:
         buffer_size: int = 1000,
         echo_bot_messages: bool = True,
         interaction_deadline: float = 3.0,
+        max_recorded_requests: int = 10_000,
     ) -> None:
         self.token = token
         self.host = host
@@ -257,7 +258,8 @@ class DiscordEmulator:
         self.echo_bot_messages = echo_bot_messages
         self.interaction_deadline = interaction_deadline
         self.world = World()
-        self.requests: list[RecordedRequest] = []
+        # bounded: a long sandbox or chaos session must not grow without limit
+        self.requests: deque[RecordedRequest] = deque(maxlen=max_recorded_requests)
         self.commands: dict[int | None, list[dict[str, Any]]] = {}  # guild id (None = global) -> commands
         self.typing: list[int] = []  # channel ids, one per typing request
         self.identify_count = 0

@@ -127,6 +127,12 @@ async def test_bot_logs_in_sees_guild_channels_thread_and_cached_members(emu: Di
         assert admin is not None and admin.guild_permissions.administrator
         assert normal is not None and not normal.guild_permissions.administrator
         assert emu.identify_count == 1 and emu.connected
+        fetched = await bot.fetch_channel(emu.channels["random"])
+        assert isinstance(fetched, discord.TextChannel) and fetched.name == "random"
+        await admin.send("a DM")  # POST /users/@me/channels, then a send to the new DM channel
+    [dm] = emu.sent_messages(emu.dm_channel("admin"))
+    assert dm.content == "a DM"
+    assert [r.route for r in emu.requests][-3:] == ["channel", "dm", "send"]
 
 
 async def test_reply_is_recorded_with_allowed_mentions_and_reference(emu: DiscordEmulator) -> None:
