@@ -22,6 +22,7 @@ from bot.cli import main as cli_main
 from resilience.breakers import Breaker
 from resilience.clock import FakeClock
 from resilience.errors import CircuitOpenError
+from resilience.registry import ServiceRegistry
 from services.datastore import (
     DEFAULT_FILES,
     DataStore,
@@ -596,3 +597,14 @@ def test_file_names_that_would_break_paths_or_backup_names_are_refused(data_dir:
     spec = default_specs()[0]
     with pytest.raises(ValueError, match="letters, digits"):
         DataStore(data_dir, [type(spec)("bad-name", spec.default, spec.validate)])
+
+
+async def test_service_runs_under_the_real_registry(make_store: Callable[..., DataStore]) -> None:
+    """The registry starts it, reports it healthy with per-file detail, and stops it."""
+    registry = ServiceRegistry([DataStoreService(make_store())])
+    await registry.start_all()
+    health = registry.health()
+    assert health["ok"] is True
+    assert set(health["services"]["datastore"]["files"]) == set(DEFAULT_FILES)
+    await registry.stop_all()
+    assert registry.health()["ok"] is False
