@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 from dotenv import dotenv_values
 
-from services.datastore import DataStore, UnknownFileError
+from services.datastore import DEFAULT_FILES, DataStore, UnknownFileError
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -37,11 +37,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="validate: check files (exit 1 if any invalid); recover: reload from the best valid "
         "source and write it back (exit 2 if only defaults were left); backups: list backups",
     )
-    parser.add_argument("name", nargs="?", default=None, help="one file (default: all)")
+    parser.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        metavar="NAME",
+        help=f"one of {', '.join(DEFAULT_FILES)} (default: all)",
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
         default=None,
+        metavar="DIR",
         help="data directory (default: $DATA_DIR, then DATA_DIR in the env file, then ./data)",
     )
     parser.set_defaults(func=run)
