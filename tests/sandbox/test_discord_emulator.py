@@ -249,6 +249,10 @@ async def test_slash_command_deferred_then_ephemeral_followup_is_recorded(emu: D
         synced = await bot.tree.sync()
         assert [c.name for c in synced] == ["ask"]
         assert emu.commands[None][0]["options"][0]["name"] == "question"
+        guild = discord.Object(emu.guild_id)
+        bot.tree.copy_global_to(guild=guild)
+        assert [c.guild_id for c in await bot.tree.sync(guild=guild)] == [emu.guild_id]
+        assert emu.commands[emu.guild_id][0]["name"] == "ask"
         record = await emu.send_interaction("ask", {"question": "why"}, user="admin")
         await emu.wait_until(lambda: len(record.followups) == 1)
     assert seen == {"admin": True, "user": emu.users["admin"]}
