@@ -1,0 +1,315 @@
+"""Prometheus metrics for one application instance.
+
+``Metrics`` owns its own ``CollectorRegistry`` (never the global default), so two instances
+(two tests, two bots in one process) never share a value. Metric objects are plain
+attributes; callers use them directly (``metrics.errors.labels(category).inc()``), plus a
+few helpers where they save real work: ``observe_message``, ``observe_gemini``,
+``set_queue_stats``, the listener hooks for breakers, the DataStore and the degradation
+mode, and ``watch_retry_policy`` / ``watch_mutex``, which read the plain-int counters those
+runtime objects keep when ``render()`` runs, so their hot paths pay nothing.
+
+Every label value comes from a small fixed set (outcomes, categories, breaker names, route
+templates): never a user id, message id or conversation key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from resilience.degradation import DegradationSnapshot, ItemKind, ItemState, Mode, QueueStats
+from resilience.errors import Category
+
+MESSAGE_OUTCOMES = (
+    "answered",
+    "queued",
+    "answered_late",
+    "refused",
+    "rate_limited",
+    "maintenance",
+    "error",
+    "ignored_duplicate",
+)
+"""Outcomes pre-created at zero so dashboards see every series from the start."""
+
+RETRY_OUTCOMES = ("retried", "denied_by_budget", "hint_too_long")
+
+DATASTORE_SOURCES = ("file", "bak", "backup", "defaults")
+
+# 10 ms .. 60 s: a refusal takes milliseconds, an answer seconds, the processing timeout is 30 s.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# 1 ms .. 10 s: the default acquire timeout is 5 s.
+MUTEX_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class RetrySource(Protocol):
+    """What ``watch_retry_policy`` reads: ``resilience.retries.RetryPolicy`` fits."""
+
+    name: str
+    retries: int
+    budget_denied: int
+    hints_too_long: int
+
+    @property
+    def budget(self) -> Any: ...
+
+
+class MutexSource(Protocol):
+    """What ``watch_mutex`` reads: ``resilience.mutex.KeyedMutex`` fits."""
+
+    waits: int
+    timeouts: int
+
+
+def breaker_state_name(state: object) -> str:
+    """Normalise a breaker state (str, StrEnum or pybreaker state object) to closed/half_open/open."""
+    if not isinstance(state, str):
+        state = getattr(state, "name", state)
+    name = str(state).lower().replace("-", "_")
+    if name not in _BREAKER_VALUES:
+        raise ValueError(f"unknown breaker state {state!r}; expected one of {sorted(_BREAKER_VALUES)}")
+    return name
+
+
+class Metrics:
+    """All of the bot's metrics on one private registry; ``render()`` is the exposition.
+
+    Counters are named without ``_total`` (prometheus_client appends it). ``namespace``
+    prefixes every family except the standard ``process_*`` / ``python_*`` ones.
+    Also a registry service (``name``, ``depends_on``, ``start``/``stop``/``health``).
+    """
+
+    name = "metrics"
+    depends_on: tuple[str, ...] = ()
+
+    def __init__(self, namespace: str = "bot", *, process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry()
+        r, ns = self.registry, namespace
+
+        # messages
+        self.messages = Counter("messages", "Messages handled, by outcome.", ["outcome"],
+                                namespace=ns, registry=r)
+        self.message_latency = Histogram(
+            "message_latency_seconds", "Time from receipt to the bot's reply or acknowledgement.",
+            ["outcome"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        # gemini
+        self.gemini_requests = Counter(
+            "gemini_requests", "Gemini calls by outcome and HTTP status code ('none' without one).",
+            ["outcome", "code"], namespace=ns, registry=r,
+        )
+        self.gemini_latency = Histogram(
+            "gemini_latency_seconds", "Gemini call duration (one attempt).",
+            ["outcome"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.gemini_tokens = Counter("gemini_tokens", "Gemini tokens used, by kind (prompt, completion).",
+                                     ["kind"], namespace=ns, registry=r)
+        # breakers
+        self.breaker_state = Gauge("breaker_state", "Breaker state: 0 closed, 1 half-open, 2 open.",
+                                   ["breaker"], namespace=ns, registry=r)
+        self.breaker_transitions = Counter("breaker_transitions", "Breaker state transitions.",
+                                           ["breaker", "from", "to"], namespace=ns, registry=r)
+        # retries
+        self.retries = Counter(
+            "retries", "Retry decisions by dependency: retried, denied_by_budget, hint_too_long.",
+            ["dependency", "outcome"], namespace=ns, registry=r,
+        )
+        self.retry_budget_tokens = Gauge("retry_budget_tokens", "Retry budget tokens available.",
+                                         ["dependency"], namespace=ns, registry=r)
+        # degradation queue
+        self.queue_depth = Gauge("queue_depth", "Durable queue items by kind and state.",
+                                 ["kind", "state"], namespace=ns, registry=r)
+        self.queue_oldest_pending_age = Gauge(
+            "queue_oldest_pending_age_seconds", "Age of the oldest pending queue item (0 when none).",
+            namespace=ns, registry=r,
+        )
+        self.queue_dead_letters = Counter("queue_dead_letters", "Queue items dead-lettered.",
+                                          ["kind"], namespace=ns, registry=r)
+        self.queue_expired = Counter("queue_expired", "Queue items expired unanswered.",
+                                     ["kind"], namespace=ns, registry=r)
+        # conversation mutex
+        self.mutex_waits = Counter("mutex_waits", "Conversation lock acquires that had to wait.",
+                                   namespace=ns, registry=r)
+        self.mutex_timeouts = Counter("mutex_timeouts", "Conversation lock acquires that timed out.",
+                                      namespace=ns, registry=r)
+        self.mutex_wait = Histogram("mutex_wait_seconds", "Time spent acquiring a conversation lock.",
+                                    namespace=ns, registry=r, buckets=MUTEX_WAIT_BUCKETS)
+        # datastore
+        self.datastore_recoveries = Counter(
+            "datastore_recoveries",
+            "DataStore loads that recovered or reported problems, by the source that served.",
+            ["source"], namespace=ns, registry=r,
+        )
+        self.datastore_alerts = Counter(
+            "datastore_alerts", "DataStore files reset to defaults (corrupt).", namespace=ns, registry=r
+        )
+        # errors, mode, http api
+        self.errors = Counter("errors", "Failures by category.", ["category"], namespace=ns, registry=r)
+        self.maintenance_mode = Gauge("maintenance_mode", "1 while in maintenance mode.",
+                                      namespace=ns, registry=r)
+        self.http_requests = Counter("http_requests", "HTTP API requests by route template and status.",
+                                     ["route", "status"], namespace=ns, registry=r)
+
+        # Series that exist from the start, so a dashboard shows 0 rather than nothing.
+        for outcome in MESSAGE_OUTCOMES:
+            self.messages.labels(outcome)
+        for kind in ("prompt", "completion"):
+            self.gemini_tokens.labels(kind)
+        for source in DATASTORE_SOURCES:
+            self.datastore_recoveries.labels(source)
+        for category in Category:
+            self.errors.labels(category)
+        for item_kind in ItemKind:
+            self.queue_dead_letters.labels(item_kind)
+            self.queue_expired.labels(item_kind)
+        self._queue_keys: set[tuple[str, str]] = {(k.value, s.value) for k in ItemKind for s in ItemState}
+        for kind_name, state_name in self._queue_keys:
+            self.queue_depth.labels(kind_name, state_name)
+
+        self._message_children: dict[str, tuple[Counter, Histogram]] = {}
+        self._retry_sources: dict[str, tuple[RetrySource, dict[str, int]]] = {}
+        self._mutex_sources: list[tuple[MutexSource, dict[str, int]]] = []
+
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+    # service protocol: nothing to open or close
+    async def start(self) -> None:
+        """Nothing to start; present so the registry can order services after metrics."""
+
+    async def stop(self) -> None:
+        """Nothing to stop."""
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True}
+
+    # exposition
+    def render(self) -> tuple[bytes, str]:
+        """Refresh the watched counters and return ``(exposition, content_type)``."""
+        self.refresh()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def refresh(self) -> None:
+        """Pull the counters of watched retry policies and mutexes into the metrics."""
+        for dependency, (policy, seen) in self._retry_sources.items():
+            for outcome, value in (
+                ("retried", policy.retries),
+                ("denied_by_budget", policy.budget_denied),
+                ("hint_too_long", policy.hints_too_long),
+            ):
+                self._add_delta(self.retries.labels(dependency, outcome), seen, outcome, value)
+            if policy.budget is not None:
+                self.retry_budget_tokens.labels(dependency).set(policy.budget.tokens)
+        for mutex, seen in self._mutex_sources:
+            self._add_delta(self.mutex_waits, seen, "waits", mutex.waits)
+            self._add_delta(self.mutex_timeouts, seen, "timeouts", mutex.timeouts)
+
+    @staticmethod
+    def _add_delta(counter: Counter, seen: dict[str, int], key: str, value: int) -> None:
+        """Add what ``value`` grew by since the last refresh (a reset source restarts from 0)."""
+        last = seen.get(key, 0)
+        delta = value - last if value >= last else value
+        if delta > 0:
+            counter.inc(delta)
+        seen[key] = value
+
+    # messages and gemini
+    def observe_message(self, outcome: str, seconds: float) -> None:
+        """Count one handled message and its latency under ``outcome`` (one of a fixed set)."""
+        children = self._message_children.get(outcome)
+        if children is None:
+            # labels() takes a lock and rebuilds the label tuple: resolve each outcome once.
+            children = self._message_children[outcome] = (
+                self.messages.labels(outcome), self.message_latency.labels(outcome)
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_gemini(
+        self, outcome: str, seconds: float, code: int | None = None,
+        prompt_tokens: int = 0, completion_tokens: int = 0,
+    ) -> None:
+        """Count one Gemini attempt with its HTTP ``code`` (None: no HTTP answer), latency and tokens."""
+        self.gemini_requests.labels(outcome, "none" if code is None else str(code)).inc()
+        self.gemini_latency.labels(outcome).observe(seconds)
+        if prompt_tokens:
+            self.gemini_tokens.labels("prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.gemini_tokens.labels("completion").inc(completion_tokens)
+
+    # breakers
+    def set_breaker_state(self, name: str, state: object) -> None:
+        """Set breaker ``name``'s gauge (for breakers that have not transitioned yet)."""
+        self.breaker_state.labels(name).set(_BREAKER_VALUES[breaker_state_name(state)])
+
+    def breaker_listener(self, name: str, old_state: object, new_state: object) -> None:
+        """``BreakerBoard.add_listener`` hook: set the state gauge, count the transition.
+
+        States may be strings, StrEnums or pybreaker state objects; "half-open" and
+        "half_open" are the same state.
+        """
+        old, new = breaker_state_name(old_state), breaker_state_name(new_state)
+        self.breaker_state.labels(name).set(_BREAKER_VALUES[new])
+        self.breaker_transitions.labels(name, old, new).inc()
+
+    # retries and mutexes (pulled at render time)
+    def watch_retry_policy(self, policy: RetrySource, dependency: str | None = None) -> None:
+        """Report ``policy``'s retry counters and budget under ``dependency`` (default: its name)."""
+        dependency = dependency or policy.name
+        self._retry_sources[dependency] = (policy, {})
+        for outcome in RETRY_OUTCOMES:
+            self.retries.labels(dependency, outcome)
+
+    def watch_mutex(self, mutex: MutexSource) -> None:
+        """Report ``mutex``'s waits and timeouts (add wait times with ``mutex_wait.observe``)."""
+        self._mutex_sources.append((mutex, {}))
+
+    # queue
+    def set_queue_stats(self, stats: QueueStats) -> None:
+        """Set queue depth and oldest-pending age; (kind, state) pairs missing from ``stats`` go to 0."""
+        depth = {(str(k), str(s)): n for (k, s), n in stats.depth.items()}
+        self._queue_keys.update(depth)
+        for kind_name, state_name in self._queue_keys:
+            self.queue_depth.labels(kind_name, state_name).set(depth.get((kind_name, state_name), 0))
+        age = stats.oldest_pending_age
+        self.queue_oldest_pending_age.set(age if age is not None else 0.0)
+
+    # datastore
+    def datastore_event(self, kind: str, data: dict[str, Any]) -> None:
+        """``DataStore(on_event=...)`` hook: count recoveries by source and alerts; ignores other kinds.
+
+        ``backup:<filename>`` counts as ``backup``; an alert (defaults served after corruption)
+        counts as an alert and as a recovery from its source.
+        """
+        if kind not in ("datastore.recovered", "datastore.alert"):
+            return
+        source = str(data.get("source", "")).split(":", 1)[0]
+        if source not in DATASTORE_SOURCES:
+            source = "other"  # keep the label set bounded whatever a future DataStore reports
+        self.datastore_recoveries.labels(source).inc()
+        if kind == "datastore.alert":
+            self.datastore_alerts.inc()
+
+    # degradation mode
+    def mode_listener(self, old: DegradationSnapshot, new: DegradationSnapshot) -> None:
+        """``DegradationState.add_listener`` hook: keep the maintenance gauge in step."""
+        self.set_maintenance(new.mode is Mode.MAINTENANCE)
+
+    def set_maintenance(self, on: bool) -> None:
+        """Set the maintenance gauge to 1 (on) or 0."""
+        self.maintenance_mode.set(1 if on else 0)
