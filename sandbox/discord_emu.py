@@ -31,14 +31,15 @@ channel     ``GET /channels/{id}``
 commands    application command sync (global and guild)
 interaction ``POST /interactions/{id}/{token}/callback`` and every ``/webhooks/{app}/{token}`` call
 followup    ``/webhooks/{app}/{token}...`` only (follow-ups, ``@original`` get/edit/delete)
-gateway     gateway faults (``close``, ``reconnect``, ``invalid_session``, ``silent``)
+gateway     gateway faults (``close``, ``disconnect``, ``reconnect``, ``invalid_session``, ``silent``)
 ==========  ==================================================================
 
 REST fault kinds: ``"500"``/``"502"``/``"503"``/``"504"`` (or ``"error"`` with ``status=``),
 ``"429"`` (params ``retry_after=0.05``, ``global=False`` (or ``global_``), ``via=True``), ``"latency"``
 (``seconds=1.0``, then served normally) and ``"drop"`` (the TCP connection is closed unanswered).
 Gateway fault kinds, checked when a session goes live and before each dispatch: ``"close"``
-(``code=4000``), ``"reconnect"`` (op 7), ``"invalid_session"`` (op 9, ``resumable=False``) and
+(``code=4000``), ``"disconnect"`` (TCP cut without a close frame), ``"reconnect"`` (op 7),
+``"invalid_session"`` (op 9, ``resumable=False``) and
 ``"silent"`` (no more heartbeat ACKs or dispatches on that connection, so the client times out
 and RESUMEs). Events are buffered per session, so a RESUME replays what the client missed.
 """
@@ -68,7 +69,7 @@ from sandbox.discord_state import (
 from sandbox.faults import Fault, FaultPlan
 
 REST_FAULT_KINDS = frozenset({"500", "502", "503", "504", "error", "429", "latency", "drop"})
-GATEWAY_FAULT_KINDS = frozenset({"close", "reconnect", "invalid_session", "silent"})
+GATEWAY_FAULT_KINDS = frozenset({"close", "disconnect", "reconnect", "invalid_session", "silent"})
 EPHEMERAL = 1 << 6
 
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
@@ -197,8 +198,9 @@ class _Session:
 class _Connection:
     """One gateway websocket; sends are serialized so sequence numbers go out in order."""
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
         self.ws = ws
+        self.transport = transport
         self.session: _Session | None = None
         self.silent = False
         self.lock = asyncio.Lock()
@@ -217,6 +219,12 @@ class _Connection:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.close(code=code, message=b"emulator close")
 
+    def cut(self) -> None:
+        """Drop the TCP connection without a close frame, like a network failure."""
+        self.silent = True
+        if self.transport is not None:
+            self.transport.close()
+
 
 class DiscordEmulator:
     """A loopback Discord API and gateway with fault injection and full recording.
@@ -228,8 +236,9 @@ class DiscordEmulator:
     - world: ``guild_id``, ``channels[name]``, ``thread_id``, ``users[key]`` (ids),
       ``bot_user_id``, ``dm_channel(user)``, ``world`` (the :class:`World`).
     - users act: ``send_user_message(...)``, ``send_interaction(...)``.
-    - gateway control: ``close_gateway(code)``, ``send_reconnect()``, ``invalidate_session()``,
-      ``set_silent(bool)``, ``connected``, ``identify_count``, ``resume_count``.
+    - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
+      ``invalidate_session()``, ``set_silent(bool)``, ``connected``, ``identify_count``,
+      ``resume_count``.
     - recording: ``requests``, ``sent_messages(channel_id)``, ``history(channel_id)``,
       ``interaction_log(id)``, ``commands``, ``typing``, ``reactions(message_id)``.
     - waiting: ``wait_for_bot_message(channel_id, count, timeout)``, ``wait_until(pred, timeout)``,
@@ -507,6 +516,11 @@ class DiscordEmulator:
             conn.silent = True  # nothing more goes out on it: later events wait for the RESUME
             await conn.close(code)
 
+    def cut_gateway(self) -> None:
+        """Cut every gateway TCP connection without a close frame (discord.py RESUMEs)."""
+        for conn in list(self._connections):
+            conn.cut()
+
     async def send_reconnect(self) -> None:
         """Send op 7 RECONNECT on every live connection (discord.py RESUMEs)."""
         for conn in list(self._connections):
@@ -528,7 +542,7 @@ class DiscordEmulator:
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0, timeout=2.0, autoping=True)
         await ws.prepare(request)
-        conn = _Connection(ws)
+        conn = _Connection(ws, request.transport)
         self._connections.add(conn)
         try:
             hello = {"heartbeat_interval": int(self.heartbeat_interval * 1000)}
@@ -649,6 +663,8 @@ class DiscordEmulator:
         conn.silent = True
         if fault.kind == "close":
             self._spawn(conn.close(int(fault.params.get("code", 4000))))
+        elif fault.kind == "disconnect":
+            conn.cut()
         elif fault.kind == "reconnect":
             await conn.send({"op": OP_RECONNECT, "d": None})
         elif fault.kind == "invalid_session":

@@ -185,6 +185,17 @@ async def test_gateway_close_4000_resumes_and_replays_the_missed_message_exactly
         assert (emu.identify_count, emu.resume_count) == (1, 1)
 
 
+async def test_cut_gateway_connection_resumes_and_replays(emu: DiscordEmulator) -> None:
+    """A gateway TCP cut with no close frame (fault "disconnect") ends in a RESUME; nothing is lost."""
+    general = emu.channels["general"]
+    async with running(emu, replying_bot()):
+        emu.faults.add("disconnect", "gateway", count=1)
+        await emu.send_user_message(general, content="cut")
+        [reply] = await emu.wait_for_bot_message(general, 1)
+        assert reply.content == "echo: cut"
+        assert (emu.identify_count, emu.resume_count) == (1, 1)
+
+
 async def test_op7_reconnect_and_silent_gateway_both_lead_to_resume(emu: DiscordEmulator) -> None:
     """op 7 RECONNECT and a gateway that stops ACKing heartbeats both end in a RESUME, nothing lost."""
     general = emu.channels["general"]
