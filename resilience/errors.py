@@ -9,16 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import time as _walltime
 from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta
 from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
-
-import aiohttp
-import discord
-from google.genai import errors as genai_errors
 
 
 class Category(StrEnum):
@@ -228,16 +225,48 @@ def _classify(exc: BaseException, now: float, depth: int) -> Classification:
         return _verdict(Category.CIRCUIT_OPEN, True, _non_negative(getattr(exc, "remaining", None)))
     if isinstance(exc, MutexTimeoutError):
         return _verdict(Category.BUSY, True)
-    if isinstance(exc, genai_errors.APIError):
+    genai_errors = _library("google.genai.errors")
+    if genai_errors is not None and isinstance(exc, genai_errors.APIError):
         return _classify_genai(exc, now)
-    if isinstance(exc, genai_errors.UnknownApiResponseError | json.JSONDecodeError):
+    if genai_errors is not None and isinstance(exc, genai_errors.UnknownApiResponseError):
         return _verdict(Category.BAD_RESPONSE, True)
+    if isinstance(exc, json.JSONDecodeError):
+        return _verdict(Category.BAD_RESPONSE, True)
+    discord = _library("discord.errors")
+    if discord is not None and isinstance(exc, discord.DiscordException):
+        verdict = _classify_discord(exc, discord)
+        if verdict is not None:
+            return verdict
+    # aiohttp.ServerTimeoutError is both a connection error and a TimeoutError: call it a timeout.
+    if isinstance(exc, TimeoutError):
+        return _verdict(Category.TIMEOUT, True)
+    aiohttp_errors = _library("aiohttp.client_exceptions")
+    if isinstance(exc, ConnectionError) or (
+        aiohttp_errors is not None
+        and isinstance(exc, aiohttp_errors.ClientConnectionError | aiohttp_errors.ClientPayloadError)
+    ):
+        return _verdict(Category.CONNECTION, True)
+    return _verdict(Category.INTERNAL, False)
+
+
+def _library(name: str) -> Any:
+    """The module ``name`` if something already imported it, else None.
+
+    An exception can only be an instance of a library's class once that library is loaded,
+    so classify never imports google-genai, discord.py or aiohttp itself: the runtime stays
+    independent of its users' SDKs and cheap to import (those imports cost about 2 s).
+    """
+    return sys.modules.get(name)
+
+
+def _classify_discord(exc: BaseException, discord: Any) -> Classification | None:
+    """discord.py's exceptions (``discord`` is its ``discord.errors`` module); None if not known."""
     if isinstance(exc, discord.RateLimited):
         return _verdict(
             Category.RATE_LIMITED, True, _non_negative(getattr(exc, "retry_after", None)), code=429
         )
     if isinstance(exc, discord.HTTPException):
-        return _classify_discord_http(exc)
+        return _classify_discord_http(exc, discord)
     if isinstance(exc, discord.LoginFailure):
         return _verdict(Category.AUTH, False)
     if isinstance(exc, discord.ConnectionClosed):
@@ -246,12 +275,7 @@ def _classify(exc: BaseException, now: float, depth: int) -> Classification:
         return _verdict(Category.CONNECTION, True, code=_as_int(getattr(exc, "code", None)))
     if isinstance(exc, discord.GatewayNotFound):
         return _verdict(Category.CONNECTION, True)
-    # aiohttp.ServerTimeoutError is both a connection error and a TimeoutError: call it a timeout.
-    if isinstance(exc, TimeoutError):
-        return _verdict(Category.TIMEOUT, True)
-    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | ConnectionError):
-        return _verdict(Category.CONNECTION, True)
-    return _verdict(Category.INTERNAL, False)
+    return None
 
 
 def _service_of(exc: BaseException, depth: int) -> str | None:
@@ -259,9 +283,13 @@ def _service_of(exc: BaseException, depth: int) -> str | None:
     original = getattr(exc, "original", None)
     if isinstance(exc, RetryHintTooLongError) and depth < _MAX_DEPTH and isinstance(original, BaseException):
         return _service_of(original, depth + 1)
-    if isinstance(exc, genai_errors.APIError | genai_errors.UnknownApiResponseError):
+    genai_errors = _library("google.genai.errors")
+    if genai_errors is not None and isinstance(
+        exc, genai_errors.APIError | genai_errors.UnknownApiResponseError
+    ):
         return "Gemini"
-    if isinstance(exc, discord.DiscordException):
+    discord = _library("discord.errors")
+    if discord is not None and isinstance(exc, discord.DiscordException):
         return "Discord"
     if isinstance(exc, CircuitOpenError | CallTimeoutError):
         label = _as_str(getattr(exc, "name", None) or getattr(exc, "operation", None)).lower()
@@ -291,7 +319,7 @@ def _classify_hint_too_long(exc: RetryHintTooLongError, now: float, depth: int) 
     )
 
 
-def _classify_genai(exc: genai_errors.APIError, now: float) -> Classification:
+def _classify_genai(exc: BaseException, now: float) -> Classification:
     """google-genai ``APIError``: the HTTP code plus the JSON error body in ``.details``."""
     code = _as_int(getattr(exc, "code", None))
     status = _as_str(getattr(exc, "status", None)).upper()
@@ -325,7 +353,7 @@ def _classify_genai(exc: genai_errors.APIError, now: float) -> Classification:
     return _verdict(Category.INTERNAL, False, code=code)
 
 
-def _classify_discord_http(exc: discord.HTTPException) -> Classification:
+def _classify_discord_http(exc: BaseException, discord: Any) -> Classification:
     """discord.py ``HTTPException``: Discord's JSON error ``code`` first, then the HTTP status."""
     status = _as_int(getattr(exc, "status", None))
     discord_code = _as_int(getattr(exc, "code", None))
@@ -350,7 +378,7 @@ def _classify_discord_http(exc: discord.HTTPException) -> Classification:
     return _verdict(Category.INTERNAL, False, code=status)
 
 
-def _discord_retry_after(exc: discord.HTTPException) -> float | None:
+def _discord_retry_after(exc: BaseException) -> float | None:
     """The 429's wait: HTTPException keeps only the body's text, so also look at the headers."""
     text = getattr(exc, "text", None)
     if isinstance(text, str) and text.lstrip().startswith("{"):

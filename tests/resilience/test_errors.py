@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -759,3 +762,16 @@ async def test_classify_a_hang_cut_by_the_sdk_timeout(gemini_stub: tuple[GeminiS
     finally:
         await quick.aio.aclose()
     assert (verdict.category, verdict.retryable) == (Category.TIMEOUT, True)
+
+
+def test_importing_the_runtime_does_not_import_the_sdks() -> None:
+    """resilience.errors stays independent of google-genai, discord.py and aiohttp (about 2 s of imports)."""
+    code = (
+        "import sys, resilience.errors, resilience.retries, resilience.timeouts; "
+        "print(sorted(m for m in ('google.genai', 'discord', 'aiohttp') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=root
+    )
+    assert out.stdout.strip() == "[]"
