@@ -1,0 +1,709 @@
+"""The SQLite store: conversation history, the durable degradation queue, processed ids, events.
+
+One database file in WAL mode, opened through aiosqlite. Durability choice: ``synchronous=FULL``
+(the default here) fsyncs the WAL on every commit, so a committed queue change survives a
+``kill -9`` *and* a power loss. WAL + ``NORMAL`` would also survive a process crash (the WAL
+is in the OS page cache once ``COMMIT`` returns) and is faster; only power loss could lose the
+last commits. ``bench/bench_storage.py`` measures both; pass ``synchronous="NORMAL"`` to trade.
+
+Every public operation is one transaction under ``asyncio.timeout(statement_timeout)``
+(raising ``CallTimeoutError``) and, when a breaker is given, runs through ``breaker.call``.
+Writes start with ``BEGIN IMMEDIATE`` so two processes never claim the same queue item.
+A timeout on ``COMMIT`` itself is an ambiguous outcome (the commit may have landed); callers
+retry, and ``dedup_key`` / ``mark_processed`` make the retries idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import aiosqlite
+
+from resilience.clock import Clock, SystemClock
+from resilience.degradation import ItemKind, ItemState, QueueItem, QueueStats
+from resilience.errors import CallTimeoutError
+
+T = TypeVar("T")
+
+ROLES = ("user", "model")
+TERMINAL_STATES = (ItemState.DONE, ItemState.DEAD, ItemState.EXPIRED)
+TRUNCATION_MARK = " […truncated]"
+BUSY_SLICE_MS = 20  # one uninterruptible SQLite busy wait; see SqliteStore._begin
+
+# Forward-only migrations: entry N (1-based) moves the schema from version N-1 to N.
+# Never edit a shipped entry; append a new one.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE turns (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_key TEXT NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('user', 'model')),
+            text TEXT NOT NULL,
+            message_id TEXT,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX turns_by_key ON turns (conversation_key, id)",
+        """CREATE TABLE queue (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            conversation_key TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            lease_until REAL,
+            last_error TEXT,
+            dedup_key TEXT UNIQUE
+        )""",
+        "CREATE INDEX queue_by_state ON queue (state, conversation_key, id)",
+        """CREATE TABLE processed (
+            message_id TEXT PRIMARY KEY,
+            processed_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX processed_by_time ON processed (processed_at)",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX events_by_kind ON events (kind, id)",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_QUEUE_COLUMNS = (
+    "id, kind, conversation_key, payload, state, attempts, created_at, next_attempt_at, "
+    "lease_until, last_error, dedup_key"
+)
+
+
+class StorageError(Exception):
+    """Root of the store's own errors."""
+
+
+class SchemaTooNewError(StorageError):
+    """The database was written by a newer version of the bot; refuse to touch it."""
+
+    def __init__(self, path: Path, found: int, supported: int) -> None:
+        super().__init__(
+            f"{path} has schema version {found}, this build supports up to {supported}; "
+            "upgrade the bot or restore an older database"
+        )
+        self.path = path
+        self.found = found
+        self.supported = supported
+
+
+class QueueItemNotFoundError(StorageError, LookupError):
+    """No queue item with this id (purged, or never existed)."""
+
+    def __init__(self, item_id: int) -> None:
+        super().__init__(f"queue item {item_id} not found")
+        self.item_id = item_id
+
+
+class StorageBusyError(StorageError):
+    """Another connection held the write lock for longer than ``busy_timeout_ms``."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        super().__init__(f"{path} stayed locked by another writer for {busy_timeout_ms} ms")
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+
+
+class StoreNotStartedError(StorageError):
+    """An operation was called before ``start()`` or after ``stop()``."""
+
+
+class Breaker(Protocol):
+    """The part of a circuit breaker the store uses (resilience/breakers.py provides one)."""
+
+    async def call(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None  # noqa: ASYNC109
+    ) -> T: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One stored message of a conversation."""
+
+    role: str
+    text: str
+    created_at: float
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One recorded error or trace event for status views."""
+
+    id: int
+    kind: str
+    data: dict[str, Any]
+    created_at: float
+
+
+def truncate(text: str, limit: int) -> str:
+    """Cut ``text`` to at most ``limit`` characters, marking the cut."""
+    if len(text) <= limit:
+        return text
+    if limit <= len(TRUNCATION_MARK):
+        return text[:limit]
+    return text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
+
+
+def _item(row: Sequence[Any]) -> QueueItem:
+    return QueueItem(
+        id=row[0],
+        kind=ItemKind(row[1]),
+        conversation_key=row[2],
+        payload=json.loads(row[3]),
+        state=ItemState(row[4]),
+        attempts=row[5],
+        created_at=row[6],
+        next_attempt_at=row[7],
+        lease_until=row[8],
+        last_error=row[9],
+        dedup_key=row[10],
+    )
+
+
+Body = Callable[[aiosqlite.Connection], Awaitable[T]]
+
+
+class SqliteStore:
+    """History, durable queue, processed ids and events in one SQLite file.
+
+    A registry service (``name``, ``depends_on``, ``start``, ``stop``, ``health``) and an
+    implementation of ``resilience.degradation.DurableQueue``. Times are wall-clock seconds
+    passed in by the caller (``now``); where ``now`` is optional it defaults to ``clock.time()``.
+    """
+
+    name = "storage"
+    depends_on: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        statement_timeout: float = 5.0,
+        busy_timeout_ms: int = 5000,
+        history_max_messages: int = 20,
+        history_max_chars: int = 12000,
+        events_max: int = 500,
+        synchronous: str = "FULL",
+        clock: Clock | None = None,
+        breaker: Breaker | None = None,
+    ) -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        self.path = Path(path)
+        self.statement_timeout = statement_timeout
+        self.busy_timeout_ms = busy_timeout_ms
+        self.history_max_messages = history_max_messages
+        self.history_max_chars = history_max_chars
+        self.events_max = events_max
+        self.synchronous = synchronous.upper()
+        self._clock: Clock = clock or SystemClock()
+        self._breaker = breaker
+        self._db: aiosqlite.Connection | None = None
+        # One connection runs one transaction at a time; the lock keeps coroutines from interleaving.
+        self._lock = asyncio.Lock()
+        self._last_error: str | None = None
+        self._consecutive_failures = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database, set WAL and the pragmas, and run pending migrations."""
+        if self._db is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        slice_ms = min(BUSY_SLICE_MS, self.busy_timeout_ms)
+        db = await aiosqlite.connect(self.path, isolation_level=None, timeout=slice_ms / 1000)
+        try:
+            async with db.execute("PRAGMA journal_mode = WAL") as cur:
+                row = await cur.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                raise StorageError(f"could not switch {self.path} to WAL (got {row!r})")
+            await db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            self._db = db
+            await self._migrate(db)
+        except BaseException:
+            self._db = None
+            await db.close()
+            raise
+
+    async def stop(self) -> None:
+        """Close the connection; safe to call twice."""
+        db, self._db = self._db, None
+        if db is not None:
+            async with self._lock:
+                await db.close()
+
+    def health(self) -> dict[str, Any]:
+        """Open, and the last operation did not fail."""
+        return {
+            "ok": self._db is not None and self._consecutive_failures == 0,
+            "open": self._db is not None,
+            "path": str(self.path),
+            "schema_version": SCHEMA_VERSION,
+            "consecutive_failures": self._consecutive_failures,
+            "last_error": self._last_error,
+        }
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
+                row = await cur.fetchone()
+            current = int(row[0]) if row and row[0] is not None else 0
+            if current > SCHEMA_VERSION:
+                raise SchemaTooNewError(self.path, current, SCHEMA_VERSION)
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    await db.execute(statement)
+                await db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    async def schema_version(self) -> int:
+        """The version recorded in the database."""
+
+        async def body(db: aiosqlite.Connection) -> int:
+            async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
+                row = await cur.fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
+        return await self._run("schema_version", body, write=False)
+
+    # -- the transaction runner ------------------------------------------------------------
+
+    async def _run(self, operation: str, body: Body[T], *, write: bool = True) -> T:
+        if self._breaker is not None:
+            return await self._breaker.call(self._transaction, operation, body, write)
+        return await self._transaction(operation, body, write)
+
+    async def _transaction(self, operation: str, body: Body[T], write: bool) -> T:
+        db = self._db
+        if db is None:
+            raise StoreNotStartedError(f"storage.{operation} called while the store is closed")
+        try:
+            async with asyncio.timeout(self.statement_timeout):
+                async with self._lock:
+                    result = await self._in_transaction(db, body, write)
+        except TimeoutError as exc:
+            self._failed(f"{operation}: timed out after {self.statement_timeout}s")
+            raise CallTimeoutError(f"storage.{operation}", self.statement_timeout) from exc
+        except sqlite3.Error as exc:
+            self._failed(f"{operation}: {exc!r}")
+            raise
+        self._consecutive_failures = 0
+        return result
+
+    async def _in_transaction(self, db: aiosqlite.Connection, body: Body[T], write: bool) -> T:
+        try:
+            # BEGIN inside the try: a timeout while it waits for another writer must still roll back.
+            await self._begin(db, "BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+            result = await body(db)
+            await db.execute("COMMIT")
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                # A timeout or a cancel: stop the statement still running in aiosqlite's thread so
+                # the rollback, queued behind it, runs now rather than when the statement ends.
+                await db.interrupt()
+            try:
+                await asyncio.shield(self._rollback(db))
+            except asyncio.CancelledError:
+                pass  # the rollback is queued on the connection's thread and still runs in order
+            raise
+        return result
+
+    async def _begin(self, db: aiosqlite.Connection, statement: str) -> None:
+        # SQLite's busy wait cannot be interrupted, so wait in short slices (the connection's busy
+        # timeout is BUSY_SLICE_MS) and loop here, where a timeout or a cancel can stop us.
+        # Real time, not the injected clock: this measures SQLite's own real waiting.
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                await db.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StorageBusyError(self.path, self.busy_timeout_ms) from exc
+
+    @staticmethod
+    async def _rollback(db: aiosqlite.Connection) -> None:
+        for _ in range(3):  # an interrupt may still be pending and abort the first attempt
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                pass  # "no transaction is active" (BEGIN never ran, or COMMIT landed) or "interrupted"
+            if not db.in_transaction:
+                return
+
+    def _failed(self, message: str) -> None:
+        self._last_error = message
+        self._consecutive_failures += 1
+
+    def _now(self, now: float | None) -> float:
+        return self._clock.time() if now is None else now
+
+    # -- conversation history --------------------------------------------------------------
+
+    async def append_turn(
+        self, key: str, role: str, text: str, *, message_id: str | int | None = None, now: float | None = None
+    ) -> None:
+        """Store one turn and prune the conversation to its newest ``history_max_messages`` rows."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        stamp = self._now(now)
+        stored = truncate(text, self.history_max_chars)
+        mid = None if message_id is None else str(message_id)
+
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO turns (conversation_key, role, text, message_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key, role, stored, mid, stamp),
+            )
+            await db.execute(
+                "DELETE FROM turns WHERE conversation_key = ? AND id NOT IN "
+                "(SELECT id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?)",
+                (key, key, self.history_max_messages),
+            )
+
+        await self._run("append_turn", body)
+
+    async def history(self, key: str) -> list[Turn]:
+        """The newest turns, oldest first, within both the message and the character bound."""
+
+        async def body(db: aiosqlite.Connection) -> list[Turn]:
+            async with db.execute(
+                "SELECT role, text, created_at, message_id FROM turns WHERE conversation_key = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (key, self.history_max_messages),
+            ) as cur:
+                return [Turn(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+
+        newest_first = await self._run("history", body, write=False)
+        kept: list[Turn] = []
+        budget = self.history_max_chars
+        for turn in newest_first:
+            if len(turn.text) > budget:
+                if not kept:  # the newest turn alone is too long (bound lowered since it was stored)
+                    cut = truncate(turn.text, budget)
+                    kept.append(Turn(turn.role, cut, turn.created_at, turn.message_id))
+                break
+            kept.append(turn)
+            budget -= len(turn.text)
+        kept.reverse()
+        return kept
+
+    async def forget(self, key: str) -> int:
+        """Delete a conversation's history (``/reset``); return how many turns went."""
+
+        async def body(db: aiosqlite.Connection) -> int:
+            cur = await db.execute("DELETE FROM turns WHERE conversation_key = ?", (key,))
+            return cur.rowcount
+
+        return await self._run("forget", body)
+
+    async def prune_history(self, older_than_seconds: float, *, now: float | None = None) -> int:
+        """Delete turns older than the given age (idle conversations); return how many."""
+        cutoff = self._now(now) - older_than_seconds
+
+        async def body(db: aiosqlite.Connection) -> int:
+            cur = await db.execute("DELETE FROM turns WHERE created_at < ?", (cutoff,))
+            return cur.rowcount
+
+        return await self._run("prune_history", body)
+
+    # -- the durable queue (resilience.degradation.DurableQueue) ---------------------------
+
+    async def enqueue(
+        self,
+        kind: ItemKind,
+        conversation_key: str,
+        payload: dict[str, Any],
+        *,
+        now: float,
+        dedup_key: str | None = None,
+    ) -> QueueItem:
+        """Add an item, or return the existing one with the same ``dedup_key``."""
+        kind = ItemKind(kind)
+        encoded = json.dumps(payload, separators=(",", ":"))
+
+        async def body(db: aiosqlite.Connection) -> QueueItem:
+            cur = await db.execute(
+                "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
+                "next_attempt_at, dedup_key) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?) "
+                "ON CONFLICT (dedup_key) DO NOTHING",
+                (kind.value, conversation_key, encoded, now, now, dedup_key),
+            )
+            if cur.rowcount == 1:
+                item_id = cur.lastrowid
+                assert item_id is not None
+                return await self._get(db, item_id)
+            sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE dedup_key = ?"
+            async with db.execute(sql, (dedup_key,)) as c:
+                row = await c.fetchone()
+            assert row is not None
+            return _item(row)
+
+        return await self._run("enqueue", body)
+
+    async def claim(
+        self, *, now: float, lease_seconds: float, kind: ItemKind | None = None, limit: int = 10
+    ) -> list[QueueItem]:
+        """Lease due items: at most the head of each conversation, none where one is claimed.
+
+        The head is taken across both kinds, so with ``kind`` given a conversation whose head is
+        of the other kind yields nothing (an answer is delivered before the next message is
+        answered). Claims whose lease ran out (a crashed worker) return to pending first.
+        """
+        lease_until = now + lease_seconds
+        kind_filter = "" if kind is None else "AND q.kind = :kind"
+
+        async def body(db: aiosqlite.Connection) -> list[QueueItem]:
+            await self._reap_leases(db, now)
+            async with db.execute(
+                f"""SELECT q.id FROM queue q
+                JOIN (SELECT conversation_key, MIN(id) AS head FROM queue
+                      WHERE state IN ('pending', 'claimed') GROUP BY conversation_key) h ON q.id = h.head
+                WHERE q.state = 'pending' AND q.next_attempt_at <= :now {kind_filter}
+                ORDER BY q.id LIMIT :limit""",
+                {"now": now, "kind": None if kind is None else ItemKind(kind).value, "limit": limit},
+            ) as cur:
+                ids = [r[0] for r in await cur.fetchall()]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            await db.execute(
+                f"UPDATE queue SET state = 'claimed', lease_until = ? WHERE id IN ({marks})",
+                (lease_until, *ids),
+            )
+            async with db.execute(
+                f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id IN ({marks}) ORDER BY id", ids
+            ) as cur:
+                return [_item(r) for r in await cur.fetchall()]
+
+        return await self._run("claim", body)
+
+    async def complete(self, item_id: int) -> None:
+        """Mark an item done."""
+        await self._set_state("complete", item_id, "state = 'done', lease_until = NULL", ())
+
+    async def fail(self, item_id: int, error: str, *, next_attempt_at: float) -> QueueItem:
+        """Return a claimed item to pending with ``attempts + 1`` and its next attempt time."""
+        return await self._set_state(
+            "fail",
+            item_id,
+            "state = 'pending', attempts = attempts + 1, lease_until = NULL, last_error = ?, "
+            "next_attempt_at = ?",
+            (error, next_attempt_at),
+        )
+
+    async def dead_letter(self, item_id: int, error: str) -> QueueItem:
+        """Give up on an item for good."""
+        return await self._set_state(
+            "dead_letter", item_id, "state = 'dead', lease_until = NULL, last_error = ?", (error,)
+        )
+
+    async def expire(self, *, now: float, max_age: float) -> list[QueueItem]:
+        """Mark pending items (and crashed claims) older than ``max_age`` expired and return them."""
+        cutoff = now - max_age
+
+        async def body(db: aiosqlite.Connection) -> list[QueueItem]:
+            await self._reap_leases(db, now)
+            async with db.execute(
+                f"UPDATE queue SET state = 'expired' WHERE state = 'pending' AND created_at < ? "
+                f"RETURNING {_QUEUE_COLUMNS}",
+                (cutoff,),
+            ) as cur:
+                rows = await cur.fetchall()
+            return sorted((_item(r) for r in rows), key=lambda item: item.id)
+
+        return await self._run("expire", body)
+
+    async def position(self, item_id: int) -> int:
+        """1-based position among pending inbound+outbound items (0 if not pending)."""
+
+        async def body(db: aiosqlite.Connection) -> int:
+            async with db.execute(
+                "SELECT CASE WHEN (SELECT state FROM queue WHERE id = :id) = 'pending' "
+                "THEN (SELECT COUNT(*) FROM queue WHERE state = 'pending' AND id <= :id) ELSE 0 END",
+                {"id": item_id},
+            ) as cur:
+                row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run("position", body, write=False)
+
+    async def stats(self, *, now: float) -> QueueStats:
+        """Depth by (kind, state) and the age of the oldest pending item."""
+
+        async def body(db: aiosqlite.Connection) -> QueueStats:
+            async with db.execute("SELECT kind, state, COUNT(*) FROM queue GROUP BY kind, state") as cur:
+                depth = {(ItemKind(k), ItemState(s)): n for k, s, n in await cur.fetchall()}
+            async with db.execute("SELECT MIN(created_at) FROM queue WHERE state = 'pending'") as cur:
+                row = await cur.fetchone()
+            oldest = None if row is None or row[0] is None else max(0.0, now - row[0])
+            return QueueStats(depth=depth, oldest_pending_age=oldest)
+
+        return await self._run("stats", body, write=False)
+
+    async def purge(self, state: ItemState) -> int:
+        """Delete items in a terminal state (done, dead, expired); return how many."""
+        state = ItemState(state)
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"only terminal states can be purged, not {state.value!r}")
+
+        async def body(db: aiosqlite.Connection) -> int:
+            cur = await db.execute("DELETE FROM queue WHERE state = ?", (state.value,))
+            return cur.rowcount
+
+        return await self._run("purge", body)
+
+    async def get(self, item_id: int) -> QueueItem | None:
+        """One item by id, or None."""
+
+        async def body(db: aiosqlite.Connection) -> QueueItem | None:
+            try:
+                return await self._get(db, item_id)
+            except QueueItemNotFoundError:
+                return None
+
+        return await self._run("get", body, write=False)
+
+    async def _set_state(
+        self, operation: str, item_id: int, assignments: str, args: tuple[Any, ...]
+    ) -> QueueItem:
+        async def body(db: aiosqlite.Connection) -> QueueItem:
+            async with db.execute(
+                f"UPDATE queue SET {assignments} WHERE id = ? RETURNING {_QUEUE_COLUMNS}", (*args, item_id)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise QueueItemNotFoundError(item_id)
+            return _item(row)
+
+        return await self._run(operation, body)
+
+    @staticmethod
+    async def _get(db: aiosqlite.Connection, item_id: int) -> QueueItem:
+        async with db.execute(f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id = ?", (item_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise QueueItemNotFoundError(item_id)
+        return _item(row)
+
+    @staticmethod
+    async def _reap_leases(db: aiosqlite.Connection, now: float) -> None:
+        await db.execute(
+            "UPDATE queue SET state = 'pending', lease_until = NULL "
+            "WHERE state = 'claimed' AND lease_until <= ?",
+            (now,),
+        )
+
+    # -- processed message ids -------------------------------------------------------------
+
+    async def mark_processed(self, message_id: str | int, *, now: float | None = None) -> bool:
+        """Record a message as answered; True if newly marked, False if it already was."""
+        stamp = self._now(now)
+
+        async def body(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO processed (message_id, processed_at) VALUES (?, ?)",
+                (str(message_id), stamp),
+            )
+            return cur.rowcount == 1
+
+        return await self._run("mark_processed", body)
+
+    async def is_processed(self, message_id: str | int) -> bool:
+        """Whether a message was already answered."""
+
+        async def body(db: aiosqlite.Connection) -> bool:
+            async with db.execute("SELECT 1 FROM processed WHERE message_id = ?", (str(message_id),)) as cur:
+                return await cur.fetchone() is not None
+
+        return await self._run("is_processed", body, write=False)
+
+    async def prune_processed(self, older_than_seconds: float, now: float | None = None) -> int:
+        """Forget processed ids older than the given age; return how many."""
+        cutoff = self._now(now) - older_than_seconds
+
+        async def body(db: aiosqlite.Connection) -> int:
+            cur = await db.execute("DELETE FROM processed WHERE processed_at < ?", (cutoff,))
+            return cur.rowcount
+
+        return await self._run("prune_processed", body)
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def record_event(self, kind: str, data: dict[str, Any], *, now: float | None = None) -> None:
+        """Append an event and keep only the newest ``events_max``."""
+        stamp = self._now(now)
+        encoded = json.dumps(data, separators=(",", ":"), default=str)
+
+        async def body(db: aiosqlite.Connection) -> None:
+            cur = await db.execute(
+                "INSERT INTO events (kind, data, created_at) VALUES (?, ?, ?)", (kind, encoded, stamp)
+            )
+            assert cur.lastrowid is not None
+            await db.execute("DELETE FROM events WHERE id <= ?", (cur.lastrowid - self.events_max,))
+
+        await self._run("record_event", body)
+
+    async def recent_events(self, kind: str | None = None, limit: int = 50) -> list[Event]:
+        """The newest events first, optionally of one kind."""
+
+        async def body(db: aiosqlite.Connection) -> list[Event]:
+            if kind is None:
+                sql, args = "SELECT id, kind, data, created_at FROM events ORDER BY id DESC LIMIT ?", (limit,)
+            else:
+                sql = "SELECT id, kind, data, created_at FROM events WHERE kind = ? ORDER BY id DESC LIMIT ?"
+                args = (kind, limit)  # type: ignore[assignment]
+            async with db.execute(sql, args) as cur:
+                return [Event(r[0], r[1], json.loads(r[2]), r[3]) for r in await cur.fetchall()]
+
+        return await self._run("recent_events", body, write=False)
+
+    # -- operators (last: the method name shadows the builtin in the class body) --------
+
+    async def list(self, state: ItemState | None = None, limit: int = 50) -> builtins.list[QueueItem]:
+        """Items oldest first, optionally of one state (for operators)."""
+
+        async def body(db: aiosqlite.Connection) -> list[QueueItem]:
+            if state is None:
+                sql, args = f"SELECT {_QUEUE_COLUMNS} FROM queue ORDER BY id LIMIT ?", (limit,)
+            else:
+                sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE state = ? ORDER BY id LIMIT ?"
+                args = (ItemState(state).value, limit)  # type: ignore[assignment]
+            async with db.execute(sql, args) as cur:
+                return [_item(r) for r in await cur.fetchall()]
+
+        return await self._run("list", body, write=False)
