@@ -180,17 +180,13 @@ def parse_duration(value: object) -> float | None:
     """Parse a protobuf Duration string such as ``"12s"`` or ``"1.5s"``; None when unusable."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
+    if isinstance(value, str):
+        value = value.strip().removesuffix("s")
+    elif not isinstance(value, int | float):
+        return None
+    try:
         seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.endswith("s"):
-            text = text[:-1]
-        try:
-            seconds = float(text)
-        except ValueError:
-            return None
-    else:
+    except (ValueError, OverflowError):
         return None
     if not math.isfinite(seconds) or seconds < 0:
         return None

@@ -439,6 +439,7 @@ def test_every_category_has_a_plain_sentence() -> None:
         ("-1s", None),
         ("nans", None),
         ("1e400s", None),
+        (10**400, None),
         ("", None),
         (None, None),
         (True, None),
