@@ -6,12 +6,15 @@ import asyncio
 
 import pybreaker
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilience.breakers import (
     Breaker,
     BreakerBoard,
     BreakerSnapshot,
     BreakerState,
+    Lease,
     UnknownBreakerError,
 )
 from resilience.clock import FakeClock
@@ -251,6 +254,31 @@ async def test_late_success_from_a_call_admitted_while_closed_does_not_close_the
     assert breaker.state is BreakerState.CLOSED
 
 
+def test_a_stale_probe_cannot_free_or_settle_the_next_probe(breaker: Breaker, fake_clock: FakeClock) -> None:
+    """A probe that outlived a force_open reports into the void: the new probe keeps its slot."""
+    breaker.force_open(1.0)
+    fake_clock.advance(1.0)
+    stale = breaker.admit()
+    breaker.force_open(1.0, reason="operator")
+    fake_clock.advance(1.0)
+    current = breaker.admit()
+    stale.release()
+    with pytest.raises(CircuitOpenError):
+        breaker.admit()
+    current.record_success()
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_a_stale_probe_failure_does_not_reopen(breaker: Breaker, fake_clock: FakeClock) -> None:
+    breaker.force_open(1.0)
+    fake_clock.advance(1.0)
+    stale = breaker.admit()
+    breaker.reset()
+    stale.record_failure(Boom("late"))
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.failures == 0
+
+
 async def test_lease_context_manager_records_outcomes(breaker: Breaker, fake_clock: FakeClock) -> None:
     for _ in range(3):
         with pytest.raises(Boom), breaker.admit():
@@ -405,3 +433,76 @@ async def test_pybreaker_listeners_hear_transitions(breaker: Breaker, fake_clock
     await fail_times(breaker, Dependency(), 3)
     assert recorder.changes == [("closed", "open")]
     assert breaker.circuit.current_state == pybreaker.STATE_OPEN
+
+
+class _Harness:
+    """Random interleavings of admissions, outcomes and clock moves against one breaker."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.breaker = Breaker("prop", self.clock, fail_max=2, reset_timeout=2.0, exclude=[BusinessError])
+        self.leases: list[tuple[Lease, BreakerState, int]] = []  # (lease, state at admission, transitions)
+        self.transitions = 0
+        self.breaker.add_listener(self._count)
+
+    def _count(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        assert old is not new
+        self.transitions += 1
+
+
+# Weighted towards admissions and failures so that half-open is reached often.
+OPS = ["admit"] * 4 + ["failure"] * 2 + ["advance"] * 2 + ["success", "excluded", "release", "force", "reset"]
+PYBREAKER_STATES = {"closed": "closed", "open": "open", "half-open": "half_open"}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(OPS),
+            st.integers(min_value=0, max_value=50),
+        ),
+        min_size=5,
+        max_size=60,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_random_interleavings_keep_one_probe_and_mirror_pybreaker(ops: list[tuple[str, int]]) -> None:
+    """Whatever happens, half-open has at most one unsettled probe and the state matches pybreaker's."""
+    h = _Harness()
+    breaker = h.breaker
+    for op, arg in ops:
+        if op == "admit":
+            try:
+                lease = breaker.admit()
+            except CircuitOpenError as exc:
+                assert breaker.state is not BreakerState.CLOSED
+                assert exc.remaining >= 0.0
+            else:
+                h.leases.append((lease, breaker.state, h.transitions))
+        elif op in ("success", "failure", "excluded", "release") and h.leases:
+            settled = h.leases.pop(arg % len(h.leases))[0]
+            if op == "success":
+                settled.record_success()
+            elif op == "failure":
+                settled.record_failure(Boom("down"))
+            elif op == "excluded":
+                settled.record_failure(BusinessError("bad"))
+            else:
+                settled.release()
+        elif op == "advance":
+            h.clock.advance(arg % 4 * 1.0)  # half of the moves outlast the 2 s reset timeout
+        elif op == "force":
+            breaker.force_open(float(arg))
+        elif op == "reset":
+            breaker.reset()
+
+        assert breaker.state == PYBREAKER_STATES[breaker.circuit.current_state]
+        probes_out = [
+            1 for _, state, seen in h.leases if state is BreakerState.HALF_OPEN and seen == h.transitions
+        ]
+        assert len(probes_out) <= 1
+        if breaker.state is BreakerState.CLOSED:
+            assert breaker.failures < breaker.fail_max
+        else:
+            assert breaker.remaining_open() <= 50.0
+    assert h.transitions >= 0
