@@ -155,6 +155,9 @@ class RetryPolicy:
         except Exception as exc:
             first_failure: Exception = exc
         attempt = _Attempt(self, first_failure)
+        if not attempt.should_retry(first_failure):
+            # Permanent errors and open breakers fail fast, without building a retry loop.
+            raise first_failure
         retrying = AsyncRetrying(
             sleep=self._sleep,
             retry=retry_if_exception(attempt.should_retry),

@@ -136,9 +136,11 @@ async def test_does_not_retry_an_open_circuit(sleep: RecordingSleep) -> None:
     """CircuitOpenError is retryable for the queue but never retried inside the policy."""
     policy = RetryPolicy("gemini", sleep=sleep)
     call = Flaky(CircuitOpenError("gemini", 5.0))
-    with pytest.raises(CircuitOpenError):
+    with pytest.raises(CircuitOpenError) as info:
         await policy.call(call)
+    assert info.value is call.raised[0]
     assert call.calls == 1 and sleep.delays == []
+    assert (policy.retries, policy.budget_denied) == (0, 0)
 
 
 async def test_exhausted_attempts_reraise_the_last_original_exception(sleep: RecordingSleep) -> None:
