@@ -264,6 +264,14 @@ class Breaker:
             return 0.0
         return max(0.0, self._open_until - self._clock.monotonic())
 
+    def would_admit(self) -> bool:
+        """Whether ``admit()`` would let a call through now (no side effects; for drain loops)."""
+        if self._state is _CLOSED:
+            return True
+        if self._state is _OPEN:
+            return self._open_until <= self._clock.monotonic()
+        return not self._probe_out
+
     def admit(self) -> Lease:
         """Admit one call now or raise ``CircuitOpenError``; never awaits.
 
@@ -275,7 +283,6 @@ class Breaker:
     async def call(
         self,
         fn: Callable[..., Awaitable[T]],
-        /,
         *args: Any,
         timeout: float | None = None,  # noqa: ASYNC109 - it must run inside the breaker to be counted
         **kwargs: Any,

@@ -306,6 +306,21 @@ def test_admission_is_synchronous_and_rejects_while_the_probe_lease_is_held(
     assert breaker.state is BreakerState.CLOSED
 
 
+def test_would_admit_predicts_admission_without_taking_the_probe(
+    breaker: Breaker, fake_clock: FakeClock
+) -> None:
+    assert breaker.would_admit()
+    breaker.force_open(5.0)
+    assert not breaker.would_admit()
+    fake_clock.advance(5.0)
+    assert breaker.would_admit()
+    assert breaker.would_admit(), "asking must not take the probe slot"
+    lease = breaker.admit()
+    assert not breaker.would_admit()
+    lease.release()
+    assert breaker.would_admit()
+
+
 async def test_force_open_holds_open_for_the_duration_with_reason(
     breaker: Breaker, fake_clock: FakeClock
 ) -> None:
