@@ -357,13 +357,14 @@ def test_classify_maps_real_exceptions(
 
 async def test_refused_connection_from_a_real_aiohttp_client_is_connection() -> None:
     """aiohttp.ClientConnectorError from a refused loopback connection -> CONNECTION, retryable."""
+    # A bound socket that never listens holds the port, so the connect is refused at once and
+    # no other process can take the port meanwhile.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # The port was just released, so nothing listens there: the connect is refused at once.
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(aiohttp.ClientConnectorError) as info:
-            await session.get(f"http://127.0.0.1:{port}/", timeout=aiohttp.ClientTimeout(total=2))
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientConnectorError) as info:
+                await session.get(f"http://127.0.0.1:{port}/", timeout=aiohttp.ClientTimeout(total=2))
     verdict = classify(info.value)
     assert verdict.category is Category.CONNECTION
     assert verdict.retryable
