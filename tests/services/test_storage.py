@@ -1,0 +1,234 @@
+"""SqliteStore: migrations, history bounds, processed ids, events, timeouts, breaker routing."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resilience.errors import CallTimeoutError
+from services.storage import (
+    SCHEMA_VERSION,
+    TRUNCATION_MARK,
+    SchemaTooNewError,
+    SqliteStore,
+    StorageBusyError,
+    StoreNotStartedError,
+)
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A started store on a fresh file with small history bounds (5 messages, 100 chars)."""
+    s = SqliteStore(tmp_path / "bot.sqlite3", history_max_messages=5, history_max_chars=100, events_max=10)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def _versions(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")]
+
+
+async def test_migrations_run_once_and_are_idempotent_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    for _ in range(3):
+        async with SqliteStore(path) as s:
+            assert await s.schema_version() == SCHEMA_VERSION
+            await s.append_turn("c", "user", "hi", now=NOW)
+    assert _versions(path) == list(range(1, SCHEMA_VERSION + 1))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0] == 3
+
+
+async def test_database_from_a_newer_version_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    async with SqliteStore(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    s = SqliteStore(path)
+    with pytest.raises(SchemaTooNewError) as info:
+        await s.start()
+    assert info.value.found == SCHEMA_VERSION + 1 and info.value.supported == SCHEMA_VERSION
+    assert s.health()["open"] is False
+
+
+async def test_service_protocol_start_stop_health(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "sub" / "bot.sqlite3")
+    assert s.name == "storage" and s.depends_on == ()
+    assert s.health()["ok"] is False
+    with pytest.raises(StoreNotStartedError):
+        await s.history("c")
+    await s.start()
+    await s.start()  # idempotent
+    assert s.health()["ok"] is True
+    await s.stop()
+    await s.stop()  # safe twice
+    assert s.health()["ok"] is False
+
+
+async def test_history_keeps_newest_turns_within_the_message_bound(store: SqliteStore) -> None:
+    for i in range(8):
+        await store.append_turn("c", "user" if i % 2 == 0 else "model", f"t{i}", message_id=i, now=NOW + i)
+    turns = await store.history("c")
+    assert [t.text for t in turns] == ["t3", "t4", "t5", "t6", "t7"]
+    assert turns[-1].message_id == "7" and turns[-1].role == "model"
+    assert await store.history("other") == []
+
+
+async def test_history_prunes_old_rows_so_the_table_stays_bounded(store: SqliteStore) -> None:
+    for i in range(30):
+        await store.append_turn("c", "user", f"t{i}", now=NOW + i)
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0] == 5
+
+
+async def test_history_keeps_only_the_newest_turns_that_fit_the_char_bound(store: SqliteStore) -> None:
+    await store.append_turn("c", "user", "a" * 40, now=NOW)
+    await store.append_turn("c", "model", "b" * 40, now=NOW + 1)
+    await store.append_turn("c", "user", "c" * 40, now=NOW + 2)
+    turns = await store.history("c")
+    assert [t.text[0] for t in turns] == ["b", "c"]
+    assert sum(len(t.text) for t in turns) <= 100
+
+
+async def test_one_huge_turn_is_truncated_and_does_not_poison_later_history(store: SqliteStore) -> None:
+    await store.append_turn("c", "model", "x" * 50_000, now=NOW)
+    turns = await store.history("c")
+    assert len(turns) == 1 and len(turns[0].text) == 100 and turns[0].text.endswith(TRUNCATION_MARK)
+    await store.append_turn("c", "user", "short question", now=NOW + 1)
+    turns = await store.history("c")
+    assert [t.text for t in turns] == ["short question"]  # the huge turn no longer fits beside it
+
+
+async def test_forget_deletes_one_conversation_only(store: SqliteStore) -> None:
+    await store.append_turn("a", "user", "1", now=NOW)
+    await store.append_turn("b", "user", "2", now=NOW)
+    assert await store.forget("a") == 1
+    assert await store.history("a") == []
+    assert [t.text for t in await store.history("b")] == ["2"]
+
+
+async def test_prune_history_drops_idle_turns(store: SqliteStore) -> None:
+    await store.append_turn("a", "user", "old", now=NOW)
+    await store.append_turn("b", "user", "new", now=NOW + 1000)
+    assert await store.prune_history(500, now=NOW + 1000) == 1
+    assert await store.history("a") == [] and len(await store.history("b")) == 1
+
+
+async def test_append_turn_rejects_unknown_roles(store: SqliteStore) -> None:
+    with pytest.raises(ValueError):
+        await store.append_turn("c", "system", "x", now=NOW)
+
+
+async def test_mark_processed_is_true_once_then_false_and_survives_restart(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    async with SqliteStore(path) as s:
+        assert await s.mark_processed(123, now=NOW) is True
+        assert await s.mark_processed("123", now=NOW + 1) is False
+        assert await s.is_processed(123) and not await s.is_processed(124)
+    async with SqliteStore(path) as s:
+        assert await s.is_processed("123")
+        assert await s.mark_processed(123, now=NOW + 2) is False
+
+
+async def test_prune_processed_forgets_only_old_ids(store: SqliteStore) -> None:
+    await store.mark_processed(1, now=NOW)
+    await store.mark_processed(2, now=NOW + 100)
+    assert await store.prune_processed(50, now=NOW + 100) == 1
+    assert not await store.is_processed(1) and await store.is_processed(2)
+
+
+async def test_events_are_bounded_and_newest_first(store: SqliteStore) -> None:
+    for i in range(25):
+        await store.record_event("error" if i % 2 else "trace", {"i": i}, now=NOW + i)
+    events = await store.recent_events(limit=100)
+    assert len(events) == 10  # events_max
+    assert [e.data["i"] for e in events] == list(range(24, 14, -1))
+    errors = await store.recent_events("error", limit=3)
+    assert [e.data["i"] for e in errors] == [23, 21, 19] and all(e.kind == "error" for e in errors)
+
+
+async def test_a_slow_statement_raises_call_timeout_and_the_store_stays_usable(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "bot.sqlite3", statement_timeout=0.03)
+    async with s:
+
+        async def slow(db: Any) -> Any:
+            sql = (
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1000000000) "
+                "SELECT COUNT(*) FROM c"
+            )
+            async with db.execute(sql) as cur:
+                return await cur.fetchone()
+
+        with pytest.raises(CallTimeoutError) as info:
+            await s._run("slow", slow)  # the only way to get a statement slow enough on purpose
+        assert info.value.operation == "storage.slow"
+        assert s.health()["ok"] is False
+        await s.append_turn("c", "user", "after", now=NOW)  # interrupted and rolled back: usable again
+        assert [t.text for t in await s.history("c")] == ["after"]
+        assert s.health()["ok"] is True
+
+
+async def test_a_writer_holding_the_lock_makes_writes_time_out_not_hang(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    s = SqliteStore(path, statement_timeout=0.05, busy_timeout_ms=5000)
+    async with s:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(CallTimeoutError):
+                await s.mark_processed(1, now=NOW)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert await s.mark_processed(1, now=NOW) is True  # the timed-out BEGIN left no transaction open
+
+
+async def test_busy_timeout_shorter_than_statement_timeout_raises_storage_busy(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    s = SqliteStore(path, statement_timeout=2.0, busy_timeout_ms=40)
+    async with s:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StorageBusyError):
+                await s.mark_processed(1, now=NOW)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+
+
+class RecordingBreaker:
+    """A stand-in with the breaker's ``call`` signature that records which operations ran."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.open = False
+
+    async def call(self, fn: Callable[..., Awaitable[Any]], *args: Any, timeout: float | None = None) -> Any:
+        if self.open:
+            raise RuntimeError("open")
+        self.calls.append(args[0])
+        return await fn(*args)
+
+
+async def test_every_public_operation_goes_through_the_breaker(tmp_path: Path) -> None:
+    breaker = RecordingBreaker()
+    async with SqliteStore(tmp_path / "bot.sqlite3", breaker=breaker) as s:
+        await s.append_turn("c", "user", "x", now=NOW)
+        await s.history("c")
+        await s.mark_processed(1, now=NOW)
+        await s.record_event("e", {}, now=NOW)
+        assert breaker.calls == ["append_turn", "history", "mark_processed", "record_event"]
+        breaker.open = True
+        with pytest.raises(RuntimeError):
+            await s.is_processed(1)
