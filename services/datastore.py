@@ -368,6 +368,11 @@ class DataStore:
                 self._load_locked(name)
             return json.loads(self._good_bytes[name])  # type: ignore[no-any-return]
 
+    def cached(self, name: str) -> dict[str, Any] | None:
+        """The last committed state (a copy) without I/O or waiting for a lock; None before the first load."""
+        payload = self._good_bytes.get(self._spec(name).name)
+        return None if payload is None else json.loads(payload)  # type: ignore[no-any-return]
+
     def save(self, name: str, data: dict[str, Any]) -> None:
         """Validate, then commit atomically; invalid data raises ``DataStoreValidationError`` unwritten."""
         problems = self.check(name, data)
@@ -720,6 +725,10 @@ class DataStoreService:
     async def get(self, name: str) -> dict[str, Any]:
         async with self._lock(name):
             return await self._run(self.store.load, name)
+
+    def peek(self, name: str) -> dict[str, Any] | None:
+        """The last committed state, synchronously and without blocking (for per-message checks)."""
+        return self.store.cached(name)
 
     async def save(self, name: str, data: dict[str, Any]) -> None:
         self._raise_if_invalid(name, data)

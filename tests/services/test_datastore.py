@@ -608,3 +608,21 @@ async def test_service_runs_under_the_real_registry(make_store: Callable[..., Da
     assert set(health["services"]["datastore"]["files"]) == set(DEFAULT_FILES)
     await registry.stop_all()
     assert registry.health()["ok"] is False
+
+
+async def test_peek_returns_the_last_committed_state_without_io(
+    make_store: Callable[..., DataStore], data_dir: Path
+) -> None:
+    """peek() is None before start, then follows every committed save, even if the disk changes under it."""
+    service = DataStoreService(make_store())
+    assert service.peek("admins") is None
+    await service.start()
+    assert service.peek("admins") == V0
+    await service.save("admins", V1)
+    _garbage(data_dir / "admins.json")
+    peeked = service.peek("admins")
+    assert peeked == V1
+    peeked["user_ids"].append(99)  # a private copy
+    assert service.peek("admins") == V1
+    with pytest.raises(UnknownFileError):
+        service.peek("nope")
