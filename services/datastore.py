@@ -2,7 +2,8 @@
 
 Each named file lives at ``<data_dir>/<name>.json``. A write is atomic (temp file in the same
 directory, fsync, ``os.replace``, fsync of the directory) and keeps the previous good version
-as ``<name>.json.bak`` plus a timestamped copy under ``<data_dir>/backups/``. A file that is
+as ``<name>.json.bak`` and as a timestamped copy under ``<data_dir>/backups/`` (the last N
+superseded versions, so "file, .bak, newest backup" runs newest to oldest). A file that is
 missing, unreadable, not JSON or invalid is moved to ``<data_dir>/quarantine/`` and the state
 comes back from the ``.bak``, then the newest valid backup, then the defaults; the source that
 served is logged, counted and reported through ``on_event``. Falling back to the defaults
