@@ -1,0 +1,191 @@
+"""Storage benchmark: the SQLite queue and history, and the JSON DataStore.
+
+``python -m bench.bench_storage [--quick] [--json]``. Every figure is measured on real files in
+a temporary directory on the same disk as the default temp dir, one operation at a time (the
+bot's drain and pipeline do not batch), so latency includes the commit's fsync. The queue rows
+are given for ``synchronous=FULL`` (the store's default: survives power loss) and ``NORMAL``
+(survives ``kill -9`` only) so the durability choice has a price tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from resilience.degradation import ItemKind
+from services.storage import SqliteStore
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p99 in milliseconds."""
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    return {"p50_ms": pick(0.50), "p99_ms": pick(0.99)}
+
+
+async def _timed(n: int, op: Callable[[int], Awaitable[Any]]) -> dict[str, float]:
+    samples: list[float] = []
+    started = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        await op(i)
+        samples.append(time.perf_counter() - t)
+    total = time.perf_counter() - started
+    return {"ops_per_s": round(n / total, 1), **_percentiles(samples), "n": n}
+
+
+async def _queue(directory: Path, synchronous: str, n: int) -> dict[str, Any]:
+    now = 1_700_000_000.0
+    async with SqliteStore(directory / f"queue_{synchronous}.sqlite3", synchronous=synchronous) as store:
+        enqueue = await _timed(
+            n,
+            lambda i: store.enqueue(
+                ItemKind.INBOUND, f"c{i}", {"text": "x" * 200, "i": i}, now=now, dedup_key=f"m{i}"
+            ),
+        )
+
+        async def claim_complete(_: int) -> None:
+            (item,) = await store.claim(now=now, lease_seconds=60, limit=1)
+            await store.complete(item.id)
+
+        drain = await _timed(n, claim_complete)
+    return {"enqueue": enqueue, "claim_complete": drain}
+
+
+async def _history(directory: Path, n: int) -> dict[str, Any]:
+    async with SqliteStore(directory / "history.sqlite3") as store:
+        text = "a sentence of a typical chat message, " * 10
+        append = await _timed(n, lambda i: store.append_turn(f"c{i % 10}", "user", text, now=float(i)))
+        read = await _timed(n, lambda i: store.history(f"c{i % 10}"))
+    return {"append": append, "read": read}
+
+
+def _guild_settings(target_bytes: int) -> dict[str, Any]:
+    guilds: dict[str, Any] = {}
+    i = 0
+    while len(json.dumps({"guilds": guilds})) < target_bytes:
+        gid = str(100_000_000_000_000_000 + i)
+        guilds[gid] = {
+            "chat_channels": [200_000_000_000_000_000 + i * 10 + k for k in range(3)],
+            "persona": f"a helpful assistant for guild {i}",
+            "user_rate_per_minute": 5,
+        }
+        i += 1
+    return {"guilds": guilds}
+
+
+def _datastore(directory: Path, saves: int, recoveries: int) -> dict[str, Any]:
+    import structlog
+
+    from services.datastore import DataStore
+
+    # A logger that returns instead of printing: the recovery warnings would break --json.
+    store = DataStore(directory / "data", logger=structlog.wrap_logger(structlog.ReturnLogger()))
+    data = _guild_settings(100_000)
+    size = len(json.dumps(data))
+    store.load("guild_settings")
+    samples = []
+    for i in range(saves):
+        data["guilds"][next(iter(data["guilds"]))]["user_rate_per_minute"] = i
+        t = time.perf_counter()
+        store.save("guild_settings", data)
+        samples.append(time.perf_counter() - t)
+    recover_samples = []
+    sources = set()
+    for _ in range(recoveries):
+        store.path("guild_settings").write_bytes(b'{"guilds": {"1": ')  # a torn write
+        t = time.perf_counter()
+        report = store.recover("guild_settings")
+        recover_samples.append(time.perf_counter() - t)
+        sources.add(report.source)
+        store.save("guild_settings", data)  # put a good file back for the next round
+    return {
+        "state_bytes": size,
+        "save": {**_percentiles(samples), "n": saves},
+        "recover_corrupt": {**_percentiles(recover_samples), "n": recoveries, "sources": sorted(sources)},
+    }
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    n = 100 if quick else 400
+    with tempfile.TemporaryDirectory(prefix="bench_storage_") as tmp:
+        directory = Path(tmp)
+        result: dict[str, Any] = {
+            "queue_full": await _queue(directory, "FULL", n),
+            "queue_normal": await _queue(directory, "NORMAL", n),
+            "history": await _history(directory, n),
+        }
+        try:
+            result["datastore"] = await asyncio.to_thread(
+                _datastore, directory, 20 if quick else 60, 5 if quick else 20
+            )
+        except ImportError as exc:  # engineer G's module missing: leave those rows out
+            result["datastore"] = {"skipped": str(exc)}
+    result["summary"] = _summary(result)
+    return result
+
+
+def _summary(r: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def add(figure: str, value: float, unit: str, target: str = "") -> None:
+        rows.append({"figure": figure, "value": value, "unit": unit, "target": target, "baseline": ""})
+
+    for mode in ("full", "normal"):
+        q = r[f"queue_{mode}"]
+        add(f"queue enqueue throughput ({mode.upper()})", q["enqueue"]["ops_per_s"], "ops/s")
+        add(f"queue enqueue p50 ({mode.upper()})", q["enqueue"]["p50_ms"], "ms")
+        add(f"queue enqueue p99 ({mode.upper()})", q["enqueue"]["p99_ms"], "ms")
+        add(f"queue claim+complete throughput ({mode.upper()})", q["claim_complete"]["ops_per_s"], "items/s")
+        add(f"queue claim+complete p50 ({mode.upper()})", q["claim_complete"]["p50_ms"], "ms")
+        add(f"queue claim+complete p99 ({mode.upper()})", q["claim_complete"]["p99_ms"], "ms")
+    h = r["history"]
+    add("history append p50", h["append"]["p50_ms"], "ms")
+    add("history append p99", h["append"]["p99_ms"], "ms")
+    add("history read p50", h["read"]["p50_ms"], "ms")
+    add("history read p99", h["read"]["p99_ms"], "ms")
+    d = r["datastore"]
+    if "save" in d:
+        add(f"datastore save p50 ({d['state_bytes'] // 1000} KB)", d["save"]["p50_ms"], "ms")
+        add(f"datastore save p99 ({d['state_bytes'] // 1000} KB)", d["save"]["p99_ms"], "ms")
+        add("datastore recover corrupt file p50", d["recover_corrupt"]["p50_ms"], "ms")
+        add("datastore recover corrupt file p99", d["recover_corrupt"]["p99_ms"], "ms")
+    return rows
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Run every measurement and return the figures (``summary`` holds the table rows)."""
+    return asyncio.run(_run(quick))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_storage", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    args = parser.parse_args(argv)
+    result = run(quick=args.quick)
+    if args.json:
+        print(json.dumps(result, default=str))
+        return 0
+    rows = result["summary"]
+    width = max(len(row["figure"]) for row in rows)
+    print(f"{'figure'.ljust(width)}  {'value':>10}  unit")
+    for row in rows:
+        print(f"{row['figure'].ljust(width)}  {row['value']:>10,.3f}  {row['unit']}")
+    if "skipped" in result["datastore"]:
+        print(f"datastore rows left out: {result['datastore']['skipped']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
