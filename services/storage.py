@@ -315,7 +315,7 @@ class SqliteStore:
         except TimeoutError as exc:
             self._failed(f"{operation}: timed out after {self.statement_timeout}s")
             raise CallTimeoutError(f"storage.{operation}", self.statement_timeout) from exc
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageBusyError) as exc:
             self._failed(f"{operation}: {exc!r}")
             raise
         self._consecutive_failures = 0

@@ -34,7 +34,7 @@ LEASE = 100.0
 CONVERSATIONS = 4
 
 
-def _child(db_path: str, log_path: str, run: int) -> None:
+def _child(db_path: str, log_path: str, run: int, hang_after_claim: bool = False) -> None:
     """Queue work forever (bounded), logging each operation after its commit returned."""
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -64,6 +64,8 @@ def _child(db_path: str, log_path: str, run: int) -> None:
                 log(f"E {old} {again.id}")
             for claimed in await store.claim(now=now, lease_seconds=LEASE, limit=2):
                 log(f"C {run} {claimed.id} {claimed.conversation_key}")
+                if hang_after_claim:  # a worker that dies holding a claim, for certain
+                    time.sleep(30)
                 await store.complete(claimed.id)
                 log(f"D {claimed.id}")
 
@@ -136,23 +138,53 @@ def test_queue_survives_110_sigkills_with_nothing_lost_or_claimed_twice(tmp_path
         child.join(5)
         assert child.exitcode == -signal.SIGKILL, f"run {run} ended by itself ({child.exitcode})"
         _check(db_path, _read_log(log_path))
+    # One last kill that surely lands between a claim and its completion.
+    child = ctx.Process(target=_child, args=(str(db_path), str(log_path), KILLS, True))
+    child.start()
+    for _ in range(500):
+        if f"C {KILLS} " in log_path.read_text():
+            break
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    child.join(5)
+    _check(db_path, _read_log(log_path))
     log = _read_log(log_path)
     assert len(log.enqueued) > 3 * KILLS, "the children did too little work for the kills to mean much"
     assert len(log.done) > KILLS
     # some kills landed between a claim and its completion, and a later run took the item back
     assert any(len(runs) > 1 for runs in log.claims.values())
-    print(f"enqueued {len(log.enqueued)}, done {len(log.done)}, "
-          f"re-claimed after a kill {sum(len(r) > 1 for r in log.claims.values())}")
+
+    conn = sqlite3.connect(db_path)
+    rows = conn.execute("SELECT id, conversation_key, lease_until FROM queue WHERE state = 'claimed'")
+    left_claimed = {item_id: (key, lease) for item_id, key, lease in rows}
+    conn.close()
+    assert left_claimed and all(lease <= (KILLS + 1) * RUN_SPAN for _, lease in left_claimed.values())
+    print(
+        f"enqueued {len(log.enqueued)}, done {len(log.done)}, "
+        f"re-claimed after a kill {sum(len(r) > 1 for r in log.claims.values())}, "
+        f"left claimed by the last kills {len(left_claimed)}"
+    )
 
     async def drain() -> None:
         async with SqliteStore(db_path) as store:
-            later = (KILLS + 1) * RUN_SPAN  # every killed worker's lease has run out
+            # Within the last run's lease its claims stay out, and so does the rest of their conversation.
+            during = KILLS * RUN_SPAN + LEASE / 2
+            live = {i for i, (_, lease) in left_claimed.items() if lease > during}
+            blocked = {left_claimed[i][0] for i in live}
+            early = await store.claim(now=during, lease_seconds=1, limit=1000)
+            assert blocked and not {i.conversation_key for i in early} & blocked
+            for item in early:
+                await store.fail(item.id, "put back", next_attempt_at=during)
+            later = (KILLS + 2) * RUN_SPAN  # every killed worker's lease has run out
+            seen: set[int] = set()
             for _ in range(10_000):
                 got = await store.claim(now=later, lease_seconds=LEASE, limit=50)
                 if not got:
                     break
                 for item in got:
+                    seen.add(item.id)
                     await store.complete(item.id)
+            assert set(left_claimed) <= seen, "a killed worker's claim never came back after its lease"
             stats = await store.stats(now=later)
             assert set(stats.depth) <= {(k, ItemState.DONE) for k in ItemKind}, stats.depth
 
