@@ -249,6 +249,11 @@ class SqliteStore:
         db, self._db = self._db, None
         if db is not None:
             async with self._lock:
+                try:
+                    # Fold the WAL back into the main file so a stopped store is one small file.
+                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error:
+                    pass  # another connection is reading; the next checkpoint will do it
                 await db.close()
 
     def health(self) -> dict[str, Any]:

@@ -232,3 +232,31 @@ async def test_every_public_operation_goes_through_the_breaker(tmp_path: Path) -
         breaker.open = True
         with pytest.raises(RuntimeError):
             await s.is_processed(1)
+
+
+async def test_a_cancelled_operation_leaves_no_transaction_open(tmp_path: Path) -> None:
+    import asyncio
+
+    async with SqliteStore(tmp_path / "bot.sqlite3") as s:
+        for delay_steps in range(6):  # cancel at several points inside the transaction
+            task = asyncio.create_task(s.append_turn("c", "user", f"m{delay_steps}", now=NOW))
+            for _ in range(delay_steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await s.append_turn("c", "user", "after", now=NOW)
+        assert s._db is not None and not s._db.in_transaction
+        assert (await s.history("c"))[-1].text == "after"
+
+
+async def test_stop_folds_the_wal_into_the_database_file(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    async with SqliteStore(path) as s:
+        for i in range(20):
+            await s.append_turn("c", "user", "x" * 500, now=NOW + i)
+        assert Path(f"{path}-wal").stat().st_size > 0
+    wal = Path(f"{path}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
