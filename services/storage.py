@@ -129,7 +129,10 @@ class Breaker(Protocol):
     """The part of a circuit breaker the store uses (resilience/breakers.py provides one)."""
 
     async def call(
-        self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None  # noqa: ASYNC109
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> T: ...
 
 
@@ -462,19 +465,19 @@ class SqliteStore:
         encoded = json.dumps(payload, separators=(",", ":"))
 
         async def body(db: aiosqlite.Connection) -> QueueItem:
-            cur = await db.execute(
+            if dedup_key is not None:  # looked up first (inside BEGIN IMMEDIATE) so a replay burns no id
+                sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE dedup_key = ?"
+                async with db.execute(sql, (dedup_key,)) as cur:
+                    existing = await cur.fetchone()
+                if existing is not None:
+                    return _item(existing)
+            async with db.execute(
                 "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
                 "next_attempt_at, dedup_key) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?) "
-                "ON CONFLICT (dedup_key) DO NOTHING",
+                f"RETURNING {_QUEUE_COLUMNS}",
                 (kind.value, conversation_key, encoded, now, now, dedup_key),
-            )
-            if cur.rowcount == 1:
-                item_id = cur.lastrowid
-                assert item_id is not None
-                return await self._get(db, item_id)
-            sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE dedup_key = ?"
-            async with db.execute(sql, (dedup_key,)) as c:
-                row = await c.fetchone()
+            ) as cur:
+                row = await cur.fetchone()
             assert row is not None
             return _item(row)
 
@@ -602,6 +605,116 @@ class SqliteStore:
                 return None
 
         return await self._run("get", body, write=False)
+
+    # -- the pipeline's operations: acceptance and requeueing, each one transaction ---------
+
+    async def accept(
+        self,
+        message_id: str | int,
+        kind: ItemKind,
+        conversation_key: str,
+        payload: dict[str, Any],
+        *,
+        now: float,
+        lease_seconds: float,
+        claim: bool = True,
+    ) -> QueueItem | None:
+        """Accept a message durably: mark its id processed and store its work item, atomically.
+
+        Returns None when the id was already processed (a replay). The item is claimed by the
+        caller (with a lease, so a crash hands it to the drain) when ``claim`` and the
+        conversation has nothing pending; otherwise it waits, pending, behind its conversation.
+        """
+        kind = ItemKind(kind)
+        encoded = json.dumps(payload, separators=(",", ":"))
+
+        async def body(db: aiosqlite.Connection) -> QueueItem | None:
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO processed (message_id, processed_at) VALUES (?, ?)",
+                (str(message_id), now),
+            )
+            if cur.rowcount != 1:
+                return None
+            async with db.execute(
+                "SELECT 1 FROM queue WHERE conversation_key = ? AND state = 'pending' LIMIT 1",
+                (conversation_key,),
+            ) as c:
+                backlog = await c.fetchone() is not None
+            claimed = claim and not backlog
+            cur = await db.execute(
+                "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
+                "next_attempt_at, lease_until, dedup_key) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
+                (
+                    kind.value,
+                    conversation_key,
+                    encoded,
+                    "claimed" if claimed else "pending",
+                    now,
+                    now,
+                    now + lease_seconds if claimed else None,
+                    f"msg:{message_id}",
+                ),
+            )
+            assert cur.lastrowid is not None
+            return await self._get(db, cur.lastrowid)
+
+        return await self._run("accept", body)
+
+    async def requeue(
+        self,
+        item_id: int,
+        *,
+        error: str,
+        next_attempt_at: float,
+        count_attempt: bool = True,
+        kind: ItemKind | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> QueueItem:
+        """Return a claimed item to pending, optionally as another kind with a new payload.
+
+        It keeps its id, so it keeps its place at the head of its conversation. ``count_attempt``
+        is False when the item was not really tried (an open breaker, a busy conversation).
+        """
+        sets = ["state = 'pending'", "lease_until = NULL", "last_error = ?", "next_attempt_at = ?"]
+        args: list[Any] = [error, next_attempt_at]
+        if count_attempt:
+            sets.append("attempts = attempts + 1")
+        if kind is not None:
+            sets.append("kind = ?")
+            args.append(ItemKind(kind).value)
+        if payload is not None:
+            sets.append("payload = ?")
+            args.append(json.dumps(payload, separators=(",", ":")))
+        return await self._set_state("requeue", item_id, ", ".join(sets), tuple(args))
+
+    async def update_payload(self, item_id: int, payload: dict[str, Any]) -> QueueItem:
+        """Replace an item's payload (e.g. to remember that its user was told it is queued)."""
+        return await self._set_state(
+            "update_payload", item_id, "payload = ?", (json.dumps(payload, separators=(",", ":")),)
+        )
+
+    async def has_pending_before(self, conversation_key: str, item_id: int) -> bool:
+        """True when an older item of this conversation is still pending (it must go first)."""
+
+        async def body(db: aiosqlite.Connection) -> bool:
+            async with db.execute(
+                "SELECT 1 FROM queue WHERE conversation_key = ? AND state = 'pending' AND id < ? LIMIT 1",
+                (conversation_key, item_id),
+            ) as cur:
+                return await cur.fetchone() is not None
+
+        return await self._run("has_pending_before", body, write=False)
+
+    async def release_claims(self) -> int:
+        """Return every claimed item to pending: at start-up, all claims belong to a dead process."""
+
+        async def body(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "UPDATE queue SET state = 'pending', lease_until = NULL WHERE state = 'claimed'"
+            )
+            return cur.rowcount
+
+        return await self._run("release_claims", body)
 
     async def _set_state(
         self, operation: str, item_id: int, assignments: str, args: tuple[Any, ...]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from resilience.degradation import DurableQueue, ItemKind, ItemState
 from services.storage import QueueItemNotFoundError, SqliteStore
@@ -189,3 +193,117 @@ async def test_two_connections_claiming_concurrently_never_get_the_same_item(tmp
         await asyncio.gather(worker(one), worker(two))
         assert len(seen) == 60 and len(set(seen)) == 60
         assert (await one.stats(now=T0)).pending() == 0
+
+
+# -- model-based: random operation sequences against a plain-Python model of the semantics ------
+
+LEASE = 20.0
+_op = st.one_of(
+    st.tuples(st.just("enqueue"), st.sampled_from([IN, OUT]), st.sampled_from("ab"),
+              st.sampled_from([None, "k0", "k1", "k2"])),
+    st.tuples(st.just("claim"), st.sampled_from([None, IN, OUT]), st.integers(1, 3)),
+    st.tuples(st.sampled_from(["complete", "fail", "dead_letter"]), st.integers(1, 12), st.integers(0, 30)),
+    st.tuples(st.just("expire"), st.integers(5, 60)),
+    st.tuples(st.just("advance"), st.integers(0, 25)),
+)
+
+
+class QueueModel:
+    """The queue's documented semantics, with no SQL: the reference the store must match."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.next_id = 1
+
+    def enqueue(self, kind: ItemKind, key: str, dedup: str | None, now: float) -> int:
+        for item_id, row in self.rows.items():
+            if dedup is not None and row["dedup_key"] == dedup:
+                return item_id
+        self.rows[self.next_id] = {
+            "kind": kind, "conversation_key": key, "state": ItemState.PENDING, "attempts": 0,
+            "created_at": now, "next_attempt_at": now, "lease_until": None, "dedup_key": dedup,
+        }
+        self.next_id += 1
+        return self.next_id - 1
+
+    def reap(self, now: float) -> None:
+        for row in self.rows.values():
+            if row["state"] is ItemState.CLAIMED and row["lease_until"] <= now:
+                row["state"], row["lease_until"] = ItemState.PENDING, None
+
+    def claim(self, kind: ItemKind | None, limit: int, now: float) -> list[int]:
+        self.reap(now)
+        heads: dict[str, int] = {}
+        for item_id in sorted(self.rows):
+            row = self.rows[item_id]
+            if row["state"] in (ItemState.PENDING, ItemState.CLAIMED):
+                heads.setdefault(row["conversation_key"], item_id)
+        due = sorted(
+            i for i in heads.values()
+            if self.rows[i]["state"] is ItemState.PENDING and self.rows[i]["next_attempt_at"] <= now
+            and (kind is None or self.rows[i]["kind"] is kind)
+        )[:limit]
+        for i in due:
+            self.rows[i]["state"], self.rows[i]["lease_until"] = ItemState.CLAIMED, now + LEASE
+        return due
+
+    def expire(self, max_age: float, now: float) -> list[int]:
+        self.reap(now)
+        gone = [i for i, r in sorted(self.rows.items())
+                if r["state"] is ItemState.PENDING and r["created_at"] < now - max_age]
+        for i in gone:
+            self.rows[i]["state"] = ItemState.EXPIRED
+        return gone
+
+
+async def _replay(path: Path, ops: list[tuple[Any, ...]]) -> None:
+    model, now = QueueModel(), T0
+    async with SqliteStore(path) as store:
+        for op in ops:
+            name = op[0]
+            if name == "enqueue":
+                item = await store.enqueue(op[1], op[2], {}, now=now, dedup_key=op[3])
+                assert item.id == model.enqueue(op[1], op[2], op[3], now)
+            elif name == "claim":
+                got = await store.claim(now=now, lease_seconds=LEASE, kind=op[1], limit=op[2])
+                assert [i.id for i in got] == model.claim(op[1], op[2], now)
+            elif name in ("complete", "fail", "dead_letter"):
+                item_id, row = op[1], model.rows.get(op[1])
+                if row is None:
+                    with pytest.raises(QueueItemNotFoundError):
+                        await store.complete(item_id)
+                    continue
+                if name == "complete":
+                    await store.complete(item_id)
+                    row["state"] = ItemState.DONE
+                elif name == "fail":
+                    await store.fail(item_id, "x", next_attempt_at=now + op[2])
+                    row.update(state=ItemState.PENDING, attempts=row["attempts"] + 1)
+                    row["next_attempt_at"] = now + op[2]
+                else:
+                    await store.dead_letter(item_id, "x")
+                    row["state"] = ItemState.DEAD
+                row["lease_until"] = None
+            elif name == "expire":
+                got = await store.expire(now=now, max_age=op[1])
+                assert [i.id for i in got] == model.expire(op[1], now)
+            else:
+                now += op[1]
+            actual = {
+                i.id: (i.kind, i.conversation_key, i.state, i.attempts, i.next_attempt_at, i.lease_until)
+                for i in await store.list(limit=1000)
+            }
+            expected = {
+                i: (r["kind"], r["conversation_key"], r["state"], r["attempts"], r["next_attempt_at"],
+                    r["lease_until"])
+                for i, r in model.rows.items()
+            }
+            assert actual == expected
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, max_size=30))
+def test_random_operation_sequences_match_the_model(ops: list[tuple[Any, ...]], tmp_path: Path) -> None:
+    """FIFO per conversation, leases, attempts, dedup and expiry agree with ``QueueModel``."""
+    path = tmp_path / f"model-{uuid.uuid4().hex}.sqlite3"
+    asyncio.run(_replay(path, ops))
