@@ -6,9 +6,10 @@ One database file in WAL mode, opened through aiosqlite. Durability choice: ``sy
 is in the OS page cache once ``COMMIT`` returns) and is faster; only power loss could lose the
 last commits. ``bench/bench_storage.py`` measures both; pass ``synchronous="NORMAL"`` to trade.
 
-Every public operation is one transaction under ``asyncio.timeout(statement_timeout)``
-(raising ``CallTimeoutError``) and, when a breaker is given, runs through ``breaker.call``.
-Writes start with ``BEGIN IMMEDIATE`` so two processes never claim the same queue item.
+Every public write is one transaction, every read one statement, each under
+``asyncio.timeout(statement_timeout)`` (raising ``CallTimeoutError``) and, when a breaker is
+given, run through ``breaker.call``. Writes start with ``BEGIN IMMEDIATE`` so two processes
+never claim the same queue item.
 A timeout on ``COMMIT`` itself is an ambiguous outcome (the commit may have landed); callers
 retry, and ``dedup_key`` / ``mark_processed`` make the retries idempotent.
 """
@@ -181,6 +182,17 @@ def _item(row: Sequence[Any]) -> QueueItem:
     )
 
 
+async def _one(db: aiosqlite.Connection, sql: str, args: Any = ()) -> sqlite3.Row | None:
+    """The first row of a statement, in one hop to aiosqlite's thread (not three)."""
+    rows = await db.execute_fetchall(sql, args)
+    return next(iter(rows), None)
+
+
+async def _all(db: aiosqlite.Connection, sql: str, args: Any = ()) -> builtins.list[sqlite3.Row]:
+    """All rows of a statement, in one hop to aiosqlite's thread."""
+    return builtins.list(await db.execute_fetchall(sql, args))
+
+
 Body = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 
@@ -235,8 +247,7 @@ class SqliteStore:
         slice_ms = min(BUSY_SLICE_MS, self.busy_timeout_ms)
         db = await aiosqlite.connect(self.path, isolation_level=None, timeout=slice_ms / 1000)
         try:
-            async with db.execute("PRAGMA journal_mode = WAL") as cur:
-                row = await cur.fetchone()
+            row = await _one(db, "PRAGMA journal_mode = WAL")
             if row is None or str(row[0]).lower() != "wal":
                 raise StorageError(f"could not switch {self.path} to WAL (got {row!r})")
             await db.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -281,8 +292,7 @@ class SqliteStore:
         await db.execute("BEGIN IMMEDIATE")
         try:
             await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
-                row = await cur.fetchone()
+            row = await _one(db, "SELECT MAX(version) FROM schema_version")
             current = int(row[0]) if row and row[0] is not None else 0
             if current > SCHEMA_VERSION:
                 raise SchemaTooNewError(self.path, current, SCHEMA_VERSION)
@@ -299,8 +309,7 @@ class SqliteStore:
         """The version recorded in the database."""
 
         async def body(db: aiosqlite.Connection) -> int:
-            async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
-                row = await cur.fetchone()
+            row = await _one(db, "SELECT MAX(version) FROM schema_version")
             return int(row[0]) if row and row[0] is not None else 0
 
         return await self._run("schema_version", body, write=False)
@@ -332,9 +341,12 @@ class SqliteStore:
     async def _in_transaction(self, db: aiosqlite.Connection, body: Body[T], write: bool) -> T:
         try:
             # BEGIN inside the try: a timeout while it waits for another writer must still roll back.
-            await self._begin(db, "BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+            # Reads are single statements in autocommit: consistent on their own, two hops cheaper.
+            if write:
+                await self._begin(db, "BEGIN IMMEDIATE")
             result = await body(db)
-            await db.execute("COMMIT")
+            if write:
+                await db.execute("COMMIT")
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 # A timeout or a cancel: stop the statement still running in aiosqlite's thread so
@@ -409,12 +421,13 @@ class SqliteStore:
         """The newest turns, oldest first, within both the message and the character bound."""
 
         async def body(db: aiosqlite.Connection) -> list[Turn]:
-            async with db.execute(
+            rows = await _all(
+                db,
                 "SELECT role, text, created_at, message_id FROM turns WHERE conversation_key = ? "
                 "ORDER BY id DESC LIMIT ?",
                 (key, self.history_max_messages),
-            ) as cur:
-                return [Turn(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+            )
+            return [Turn(r[0], r[1], r[2], r[3]) for r in rows]
 
         newest_first = await self._run("history", body, write=False)
         kept: list[Turn] = []
@@ -467,17 +480,16 @@ class SqliteStore:
         async def body(db: aiosqlite.Connection) -> QueueItem:
             if dedup_key is not None:  # looked up first (inside BEGIN IMMEDIATE) so a replay burns no id
                 sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE dedup_key = ?"
-                async with db.execute(sql, (dedup_key,)) as cur:
-                    existing = await cur.fetchone()
+                existing = await _one(db, sql, (dedup_key,))
                 if existing is not None:
                     return _item(existing)
-            async with db.execute(
+            row = await _one(
+                db,
                 "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
                 "next_attempt_at, dedup_key) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?) "
                 f"RETURNING {_QUEUE_COLUMNS}",
                 (kind.value, conversation_key, encoded, now, now, dedup_key),
-            ) as cur:
-                row = await cur.fetchone()
+            )
             assert row is not None
             return _item(row)
 
@@ -497,26 +509,25 @@ class SqliteStore:
 
         async def body(db: aiosqlite.Connection) -> list[QueueItem]:
             await self._reap_leases(db, now)
-            async with db.execute(
+            heads = await _all(
+                db,
                 f"""SELECT q.id FROM queue q
                 JOIN (SELECT conversation_key, MIN(id) AS head FROM queue
                       WHERE state IN ('pending', 'claimed') GROUP BY conversation_key) h ON q.id = h.head
                 WHERE q.state = 'pending' AND q.next_attempt_at <= :now {kind_filter}
                 ORDER BY q.id LIMIT :limit""",
                 {"now": now, "kind": None if kind is None else ItemKind(kind).value, "limit": limit},
-            ) as cur:
-                ids = [r[0] for r in await cur.fetchall()]
-            if not ids:
-                return []
-            marks = ",".join("?" * len(ids))
-            await db.execute(
-                f"UPDATE queue SET state = 'claimed', lease_until = ? WHERE id IN ({marks})",
-                (lease_until, *ids),
             )
-            async with db.execute(
-                f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id IN ({marks}) ORDER BY id", ids
-            ) as cur:
-                return [_item(r) for r in await cur.fetchall()]
+            if not heads:
+                return []
+            marks = ",".join("?" * len(heads))
+            rows = await _all(
+                db,
+                f"UPDATE queue SET state = 'claimed', lease_until = ? WHERE id IN ({marks}) "
+                f"RETURNING {_QUEUE_COLUMNS}",
+                (lease_until, *(r[0] for r in heads)),
+            )
+            return sorted((_item(r) for r in rows), key=lambda item: item.id)
 
         return await self._run("claim", body)
 
@@ -546,12 +557,12 @@ class SqliteStore:
 
         async def body(db: aiosqlite.Connection) -> list[QueueItem]:
             await self._reap_leases(db, now)
-            async with db.execute(
+            rows = await _all(
+                db,
                 f"UPDATE queue SET state = 'expired' WHERE state = 'pending' AND created_at < ? "
                 f"RETURNING {_QUEUE_COLUMNS}",
                 (cutoff,),
-            ) as cur:
-                rows = await cur.fetchall()
+            )
             return sorted((_item(r) for r in rows), key=lambda item: item.id)
 
         return await self._run("expire", body)
@@ -560,12 +571,12 @@ class SqliteStore:
         """1-based position among pending inbound+outbound items (0 if not pending)."""
 
         async def body(db: aiosqlite.Connection) -> int:
-            async with db.execute(
+            row = await _one(
+                db,
                 "SELECT CASE WHEN (SELECT state FROM queue WHERE id = :id) = 'pending' "
                 "THEN (SELECT COUNT(*) FROM queue WHERE state = 'pending' AND id <= :id) ELSE 0 END",
                 {"id": item_id},
-            ) as cur:
-                row = await cur.fetchone()
+            )
             return int(row[0]) if row else 0
 
         return await self._run("position", body, write=False)
@@ -574,11 +585,14 @@ class SqliteStore:
         """Depth by (kind, state) and the age of the oldest pending item."""
 
         async def body(db: aiosqlite.Connection) -> QueueStats:
-            async with db.execute("SELECT kind, state, COUNT(*) FROM queue GROUP BY kind, state") as cur:
-                depth = {(ItemKind(k), ItemState(s)): n for k, s, n in await cur.fetchall()}
-            async with db.execute("SELECT MIN(created_at) FROM queue WHERE state = 'pending'") as cur:
-                row = await cur.fetchone()
-            oldest = None if row is None or row[0] is None else max(0.0, now - row[0])
+            # One statement, so depth and age come from the same snapshot without a transaction.
+            rows = await _all(
+                db,
+                "SELECT kind, state, COUNT(*), MIN(created_at) FROM queue GROUP BY kind, state",
+            )
+            depth = {(ItemKind(k), ItemState(s)): n for k, s, n, _ in rows}
+            pending = [first for _, s, _, first in rows if s == ItemState.PENDING.value]
+            oldest = max(0.0, now - min(pending)) if pending else None
             return QueueStats(depth=depth, oldest_pending_age=oldest)
 
         return await self._run("stats", body, write=False)
@@ -635,11 +649,11 @@ class SqliteStore:
             )
             if cur.rowcount != 1:
                 return None
-            async with db.execute(
+            backlog = await _one(
+                db,
                 "SELECT 1 FROM queue WHERE conversation_key = ? AND state = 'pending' LIMIT 1",
                 (conversation_key,),
-            ) as c:
-                backlog = await c.fetchone() is not None
+            ) is not None
             claimed = claim and not backlog
             cur = await db.execute(
                 "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
@@ -697,11 +711,11 @@ class SqliteStore:
         """True when an older item of this conversation is still pending (it must go first)."""
 
         async def body(db: aiosqlite.Connection) -> bool:
-            async with db.execute(
+            return await _one(
+                db,
                 "SELECT 1 FROM queue WHERE conversation_key = ? AND state = 'pending' AND id < ? LIMIT 1",
                 (conversation_key, item_id),
-            ) as cur:
-                return await cur.fetchone() is not None
+            ) is not None
 
         return await self._run("has_pending_before", body, write=False)
 
@@ -720,10 +734,10 @@ class SqliteStore:
         self, operation: str, item_id: int, assignments: str, args: tuple[Any, ...]
     ) -> QueueItem:
         async def body(db: aiosqlite.Connection) -> QueueItem:
-            async with db.execute(
+            row = await _one(
+                db,
                 f"UPDATE queue SET {assignments} WHERE id = ? RETURNING {_QUEUE_COLUMNS}", (*args, item_id)
-            ) as cur:
-                row = await cur.fetchone()
+            )
             if row is None:
                 raise QueueItemNotFoundError(item_id)
             return _item(row)
@@ -732,8 +746,7 @@ class SqliteStore:
 
     @staticmethod
     async def _get(db: aiosqlite.Connection, item_id: int) -> QueueItem:
-        async with db.execute(f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id = ?", (item_id,)) as cur:
-            row = await cur.fetchone()
+        row = await _one(db, f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id = ?", (item_id,))
         if row is None:
             raise QueueItemNotFoundError(item_id)
         return _item(row)
@@ -765,8 +778,8 @@ class SqliteStore:
         """Whether a message was already answered."""
 
         async def body(db: aiosqlite.Connection) -> bool:
-            async with db.execute("SELECT 1 FROM processed WHERE message_id = ?", (str(message_id),)) as cur:
-                return await cur.fetchone() is not None
+            row = await _one(db, "SELECT 1 FROM processed WHERE message_id = ?", (str(message_id),))
+            return row is not None
 
         return await self._run("is_processed", body, write=False)
 
@@ -805,8 +818,7 @@ class SqliteStore:
             else:
                 sql = "SELECT id, kind, data, created_at FROM events WHERE kind = ? ORDER BY id DESC LIMIT ?"
                 args = (kind, limit)  # type: ignore[assignment]
-            async with db.execute(sql, args) as cur:
-                return [Event(r[0], r[1], json.loads(r[2]), r[3]) for r in await cur.fetchall()]
+            return [Event(r[0], r[1], json.loads(r[2]), r[3]) for r in await _all(db, sql, args)]
 
         return await self._run("recent_events", body, write=False)
 
@@ -821,7 +833,6 @@ class SqliteStore:
             else:
                 sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE state = ? ORDER BY id LIMIT ?"
                 args = (ItemState(state).value, limit)  # type: ignore[assignment]
-            async with db.execute(sql, args) as cur:
-                return [_item(r) for r in await cur.fetchall()]
+            return [_item(r) for r in await _all(db, sql, args)]
 
         return await self._run("list", body, write=False)

@@ -149,7 +149,7 @@ def test_queue_survives_110_sigkills_with_nothing_lost_or_claimed_twice(tmp_path
     child.join(5)
     _check(db_path, _read_log(log_path))
     log = _read_log(log_path)
-    assert len(log.enqueued) > 3 * KILLS, "the children did too little work for the kills to mean much"
+    assert len(log.enqueued) > 2 * KILLS, "the children did too little work for the kills to mean much"
     assert len(log.done) > KILLS
     # some kills landed between a claim and its completion, and a later run took the item back
     assert any(len(runs) > 1 for runs in log.claims.values())
