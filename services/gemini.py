@@ -27,7 +27,7 @@ from google.genai import types
 
 from resilience.breakers import Breaker, BreakerState, Lease, describe_error
 from resilience.clock import Clock
-from resilience.errors import CircuitOpenError, Classification, RetryHintTooLongError, classify
+from resilience.errors import Category, CircuitOpenError, Classification, RetryHintTooLongError, classify
 from resilience.retries import RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.metrics import Metrics
@@ -41,6 +41,8 @@ PING_PERSONA = "You are a health check. Answer in one short sentence."
 # so the breaker sees a CallTimeoutError with our operation name.
 SDK_TIMEOUT_MARGIN = 5.0
 
+# Failures caused by one request's content, not by Gemini's health: the breaker ignores them.
+_PER_REQUEST = frozenset({Category.INVALID_INPUT, Category.TOO_LARGE})
 # Finish reasons that mean "Gemini refused", as opposed to "Gemini stopped" (STOP, MAX_TOKENS).
 _REFUSALS = frozenset(
     {
@@ -234,10 +236,14 @@ class GeminiService:
         connection errors, ``json.JSONDecodeError``), ``CallTimeoutError``,
         ``CircuitOpenError``, ``RetryHintTooLongError``, ``QuotaExhaustedError``, or
         ``GeminiStoppedError`` when the service is not running. ``classify`` routes them all.
+        A 400/413 about this request's content is not counted by the breaker. Raises
+        ``ValueError`` (a caller's bug) when there is no text to send at all.
         """
         contents = build_contents(history, prompt)
+        if not contents:
+            raise ValueError("nothing to send: the prompt and the history are empty")
         config = types.GenerateContentConfig(
-            system_instruction=persona or self.persona,
+            system_instruction=persona or self.persona or None,
             max_output_tokens=self.max_output_tokens,
         )
         return await self.retry.call(lambda: self._attempt(contents, config))
@@ -290,9 +296,10 @@ class GeminiService:
         except Exception as exc:
             verdict = classify(exc, now=self._clock.time())
             # Settle the lease first: nothing below may leave a half-open probe unreported.
-            if verdict.daily_quota:
-                # One model's quota says nothing about Gemini's health: do not count it. When
-                # every model is used up, _attempt forces the breaker open instead.
+            if verdict.daily_quota or verdict.category in _PER_REQUEST:
+                # Neither says anything about Gemini's health, so neither counts: one user's
+                # oversized messages must not open the breaker for everyone, and when every
+                # model's quota is used up _attempt forces the breaker open instead.
                 lease.release()
             else:
                 lease.record_failure(exc)

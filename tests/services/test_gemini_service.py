@@ -318,6 +318,18 @@ async def test_daily_quota_on_the_primary_is_answered_by_the_fallback_then_the_p
     assert (await service.generate("hello")).model == MODEL  # back to the primary after its reset
 
 
+async def test_a_503_on_the_fallback_is_retried_on_the_fallback_without_asking_the_exhausted_primary(
+    emu, harness
+):
+    service = await harness.service(fallback=[FALLBACK])
+    emu.faults.add("quota_daily", target=MODEL, retry_delay="7200s")
+    emu.faults.add("503", target=FALLBACK, count=1)
+    reply = await service.generate("hello")
+    assert reply.ok and reply.model == FALLBACK
+    assert (generate_requests(emu, MODEL), generate_requests(emu, FALLBACK)) == (1, 2)
+    assert len(harness.clock.sleeps) == 1
+
+
 async def test_daily_quota_on_every_model_opens_the_breaker_until_the_first_reset(emu, harness):
     service = await harness.service(fallback=[FALLBACK])
     emu.faults.add("quota_daily", target=MODEL, retry_delay="7200s")
@@ -404,6 +416,25 @@ async def test_a_wrong_key_is_a_400_classified_as_auth_and_not_retried(emu, harn
     assert verdict.category is Category.AUTH and not verdict.retryable
     assert "credentials for Gemini" in verdict.user_message
     assert generate_requests(emu) == 1 and harness.clock.sleeps == []
+
+
+async def test_bad_requests_about_one_messages_content_never_open_the_breaker(emu, harness):
+    service = await harness.service(fail_max=2)
+    emu.faults.add("400", count=3)
+    for _ in range(3):
+        with pytest.raises(errors.ClientError) as info:
+            await service.generate("hello")
+        assert classify(info.value).category is Category.INVALID_INPUT
+    assert service.breaker.state is BreakerState.CLOSED and service.breaker.failures == 0
+    assert generate_requests(emu) == 3 and harness.clock.sleeps == []
+    assert (await service.generate("hello")).ok
+
+
+async def test_nothing_to_send_is_a_value_error_before_any_request(emu, harness):
+    service = await harness.service()
+    with pytest.raises(ValueError):
+        await service.generate("", [Turn("model", "only an answer", 0)])
+    assert generate_requests(emu) == 0
 
 
 # metrics and lifecycle
