@@ -1,0 +1,319 @@
+"""Everything the bot writes to Discord, behind one circuit breaker per operation.
+
+``DiscordIO`` sends, edits, reacts and shows the typing indicator through the breakers
+``discord.send``, ``discord.edit``, ``discord.react`` and ``discord.typing``. Why one per
+operation: Discord rate-limits and fails them separately, and a reaction outage must not
+stop answers.
+
+Only transient failures (5xx, 429, timeouts, dropped connections) count towards opening a
+breaker. Permanent ones (403 Missing Permissions, 404 Unknown Channel, 400 too long) are a
+fact about one channel or one message, not about Discord: a bot muted in one channel must
+keep answering in all the others, so those are excluded and count neither way.
+
+There is no retry loop here. discord.py already retries 429s (with ``Via``) and one 500;
+the durable outbound queue is the bot's retry for everything else, so a failed send raises
+the original discord.py exception for the pipeline to classify and queue.
+
+Every message goes out with ``allowed_mentions_for(mention_user)``: "@everyone", "@here" and
+role mentions in Gemini's text never ping anyone, and a user is pinged only when we reply
+to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import discord
+import structlog
+
+from resilience.breakers import Breaker, BreakerBoard
+from resilience.clock import Clock, SystemClock
+from resilience.errors import Category, classify
+
+if TYPE_CHECKING:
+    from services.metrics import Metrics
+
+T = TypeVar("T")
+
+OPERATIONS = ("send", "edit", "react", "typing")
+"""The Discord operations that have a breaker each, named ``discord.<operation>``."""
+
+log = structlog.get_logger(__name__)
+
+Reference = discord.Message | discord.PartialMessage | discord.MessageReference
+
+
+def allowed_mentions_for(user: discord.abc.Snowflake | None = None) -> discord.AllowedMentions:
+    """Mentions a bot message may trigger: nobody, or only ``user`` (also as the replied-to author).
+
+    ``@everyone``, ``@here`` and role mentions never ping, whatever the text says. Use
+    ``allowed_mentions_for(None)`` (same as ``AllowedMentions.none()``) as the client default.
+    """
+    return discord.AllowedMentions(
+        everyone=False,
+        roles=False,
+        users=[user] if user is not None else False,
+        replied_user=user is not None,
+    )
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Breaker exclusion: True for failures that retrying cannot fix (``classify`` says not retryable)."""
+    return not classify(exc).retryable
+
+
+class PartialDeliveryError(Exception):
+    """Some chunks of an answer reached Discord and the rest did not.
+
+    ``sent`` holds the delivered messages in order, ``remaining`` the chunks still to send
+    (queue only these), ``cause`` the exception that stopped delivery (also ``__cause__``;
+    classify ``cause``, not this error, to decide between queueing and giving up).
+    """
+
+    def __init__(self, sent: list[discord.Message], remaining: list[str], cause: BaseException) -> None:
+        total = len(sent) + len(remaining)
+        super().__init__(f"delivered {len(sent)} of {total} chunks; stopped by {type(cause).__name__}")
+        self.sent = sent
+        self.remaining = remaining
+        self.cause = cause
+
+
+class DiscordIO:
+    """Discord writes behind per-operation breakers, with safe mentions; a registry service.
+
+    ``board`` gets the breakers ``discord.send``/``edit``/``react``/``typing`` if it does not
+    have them yet (created with ``is_permanent`` excluded; breakers made beforehand are used
+    as they are). ``timeout`` (seconds, None for none) bounds each call inside its breaker,
+    so a hung request counts as a failure. ``typing_interval`` is how often the typing
+    indicator is renewed (Discord shows it for 10 s); ``clock`` times those renewals.
+    """
+
+    name = "discord_io"
+    depends_on: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        board: BreakerBoard,
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock | None = None,
+        timeout: float | None = 15.0,
+        typing_interval: float = 7.0,
+    ) -> None:
+        self._board = board
+        self._metrics = metrics
+        self._clock = clock or SystemClock()
+        self._timeout = timeout
+        self._typing_interval = typing_interval
+        self._breakers: dict[str, Breaker] = {}
+        for operation in OPERATIONS:
+            name = f"discord.{operation}"
+            if name not in board:
+                board.add(name, exclude=[is_permanent])
+                if metrics is not None:
+                    metrics.set_breaker_state(name, board[name].state)
+            self._breakers[operation] = board[name]
+        self.errors: Counter[tuple[str, str]] = Counter()
+        """Failures by ``(operation, category)``, for health views and tests."""
+
+    # -- service protocol --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Nothing to open: discord.py owns the HTTP session."""
+
+    async def stop(self) -> None:
+        """Nothing to close."""
+
+    def health(self) -> dict[str, Any]:
+        """Not ok while ``discord.send`` is open; every breaker's state and the failure counts."""
+        return {
+            "ok": self._breakers["send"].state != "open",
+            "breakers": {b.name: str(b.state) for b in self._breakers.values()},
+            "errors": {f"{op}.{category}": n for (op, category), n in sorted(self.errors.items())},
+        }
+
+    # -- operations --------------------------------------------------------------------
+
+    async def send(
+        self,
+        channel: discord.abc.Messageable,
+        content: str,
+        *,
+        reply_to: Reference | None = None,
+        mention_user: discord.abc.Snowflake | None = None,
+        embed: discord.Embed | None = None,
+    ) -> discord.Message:
+        """Send ``content`` to ``channel`` through ``discord.send`` and return the message.
+
+        With ``reply_to`` the message is a reply that still goes out if the original was
+        deleted meanwhile. Only ``mention_user`` can be pinged. Raises discord.py's
+        exception (``HTTPException`` family, ``aiohttp.ClientError``), ``CallTimeoutError``
+        or ``CircuitOpenError``; the caller classifies and queues.
+        """
+        kwargs: dict[str, Any] = {"allowed_mentions": allowed_mentions_for(mention_user)}
+        if reply_to is not None:
+            kwargs["reference"] = _lenient(reply_to)
+        if embed is not None:
+            kwargs["embed"] = embed
+        return await self._guard("send", _channel_id(channel), channel.send, content, **kwargs)
+
+    async def send_chunks(
+        self,
+        channel: discord.abc.Messageable,
+        chunks: Sequence[str],
+        *,
+        reply_to: Reference | None = None,
+        mention_user: discord.abc.Snowflake | None = None,
+    ) -> list[discord.Message]:
+        """Send an answer split into chunks, in order; the first replies to ``reply_to``.
+
+        Only the first chunk may ping ``mention_user``. If the first chunk fails, its
+        exception propagates unchanged (nothing was delivered). If a later one fails,
+        raises ``PartialDeliveryError`` (chained to the cause) with what was sent and what
+        remains. Do not cancel a delivery part-way: a cancellation carries no progress.
+        """
+        sent: list[discord.Message] = []
+        for index, chunk in enumerate(chunks):
+            try:
+                if index == 0:
+                    message = await self.send(channel, chunk, reply_to=reply_to, mention_user=mention_user)
+                else:
+                    message = await self.send(channel, chunk)
+            except Exception as exc:
+                if not sent:
+                    raise
+                raise PartialDeliveryError(sent, list(chunks[index:]), exc) from exc
+            sent.append(message)
+        return sent
+
+    async def edit(
+        self,
+        message: discord.Message | discord.PartialMessage,
+        content: str,
+        *,
+        mention_user: discord.abc.Snowflake | None = None,
+    ) -> discord.Message:
+        """Replace ``message``'s content through ``discord.edit``; raises like ``send``."""
+        return await self._guard(
+            "edit",
+            message.channel.id,
+            message.edit,
+            content=content,
+            allowed_mentions=allowed_mentions_for(mention_user),
+        )
+
+    async def react(self, message: discord.Message | discord.PartialMessage, emoji: str) -> bool:
+        """Add a reaction through ``discord.react``; True if it was added.
+
+        Reactions are cosmetic: every failure is logged and counted, never raised (only
+        cancellation propagates).
+        """
+        try:
+            await self._guard("react", message.channel.id, message.add_reaction, emoji)
+        except Exception:
+            return False  # already logged and counted by _guard
+        return True
+
+    @contextlib.asynccontextmanager
+    async def typing(self, channel: discord.abc.Messageable) -> AsyncIterator[None]:
+        """Show the typing indicator while the block runs; it can never fail the block.
+
+        A background task sends the indicator at once and every ``typing_interval`` seconds
+        through ``discord.typing``; its errors are logged and counted, and a permanent one
+        (no permission to type here) stops the renewals. Entering never waits on Discord.
+        """
+        task = asyncio.create_task(self._keep_typing(channel), name=f"typing:{_channel_id(channel)}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            # Wait briefly so the request is not left running; a cancellation of the block
+            # itself still propagates out of asyncio.wait.
+            await asyncio.wait({task}, timeout=1.0)
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _keep_typing(self, channel: discord.abc.Messageable) -> None:
+        """Renew the typing indicator until cancelled; swallow (log and count) every failure."""
+        channel_id = _channel_id(channel)
+        while True:
+            try:
+                await self._guard("typing", channel_id, _send_typing, channel)
+            except Exception as exc:
+                if is_permanent(exc):
+                    return  # no permission to type here: it will not heal while we answer
+            await self._clock.sleep(self._typing_interval)
+
+    async def _guard(
+        self,
+        operation: str,
+        channel_id: int | None,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``fn`` through the operation's breaker and timeout; record any failure, then re-raise."""
+        try:
+            return await self._breakers[operation].call(fn, *args, timeout=self._timeout, **kwargs)
+        except Exception as exc:
+            self._record_failure(operation, channel_id, exc)
+            raise
+
+    def _record_failure(self, operation: str, channel_id: int | None, exc: Exception) -> None:
+        """Count by operation and category; log without message content."""
+        verdict = classify(exc)
+        category = verdict.category
+        self.errors[(operation, str(category))] += 1
+        if self._metrics is not None:
+            self._metrics.errors.labels(category=category).inc()
+        fields = {
+            "operation": operation,
+            "channel_id": channel_id,
+            "category": str(category),
+            "code": verdict.code,
+            "discord_code": getattr(exc, "code", None) if isinstance(exc, discord.HTTPException) else None,
+            "error": type(exc).__name__,
+        }
+        if category is Category.CIRCUIT_OPEN:
+            log.debug("discord.rejected", **fields)  # one line per rejected call would flood an outage
+        elif verdict.retryable:
+            log.info("discord.transient_failure", **fields)
+        elif category is Category.INTERNAL:
+            log.warning("discord.unexpected_failure", **fields)
+        else:
+            log.warning("discord.permanent_failure", **fields)
+
+
+async def _send_typing(channel: discord.abc.Messageable) -> None:
+    """One typing request (discord.py shows it for 10 s)."""
+    await channel.typing()
+
+
+def _lenient(reference: Reference) -> discord.MessageReference:
+    """A reply reference that does not fail the send when the original message is gone."""
+    if isinstance(reference, discord.MessageReference):
+        if not reference.fail_if_not_exists:
+            return reference
+        if reference.message_id is None:
+            raise ValueError("reply_to must reference a message")
+        return discord.MessageReference(
+            message_id=reference.message_id,
+            channel_id=reference.channel_id,
+            guild_id=reference.guild_id,
+            fail_if_not_exists=False,
+        )
+    return reference.to_reference(fail_if_not_exists=False)
+
+
+def _channel_id(channel: object) -> int | None:
+    """The channel id for logs (a Context or Interaction carries it on ``.channel``)."""
+    channel_id = getattr(channel, "id", None)
+    if isinstance(channel_id, int):
+        return channel_id
+    inner = getattr(channel, "channel", None)
+    channel_id = getattr(inner, "id", None)
+    return channel_id if isinstance(channel_id, int) else None

@@ -1,0 +1,404 @@
+"""DiscordIO against a real, unpatched discord.py bot logged in to the loopback Discord emulator.
+
+Each test starts an emulator, points ``Route.BASE`` / ``DEFAULT_GATEWAY`` at it (restored
+afterwards), logs a ``commands.Bot`` in, and drives ``DiscordIO`` with a breaker board on a
+``FakeClock``; assertions read what the emulator recorded (requests, allowed_mentions, pings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import discord
+import pytest
+import yarl
+from discord.ext import commands
+
+from resilience.breakers import BreakerBoard, BreakerState
+from resilience.clock import FakeClock
+from resilience.errors import CallTimeoutError, CircuitOpenError
+from sandbox.discord_emu import DiscordEmulator
+from services.discord_io import DiscordIO, PartialDeliveryError, allowed_mentions_for, is_permanent
+from services.metrics import Metrics
+
+FAIL_MAX = 3
+BREAKERS = ("discord.send", "discord.edit", "discord.react", "discord.typing")
+
+
+@contextlib.contextmanager
+def pointed_at(emu: DiscordEmulator) -> Iterator[None]:
+    """Point discord.py's REST base and gateway URL at ``emu``; restore them on exit."""
+    old_base, old_gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    discord.http.Route.BASE = emu.api_base
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
+    try:
+        yield
+    finally:
+        discord.http.Route.BASE = old_base
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
+
+
+@dataclass
+class Env:
+    """A logged-in bot, its emulator, a DiscordIO on a FakeClock board, and the metrics it feeds."""
+
+    emu: DiscordEmulator
+    bot: commands.Bot
+    board: BreakerBoard
+    io: DiscordIO
+    metrics: Metrics
+
+    def channel(self, name: str = "general") -> discord.TextChannel:
+        channel = self.bot.get_channel(self.emu.channels[name])
+        assert isinstance(channel, discord.TextChannel)
+        return channel
+
+    async def user_message(self, content: str = "question", user: str = "normal") -> discord.Message:
+        """A message from a member in #general, as discord.py sees it."""
+        data = await self.emu.send_user_message(self.emu.channels["general"], user, content)
+        return await self.channel().fetch_message(int(data["id"]))
+
+    def send_statuses(self) -> list[int | None]:
+        return [r.status for r in self.emu.requests_for("send")]
+
+    def error_count(self, category: str) -> float:
+        value = self.metrics.registry.get_sample_value("bot_errors_total", {"category": category})
+        return value or 0.0
+
+
+@contextlib.asynccontextmanager
+async def make_env(board: BreakerBoard | None = None, **io_kwargs: Any) -> AsyncIterator[Env]:
+    """Emulator + logged-in bot (the client default pings nobody) + DiscordIO (fail_max 3)."""
+    async with DiscordEmulator(heartbeat_interval=0.1) as emu:
+        with pointed_at(emu):
+            intents = discord.Intents.default()
+            intents.members = True
+            intents.message_content = True
+            bot = commands.Bot(
+                command_prefix="!", intents=intents, guild_ready_timeout=0.05,
+                allowed_mentions=allowed_mentions_for(None),
+            )
+            await bot.login(emu.token)
+            task = asyncio.create_task(bot.connect())
+            try:
+                async with asyncio.timeout(5):
+                    await bot.wait_until_ready()
+                board = board or BreakerBoard(FakeClock(), fail_max=FAIL_MAX, reset_timeout=30.0)
+                metrics = Metrics(process_metrics=False)
+                io = DiscordIO(board, metrics=metrics, **io_kwargs)
+                yield Env(emu, bot, board, io, metrics)
+            finally:
+                await bot.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 5)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    """The default environment: FakeClock board, 15 s call timeout, 7 s typing renewals."""
+    async with make_env() as environment:
+        yield environment
+
+
+def test_allowed_mentions_for_pings_nobody_or_only_the_given_user() -> None:
+    """No everyone/roles ever; users and replied_user only for the given user."""
+    assert allowed_mentions_for(None).to_dict() == {"parse": []}
+    assert allowed_mentions_for(discord.Object(42)).to_dict() == {
+        "parse": [], "users": [42], "replied_user": True
+    }
+
+
+async def test_llm_output_with_mass_mentions_pings_only_the_replied_to_user(env: Env) -> None:
+    """@everyone, @here, a role and another user in the text ping nobody; the reply pings its author."""
+    emu = env.emu
+    admin, normal = emu.users["admin"], emu.users["normal"]
+    question = await env.user_message()
+    text = f"@everyone @here <@&{emu.guild_id}> <@{admin}> and <@{normal}>, here is the answer"
+    await env.io.send(env.channel(), text, reply_to=question, mention_user=question.author)
+    await env.io.send(env.channel(), text)  # no reply, nobody to ping
+    replied, plain = emu.sent_messages(emu.channels["general"])
+    assert replied.allowed_mentions == {"parse": [], "users": [normal], "replied_user": True}
+    assert replied.pings == {f"user:{normal}"}
+    assert replied.payload["mention_everyone"] is False and replied.payload["mention_roles"] == []
+    assert plain.allowed_mentions == {"parse": []}
+    assert plain.pings == set()
+
+
+async def test_send_chunks_replies_with_the_first_and_sends_the_rest_in_order(env: Env) -> None:
+    """Three chunks: the first carries the message_reference, the others none, all in order."""
+    question = await env.user_message()
+    messages = await env.io.send_chunks(env.channel(), ["one", "two", "three"], reply_to=question,
+                                        mention_user=question.author)
+    sent = env.emu.sent_messages(env.emu.channels["general"])
+    assert [m.content for m in sent] == ["one", "two", "three"]
+    assert [m.id for m in messages] == [m.id for m in sent]
+    assert sent[0].message_reference is not None
+    assert int(sent[0].message_reference["message_id"]) == question.id
+    assert sent[0].message_reference["fail_if_not_exists"] is False
+    assert [m.message_reference for m in sent[1:]] == [None, None]
+    # only the first chunk may ping the asker
+    assert [m.pings for m in sent] == [{f"user:{env.emu.users['normal']}"}, set(), set()]
+    assert env.io.errors == {}
+
+
+async def test_a_reply_to_a_deleted_message_is_still_delivered(env: Env) -> None:
+    """The user deleted the question while we generated: the answer goes out without failing."""
+    question = await env.user_message()
+    await question.delete()
+    reference = discord.MessageReference(message_id=question.id, channel_id=question.channel.id)
+    assert reference.fail_if_not_exists  # discord.py's default would make Discord refuse the send
+    for reply_to in (question, reference):
+        message = await env.io.send(env.channel(), "late answer", reply_to=reply_to)
+        assert message.content == "late answer"
+    assert env.send_statuses() == [200, 200]
+
+
+async def test_503_raises_discord_server_error_and_is_counted(env: Env) -> None:
+    """A 503 reaches the caller as DiscordServerError (no retry here); breaker, errors, metrics count it."""
+    env.emu.faults.add("503", "send", count=1)
+    with pytest.raises(discord.DiscordServerError):
+        await env.io.send(env.channel(), "hello")
+    breaker = env.board["discord.send"]
+    assert breaker.failures == 1 and breaker.state is BreakerState.CLOSED
+    assert env.io.errors == {("send", "unavailable"): 1}
+    assert env.error_count("unavailable") == 1
+    assert env.send_statuses() == [503]
+    await env.io.send(env.channel(), "hello")  # a success resets the consecutive count
+    assert breaker.failures == 0
+
+
+async def test_fail_max_503s_open_the_send_breaker_and_later_sends_fail_fast(env: Env) -> None:
+    """Three 503s open discord.send: the next send raises CircuitOpenError without reaching Discord,
+    while reactions (their own breaker) still work; health reports not ok."""
+    env.emu.faults.add("503", "send", count=FAIL_MAX)
+    for _ in range(FAIL_MAX):
+        with pytest.raises(discord.DiscordServerError):
+            await env.io.send(env.channel(), "hello")
+    assert env.board["discord.send"].state is BreakerState.OPEN
+    with pytest.raises(CircuitOpenError) as info:
+        await env.io.send(env.channel(), "hello")
+    assert info.value.name == "discord.send" and info.value.remaining == pytest.approx(30.0)
+    assert env.send_statuses() == [503] * FAIL_MAX  # the rejected send never reached the emulator
+    assert env.io.errors[("send", "circuit_open")] == 1
+    question = await env.user_message()
+    assert await env.io.react(question, "👀") is True
+    health = env.io.health()
+    assert health["ok"] is False
+    assert health["breakers"] == {n: "open" if n == "discord.send" else "closed" for n in BREAKERS}
+
+
+async def test_permission_errors_do_not_count_towards_opening_the_breaker(env: Env) -> None:
+    """403s (a channel we may not write in) count neither way: after 2 503s and five 403s, one more
+    503 is what opens the breaker; a 403 on edit (50005) leaves discord.edit untouched."""
+    breaker = env.board["discord.send"]
+    env.emu.faults.add("503", "send", count=2)
+    for _ in range(2):
+        with pytest.raises(discord.DiscordServerError):
+            await env.io.send(env.channel(), "hello")
+    env.emu.faults.add("error", "send", count=5, status=403)
+    for _ in range(5):
+        with pytest.raises(discord.Forbidden):
+            await env.io.send(env.channel(), "hello")
+    assert breaker.state is BreakerState.CLOSED and breaker.failures == 2
+    assert env.io.errors[("send", "permission")] == 5
+    env.emu.faults.add("503", "send", count=1)
+    with pytest.raises(discord.DiscordServerError):
+        await env.io.send(env.channel(), "hello")
+    assert breaker.state is BreakerState.OPEN
+
+    someone_elses = await env.user_message()
+    for _ in range(FAIL_MAX + 1):
+        with pytest.raises(discord.Forbidden) as info:
+            await env.io.edit(someone_elses, "mine now")
+    assert info.value.code == 50005
+    assert env.board["discord.edit"].failures == 0
+    assert env.board["discord.edit"].state is BreakerState.CLOSED
+
+
+def test_is_permanent_follows_classify() -> None:
+    """Breaker exclusion: 4xx-type failures are permanent, 5xx, timeouts and open circuits are not."""
+    assert not is_permanent(CircuitOpenError("discord.send", 1.0))
+    assert not is_permanent(CallTimeoutError("discord.send", 1.0))
+    assert not is_permanent(ConnectionResetError())
+    assert is_permanent(ValueError("bug"))
+
+
+async def test_partial_delivery_reports_what_was_sent_and_what_remains(env: Env) -> None:
+    """The second of three chunks hits a 503: PartialDeliveryError holds the first message and the
+    two remaining chunks, chained to the cause; sending the remainder completes the answer once."""
+    question = await env.user_message()
+    env.emu.faults.add("latency", "send", count=1, seconds=0.0)  # the first send passes untouched
+    env.emu.faults.add("503", "send", count=1)  # the second fails
+    with pytest.raises(PartialDeliveryError) as info:
+        await env.io.send_chunks(env.channel(), ["one", "two", "three"], reply_to=question)
+    err = info.value
+    assert [m.content for m in err.sent] == ["one"]
+    assert err.remaining == ["two", "three"]
+    assert isinstance(err.cause, discord.DiscordServerError) and err.__cause__ is err.cause
+    await env.io.send_chunks(env.channel(), err.remaining)
+    assert [m.content for m in env.emu.sent_messages(env.emu.channels["general"])] == ["one", "two", "three"]
+
+
+async def test_a_failing_first_chunk_raises_the_original_error(env: Env) -> None:
+    """Nothing delivered: the caller gets the discord.py exception itself, not a PartialDeliveryError."""
+    env.emu.faults.add("503", "send", count=1)
+    with pytest.raises(discord.DiscordServerError):
+        await env.io.send_chunks(env.channel(), ["one", "two"])
+    assert env.emu.sent_messages(env.emu.channels["general"]) == []
+
+
+async def test_a_hung_send_times_out_inside_the_breaker() -> None:
+    """A send slower than the timeout raises CallTimeoutError and counts as a breaker failure."""
+    async with make_env(timeout=0.05) as env:
+        env.emu.faults.add("latency", "send", count=1, seconds=0.15)
+        with pytest.raises(CallTimeoutError):
+            await env.io.send(env.channel(), "slow")
+        assert env.board["discord.send"].failures == 1
+        assert env.io.errors == {("send", "timeout"): 1}
+
+
+async def test_edit_goes_through_its_breaker_without_pinging(env: Env) -> None:
+    """edit() replaces the content, with allowed_mentions that ping nobody."""
+    message = await env.io.send(env.channel(), "draft")
+    edited = await env.io.edit(message, "final @everyone")
+    assert edited.content == "final @everyone"
+    [sent] = env.emu.sent_messages(env.emu.channels["general"])
+    [edit] = sent.edits
+    assert (edit["content"], edit["allowed_mentions"]) == ("final @everyone", {"parse": []})
+
+
+async def test_react_adds_the_reaction_and_swallows_failures(env: Env) -> None:
+    """react() returns True when added; a 503 or a 403 returns False, counted, never raised.
+
+    (A dropped connection is no test here: aiohttp itself retries an idempotent PUT once.)"""
+    question = await env.user_message()
+    assert await env.io.react(question, "👀") is True
+    assert env.emu.reactions(question.id) == {"👀": {env.emu.bot_user_id}}
+    env.emu.faults.add("503", "react", count=1)
+    env.emu.faults.add("error", "react", count=1, status=403)
+    assert await env.io.react(question, "✅") is False
+    assert await env.io.react(question, "✅") is False
+    assert env.io.errors == {("react", "unavailable"): 1, ("react", "permission"): 1}
+    assert await env.io.react(question, "✅") is True
+    assert env.board["discord.send"].failures == 0
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """Capture what the event loop would report as unhandled (e.g. 'Task exception was never retrieved')."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        yield seen
+        gc.collect()  # unretrieved task exceptions are reported when the task is collected
+    finally:
+        loop.set_exception_handler(old)
+
+
+async def test_typing_shows_the_indicator_and_renews_it() -> None:
+    """The indicator is sent at once, renewed every typing_interval, and stops when the block ends."""
+    async with make_env(typing_interval=0.01) as env:
+        general = env.emu.channels["general"]
+        async with env.io.typing(env.channel()):
+            await env.emu.wait_until(lambda: len(env.emu.typing) >= 3, timeout=2)
+        count = len(env.emu.typing)
+        await asyncio.sleep(0.03)
+        assert len(env.emu.typing) == count  # no renewals after the block
+        assert set(env.emu.typing) == {general}
+
+
+async def test_typing_errors_never_fail_the_message() -> None:
+    """503s and dropped connections on typing are swallowed and counted; after fail_max only the
+    typing breaker opens; nothing is left for the loop to report as an unretrieved exception."""
+    async with make_env(typing_interval=0.01) as env:
+        env.emu.faults.add("drop", "typing", count=1)
+        env.emu.faults.add("503", "typing")
+        with loop_errors() as unhandled:
+            async with env.io.typing(env.channel()):
+                async with asyncio.timeout(2):
+                    while env.io.errors[("typing", "circuit_open")] < 2:  # renewals go on, rejected
+                        await asyncio.sleep(0.005)
+            result = "answered"
+        assert result == "answered" and unhandled == []
+        statuses = [r.status for r in env.emu.requests_for("typing")]
+        assert statuses == [None] + [503] * (FAIL_MAX - 1)
+        assert env.io.errors[("typing", "connection")] == 1
+        assert env.io.errors[("typing", "unavailable")] == FAIL_MAX - 1
+        assert env.io.errors[("typing", "circuit_open")] >= 1
+        assert env.board["discord.send"].state is BreakerState.CLOSED
+        await env.io.send(env.channel(), "still answering")
+
+
+async def test_typing_stops_renewing_after_a_permission_error() -> None:
+    """A 403 on typing will not heal while we answer: one request, then no more renewals."""
+    async with make_env(typing_interval=0.01) as env:
+        env.emu.faults.add("error", "typing", status=403)
+        async with env.io.typing(env.channel()):
+            await env.emu.wait_until(lambda: len(env.emu.requests_for("typing")) == 1, timeout=2)
+            await asyncio.sleep(0.04)
+        assert [r.status for r in env.emu.requests_for("typing")] == [403]
+        assert env.io.errors == {("typing", "permission"): 1}
+
+
+async def test_typing_block_errors_and_cancellation_propagate_and_the_task_ends(env: Env) -> None:
+    """An exception or a cancellation inside the block propagates unchanged; no typing task outlives it."""
+    before = asyncio.all_tasks()
+    with pytest.raises(ValueError, match="boom"):
+        async with env.io.typing(env.channel()):
+            raise ValueError("boom")
+
+    started = asyncio.Event()
+
+    async def answer() -> None:
+        async with env.io.typing(env.channel()):
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(answer())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    assert {t for t in asyncio.all_tasks() - before if t.get_name().startswith("typing:")} == set()
+
+
+async def test_existing_breakers_on_the_board_are_used_as_configured() -> None:
+    """A breaker the app created beforehand (fail_max 1) is used, not replaced."""
+    board = BreakerBoard(FakeClock(), fail_max=5)
+    board.add("discord.send", fail_max=1)
+    async with make_env(board=board) as env:
+        env.emu.faults.add("503", "send", count=1)
+        with pytest.raises(discord.DiscordServerError):
+            await env.io.send(env.channel(), "hello")
+        assert board["discord.send"].state is BreakerState.OPEN
+        assert board.names() == list(BREAKERS)
+
+
+async def test_service_protocol(env: Env) -> None:
+    """Registry service: name, no dependencies, start/stop are no-ops, health is ok when closed."""
+    assert (env.io.name, env.io.depends_on) == ("discord_io", ())
+    await env.io.start()
+    await env.io.stop()
+    assert env.io.health() == {
+        "ok": True,
+        "breakers": dict.fromkeys(BREAKERS, "closed"),
+        "errors": {},
+    }
+
+
+async def test_a_dropped_connection_on_send_is_a_transient_failure(env: Env) -> None:
+    """A TCP drop surfaces as aiohttp.ClientError and counts towards the breaker."""
+    env.emu.faults.add("drop", "send", count=1)
+    with pytest.raises(aiohttp.ClientError):
+        await env.io.send(env.channel(), "hello")
+    assert env.board["discord.send"].failures == 1
+    assert env.io.errors == {("send", "connection"): 1}
