@@ -733,16 +733,16 @@ class SqliteStore:
     async def _set_state(
         self, operation: str, item_id: int, assignments: str, args: tuple[Any, ...]
     ) -> QueueItem:
-        async def body(db: aiosqlite.Connection) -> QueueItem:
-            row = await _one(
+        async def body(db: aiosqlite.Connection) -> sqlite3.Row | None:
+            return await _one(
                 db,
                 f"UPDATE queue SET {assignments} WHERE id = ? RETURNING {_QUEUE_COLUMNS}", (*args, item_id)
             )
-            if row is None:
-                raise QueueItemNotFoundError(item_id)
-            return _item(row)
 
-        return await self._run(operation, body)
+        row = await self._run(operation, body)
+        if row is None:  # raised outside the breaker: an unknown id is not a storage failure
+            raise QueueItemNotFoundError(item_id)
+        return _item(row)
 
     @staticmethod
     async def _get(db: aiosqlite.Connection, item_id: int) -> QueueItem:

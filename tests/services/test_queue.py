@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from resilience.breakers import Breaker
+from resilience.clock import FakeClock
 from resilience.degradation import DurableQueue, ItemKind, ItemState
+from resilience.errors import CallTimeoutError, CircuitOpenError
 from services.storage import QueueItemNotFoundError, SqliteStore
 
 IN, OUT = ItemKind.INBOUND, ItemKind.OUTBOUND
@@ -307,3 +311,29 @@ def test_random_operation_sequences_match_the_model(ops: list[tuple[Any, ...]], 
     """FIFO per conversation, leases, attempts, dedup and expiry agree with ``QueueModel``."""
     path = tmp_path / f"model-{uuid.uuid4().hex}.sqlite3"
     asyncio.run(_replay(path, ops))
+
+
+async def test_unknown_item_ids_do_not_count_as_storage_failures_in_the_breaker(tmp_path: Path) -> None:
+    breaker = Breaker("storage", FakeClock(), fail_max=2, reset_timeout=5.0)
+    async with SqliteStore(tmp_path / "q.sqlite3", breaker=breaker) as s:
+        for _ in range(4):
+            with pytest.raises(QueueItemNotFoundError):
+                await s.complete(999)
+        assert (await s.enqueue(IN, "c", {}, now=T0)).id == 1  # the breaker is still closed
+
+
+async def test_storage_timeouts_open_the_real_breaker_and_it_then_rejects_fast(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    breaker = Breaker("storage", FakeClock(), fail_max=2, reset_timeout=5.0)
+    async with SqliteStore(path, statement_timeout=0.03, breaker=breaker) as s:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock: every write times out
+        try:
+            for _ in range(2):
+                with pytest.raises(CallTimeoutError):
+                    await s.enqueue(IN, "c", {}, now=T0)
+            with pytest.raises(CircuitOpenError):
+                await s.enqueue(IN, "c", {}, now=T0)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
