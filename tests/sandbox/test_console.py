@@ -383,3 +383,10 @@ async def test_console_shows_a_real_bots_gemini_answers_and_injected_faults():
     shown = [line for line in output(console).splitlines() if line.startswith("[#general]")]
     assert shown == [f"[#general] bot (reply): {responder.CANNED['hello']}",
                      "[#general] bot (reply): Gemini failed: 503"]
+
+
+async def test_stdin_lines_yields_each_line_without_newlines_then_ends():
+    from sandbox.console import stdin_lines
+
+    lines = [line async for line in stdin_lines(io.StringIO("hello\n:faults\nlast"))]
+    assert lines == ["hello", ":faults", "last"]
