@@ -193,6 +193,14 @@ async def _all(db: aiosqlite.Connection, sql: str, args: Any = ()) -> builtins.l
     return builtins.list(await db.execute_fetchall(sql, args))
 
 
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Not a database / malformed image / our quick_check verdict, as opposed to locked or I/O."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return False
+    name = getattr(exc, "sqlite_errorname", None)
+    return name is None or name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
+
+
 Body = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 
@@ -217,6 +225,7 @@ class SqliteStore:
         history_max_chars: int = 12000,
         events_max: int = 500,
         synchronous: str = "FULL",
+        quarantine_corrupt: bool = True,
         clock: Clock | None = None,
         breaker: Breaker | None = None,
     ) -> None:
@@ -231,6 +240,8 @@ class SqliteStore:
         self.synchronous = synchronous.upper()
         self._clock: Clock = clock or SystemClock()
         self._breaker = breaker
+        self.quarantine_corrupt = quarantine_corrupt
+        self.quarantined: Path | None = None
         self._db: aiosqlite.Connection | None = None
         # One connection runs one transaction at a time; the lock keeps coroutines from interleaving.
         self._lock = asyncio.Lock()
@@ -240,10 +251,27 @@ class SqliteStore:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the database, set WAL and the pragmas, and run pending migrations."""
+        """Open the database, set WAL and the pragmas, and run pending migrations.
+
+        A corrupt file (not a database, or failing ``quick_check``) is moved aside to
+        ``<name>.corrupt-<stamp>`` with its WAL and a fresh database is started, unless
+        ``quarantine_corrupt`` is False; ``health()`` then reports ``alert`` and the path.
+        """
         if self._db is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._open()
+        except sqlite3.DatabaseError as exc:
+            if not self.quarantine_corrupt or not _is_corruption(exc):
+                raise
+            self.quarantined = self._quarantine()
+            await self._open()
+            await self.record_event(
+                "storage.quarantined", {"path": str(self.quarantined), "error": repr(exc)}
+            )
+
+    async def _open(self) -> None:
         slice_ms = min(BUSY_SLICE_MS, self.busy_timeout_ms)
         db = await aiosqlite.connect(self.path, isolation_level=None, timeout=slice_ms / 1000)
         try:
@@ -251,12 +279,23 @@ class SqliteStore:
             if row is None or str(row[0]).lower() != "wal":
                 raise StorageError(f"could not switch {self.path} to WAL (got {row!r})")
             await db.execute(f"PRAGMA synchronous = {self.synchronous}")
-            self._db = db
+            check = await _all(db, "PRAGMA quick_check")
+            if [tuple(r) for r in check] != [("ok",)]:
+                raise sqlite3.DatabaseError(f"quick_check failed: {[r[0] for r in check][:5]}")
             await self._migrate(db)
+            self._db = db
         except BaseException:
-            self._db = None
             await db.close()
             raise
+
+    def _quarantine(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock.time()))
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                source.replace(Path(f"{target}{suffix}"))
+        return target
 
     async def stop(self) -> None:
         """Close the connection; safe to call twice."""
@@ -275,6 +314,8 @@ class SqliteStore:
         return {
             "ok": self._db is not None and self._consecutive_failures == 0,
             "open": self._db is not None,
+            "alert": self.quarantined is not None,
+            "quarantined": None if self.quarantined is None else str(self.quarantined),
             "path": str(self.path),
             "schema_version": SCHEMA_VERSION,
             "consecutive_failures": self._consecutive_failures,

@@ -260,3 +260,39 @@ async def test_stop_folds_the_wal_into_the_database_file(tmp_path: Path) -> None
         assert Path(f"{path}-wal").stat().st_size > 0
     wal = Path(f"{path}-wal")
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+async def test_a_file_that_is_not_a_database_is_quarantined_and_a_fresh_one_started(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    async with SqliteStore(path) as s:
+        health = s.health()
+        assert health["ok"] is True and health["alert"] is True
+        assert s.quarantined is not None and s.quarantined.read_bytes().startswith(b"this is not sqlite")
+        await s.append_turn("c", "user", "fresh", now=NOW)
+        assert [t.text for t in await s.history("c")] == ["fresh"]
+        events = await s.recent_events("storage.quarantined")
+        assert len(events) == 1 and events[0].data["path"] == str(s.quarantined)
+
+
+async def test_a_damaged_page_fails_quick_check_and_is_quarantined(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    async with SqliteStore(path, history_max_messages=10_000) as s:
+        for i in range(300):
+            await s.append_turn("c", "user", f"turn {i} " * 20, now=NOW + i)
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 8 * page
+    data[5 * page : 6 * page] = b"\xff" * page  # one page of garbage in the middle of the table
+    path.write_bytes(bytes(data))
+    async with SqliteStore(path) as s:
+        assert s.quarantined is not None and s.health()["alert"] is True
+        assert await s.history("c") == []
+
+
+async def test_quarantine_can_be_turned_off_so_the_error_reaches_the_caller(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    path.write_bytes(b"garbage" * 1000)
+    with pytest.raises(sqlite3.DatabaseError):
+        await SqliteStore(path, quarantine_corrupt=False).start()
+    assert path.read_bytes().startswith(b"garbage")
