@@ -54,6 +54,23 @@ def banner(settings: dict[str, str], discord: DiscordEmulator) -> str:
     return "\n".join(lines)
 
 
+@contextlib.asynccontextmanager
+async def open_emulators(
+    *, discord_port: int = 0, gemini_port: int = 0, seed: int = 0, heartbeat_interval: float = 41.25
+) -> AsyncIterator[tuple[DiscordEmulator, GeminiEmulator]]:
+    """Start both emulators with the sandbox credentials; stop both on exit.
+
+    For embedding the sandbox elsewhere (the bot's own sandbox mode, a chaos run):
+    ``async with open_emulators() as (discord, gemini): settings = bot_settings(discord, gemini)``.
+    """
+    async with (
+        DiscordEmulator(token=SANDBOX_DISCORD_TOKEN, port=discord_port,
+                        heartbeat_interval=heartbeat_interval) as discord,
+        GeminiEmulator(api_key=SANDBOX_GEMINI_KEY, port=gemini_port, seed=seed) as gemini,
+    ):
+        yield discord, gemini
+
+
 async def run(
     *,
     discord_port: int = DEFAULT_DISCORD_PORT,
@@ -71,9 +88,8 @@ async def run(
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows / not main thread
         loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        async with (
-            DiscordEmulator(token=SANDBOX_DISCORD_TOKEN, port=discord_port) as discord,
-            GeminiEmulator(api_key=SANDBOX_GEMINI_KEY, port=gemini_port, seed=seed) as gemini,
+        async with open_emulators(discord_port=discord_port, gemini_port=gemini_port, seed=seed) as (
+            discord, gemini,
         ):
             settings = bot_settings(discord, gemini)
             if env_file:

@@ -20,7 +20,7 @@ from google import genai
 from google.genai import errors, types
 
 from sandbox import responder
-from sandbox.__main__ import SANDBOX_DISCORD_TOKEN, bot_settings, run
+from sandbox.__main__ import SANDBOX_DISCORD_TOKEN, bot_settings, open_emulators, run
 from sandbox.console import CommandError, Console, parse_duration, parse_fault, parse_slash, render_message
 from sandbox.discord_emu import DiscordEmulator
 from sandbox.gemini import FAULT_KINDS, GeminiEmulator
@@ -330,7 +330,7 @@ async def test_bot_settings_name_every_variable_the_bot_reads(emulators):
 
 async def test_printed_settings_are_accepted_by_the_bots_config():
     """The sandbox token is token-shaped: the bot's config rejects anything else as DISCORD_TOKEN."""
-    async with DiscordEmulator(token=SANDBOX_DISCORD_TOKEN) as discord, GeminiEmulator() as gemini:
+    async with open_emulators() as (discord, gemini):
         config = load_config(bot_settings(discord, gemini), env_file=None)
         assert config.discord_token == SANDBOX_DISCORD_TOKEN
         assert config.discord_api_base == discord.api_base and config.gemini_base_url == gemini.base_url
