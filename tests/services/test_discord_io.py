@@ -75,7 +75,9 @@ class Env:
 @contextlib.asynccontextmanager
 async def make_env(board: BreakerBoard | None = None, **io_kwargs: Any) -> AsyncIterator[Env]:
     """Emulator + logged-in bot (the client default pings nobody) + DiscordIO (fail_max 3)."""
-    async with DiscordEmulator(heartbeat_interval=0.1) as emu:
+    # A long heartbeat: with a short one, discord.py's keep-alive thread can wake after the test's
+    # loop has closed and warn; these tests do not exercise gateway liveness.
+    async with DiscordEmulator(heartbeat_interval=30.0) as emu:
         with pointed_at(emu):
             intents = discord.Intents.default()
             intents.members = True
