@@ -218,7 +218,7 @@ class BotProcess:
 
     @property
     def pid(self) -> int:
-        return self._running_proc().pid
+        return self._started_proc().pid
 
     @property
     def returncode(self) -> int | None:
@@ -229,7 +229,7 @@ class BotProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def _running_proc(self) -> subprocess.Popen[bytes]:
+    def _started_proc(self) -> subprocess.Popen[bytes]:
         if self._proc is None:
             raise RuntimeError("BotProcess not started")
         return self._proc
@@ -292,7 +292,7 @@ class BotProcess:
         (gateway close, last sends). After ``timeout`` the child is SIGKILLed and
         :class:`BotProcessError` is raised.
         """
-        proc = self._running_proc()
+        proc = self._started_proc()
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -306,7 +306,7 @@ class BotProcess:
         return await self._wait_exit(timeout, "")
 
     async def _wait_exit(self, timeout: float, after: str) -> int:
-        proc = self._running_proc()
+        proc = self._started_proc()
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
             if time.monotonic() >= deadline:
