@@ -29,7 +29,7 @@ LISTED_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash")
 POST_ACTIONS = frozenset({"generateContent", "streamGenerateContent", "batchEmbedContents", "countTokens"})
 FAULT_KINDS = (
     "429", "quota_daily", "500", "502", "503", "504", "400", "403", "hang", "latency",
-    "malformed_json", "stream_error", "safety", "prompt_block", "empty", "drop",
+    "malformed_json", "stream_error", "safety", "prompt_block", "empty", "max_tokens", "drop",
 )
 
 _STATUS_TEXT = {
@@ -340,10 +340,20 @@ class GeminiEmulator:
         if kind == "safety":
             return {"candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": _SAFETY_RATINGS}],
                     "usageMetadata": self._usage(body, ""), "modelVersion": version}
+        if kind == "max_tokens":
+            # What a thinking model does when its budget runs out before the answer: no parts.
+            usage = self._usage(body, "") | {"thoughtsTokenCount": 1024}
+            usage["totalTokenCount"] += 1024
+            return {"candidates": [{"content": {"role": "model"}, "finishReason": "MAX_TOKENS", "index": 0}],
+                    "usageMetadata": usage, "modelVersion": version}
         text = responder.reply(body)
+        finish = "STOP"
+        limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
+        if isinstance(limit, int) and responder.count_tokens(text) > limit:
+            text, finish = text[: max(0, limit) * 4], "MAX_TOKENS"
         return {
             "candidates": [{"content": {"parts": [{"text": text}], "role": "model"},
-                            "finishReason": "STOP", "index": 0}],
+                            "finishReason": finish, "index": 0}],
             "usageMetadata": self._usage(body, text),
             "modelVersion": version,
         }
@@ -371,7 +381,7 @@ class GeminiEmulator:
             chunk: dict[str, Any] = {"candidates": [{"content": {"parts": [{"text": piece}], "role": "model"},
                                                      "index": 0}], "modelVersion": full["modelVersion"]}
             if n == len(pieces) - 1:
-                chunk["candidates"][0]["finishReason"] = "STOP"
+                chunk["candidates"][0]["finishReason"] = candidates[0]["finishReason"]
                 chunk["usageMetadata"] = full["usageMetadata"]
             await response.write(self._event(chunk))
         if cut <= len(pieces):

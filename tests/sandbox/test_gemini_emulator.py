@@ -475,3 +475,20 @@ async def test_stalled_stream_is_cut_by_the_client_timeout_after_the_first_chunk
     finally:
         await c.aio.aclose()
     assert len(got) == 1
+
+
+async def test_max_output_tokens_truncates_the_answer_with_finish_max_tokens(client):
+    config = types.GenerateContentConfig(max_output_tokens=10)
+    r = await client.aio.models.generate_content(
+        model=MODEL, contents="reply with 500 characters", config=config)
+    assert len(r.text) == 40 and r.candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
+    chunks = [c async for c in await client.aio.models.generate_content_stream(
+        model=MODEL, contents="reply with 500 characters", config=config)]
+    assert chunks[-1].candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
+
+
+async def test_max_tokens_fault_is_a_candidate_without_text(emu, client):
+    emu.faults.add("max_tokens", count=1)
+    r = await client.aio.models.generate_content(model=MODEL, contents="hi")
+    assert r.text is None and r.candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
+    assert r.usage_metadata.thoughts_token_count > 0
