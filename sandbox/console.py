@@ -29,7 +29,7 @@ Type a line to send it as the current user in the current channel.
   :mention on|off             mention the bot in guild channels (default on)
   :fault gemini KIND [MODEL] [next N | 30s | 2m | p=0.5] [key=value ...]
       KIND: 429 quota_daily 500 502 503 504 hang latency malformed_json stream_error
-            safety prompt_block empty drop      e.g. :fault gemini 503 30s
+            safety prompt_block empty max_tokens drop      e.g. :fault gemini 503 30s
       params: 429 retry_delay=5s, latency seconds=2 (or dist=uniform low=1 high=3),
               stream_error mode=error|broken|hang after=N
   :fault discord [ROUTE] KIND [next N | 30s | p=0.5] [key=value ...]
@@ -37,6 +37,7 @@ Type a line to send it as the current user in the current channel.
       KIND: 429 500 502 503 latency drop close reconnect invalid_session silent
   :heal [gemini|discord]      remove all faults
   :faults                     list active faults
+  :log [N]                    the last N requests each emulator received (default 5)
   :help                       this text
   :quit                       leave"""
 
@@ -73,11 +74,17 @@ class DiscordPeer(Protocol):
 
     def sent_messages(self, channel_id: int) -> list[Any]: ...
 
+    @property
+    def requests(self) -> Iterable[Any]: ...
+
 
 class GeminiPeer(Protocol):
     """What the console needs from the Gemini emulator."""
 
     faults: FaultPlan
+
+    @property
+    def requests(self) -> Iterable[Any]: ...
 
 
 class CommandError(Exception):
@@ -420,6 +427,10 @@ class Console:
             self._heal(args)
         elif name == "faults":
             self._list_faults()
+        elif name == "log":
+            if len(args) > 1 or (args and not args[0].isdigit()):
+                raise CommandError("usage: :log [N]")
+            self._log(int(args[0]) if args else 5)
         else:
             raise CommandError(f"unknown command :{name}; :help lists them")
         return True
@@ -457,3 +468,11 @@ class Console:
                 shown = True
         if not shown:
             self.write("  (no active faults)")
+
+    def _log(self, n: int) -> None:
+        for rec in list(self.gemini.requests)[-n:]:
+            self.write(f"  gemini  {rec.method} {rec.model or '-'}:{rec.action or '-'} -> {rec.outcome}")
+        for req in list(self.discord.requests)[-n:]:
+            outcome = "dropped" if req.status is None else req.status
+            fault = f" ({req.fault})" if req.fault else ""
+            self.write(f"  discord {req.method} {req.route} -> {outcome}{fault}")

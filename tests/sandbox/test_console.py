@@ -390,3 +390,18 @@ async def test_stdin_lines_yields_each_line_without_newlines_then_ends():
 
     lines = [line async for line in stdin_lines(io.StringIO("hello\n:faults\nlast"))]
     assert lines == ["hello", ":faults", "last"]
+
+
+async def test_log_shows_recent_requests_with_outcomes(emulators):
+    discord, gemini = emulators
+    console = make_console(emulators)
+    await console.handle(":fault gemini 503 next 1")
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{gemini.base_url}/v1/models/gemini-z:generateContent", json={"contents": []},
+            headers={"x-goog-api-key": gemini.api_key}) as resp:
+        assert resp.status == 503
+    await bot_rest(discord, "POST", f"/channels/{discord.channels['general']}/typing")
+    await console.handle(":log 1")
+    lines = output(console).splitlines()[-2:]
+    assert lines[0] == "  gemini  POST gemini-z:generateContent -> fault:503"
+    assert lines[1].startswith("  discord POST typing -> 20")
