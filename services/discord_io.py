@@ -88,8 +88,10 @@ class DiscordIO:
     ``board`` gets the breakers ``discord.send``/``edit``/``react``/``typing`` if it does not
     have them yet (created with ``is_permanent`` excluded; breakers made beforehand are used
     as they are). ``timeout`` (seconds, None for none) bounds each call inside its breaker,
-    so a hung request counts as a failure. ``typing_interval`` is how often the typing
-    indicator is renewed (Discord shows it for 10 s); ``clock`` times those renewals.
+    so a hung request counts as a failure (a send that timed out may still have been posted:
+    the price of never holding a conversation for ever). ``typing_interval`` is how often the
+    typing indicator is renewed (Discord shows it for 10 s); ``clock`` times those renewals
+    (a ``FakeClock`` makes them back-to-back).
     """
 
     name = "discord_io"
