@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,9 +144,10 @@ def model_info(model: str) -> dict[str, Any]:
 class GeminiEmulator:
     """An aiohttp server on loopback that answers like the Gemini API.
 
-    ``requests`` records every request (key masked) with its outcome; ``faults`` is the
-    live :class:`FaultPlan`, which callers may edit at any time. ``seed`` makes latency
-    draws (and the default plan's probabilities) reproducible.
+    ``requests`` records every request (key masked) with its outcome, the newest
+    ``max_requests`` of them; ``faults`` is the live :class:`FaultPlan`, which callers may
+    edit at any time. ``seed`` makes latency draws (and the default plan's probabilities)
+    reproducible; ``clock`` stamps the records.
     """
 
     def __init__(
@@ -156,12 +158,14 @@ class GeminiEmulator:
         faults: FaultPlan | None = None,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        max_requests: int = 10_000,
     ) -> None:
         self.api_key = api_key
         self.host = host
         self.port = port
         self.faults = faults if faults is not None else FaultPlan(rng=random.Random(seed))
-        self.requests: list[RecordedRequest] = []
+        # Bounded so a long chaos run cannot grow without limit; the newest are kept.
+        self.requests: deque[RecordedRequest] = deque(maxlen=max_requests)
         self._rng = random.Random(seed)
         self._clock = clock
         self._runner: web.AppRunner | None = None

@@ -492,3 +492,13 @@ async def test_max_tokens_fault_is_a_candidate_without_text(emu, client):
     r = await client.aio.models.generate_content(model=MODEL, contents="hi")
     assert r.text is None and r.candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
     assert r.usage_metadata.thoughts_token_count > 0
+
+
+async def test_request_log_keeps_only_the_newest_entries():
+    async with GeminiEmulator(max_requests=3) as emu:
+        async with aiohttp.ClientSession() as s:
+            for n in range(5):
+                async with s.post(f"{emu.base_url}/v1/models/m{n}:generateContent", json={"contents": []},
+                                  headers={"x-goog-api-key": emu.api_key}) as resp:
+                    assert resp.status == 200
+        assert [r.model for r in emu.requests] == ["m2", "m3", "m4"]
