@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Collection, Iterable
 from typing import Any, Protocol, TextIO
 
+from sandbox.discord_emu import EPHEMERAL, GATEWAY_FAULT_KINDS, REST_FAULT_KINDS
 from sandbox.faults import Fault, FaultPlan
 from sandbox.gemini import FAULT_KINDS as GEMINI_FAULT_KINDS
 
@@ -34,17 +35,14 @@ Type a line to send it as the current user in the current channel.
               stream_error mode=error|broken|hang after=N
   :fault discord [ROUTE] KIND [next N | 30s | p=0.5] [key=value ...]
       ROUTE: send edit react typing interaction gateway ...   e.g. :fault discord send 500 next 3
-      KIND: 429 500 502 503 latency drop close reconnect invalid_session silent
+      KIND: 429 500 502 503 504 latency drop close disconnect reconnect invalid_session silent
   :heal [gemini|discord]      remove all faults
   :faults                     list active faults
   :log [N]                    the last N requests each emulator received (default 5)
   :help                       this text
   :quit                       leave"""
 
-EPHEMERAL = 1 << 6
-DISCORD_FAULT_KINDS = frozenset(
-    {"429", "500", "502", "503", "504", "error", "latency", "drop", "close", "reconnect", "invalid_session",
-     "silent"})
+DISCORD_FAULT_KINDS = REST_FAULT_KINDS | GATEWAY_FAULT_KINDS
 
 
 class DiscordPeer(Protocol):
