@@ -438,17 +438,30 @@ class SqliteStore:
         self, key: str, role: str, text: str, *, message_id: str | int | None = None, now: float | None = None
     ) -> None:
         """Store one turn and prune the conversation to its newest ``history_max_messages`` rows."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        await self.append_turns(key, [(role, text, message_id)], now=now)
+
+    async def append_turns(
+        self,
+        key: str,
+        turns: Sequence[tuple[str, str, str | int | None]],
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Store ``(role, text, message_id)`` turns in one transaction (a question and its answer)."""
+        for role, _, _ in turns:
+            if role not in ROLES:
+                raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         stamp = self._now(now)
-        stored = truncate(text, self.history_max_chars)
-        mid = None if message_id is None else str(message_id)
+        rows = [
+            (key, role, truncate(text, self.history_max_chars), None if mid is None else str(mid), stamp)
+            for role, text, mid in turns
+        ]
 
         async def body(db: aiosqlite.Connection) -> None:
-            await db.execute(
+            await db.executemany(
                 "INSERT INTO turns (conversation_key, role, text, message_id, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (key, role, stored, mid, stamp),
+                rows,
             )
             await db.execute(
                 "DELETE FROM turns WHERE conversation_key = ? AND id NOT IN "
@@ -456,21 +469,42 @@ class SqliteStore:
                 (key, key, self.history_max_messages),
             )
 
-        await self._run("append_turn", body)
+        await self._run("append_turns", body)
 
     async def history(self, key: str) -> list[Turn]:
         """The newest turns, oldest first, within both the message and the character bound."""
 
         async def body(db: aiosqlite.Connection) -> list[Turn]:
-            rows = await _all(
-                db,
-                "SELECT role, text, created_at, message_id FROM turns WHERE conversation_key = ? "
-                "ORDER BY id DESC LIMIT ?",
-                (key, self.history_max_messages),
-            )
-            return [Turn(r[0], r[1], r[2], r[3]) for r in rows]
+            return await self._newest_turns(db, key)
 
-        newest_first = await self._run("history", body, write=False)
+        return self._bounded(await self._run("history", body, write=False))
+
+    async def history_if_next(self, key: str, item_id: int) -> list[Turn] | None:
+        """The history for answering ``item_id``, or None when an older item of the conversation
+        is still queued or being worked on (it must be answered first). One round trip."""
+
+        async def body(db: aiosqlite.Connection) -> list[Turn] | None:
+            older = await _one(
+                db,
+                "SELECT 1 FROM queue WHERE conversation_key = ? AND state IN ('pending', 'claimed') "
+                "AND id < ? LIMIT 1",
+                (key, item_id),
+            )
+            return None if older is not None else await self._newest_turns(db, key)
+
+        newest_first = await self._run("history_if_next", body, write=False)
+        return None if newest_first is None else self._bounded(newest_first)
+
+    async def _newest_turns(self, db: aiosqlite.Connection, key: str) -> list[Turn]:
+        rows = await _all(
+            db,
+            "SELECT role, text, created_at, message_id FROM turns WHERE conversation_key = ? "
+            "ORDER BY id DESC LIMIT ?",
+            (key, self.history_max_messages),
+        )
+        return [Turn(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def _bounded(self, newest_first: list[Turn]) -> list[Turn]:
         kept: list[Turn] = []
         budget = self.history_max_chars
         for turn in newest_first:
@@ -690,11 +724,14 @@ class SqliteStore:
             )
             if cur.rowcount != 1:
                 return None
-            backlog = await _one(
-                db,
-                "SELECT 1 FROM queue WHERE conversation_key = ? AND state = 'pending' LIMIT 1",
-                (conversation_key,),
-            ) is not None
+            backlog = (
+                await _one(
+                    db,
+                    "SELECT 1 FROM queue WHERE conversation_key = ? AND state = 'pending' LIMIT 1",
+                    (conversation_key,),
+                )
+                is not None
+            )
             claimed = claim and not backlog
             cur = await db.execute(
                 "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
@@ -742,23 +779,48 @@ class SqliteStore:
             args.append(json.dumps(payload, separators=(",", ":")))
         return await self._set_state("requeue", item_id, ", ".join(sets), tuple(args))
 
+    async def finish(
+        self,
+        item_id: int,
+        *,
+        key: str | None = None,
+        turns: Sequence[tuple[str, str, str | int | None]] = (),
+        now: float | None = None,
+    ) -> None:
+        """Mark an item done and store the exchange it produced, in one transaction."""
+        stamp = self._now(now)
+        rows = [
+            (key, role, truncate(text, self.history_max_chars), None if mid is None else str(mid), stamp)
+            for role, text, mid in turns
+        ]
+        if rows and key is None:
+            raise ValueError("turns need the conversation key")
+
+        async def body(db: aiosqlite.Connection) -> None:
+            cur = await db.execute(
+                "UPDATE queue SET state = 'done', lease_until = NULL WHERE id = ?", (item_id,)
+            )
+            if cur.rowcount != 1:
+                raise QueueItemNotFoundError(item_id)
+            if rows:
+                await db.executemany(
+                    "INSERT INTO turns (conversation_key, role, text, message_id, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                await db.execute(
+                    "DELETE FROM turns WHERE conversation_key = ? AND id NOT IN "
+                    "(SELECT id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?)",
+                    (key, key, self.history_max_messages),
+                )
+
+        await self._run("finish", body)
+
     async def update_payload(self, item_id: int, payload: dict[str, Any]) -> QueueItem:
         """Replace an item's payload (e.g. to remember that its user was told it is queued)."""
         return await self._set_state(
             "update_payload", item_id, "payload = ?", (json.dumps(payload, separators=(",", ":")),)
         )
-
-    async def has_pending_before(self, conversation_key: str, item_id: int) -> bool:
-        """True when an older item of this conversation is still pending (it must go first)."""
-
-        async def body(db: aiosqlite.Connection) -> bool:
-            return await _one(
-                db,
-                "SELECT 1 FROM queue WHERE conversation_key = ? AND state = 'pending' AND id < ? LIMIT 1",
-                (conversation_key, item_id),
-            ) is not None
-
-        return await self._run("has_pending_before", body, write=False)
 
     async def release_claims(self) -> int:
         """Return every claimed item to pending: at start-up, all claims belong to a dead process."""
@@ -777,7 +839,8 @@ class SqliteStore:
         async def body(db: aiosqlite.Connection) -> sqlite3.Row | None:
             return await _one(
                 db,
-                f"UPDATE queue SET {assignments} WHERE id = ? RETURNING {_QUEUE_COLUMNS}", (*args, item_id)
+                f"UPDATE queue SET {assignments} WHERE id = ? RETURNING {_QUEUE_COLUMNS}",
+                (*args, item_id),
             )
 
         row = await self._run(operation, body)

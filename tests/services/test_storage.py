@@ -228,7 +228,7 @@ async def test_every_public_operation_goes_through_the_breaker(tmp_path: Path) -
         await s.history("c")
         await s.mark_processed(1, now=NOW)
         await s.record_event("e", {}, now=NOW)
-        assert breaker.calls == ["append_turn", "history", "mark_processed", "record_event"]
+        assert breaker.calls == ["append_turns", "history", "mark_processed", "record_event"]
         breaker.open = True
         with pytest.raises(RuntimeError):
             await s.is_processed(1)
