@@ -66,6 +66,8 @@ def reply(body: dict[str, Any]) -> str:
     if prompt in CANNED:
         return CANNED[prompt]
     if match := _LENGTH_RE.search(last):
+        if "code" in prompt:
+            return prose_and_code(int(match.group(1)))
         return words_of_length(int(match.group(1)))
     if "code block" in prompt or "write code" in prompt:
         return ("Here is some code:\n```python\ndef greet(name: str) -> str:\n"
@@ -76,6 +78,22 @@ def reply(body: dict[str, Any]) -> str:
             return f"I follow my system instruction: «{system}»"
         return "I am the sandbox Gemini, and I was given no system instruction."
     return f"Echo (saw {earlier} earlier turns): «{last}»"
+
+
+def prose_and_code(n: int) -> str:
+    """About ``n`` characters alternating prose and fenced Python blocks (for splitting tests)."""
+    n = max(0, min(n, MAX_LENGTH))
+    parts: list[str] = []
+    size = 0
+    block = 0
+    while size < n:
+        prose = words_of_length(300)
+        code = "\n".join(f"value_{block}_{i} = {i} * 2  # line {i} of block {block}" for i in range(30))
+        part = f"{prose}\n```python\n{code}\n```"
+        parts.append(part)
+        size += len(part) + 1
+        block += 1
+    return "\n".join(parts)
 
 
 def count_tokens(text: str) -> int:
