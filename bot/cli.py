@@ -43,15 +43,30 @@ def check(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the bot (placeholder until the runtime exists)."""
+    """Start the bot: live Discord with a token, otherwise the built-in sandbox."""
     config = load_or_report(args)
     if config is None:
         return 1
-    print(
-        f"The bot's runtime is not built yet (configuration OK: Discord {config.discord_mode}, "
-        f"Gemini {config.gemini_mode}). Nothing was started."
-    )
-    return 0
+    from services.logging import configure_logging
+
+    configure_logging(config.log_level, config.log_format, config.secrets())
+    if config.discord_token is None:
+        from bot.sandbox_mode import run_sandbox
+
+        return run_sandbox(config)
+    if config.gemini_api_key is None and config.gemini_base_url is None:
+        print(
+            "error: DISCORD_TOKEN is set but GEMINI_API_KEY is not. Get a key at "
+            "https://aistudio.google.com/apikey and put it in .env "
+            "(or unset DISCORD_TOKEN to use the sandbox).",
+            file=sys.stderr,
+        )
+        return 1
+    import asyncio
+
+    from bot.runner import serve
+
+    return asyncio.run(serve(config, token=config.discord_token))
 
 
 def _register_datastore(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -76,11 +76,11 @@ def test_check_reads_the_env_file_option(
     assert "warning: HTTP_HOST" in out
 
 
-def test_run_says_the_runtime_is_not_built_yet(
+def test_run_without_a_token_says_it_is_sandbox_mode(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["run"]) == 0
-    assert "not built yet" in capsys.readouterr().out
+    assert "sandbox" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [["nope"], []])

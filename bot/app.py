@@ -1,0 +1,192 @@
+"""The application object: every service and runtime piece, built once in ``main()`` and passed down.
+
+Nothing here is a module-level singleton: ``build_application(config)`` makes one complete,
+independent application (tests build several side by side).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from bot.ratelimit import RateLimiter
+from resilience.breakers import BreakerBoard
+from resilience.clock import Clock, SystemClock
+from resilience.context import TraceCollector
+from resilience.degradation import DegradationState, Mode
+from resilience.mutex import KeyedMutex
+from resilience.registry import ServiceRegistry
+from resilience.retries import RetryBudget, RetryPolicy
+from resilience.timeouts import AdaptiveTimeout
+from services.config import Config
+from services.datastore import DataStore, DataStoreService
+from services.discord_io import DiscordIO
+from services.gemini import GeminiService
+from services.metrics import Metrics
+from services.storage import SqliteStore
+
+if TYPE_CHECKING:
+    from bot.client import GeminiBot
+
+SANDBOX_GEMINI_KEY = "sandbox-key"
+
+
+@dataclass
+class Application:
+    """Everything one running bot owns."""
+
+    config: Config
+    clock: Clock
+    metrics: Metrics
+    board: BreakerBoard
+    mutex: KeyedMutex
+    degradation: DegradationState
+    traces: TraceCollector
+    store: DataStore
+    datastore: DataStoreService
+    storage: SqliteStore
+    gemini: GeminiService
+    discord_io: DiscordIO
+    ratelimiter: RateLimiter
+    registry: ServiceRegistry
+    gemini_retry: RetryPolicy
+    bot: GeminiBot | None = None
+    _chat_channels: dict[int, frozenset[int]] = field(default_factory=dict)
+    _wake_drain: Callable[[], None] | None = None
+
+    # -- state the hot path reads without I/O ---------------------------------------------
+
+    def chat_channels(self, guild_id: int) -> frozenset[int]:
+        """Channels of a guild where the bot answers every message (from guild_settings)."""
+        return self._chat_channels.get(guild_id, frozenset())
+
+    def maintenance(self) -> str | None:
+        """The maintenance notice while maintenance mode is on, else None."""
+        snap = self.degradation.snapshot()
+        return snap.message if snap.mode is Mode.MAINTENANCE else None
+
+    def reload_settings(self) -> None:
+        """Refresh the cached DataStore views (after start and after an operator changes them)."""
+        guilds = self.store.cached("guild_settings").get("guilds", {})
+        self._chat_channels = {
+            int(gid): frozenset(int(c) for c in (settings.get("chat_channels") or ()))
+            for gid, settings in guilds.items()
+        }
+        maintenance = self.store.cached("maintenance")
+        if maintenance.get("enabled"):
+            self.degradation.set(Mode.MAINTENANCE, reason="maintenance", message=maintenance.get("message"))
+        elif self.degradation.mode is Mode.MAINTENANCE:
+            self.degradation.set(Mode.NORMAL)
+
+    # -- wiring to the Discord client ------------------------------------------------------
+
+    def bot_user_id(self) -> int | None:
+        user = self.bot.user if self.bot is not None else None
+        return user.id if user is not None else None
+
+    async def channel(self, channel_id: int) -> Any:
+        """A channel (or thread, or DM) by id: from the cache, else fetched over REST."""
+        if self.bot is None:
+            raise RuntimeError("the Discord client is not attached")
+        channel = self.bot.get_channel(channel_id)
+        if channel is None:
+            channel = await self.bot.fetch_channel(channel_id)
+        return channel
+
+    def drain_wake(self) -> None:
+        if self._wake_drain is not None:
+            self._wake_drain()
+
+
+def build_application(
+    config: Config, *, clock: Clock | None = None, metrics: Metrics | None = None
+) -> Application:
+    """Build every service from the configuration; nothing starts until the registry does."""
+    clock = clock or SystemClock()
+    metrics = metrics or Metrics()
+    board = BreakerBoard(clock, fail_max=config.breaker_fail_max, reset_timeout=config.breaker_reset_seconds)
+    board.add_listener(metrics.breaker_listener)
+    gemini_breaker = board.add("gemini")
+    storage_breaker = board.add("storage", fail_max=max(3, config.breaker_fail_max), reset_timeout=5.0)
+    mutex = KeyedMutex(clock=clock)
+    degradation = DegradationState(clock)
+    degradation.add_listener(metrics.mode_listener)
+    traces = TraceCollector(clock=clock)
+
+    data_dir = config.data_dir
+    store = DataStore(
+        data_dir, keep_backups=config.backup_keep, clock=clock, on_event=metrics.datastore_event
+    )
+    datastore = DataStoreService(store, breaker=storage_breaker)
+    storage = SqliteStore(
+        data_dir / "bot.sqlite3",
+        history_max_messages=config.history_max_messages,
+        history_max_chars=config.history_max_chars,
+        # WAL + NORMAL: a commit survives kill -9 of the bot (the promise); only an OS crash or
+        # power loss can lose the last commits. FULL costs an fsync per commit on the hot path.
+        synchronous="NORMAL",
+        clock=clock,
+        breaker=storage_breaker,
+    )
+    retry = RetryPolicy(
+        "gemini",
+        max_attempts=config.retry_max_attempts,
+        hint_cap=config.retry_hint_cap_seconds,
+        budget=RetryBudget(clock=clock),
+        sleep=clock.sleep,
+    )
+    metrics.watch_retry_policy(retry, "gemini")
+    metrics.watch_mutex(mutex)
+    timeout = AdaptiveTimeout(
+        min(10.0, config.gemini_timeout_seconds),
+        minimum=min(2.0, config.gemini_timeout_seconds),
+        maximum=config.gemini_timeout_seconds,
+        clock=clock,
+    )
+    gemini = GeminiService(
+        api_key=config.gemini_api_key or SANDBOX_GEMINI_KEY,
+        model=config.gemini_model,
+        fallback_models=config.gemini_fallback_models,
+        base_url=config.gemini_base_url,
+        persona=config.bot_persona,
+        breaker=gemini_breaker,
+        retry=retry,
+        timeout=timeout,
+        clock=clock,
+        metrics=metrics,
+    )
+    discord_io = DiscordIO(board, metrics=metrics)
+    ratelimiter = RateLimiter(
+        config.user_rate_limit_per_minute, config.guild_rate_limit_per_minute, clock=clock
+    )
+    registry = ServiceRegistry([metrics, datastore, storage, gemini, discord_io])
+    return Application(
+        config=config,
+        clock=clock,
+        metrics=metrics,
+        board=board,
+        mutex=mutex,
+        degradation=degradation,
+        traces=traces,
+        store=store,
+        datastore=datastore,
+        storage=storage,
+        gemini=gemini,
+        discord_io=discord_io,
+        ratelimiter=ratelimiter,
+        registry=registry,
+        gemini_retry=retry,
+    )
+
+
+def point_discord_at(api_base: str | None, gateway_url: str | None) -> None:
+    """Aim discord.py at another REST base / gateway (the sandbox emulator, a proxy)."""
+    import yarl
+
+    if api_base:
+        discord.http.Route.BASE = api_base.rstrip("/")
+    if gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)

@@ -1,0 +1,80 @@
+"""The discord.py client: starts the services in ``setup_hook`` and drains them in ``close``."""
+
+from __future__ import annotations
+
+import discord
+import structlog
+from discord.ext import commands
+
+from bot.app import Application
+from bot.drain import Drain
+from bot.pipeline import MessagePipeline
+
+log = structlog.get_logger("bot.client")
+
+
+def intents() -> discord.Intents:
+    """What the bot needs: guild messages with their content, DMs. Message content is privileged."""
+    wanted = discord.Intents.default()
+    wanted.message_content = True
+    return wanted
+
+
+class GeminiBot(commands.Bot):
+    """A ``commands.Bot`` whose message handling is the resilient pipeline."""
+
+    def __init__(self, app: Application, *, drain_interval: float = 1.0, **options: object) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents(),
+            # A default that pings nobody: each send states who may be pinged (discord_io).
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+            **options,  # type: ignore[arg-type]
+        )
+        self.app = app
+        app.bot = self
+        self.pipeline = MessagePipeline(app, bot_user_id=app.bot_user_id)
+        self.drain = Drain(app, self.pipeline, interval=drain_interval)
+        app._wake_drain = self.drain.wake
+        self._services_started = False
+        self._closed = False
+
+    async def setup_hook(self) -> None:
+        """Start the services in dependency order (rolled back on failure), then the drain."""
+        await self.app.registry.start_all()
+        self._services_started = True
+        self.app.reload_settings()
+        released = await self.app.storage.release_claims()
+        if released:
+            log.info("queue.resumed", items=released)
+        self.drain.start()
+        log.info("bot.services_started", services=self.app.registry.order)
+
+    async def on_ready(self) -> None:
+        user = self.user
+        log.info("bot.ready", user_id=user.id if user else None, guilds=len(self.guilds))
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.pipeline.on_message(message)
+
+    async def close(self) -> None:
+        """Stop taking messages, let in-flight ones finish within the grace period, stop services."""
+        if self._closed:
+            return
+        self._closed = True
+        grace = self.app.config.shutdown_grace_seconds
+        left = await self.pipeline.drain_inflight(grace)
+        if left:
+            log.warning("bot.shutdown_unfinished", messages=left, note="their queue items resume on restart")
+        await self.drain.stop()
+        try:
+            await super().close()
+        finally:
+            await self.app.registry.stop_all()
+            log.info("bot.stopped")
+
+    @property
+    def closing(self) -> bool:
+        return self._closed
+

@@ -1,0 +1,163 @@
+"""The drain: answers queued messages and delivers queued answers once their dependency is back.
+
+A supervised loop (``resilience.tasks.SupervisedTask``). Each run expires stale items (and
+tells their users), then claims work only as far as the breakers let calls through: nothing
+while ``discord.send`` is open, outbound items while Gemini is open, one inbound item as the
+probe while Gemini is half-open, a batch when it is closed. The queue hands out at most the
+head of each conversation, so answers stay in order per conversation. A restarted bot
+resumes what the previous process left: its claims are released at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import discord
+import structlog
+
+from bot import texts
+from bot.pipeline import Inbound, MessagePipeline
+from resilience.breakers import BreakerState
+from resilience.context import request_context
+from resilience.degradation import ItemKind, QueueItem
+from resilience.errors import MutexTimeoutError, classify
+from resilience.tasks import SupervisedTask
+
+if TYPE_CHECKING:
+    from bot.app import Application
+
+log = structlog.get_logger("bot.drain")
+
+HISTORY_LOOKBACK = 50
+
+
+class Drain:
+    """Owns the drain loop; ``wake()`` runs it now (after a requeue, a breaker reset, an operator)."""
+
+    def __init__(self, app: Application, pipeline: MessagePipeline, *, interval: float = 1.0, batch: int = 5):
+        self.app = app
+        self.pipeline = pipeline
+        self.batch = batch
+        cfg = app.config
+        self.lease = cfg.processing_timeout_seconds * 2 + 30.0
+        self.task = SupervisedTask(
+            "drain",
+            self.run_once,
+            interval=interval,
+            run_timeout=self.lease,
+            max_consecutive_failures=1_000_000,  # the drain must never give up for good
+            clock=app.clock,
+        )
+        self.processed = 0
+
+    def start(self) -> None:
+        self.task.start()
+
+    async def stop(self) -> None:
+        await self.task.stop()
+
+    def wake(self) -> None:
+        self.task.wake()
+
+    async def run_once(self) -> None:
+        """One pass; wakes itself again when it did work, so a backlog drains without waiting."""
+        app = self.app
+        now = app.clock.time()
+        for item in await app.storage.expire(now=now, max_age=app.config.queue_max_age_seconds):
+            app.metrics.queue_expired.labels(kind=item.kind.value).inc()
+            await self.pipeline.notify(item, texts.expired(now - item.created_at))
+        if not app.board["discord.send"].would_admit():
+            await self._publish_stats()
+            return
+        items = await app.storage.claim(
+            now=now, lease_seconds=self.lease, kind=ItemKind.OUTBOUND, limit=self.batch
+        )
+        gemini = app.board["gemini"]
+        if gemini.state is BreakerState.CLOSED:
+            inbound_limit = self.batch
+        else:
+            inbound_limit = 1 if gemini.would_admit() else 0  # one probe while half-open
+        if inbound_limit:
+            items += await app.storage.claim(
+                now=now, lease_seconds=self.lease, kind=ItemKind.INBOUND, limit=inbound_limit
+            )
+        if items:
+            await asyncio.gather(*(self._process(item) for item in items))
+            self.processed += len(items)
+            self.wake()
+        await self._publish_stats()
+
+    async def _process(self, item: QueueItem) -> None:
+        inbound = Inbound.from_payload(item.payload)
+        with request_context(
+            collector=self.app.traces,
+            guild=inbound.guild_id,
+            channel=inbound.channel_id,
+            user=inbound.author_id,
+        ):
+            try:
+                await self._process_item(item, inbound)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                verdict = classify(exc)
+                log.warning("drain.item_failed", item=item.id, category=verdict.category.value)
+                await self.pipeline.requeue(item, verdict.category.value, retry_after=verdict.retry_after)
+
+    async def _process_item(self, item: QueueItem, inbound: Inbound) -> None:
+        app = self.app
+        channel = await app.channel(inbound.channel_id)
+        original = inbound.reference()
+        if item.kind is ItemKind.OUTBOUND:
+            chunks = [str(c) for c in item.payload.get("chunks", [])]
+            await self.pipeline.deliver(
+                item,
+                inbound,
+                chunks,
+                original=original,
+                channel=channel,
+                outcome=str(item.payload.get("outcome", "answered_late")),
+            )
+            return
+        if await self._already_answered(channel, inbound.message_id):
+            # A previous process answered and died before it could record that.
+            await app.storage.complete(item.id)
+            return
+        try:
+            async with app.mutex.acquire(
+                inbound.key, app.config.mutex_acquire_timeout_seconds, holder="drain"
+            ):
+                await self.pipeline.answer(item, inbound, channel=channel, original=original, live=False)
+        except MutexTimeoutError:
+            await self.pipeline.requeue(item, "conversation busy", count_attempt=False)
+
+    async def _already_answered(self, channel: discord.abc.Messageable, message_id: int) -> bool:
+        me = self.app.bot_user_id()
+        if me is None:
+            return False
+        try:
+            async for message in channel.history(limit=HISTORY_LOOKBACK, after=discord.Object(id=message_id)):
+                ref = message.reference
+                if (
+                    message.author.id == me
+                    and ref is not None
+                    and ref.message_id == message_id
+                    and not message.content.startswith(texts.ACK_MARK)
+                ):
+                    return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not knowing is no reason to stay silent: answer (at worst twice, never never).
+            log.info("drain.history_unavailable", category=classify(exc).category.value)
+        return False
+
+    async def _publish_stats(self) -> None:
+        try:
+            stats = await self.app.storage.stats(now=self.app.clock.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return
+        self.app.metrics.set_queue_stats(stats)

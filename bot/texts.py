@@ -1,0 +1,101 @@
+"""What the bot says to users when it is not (yet) answering: one place for every sentence."""
+
+from __future__ import annotations
+
+from resilience.errors import Classification
+
+# Acknowledgements start with this mark, so a restarted bot can tell "I only said it was
+# queued" apart from "I answered" when it looks back at a channel's history.
+ACK_MARK = "\u23f3"  # hourglass
+
+
+def queued(verdict: Classification, position: int) -> str:
+    """The honest "queued" acknowledgement, with the queue position and, when known, when."""
+    where = f" (position {position} in the queue)" if position > 0 else ""
+    when = ""
+    if verdict.retry_after is not None and verdict.retry_after >= 60:
+        when = f" I expect to be able to answer in about {_human(verdict.retry_after)}."
+    return (
+        f"{ACK_MARK} {verdict.user_message} I saved your message{where} and will answer it here"
+        f" as soon as I can.{when}"
+    )
+
+
+def queued_busy(position: int) -> str:
+    where = f" (position {position} in the queue)" if position > 0 else ""
+    return (
+        f"{ACK_MARK} I'm still working on earlier messages in this conversation. I saved yours{where}"
+        " and will answer it here in order."
+    )
+
+
+def maintenance(message: str, *, queued_position: int | None) -> str:
+    if queued_position is None:
+        return f"\U0001f6e0 {message}"
+    where = f" (position {queued_position})" if queued_position > 0 else ""
+    return f"{ACK_MARK} \U0001f6e0 {message} I saved your message{where} and will answer it when I'm back."
+
+
+def cooldown(wait: float) -> str:
+    return (
+        f"You're sending messages faster than I can keep up with. Please wait {_human(wait)} and try again."
+    )
+
+
+def too_long(length: int, limit: int) -> str:
+    return (
+        f"Your message is {length:,} characters long; I can read at most {limit:,}. "
+        "Please shorten it or split it up."
+    )
+
+
+def attachments_only() -> str:
+    return "I can only read text for now, not attachments. Please type your question as a message."
+
+
+def attachments_ignored() -> str:
+    return "(I can't read attachments yet, so I answered your text only.)"
+
+
+def empty_mention() -> str:
+    return "Hi! Ask me anything: mention me with your question, reply to one of my messages, or DM me."
+
+
+def bug(trace_id: str) -> str:
+    return f"Sorry, something went wrong on my side and I couldn't answer. (trace id `{trace_id}`)"
+
+
+def cannot_accept(verdict: Classification) -> str:
+    return (
+        f"{verdict.user_message} I also can't save messages right now, so please try again in a little while."
+    )
+
+
+def late_answer_prefix(original: str) -> str:
+    quoted = original.strip().replace("\n", " ")
+    if len(quoted) > 120:
+        quoted = quoted[:117] + "..."
+    return f"You asked earlier: > {quoted}\n\n"
+
+
+def dead_letter(attempts: int) -> str:
+    return (
+        f"Sorry, I tried {attempts} times to answer your message and could not. "
+        "Please ask again later; an operator has been notified."
+    )
+
+
+def expired(age_seconds: float) -> str:
+    return (
+        f"Sorry, your message waited {_human(age_seconds)} for an answer, "
+        "which is too long to still be useful. Please ask again."
+    )
+
+
+def _human(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
