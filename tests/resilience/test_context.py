@@ -178,16 +178,3 @@ def test_spans_per_trace_are_bounded(fake_clock: FakeClock) -> None:
     assert len(record.spans) == MAX_SPANS_PER_TRACE
     assert record.dropped_spans == 5
 
-
-def test_span_outside_a_request_is_cheap() -> None:
-    """An unused span costs well under a microsecond-scale budget (no allocation, one contextvar read)."""
-    import time
-
-    n = 20_000
-    start = time.perf_counter()
-    for _ in range(n):
-        with span("x"):
-            pass
-    per_call = (time.perf_counter() - start) / n
-    # Measured ~0.2 µs on the dev box; the bound is generous for slow CI machines.
-    assert per_call < 10e-6

@@ -253,17 +253,3 @@ async def test_awaited_key_is_not_evicted() -> None:
         await asyncio.gather(f, w, n)
     assert order == ["first", "waiter", "newcomer"]
 
-
-async def test_uncontended_acquire_release_is_cheap() -> None:
-    """An uncontended acquire+release costs microseconds, not milliseconds."""
-    import time
-
-    mutex = KeyedMutex()
-    n = 2000
-    start = time.perf_counter()
-    for _ in range(n):
-        async with mutex.acquire("k", timeout=1.0):
-            pass
-    per_call = (time.perf_counter() - start) / n
-    # Measured ~1-2 µs on the dev box; the bound is generous for slow CI machines.
-    assert per_call < 50e-6
