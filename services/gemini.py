@@ -242,17 +242,20 @@ class GeminiService:
         contents = build_contents(history, prompt)
         if not contents:
             raise ValueError("nothing to send: the prompt and the history are empty")
-        config = types.GenerateContentConfig(
-            system_instruction=persona or self.persona or None,
-            max_output_tokens=self.max_output_tokens,
-        )
+        config: types.GenerateContentConfigDict = {}
+        if persona or self.persona:
+            config["system_instruction"] = persona or self.persona
+        if self.max_output_tokens is not None:
+            config["max_output_tokens"] = self.max_output_tokens
         return await self.retry.call(lambda: self._attempt(contents, config))
 
     async def ping(self) -> Reply:
         """A tiny generation through the same guards (for the HTTP API's Gemini test)."""
         return await self.generate(PING_PROMPT, persona=PING_PERSONA)
 
-    async def _attempt(self, contents: list[types.Content], config: types.GenerateContentConfig) -> Reply:
+    async def _attempt(
+        self, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
+    ) -> Reply:
         """One retry attempt: the first model whose daily quota is not used up, then the next ones."""
         quota_error: BaseException | None = None
         for model in self._models():
@@ -280,7 +283,7 @@ class GeminiService:
         return models
 
     async def _call(
-        self, model: str, contents: list[types.Content], config: types.GenerateContentConfig
+        self, model: str, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
     ) -> Reply:
         """One request to ``model`` through the breaker and the timeout; records metrics and health."""
         client = self._client
@@ -365,23 +368,24 @@ class _DailyQuota(Exception):
         self.error = error
 
 
-def build_contents(history: Sequence[Turn], prompt: str) -> list[types.Content]:
+def build_contents(history: Sequence[Turn], prompt: str) -> list[types.ContentDict]:
     """Gemini ``contents`` for ``history`` + ``prompt``: valid for every model.
 
     Empty turns are dropped (Gemini rejects empty parts), leading model turns are dropped
     (a conversation must start with the user), and consecutive turns of one role are merged
-    into one ``Content`` (older models insist on alternating roles; a failed answer leaves
-    two user turns in a row).
+    into one content (older models insist on alternating roles; a failed answer leaves
+    two user turns in a row). Plain dicts, not pydantic models: the SDK converts either, and
+    dicts cost it about 40% less CPU per request with a long history (bench_pipeline).
     """
-    contents: list[types.Content] = []
+    contents: list[types.ContentDict] = []
     for role, text in [*((t.role, t.text) for t in history), ("user", prompt)]:
         role = "model" if role == "model" else "user"
         if not text or (role == "model" and not contents):
             continue
-        if contents and contents[-1].role == role and contents[-1].parts is not None:
-            contents[-1].parts.append(types.Part(text=text))
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].append({"text": text})  # type: ignore[union-attr]
         else:
-            contents.append(types.Content(role=role, parts=[types.Part(text=text)]))
+            contents.append({"role": role, "parts": [{"text": text}]})
     return contents
 
 

@@ -163,13 +163,13 @@ def test_contents_merge_same_role_turns_and_drop_empty_and_leading_model_turns()
         Turn("model", "c", 4),
     ]
     contents = build_contents(history, "d")
-    assert [(c.role, [p.text for p in c.parts or []]) for c in contents] == [
+    assert [(c["role"], [p["text"] for p in c["parts"]]) for c in contents] == [
         ("user", ["a", "b"]),
         ("model", ["c"]),
         ("user", ["d"]),
     ]
     merged = build_contents([Turn("user", "x", 0)], "y")
-    assert [(c.role, len(c.parts or [])) for c in merged] == [("user", 2)]
+    assert [(c["role"], len(c["parts"])) for c in merged] == [("user", 2)]
 
 
 # refusals are outcomes, not exceptions
