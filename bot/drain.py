@@ -20,7 +20,7 @@ from bot import texts
 from bot.pipeline import Inbound, MessagePipeline
 from resilience.breakers import BreakerState
 from resilience.context import request_context
-from resilience.degradation import ItemKind, QueueItem
+from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import MutexTimeoutError, classify
 from resilience.tasks import SupervisedTask
 
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("bot.drain")
 
 HISTORY_LOOKBACK = 50
+HOUSEKEEPING_EVERY = 600.0  # seconds between purges of finished items and old processed ids
+PROCESSED_RETENTION = 7 * 86400.0  # Discord replays only recent events; a week is ample
 
 
 class Drain:
@@ -50,6 +52,7 @@ class Drain:
             clock=app.clock,
         )
         self.processed = 0
+        self._next_housekeeping = 0.0
 
     def start(self) -> None:
         self.task.start()
@@ -64,6 +67,8 @@ class Drain:
         """One pass; wakes itself again when it did work, so a backlog drains without waiting."""
         app = self.app
         now = app.clock.time()
+        if now >= self._next_housekeeping:
+            await self._housekeeping(now)
         for item in await app.storage.expire(now=now, max_age=app.config.queue_max_age_seconds):
             app.metrics.queue_expired.labels(kind=item.kind.value).inc()
             await self.pipeline.notify(item, texts.expired(now - item.created_at))
@@ -152,6 +157,14 @@ class Drain:
             # Not knowing is no reason to stay silent: answer (at worst twice, never never).
             log.info("drain.history_unavailable", category=classify(exc).category.value)
         return False
+
+    async def _housekeeping(self, now: float) -> None:
+        """Keep the database small: finished items go, processed ids older than a week go."""
+        self._next_housekeeping = now + HOUSEKEEPING_EVERY
+        purged = await self.app.storage.purge(ItemState.DONE)
+        pruned = await self.app.storage.prune_processed(PROCESSED_RETENTION, now=now)
+        if purged or pruned:
+            log.info("queue.housekeeping", done_items_purged=purged, processed_ids_pruned=pruned)
 
     async def _publish_stats(self) -> None:
         try:
