@@ -34,7 +34,8 @@ followup    ``/webhooks/{app}/{token}...`` only (follow-ups, ``@original`` get/e
 gateway     gateway faults (``close``, ``disconnect``, ``reconnect``, ``invalid_session``, ``silent``)
 ==========  ==================================================================
 
-REST fault kinds: ``"500"``/``"502"``/``"503"``/``"504"`` (or ``"error"`` with ``status=``),
+REST fault kinds: ``"500"``/``"502"``/``"503"``/``"504"`` (or ``"error"`` with ``status=``, and
+optionally ``code=``/``message=`` for a Discord JSON error body, e.g. ``status=403, code=50013``),
 ``"429"`` (params ``retry_after=0.05``, ``global=False`` (or ``global_``), ``via=True``), ``"latency"``
 (``seconds=1.0``, then served normally) and ``"drop"`` (the TCP connection is closed unanswered).
 Gateway fault kinds, checked when a session goes live and before each dispatch: ``"close"``
@@ -55,6 +56,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -71,6 +73,8 @@ from sandbox.faults import Fault, FaultPlan
 REST_FAULT_KINDS = frozenset({"500", "502", "503", "504", "error", "429", "latency", "drop"})
 GATEWAY_FAULT_KINDS = frozenset({"close", "disconnect", "reconnect", "invalid_session", "silent"})
 EPHEMERAL = 1 << 6
+_HTTP_STATUSES = frozenset(s.value for s in HTTPStatus)
+WAIT_POLL_SECONDS = 0.05
 
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_RECONNECT, OP_REQUEST_MEMBERS, OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 7, 8, 9, 10, 11
@@ -235,7 +239,8 @@ class DiscordEmulator:
       ``token``, ``application_id``, ``faults``, ``heartbeat_interval`` (seconds).
     - world: ``guild_id``, ``channels[name]``, ``thread_id``, ``users[key]`` (ids),
       ``bot_user_id``, ``dm_channel(user)``, ``world`` (the :class:`World`).
-    - users act: ``send_user_message(...)``, ``send_interaction(...)``.
+    - users act: ``send_user_message(...)``, ``send_interaction(...)`` (nested options for
+      subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE).
     - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
       ``invalidate_session()``, ``set_silent(bool)``, ``connected``, ``identify_count``,
       ``resume_count``.
@@ -387,9 +392,16 @@ class DiscordEmulator:
 
     # the wait helpers take ``timeout`` (tests read better with it than with asyncio.timeout blocks)
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
-        """Wait (event-driven) until ``predicate()`` holds; raises ``TimeoutError`` after ``timeout``."""
+        """Wait until ``predicate()`` holds; raises ``TimeoutError`` after ``timeout``.
+
+        Woken by every change the emulator sees, and every 50 ms as well, so a predicate over
+        the client's own state (what a test bot received) is noticed too.
+        """
         async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(predicate)
+            while not predicate():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WAIT_POLL_SECONDS):
+                        await self._changed.wait()
 
     async def wait_for_bot_message(
         self, channel_id: int, count: int = 1, timeout: float = 5.0  # noqa: ASYNC109
@@ -444,6 +456,19 @@ class DiscordEmulator:
         await self._notify()
         return data
 
+    async def redeliver_message(self, channel_id: int, message_id: int) -> dict[str, Any]:
+        """Dispatch a stored message's MESSAGE_CREATE again, under a new sequence number.
+
+        Discord's gateway delivers at least once (a resumed session or a reconnect can repeat
+        an event), so a bot must not answer the repeat; this is that repeat.
+        """
+        data = self.world.find_message(channel_id, message_id)
+        if data is None:
+            raise KeyError(f"no message {message_id} in channel {channel_id}")
+        await self._dispatch("MESSAGE_CREATE", data)
+        await self._notify()
+        return data
+
     async def send_interaction(
         self,
         name: str,
@@ -454,8 +479,11 @@ class DiscordEmulator:
     ) -> InteractionRecord:
         """A user runs slash command ``name``: dispatches INTERACTION_CREATE; returns its record.
 
-        Options are a flat ``{name: value}`` map (str, int, bool, float). In a DM channel the
-        interaction carries ``user`` instead of ``member``.
+        ``options`` maps option names to values (str, int, bool, float). A dict value is a
+        subcommand: ``{"circuit": {"reset": {"name": "gemini"}}}`` runs ``/name circuit reset
+        name:gemini``; a dict whose values are all dicts is a subcommand group (type 2), any
+        other dict (also ``{}``) a subcommand (type 1), each with its nested ``options``, as
+        Discord sends them. In a DM channel the interaction carries ``user`` instead of ``member``.
         """
         who = self.world.user(user)
         channel_id = channel_id if channel_id is not None else self.channels["general"]
@@ -473,7 +501,7 @@ class DiscordEmulator:
                 "id": str(command_id),
                 "name": name,
                 "type": 1,
-                "options": [_option(k, v) for k, v in (options or {}).items()],
+                "options": _options(options or {}),
             },
             "channel_id": str(channel_id),
             "channel": dict(channel),
@@ -735,7 +763,12 @@ class DiscordEmulator:
             body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": is_global}
             return web.Response(status=429, body=json.dumps(body).encode(), headers=headers)
         status = int(params.get("status", 500)) if kind == "error" else int(kind)
-        content_type, text = _ERROR_BODIES.get(status, _ERROR_BODIES[500])
+        if "code" in params or "message" in params or status not in _ERROR_BODIES:
+            # Discord's own JSON error body: discord.py reads code/message into HTTPException.
+            default = f"{status}: {HTTPStatus(status).phrase}" if status in _HTTP_STATUSES else str(status)
+            body = {"message": str(params.get("message", default)), "code": int(params.get("code", 0))}
+            return _json(status, body)
+        content_type, text = _ERROR_BODIES[status]
         return web.Response(status=status, body=text.encode(), headers={"Content-Type": content_type})
 
     def _routes(self) -> list[tuple[str, str, str, Handler, bool]]:
@@ -1098,8 +1131,16 @@ def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None
         raise ApiError(400, "Cannot send an empty message", 50006)
 
 
+def _options(options: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_option(k, v) for k, v in options.items()]
+
+
 def _option(name: str, value: Any) -> dict[str, Any]:
     """An application-command option as Discord sends it, typed from the Python value."""
+    if isinstance(value, dict):
+        # A group holds only subcommands; a subcommand holds only plain values (or nothing).
+        group = bool(value) and all(isinstance(v, dict) for v in value.values())
+        return {"name": name, "type": 2 if group else 1, "options": _options(value)}
     if isinstance(value, bool):
         kind = 5
     elif isinstance(value, int):

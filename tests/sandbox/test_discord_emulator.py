@@ -533,3 +533,79 @@ async def test_interaction_acknowledged_after_the_deadline_is_unknown(emu: Disco
             await done.wait()
     assert [(e.status, e.code) for e in errors] == [(404, 10062)]
     assert not record.acknowledged
+
+
+async def test_nested_options_reach_an_app_commands_group_subcommand(emu: DiscordEmulator) -> None:
+    """``{"circuit": {"reset": {"name": "gemini"}}}`` runs ``/admin circuit reset name:gemini``;
+    ``{"status": {}}`` runs the group's option-less ``/admin status``."""
+    bot = make_bot()
+    calls: list[tuple[str, Any]] = []
+    admin = discord.app_commands.Group(name="admin", description="Operator commands")
+    circuit = discord.app_commands.Group(name="circuit", description="Breakers", parent=admin)
+
+    @circuit.command(name="reset", description="Reset a breaker")
+    async def reset(interaction: discord.Interaction, name: str) -> None:
+        calls.append(("reset", name))
+        await interaction.response.send_message(f"reset {name}", ephemeral=True)
+
+    @admin.command(name="status", description="Status")
+    async def status(interaction: discord.Interaction) -> None:
+        calls.append(("status", None))
+        await interaction.response.send_message("all fine", ephemeral=True)
+
+    bot.tree.add_command(admin)
+    async with running(emu, bot):
+        await bot.tree.sync()
+        [synced] = emu.commands[None]
+        assert {o["name"]: o["type"] for o in synced["options"]} == {"circuit": 2, "status": 1}
+        record = await emu.send_interaction("admin", {"circuit": {"reset": {"name": "gemini"}}}, user="admin")
+        await emu.wait_until(lambda: record.acknowledged)
+        second = await emu.send_interaction("admin", {"status": {}}, user="admin")
+        await emu.wait_until(lambda: second.acknowledged)
+    [group] = record.payload["data"]["options"]
+    assert group == {"name": "circuit", "type": 2, "options": [
+        {"name": "reset", "type": 1, "options": [{"name": "name", "type": 3, "value": "gemini"}]}]}
+    assert calls == [("reset", "gemini"), ("status", None)]
+    assert record.texts() == ["reset gemini"] and second.texts() == ["all fine"]
+
+
+async def test_error_fault_with_code_and_message_raises_forbidden_with_that_code(
+    emu: DiscordEmulator,
+) -> None:
+    """``error`` with ``status=403, code=50013`` answers Discord's JSON body; discord.py raises Forbidden."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        emu.faults.add("error", "send", count=1, status=403, code=50013, message="Missing Permissions")
+        emu.faults.add("error", "typing", count=1, status=404)
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        with pytest.raises(discord.Forbidden) as info:
+            await channel.send("hi")
+        with pytest.raises(discord.NotFound) as missing:
+            await channel.typing()
+        sent = await channel.send("after the fault")
+    assert (info.value.status, info.value.code, info.value.text) == (403, 50013, "Missing Permissions")
+    assert (missing.value.code, missing.value.text) == (0, "404: Not Found")
+    assert [r.status for r in emu.requests_for("send")] == [403, 200]
+    assert [m.id for m in emu.sent_messages(general)] == [sent.id]
+
+
+async def test_redelivered_message_create_reaches_the_bot_again_with_the_same_id(
+    emu: DiscordEmulator,
+) -> None:
+    """``redeliver_message`` repeats a stored MESSAGE_CREATE: the client sees one id twice."""
+    bot = make_bot()
+    seen: list[int] = []
+
+    async def on_message(message: discord.Message) -> None:
+        seen.append(message.id)
+
+    bot.add_listener(on_message)
+    general = emu.channels["general"]
+    async with running(emu, bot):
+        data = await emu.send_user_message(general, content="once")
+        await emu.redeliver_message(general, int(data["id"]))
+        await emu.wait_until(lambda: len(seen) == 2)
+        with pytest.raises(KeyError):
+            await emu.redeliver_message(general, 1)
+    assert seen == [int(data["id"])] * 2
