@@ -34,6 +34,22 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+UNREACHABLE_ERRORS = (
+    aiohttp.ClientError,
+    discord.GatewayNotFound,
+    discord.ConnectionClosed,
+    OSError,
+    TimeoutError,
+)
+
+
+def unreachable(config: Config, exc: BaseException) -> int:
+    where = config.discord_gateway_url or config.discord_api_base or "Discord"
+    return fail(
+        f"cannot reach {where} ({type(exc).__name__}). Check the network and the URLs.", EXIT_UNREACHABLE
+    )
+
+
 async def serve(config: Config, *, token: str) -> int:
     """Run one bot until it is closed (SIGTERM/SIGINT) or fails to start; return the exit code."""
     point_discord_at(config.discord_api_base, config.discord_gateway_url)
@@ -73,11 +89,14 @@ async def serve(config: Config, *, token: str) -> int:
             f"{type(exc.cause).__name__}. Nothing was left running.",
             EXIT_START,
         )
-    except (aiohttp.ClientConnectorError, discord.GatewayNotFound, discord.ConnectionClosed, OSError) as exc:
-        where = config.discord_gateway_url or config.discord_api_base or "Discord"
-        return fail(
-            f"cannot reach {where} ({type(exc).__name__}). Check the network and the URLs.", EXIT_UNREACHABLE
-        )
+    except UNREACHABLE_ERRORS as exc:
+        return unreachable(config, exc)
+    except AttributeError as exc:
+        # discord.py 2.7: when the very first gateway connection fails, its reconnect path reads
+        # ``self.ws.sequence`` while ``ws`` is still None. The real cause is the connection error.
+        if bot.ws is not None or not isinstance(exc.__context__, UNREACHABLE_ERRORS):
+            raise
+        return unreachable(config, exc.__context__)
     finally:
         if stopping:
             await asyncio.gather(*stopping, return_exceptions=True)

@@ -164,7 +164,10 @@ class ServiceRegistry:
                     cause = CallTimeoutError(f"start {svc.name}", timeout)
                     cause.__cause__ = exc
                 self._set(svc.name, ServiceState.FAILED)
-                log.error("service_start_failed", service=svc.name, error=repr(cause), exc_info=exc)
+                # The error names the cause; the stack is for debugging (a start-up failure is
+                # reported to the person starting the bot as one sentence, not a traceback).
+                log.error("service_start_failed", service=svc.name, error=repr(cause))
+                log.debug("service_start_failed.stack", service=svc.name, exc_info=exc)
                 await self._rollback(started)
                 raise ServiceStartError(svc.name, cause) from cause
             self._set(svc.name, ServiceState.RUNNING)

@@ -141,6 +141,7 @@ def configure_logging(
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(_quiet_reconnects)
     setattr(handler, _HANDLER_MARK, True)
 
     root = logging.getLogger()
@@ -162,3 +163,20 @@ def configure_logging(
         # Not cached: a reconfiguration (tests, a level change) reaches loggers already handed out.
         cache_logger_on_first_use=False,
     )
+
+
+def _quiet_reconnects(record: logging.LogRecord) -> bool:
+    """discord.py logs every gateway reconnect attempt with a full traceback; keep one line.
+
+    The exception stays in the line as ``error`` (type and message), so nothing is hidden,
+    but a flapping network does not fill the log (or an operator's terminal) with stacks.
+    """
+    if record.exc_info and record.name.startswith("discord.") and record.getMessage().startswith(
+        "Attempting a reconnect"
+    ):
+        exc = record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True

@@ -1,0 +1,62 @@
+"""Start-up failures end in one clear sentence and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from tests.integration.conftest import SpawnBot
+from tests.integration.harness import Emulators
+
+WRONG_TOKEN = "V1JPTkctVE9LRU4tRk9SLVRFU1Q.d3Jv.bmctdG9rZW4tbm90LWEtc2VjcmV0LWF0LWFsbA"
+
+
+async def _failed(proc, timeout: float = 15.0) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    code = await proc.wait_exit(timeout)
+    return code, proc.output("stderr") + proc.output("stdout")
+
+
+async def test_a_wrong_discord_token_is_one_sentence_and_exit_2(
+    spawn_bot: SpawnBot, bot_env: dict[str, str]
+) -> None:
+    proc = spawn_bot(env={**bot_env, "DISCORD_TOKEN": WRONG_TOKEN})
+    code, output = await _failed(proc)
+    assert code == 2
+    assert "Discord rejected DISCORD_TOKEN" in output
+    assert "Traceback" not in output
+    assert WRONG_TOKEN not in output
+
+
+async def test_an_unreachable_gateway_is_one_sentence_and_exit_4(
+    spawn_bot: SpawnBot, bot_env: dict[str, str]
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    proc = spawn_bot(env={**bot_env, "DISCORD_GATEWAY_URL": f"ws://127.0.0.1:{dead}/gateway"})
+    code, output = await _failed(proc, timeout=30.0)
+    assert code == 4, output
+    assert "cannot reach" in output
+    assert "Traceback" not in output
+
+
+async def test_a_service_that_cannot_start_names_itself_and_exits_3(
+    spawn_bot: SpawnBot, bot_env: dict[str, str], tmp_path: Path, emulators: Emulators
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the data directory should be")
+    proc = spawn_bot(env={**bot_env, "DATA_DIR": str(blocker)})
+    code, output = await _failed(proc)
+    assert code == 3, output
+    assert "service did not start" in output and "Nothing was left running" in output
+    assert "Traceback" not in output
+
+
+async def test_a_bad_setting_lists_the_variable_and_exits_1(
+    spawn_bot: SpawnBot, bot_env: dict[str, str]
+) -> None:
+    proc = spawn_bot(env={**bot_env, "HTTP_PORT": "not-a-port", "LOG_FORMAT": "xml"})
+    code, output = await _failed(proc)
+    assert code == 1
+    assert "HTTP_PORT" in output and "LOG_FORMAT" in output
+    assert "Traceback" not in output
