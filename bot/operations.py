@@ -1,0 +1,685 @@
+"""The operator's actions, written once for the ``/admin`` slash commands and the HTTP admin API.
+
+``Operations(app)`` has one coroutine per action. Each returns a plain JSON-serialisable dict
+whose fields are fixed by the ``TypedDict`` it is typed with (documented below and on each
+method), so the HTTP API can send it as is and the slash commands can format it. Bad input
+raises an ``OperationError``:
+
+- ``UnknownNameError(kind, name, valid)``: no breaker / datastore file / held lock of that
+  name; ``valid`` lists the names that exist (HTTP 404, an ephemeral sentence naming them);
+- ``InvalidRequestError``: a malformed argument (HTTP 400);
+- ``OperationUnavailableError``: the action cannot run in this process now, e.g. no Discord
+  gateway to reconnect (HTTP 503).
+
+Anything else raised is a dependency failure (storage breaker open, disk error): the edge
+classifies it with ``resilience.errors.classify`` (retryable -> 503). Every action logs one
+structured line ``admin.<action>`` with the ``actor`` when given, and never a secret or a
+message's content.
+
+Breakers an operator opens are written to the DataStore ``breakers`` file so they stay open
+across a restart; ``apply_breaker_overrides(app)`` re-applies them at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import os
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import structlog
+
+from resilience.degradation import ItemKind, ItemState, QueueItem
+from resilience.errors import classify
+from resilience.mutex import LockStatus
+
+if TYPE_CHECKING:
+    from bot.app import Application
+
+log = structlog.get_logger("bot.operations")
+
+ALL = "all"
+"""The name ``circuit_reset`` takes for every breaker."""
+
+HOLD_SECONDS = 10 * 365 * 86400.0
+"""How long ``circuit_open`` without a duration holds a breaker: until an operator resets it."""
+
+PURGEABLE = (ItemState.DEAD, ItemState.EXPIRED, ItemState.DONE)
+MAX_NOTICE_CHARS = 1800  # the maintenance notice is sent as one Discord message (2000 max)
+PREVIEW_CHARS = 40
+RECONNECT_CLOSE_CODE = 4000  # discord.py treats 4000 as resumable: it reconnects and RESUMEs
+RECONNECT_CLOSE_TIMEOUT = 5.0
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class OperationError(Exception):
+    """Root of the operations' refusals; the message is one sentence fit for the operator."""
+
+
+class UnknownNameError(OperationError, LookupError):
+    """No ``kind`` named ``name``; ``valid`` lists the names there are (HTTP 404)."""
+
+    def __init__(self, kind: str, name: str, valid: list[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.valid = list(valid)
+        listed = ", ".join(self.valid) if self.valid else "(none)"
+        super().__init__(f"unknown {kind} {name!r}; valid: {listed}")
+
+
+class InvalidRequestError(OperationError, ValueError):
+    """An argument is malformed or not allowed (HTTP 400)."""
+
+
+class OperationUnavailableError(OperationError):
+    """The action cannot run in this process now, e.g. the Discord client is not connected (HTTP 503)."""
+
+
+# --- result shapes ----------------------------------------------------------------------------
+
+
+class BreakerRow(TypedDict):
+    """One breaker: ``state`` closed|open|half_open; ``since`` wall-clock seconds of the last change;
+    ``remaining`` seconds until a probe is allowed (None while held open until a reset);
+    ``persisted`` whether an operator's opening is on file (survives a restart) and
+    ``persisted_until`` when it ends (wall clock; None = until reset)."""
+
+    name: str
+    state: str
+    since: float
+    failures: int
+    remaining: float | None
+    last_error: str | None
+    forced_reason: str | None
+    persisted: bool
+    persisted_until: float | None
+
+
+class CircuitStatus(TypedDict):
+    breakers: list[BreakerRow]
+
+
+class CircuitReset(TypedDict):
+    """``reset``: the breakers closed; ``overrides_removed``: the persisted openings deleted."""
+
+    reset: list[str]
+    overrides_removed: list[str]
+
+
+class CircuitOpen(TypedDict):
+    """``duration`` seconds (None = until reset); ``until`` its wall-clock end (None = until reset)."""
+
+    name: str
+    state: str
+    duration: float | None
+    until: float | None
+    reason: str
+
+
+class MaintenanceStatus(TypedDict):
+    """``message`` is the notice users see (None when off); ``since``/``by`` the last change; ``mode``
+    the bot's current mode (normal|degraded|maintenance)."""
+
+    enabled: bool
+    message: str | None
+    since: float | None
+    by: str | None
+    mode: str
+
+
+class QueueItemRow(TypedDict):
+    """One queued item without its content beyond ``preview`` (the first 40 characters)."""
+
+    id: int
+    kind: str
+    state: str
+    conversation_key: str
+    attempts: int
+    age: float
+    next_attempt_in: float
+    last_error: str | None
+    preview: str
+
+
+class QueueStatus(TypedDict):
+    """``depth[kind][state]`` with every kind and state present; ``items`` the oldest pending or
+    claimed items."""
+
+    depth: dict[str, dict[str, int]]
+    pending: int
+    oldest_pending_age: float | None
+    items: list[QueueItemRow]
+
+
+class QueueDrain(TypedDict):
+    """``woken``: a drain runs in this process and was woken; ``blocked_by``: breakers not admitting
+    calls now (the drain waits for them)."""
+
+    woken: bool
+    pending: int
+    pending_inbound: int
+    pending_outbound: int
+    oldest_pending_age: float | None
+    blocked_by: list[str]
+
+
+class QueuePurge(TypedDict):
+    state: str
+    purged: int
+
+
+class FileReport(TypedDict):
+    """One DataStore file as on disk now; ``source`` what served it at the last load."""
+
+    name: str
+    path: str
+    ok: bool
+    problems: list[str]
+    source: str | None
+
+
+class DatastoreValidate(TypedDict):
+    ok: bool
+    files: list[FileReport]
+
+
+class DatastoreRecover(TypedDict):
+    """``source``: file|bak|backup:<name>|defaults; ``alert``: defaults because nothing valid existed."""
+
+    name: str
+    source: str
+    alert: bool
+    problems: list[str]
+    quarantined: list[str]
+
+
+class LockRow(TypedDict):
+    key: str
+    holder: str
+    held_for: float
+    waiters: int
+
+
+class MutexStatus(TypedDict):
+    """``locks``: held or awaited keys, longest held first; ``keys``: records kept; ``counters``:
+    acquisitions, waits, timeouts, forced_releases."""
+
+    locks: list[LockRow]
+    keys: int
+    counters: dict[str, int]
+
+
+class MutexRelease(TypedDict):
+    key: str
+    released: bool
+    holder: str
+    held_for: float
+    waiters: int
+
+
+class GcResult(TypedDict):
+    """``collected``: unreachable objects found; ``rss_*`` resident memory in bytes (None if unknown)."""
+
+    collected: int
+    garbage: int
+    rss_before: int | None
+    rss_after: int | None
+
+
+class DiscordReconnect(TypedDict):
+    """``closed``: the gateway socket was closed with ``code``; discord.py reconnects and RESUMEs."""
+
+    closed: bool
+    code: int
+
+
+class GeminiTest(TypedDict):
+    """``ok``: Gemini answered. On an answer or a refusal ``reply_kind``/``model`` are set; on a failure
+    ``category``/``retryable``/``retry_after`` classify it. ``message`` is a sentence for the
+    operator; ``breaker`` the Gemini breaker's state afterwards."""
+
+    ok: bool
+    latency_ms: float
+    reply_kind: str | None
+    model: str | None
+    category: str | None
+    retryable: bool | None
+    retry_after: float | None
+    message: str | None
+    breaker: str
+
+
+# --- the operations ---------------------------------------------------------------------------
+
+
+class Operations:
+    """Every operator action on one application; the admin commands and the HTTP API call these.
+
+    Each method takes ``by`` (keyword): who asked, for the log and the files, e.g.
+    ``"discord:<user id>"`` or ``"http"``.
+    """
+
+    def __init__(self, app: Application) -> None:
+        self.app = app
+
+    # -- circuit breakers ---------------------------------------------------------------------
+
+    async def circuit_status(self, *, by: str | None = None) -> CircuitStatus:
+        """Every breaker's state, with the operator's persisted openings."""
+        overrides = _active_overrides(await self._overrides(), self.app.clock.time())
+        rows: list[BreakerRow] = []
+        for snap in self.app.board.snapshot():
+            persisted = overrides.get(snap.name)
+            held = persisted is not None and persisted.get("until") is None and snap.state == "open"
+            rows.append(
+                BreakerRow(
+                    name=snap.name,
+                    state=str(snap.state),
+                    since=snap.since,
+                    failures=snap.failures,
+                    remaining=None if held else round(snap.remaining, 3),
+                    last_error=snap.last_error,
+                    forced_reason=snap.forced_reason,
+                    persisted=persisted is not None,
+                    persisted_until=None if persisted is None else persisted.get("until"),
+                )
+            )
+        _log("circuit_status", by, breakers=len(rows))
+        return CircuitStatus(breakers=rows)
+
+    async def circuit_reset(self, name: str, *, by: str | None = None) -> CircuitReset:
+        """Close breaker ``name`` (or every one: ``"all"``), drop its persisted opening, wake the drain."""
+        board = self.app.board
+        names = board.names() if name == ALL else [self._breaker_name(name, allow_all=True)]
+
+        def drop(data: dict[str, Any]) -> None:
+            for n in names:
+                data["overrides"].pop(n, None)
+
+        # The file first: a reset that could not be recorded must not come back open on restart.
+        persisted = await self._overrides()
+        removed = [n for n in names if n in persisted]
+        if removed:
+            await self.app.datastore.update("breakers", drop)
+        for n in names:
+            board[n].reset()
+        self.app.drain_wake()
+        _log("circuit_reset", by, target=name, reset=names, overrides_removed=removed)
+        return CircuitReset(reset=names, overrides_removed=removed)
+
+    async def circuit_open(
+        self,
+        name: str,
+        duration: float | None = None,
+        *,
+        reason: str | None = None,
+        by: str | None = None,
+    ) -> CircuitOpen:
+        """Hold breaker ``name`` open for ``duration`` seconds (None: until ``circuit_reset``).
+
+        The opening is written to the DataStore first, so it survives a restart.
+        """
+        name = self._breaker_name(name, allow_all=False)
+        if duration is not None:
+            if isinstance(duration, bool) or not isinstance(duration, int | float):
+                raise InvalidRequestError("duration must be a number of seconds")
+            if not math.isfinite(duration) or duration <= 0:
+                raise InvalidRequestError("duration must be a positive, finite number of seconds")
+            duration = float(duration)
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidRequestError("reason must be text")
+        reason = (reason or "").strip()[:200] or (f"opened by {by}" if by else "opened by an operator")
+        until = None if duration is None else self.app.clock.time() + duration
+        entry = {"state": "open", "until": until, "reason": reason}
+
+        def put(data: dict[str, Any]) -> None:
+            data["overrides"][name] = entry
+
+        await self.app.datastore.update("breakers", put)
+        breaker = self.app.board[name]
+        breaker.force_open(HOLD_SECONDS if duration is None else duration, reason)
+        _log("circuit_open", by, breaker=name, duration=duration, until=until, reason=reason)
+        return CircuitOpen(name=name, state=str(breaker.state), duration=duration, until=until, reason=reason)
+
+    # -- maintenance ----------------------------------------------------------------------------
+
+    async def maintenance_on(self, message: str | None = None, *, by: str | None = None) -> MaintenanceStatus:
+        """Turn maintenance mode on (persisted: it survives a restart); ``message`` is the notice users see.
+
+        Turning it on again changes the notice and keeps ``since``.
+        """
+        if message is not None and not isinstance(message, str):
+            raise InvalidRequestError("the maintenance message must be text")
+        notice = (message or "").strip() or None
+        if notice is not None and len(notice) > MAX_NOTICE_CHARS:
+            raise InvalidRequestError(
+                f"the maintenance message has {len(notice)} characters; the limit is {MAX_NOTICE_CHARS}"
+            )
+        now = self.app.clock.time()
+
+        def switch_on(data: dict[str, Any]) -> dict[str, Any]:
+            since = data["since"] if data.get("enabled") and data.get("since") is not None else now
+            return {"enabled": True, "message": notice, "since": since, "by": by}
+
+        await self.app.datastore.update("maintenance", switch_on)
+        self.app.reload_settings()
+        status = self._maintenance_view(await self.app.datastore.get("maintenance"))
+        _log("maintenance_on", by, custom_message=notice is not None)
+        return status
+
+    async def maintenance_off(self, *, by: str | None = None) -> MaintenanceStatus:
+        """Turn maintenance mode off (persisted) and wake the drain for what was queued meanwhile."""
+        now = self.app.clock.time()
+
+        def switch_off(data: dict[str, Any]) -> dict[str, Any]:
+            return {"enabled": False, "message": None, "since": now, "by": by}
+
+        await self.app.datastore.update("maintenance", switch_off)
+        self.app.reload_settings()
+        self.app.drain_wake()
+        status = self._maintenance_view(await self.app.datastore.get("maintenance"))
+        _log("maintenance_off", by)
+        return status
+
+    async def maintenance_status(self, *, by: str | None = None) -> MaintenanceStatus:
+        """Whether maintenance mode is on, its notice, since when and who switched it."""
+        status = self._maintenance_view(await self.app.datastore.get("maintenance"))
+        _log("maintenance_status", by, enabled=status["enabled"])
+        return status
+
+    def _maintenance_view(self, data: dict[str, Any]) -> MaintenanceStatus:
+        enabled = bool(data.get("enabled"))
+        return MaintenanceStatus(
+            enabled=enabled,
+            message=self.app.maintenance() if enabled else None,
+            since=data.get("since"),
+            by=data.get("by"),
+            mode=str(self.app.degradation.mode),
+        )
+
+    # -- the degradation queue ------------------------------------------------------------------
+
+    async def queue_status(self, *, limit: int = 10, by: str | None = None) -> QueueStatus:
+        """Depth by kind and state, the oldest pending age, and the ``limit`` oldest live items."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 100:
+            raise InvalidRequestError("limit must be an integer from 0 to 100")
+        storage = self.app.storage
+        now = self.app.clock.time()
+        stats = await storage.stats(now=now)
+        depth = {k.value: {s.value: stats.depth.get((k, s), 0) for s in ItemState} for k in ItemKind}
+        live: list[QueueItem] = []
+        if limit:
+            live = await storage.list(ItemState.PENDING, limit) + await storage.list(ItemState.CLAIMED, limit)
+            live = sorted(live, key=lambda item: item.id)[:limit]
+        result = QueueStatus(
+            depth=depth,
+            pending=stats.pending(),
+            oldest_pending_age=_round(stats.oldest_pending_age),
+            items=[_item_row(item, now) for item in live],
+        )
+        _log("queue_status", by, pending=result["pending"])
+        return result
+
+    async def queue_drain(self, *, by: str | None = None) -> QueueDrain:
+        """Wake the drain now; report what is pending and which breakers hold it back."""
+        app = self.app
+        stats = await app.storage.stats(now=app.clock.time())
+        woken = app._wake_drain is not None  # the drain is attached only when a bot runs
+        app.drain_wake()
+        blocked = [b.name for b in app.board if b.name in ("gemini", "discord.send") and not b.would_admit()]
+        result = QueueDrain(
+            woken=woken,
+            pending=stats.pending(),
+            pending_inbound=stats.pending(ItemKind.INBOUND),
+            pending_outbound=stats.pending(ItemKind.OUTBOUND),
+            oldest_pending_age=_round(stats.oldest_pending_age),
+            blocked_by=blocked,
+        )
+        _log("queue_drain", by, woken=woken, pending=result["pending"], blocked_by=blocked)
+        return result
+
+    async def queue_purge(self, state: str, *, by: str | None = None) -> QueuePurge:
+        """Delete every item in ``state``: dead, expired or done (never pending or claimed work)."""
+        valid = [s.value for s in PURGEABLE]
+        if not isinstance(state, str) or state not in valid:
+            raise InvalidRequestError(
+                f"cannot purge {state!r} items: only {', '.join(valid)} items can be purged"
+            )
+        purged = await self.app.storage.purge(ItemState(state))
+        _log("queue_purge", by, state=state, purged=purged)
+        return QueuePurge(state=state, purged=purged)
+
+    # -- the DataStore ------------------------------------------------------------------------------
+
+    async def datastore_validate(
+        self, name: str | None = None, *, by: str | None = None
+    ) -> DatastoreValidate:
+        """Check one DataStore file (or all) on disk as it is now, changing nothing."""
+        if name is not None:
+            self._file_name(name)
+        reports = await self.app.datastore.validate(name)
+        files = [
+            FileReport(name=r.name, path=str(r.path), ok=r.ok, problems=list(r.problems), source=r.source)
+            for r in reports
+        ]
+        ok = all(f["ok"] for f in files)
+        _log("datastore_validate", by, file=name, ok=ok, bad=[f["name"] for f in files if not f["ok"]])
+        return DatastoreValidate(ok=ok, files=files)
+
+    async def datastore_recover(self, name: str, *, by: str | None = None) -> DatastoreRecover:
+        """Reload DataStore file ``name`` from its best valid source, then apply it to the running bot."""
+        self._file_name(name)
+        report = await self.app.datastore.recover(name)
+        self.app.reload_settings()
+        if name == "breakers":
+            await apply_breaker_overrides(self.app)
+        _log("datastore_recover", by, file=name, source=report.source, alert=report.alert)
+        return DatastoreRecover(
+            name=report.name,
+            source=report.source,
+            alert=report.alert,
+            problems=list(report.problems),
+            quarantined=[str(p) for p in report.quarantined],
+        )
+
+    # -- the conversation mutex -------------------------------------------------------------------
+
+    async def mutex_status(self, *, by: str | None = None) -> MutexStatus:
+        """Held or awaited conversation locks, longest held first, and the mutex counters."""
+        mutex = self.app.mutex
+        locks = [_lock_row(s) for s in mutex.status()]
+        _log("mutex_status", by, held=len(locks))
+        return MutexStatus(locks=locks, keys=len(mutex), counters=mutex.counters())
+
+    async def mutex_release(self, key: str, *, by: str | None = None) -> MutexRelease:
+        """Free a stuck conversation lock so its next waiter runs; the stuck holder releases nothing later."""
+        mutex = self.app.mutex
+        held = {s.key: s for s in mutex.status() if mutex.locked(s.key)}
+        if not isinstance(key, str) or key not in held:
+            raise UnknownNameError("held lock", str(key), sorted(held))
+        row = _lock_row(held[key])
+        released = mutex.force_release(key)
+        _log("mutex_release", by, key=key, holder=row["holder"], held_for=row["held_for"], released=released)
+        return MutexRelease(
+            key=key, released=released, holder=row["holder"], held_for=row["held_for"], waiters=row["waiters"]
+        )
+
+    # -- the process ---------------------------------------------------------------------------------
+
+    async def gc(self, *, by: str | None = None) -> GcResult:
+        """Run a full garbage collection; report what it found and resident memory before and after."""
+        before = _rss_bytes()
+        collected = gc.collect()
+        after = _rss_bytes()
+        _log("gc", by, collected=collected, rss_before=before, rss_after=after)
+        return GcResult(collected=collected, garbage=len(gc.garbage), rss_before=before, rss_after=after)
+
+    async def discord_reconnect(self, *, by: str | None = None) -> DiscordReconnect:
+        """Close the gateway websocket with a resumable code: discord.py reconnects and RESUMEs."""
+        bot = self.app.bot
+        ws = getattr(bot, "ws", None) if bot is not None else None
+        if bot is None or bot.is_closed() or ws is None:
+            raise OperationUnavailableError("the Discord client is not connected to the gateway")
+        if ws.socket.closed:
+            raise OperationUnavailableError("the gateway connection is already closed and reconnecting")
+        try:
+            # close() waits for the server's close frame; a peer that never sends one must not hang us.
+            # A cancelled close still drops the socket, and discord.py reconnects just the same.
+            async with asyncio.timeout(RECONNECT_CLOSE_TIMEOUT):
+                await ws.close(code=RECONNECT_CLOSE_CODE)
+        except TimeoutError:
+            log.warning("admin.discord_reconnect_close_slow", timeout=RECONNECT_CLOSE_TIMEOUT)
+        _log("discord_reconnect", by, code=RECONNECT_CLOSE_CODE)
+        return DiscordReconnect(closed=True, code=RECONNECT_CLOSE_CODE)
+
+    async def test_gemini(self, *, by: str | None = None) -> GeminiTest:
+        """A tiny prompt through Gemini's breaker, retry and timeout; failures are classified, not raised."""
+        app = self.app
+        started = app.clock.monotonic()
+        try:
+            reply = await app.gemini.ping()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = classify(exc)
+            result = GeminiTest(
+                ok=False,
+                latency_ms=_ms(app.clock.monotonic() - started),
+                reply_kind=None,
+                model=None,
+                category=verdict.category.value,
+                retryable=verdict.retryable,
+                retry_after=verdict.retry_after,
+                message=verdict.user_message,
+                breaker=str(app.board["gemini"].state),
+            )
+        else:
+            result = GeminiTest(
+                ok=reply.ok,
+                latency_ms=_ms(app.clock.monotonic() - started),
+                reply_kind=reply.kind.value,
+                model=reply.model,
+                category=None,
+                retryable=None,
+                retry_after=None,
+                message="Gemini answered." if reply.ok else reply.user_message,
+                breaker=str(app.board["gemini"].state),
+            )
+        _log(
+            "test_gemini",
+            by,
+            ok=result["ok"],
+            latency_ms=result["latency_ms"],
+            reply_kind=result["reply_kind"],
+            category=result["category"],
+        )
+        return result
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _breaker_name(self, name: str, *, allow_all: bool) -> str:
+        board = self.app.board
+        if isinstance(name, str) and name in board:
+            return name
+        valid = board.names() + ([ALL] if allow_all else [])
+        raise UnknownNameError("breaker", str(name), valid)
+
+    def _file_name(self, name: str) -> str:
+        names = self.app.store.names()
+        if not isinstance(name, str) or name not in names:
+            raise UnknownNameError("datastore file", str(name), names)
+        return name
+
+    async def _overrides(self) -> dict[str, dict[str, Any]]:
+        return dict((await self.app.datastore.get("breakers")).get("overrides", {}))
+
+
+async def apply_breaker_overrides(app: Application) -> list[str]:
+    """Re-open the breakers an operator opened before a restart; return their names.
+
+    Call after the registry started (the DataStore is loaded). Openings whose end has passed
+    are removed from the file; an entry naming a breaker that no longer exists is logged and kept.
+    """
+    overrides = (await app.datastore.get("breakers")).get("overrides", {})
+    now = app.clock.time()
+    opened: list[str] = []
+    expired: list[str] = []
+    for name, entry in overrides.items():
+        if entry.get("state") != "open":
+            continue  # breakers start closed: nothing to do
+        until = entry.get("until")
+        if until is not None and until <= now:
+            expired.append(name)
+            continue
+        if name not in app.board:
+            log.warning("admin.override_unknown_breaker", breaker=name, valid=app.board.names())
+            continue
+        app.board[name].force_open(HOLD_SECONDS if until is None else until - now, entry.get("reason", ""))
+        opened.append(name)
+    if expired:
+
+        def drop(data: dict[str, Any]) -> None:
+            for name in expired:
+                data["overrides"].pop(name, None)
+
+        await app.datastore.update("breakers", drop)
+    if opened or expired:
+        log.info("admin.breaker_overrides_applied", opened=opened, expired=expired)
+    return opened
+
+
+def _active_overrides(overrides: dict[str, dict[str, Any]], now: float) -> dict[str, dict[str, Any]]:
+    return {
+        name: entry
+        for name, entry in overrides.items()
+        if entry.get("state") == "open" and (entry.get("until") is None or entry["until"] > now)
+    }
+
+
+def _log(op: str, by: str | None, **fields: Any) -> None:
+    if by is not None:
+        fields["actor"] = by
+    log.info(f"admin.{op}", **fields)
+
+
+def _item_row(item: QueueItem, now: float) -> QueueItemRow:
+    content = str(item.payload.get("content", ""))
+    preview = content if len(content) <= PREVIEW_CHARS else content[: PREVIEW_CHARS - 1] + "…"
+    return QueueItemRow(
+        id=item.id,
+        kind=item.kind.value,
+        state=item.state.value,
+        conversation_key=item.conversation_key,
+        attempts=item.attempts,
+        age=round(max(0.0, now - item.created_at), 3),
+        next_attempt_in=round(max(0.0, item.next_attempt_at - now), 3),
+        last_error=item.last_error,
+        preview=preview,
+    )
+
+
+def _lock_row(status: LockStatus) -> LockRow:
+    return LockRow(
+        key=status.key, holder=status.holder, held_for=round(status.held_for, 3), waiters=status.waiters
+    )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory from /proc/self/statm (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
