@@ -37,7 +37,9 @@ gateway     gateway faults (``close``, ``disconnect``, ``reconnect``, ``invalid_
 REST fault kinds: ``"500"``/``"502"``/``"503"``/``"504"`` (or ``"error"`` with ``status=``, and
 optionally ``code=``/``message=`` for a Discord JSON error body, e.g. ``status=403, code=50013``),
 ``"429"`` (params ``retry_after=0.05``, ``global=False`` (or ``global_``), ``via=True``), ``"latency"``
-(``seconds=1.0``, then served normally) and ``"drop"`` (the TCP connection is closed unanswered).
+(``seconds=1.0``, then served normally; with ``after=True`` served at once and only the response
+held back, like a Discord that posted the message but answers late) and ``"drop"`` (the TCP
+connection is closed unanswered).
 Gateway fault kinds, checked when a session goes live and before each dispatch: ``"close"``
 (``code=4000``), ``"disconnect"`` (TCP cut without a close frame), ``"reconnect"`` (op 7),
 ``"invalid_session"`` (op 9, ``resumable=False``) and
@@ -719,9 +721,15 @@ class DiscordEmulator:
                 if auth and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, "401: Unauthorized", 0)
                 fault = self.faults.pick(*targets, kinds=REST_FAULT_KINDS)
-                response = await self._rest_fault(request, fault, record) if fault else None
+                late = fault is not None and fault.kind == "latency" and bool(fault.params.get("after"))
+                response = await self._rest_fault(request, fault, record) if fault and not late else None
                 if response is None:
                     response = await handler(request, body)
+                if late:
+                    assert fault is not None
+                    record.fault = fault.kind
+                    await self._notify()  # what the handler did is visible while the response waits
+                    await asyncio.sleep(_latency_seconds(fault.params))
             except ApiError as exc:
                 response = _json(exc.status, {"message": exc.message, "code": exc.code}
                                  | ({"errors": exc.errors} if exc.errors else {}))
@@ -737,7 +745,7 @@ class DiscordEmulator:
         record.fault = fault.kind
         kind, params = fault.kind, fault.params
         if kind == "latency":
-            await asyncio.sleep(float(params.get("seconds", params.get("delay", 1.0))))
+            await asyncio.sleep(_latency_seconds(params))
             return None
         if kind == "drop":
             if request.transport is not None:
@@ -1129,6 +1137,10 @@ def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None
             {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}})
     if not content and not embeds and not files:
         raise ApiError(400, "Cannot send an empty message", 50006)
+
+
+def _latency_seconds(params: dict[str, Any]) -> float:
+    return float(params.get("seconds", params.get("delay", 1.0)))
 
 
 def _options(options: dict[str, Any]) -> list[dict[str, Any]]:

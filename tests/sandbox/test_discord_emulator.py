@@ -609,3 +609,19 @@ async def test_redelivered_message_create_reaches_the_bot_again_with_the_same_id
         with pytest.raises(KeyError):
             await emu.redeliver_message(general, 1)
     assert seen == [int(data["id"])] * 2
+
+
+async def test_latency_after_posts_the_message_at_once_and_answers_late(emu: DiscordEmulator) -> None:
+    """``latency`` with ``after=True``: the message is in the channel while the client still
+    waits for the response (a sender that dies then has posted without knowing it)."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        emu.faults.add("latency", "send", count=1, seconds=0.3, after=True)
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        sending = asyncio.create_task(channel.send("posted early"))
+        await emu.wait_until(lambda: len(emu.sent_messages(general)) == 1, timeout=0.25)
+        assert not sending.done()
+        message = await sending
+    assert [m.id for m in emu.sent_messages(general)] == [message.id]
+    assert [(r.fault, r.status) for r in emu.requests_for("send")] == [("latency", 200)]
