@@ -1,0 +1,548 @@
+"""Slash commands: ``/ask``, ``/reset``, ``/status``, ``/help`` and the ``/admin`` group.
+
+Every command defers at once (Discord allows 3 s to acknowledge), runs its body under a
+timeout inside a request context, and follows up. Any failure reaches the user as one clear
+ephemeral sentence, turned into text in one place (``SlashCommands.sentence``); unknown or
+out-of-sync commands are answered by the tree's error handler.
+
+``/ask`` takes the same road as a message: it is accepted durably (the interaction id is the
+message id), answered under the conversation's mutex through Gemini's retry/breaker/timeout,
+and delivered as the interaction's follow-up through ``MessagePipeline.deliver``. When Gemini
+is down the follow-up is the queue acknowledgement and the drain posts the answer later in
+the channel (interaction tokens expire after 15 minutes).
+
+Admin commands are checked on every invocation: the member needs the Administrator
+permission or must be on the owner allowlist (``config.admin_user_ids``).
+``default_permissions`` only hides the group in Discord's UI; it is not a check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import discord
+import structlog
+from discord import app_commands
+
+from bot import texts
+from bot.pipeline import LEASE_MARGIN, Inbound, MessagePipeline
+from bot.splitting import split_message
+from resilience.context import request_context
+from resilience.degradation import ItemKind, ItemState, QueueItem
+from resilience.errors import Category, MutexTimeoutError, classify
+
+if TYPE_CHECKING:
+    from bot.app import Application
+    from bot.client import GeminiBot
+
+log = structlog.get_logger("bot.commands")
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds a command other than ``/ask`` may run before the user is told it took too long."""
+ASK_MARGIN = 5.0
+"""``/ask`` may run its mutex wait plus the processing timeout plus this much."""
+LATENCY_WINDOW = 100
+"""How many recent requests ``/status`` summarises."""
+
+Body = Callable[[], Awaitable[None]]
+
+
+class AdminRefusedError(Exception):
+    """The member may not run admin commands."""
+
+    def __init__(self, user_id: int, command: str) -> None:
+        super().__init__(f"user {user_id} may not run /{command}")
+        self.user_id = user_id
+        self.command = command
+
+
+class SlashCommands:
+    """The behaviour behind every slash command; ``setup_commands`` registers it on a tree."""
+
+    def __init__(
+        self, app: Application, pipeline: MessagePipeline, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.app = app
+        self.pipeline = pipeline
+        self.timeout = timeout
+        cfg = app.config
+        self.ask_timeout = cfg.mutex_acquire_timeout_seconds + cfg.processing_timeout_seconds + ASK_MARGIN
+
+    # -- the frame every command runs in --------------------------------------------------
+
+    async def run(
+        self,
+        interaction: discord.Interaction,
+        body: Body,
+        *,
+        ephemeral: bool = True,
+        limit: float | None = None,
+        admin: bool = False,
+    ) -> None:
+        """Defer, check, run ``body`` under a timeout; turn any failure into one ephemeral sentence."""
+        name = interaction.command.qualified_name if interaction.command else "?"
+        with request_context(
+            collector=self.app.traces,
+            guild=interaction.guild_id,
+            channel=interaction.channel_id,
+            user=interaction.user.id,
+            command=name,
+        ) as trace:
+            try:
+                await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+            except discord.HTTPException as exc:
+                # Past Discord's 3 s (or a duplicate delivery): nobody is listening any more.
+                log.warning("command.defer_failed", command=name, status=exc.status, code=exc.code)
+                return
+            try:
+                if admin:
+                    self.require_admin(interaction, name)
+                async with asyncio.timeout(self.timeout if limit is None else limit):
+                    await body()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self.fail(interaction, name, exc, trace.trace_id, public=not ephemeral)
+
+    def require_admin(self, interaction: discord.Interaction, command: str) -> None:
+        """Raise ``AdminRefusedError`` unless the user is a guild administrator or allowlisted."""
+        user_id = interaction.user.id
+        if user_id in self.app.config.admin_user_ids:
+            return
+        if interaction.guild_id is not None and interaction.permissions.administrator:
+            return
+        log.warning("admin.refused", command=command, user_id=user_id, guild_id=interaction.guild_id)
+        raise AdminRefusedError(user_id, command)
+
+    def sentence(self, exc: BaseException, trace_id: str) -> str:
+        """The one sentence a user sees for a failed command."""
+        if isinstance(exc, AdminRefusedError):
+            return "Only server administrators and the bot's owners can use admin commands."
+        if isinstance(exc, MutexTimeoutError):
+            return "I'm busy answering in this conversation right now; please try again in a few seconds."
+        if isinstance(exc, TimeoutError) and not isinstance(exc, MutexTimeoutError):
+            return "That took too long, so I stopped. Please try again in a moment."
+        if _is_operations_error(exc):
+            return str(exc)
+        verdict = classify(exc, now=self.app.clock.time())
+        if verdict.category is Category.INTERNAL:
+            return texts.bug(trace_id)
+        return verdict.user_message
+
+    async def fail(
+        self, interaction: discord.Interaction, name: str, exc: Exception, trace_id: str, *, public: bool
+    ) -> None:
+        """Log the failure and tell the user, ephemerally, in one sentence."""
+        verdict = classify(exc)
+        if isinstance(exc, AdminRefusedError | TimeoutError) or _is_operations_error(exc):
+            log.info("command.failed", command=name, error=type(exc).__name__)
+        elif verdict.category is Category.INTERNAL:
+            log.error("command.bug", command=name, exc_info=exc)
+            self.app.metrics.errors.labels(category=Category.INTERNAL.value).inc()
+        else:
+            log.warning("command.failed", command=name, category=verdict.category.value)
+        text = self.sentence(exc, trace_id)
+        if public:
+            # The first follow-up would replace the public "thinking" message; remove it so the
+            # error can be ephemeral.
+            try:
+                await interaction.delete_original_response()
+            except discord.HTTPException:
+                pass
+        try:
+            await _followup(interaction, text)
+        except discord.HTTPException as err:
+            log.warning("command.error_not_shown", command=name, status=err.status)
+
+    # -- /ask -----------------------------------------------------------------------------
+
+    async def ask(self, interaction: discord.Interaction, prompt: str, private: bool) -> None:
+        """Answer ``prompt`` like a message; the answer is the follow-up."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            outcome = await self._ask(interaction, prompt, private)
+        finally:
+            self.app.metrics.observe_message(outcome, time.perf_counter() - started)
+
+    async def _ask(self, interaction: discord.Interaction, prompt: str, private: bool) -> str:
+        app = self.app
+        cfg = app.config
+        reply_to = _FollowupChannel(interaction, private=private)
+        text = prompt.strip()
+        if not text:
+            await reply_to.say(texts.empty_mention())
+            return "refused"
+        if len(text) > cfg.max_input_chars:
+            await reply_to.say(texts.too_long(len(text), cfg.max_input_chars))
+            return "refused"
+        if interaction.channel_id is None:
+            raise RuntimeError("an application command interaction without a channel")
+        inbound = Inbound(
+            message_id=interaction.id,
+            channel_id=interaction.channel_id,
+            guild_id=interaction.guild_id,
+            author_id=interaction.user.id,
+            content=text,
+        )
+        # The follow-up is the acknowledgement: nothing else may post one for this item. The
+        # flags tell the drain the message id is an interaction's, not a message to reply to.
+        extra = {"acked": True, "interaction": True, "private": private}
+
+        maintenance = app.maintenance()
+        if maintenance is not None:
+            position: int | None = None
+            if cfg.maintenance_queue_messages:
+                item = await self._accept(inbound, claim=False, extra=extra)
+                position = await app.storage.position(item.id) if item is not None else None
+            await reply_to.say(texts.maintenance(maintenance, queued_position=position))
+            return "maintenance"
+
+        wait = app.ratelimiter.check(inbound.author_id, inbound.guild_id)
+        if wait is not None:
+            await reply_to.say(texts.cooldown(wait))
+            return "rate_limited"
+
+        try:
+            item = await self._accept(inbound, claim=True, extra=extra)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await reply_to.say(texts.cannot_accept(classify(exc)))
+            return "error"
+        if item is None:
+            return "ignored_duplicate"
+        if item.state is ItemState.PENDING:
+            await reply_to.say(texts.queued_busy(await app.storage.position(item.id)))
+            return "queued"
+        try:
+            async with app.mutex.acquire(
+                inbound.key, cfg.mutex_acquire_timeout_seconds, holder=str(interaction.id)
+            ):
+                history = await app.storage.history_if_next(inbound.key, item.id)
+                if history is None:  # older messages of this conversation go first
+                    return await self._queue_busy(item, reply_to, "behind queued messages")
+                return await self._generate(item, inbound, history, reply_to)
+        except MutexTimeoutError:
+            return await self._queue_busy(item, reply_to, "conversation busy")
+
+    async def _generate(
+        self, item: QueueItem, inbound: Inbound, history: list[Any], reply_to: _FollowupChannel
+    ) -> str:
+        """Gemini, then the follow-up; a failure queues (with the acknowledgement) or explains."""
+        app = self.app
+        try:
+            async with asyncio.timeout(app.config.processing_timeout_seconds):
+                reply = await app.gemini.generate(inbound.content, history)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = classify(exc, now=app.clock.time())
+            app.metrics.errors.labels(category=verdict.category.value).inc()
+            if verdict.retryable:
+                requeued = await self.pipeline.requeue(
+                    item,
+                    verdict.category.value,
+                    retry_after=verdict.retry_after,
+                    count_attempt=verdict.category is not Category.CIRCUIT_OPEN,
+                )
+                if requeued.state is ItemState.DEAD:
+                    await reply_to.say(texts.dead_letter(requeued.attempts))
+                    return "error"
+                await reply_to.say(texts.queued(verdict, await app.storage.position(requeued.id)))
+                return "queued"
+            if verdict.category is Category.INTERNAL:
+                raise
+            chunks, turns, outcome = [verdict.user_message], [], "refused"
+        else:
+            if reply.ok:
+                chunks = split_message(reply.text or "")
+                turns = [("user", inbound.content, inbound.message_id), ("model", reply.text or "", None)]
+                outcome = "answered"
+            else:
+                chunks, turns, outcome = [reply.user_message or texts.bug("-")], [], "refused"
+        return await self.pipeline.deliver(
+            item,
+            inbound,
+            chunks,
+            original=inbound.reference(),
+            channel=reply_to,  # type: ignore[arg-type]  # quacks like a Messageable for send()
+            outcome=outcome,
+            turns=turns,
+        )
+
+    async def _queue_busy(self, item: QueueItem, reply_to: _FollowupChannel, why: str) -> str:
+        requeued = await self.pipeline.requeue(item, why, count_attempt=False)
+        await reply_to.say(texts.queued_busy(await self.app.storage.position(requeued.id)))
+        return "queued"
+
+    async def _accept(self, inbound: Inbound, *, claim: bool, extra: dict[str, Any]) -> QueueItem | None:
+        cfg = self.app.config
+        return await self.app.storage.accept(
+            inbound.message_id,
+            ItemKind.INBOUND,
+            inbound.key,
+            inbound.payload(**extra),
+            now=self.app.clock.time(),
+            lease_seconds=cfg.processing_timeout_seconds + cfg.mutex_acquire_timeout_seconds + LEASE_MARGIN,
+            claim=claim,
+        )
+
+    # -- /reset, /status, /help -------------------------------------------------------------
+
+    async def reset(self, interaction: discord.Interaction, confirm: bool) -> None:
+        """Forget this channel's (or thread's, or DM's) conversation history, once confirmed."""
+        if not confirm:
+            await _followup(
+                interaction,
+                "This forgets everything I remember of this conversation, for everyone in it. "
+                "To go ahead, run `/reset confirm:True`.",
+            )
+            return
+        if interaction.channel_id is None:
+            raise RuntimeError("an application command interaction without a channel")
+        key = Inbound(interaction.id, interaction.channel_id, None, interaction.user.id, "").key
+        # Under the conversation's lock, so an answer being written cannot slip in after the reset.
+        async with self.app.mutex.acquire(
+            key, self.app.config.mutex_acquire_timeout_seconds, holder=f"reset:{interaction.id}"
+        ):
+            forgotten = await self.app.storage.forget(key)
+        log.info("conversation.reset", channel_id=interaction.channel_id, turns=forgotten)
+        await _followup(
+            interaction,
+            f"Done: I forgot this conversation ({forgotten} message{'s' if forgotten != 1 else ''}). "
+            "We start afresh.",
+        )
+
+    async def status_embed(self) -> discord.Embed:
+        """Mode, each breaker's state and time in it, queue depth and oldest age, recent latency."""
+        app = self.app
+        now = app.clock.time()
+        mode = app.degradation.snapshot()
+        stats = await app.storage.stats(now=now)
+        healthy = mode.mode.value == "normal" and all(b.state.value == "closed" for b in app.board)
+        embed = discord.Embed(
+            title="Bot status",
+            colour=discord.Colour.green() if healthy else discord.Colour.orange(),
+        )
+        mode_text = mode.mode.value
+        if mode.reason:
+            mode_text += f" ({mode.reason})"
+        embed.add_field(name="Mode", value=f"{mode_text}, for {_human(now - mode.since)}", inline=False)
+        for snap in app.board.snapshot():
+            value = f"{snap.state.value} for {_human(now - snap.since)}"
+            if snap.remaining > 0:
+                value += f", next try in {_human(snap.remaining)}"
+            if snap.failures:
+                value += f", {snap.failures} recent failure{'s' if snap.failures != 1 else ''}"
+            embed.add_field(name=f"Breaker {snap.name}", value=value, inline=True)
+        pending = stats.pending()
+        queue = f"{pending} waiting ({stats.pending(ItemKind.INBOUND)} to answer, "
+        queue += f"{stats.pending(ItemKind.OUTBOUND)} to deliver)"
+        if stats.oldest_pending_age is not None:
+            queue += f", oldest {_human(stats.oldest_pending_age)}"
+        dead = sum(n for (_, state), n in stats.depth.items() if state is ItemState.DEAD)
+        if dead:
+            queue += f"; {dead} dead-lettered"
+        embed.add_field(name="Queue", value=queue, inline=False)
+        embed.add_field(name="Latency", value=self._latency(), inline=False)
+        return embed
+
+    def _latency(self) -> str:
+        durations = sorted(r.duration for r in self.app.traces.recent()[:LATENCY_WINDOW])
+        parts = []
+        if durations:
+            parts.append(
+                f"requests p50 {_ms(_rank(durations, 0.5))}, p95 {_ms(_rank(durations, 0.95))}"
+                f" (last {len(durations)})"
+            )
+        timeout = self.app.gemini.timeout
+        p50, p95 = timeout.percentile(0.5), timeout.percentile(0.95)
+        if p50 is not None and p95 is not None:
+            parts.append(f"Gemini p50 {_ms(p50)}, p95 {_ms(p95)} (last {timeout.samples})")
+        return "; ".join(parts) or "no requests yet"
+
+    async def status(self, interaction: discord.Interaction) -> None:
+        await interaction.followup.send(embed=await self.status_embed(), ephemeral=True)
+
+    async def help(self, interaction: discord.Interaction) -> None:
+        await _followup(interaction, help_text())
+
+
+def help_text() -> str:
+    """What the bot does and how to talk to it."""
+    return (
+        "I answer questions with Google Gemini.\n"
+        "**Talk to me** by mentioning me, replying to one of my messages, in a DM, or with "
+        "`/ask prompt:<question>` (add `private:True` to see the answer alone).\n"
+        "I remember the recent conversation of each channel, thread and DM; `/reset` makes me forget it.\n"
+        "**When Gemini or Discord has trouble** I save your message, tell you it is queued, and answer it "
+        "here as soon as I can; nothing you sent is lost.\n"
+        "`/status` shows how I'm doing. Admins: `/admin` for breakers, maintenance, the queue and data."
+    )
+
+
+class _FollowupChannel:
+    """The interaction follow-up, shaped like the channel ``DiscordIO.send`` writes to."""
+
+    def __init__(self, interaction: discord.Interaction, *, private: bool) -> None:
+        self.interaction = interaction
+        self.private = private
+        self.id = interaction.channel_id  # for DiscordIO's logs
+
+    async def send(
+        self,
+        content: str,
+        *,
+        allowed_mentions: discord.AllowedMentions | None = None,
+        reference: object = None,  # a follow-up is tied to its interaction, not a message
+        embed: discord.Embed | None = None,
+    ) -> discord.WebhookMessage:
+        kwargs: dict[str, Any] = {"embed": embed} if embed is not None else {}
+        return await self.interaction.followup.send(
+            content,
+            ephemeral=self.private,
+            allowed_mentions=allowed_mentions or discord.AllowedMentions.none(),
+            wait=True,
+            **kwargs,
+        )
+
+    async def typing(self) -> None:
+        """Nothing to do: the deferred response already shows "thinking"."""
+
+    async def say(self, text: str) -> None:
+        """A notice instead of an answer (cooldown, queued, ...)."""
+        await self.send(text)
+
+
+async def _followup(interaction: discord.Interaction, text: str) -> None:
+    await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+
+
+def _is_operations_error(exc: BaseException) -> bool:
+    """Errors of the admin operations carry a sentence written for the operator."""
+    return type(exc).__name__ in {"UnknownNameError", "InvalidRequestError"}
+
+
+def _rank(ordered: list[float], fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _human(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+# -- registration ---------------------------------------------------------------------------
+
+
+def setup_commands(bot: GeminiBot, *, timeout: float = DEFAULT_TIMEOUT) -> SlashCommands:
+    """Add the chat and admin commands and the error handler to ``bot.tree`` (replacing earlier ones).
+
+    Call it in ``setup_hook``; syncing the tree with Discord is a separate, rate-limited step.
+    ``timeout`` bounds every command but ``/ask``, which gets the mutex wait plus the
+    processing timeout plus a margin.
+    """
+    commands = SlashCommands(bot.app, bot.pipeline, timeout=timeout)
+    tree = bot.tree
+
+    @app_commands.command(name="ask", description="Ask Gemini something")
+    @app_commands.describe(prompt="Your question", private="Only you see the answer")
+    async def ask(interaction: discord.Interaction, prompt: str, private: bool = False) -> None:
+        await commands.run(
+            interaction,
+            lambda: commands.ask(interaction, prompt, private),
+            ephemeral=private,
+            limit=commands.ask_timeout,
+        )
+
+    @app_commands.command(name="reset", description="Forget this conversation's history")
+    @app_commands.describe(confirm="Set to True to really forget it")
+    async def reset(interaction: discord.Interaction, confirm: bool = False) -> None:
+        await commands.run(interaction, lambda: commands.reset(interaction, confirm))
+
+    @app_commands.command(name="status", description="How the bot and its dependencies are doing")
+    async def status(interaction: discord.Interaction) -> None:
+        await commands.run(interaction, lambda: commands.status(interaction))
+
+    @app_commands.command(name="help", description="What this bot does and how to talk to it")
+    async def help_(interaction: discord.Interaction) -> None:
+        await commands.run(interaction, lambda: commands.help(interaction))
+
+    command: app_commands.Command[Any, Any, None]
+    for command in (ask, reset, status, help_):
+        tree.add_command(command, override=True)
+    tree.add_command(admin_group(commands), override=True)
+
+    async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await _on_tree_error(commands, interaction, error)
+
+    tree.on_error = on_error  # type: ignore[method-assign]
+    return commands
+
+
+async def _on_tree_error(
+    commands: SlashCommands, interaction: discord.Interaction, error: app_commands.AppCommandError
+) -> None:
+    """Errors raised before a command body runs: unknown, out-of-sync, bad options, failed checks."""
+    if isinstance(error, app_commands.CommandNotFound | app_commands.CommandSignatureMismatch):
+        log.warning("command.out_of_sync", error=type(error).__name__, name=getattr(error, "name", None))
+        text = (
+            "I don't know that command in this form; Discord may still be updating my command list. "
+            "Please try again in a minute."
+        )
+    elif isinstance(error, app_commands.CheckFailure):
+        log.warning("command.check_failed", user_id=interaction.user.id, error=str(error))
+        text = "You can't use that command here."
+    elif isinstance(error, app_commands.TransformerError):
+        text = f"I couldn't read the option value {error.value!r}; please check it and try again."
+    else:
+        original = getattr(error, "original", error)
+        log.error("command.bug", exc_info=original)
+        commands.app.metrics.errors.labels(category=Category.INTERNAL.value).inc()
+        text = texts.bug("-")
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as exc:
+        log.warning("command.error_not_shown", status=exc.status)
+
+
+def admin_group(commands: SlashCommands) -> app_commands.Group:
+    """The ``/admin`` group (subcommands are added when the operations exist)."""
+    group = app_commands.Group(
+        name="admin",
+        description="Operate the bot: breakers, maintenance, queue, data, locks",
+        default_permissions=discord.Permissions(administrator=True),
+    )
+    circuit = app_commands.Group(name="circuit", description="Circuit breakers", parent=group)
+
+    @circuit.command(name="status", description="Every breaker's state")
+    async def circuit_status(interaction: discord.Interaction) -> None:
+        async def body() -> None:
+            await _followup(interaction, _breakers_text(commands.app))
+
+        await commands.run(interaction, body, admin=True)
+
+    return group
+
+
+def _breakers_text(app: Application) -> str:
+    now = app.clock.time()
+    lines = [f"`{s.name}`: {s.state.value} for {_human(now - s.since)}" for s in app.board.snapshot()]
+    return "\n".join(lines) or "No breakers."

@@ -1,0 +1,188 @@
+"""Slash commands through the interaction path: real discord.py (``bot.tree``) against the Discord emulator.
+
+The emulator dispatches INTERACTION_CREATE the way Discord does and records the callback
+(deferral), the follow-ups and their flags, so each test checks what the user saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.commands import setup_commands
+from bot.texts import ACK_MARK
+from sandbox.discord_emu import InteractionRecord
+from tests.integration.harness import running_emulators
+from tests.integration.test_pipeline import Live, live_bot
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[Live]:
+    """The bot on fresh emulators with its commands registered and synced (globally).
+
+    A third member, ``owner``, has no admin role but is on ``ADMIN_USER_IDS``.
+    """
+    async with running_emulators(heartbeat_interval=1.0) as emus:
+        owner = emus.discord.world.add_member("owner", "carol")
+        async with live_bot(emus, tmp_path / "data", ADMIN_USER_IDS=str(owner)) as bot:
+            setup_commands(bot.bot)
+            await bot.bot.tree.sync()
+            yield bot
+
+
+async def run(live: Live, name: str, options: dict[str, Any] | None = None, **kw: Any) -> InteractionRecord:
+    """Run a command and wait for its first follow-up (or direct response)."""
+    record = await live.discord.send_interaction(name, options, **kw)
+    await live.discord.wait_until(lambda: bool(record.followups) or record.callback_type == 4, 10)
+    return record
+
+
+def only_text(record: InteractionRecord) -> str:
+    [text] = record.texts()
+    return text
+
+
+# -- /ask --------------------------------------------------------------------------------------
+
+
+async def test_ask_defers_then_answers_in_a_public_followup_and_remembers_the_turn(live: Live) -> None:
+    record = await run(live, "ask", {"prompt": "hello there"})
+    assert record.deferred and not record.ephemeral
+    assert [kind for kind, _ in record.events] == ["callback", "followup"]
+    [answer] = record.followups
+    assert "hello there" in answer.content and not answer.ephemeral
+    assert answer.pings == set()
+    assert [m.id for m in live.sent()] == [answer.id]  # public: in the channel, and nothing else there
+    # The turn is stored in the transaction that finishes the item, just after the follow-up.
+    async with asyncio.timeout(5):
+        while not (history := await live.app.storage.history(str(live.general))):
+            await asyncio.sleep(0.01)
+    assert [t.role for t in history] == ["user", "model"]
+
+
+async def test_ask_private_defers_and_answers_ephemerally_outside_the_channel(live: Live) -> None:
+    record = await run(live, "ask", {"prompt": "secret question", "private": True})
+    assert record.deferred and record.ephemeral
+    [answer] = record.followups
+    assert answer.ephemeral and "secret question" in answer.content
+    assert live.sent() == []
+
+
+async def test_ask_while_gemini_is_down_acknowledges_then_answers_later_in_the_channel(live: Live) -> None:
+    live.gemini.faults.add("503", count=1)
+    live.app.gemini_retry.max_attempts = 1  # the queue, not the retry policy, is under test here
+    record = await run(live, "ask", {"prompt": "queued question"})
+    [ack] = record.followups
+    assert ack.content.startswith(ACK_MARK), ack.content
+
+    # The drain answers once the item's backoff (2 s after a first failure) has passed.
+    await live.discord.wait_until(lambda: any(m.id != ack.id for m in live.sent()), 10)
+    [late] = [m for m in live.sent() if m.id != ack.id]
+    assert late.content.startswith("You asked earlier") and "queued question" in late.content
+    assert record.followups == [ack]  # the late answer is a channel message, not a follow-up
+    assert late.channel_id == live.general
+
+
+async def test_ask_in_maintenance_saves_the_question_and_says_so(live: Live) -> None:
+    from resilience.degradation import Mode
+
+    live.app.degradation.set(Mode.MAINTENANCE, reason="test", message="Back soon.")
+    record = await run(live, "ask", {"prompt": "are you there"})
+    text = only_text(record)
+    assert "Back soon." in text and text.startswith(ACK_MARK)
+    stats = await live.app.storage.stats(now=live.app.clock.time())
+    assert stats.pending() == 1
+
+
+# -- /reset, /status, /help ---------------------------------------------------------------------
+
+
+async def test_reset_needs_confirmation_then_forgets_the_channel_history(live: Live) -> None:
+    first = await live.say("remember the word banana")
+    await live.wait_replies(first["id"])
+    second = await live.say("what did I say")
+    [answer] = await live.wait_replies(second["id"])
+    assert "saw 2 earlier turns" in answer.content
+
+    unconfirmed = await run(live, "reset")
+    assert unconfirmed.ephemeral and "confirm:True" in only_text(unconfirmed)
+    assert len(await live.app.storage.history(str(live.general))) == 4
+
+    confirmed = await run(live, "reset", {"confirm": True})
+    assert confirmed.ephemeral and "4 messages" in only_text(confirmed)
+    third = await live.say("and now?")
+    [fresh] = await live.wait_replies(third["id"])
+    assert "saw 0 earlier turns" in fresh.content
+
+
+async def test_status_embed_shows_mode_breakers_queue_and_latency(live: Live) -> None:
+    await run(live, "ask", {"prompt": "warm up"})
+    live.app.board["gemini"].force_open(60, reason="test outage")
+    record = await run(live, "status")
+    assert record.ephemeral
+    [embed] = record.followups[0].embeds
+    fields = {f["name"]: f["value"] for f in embed["fields"]}
+    assert fields["Mode"].startswith("normal")
+    assert re.match(r"open for \d+ s, next try in \d+ s", fields["Breaker gemini"]), fields
+    assert fields["Breaker storage"].startswith("closed for")
+    assert "Breaker discord.send" in fields
+    assert fields["Queue"].startswith("0 waiting")
+    assert re.search(r"requests p50 \d+ ms", fields["Latency"]), fields["Latency"]
+    assert re.search(r"Gemini p50 \d+ ms", fields["Latency"]), fields["Latency"]
+
+
+async def test_help_explains_how_to_talk_to_the_bot(live: Live) -> None:
+    record = await run(live, "help")
+    text = only_text(record)
+    assert record.ephemeral and "/ask" in text and "mention" in text and "queue" in text
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+async def test_a_command_that_times_out_gets_one_ephemeral_sentence(live: Live) -> None:
+    setup_commands(live.bot, timeout=0.2)
+    # An answer in progress holds the conversation: /reset waits for it, past its timeout.
+    async with live.app.mutex.acquire(str(live.general), 1.0, holder="test"):
+        record = await run(live, "reset", {"confirm": True})
+    assert record.ephemeral
+    [sentence] = record.followups
+    assert sentence.ephemeral
+    assert sentence.content == "That took too long, so I stopped. Please try again in a moment."
+
+
+async def test_an_unknown_command_is_answered_ephemerally_not_ignored(live: Live) -> None:
+    record = await run(live, "no-such-command")
+    assert record.callback_type == 4 and record.ephemeral
+    assert "command" in only_text(record) and "Traceback" not in only_text(record)
+
+
+# -- /admin ------------------------------------------------------------------------------------------
+
+
+async def test_admin_group_carries_default_permissions_administrator_in_the_synced_json(live: Live) -> None:
+    [admin] = [c for c in live.discord.commands[None] if c["name"] == "admin"]
+    assert str(admin["default_member_permissions"]) == "8"  # Administrator
+    user_commands = [c for c in live.discord.commands[None] if c["name"] != "admin"]
+    assert {c["name"] for c in user_commands} == {"ask", "reset", "status", "help"}
+    assert all(c.get("default_member_permissions") is None for c in user_commands)
+
+
+async def test_a_normal_member_is_refused_admin_commands_ephemerally(live: Live) -> None:
+    record = await run(live, "admin", {"circuit": {"status": {}}}, user="normal")
+    assert record.ephemeral
+    [refusal] = record.followups
+    assert refusal.ephemeral and "administrators" in refusal.content
+
+
+@pytest.mark.parametrize("user", ["admin", "owner"])
+async def test_an_administrator_or_allowlisted_owner_may_run_admin_commands(live: Live, user: str) -> None:
+    record = await run(live, "admin", {"circuit": {"status": {}}}, user=user)
+    assert record.ephemeral
+    text = only_text(record)
+    assert "gemini" in text and "closed" in text
