@@ -14,7 +14,7 @@ import contextlib
 import shlex
 import sys
 import threading
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from typing import Any, Protocol, TextIO
 
 from sandbox.discord_emu import EPHEMERAL, GATEWAY_FAULT_KINDS, REST_FAULT_KINDS
@@ -230,9 +230,12 @@ async def stdin_lines(stream: TextIO | None = None) -> AsyncIterator[str]:
     queue: asyncio.Queue[str | None] = asyncio.Queue()
 
     def pump() -> None:
-        for raw in iter(source.readline, ""):
-            loop.call_soon_threadsafe(queue.put_nowait, raw.rstrip("\n"))
-        loop.call_soon_threadsafe(queue.put_nowait, None)
+        try:
+            for raw in iter(source.readline, ""):
+                loop.call_soon_threadsafe(queue.put_nowait, raw.rstrip("\n"))
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+        except RuntimeError:  # the loop closed (the chat is over) while this thread waited for input
+            return
 
     threading.Thread(target=pump, name="console-stdin", daemon=True).start()
     while (line := await queue.get()) is not None:
@@ -273,6 +276,7 @@ class Console:
         self.interactions: list[Any] = []
         self._shown: dict[str, str] = {}  # message id -> content rendered last time
         self._dm_labels: dict[int, str] = {}  # only DMs the person opened, so polling creates none
+        self._awaiting: dict[str, int] = {}  # id of a message addressed to the bot -> its channel id
 
     # channels
 
@@ -340,6 +344,27 @@ class Console:
             return data  # non-ephemeral follow-ups land in the channel and show there
         return None
 
+    def unanswered(self) -> int:
+        """How many messages typed here to the bot (mention or DM) have no reply from it yet."""
+        for mid, cid in list(self._awaiting.items()):
+            refs = (message_view(m).get("message_reference") or {} for m in self.discord.sent_messages(cid))
+            if any(str(ref.get("message_id")) == mid for ref in refs):
+                del self._awaiting[mid]
+        return len(self._awaiting)
+
+    async def wait_answered(self, timeout: float, *, give_up: Callable[[], bool] = lambda: False) -> int:  # noqa: ASYNC109
+        """Print replies until every message to the bot has one, ``timeout`` passes or ``give_up()``.
+
+        Returns how many are still unanswered. A reply that says "queued" counts: it is an answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.unanswered() and not give_up() and loop.time() < deadline:
+            self.show_new()
+            await asyncio.sleep(self.poll_interval)
+        self.show_new()
+        return self.unanswered()
+
     async def _watch(self) -> None:
         while True:
             try:
@@ -385,7 +410,9 @@ class Console:
     async def _say(self, text: str) -> None:
         cid = self.channel_id()
         mention = self.mention and self.channel != "dm"
-        await self.discord.send_user_message(cid, self.user, text, mentions_bot=mention)
+        sent = await self.discord.send_user_message(cid, self.user, text, mentions_bot=mention)
+        if mention or self.channel == "dm":
+            self._awaiting[str(sent["id"])] = cid
 
     async def _slash(self, line: str) -> None:
         name, options = parse_slash(line, groups=self.groups, positional=self.positional)

@@ -7,6 +7,7 @@ raw REST calls with the bot token stand in for the bot's replies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator, Iterable
@@ -405,3 +406,87 @@ async def test_log_shows_recent_requests_with_outcomes(emulators):
     lines = output(console).splitlines()[-2:]
     assert lines[0] == "  gemini  POST gemini-z:generateContent -> fault:503"
     assert lines[1].startswith("  discord POST typing -> 20")
+
+
+async def test_unanswered_counts_messages_to_the_bot_until_it_replies_to_each(emulators):
+    discord, _ = emulators
+    console = make_console(emulators)
+    general = discord.channels["general"]
+    await console.handle("first question")
+    await console.handle(":mention off")
+    await console.handle("not for the bot")  # no mention in a guild channel: no reply expected
+    await console.handle(":channel dm")
+    await console.handle("a DM")  # a DM is always for the bot
+    assert console.unanswered() == 2
+    first = discord.history(general)[0]
+    await bot_rest(discord, "POST", f"/channels/{general}/messages", {
+        "content": "an answer", "message_reference": {"message_id": first["id"]}})
+    await bot_rest(discord, "POST", f"/channels/{general}/messages", {"content": "not a reply"})
+    assert console.unanswered() == 1
+
+
+async def test_wait_answered_prints_the_reply_and_returns_when_all_are_answered(emulators):
+    discord, _ = emulators
+    console = make_console(emulators)
+    general = discord.channels["general"]
+    await console.handle("question")
+    question = discord.history(general)[0]
+
+    async def reply_later() -> None:
+        await asyncio.sleep(0.03)
+        await bot_rest(discord, "POST", f"/channels/{general}/messages", {
+            "content": "late but here", "message_reference": {"message_id": question["id"]}})
+
+    replier = asyncio.create_task(reply_later())
+    assert await console.wait_answered(2.0) == 0
+    await replier
+    assert output(console).rstrip().endswith("[#general] bot (reply): late but here")
+
+
+async def test_wait_answered_is_bounded_by_its_timeout_and_by_give_up(emulators):
+    console = make_console(emulators)
+    await console.handle("nobody answers this")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await console.wait_answered(0.05) == 1
+    assert await console.wait_answered(5.0, give_up=lambda: True) == 1
+    assert loop.time() - started < 1.0
+
+
+def test_stdin_pump_ends_quietly_when_the_loop_is_gone():
+    """A line read after the chat's loop closed must not print a thread traceback."""
+    import threading
+
+    from sandbox.console import stdin_lines
+
+    read_line = threading.Event()
+    release = threading.Event()
+    errors_seen: list[BaseException] = []
+
+    class SlowStdin(io.StringIO):
+        def readline(self, *args: Any) -> str:
+            read_line.set()
+            release.wait(2.0)
+            return "typed after the end\n"
+
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda exc: errors_seen.append(exc.exc_value)
+    try:
+        loop = asyncio.new_event_loop()
+
+        async def start_pump() -> None:
+            lines = stdin_lines(SlowStdin())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(lines.__anext__(), 0.01)
+            await lines.aclose()
+
+        loop.run_until_complete(start_pump())
+        assert read_line.wait(2.0)
+        loop.close()
+        pumps = [t for t in threading.enumerate() if t.name == "console-stdin"]
+        release.set()
+        for thread in pumps:
+            thread.join(2.0)
+    finally:
+        threading.excepthook = previous_hook
+    assert pumps and errors_seen == []
