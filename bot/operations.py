@@ -299,13 +299,15 @@ class Operations:
             for n in names:
                 data["overrides"].pop(n, None)
 
-        # The file first: a reset that could not be recorded must not come back open on restart.
+        # Memory first: the DataStore writes through the storage breaker, which may be the one
+        # being reset. Should the file write then fail, the error says so: those breakers are
+        # closed now but would re-open at the next start.
+        for n in names:
+            board[n].reset()
         persisted = await self._overrides()
         removed = [n for n in names if n in persisted]
         if removed:
             await self.app.datastore.update("breakers", drop)
-        for n in names:
-            board[n].reset()
         self.app.drain_wake()
         _log("circuit_reset", by, target=name, reset=names, overrides_removed=removed)
         return CircuitReset(reset=names, overrides_removed=removed)
