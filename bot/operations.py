@@ -269,7 +269,7 @@ class Operations:
 
     async def circuit_status(self, *, by: str | None = None) -> CircuitStatus:
         """Every breaker's state, with the operator's persisted openings."""
-        overrides = _active_overrides(await self._overrides(), self.app.clock.time())
+        overrides = _active_overrides(self._cached("breakers").get("overrides", {}), self.app.clock.time())
         rows: list[BreakerRow] = []
         for snap in self.app.board.snapshot():
             persisted = overrides.get(snap.name)
@@ -304,7 +304,7 @@ class Operations:
         # closed now but would re-open at the next start.
         for n in names:
             board[n].reset()
-        persisted = await self._overrides()
+        persisted = self._cached("breakers").get("overrides", {})
         removed = [n for n in names if n in persisted]
         if removed:
             await self.app.datastore.update("breakers", drop)
@@ -366,9 +366,9 @@ class Operations:
             since = data["since"] if data.get("enabled") and data.get("since") is not None else now
             return {"enabled": True, "message": notice, "since": since, "by": by}
 
-        await self.app.datastore.update("maintenance", switch_on)
+        saved = await self.app.datastore.update("maintenance", switch_on)
         self.app.reload_settings()
-        status = self._maintenance_view(await self.app.datastore.get("maintenance"))
+        status = self._maintenance_view(saved)
         _log("maintenance_on", by, custom_message=notice is not None)
         return status
 
@@ -379,16 +379,16 @@ class Operations:
         def switch_off(data: dict[str, Any]) -> dict[str, Any]:
             return {"enabled": False, "message": None, "since": now, "by": by}
 
-        await self.app.datastore.update("maintenance", switch_off)
+        saved = await self.app.datastore.update("maintenance", switch_off)
         self.app.reload_settings()
         self.app.drain_wake()
-        status = self._maintenance_view(await self.app.datastore.get("maintenance"))
+        status = self._maintenance_view(saved)
         _log("maintenance_off", by)
         return status
 
     async def maintenance_status(self, *, by: str | None = None) -> MaintenanceStatus:
         """Whether maintenance mode is on, its notice, since when and who switched it."""
-        status = self._maintenance_view(await self.app.datastore.get("maintenance"))
+        status = self._maintenance_view(self._cached("maintenance"))
         _log("maintenance_status", by, enabled=status["enabled"])
         return status
 
@@ -595,8 +595,9 @@ class Operations:
             raise UnknownNameError("datastore file", str(name), names)
         return name
 
-    async def _overrides(self) -> dict[str, dict[str, Any]]:
-        return dict((await self.app.datastore.get("breakers")).get("overrides", {}))
+    def _cached(self, name: str) -> dict[str, Any]:
+        # The committed state without I/O: status views must work while the storage breaker is open.
+        return self.app.store.cached(name) or {}
 
 
 async def apply_breaker_overrides(app: Application) -> list[str]:

@@ -233,6 +233,20 @@ async def test_circuit_reset_all_closes_every_breaker_and_wakes_the_drain(
     assert wakes(app) == 1
 
 
+async def test_status_views_and_a_reset_work_while_the_storage_breaker_is_open(
+    ops: Operations, app: Application
+) -> None:
+    """The DataStore writes through the storage breaker: the views must not need it."""
+    await ops.circuit_open("gemini", 60)
+    await ops.maintenance_on("notice")
+    app.board["storage"].force_open(30)
+    rows = {row["name"]: row for row in (await ops.circuit_status())["breakers"]}
+    assert rows["storage"]["state"] == "open" and rows["gemini"]["persisted"]
+    assert (await ops.maintenance_status())["enabled"] is True
+    assert await ops.circuit_reset("storage") == {"reset": ["storage"], "overrides_removed": []}
+    assert app.board["storage"].state is BreakerState.CLOSED
+
+
 # -- maintenance -------------------------------------------------------------------------------
 
 
