@@ -186,3 +186,69 @@ async def test_an_administrator_or_allowlisted_owner_may_run_admin_commands(live
     assert record.ephemeral
     text = only_text(record)
     assert "gemini" in text and "closed" in text
+
+
+async def test_admin_refusals_are_logged_with_the_user(
+    live: Live, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await run(live, "admin", {"maintenance": {"on": {}}}, user="normal")
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if "admin.refused" in line]
+    assert str(live.discord.users["normal"]) in line and "maintenance on" in line
+    assert live.app.maintenance() is None  # and nothing happened
+
+
+async def test_admin_circuit_open_reset_and_unknown_name(live: Live) -> None:
+    drill = {"circuit": {"open": {"name": "gemini", "reason": "drill"}}}
+    opened = await run(live, "admin", drill, user="admin")
+    assert "`gemini` is open until reset (drill)" in only_text(opened)
+    assert live.app.board["gemini"].state == "open"
+
+    status = await run(live, "admin", {"circuit": {"status": {}}}, user="admin")
+    assert re.search(r"`gemini`: open for \d+ s.*\(drill\)", only_text(status)), only_text(status)
+
+    unknown = await run(live, "admin", {"circuit": {"reset": {"name": "gemni"}}}, user="admin")
+    assert unknown.followups[0].ephemeral
+    text = only_text(unknown)
+    assert text.startswith("Unknown breaker 'gemni'; valid: ") and "gemini" in text
+
+    reset = await run(live, "admin", {"circuit": {"reset": {"name": "all"}}}, user="admin")
+    assert "`gemini`" in only_text(reset) and live.app.board["gemini"].state == "closed"
+
+
+async def test_admin_maintenance_on_changes_what_users_see_and_off_restores_answers(live: Live) -> None:
+    on = await run(live, "admin", {"maintenance": {"on": {"message": "Upgrading, back at 3."}}}, user="admin")
+    assert "Upgrading, back at 3." in only_text(on)
+    asked = await run(live, "ask", {"prompt": "hello?"})
+    assert "Upgrading, back at 3." in only_text(asked)
+
+    status = await run(live, "admin", {"maintenance": {"status": {}}}, user="admin")
+    assert only_text(status).startswith("Maintenance mode is on")
+    off = await run(live, "admin", {"maintenance": {"off": {}}}, user="admin")
+    assert only_text(off).startswith("Maintenance mode is off")
+    # The saved question is answered in the channel once maintenance is over.
+    await live.discord.wait_until(lambda: any("hello?" in m.content for m in live.sent()), 10)
+
+
+async def test_admin_queue_datastore_and_mutex_commands(live: Live) -> None:
+    live.app.board["gemini"].force_open(60, reason="outage")
+    await run(live, "ask", {"prompt": "waiting"})
+    status = await run(live, "admin", {"queue": {"status": {}}}, user="admin")
+    assert only_text(status).startswith("1 waiting"), only_text(status)
+    drain = await run(live, "admin", {"queue": {"drain": {}}}, user="admin")
+    assert "Held back by open breakers: gemini" in only_text(drain)
+    purge = await run(live, "admin", {"queue": {"purge": {"state": "dead"}}}, user="admin")
+    assert only_text(purge) == "Deleted 0 dead items."
+
+    validate = await run(live, "admin", {"datastore": {"validate": {}}}, user="admin")
+    assert "`maintenance`: ok" in only_text(validate)
+    recover = await run(live, "admin", {"datastore": {"recover": {"name": "nope"}}}, user="admin")
+    assert only_text(recover).startswith("Unknown datastore file 'nope'")
+
+    key = str(live.discord.channels["random"])
+    async with live.app.mutex.acquire(key, 1.0, holder="stuck"):
+        held = await run(live, "admin", {"mutex": {"status": {}}}, user="admin")
+        assert f"`{key}` held by stuck" in only_text(held)
+        released = await run(live, "admin", {"mutex": {"release": {"key": key}}}, user="admin")
+        assert only_text(released).startswith(f"Released `{key}`")
+    assert not live.app.mutex.locked(key)
