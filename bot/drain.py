@@ -79,7 +79,9 @@ class Drain:
             now=now, lease_seconds=self.lease, kind=ItemKind.OUTBOUND, limit=self.batch
         )
         gemini = app.board["gemini"]
-        if gemini.state is BreakerState.CLOSED:
+        if app.maintenance() is not None:
+            inbound_limit = 0  # maintenance: hold questions; answers already made still go out
+        elif gemini.state is BreakerState.CLOSED:
             inbound_limit = self.batch
         else:
             inbound_limit = 1 if gemini.would_admit() else 0  # one probe while half-open
