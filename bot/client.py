@@ -8,6 +8,7 @@ from discord.ext import commands
 
 from bot.app import Application
 from bot.drain import Drain
+from bot.operations import apply_breaker_overrides
 from bot.pipeline import MessagePipeline
 
 log = structlog.get_logger("bot.client")
@@ -45,6 +46,9 @@ class GeminiBot(commands.Bot):
         await self.app.registry.start_all()
         self._services_started = True
         self.app.reload_settings()
+        reopened = await apply_breaker_overrides(self.app)
+        if reopened:
+            log.info("breakers.overrides_applied", breakers=reopened)
         released = await self.app.storage.release_claims()
         if released:
             log.info("queue.resumed", items=released)
