@@ -448,28 +448,40 @@ class SqliteStore:
         now: float | None = None,
     ) -> None:
         """Store ``(role, text, message_id)`` turns in one transaction (a question and its answer)."""
-        for role, _, _ in turns:
-            if role not in ROLES:
-                raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-        stamp = self._now(now)
-        rows = [
-            (key, role, truncate(text, self.history_max_chars), None if mid is None else str(mid), stamp)
-            for role, text, mid in turns
-        ]
+        rows = self._turn_rows(key, turns, now)
 
         async def body(db: aiosqlite.Connection) -> None:
-            await db.executemany(
-                "INSERT INTO turns (conversation_key, role, text, message_id, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                rows,
-            )
-            await db.execute(
-                "DELETE FROM turns WHERE conversation_key = ? AND id NOT IN "
-                "(SELECT id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?)",
-                (key, key, self.history_max_messages),
-            )
+            await self._insert_turns(db, key, rows)
 
         await self._run("append_turns", body)
+
+    def _turn_rows(
+        self, key: str, turns: Sequence[tuple[str, str, str | int | None]], now: float | None
+    ) -> list[tuple[str, str, str, str | None, float]]:
+        """Validated, truncated rows for ``_insert_turns``."""
+        stamp = self._now(now)
+        rows = []
+        for role, text, mid in turns:
+            if role not in ROLES:
+                raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+            rows.append(
+                (key, role, truncate(text, self.history_max_chars), None if mid is None else str(mid), stamp)
+            )
+        return rows
+
+    async def _insert_turns(
+        self, db: aiosqlite.Connection, key: str, rows: list[tuple[str, str, str, str | None, float]]
+    ) -> None:
+        """Insert turns and prune the conversation to its newest ``history_max_messages`` rows."""
+        await db.executemany(
+            "INSERT INTO turns (conversation_key, role, text, message_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        await db.execute(
+            "DELETE FROM turns WHERE conversation_key = ? AND id NOT IN "
+            "(SELECT id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?)",
+            (key, key, self.history_max_messages),
+        )
 
     async def history(self, key: str) -> list[Turn]:
         """The newest turns, oldest first, within both the message and the character bound."""
@@ -788,13 +800,9 @@ class SqliteStore:
         now: float | None = None,
     ) -> None:
         """Mark an item done and store the exchange it produced, in one transaction."""
-        stamp = self._now(now)
-        rows = [
-            (key, role, truncate(text, self.history_max_chars), None if mid is None else str(mid), stamp)
-            for role, text, mid in turns
-        ]
-        if rows and key is None:
+        if turns and key is None:
             raise ValueError("turns need the conversation key")
+        rows = self._turn_rows(key or "", turns, now)
 
         async def body(db: aiosqlite.Connection) -> None:
             cur = await db.execute(
@@ -803,16 +811,7 @@ class SqliteStore:
             if cur.rowcount != 1:
                 raise QueueItemNotFoundError(item_id)
             if rows:
-                await db.executemany(
-                    "INSERT INTO turns (conversation_key, role, text, message_id, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    rows,
-                )
-                await db.execute(
-                    "DELETE FROM turns WHERE conversation_key = ? AND id NOT IN "
-                    "(SELECT id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?)",
-                    (key, key, self.history_max_messages),
-                )
+                await self._insert_turns(db, key or "", rows)
 
         await self._run("finish", body)
 

@@ -1,0 +1,118 @@
+"""The pipeline's storage operations: acceptance, ordering checks, requeue, finish, restart release."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from resilience.degradation import ItemKind, ItemState
+from services.storage import QueueItemNotFoundError, SqliteStore
+
+IN, OUT = ItemKind.INBOUND, ItemKind.OUTBOUND
+T0 = 1_700_000_000.0
+LEASE = 60.0
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A started store on a fresh file."""
+    s = SqliteStore(tmp_path / "bot.sqlite3")
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def accept(store: SqliteStore, message_id: int, key: str = "c1", *, claim: bool = True):  # type: ignore[no-untyped-def]
+    return await store.accept(
+        message_id, IN, key, {"m": message_id}, now=T0, lease_seconds=LEASE, claim=claim
+    )
+
+
+async def test_accept_claims_a_message_for_the_caller_and_marks_it_processed(store: SqliteStore) -> None:
+    item = await accept(store, 1)
+    assert item is not None and item.state is ItemState.CLAIMED
+    assert item.lease_until == T0 + LEASE and item.dedup_key == "msg:1"
+    assert await store.is_processed(1)
+
+
+async def test_accepting_the_same_message_twice_returns_none_and_stores_nothing(store: SqliteStore) -> None:
+    assert await accept(store, 1) is not None
+    assert await accept(store, 1) is None
+    assert len(await store.list()) == 1
+
+
+async def test_a_message_behind_a_pending_one_waits_pending(store: SqliteStore) -> None:
+    first = await accept(store, 1, claim=False)
+    second = await accept(store, 2)
+    other_conversation = await accept(store, 3, key="c2")
+    assert first is not None and second is not None and other_conversation is not None
+    assert (first.state, second.state, other_conversation.state) == (
+        ItemState.PENDING,
+        ItemState.PENDING,
+        ItemState.CLAIMED,
+    )
+
+
+async def test_history_if_next_refuses_while_an_older_item_is_pending_or_claimed(store: SqliteStore) -> None:
+    older = await accept(store, 1)  # claimed (e.g. by the drain)
+    newer = await accept(store, 2)
+    assert older is not None and newer is not None
+    assert await store.history_if_next("c1", newer.id) is None
+    assert await store.history_if_next("c1", older.id) == []
+    await store.finish(older.id, key="c1", turns=[("user", "q1", 1), ("model", "a1", None)])
+    history = await store.history_if_next("c1", newer.id)
+    assert history is not None and [(t.role, t.text) for t in history] == [("user", "q1"), ("model", "a1")]
+
+
+async def test_finish_marks_done_and_stores_the_exchange_in_one_step(store: SqliteStore) -> None:
+    item = await accept(store, 1)
+    assert item is not None
+    await store.finish(item.id, key="c1", turns=[("user", "q", 1), ("model", "a", None)])
+    done = await store.get(item.id)
+    assert done is not None and done.state is ItemState.DONE
+    assert [t.text for t in await store.history("c1")] == ["q", "a"]
+    with pytest.raises(QueueItemNotFoundError):
+        await store.finish(999, key="c1", turns=[("user", "x", None)])
+    assert [t.text for t in await store.history("c1")] == ["q", "a"]  # the failed finish stored nothing
+
+
+async def test_requeue_keeps_the_id_counts_attempts_only_when_asked_and_can_change_kind(
+    store: SqliteStore,
+) -> None:
+    item = await accept(store, 1)
+    assert item is not None
+    uncounted = await store.requeue(
+        item.id, error="breaker open", next_attempt_at=T0 + 5, count_attempt=False
+    )
+    assert (uncounted.id, uncounted.state, uncounted.attempts) == (item.id, ItemState.PENDING, 0)
+    [claimed] = await store.claim(now=T0 + 5, lease_seconds=LEASE)
+    counted = await store.requeue(
+        claimed.id, error="send failed", next_attempt_at=T0 + 10, kind=OUT, payload={"chunks": ["a"]}
+    )
+    assert (counted.id, counted.kind, counted.attempts, counted.payload) == (
+        item.id,
+        OUT,
+        1,
+        {"chunks": ["a"]},
+    )
+    assert await store.claim(now=T0 + 9, lease_seconds=LEASE) == []
+
+
+async def test_release_claims_hands_a_dead_process_claims_back_at_once(store: SqliteStore) -> None:
+    a = await accept(store, 1)
+    b = await accept(store, 2, key="c2")
+    assert a is not None and b is not None
+    assert await store.release_claims() == 2
+    claimed = await store.claim(now=T0, lease_seconds=LEASE)  # long before the leases would expire
+    assert sorted(i.id for i in claimed) == [a.id, b.id]
+
+
+async def test_acceptance_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    async with SqliteStore(path) as first:
+        assert await accept(first, 1) is not None
+    async with SqliteStore(path) as second:
+        assert await accept(second, 1) is None  # processed before the restart
+        assert await second.release_claims() == 1
