@@ -130,7 +130,7 @@ class SlashCommands:
             return "Only server administrators and the bot's owners can use admin commands."
         if isinstance(exc, MutexTimeoutError):
             return "I'm busy answering in this conversation right now; please try again in a few seconds."
-        if isinstance(exc, TimeoutError) and not isinstance(exc, MutexTimeoutError):
+        if isinstance(exc, TimeoutError):
             return "That took too long, so I stopped. Please try again in a moment."
         if _is_operations_error(exc):
             text = str(exc)
@@ -269,6 +269,9 @@ class SlashCommands:
             if reply.ok:
                 chunks = split_message(reply.text or "")
                 turns = [("user", inbound.content, inbound.message_id), ("model", reply.text or "", None)]
+                if reply_to.private:
+                    # The channel's history feeds everyone's answers: a private exchange stays out.
+                    turns = []
                 outcome = "answered"
             else:
                 chunks, turns, outcome = [reply.user_message or texts.bug("-")], [], "refused"

@@ -16,6 +16,7 @@ import pytest
 
 from bot.commands import setup_commands
 from bot.texts import ACK_MARK
+from resilience.degradation import ItemKind, ItemState, Mode
 from sandbox.discord_emu import InteractionRecord
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import Live, live_bot
@@ -71,6 +72,13 @@ async def test_ask_private_defers_and_answers_ephemerally_outside_the_channel(li
     [answer] = record.followups
     assert answer.ephemeral and "secret question" in answer.content
     assert live.sent() == []
+    # Not remembered in the channel's shared history, which feeds everyone's answers.
+    async with asyncio.timeout(5):
+        while (await live.app.storage.stats(now=live.app.clock.time())).depth.get(
+            (ItemKind.INBOUND, ItemState.DONE)
+        ) != 1:
+            await asyncio.sleep(0.01)
+    assert await live.app.storage.history(str(live.general)) == []
 
 
 async def test_ask_while_gemini_is_down_acknowledges_then_answers_later_in_the_channel(live: Live) -> None:
@@ -116,8 +124,6 @@ async def test_ask_in_a_dm_answers_with_the_dm_history(live: Live) -> None:
 
 
 async def test_ask_in_maintenance_saves_the_question_and_says_so(live: Live) -> None:
-    from resilience.degradation import Mode
-
     live.app.degradation.set(Mode.MAINTENANCE, reason="test", message="Back soon.")
     record = await run(live, "ask", {"prompt": "are you there"})
     text = only_text(record)
