@@ -64,7 +64,10 @@ def sandbox_config(
 def banner(config: Config, log_path: Path) -> str:
     """What the sandbox prints first: where the bot runs, how to chat, where the log is, how to go live."""
     if config.gemini_api_key is None:
-        gemini = "emulated too (no GEMINI_API_KEY): answers are canned or echoed, nothing leaves this machine"
+        gemini = (
+            "emulated too, because GEMINI_API_KEY is not set (canned or echoed\n"
+            "  answers; nothing leaves this machine)"
+        )
         faults = ""
     else:
         gemini = f"the real Gemini ({config.gemini_model}), because GEMINI_API_KEY is set"
@@ -110,28 +113,48 @@ async def chat(
             _write(out, "Starting the bot...")
             log.info("sandbox.start", discord=discord.api_base, gemini=bot_config.gemini_base_url or "real")
             bot = asyncio.create_task(serve(bot_config, token=discord.token), name="sandbox-bot")
-            if not await _wait_connected(discord, bot, ready_timeout):
-                if bot.done():  # serve() printed why
-                    return bot.result()
-                _write(out, f"The bot did not connect within {ready_timeout:g} s; see {log_path}.")
-                _stop(bot)
-                await _settle(bot)
-                return EXIT_START
-            console = Console(discord, gemini, lines if lines is not None else stdin_lines(), out)
-            talk = asyncio.create_task(console.run(), name="sandbox-chat")
-            await asyncio.wait({bot, talk}, return_when=asyncio.FIRST_COMPLETED)
-            if bot.done():  # Ctrl-C / SIGTERM reached serve(), or the bot failed
-                talk.cancel()
-                _write(out, "")  # after the ^C the terminal echoed
-            else:
-                await _let_bot_answer(console, bot, bot_config, out)
-                log.info("sandbox.quit")
-                _write(out, "Stopping the bot...")
-                _stop(bot)
-            code = await _settle(bot)
-            await asyncio.gather(talk, return_exceptions=True)
-            console.show_new()  # answers delivered while the bot was closing
+            try:
+                code = await _converse(discord, gemini, bot, bot_config, lines, out, ready_timeout, log_path)
+            finally:
+                if not bot.done():  # an error in the chat itself: the bot still closes gracefully
+                    _stop(bot)
+                    await _settle(bot)
     _write(out, "Sandbox stopped.")
+    return code
+
+
+async def _converse(
+    discord: DiscordEmulator,
+    gemini: GeminiEmulator,
+    bot: asyncio.Task[int],
+    config: Config,
+    lines: AsyncIterator[str] | None,
+    out: TextIO,
+    ready_timeout: float,
+    log_path: Path,
+) -> int:
+    """Open the chat once the bot is connected; when either ends, stop the other; the exit code."""
+    if not await _wait_connected(discord, bot, ready_timeout):
+        if bot.done():  # it failed to start (serve() printed why) or Ctrl-C came first
+            return await _settle(bot)
+        _write(out, f"The bot did not connect within {ready_timeout:g} s; see {log_path}.")
+        _stop(bot)
+        await _settle(bot)
+        return EXIT_START
+    console = Console(discord, gemini, lines if lines is not None else stdin_lines(), out)
+    talk = asyncio.create_task(console.run(), name="sandbox-chat")
+    await asyncio.wait({bot, talk}, return_when=asyncio.FIRST_COMPLETED)
+    if bot.done():  # Ctrl-C / SIGTERM reached serve(), or the bot failed
+        talk.cancel()
+        _write(out, "")  # a new line after the ^C the terminal echoed
+    else:
+        await _let_bot_answer(console, bot, config, out)
+        log.info("sandbox.quit")
+        _write(out, "Stopping the bot...")
+        _stop(bot)
+    code = await _settle(bot)
+    await asyncio.gather(talk, return_exceptions=True)
+    console.show_new()  # answers delivered while the bot was closing
     return code
 
 
@@ -139,11 +162,10 @@ async def _wait_connected(discord: DiscordEmulator, bot: asyncio.Task[int], time
     """True once the bot holds a gateway session (its services are up by then); False if it ended first."""
     connected = asyncio.create_task(discord.wait_connected(timeout))
     await asyncio.wait({connected, bot}, return_when=asyncio.FIRST_COMPLETED)
-    if not connected.done():
-        connected.cancel()
+    connected.cancel()
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await connected
-    return connected.done() and not connected.cancelled() and connected.exception() is None and not bot.done()
+    return discord.connected and not bot.done()
 
 
 async def _let_bot_answer(console: Console, bot: asyncio.Task[int], config: Config, out: TextIO) -> None:
