@@ -112,6 +112,13 @@ async def test_a_late_answer_to_ask_mentions_the_user(live: Live) -> None:
     assert late.pings == {f"user:{live.discord.users['normal']}"}
 
 
+async def test_ask_blocked_by_safety_gets_the_explanation_as_the_followup(live: Live) -> None:
+    live.gemini.faults.add("safety", count=1)
+    record = await run(live, "ask", {"prompt": "something risky"})
+    [answer] = record.followups
+    assert "safety" in answer.content and "Traceback" not in answer.content
+
+
 async def test_ask_in_a_dm_answers_with_the_dm_history(live: Live) -> None:
     dm = live.discord.dm_channel("normal")
     first = await run(live, "ask", {"prompt": "one"}, channel_id=dm)
@@ -187,6 +194,20 @@ async def test_a_command_that_times_out_gets_one_ephemeral_sentence(live: Live) 
     [sentence] = record.followups
     assert sentence.ephemeral
     assert sentence.content == "That took too long, so I stopped. Please try again in a moment."
+
+
+async def test_a_public_ask_that_times_out_replaces_the_thinking_message_with_an_ephemeral_sentence(
+    live: Live,
+) -> None:
+    commands = setup_commands(live.bot)
+    commands.ask_timeout = 0.2
+    live.gemini.faults.add("latency", value=1.0, count=1)
+    record = await run(live, "ask", {"prompt": "slow one"})
+    assert record.deferred and not record.ephemeral
+    assert [kind for kind, _ in record.events] == ["callback", "delete", "followup"]
+    [sentence] = record.followups
+    assert sentence.ephemeral and "took too long" in sentence.content
+    assert live.sent() == []
 
 
 @pytest.mark.parametrize(
