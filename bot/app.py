@@ -16,7 +16,7 @@ from bot.ratelimit import RateLimiter
 from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
 from resilience.context import TraceCollector
-from resilience.degradation import DegradationState, Mode
+from resilience.degradation import DegradationState, Mode, QueueItem
 from resilience.mutex import KeyedMutex
 from resilience.registry import ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
@@ -70,12 +70,12 @@ class Application:
 
     def reload_settings(self) -> None:
         """Refresh the cached DataStore views (after start and after an operator changes them)."""
-        guilds = self.store.cached("guild_settings").get("guilds", {})
+        guilds = (self.store.cached("guild_settings") or {}).get("guilds", {})
         self._chat_channels = {
             int(gid): frozenset(int(c) for c in (settings.get("chat_channels") or ()))
             for gid, settings in guilds.items()
         }
-        maintenance = self.store.cached("maintenance")
+        maintenance = self.store.cached("maintenance") or {}
         if maintenance.get("enabled"):
             self.degradation.set(Mode.MAINTENANCE, reason="maintenance", message=maintenance.get("message"))
         elif self.degradation.mode is Mode.MAINTENANCE:
@@ -95,6 +95,17 @@ class Application:
         if channel is None:
             channel = await self.bot.fetch_channel(channel_id)
         return channel
+
+    async def channel_for(self, item: QueueItem) -> Any:
+        """Where a queued item's late answer goes: its channel, or the asker's DMs for a private /ask."""
+        if item.payload.get("private"):
+            if self.bot is None:
+                raise RuntimeError("the Discord client is not attached")
+            user = self.bot.get_user(int(item.payload["author_id"]))
+            if user is None:
+                user = await self.bot.fetch_user(int(item.payload["author_id"]))
+            return await user.create_dm()
+        return await self.channel(int(item.payload["channel_id"]))
 
     def drain_wake(self) -> None:
         if self._wake_drain is not None:

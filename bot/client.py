@@ -7,6 +7,7 @@ import structlog
 from discord.ext import commands
 
 from bot.app import Application
+from bot.commands import setup_commands
 from bot.drain import Drain
 from bot.operations import apply_breaker_overrides
 from bot.pipeline import MessagePipeline
@@ -46,6 +47,7 @@ class GeminiBot(commands.Bot):
         await self.app.registry.start_all()
         self._services_started = True
         self.app.reload_settings()
+        setup_commands(self)
         reopened = await apply_breaker_overrides(self.app)
         if reopened:
             log.info("breakers.overrides_applied", breakers=reopened)
@@ -81,4 +83,3 @@ class GeminiBot(commands.Bot):
     @property
     def closing(self) -> bool:
         return self._closed
-

@@ -114,7 +114,7 @@ class Drain:
 
     async def _process_item(self, item: QueueItem, inbound: Inbound) -> None:
         app = self.app
-        channel = await app.channel(inbound.channel_id)
+        channel = await app.channel_for(item)
         original = inbound.reference()
         if item.kind is ItemKind.OUTBOUND:
             chunks = [str(c) for c in item.payload.get("chunks", [])]

@@ -263,13 +263,18 @@ class MessagePipeline:
             body = reply.text or ""
             if not live:
                 body = texts.late_answer_prefix(inbound.content) + body
+                if item.payload.get("interaction"):
+                    # A slash command has no message to reply to: ping the asker by name instead.
+                    body = f"<@{inbound.author_id}> {body}"
             if item.payload.get("attachments"):
                 body = f"{body}\n\n{texts.attachments_ignored()}"
             chunks = split_message(body)
             turns = [("user", inbound.content, inbound.message_id), ("model", reply.text or "", None)]
+            if item.payload.get("private"):
+                turns = []  # a private /ask stays out of the channel's shared history
             outcome = "answered" if live else "answered_late"
         else:
-            chunks = [reply.user_message]
+            chunks = [reply.user_message or texts.no_answer()]
             turns = []
             outcome = "refused"
         return await self.deliver(
@@ -300,9 +305,10 @@ class MessagePipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            partial = isinstance(exc, PartialDeliveryError)
-            remaining = exc.remaining if partial else chunks
-            verdict = classify(exc.cause if partial else exc)
+            if isinstance(exc, PartialDeliveryError):
+                remaining, verdict = exc.remaining, classify(exc.cause)
+            else:
+                remaining, verdict = chunks, classify(exc)
             if verdict.retryable:
                 if turns:
                     await app.storage.append_turns(inbound.key, turns)
@@ -394,9 +400,12 @@ class MessagePipeline:
     async def notify(self, item: QueueItem, text: str) -> None:
         """Tell the author of a queued message something, as a reply to it; failures are logged."""
         inbound = Inbound.from_payload(item.payload)
+        mention = None
+        if item.payload.get("interaction"):
+            text, mention = f"<@{inbound.author_id}> {text}", _Snowflake(inbound.author_id)
         try:
-            channel = await self.app.channel(inbound.channel_id)
-            await self.app.discord_io.send(channel, text, reply_to=inbound.reference(), mention_user=None)
+            channel = await self.app.channel_for(item)
+            await self.app.discord_io.send(channel, text, reply_to=inbound.reference(), mention_user=mention)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -453,7 +462,9 @@ class MessagePipeline:
                 async with app.discord_io.typing(message.channel):
                     async with asyncio.timeout(app.config.processing_timeout_seconds):
                         reply = await app.gemini.generate(inbound.content, ())
-            chunks = split_message(reply.text or "") if reply.ok else [reply.user_message]
+            chunks = (
+                split_message(reply.text or "") if reply.ok else [reply.user_message or texts.no_answer()]
+            )
             await app.discord_io.send_chunks(
                 message.channel, chunks, reply_to=message, mention_user=message.author
             )

@@ -61,6 +61,10 @@ def empty_mention() -> str:
     return "Hi! Ask me anything: mention me with your question, reply to one of my messages, or DM me."
 
 
+def no_answer() -> str:
+    return "Gemini gave me no answer to that; please try rephrasing it."
+
+
 def bug(trace_id: str) -> str:
     return f"Sorry, something went wrong on my side and I couldn't answer. (trace id `{trace_id}`)"
 

@@ -1,0 +1,195 @@
+"""``kill -9`` of the real bot (``python -m bot run`` child processes), then a restart: every
+accepted message is answered exactly once.
+
+Users talk in several conversations (two channels, a thread, a DM). The child is SIGKILLed at
+three instants: after it acknowledged ("queued") every message during a Gemini outage; while
+Gemini is working on every answer; and after Discord has posted the answers but before the
+bot heard back (so it never recorded them). A new child on the same data directory must
+then answer what is owed, once, and nothing twice, even when watched a while longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bot.texts import ACK_MARK
+from sandbox.discord_emu import DiscordEmulator, SentMessage
+from tests.integration.conftest import SpawnBot
+from tests.integration.harness import BotProcess, Emulators
+
+SETTLE = 1.5  # seconds watched after the last answer: more than one drain interval (1 s)
+ANSWER_TIMEOUT = 10.0
+
+# Log records excused from assert_clean_logs: none. A Gemini outage is an expected condition and
+# the bot logs it below error level; a SIGKILLed child writes nothing at all as it dies; and a
+# dead letter or a pipeline bug here would be a real failure.
+ALLOWED: tuple[str, ...] = ()
+
+
+def conversations(discord: DiscordEmulator) -> list[int]:
+    """#general, #random, the thread and a DM: four conversations, each with its own lock and queue order."""
+    channels = discord.channels
+    return [channels["general"], channels["random"], discord.thread_id, discord.dm_channel("normal")]
+
+
+async def ask_everywhere(discord: DiscordEmulator, per_channel: int = 2) -> list[tuple[int, int, str]]:
+    """Each conversation gets ``per_channel`` questions, interleaved; returns (channel, message id, text)."""
+    asked = []
+    for n in range(per_channel):
+        for channel in conversations(discord):
+            text = f"question {n} in {channel}"
+            data = await discord.send_user_message(channel, "normal", text, mentions_bot=True)
+            asked.append((channel, int(data["id"]), text))
+    return asked
+
+
+def replies(discord: DiscordEmulator, channel: int, message_id: int) -> list[SentMessage]:
+    return [
+        m for m in discord.sent_messages(channel)
+        if str((m.message_reference or {}).get("message_id")) == str(message_id)
+    ]
+
+
+def answers(discord: DiscordEmulator, channel: int, message_id: int) -> list[SentMessage]:
+    """Replies that answer (not the "queued" acknowledgements)."""
+    return [m for m in replies(discord, channel, message_id) if not m.content.startswith(ACK_MARK)]
+
+
+def answer_counts(discord: DiscordEmulator, asked: list[tuple[int, int, str]]) -> dict[int, int]:
+    return {mid: len(answers(discord, channel, mid)) for channel, mid, _ in asked}
+
+
+async def start_bot(spawn_bot: SpawnBot, emulators: Emulators, env: dict[str, str]) -> BotProcess:
+    bot = spawn_bot(env=env)
+    await bot.wait_ready(emulators, timeout=20)
+    return bot
+
+
+async def kill(bot: BotProcess, discord: DiscordEmulator) -> None:
+    assert bot.kill() == -9
+    await discord.wait_until(lambda: not discord.connected, timeout=5)
+
+
+async def assert_each_answered_once(emulators: Emulators, asked: list[tuple[int, int, str]]) -> None:
+    """Wait until every message has an answer; watch a while longer; each has exactly one, about it."""
+    discord = emulators.discord
+    try:
+        await discord.wait_until(lambda: all(answer_counts(discord, asked).values()), ANSWER_TIMEOUT)
+    except TimeoutError:
+        counts = answer_counts(discord, asked)
+        raise AssertionError(f"unanswered after {ANSWER_TIMEOUT} s: {counts}") from None
+    await asyncio.sleep(SETTLE)
+    counts = answer_counts(discord, asked)
+    assert set(counts.values()) == {1}, counts
+    for channel, mid, text in asked:
+        [answer] = answers(discord, channel, mid)
+        assert text in answer.content, (text, answer.content)
+    # Within a conversation the answers come in the order the questions were asked.
+    for channel in conversations(discord):
+        order = [m.content for m in discord.sent_messages(channel) if not m.content.startswith(ACK_MARK)]
+        asked_here = [text for c, _, text in asked if c == channel]
+        assert [next(t for t in asked_here if t in content) for content in order] == asked_here, order
+
+
+def child_env(bot_env: dict[str, str], **extra: str) -> dict[str, str]:
+    # One Gemini attempt per message: the outage, not the retry policy, is under test.
+    return {**bot_env, "RETRY_MAX_ATTEMPTS": "1", **extra}
+
+
+async def test_kill_9_after_queued_acks_then_restart_answers_every_message_exactly_once(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """Gemini 503s: every message gets its "queued" acknowledgement; SIGKILL; Gemini heals; a new
+    process answers each message once ("You asked earlier"), in order per conversation."""
+    discord, gemini = emulators.discord, emulators.gemini
+    env = child_env(bot_env)
+    first = await start_bot(spawn_bot, emulators, env)
+    gemini.faults.add("503")
+    asked = await ask_everywhere(discord)
+    await discord.wait_until(
+        lambda: all(
+            any(m.content.startswith(ACK_MARK) for m in replies(discord, c, mid)) for c, mid, _ in asked
+        ),
+        timeout=ANSWER_TIMEOUT,
+    )
+    await kill(first, discord)
+    assert set(answer_counts(discord, asked).values()) == {0}
+
+    gemini.faults.clear()
+    second = await start_bot(spawn_bot, emulators, env)
+    await assert_each_answered_once(emulators, asked)
+    for channel, mid, _ in asked:
+        [answer] = answers(discord, channel, mid)
+        assert answer.content.startswith("You asked earlier"), answer.content
+        assert sum(m.content.startswith(ACK_MARK) for m in replies(discord, channel, mid)) == 1
+    assert await second.terminate(timeout=15) == 0
+    first.assert_clean_logs(ALLOWED)
+    second.assert_clean_logs(ALLOWED)
+
+
+async def test_kill_9_while_gemini_is_answering_then_restart_answers_every_message_exactly_once(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """Gemini takes 2 s per answer; SIGKILL while every conversation waits on it; the new process
+    finds the claims of the dead one, and answers each message once."""
+    discord, gemini = emulators.discord, emulators.gemini
+    env = child_env(bot_env)
+    first = await start_bot(spawn_bot, emulators, env)
+    gemini.faults.add("latency", value=2.0)
+    asked = await ask_everywhere(discord, per_channel=1)
+    # One Gemini request per conversation is in flight (later ones wait behind their conversation).
+    await discord.wait_until(lambda: len(gemini.requests) >= len(asked), timeout=5)
+    await kill(first, discord)
+    assert set(answer_counts(discord, asked).values()) == {0}
+
+    gemini.faults.clear()
+    second = await start_bot(spawn_bot, emulators, env)
+    await assert_each_answered_once(emulators, asked)
+    assert await second.terminate(timeout=15) == 0
+    first.assert_clean_logs(ALLOWED)
+    second.assert_clean_logs(ALLOWED)
+
+
+async def test_kill_9_after_discord_posted_the_answers_but_before_the_bot_heard_back_sends_none_twice(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """Discord posts each answer but holds its response; SIGKILL then. The dead process never
+    recorded the answers, so they are still queued: the new one must see them in the channel
+    history and not answer again."""
+    discord = emulators.discord
+    env = child_env(bot_env)
+    first = await start_bot(spawn_bot, emulators, env)
+    # Held 3 s: far longer than the kill takes, and over before the test ends.
+    discord.faults.add("latency", "send", seconds=3.0, after=True)
+    asked = await ask_everywhere(discord, per_channel=1)
+    await discord.wait_until(lambda: all(answer_counts(discord, asked).values()), timeout=ANSWER_TIMEOUT)
+    await kill(first, discord)
+    discord.faults.clear()
+    started = time.monotonic()
+
+    second = await start_bot(spawn_bot, emulators, env)
+    history_reads = _history_reads_after(discord, started)
+    await discord.wait_until(lambda: len(history_reads()) >= len(asked), timeout=ANSWER_TIMEOUT)
+    await asyncio.sleep(SETTLE)
+    assert set(answer_counts(discord, asked).values()) == {1}, answer_counts(discord, asked)
+    assert await second.terminate(timeout=15) == 0
+    first.assert_clean_logs(ALLOWED)
+    second.assert_clean_logs(ALLOWED)
+
+
+def _history_reads_after(discord: DiscordEmulator, started: float) -> Any:
+    """The channel-history reads (the drain's "was it answered already?") since ``started``."""
+    return lambda: [r for r in discord.requests_for("history") if r.time >= started and r.status == 200]
+
+
+async def test_sigterm_right_after_login_before_the_ready_event_exits_cleanly(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """A stop that lands in discord.py's guild-ready wait (2 s after READY) exits 0 with clean logs."""
+    bot = await start_bot(spawn_bot, emulators, child_env(bot_env))
+    assert not any(line.get("event") == "bot.ready" for line in bot.logs())
+    assert await bot.terminate(timeout=15) == 0
+    await asyncio.sleep(2.5)  # past the guild-ready wait: a leftover ready task would fire now
+    bot.assert_clean_logs(ALLOWED)
