@@ -1,0 +1,795 @@
+"""The HTTP health, admin and metrics API (aiohttp, loopback by default); a registry service.
+
+Read-only views: ``GET /live``, ``GET /ready``, ``GET /metrics`` and ``GET /api/health/...``.
+Admin actions: ``POST /api/admin/...`` and ``POST /api/test/gemini``, each a thin view over the
+injected operations object (``bot.operations.Operations``: this module never imports ``bot/``),
+each requiring ``Authorization: Bearer <ADMIN_API_TOKEN>``:
+
+- no token configured: 403 ``admin_disabled`` (the admin API is off, and says why);
+- no or malformed ``Authorization`` header, or a wrong token: 401 ``unauthorized``.
+
+Errors are JSON ``{"error": <code>, "message": <sentence>, "trace_id": ...}`` plus data fields:
+404 ``unknown_name`` (with ``kind``, ``name``, ``valid``), 400 ``invalid_request`` /
+``invalid_body``, 503 ``unavailable``, 504 ``timeout``, and for any other failure 503
+``dependency_failure`` (retryable) or 500 ``internal`` with the ``category``; never a stack
+or a secret. Every request runs in a ``request_context`` (its trace id is logged and sent
+back as ``X-Trace-Id``), is counted in ``metrics.http_requests`` by route template and status,
+and runs under a timeout so a stuck handler answers 504 instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hmac
+import json
+import math
+import os
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+from aiohttp import web
+
+from resilience.context import current_trace_id, request_context
+from resilience.errors import Category, classify
+from resilience.registry import ServiceState
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Histogram
+
+    from resilience.breakers import BreakerBoard
+    from resilience.clock import Clock
+    from resilience.degradation import DegradationState, QueueStats
+    from resilience.registry import ServiceRegistry
+    from services.metrics import Metrics
+
+log = structlog.get_logger("services.http_api")
+
+ACTOR = "http"
+"""The ``by`` the API passes to every operation (the admin log's ``actor``)."""
+
+UNMATCHED_ROUTE = "<unmatched>"
+"""The route label of requests that matched no route (never the raw path: it is unbounded)."""
+
+ERROR_RATE_WINDOW = 300.0  # seconds of counter history behind "recent" error rates
+DEGRADED_QUEUE_AGE = 60.0  # a pending item older than this makes the status degraded
+_CATEGORIES = frozenset(c.value for c in Category)
+
+
+# --- what the API reads and calls -------------------------------------------------------------
+
+
+class QueueStatsSource(Protocol):
+    """What the degradation view reads: ``services.storage.SqliteStore`` fits."""
+
+    async def stats(self, *, now: float) -> QueueStats: ...
+
+
+class AdminOperations(Protocol):
+    """The operator actions the admin routes call: ``bot.operations.Operations`` fits."""
+
+    async def maintenance_on(self, message: str | None = None, *, by: str | None = None) -> Any: ...
+    async def maintenance_off(self, *, by: str | None = None) -> Any: ...
+    async def circuit_reset(self, name: str, *, by: str | None = None) -> Any: ...
+    async def circuit_open(
+        self, name: str, duration: float | None = None, *, reason: str | None = None, by: str | None = None
+    ) -> Any: ...
+    async def queue_drain(self, *, by: str | None = None) -> Any: ...
+    async def datastore_validate(self, name: str | None = None, *, by: str | None = None) -> Any: ...
+    async def datastore_recover(self, name: str, *, by: str | None = None) -> Any: ...
+    async def mutex_release(self, key: str, *, by: str | None = None) -> Any: ...
+    async def gc(self, *, by: str | None = None) -> Any: ...
+    async def discord_reconnect(self, *, by: str | None = None) -> Any: ...
+    async def test_gemini(self, *, by: str | None = None) -> Any: ...
+
+
+class LatencyWindow:
+    """The last ``maxlen`` durations (seconds), for exact recent percentiles.
+
+    Prometheus histograms give bucket counts, not percentiles: whoever times a message calls
+    ``observe(seconds)`` (one deque append) and the performance view reads ``percentiles()``.
+    """
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, maxlen: int = 1000) -> None:
+        self._samples: deque[float] = deque(maxlen=maxlen)
+
+    def observe(self, seconds: float) -> None:
+        self._samples.append(seconds)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def percentiles(self) -> dict[str, float | int | None]:
+        """``{"count", "p50", "p95", "p99", "max"}`` in seconds (nearest rank; None when empty)."""
+        ordered = sorted(self._samples)
+        if not ordered:
+            return {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
+
+        def rank(q: float) -> float:
+            return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 6)
+
+        return {
+            "count": len(ordered),
+            "p50": rank(0.50),
+            "p95": rank(0.95),
+            "p99": rank(0.99),
+            "max": round(ordered[-1], 6),
+        }
+
+
+@dataclass
+class HealthSources:
+    """Everything the health views and ``/ready`` read, injected by the application builder.
+
+    ``registry`` and ``discord_connected`` may be set after construction (the registry holds
+    the API itself). ``message_latency`` / ``gemini_latency``: recent-sample windows; while one
+    is empty its percentiles are estimated from the Prometheus histogram instead. ``caches``:
+    name -> a callable returning the cache's current size, for the memory view.
+    """
+
+    clock: Clock
+    metrics: Metrics
+    board: BreakerBoard
+    degradation: DegradationState
+    queue: QueueStatsSource
+    registry: ServiceRegistry | None = None
+    discord_connected: Callable[[], bool] = lambda: False
+    message_latency: LatencyWindow = field(default_factory=LatencyWindow)
+    gemini_latency: LatencyWindow = field(default_factory=LatencyWindow)
+    caches: dict[str, Callable[[], int]] = field(default_factory=dict)
+
+
+class _HttpError(Exception):
+    """A refusal with its HTTP status, error code and extra body fields."""
+
+    def __init__(self, status: int, error: str, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.fields = fields
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Action = Callable[[web.Request, "AdminOperations"], Awaitable[Any]]
+
+
+# --- the service -------------------------------------------------------------------------------
+
+
+class HttpApi:
+    """The aiohttp server; a registry service named ``http_api``.
+
+    ``operations`` (the admin actions) may be given later with ``attach_operations`` since it
+    usually needs the finished application; until then admin routes answer 503.
+    ``error_status`` maps the operations' refusal types to HTTP statuses, e.g.
+    ``{UnknownNameError: 404, InvalidRequestError: 400, OperationUnavailableError: 503}``;
+    a 404 body carries the error's ``kind``/``name``/``valid`` attributes when it has them.
+    ``port`` 0 binds any free port; the bound one is ``self.port`` and is logged as
+    ``http_api.listening``. ``timeout`` bounds each handler (504), ``gemini_test_timeout``
+    the Gemini test, which may wait out Gemini's own retries.
+    """
+
+    name = "http_api"
+    depends_on: tuple[str, ...] = ("metrics",)
+
+    def __init__(
+        self,
+        sources: HealthSources,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 3000,
+        admin_token: str | None = None,
+        operations: AdminOperations | None = None,
+        error_status: Mapping[type[BaseException], int] | None = None,
+        timeout: float = 10.0,
+        gemini_test_timeout: float = 60.0,
+        shutdown_timeout: float = 2.0,
+    ) -> None:
+        self.sources = sources
+        self.host = host
+        self.port: int | None = None if port == 0 else port
+        self._requested_port = port
+        self._token = admin_token.encode() if admin_token else None
+        self._operations = operations
+        self._error_status = dict(error_status or {})
+        self._timeout = timeout
+        self._gemini_test_timeout = gemini_test_timeout
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+        self._shutting_down = False
+        self._started_at: float | None = None
+        self._rate_samples: dict[str, deque[tuple[float, float, float]]] = {}
+
+    def attach_operations(self, operations: AdminOperations) -> None:
+        """Give the admin routes their operations (once the application exists)."""
+        self._operations = operations
+
+    def set_shutting_down(self, on: bool = True) -> None:
+        """Make ``/ready`` answer 503 (the bot's ``close()`` calls this first)."""
+        self._shutting_down = on
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the running server."""
+        if self.port is None:
+            raise RuntimeError("the HTTP API is not listening")
+        return f"http://{self.host}:{self.port}"
+
+    # -- service protocol -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and serve; logs ``http_api.listening`` with ``host`` and the bound ``port``."""
+        runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=self._shutdown_timeout)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self._requested_port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        self._started_at = self.sources.clock.monotonic()
+        self._shutting_down = False
+        log.info("http_api.listening", host=self.host, port=self.port, admin=self._token is not None)
+
+    async def stop(self) -> None:
+        """Stop serving; in-flight requests get ``shutdown_timeout`` seconds. Safe to call twice."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            log.info("http_api.stopped", port=self.port)
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": self._runner is not None, "port": self.port, "admin_enabled": self._token is not None}
+
+    # -- the routes -------------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        """The aiohttp application with every route and the request middleware."""
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
+        get, post = web.get, web.post
+        admin = self._admin
+        app.add_routes(
+            [
+                get("/live", self._live),
+                get("/ready", self._ready),
+                get("/metrics", self._metrics),
+                get("/api/health/status", self._status),
+                get("/api/health/circuits", self._circuits),
+                get("/api/health/degradation", self._degradation),
+                get("/api/health/services", self._services),
+                get("/api/health/memory", self._memory),
+                get("/api/health/performance", self._performance),
+                get("/api/health/external/gemini", self._external_gemini),
+                get("/api/health/external/discord", self._external_discord),
+                post("/api/admin/maintenance/enable", admin(self._maintenance_enable)),
+                post("/api/admin/maintenance/disable", admin(self._maintenance_disable)),
+                post("/api/admin/circuit/reset/{name}", admin(self._circuit_reset)),
+                post("/api/admin/circuit/open/{name}", admin(self._circuit_open)),
+                post("/api/admin/queue/process", admin(self._queue_process)),
+                post("/api/admin/datastore/validate", admin(self._datastore_validate)),
+                post("/api/admin/datastore/validate/{name}", admin(self._datastore_validate)),
+                post("/api/admin/datastore/recover/{name}", admin(self._datastore_recover)),
+                # Conversation keys may hold any character; the key is the rest of the path.
+                post("/api/admin/mutex/release/{key:.+}", admin(self._mutex_release)),
+                post("/api/admin/gc", admin(self._gc)),
+                post("/api/admin/discord/reconnect", admin(self._discord_reconnect)),
+                post("/api/test/gemini", admin(self._test_gemini, timeout=self._gemini_test_timeout)),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = _route_template(request)
+        started = self.sources.clock.monotonic()
+        with request_context(method=request.method, route=route) as trace:
+            try:
+                response = await handler(request)
+            except asyncio.CancelledError:
+                raise
+            except _HttpError as exc:
+                response = _error(exc)
+            except web.HTTPException as exc:  # aiohttp's own 404 / 405 / 413, as JSON
+                response = _error(_HttpError(exc.status, _aiohttp_code(exc.status), exc.reason))
+            except Exception as exc:
+                response = self._failure(exc)
+            response.headers["X-Trace-Id"] = trace.trace_id
+            self.sources.metrics.http_requests.labels(route, str(response.status)).inc()
+            log.info(
+                "http_api.request",
+                status=response.status,
+                duration_ms=round((self.sources.clock.monotonic() - started) * 1000, 1),
+            )
+            return response
+
+    def _failure(self, exc: Exception) -> web.Response:
+        """Anything a handler raised that is not a refusal: classified, never a stack in the body."""
+        verdict = classify(exc)
+        status = 503 if verdict.retryable else 500
+        log.error(
+            "http_api.handler_failed",
+            category=verdict.category.value,
+            retryable=verdict.retryable,
+            error=type(exc).__name__,
+            exc_info=exc,
+        )
+        return _error(
+            _HttpError(
+                status,
+                "dependency_failure" if verdict.retryable else "internal",
+                verdict.user_message,
+                category=verdict.category.value,
+                retryable=verdict.retryable,
+                retry_after=verdict.retry_after,
+            )
+        )
+
+    def _admin(self, action: Action, *, timeout: float | None = None) -> Handler:
+        """Wrap an admin action: check the token, then run it under its timeout and answer its dict."""
+        limit = timeout if timeout is not None else self._timeout
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            self._authorize(request)
+            operations = self._operations
+            if operations is None:
+                raise _HttpError(503, "unavailable", "the admin operations are not attached yet; try again")
+            result = await self._bounded(action(request, operations), limit)
+            return _json(result)
+
+        return handler
+
+    def _authorize(self, request: web.Request) -> None:
+        if self._token is None:
+            raise _HttpError(
+                403,
+                "admin_disabled",
+                "the admin API is disabled: set ADMIN_API_TOKEN in the bot's environment and restart",
+            )
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest on bytes: constant time whatever the guess, and any header text is comparable.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            log.warning("http_api.unauthorized", has_header="Authorization" in request.headers)
+            raise _HttpError(
+                401, "unauthorized", "send the admin token as 'Authorization: Bearer <ADMIN_API_TOKEN>'"
+            )
+
+    async def _bounded(self, work: Awaitable[Any], limit: float) -> Any:
+        """Run ``work`` under ``limit`` seconds; map the operations' refusals to statuses."""
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await work
+        except TimeoutError:
+            if deadline.expired():  # ours, not a timeout the action itself raised
+                raise _HttpError(504, "timeout", f"the action did not finish within {limit:g} s") from None
+            raise
+        except Exception as exc:
+            status = self._status_for(exc)
+            if status is None:
+                raise
+            raise self._refusal(exc, status) from None
+
+    def _status_for(self, exc: BaseException) -> int | None:
+        for kind, status in self._error_status.items():
+            if isinstance(exc, kind):
+                return status
+        return None
+
+    @staticmethod
+    def _refusal(exc: BaseException, status: int) -> _HttpError:
+        code = {400: "invalid_request", 404: "unknown_name", 503: "unavailable"}.get(status, "refused")
+        fields: dict[str, Any] = {}
+        if status == 404:
+            for attr in ("kind", "name", "valid"):
+                if hasattr(exc, attr):
+                    fields[attr] = getattr(exc, attr)
+        return _HttpError(status, code, str(exc), **fields)
+
+    # -- probes ------------------------------------------------------------------------------------
+
+    async def _live(self, request: web.Request) -> web.Response:
+        """The process and its event loop answer."""
+        return _json({"alive": True, "uptime": self._uptime()})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """200 when every service runs, Discord is connected and no shutdown is under way; else 503."""
+        reasons = self._not_ready_reasons()
+        return _json({"ready": not reasons, "reasons": reasons}, status=503 if reasons else 200)
+
+    def _not_ready_reasons(self) -> list[str]:
+        reasons: list[str] = []
+        if self._shutting_down:
+            reasons.append("shutting down")
+        registry = self.sources.registry
+        if registry is None:
+            reasons.append("services not registered")
+        else:
+            reasons.extend(
+                f"service {name} is {state}"
+                for name, state in registry.states().items()
+                if state is not ServiceState.RUNNING
+            )
+        if not self._discord_connected():
+            reasons.append("discord not connected")
+        return reasons
+
+    def _discord_connected(self) -> bool:
+        try:
+            return bool(self.sources.discord_connected())
+        except Exception as exc:  # a broken probe reads as "not connected", never a 500 on /ready
+            log.warning("http_api.discord_probe_failed", error=type(exc).__name__)
+            return False
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.sources.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    # -- health views --------------------------------------------------------------------------------
+
+    async def _status(self, request: web.Request) -> web.Response:
+        """healthy | degraded | unhealthy with reasons; 503 when unhealthy, for ``curl -f``."""
+        unhealthy = self._not_ready_reasons()
+        degraded: list[str] = []
+        for snap in self.sources.board.snapshot():
+            if snap.state != "closed":
+                target = unhealthy if snap.name == "storage" else degraded
+                target.append(f"breaker {snap.name} is {snap.state}")
+        mode = self.sources.degradation.snapshot()
+        if str(mode.mode) != "normal":
+            degraded.append(f"mode is {mode.mode}" + (f" ({mode.reason})" if mode.reason else ""))
+        registry = self.sources.registry
+        if registry is not None:
+            for name, detail in registry.health()["services"].items():
+                if detail.get("state") == ServiceState.RUNNING and not detail.get("ok"):
+                    degraded.append(f"service {name} reports a problem")
+        try:
+            stats = await self._queue_stats()
+        except Exception as exc:
+            unhealthy.append(f"queue unreadable ({classify(exc).category.value})")
+        else:
+            age = stats.oldest_pending_age
+            if age is not None and age >= DEGRADED_QUEUE_AGE:
+                degraded.append(f"{stats.pending()} queued, oldest {age:.0f} s")
+        status = "unhealthy" if unhealthy else "degraded" if degraded else "healthy"
+        body = {
+            "status": status,
+            "reasons": unhealthy + degraded,
+            "mode": str(mode.mode),
+            "uptime": self._uptime(),
+        }
+        return _json(body, status=503 if unhealthy else 200)
+
+    async def _circuits(self, request: web.Request) -> web.Response:
+        return _json({"breakers": [_breaker_row(s) for s in self.sources.board.snapshot()]})
+
+    async def _degradation(self, request: web.Request) -> web.Response:
+        """The mode and the durable queue's depth; ``queue`` is null with ``queue_error`` if unreadable."""
+        snap = self.sources.degradation.snapshot()
+        body: dict[str, Any] = {**snap.as_dict(), "queue": None, "queue_error": None}
+        try:
+            stats = await self._queue_stats()
+        except Exception as exc:
+            body["queue_error"] = classify(exc).category.value
+        else:
+            depth: dict[str, dict[str, int]] = {}
+            for (kind, state), n in stats.depth.items():
+                depth.setdefault(str(kind), {})[str(state)] = n
+            body["queue"] = {
+                "pending": stats.pending(),
+                "oldest_pending_age": _round(stats.oldest_pending_age),
+                "depth": depth,
+            }
+        return _json(body)
+
+    async def _services(self, request: web.Request) -> web.Response:
+        registry = self.sources.registry
+        if registry is None:
+            return _json({"ok": False, "order": [], "services": {}})
+        return _json({**registry.health(), "order": registry.order})
+
+    async def _memory(self, request: web.Request) -> web.Response:
+        """Resident memory, the Python heap as the allocator and the collector see it, the largest caches."""
+        caches: list[dict[str, Any]] = []
+        for name, size in self.sources.caches.items():
+            try:
+                caches.append({"name": name, "size": int(size())})
+            except Exception as exc:
+                caches.append({"name": name, "size": None, "error": type(exc).__name__})
+        caches.sort(key=lambda c: -1 if c["size"] is None else c["size"], reverse=True)
+        return _json(
+            {
+                "rss_bytes": _rss_bytes(),
+                "python": {
+                    "allocated_blocks": sys.getallocatedblocks(),
+                    "gc_tracked_objects": len(gc.get_objects()),
+                    "gc_counts": list(gc.get_count()),
+                    "gc_garbage": len(gc.garbage),
+                },
+                "caches": caches,
+            }
+        )
+
+    async def _performance(self, request: web.Request) -> web.Response:
+        """Message and Gemini latency percentiles in seconds: from the recent-sample windows when fed."""
+        metrics = self.sources.metrics
+        return _json(
+            {
+                "message_latency": _latency(self.sources.message_latency, metrics.message_latency),
+                "gemini_latency": _latency(self.sources.gemini_latency, metrics.gemini_latency),
+            }
+        )
+
+    async def _external_gemini(self, request: web.Request) -> web.Response:
+        """The Gemini breaker, last success and error, and the error rate over the recent window."""
+        detail = self._service_health("gemini")
+        totals = _counter_totals(self.sources.metrics.gemini_requests, "outcome")
+        calls = sum(totals.values())
+        # Failed attempts are counted under their error category; answers under the reply kind.
+        errors = sum(n for outcome, n in totals.items() if outcome in _CATEGORIES)
+        recent = self._recent("gemini", calls, errors)
+        return _json(
+            {
+                "breaker": self._breaker("gemini"),
+                "running": detail.get("running"),
+                "model": detail.get("model"),
+                "exhausted_models": detail.get("exhausted_models", {}),
+                "last_success": detail.get("last_success"),
+                "last_error": detail.get("last_error"),
+                "last_error_at": detail.get("last_error_at"),
+                "calls_by_outcome": totals,
+                **recent,
+            }
+        )
+
+    async def _external_discord(self, request: web.Request) -> web.Response:
+        """The gateway connection, the ``discord.*`` breakers, and write failures over the recent window."""
+        detail = self._service_health("discord_io")
+        errors_by = detail.get("errors", {}) or {}
+        errors = float(sum(errors_by.values()))
+        breakers = [_breaker_row(s) for s in self.sources.board.snapshot() if s.name.startswith("discord.")]
+        failing = [b for b in breakers if b["last_error"] is not None]
+        recent = self._recent("discord", None, errors)
+        return _json(
+            {
+                "connected": self._discord_connected(),
+                "breakers": breakers,
+                "last_error": failing[0]["last_error"] if failing else None,
+                "errors_by_operation": errors_by,
+                **recent,
+            }
+        )
+
+    async def _queue_stats(self) -> QueueStats:
+        return await self._bounded(self.sources.queue.stats(now=self.sources.clock.time()), self._timeout)
+
+    def _service_health(self, name: str) -> dict[str, Any]:
+        registry = self.sources.registry
+        if registry is None:
+            return {}
+        try:
+            return dict(registry.get(name).health())
+        except KeyError:
+            return {}
+
+    def _breaker(self, name: str) -> dict[str, Any] | None:
+        board = self.sources.board
+        return _breaker_row(board[name].snapshot()) if name in board else None
+
+    def _recent(self, key: str, calls: float | None, errors: float) -> dict[str, Any]:
+        """Errors (and their share of calls) since the oldest counter sample in the last few minutes.
+
+        Counters only grow, so the difference between now and a sample taken up to
+        ``ERROR_RATE_WINDOW`` seconds ago is the recent traffic; samples are taken when a view is read.
+        """
+        now = self.sources.clock.monotonic()
+        samples = self._rate_samples.setdefault(key, deque(maxlen=64))
+        while samples and now - samples[0][0] > ERROR_RATE_WINDOW:
+            samples.popleft()
+        base_t, base_calls, base_errors = samples[0] if samples else (self._started_at or now, 0.0, 0.0)
+        samples.append((now, calls or 0.0, errors))
+        window = max(0.0, now - base_t)
+        recent_errors = max(0.0, errors - base_errors)
+        body: dict[str, Any] = {
+            "window_seconds": round(window, 1),
+            "recent_errors": int(recent_errors),
+            "errors_per_minute": round(recent_errors * 60 / window, 3) if window > 0 else None,
+        }
+        if calls is not None:
+            recent_calls = max(0.0, calls - base_calls)
+            body["recent_calls"] = int(recent_calls)
+            body["recent_error_rate"] = round(recent_errors / recent_calls, 4) if recent_calls else None
+        return body
+
+    def _uptime(self) -> float | None:
+        if self._started_at is None:
+            return None
+        return round(self.sources.clock.monotonic() - self._started_at, 3)
+
+    # -- admin actions -------------------------------------------------------------------------------
+
+    async def _maintenance_enable(self, request: web.Request, ops: AdminOperations) -> Any:
+        body = await _body(request, {"message": (str, type(None))})
+        return await ops.maintenance_on(body.get("message"), by=ACTOR)
+
+    async def _maintenance_disable(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.maintenance_off(by=ACTOR)
+
+    async def _circuit_reset(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.circuit_reset(request.match_info["name"], by=ACTOR)
+
+    async def _circuit_open(self, request: web.Request, ops: AdminOperations) -> Any:
+        body = await _body(request, {"duration": (int, float, type(None)), "reason": (str, type(None))})
+        return await ops.circuit_open(
+            request.match_info["name"], body.get("duration"), reason=body.get("reason"), by=ACTOR
+        )
+
+    async def _queue_process(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.queue_drain(by=ACTOR)
+
+    async def _datastore_validate(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.datastore_validate(request.match_info.get("name"), by=ACTOR)
+
+    async def _datastore_recover(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.datastore_recover(request.match_info["name"], by=ACTOR)
+
+    async def _mutex_release(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.mutex_release(request.match_info["key"], by=ACTOR)
+
+    async def _gc(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.gc(by=ACTOR)
+
+    async def _discord_reconnect(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.discord_reconnect(by=ACTOR)
+
+    async def _test_gemini(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.test_gemini(by=ACTOR)
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+async def _body(request: web.Request, allowed: Mapping[str, tuple[type, ...]]) -> dict[str, Any]:
+    """The request's optional JSON object, with only ``allowed`` fields of the allowed types (else 400)."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _HttpError(400, "invalid_body", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _HttpError(400, "invalid_body", "the body must be a JSON object")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        expected = ", ".join(allowed) or "no fields"
+        raise _HttpError(
+            400, "invalid_body", f"unexpected field(s) {', '.join(unknown)}; expected {expected}"
+        )
+    for name, types in allowed.items():
+        value = data.get(name)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            kinds = " or ".join("null" if t is type(None) else "number" if t in (int, float) else "text"
+                                for t in dict.fromkeys(float if t is int else t for t in types))
+            raise _HttpError(400, "invalid_body", f"field {name!r} must be {kinds}")
+    return data
+
+
+def _json(body: Any, *, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(body, default=str), status=status, content_type="application/json")
+
+
+def _error(exc: _HttpError) -> web.Response:
+    body = {"error": exc.error, "message": exc.message, "trace_id": current_trace_id(), **exc.fields}
+    response = _json(body, status=exc.status)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def _aiohttp_code(status: int) -> str:
+    return {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(status, "http_error")
+
+
+def _route_template(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else UNMATCHED_ROUTE
+
+
+def _breaker_row(snap: Any) -> dict[str, Any]:
+    return {
+        "name": snap.name,
+        "state": str(snap.state),
+        "since": snap.since,
+        "failures": snap.failures,
+        "remaining": round(snap.remaining, 3),
+        "last_error": snap.last_error,
+        "forced_reason": snap.forced_reason,
+    }
+
+
+def _counter_totals(counter: Counter, label: str) -> dict[str, float]:
+    """A labelled counter's values summed by one label."""
+    totals: dict[str, float] = {}
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                key = sample.labels.get(label, "")
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def _latency(window: LatencyWindow, histogram: Histogram) -> dict[str, Any]:
+    if len(window):
+        return {"source": "window", **window.percentiles()}
+    return {"source": "histogram", **_histogram_percentiles(histogram)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _histogram_percentiles(histogram: Histogram) -> dict[str, Any]:
+    """Percentiles estimated from a histogram's buckets (all labels together), like ``histogram_quantile``."""
+    buckets: dict[float, float] = {}
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    ordered = sorted(buckets.items())
+    count = ordered[-1][1] if ordered else 0.0
+    if not count:
+        return {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
+
+    def quantile(q: float) -> float:
+        rank = q * count
+        lower, below = 0.0, 0.0
+        for bound, cumulative in ordered:
+            if cumulative >= rank:
+                if math.isinf(bound):
+                    return lower  # beyond the last finite bucket: its bound is all we know
+                share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
+                return round(lower + (bound - lower) * share, 6)
+            lower, below = bound, cumulative
+        return lower
+
+    return {
+        "count": int(count),
+        "p50": quantile(0.5),
+        "p95": quantile(0.95),
+        "p99": quantile(0.99),
+        "max": None,  # a histogram does not keep it
+    }
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory from /proc/self/statm (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
