@@ -122,7 +122,7 @@ require_token() {
 
 # json CODE [ARG...]: run Python CODE with the last response parsed as `d` (ARGs in sys.argv[1:]).
 # Helpers for CODE: get("a.b.0.c", default), find(key) (first match at any depth), breakers(d),
-# out(*values) (tab-separated, None as empty).
+# out(*values) (tab-separated, None as empty), rec(*values) (for `IFS=$'\x1f' read`).
 json() {
     printf '%s' "$API_BODY" | "$PY" -c "$_PY_PRELUDE
 $1" "${@:2}"
@@ -199,4 +199,8 @@ def breakers(node):
 
 def out(*values):
     print(*["" if v is None else v for v in values], sep="\t")
+
+def rec(*values):
+    """One record for `IFS=$'\\x1f' read -r A B ...`: unlike tabs, the separator keeps empty fields."""
+    print(*["" if v is None else v for v in values], sep="\x1f")
 '

@@ -54,8 +54,8 @@ gemini_test() {
     if ! json 'sys.exit(0 if isinstance(d, dict) and "ok" in d else 1)'; then
         die "$EXIT_FAILING" "POST /api/test/gemini: HTTP $API_CODE $(error_text)"
     fi
-    IFS=$'\t' read -r TEST_OK TEST_CATEGORY TEST_LATENCY TEST_MESSAGE < <(
-        json 'out(str(bool(d["ok"])).lower(), d.get("category") or "", d.get("latency_ms"), d.get("message") or "")'
+    IFS=$'\x1f' read -r TEST_OK TEST_CATEGORY TEST_LATENCY TEST_MESSAGE < <(
+        json 'rec(str(bool(d["ok"])).lower(), d.get("category") or "", d.get("latency_ms"), d.get("message") or "")'
     )
     note "act: Gemini test: ok=$TEST_OK${TEST_CATEGORY:+ category=$TEST_CATEGORY} latency=${TEST_LATENCY} ms"
 }

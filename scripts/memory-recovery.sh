@@ -48,11 +48,10 @@ read_memory() {
     api_ok GET /api/health/memory || die "$EXIT_FAILING" "GET /api/health/memory: HTTP $API_CODE $(error_text)"
     RSS=$(json 'out(find("rss_bytes"))')
     json 'rss = find("rss_bytes")
-py = get("python", {}) or {}
+py = ", ".join("%s %s" % (k.replace("_", " "), v) for k, v in (get("python") or {}).items() if v is not None)
 caches = ", ".join("%s=%s" % (c.get("name"), c.get("size")) for c in (get("caches") or [])[:5])
-print("%s: rss %s, gc-tracked objects %s, allocated blocks %s%s" % (
-    sys.argv[1], "unknown" if rss is None else "%.1f MiB" % (rss / 1048576),
-    py.get("gc_tracked_objects"), py.get("allocated_blocks"), "; caches: " + caches if caches else ""))' "$1"
+print("%s: rss %s%s%s" % (sys.argv[1], "unknown" if rss is None else "%.1f MiB" % (rss / 1048576),
+    "; python: " + py if py else "", "; caches: " + caches if caches else ""))' "$1"
 }
 
 read_memory check

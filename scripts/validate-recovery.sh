@@ -51,14 +51,14 @@ row() {
 # load_queue: GET /api/health/degradation into PENDING and MODE.
 load_queue() {
     api_ok GET /api/health/degradation || die "$EXIT_FAILING" "GET /api/health/degradation: HTTP $API_CODE $(error_text)"
-    IFS=$'\t' read -r MODE PENDING < <(json 'out(find("mode"), find("pending"))')
+    IFS=$'\x1f' read -r MODE PENDING < <(json 'rec(find("mode"), find("pending"))')
 }
 
 # -- status -----------------------------------------------------------------------------------
 api GET /api/health/status || die "$EXIT_UNREACHABLE" "bot unreachable at $BOT_API_URL ($API_ERROR)"
 if [[ $API_CODE == 2?? || $API_CODE == 503 ]]; then
-    IFS=$'\t' read -r STATUS REASONS < <(json 'r = find("reasons") or []
-out(find("status") or find("overall") or "unknown", "; ".join(map(str, r)) if isinstance(r, list) else r)')
+    IFS=$'\x1f' read -r STATUS REASONS < <(json 'r = find("reasons") or []
+rec(find("status") or find("overall") or "unknown", "; ".join(map(str, r)) if isinstance(r, list) else r)')
     if [[ $STATUS == healthy ]]; then row status PASS healthy; else row status FAIL "$STATUS${REASONS:+: $REASONS}"; fi
 else
     row status FAIL "GET /api/health/status: HTTP $API_CODE"
