@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import tracemalloc
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ UNMATCHED_ROUTE = "<unmatched>"
 """The route label of requests that matched no route (never the raw path: it is unbounded)."""
 
 ERROR_RATE_WINDOW = 300.0  # seconds of counter history behind "recent" error rates
+RATE_SAMPLE_EVERY = 10.0  # at most one counter sample per 10 s, so frequent polling keeps the window
+RATE_SAMPLES = 64  # > ERROR_RATE_WINDOW / RATE_SAMPLE_EVERY + 1
 DEGRADED_QUEUE_AGE = 60.0  # a pending item older than this makes the status degraded
 _CATEGORIES = frozenset(c.value for c in Category)
 
@@ -512,9 +515,11 @@ class HttpApi:
         return _json(
             {
                 "rss_bytes": _rss_bytes(),
+                # O(1) figures only: counting every object (gc.get_objects) would stall the loop
+                # for tens of milliseconds on a busy heap, and this route needs no token.
                 "python": {
                     "allocated_blocks": sys.getallocatedblocks(),
-                    "gc_tracked_objects": len(gc.get_objects()),
+                    "traced_bytes": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None,
                     "gc_counts": list(gc.get_count()),
                     "gc_garbage": len(gc.garbage),
                 },
@@ -589,17 +594,22 @@ class HttpApi:
         return _breaker_row(board[name].snapshot()) if name in board else None
 
     def _recent(self, key: str, calls: float | None, errors: float) -> dict[str, Any]:
-        """Errors (and their share of calls) since the oldest counter sample in the last few minutes.
+        """Errors (and their share of calls) over roughly the last ``ERROR_RATE_WINDOW`` seconds.
 
-        Counters only grow, so the difference between now and a sample taken up to
-        ``ERROR_RATE_WINDOW`` seconds ago is the recent traffic; samples are taken when a view is read.
+        Counters only grow, so the traffic since an earlier sample of them is the difference.
+        Samples are taken when a view is read (at most one per ``RATE_SAMPLE_EVERY`` seconds);
+        the base is the newest sample at least a window old (else the start, when counters were 0),
+        so ``window_seconds`` says how far back the figures reach.
         """
         now = self.sources.clock.monotonic()
-        samples = self._rate_samples.setdefault(key, deque(maxlen=64))
-        while samples and now - samples[0][0] > ERROR_RATE_WINDOW:
+        samples = self._rate_samples.setdefault(key, deque(maxlen=RATE_SAMPLES))
+        if not samples:
+            samples.append((self._started_at if self._started_at is not None else now, 0.0, 0.0))
+        while len(samples) > 1 and now - samples[1][0] >= ERROR_RATE_WINDOW:
             samples.popleft()
-        base_t, base_calls, base_errors = samples[0] if samples else (self._started_at or now, 0.0, 0.0)
-        samples.append((now, calls or 0.0, errors))
+        base_t, base_calls, base_errors = samples[0]
+        if now - samples[-1][0] >= RATE_SAMPLE_EVERY:
+            samples.append((now, calls or 0.0, errors))
         window = max(0.0, now - base_t)
         recent_errors = max(0.0, errors - base_errors)
         body: dict[str, Any] = {

@@ -1,0 +1,56 @@
+"""Unit tests for the HTTP API's pure parts: the latency window and the histogram percentile estimate.
+
+The routes themselves are tested against a real application in tests/integration/test_http_api.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.http_api import LatencyWindow, _histogram_percentiles
+from services.metrics import Metrics
+
+
+def test_an_empty_window_has_no_percentiles() -> None:
+    assert LatencyWindow().percentiles() == {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
+
+
+def test_window_percentiles_are_nearest_rank_over_the_kept_samples() -> None:
+    window = LatencyWindow(maxlen=10)
+    for seconds in (5.0, 1.0, 3.0, 2.0, 4.0):  # order of arrival does not matter
+        window.observe(seconds)
+    assert window.percentiles() == {"count": 5, "p50": 3.0, "p95": 5.0, "p99": 5.0, "max": 5.0}
+
+
+def test_the_window_keeps_only_the_latest_samples() -> None:
+    window = LatencyWindow(maxlen=3)
+    for seconds in (100.0, 100.0, 1.0, 2.0, 3.0):
+        window.observe(seconds)
+    assert len(window) == 3
+    assert window.percentiles()["max"] == 3.0  # the old slow samples fell out
+
+
+def test_histogram_estimate_interpolates_inside_the_bucket_holding_the_rank() -> None:
+    metrics = Metrics(process_metrics=False)
+    for _ in range(100):
+        metrics.message_latency.labels("answered").observe(0.3)  # all in the (0.25, 0.5] bucket
+    estimate = _histogram_percentiles(metrics.message_latency)
+    assert estimate["count"] == 100
+    assert estimate["p50"] == pytest.approx(0.375)  # halfway through the bucket
+    assert estimate["p99"] == pytest.approx(0.4975)
+    assert estimate["max"] is None
+
+
+def test_histogram_estimate_sums_every_label_and_caps_at_the_last_finite_bucket() -> None:
+    metrics = Metrics(process_metrics=False)
+    metrics.message_latency.labels("answered").observe(0.005)
+    metrics.message_latency.labels("queued").observe(500.0)  # beyond the 60 s bucket
+    estimate = _histogram_percentiles(metrics.message_latency)
+    assert estimate["count"] == 2
+    assert estimate["p50"] == pytest.approx(0.01)
+    assert estimate["p99"] == 60.0  # all a histogram can say: at least the last bound
+
+
+def test_histogram_estimate_of_an_empty_histogram_is_empty() -> None:
+    estimate = _histogram_percentiles(Metrics(process_metrics=False).gemini_latency)
+    assert estimate == {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
