@@ -82,6 +82,7 @@ fi
 if [[ $READY == no || $FORCE == yes ]]; then
     if api_ok POST /api/admin/discord/reconnect; then
         note "act: gateway closed with a resumable code; discord.py reconnects"
+        sleep 1 # let the bot notice the closed socket, so /ready below reflects the new connection
     else
         # 503: no gateway socket to close, i.e. discord.py is already reconnecting by itself.
         note "act: no reconnect (HTTP $API_CODE: $(error_text))"
