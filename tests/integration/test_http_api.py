@@ -142,7 +142,8 @@ async def test_the_api_logs_the_port_it_bound_on_loopback_and_stops_cleanly(
     with capture_logs() as logs:
         async with serving(tmp_path / "data", gemini, fake_clock) as s:
             [line] = [entry for entry in logs if entry["event"] == "http_api.listening"]
-            assert line["host"] == "127.0.0.1" and line["port"] == s.api.port and s.api.port > 0
+            assert line["host"] == "127.0.0.1" and line["port"] == s.api.port
+            assert isinstance(s.api.port, int) and s.api.port > 0
             status, body = await s.get("/live")
             assert status == 200 and body["alive"] is True
     assert any(entry["event"] == "http_api.stopped" for entry in logs)
