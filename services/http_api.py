@@ -322,13 +322,11 @@ class HttpApi:
         """Anything a handler raised that is not a refusal: classified, never a stack in the body."""
         verdict = classify(exc)
         status = 503 if verdict.retryable else 500
-        log.error(
-            "http_api.handler_failed",
-            category=verdict.category.value,
-            retryable=verdict.retryable,
-            error=type(exc).__name__,
-            exc_info=exc,
-        )
+        category, error = verdict.category.value, type(exc).__name__
+        if verdict.retryable:  # a dependency is down (a breaker open, a timeout): expected, no stack
+            log.warning("http_api.dependency_failed", category=category, error=error)
+        else:
+            log.error("http_api.handler_failed", category=category, error=error, exc_info=exc)
         return _error(
             _HttpError(
                 status,
