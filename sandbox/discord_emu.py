@@ -19,7 +19,7 @@ route name  requests
 ==========  ==================================================================
 me          ``GET /users/@me``
 application ``GET /oauth2/applications/@me``
-send        ``POST /channels/{id}/messages``
+send        ``POST /channels/{id}/messages`` (``nonce`` + ``enforce_nonce`` dedup like Discord)
 edit        ``PATCH /channels/{id}/messages/{mid}``
 delete      ``DELETE /channels/{id}/messages/{mid}``
 history     ``GET /channels/{id}/messages``
@@ -77,6 +77,7 @@ GATEWAY_FAULT_KINDS = frozenset({"close", "disconnect", "reconnect", "invalid_se
 EPHEMERAL = 1 << 6
 _HTTP_STATUSES = frozenset(s.value for s in HTTPStatus)
 WAIT_POLL_SECONDS = 0.05
+NONCE_WINDOW_SECONDS = 300.0  # Discord checks enforce_nonce "in the past few minutes"
 
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_RECONNECT, OP_REQUEST_MEMBERS, OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 7, 8, 9, 10, 11
@@ -282,6 +283,7 @@ class DiscordEmulator:
         self.resume_count = 0
         self._sent: dict[int, list[SentMessage]] = {}
         self._sent_by_id: dict[int, SentMessage] = {}
+        self._nonces: dict[tuple[int, str], tuple[int, float]] = {}  # (channel, nonce) -> (message, when)
         self._interactions: dict[int, InteractionRecord] = {}
         self._by_token: dict[str, InteractionRecord] = {}
         self._sessions: dict[str, _Session] = {}
@@ -865,7 +867,22 @@ class DiscordEmulator:
 
     async def _create_message(self, request: web.Request, body: Any) -> web.Response:
         cid = self._channel(request)
-        sent = self._new_bot_message(cid, body or {})
+        body = body or {}
+        nonce = str(body["nonce"]) if body.get("nonce") is not None else None
+        if nonce is not None and body.get("enforce_nonce"):
+            # Discord: a repeated nonce from the same author within a few minutes returns the
+            # message already created instead of posting it again (safe resend after a timeout).
+            earlier = self._nonces.get((cid, nonce))
+            if earlier is not None and time.monotonic() - earlier[1] < NONCE_WINDOW_SECONDS:
+                message = self._sent_by_id.get(earlier[0])
+                if message is not None and not message.deleted:
+                    return _json(200, message.payload)
+        sent = self._new_bot_message(cid, body, {"nonce": nonce} if nonce is not None else None)
+        if nonce is not None:
+            now = time.monotonic()
+            if len(self._nonces) >= 10_000:  # bounded: forget nonces past the window
+                self._nonces = {k: v for k, v in self._nonces.items() if now - v[1] < NONCE_WINDOW_SECONDS}
+            self._nonces[(cid, nonce)] = (sent.id, now)
         self.world.store(sent.payload)
         if self.echo_bot_messages:
             await self._dispatch("MESSAGE_CREATE", sent.payload)

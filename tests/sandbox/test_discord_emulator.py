@@ -625,3 +625,18 @@ async def test_latency_after_posts_the_message_at_once_and_answers_late(emu: Dis
         message = await sending
     assert [m.id for m in emu.sent_messages(general)] == [message.id]
     assert [(r.fault, r.status) for r in emu.requests_for("send")] == [("latency", 200)]
+
+
+async def test_a_resend_with_the_same_enforced_nonce_returns_the_first_message(emu: DiscordEmulator) -> None:
+    """discord.py sends ``nonce`` with ``enforce_nonce``: a repeat within the window posts nothing new
+    and returns the message already created (Discord's safe resend); another nonce posts again."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        first = await channel.send("answer", nonce="item-7-0")
+        again = await channel.send("answer", nonce="item-7-0")
+        other = await channel.send("answer", nonce="item-7-1")
+    assert again.id == first.id and other.id != first.id
+    assert [m.id for m in emu.sent_messages(general)] == [first.id, other.id]
+    assert emu.sent_messages(general)[0].payload["nonce"] == "item-7-0"
