@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import discord
 import structlog
 from discord.ext import commands
@@ -39,13 +41,23 @@ class GeminiBot(commands.Bot):
         self.pipeline = MessagePipeline(app, bot_user_id=app.bot_user_id)
         self.drain = Drain(app, self.pipeline, interval=drain_interval)
         app._wake_drain = self.drain.wake
-        self._services_started = False
         self._closed = False
+        # Set while setup_hook runs: a close() meanwhile waits for it, so that every service
+        # it starts is also stopped (a SIGTERM during start-up leaves nothing running).
+        self._setting_up: asyncio.Event | None = None
 
     async def setup_hook(self) -> None:
         """Start the services in dependency order (rolled back on failure), then the drain."""
+        self._setting_up = asyncio.Event()
+        try:
+            await self._start_services()
+        finally:
+            self._setting_up.set()
+
+    async def _start_services(self) -> None:
         await self.app.registry.start_all()
-        self._services_started = True
+        if self._closed:
+            return  # close() was called meanwhile; it stops what was started
         self.app.reload_settings()
         setup_commands(self)
         reopened = await apply_breaker_overrides(self.app)
@@ -69,6 +81,15 @@ class GeminiBot(commands.Bot):
         if self._closed:
             return
         self._closed = True
+        if self._setting_up is not None:
+            await self._setting_up.wait()
+        # discord.py's guild-ready wait would otherwise dispatch on_ready on a closed client.
+        ready_task = getattr(self._connection, "_ready_task", None)
+        if ready_task is not None and not ready_task.done():
+            ready_task.cancel()
+            # asyncio.wait_for in Python 3.11 can swallow that cancel when its inner wait
+            # finishes at the same moment; wait for the task so it ends while the loop is set.
+            await asyncio.wait({ready_task}, timeout=5.0)
         grace = self.app.config.shutdown_grace_seconds
         left = await self.pipeline.drain_inflight(grace)
         if left:

@@ -411,6 +411,7 @@ class _FollowupChannel:
         allowed_mentions: discord.AllowedMentions | None = None,
         reference: object = None,  # a follow-up is tied to its interaction, not a message
         embed: discord.Embed | None = None,
+        nonce: str | None = None,  # webhooks have no nonce; a follow-up is sent once per token anyway
     ) -> discord.WebhookMessage:
         kwargs: dict[str, Any] = {"embed": embed} if embed is not None else {}
         return await self.interaction.followup.send(

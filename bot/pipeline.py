@@ -296,17 +296,36 @@ class MessagePipeline:
 
         ``turns`` (the question and the answer) join the conversation history when the item is
         finished, in the same transaction, or as soon as the answer is queued for delivery.
+        Chunk ``i`` carries the nonce ``<message id>.<i>``, so a chunk resent after a timeout or
+        a crash is not posted twice; a long answer is staged as an outbound item before its
+        first chunk goes out, so a crash between chunks resumes the delivery.
         """
         app = self.app
+        first = int(item.payload.get("chunk_offset", 0))
+        if len(chunks) > 1 and item.kind is ItemKind.INBOUND:
+            item = await app.storage.update_payload(
+                item.id,
+                {**item.payload, "chunks": list(chunks), "outcome": outcome, "chunk_offset": first},
+                kind=ItemKind.OUTBOUND,
+            )
+            if turns:
+                await app.storage.append_turns(inbound.key, turns)
+                turns = ()
         try:
             await app.discord_io.send_chunks(
-                channel, chunks, reply_to=original, mention_user=_Snowflake(inbound.author_id)
+                channel,
+                chunks,
+                reply_to=original,
+                mention_user=_Snowflake(inbound.author_id),
+                nonce=str(inbound.message_id),
+                first_index=first,
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if isinstance(exc, PartialDeliveryError):
                 remaining, verdict = exc.remaining, classify(exc.cause)
+                first += len(exc.sent)
             else:
                 remaining, verdict = chunks, classify(exc)
             if verdict.retryable:
@@ -316,7 +335,12 @@ class MessagePipeline:
                     item,
                     f"delivery: {verdict.category.value}",
                     kind=ItemKind.OUTBOUND,
-                    payload={**item.payload, "chunks": list(remaining), "outcome": outcome},
+                    payload={
+                        **item.payload,
+                        "chunks": list(remaining),
+                        "outcome": outcome,
+                        "chunk_offset": first,
+                    },
                     retry_after=verdict.retry_after,
                     count_attempt=item.kind is ItemKind.OUTBOUND,
                 )

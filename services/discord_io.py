@@ -148,6 +148,7 @@ class DiscordIO:
         reply_to: Reference | None = None,
         mention_user: discord.abc.Snowflake | None = None,
         embed: discord.Embed | None = None,
+        nonce: str | None = None,
     ) -> discord.Message:
         """Send ``content`` to ``channel`` through ``discord.send`` and return the message.
 
@@ -161,6 +162,10 @@ class DiscordIO:
             kwargs["reference"] = _lenient(reply_to)
         if embed is not None:
             kwargs["embed"] = embed
+        if nonce is not None:
+            # discord.py then sets enforce_nonce: a resend with the same nonce within Discord's
+            # window returns the message already posted instead of posting it twice.
+            kwargs["nonce"] = nonce
         return await self._guard("send", _channel_id(channel), channel.send, content, **kwargs)
 
     async def send_chunks(
@@ -170,25 +175,34 @@ class DiscordIO:
         *,
         reply_to: Reference | None = None,
         mention_user: discord.abc.Snowflake | None = None,
+        nonce: str | None = None,
+        first_index: int = 0,
     ) -> list[discord.Message]:
         """Send an answer split into chunks, in order; the first replies to ``reply_to``.
 
-        Only the first chunk may ping ``mention_user``. If the first chunk fails, its
-        exception propagates unchanged (nothing was delivered). If a later one fails,
-        raises ``PartialDeliveryError`` (chained to the cause) with what was sent and what
-        remains. Do not cancel a delivery part-way: a cancellation carries no progress.
+        ``chunks`` are the answer's chunks from number ``first_index`` on (a resumed delivery);
+        only chunk 0 replies and may ping ``mention_user``. With ``nonce``, chunk ``i`` is sent
+        with the nonce ``f"{nonce}.{i}"`` (at most 25 characters), so resending a chunk Discord
+        already posted does not post it twice. If the first chunk fails, its exception
+        propagates unchanged (nothing was delivered). If a later one fails, raises
+        ``PartialDeliveryError`` (chained to the cause) with what was sent and what remains.
+        Do not cancel a delivery part-way: a cancellation carries no progress.
         """
         sent: list[discord.Message] = []
-        for index, chunk in enumerate(chunks):
+        for offset, chunk in enumerate(chunks):
+            index = first_index + offset
+            chunk_nonce = None if nonce is None else f"{nonce}.{index}"[-25:]
             try:
                 if index == 0:
-                    message = await self.send(channel, chunk, reply_to=reply_to, mention_user=mention_user)
+                    message = await self.send(
+                        channel, chunk, reply_to=reply_to, mention_user=mention_user, nonce=chunk_nonce
+                    )
                 else:
-                    message = await self.send(channel, chunk)
+                    message = await self.send(channel, chunk, nonce=chunk_nonce)
             except Exception as exc:
                 if not sent:
                     raise
-                raise PartialDeliveryError(sent, list(chunks[index:]), exc) from exc
+                raise PartialDeliveryError(sent, list(chunks[offset:]), exc) from exc
             sent.append(message)
         return sent
 

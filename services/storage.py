@@ -815,11 +815,19 @@ class SqliteStore:
 
         await self._run("finish", body)
 
-    async def update_payload(self, item_id: int, payload: dict[str, Any]) -> QueueItem:
-        """Replace an item's payload (e.g. to remember that its user was told it is queued)."""
-        return await self._set_state(
-            "update_payload", item_id, "payload = ?", (json.dumps(payload, separators=(",", ":")),)
-        )
+    async def update_payload(
+        self, item_id: int, payload: dict[str, Any], *, kind: ItemKind | None = None
+    ) -> QueueItem:
+        """Replace an item's payload (and kind), keeping its state and lease.
+
+        The pipeline records that a user was told the item is queued, and stages a long answer
+        as an outbound item before sending it, so a crash between its chunks resumes delivery.
+        """
+        sets, args = ["payload = ?"], [json.dumps(payload, separators=(",", ":"))]
+        if kind is not None:
+            sets.append("kind = ?")
+            args.append(ItemKind(kind).value)
+        return await self._set_state("update_payload", item_id, ", ".join(sets), tuple(args))
 
     async def release_claims(self) -> int:
         """Return every claimed item to pending: at start-up, all claims belong to a dead process."""

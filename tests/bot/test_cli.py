@@ -76,11 +76,15 @@ def test_check_reads_the_env_file_option(
     assert "warning: HTTP_HOST" in out
 
 
-def test_run_without_a_token_says_it_is_sandbox_mode(
+def test_run_with_a_discord_token_but_no_gemini_key_says_how_to_fix_it(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["run"]) == 0
-    assert "sandbox" in capsys.readouterr().out
+    """Live Discord needs live Gemini: one sentence naming the missing key, exit 1, nothing started."""
+    clean_env.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert "GEMINI_API_KEY" in err and "aistudio.google.com" in err
+    assert GOOD_TOKEN not in err
 
 
 @pytest.mark.parametrize("argv", [["nope"], []])

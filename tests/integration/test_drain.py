@@ -212,7 +212,6 @@ SEND_TIMEOUT_DUPLICATE = (
 )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=SEND_TIMEOUT_DUPLICATE)
 async def test_an_answer_whose_send_timed_out_but_was_posted_is_not_sent_twice(tmp_path: Path) -> None:
     """Discord posts the answer but replies after the bot's send timeout: one answer in the channel."""
     async with start(tmp_path) as live:
