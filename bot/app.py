@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.operations import InvalidRequestError, Operations, OperationUnavailableError, UnknownNameError
 from bot.ratelimit import RateLimiter
 from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
@@ -25,6 +26,7 @@ from services.config import Config
 from services.datastore import DataStore, DataStoreService
 from services.discord_io import DiscordIO
 from services.gemini import GeminiService
+from services.http_api import HealthSources, HttpApi, LatencyWindow
 from services.metrics import Metrics
 from services.storage import SqliteStore
 
@@ -53,6 +55,8 @@ class Application:
     ratelimiter: RateLimiter
     registry: ServiceRegistry
     gemini_retry: RetryPolicy
+    http_api: HttpApi
+    message_latency: LatencyWindow
     bot: GeminiBot | None = None
     _chat_channels: dict[int, frozenset[int]] = field(default_factory=dict)
     _wake_drain: Callable[[], None] | None = None
@@ -106,6 +110,12 @@ class Application:
                 user = await self.bot.fetch_user(int(item.payload["author_id"]))
             return await user.create_dm()
         return await self.channel(int(item.payload["channel_id"]))
+
+    def discord_connected(self) -> bool:
+        """Logged in and holding an open gateway socket (``is_ready`` stays set across reconnects)."""
+        bot = self.bot
+        ws = bot.ws if bot is not None else None
+        return bot is not None and bot.is_ready() and not bot.is_closed() and ws is not None and ws.open
 
     def drain_wake(self) -> None:
         if self._wake_drain is not None:
@@ -173,8 +183,25 @@ def build_application(
     ratelimiter = RateLimiter(
         config.user_rate_limit_per_minute, config.guild_rate_limit_per_minute, clock=clock
     )
-    registry = ServiceRegistry([metrics, datastore, storage, gemini, discord_io])
-    return Application(
+    message_latency = LatencyWindow(maxlen=1000)
+    http_api = HttpApi(
+        HealthSources(
+            clock=clock,
+            metrics=metrics,
+            board=board,
+            degradation=degradation,
+            queue=storage,
+            message_latency=message_latency,
+            caches={"mutex_keys": lambda: len(mutex), "traces": lambda: len(traces.recent())},
+        ),
+        host=config.http_host,
+        port=config.http_port,
+        admin_token=config.admin_api_token,
+        error_status={UnknownNameError: 404, InvalidRequestError: 400, OperationUnavailableError: 503},
+    )
+    # Right after metrics: it answers /live and /ready while the others start, and stops last.
+    registry = ServiceRegistry([metrics, http_api, datastore, storage, gemini, discord_io])
+    app = Application(
         config=config,
         clock=clock,
         metrics=metrics,
@@ -190,7 +217,13 @@ def build_application(
         ratelimiter=ratelimiter,
         registry=registry,
         gemini_retry=retry,
+        http_api=http_api,
+        message_latency=message_latency,
     )
+    http_api.sources.registry = registry
+    http_api.sources.discord_connected = app.discord_connected
+    http_api.attach_operations(Operations(app))
+    return app
 
 
 def point_discord_at(api_base: str | None, gateway_url: str | None) -> None:

@@ -81,6 +81,7 @@ class GeminiBot(commands.Bot):
         if self._closed:
             return
         self._closed = True
+        self.app.http_api.set_shutting_down()  # /ready answers 503 from now on
         if self._setting_up is not None:
             await self._setting_up.wait()
         # discord.py's guild-ready wait would otherwise dispatch on_ready on a closed client.

@@ -153,7 +153,9 @@ class MessagePipeline:
                     self.app.metrics.errors.labels(category=Category.INTERNAL.value).inc()
                     await self._say(message, texts.bug(trace.trace_id))
         finally:
-            self.app.metrics.observe_message(outcome, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.app.metrics.observe_message(outcome, seconds)
+            self.app.message_latency.observe(seconds)
             if task is not None:
                 self._inflight.discard(task)
 

@@ -61,6 +61,7 @@ async def running_app(data_dir: Path, gemini: GeminiEmulator, clock: FakeClock) 
         "GEMINI_BASE_URL": gemini.base_url,
         "GEMINI_API_KEY": API_KEY,
         "BREAKER_RESET_SECONDS": "30",
+        "HTTP_PORT": "0",
         "LOG_FORMAT": "console",
     }
     app = build_application(load_config(environ=environ, env_file=None), clock=clock)

@@ -15,8 +15,6 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
 from bot.texts import ACK_MARK
 from resilience.clock import SystemClock
 from resilience.degradation import ItemState
