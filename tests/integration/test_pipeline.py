@@ -300,31 +300,6 @@ async def test_a_discord_send_outage_moves_the_answer_to_the_outbound_queue_unti
 # -- concurrency -----------------------------------------------------------------------------
 
 
-async def test_fifty_conversations_with_one_second_of_latency_run_concurrently(live: Live) -> None:
-    """50 conversations, each answer taking 1 s at Gemini, finish together, not one after another.
-
-    Run one after another they would take over 50 s. The target is 1.5 s; in this test the bot,
-    google-genai (about 3-4 ms of CPU per call), both emulators and the test driver share one
-    core, which costs about 12 ms of CPU per message in all, so the bound here is 2.0 s
-    (measured 1.5-1.8 s on the 2-core CI machine); see the README's Performance section.
-    """
-    live.gemini.faults.add("latency", value=1.0)
-    channel_ids = [live.discord.world.add_text_channel(f"load-{i}") for i in range(50)]
-    started = time.perf_counter()
-    messages = await asyncio.gather(*(live.say("hello", channel=c) for c in channel_ids))
-    await asyncio.gather(
-        *(
-            live.wait_replies(m["id"], channel=c, timeout=10)
-            for m, c in zip(messages, channel_ids, strict=True)
-        )
-    )
-    elapsed = time.perf_counter() - started
-    assert elapsed < 2.0, elapsed
-    for m, c in zip(messages, channel_ids, strict=True):
-        [reply] = live.replies_to(m["id"], c)
-        assert not reply.content.startswith(ACK_MARK)
-
-
 async def test_ten_messages_in_one_conversation_are_answered_in_order(live: Live) -> None:
     messages = [await live.say(f"number {i}") for i in range(10)]
     for m in messages:
