@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bot.runner import serve
 
-    return asyncio.run(serve(config, token=config.discord_token))
+    return asyncio.run(serve(config, token=config.discord_token, banner=True))
 
 
 def _register_datastore(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

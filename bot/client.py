@@ -17,6 +17,17 @@ from bot.pipeline import MessagePipeline
 log = structlog.get_logger("bot.client")
 
 
+# What the bot does in a channel: read it, answer (also in threads), quote history, react, embed.
+PERMISSIONS = discord.Permissions(
+    view_channel=True,
+    send_messages=True,
+    send_messages_in_threads=True,
+    read_message_history=True,
+    add_reactions=True,
+    embed_links=True,
+)
+
+
 def intents() -> discord.Intents:
     """What the bot needs: guild messages with their content, DMs. Message content is privileged."""
     wanted = discord.Intents.default()
@@ -60,6 +71,7 @@ class GeminiBot(commands.Bot):
             return  # close() was called meanwhile; it stops what was started
         self.app.reload_settings()
         setup_commands(self)
+        await self._sync_commands()
         reopened = await apply_breaker_overrides(self.app)
         if reopened:
             log.info("breakers.overrides_applied", breakers=reopened)
@@ -69,9 +81,35 @@ class GeminiBot(commands.Bot):
         self.drain.start()
         log.info("bot.services_started", services=self.app.registry.order)
 
+    async def _sync_commands(self) -> None:
+        """Publish the slash commands: to the test guild at once, or globally (Discord takes a while)."""
+        guild_id = self.app.config.discord_guild_id
+        try:
+            if guild_id is not None:
+                guild = discord.Object(id=guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+            else:
+                synced = await self.tree.sync()
+        except discord.HTTPException as exc:
+            # Commands keep working where they were synced before; messages work regardless.
+            log.warning("commands.sync_failed", status=exc.status, code=exc.code)
+            return
+        log.info("commands.synced", count=len(synced), scope="guild" if guild_id else "global")
+
+    def invite_url(self) -> str | None:
+        """The OAuth2 URL that adds this bot to a server with the permissions it needs."""
+        if self.application_id is None:
+            return None
+        return discord.utils.oauth_url(
+            self.application_id, permissions=PERMISSIONS, scopes=("bot", "applications.commands")
+        )
+
     async def on_ready(self) -> None:
         user = self.user
-        log.info("bot.ready", user_id=user.id if user else None, guilds=len(self.guilds))
+        log.info(
+            "bot.ready", user_id=user.id if user else None, guilds=len(self.guilds), invite=self.invite_url()
+        )
 
     async def on_message(self, message: discord.Message) -> None:
         await self.pipeline.on_message(message)

@@ -50,11 +50,28 @@ def unreachable(config: Config, exc: BaseException) -> int:
     )
 
 
-async def serve(config: Config, *, token: str) -> int:
-    """Run one bot until it is closed (SIGTERM/SIGINT) or fails to start; return the exit code."""
+async def serve(config: Config, *, token: str, banner: bool = False) -> int:
+    """Run one bot until it is closed (SIGTERM/SIGINT) or fails to start; return the exit code.
+
+    With ``banner``, a start-up banner (who the bot is, its invite URL) goes to stdout once
+    the bot is connected.
+    """
     point_discord_at(config.discord_api_base, config.discord_gateway_url)
     app = build_application(config)
     bot = GeminiBot(app)
+    if banner:
+
+        async def announce() -> None:
+            user = bot.user
+            print(
+                f"Connected to Discord as {user} in {len(bot.guilds)} server(s).\n"
+                f"Invite it to a server: {bot.invite_url()}\n"
+                f"Gemini model: {config.gemini_model}. Stop with Ctrl-C.",
+                flush=True,
+            )
+            bot.remove_listener(announce, "on_ready")
+
+        bot.add_listener(announce, "on_ready")
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 

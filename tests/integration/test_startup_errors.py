@@ -60,3 +60,21 @@ async def test_a_bad_setting_lists_the_variable_and_exits_1(
     assert code == 1
     assert "HTTP_PORT" in output and "LOG_FORMAT" in output
     assert "Traceback" not in output
+
+
+async def test_a_live_start_syncs_the_commands_and_prints_the_invite_banner(
+    spawn_bot: SpawnBot, bot_env: dict[str, str], emulators: Emulators
+) -> None:
+    """With DISCORD_GUILD_ID set, the commands go to that guild at once; the banner has the invite URL."""
+    discord = emulators.discord
+    proc = spawn_bot(env=bot_env)
+    await proc.wait_ready(emulators, timeout=20)
+    guild_id = int(bot_env["DISCORD_GUILD_ID"])
+    await discord.wait_until(lambda: bool(discord.commands.get(guild_id)), 10)
+    names = {c["name"] for c in discord.commands[guild_id]}
+    assert {"ask", "reset", "status", "help", "admin"} <= names
+    await proc.wait_for_log(lambda r: r.get("event") == "bot.ready", timeout=10)
+    await proc.terminate()
+    out = proc.output("stdout")
+    assert f"client_id={discord.application_id}" in out
+    assert "permissions=274877992000" in out and "applications.commands" in out
