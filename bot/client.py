@@ -86,9 +86,7 @@ class GeminiBot(commands.Bot):
         guild_id = self.app.config.discord_guild_id
         try:
             if guild_id is not None:
-                guild = discord.Object(id=guild_id)
-                self.tree.copy_global_to(guild=guild)
-                synced = await self.tree.sync(guild=guild)
+                synced = await self.tree.sync(guild=discord.Object(id=guild_id))  # copies: setup_commands
             else:
                 synced = await self.tree.sync()
         except discord.HTTPException as exc:

@@ -498,6 +498,11 @@ def setup_commands(bot: GeminiBot, *, timeout: float = DEFAULT_TIMEOUT) -> Slash
     for command in (ask, reset, status, help_):
         tree.add_command(command, override=True)
     tree.add_command(admin_group(commands), override=True)
+    guild_id = bot.app.config.discord_guild_id
+    if guild_id is not None:
+        # The test guild gets its own copies (synced there at once); refresh them too, or they
+        # would shadow the commands just added for interactions from that guild.
+        tree.copy_global_to(guild=discord.Object(id=guild_id))
 
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await _on_tree_error(commands, interaction, error)
