@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+import structlog
+
 import bench
 
 
@@ -54,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         started = time.perf_counter()
         print(f"running {name} ...", file=sys.stderr, flush=True)
+        saved = structlog.get_config()
         try:
             module = importlib.import_module(f"bench.{name}")
             results[name] = module.run(quick=args.quick)
         except Exception as exc:  # a broken bench is reported, the others still run
             failed += 1
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            structlog.configure(**saved)  # one bench's logging set-up must not leak into the next
         print(f"  {name} took {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
 
     if args.json:
