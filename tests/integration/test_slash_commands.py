@@ -235,11 +235,35 @@ async def test_admin_group_carries_default_permissions_administrator_in_the_sync
     assert all(c.get("default_member_permissions") is None for c in user_commands)
 
 
-async def test_a_normal_member_is_refused_admin_commands_ephemerally(live: Live) -> None:
-    record = await run(live, "admin", {"circuit": {"status": {}}}, user="normal")
+EVERY_ADMIN_COMMAND = [
+    {"circuit": {"status": {}}},
+    {"circuit": {"reset": {"name": "all"}}},
+    {"circuit": {"open": {"name": "gemini"}}},
+    {"maintenance": {"on": {}}},
+    {"maintenance": {"off": {}}},
+    {"maintenance": {"status": {}}},
+    {"queue": {"status": {}}},
+    {"queue": {"drain": {}}},
+    {"queue": {"purge": {"state": "dead"}}},
+    {"datastore": {"validate": {}}},
+    {"datastore": {"recover": {"name": "admins"}}},
+    {"mutex": {"status": {}}},
+    {"mutex": {"release": {"key": "1"}}},
+]
+
+
+@pytest.mark.parametrize(
+    "options", EVERY_ADMIN_COMMAND, ids=lambda o: " ".join([*o, *next(iter(o.values()))])
+)
+async def test_a_normal_member_is_refused_every_admin_command_ephemerally(
+    live: Live, options: dict[str, Any]
+) -> None:
+    record = await run(live, "admin", options, user="normal")
     assert record.ephemeral
     [refusal] = record.followups
     assert refusal.ephemeral and "administrators" in refusal.content
+    assert live.app.maintenance() is None  # nothing happened
+    assert all(b.state.value == "closed" for b in live.app.board.snapshot())
 
 
 @pytest.mark.parametrize("user", ["admin", "owner"])
