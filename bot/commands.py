@@ -29,7 +29,7 @@ from discord import app_commands
 
 from bot import texts
 from bot.operations import CircuitStatus, MaintenanceStatus, OperationError, Operations, QueueStatus
-from bot.pipeline import LEASE_MARGIN, Inbound, MessagePipeline
+from bot.pipeline import Inbound, MessagePipeline
 from bot.splitting import split_message
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
@@ -204,7 +204,7 @@ class SlashCommands:
         if maintenance is not None:
             position: int | None = None
             if cfg.maintenance_queue_messages:
-                item = await self._accept(inbound, claim=False, extra=extra)
+                item = await self.pipeline.accept(inbound, claim=False, extra=extra)
                 position = await app.storage.position(item.id) if item is not None else None
             await reply_to.say(texts.maintenance(maintenance, queued_position=position))
             return "maintenance"
@@ -215,7 +215,7 @@ class SlashCommands:
             return "rate_limited"
 
         try:
-            item = await self._accept(inbound, claim=True, extra=extra)
+            item = await self.pipeline.accept(inbound, claim=True, extra=extra)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -289,18 +289,6 @@ class SlashCommands:
         requeued = await self.pipeline.requeue(item, why, count_attempt=False)
         await reply_to.say(texts.queued_busy(await self.app.storage.position(requeued.id)))
         return "queued"
-
-    async def _accept(self, inbound: Inbound, *, claim: bool, extra: dict[str, Any]) -> QueueItem | None:
-        cfg = self.app.config
-        return await self.app.storage.accept(
-            inbound.message_id,
-            ItemKind.INBOUND,
-            inbound.key,
-            inbound.payload(**extra),
-            now=self.app.clock.time(),
-            lease_seconds=cfg.processing_timeout_seconds + cfg.mutex_acquire_timeout_seconds + LEASE_MARGIN,
-            claim=claim,
-        )
 
     # -- /reset, /status, /help -------------------------------------------------------------
 

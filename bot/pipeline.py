@@ -193,7 +193,7 @@ class MessagePipeline:
         if maintenance is not None:
             position: int | None = None
             if cfg.maintenance_queue_messages:
-                item = await self._accept(inbound, claim=False, extra={"acked": True})
+                item = await self.accept(inbound, claim=False, extra={"acked": True})
                 if item is None:
                     return "ignored_duplicate"
                 position = await app.storage.position(item.id)
@@ -206,7 +206,7 @@ class MessagePipeline:
             return "rate_limited"
 
         try:
-            item = await self._accept(inbound, claim=True, extra={"attachments": bool(message.attachments)})
+            item = await self.accept(inbound, claim=True, extra={"attachments": bool(message.attachments)})
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -466,7 +466,8 @@ class MessagePipeline:
         inbound = Inbound.from_payload(item.payload)
         await self._reply_ack(message, inbound, texts.queued_busy(position), item)
 
-    async def _accept(self, inbound: Inbound, *, claim: bool, extra: dict[str, Any]) -> QueueItem | None:
+    async def accept(self, inbound: Inbound, *, claim: bool, extra: dict[str, Any]) -> QueueItem | None:
+        """Accept a message durably (see ``SqliteStore.accept``); None when it was seen before."""
         cfg = self.app.config
         return await self.app.storage.accept(
             inbound.message_id,

@@ -14,13 +14,11 @@ import asyncio
 import contextlib
 import gc
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import discord
 import pytest
-import yarl
 from structlog.testing import capture_logs
 
 from bot.app import Application, build_application
@@ -38,7 +36,7 @@ from resilience.clock import FakeClock
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode
 from sandbox.gemini import GeminiEmulator
 from services.config import load_config
-from tests.integration.harness import TEST_SETTINGS, running_emulators
+from tests.integration.harness import TEST_SETTINGS, pointed_at, running_emulators
 
 API_KEY = "ops-test-key-do-not-log"
 
@@ -576,19 +574,6 @@ async def test_discord_reconnect_without_a_connected_client_is_unavailable(ops: 
         await ops.discord_reconnect()
 
 
-@contextlib.contextmanager
-def discord_pointed_at(api_base: str, gateway_url: str) -> Iterator[None]:
-    """Aim discord.py at the emulator for one test and restore it after."""
-    old_base, old_gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    discord.http.Route.BASE = api_base
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
-    try:
-        yield
-    finally:
-        discord.http.Route.BASE = old_base
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
-
-
 async def test_discord_reconnect_resumes_the_gateway_session_without_stopping_the_bot(tmp_path: Path) -> None:
     async with running_emulators(heartbeat_interval=1.0) as emus:
         environ = {
@@ -599,7 +584,7 @@ async def test_discord_reconnect_resumes_the_gateway_session_without_stopping_th
         }
         config = load_config(environ=environ, env_file=None)
         app = build_application(config)
-        with discord_pointed_at(emus.discord.api_base, emus.discord.gateway_url):
+        with pointed_at(emus.discord):
             bot = GeminiBot(app, guild_ready_timeout=0.05, drain_interval=0.05)
             task = asyncio.create_task(bot.start(config.discord_token or ""))
             try:

@@ -27,10 +27,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import discord
+import yarl
 
 from sandbox.__main__ import SANDBOX_DISCORD_TOKEN, SANDBOX_GEMINI_KEY, bot_settings
 from sandbox.discord_emu import DiscordEmulator
@@ -92,6 +95,19 @@ class Emulators:
         return bot_settings(self.discord, self.gemini)
 
 
+@contextlib.contextmanager
+def pointed_at(emu: DiscordEmulator) -> Iterator[None]:
+    """Point discord.py's REST base and gateway URL at ``emu`` for an in-process bot; restore them."""
+    old_base, old_gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    discord.http.Route.BASE = emu.api_base
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
+    try:
+        yield
+    finally:
+        discord.http.Route.BASE = old_base
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
+
+
 @contextlib.asynccontextmanager
 async def running_emulators(
     *,
@@ -107,8 +123,9 @@ async def running_emulators(
     client that stopped answering notice within seconds.
     """
     async with (
-        DiscordEmulator(token=SANDBOX_DISCORD_TOKEN, faults=discord_faults,
-                        heartbeat_interval=heartbeat_interval) as discord,
+        DiscordEmulator(
+            token=SANDBOX_DISCORD_TOKEN, faults=discord_faults, heartbeat_interval=heartbeat_interval
+        ) as discord,
         GeminiEmulator(api_key=SANDBOX_GEMINI_KEY, faults=gemini_faults, seed=seed) as gemini,
     ):
         yield Emulators(discord, gemini)
@@ -207,8 +224,13 @@ class BotProcess:
             self.note_sessions(emulators)
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self._proc = subprocess.Popen(
-                self.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=err, start_new_session=True,
+                self.command,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
             )
         return self
 
@@ -250,13 +272,15 @@ class BotProcess:
         deadline = time.monotonic() + timeout
         while True:
             if not self.running:
-                raise BotProcessError("the bot exited before it was ready",
-                                      returncode=self.returncode, tail=self.tail())
+                raise BotProcessError(
+                    "the bot exited before it was ready", returncode=self.returncode, tail=self.tail()
+                )
             if discord.identify_count + discord.resume_count > self._sessions_at_start and discord.connected:
                 return
             if time.monotonic() >= deadline:
-                raise BotProcessError(f"the bot was not ready within {timeout} s",
-                                      returncode=self.returncode, tail=self.tail())
+                raise BotProcessError(
+                    f"the bot was not ready within {timeout} s", returncode=self.returncode, tail=self.tail()
+                )
             await asyncio.sleep(POLL_INTERVAL)
 
     async def wait_for_log(
@@ -269,8 +293,9 @@ class BotProcess:
                 if predicate(line):
                     return line
             if time.monotonic() >= deadline:
-                raise BotProcessError(f"no matching log line within {timeout} s",
-                                      returncode=self.returncode, tail=self.tail())
+                raise BotProcessError(
+                    f"no matching log line within {timeout} s", returncode=self.returncode, tail=self.tail()
+                )
             await asyncio.sleep(POLL_INTERVAL)
 
     # -- stopping -------------------------------------------------------------------------
@@ -311,8 +336,11 @@ class BotProcess:
         while proc.poll() is None:
             if time.monotonic() >= deadline:
                 self.kill()
-                raise BotProcessError(f"the bot did not exit within {timeout} s {after}(killed)",
-                                      returncode=proc.returncode, tail=self.tail())
+                raise BotProcessError(
+                    f"the bot did not exit within {timeout} s {after}(killed)",
+                    returncode=proc.returncode,
+                    tail=self.tail(),
+                )
             await asyncio.sleep(POLL_INTERVAL)
         return proc.returncode
 
@@ -387,7 +415,8 @@ def _records(lines: Iterable[str]) -> list[str]:
         if not line.strip():
             continue
         continues = line.startswith((" ", "\t")) or line.startswith(
-            ("During handling of the above exception", "The above exception was the direct cause"))
+            ("During handling of the above exception", "The above exception was the direct cause")
+        )
         if in_traceback and (continues or line.startswith("Traceback")):
             records[-1] += "\n" + line
             continue

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import discord
 import pytest
-import yarl
 
 from bot.app import Application, build_application
 from bot.client import GeminiBot
@@ -29,7 +27,7 @@ from sandbox.discord_emu import DiscordEmulator, SentMessage
 from sandbox.gemini import GeminiEmulator
 from sandbox.responder import prose_and_code
 from services.config import load_config
-from tests.integration.harness import TEST_SETTINGS, Emulators, running_emulators
+from tests.integration.harness import TEST_SETTINGS, Emulators, pointed_at, running_emulators
 
 
 @dataclass
@@ -80,18 +78,6 @@ def _ref(message: SentMessage) -> str | None:
     ref = message.message_reference or {}
     value = ref.get("message_id")
     return None if value is None else str(value)
-
-
-@contextlib.contextmanager
-def pointed_at(emu: DiscordEmulator) -> Any:
-    old_base, old_gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    discord.http.Route.BASE = emu.api_base
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
-    try:
-        yield
-    finally:
-        discord.http.Route.BASE = old_base
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
 
 
 @contextlib.asynccontextmanager

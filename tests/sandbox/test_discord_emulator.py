@@ -17,24 +17,11 @@ from typing import Any
 import aiohttp
 import discord
 import pytest
-import yarl
 from discord.ext import commands
 
 from sandbox.discord_emu import DiscordEmulator
 from sandbox.faults import FaultPlan
-
-
-@contextlib.contextmanager
-def pointed_at(emu: DiscordEmulator) -> Any:
-    """Point discord.py's REST base and gateway URL at ``emu``; restore them on exit."""
-    old_base, old_gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    discord.http.Route.BASE = emu.api_base
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
-    try:
-        yield
-    finally:
-        discord.http.Route.BASE = old_base
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
+from tests.integration.harness import pointed_at
 
 
 @pytest.fixture

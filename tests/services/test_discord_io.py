@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import discord
 import pytest
-import yarl
 from discord.ext import commands
 
 from resilience.breakers import BreakerBoard, BreakerState
@@ -26,22 +25,10 @@ from resilience.errors import CallTimeoutError, CircuitOpenError
 from sandbox.discord_emu import DiscordEmulator
 from services.discord_io import DiscordIO, PartialDeliveryError, allowed_mentions_for, is_permanent
 from services.metrics import Metrics
+from tests.integration.harness import pointed_at
 
 FAIL_MAX = 3
 BREAKERS = ("discord.send", "discord.edit", "discord.react", "discord.typing")
-
-
-@contextlib.contextmanager
-def pointed_at(emu: DiscordEmulator) -> Iterator[None]:
-    """Point discord.py's REST base and gateway URL at ``emu``; restore them on exit."""
-    old_base, old_gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    discord.http.Route.BASE = emu.api_base
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(emu.gateway_url)
-    try:
-        yield
-    finally:
-        discord.http.Route.BASE = old_base
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_gateway
 
 
 @dataclass
