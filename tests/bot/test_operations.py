@@ -22,7 +22,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from bot.app import Application, build_application
-from bot.client import GeminiBot
 from bot.operations import (
     HOLD_SECONDS,
     InvalidRequestError,
@@ -36,7 +35,8 @@ from resilience.clock import FakeClock
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode
 from sandbox.gemini import GeminiEmulator
 from services.config import load_config
-from tests.integration.harness import TEST_SETTINGS, pointed_at, running_emulators
+from tests.integration.harness import running_emulators
+from tests.integration.test_pipeline import live_bot
 
 API_KEY = "ops-test-key-do-not-log"
 
@@ -575,51 +575,20 @@ async def test_discord_reconnect_without_a_connected_client_is_unavailable(ops: 
 
 
 async def test_discord_reconnect_resumes_the_gateway_session_without_stopping_the_bot(tmp_path: Path) -> None:
-    async with running_emulators(heartbeat_interval=1.0) as emus:
-        environ = {
-            **emus.settings(),
-            **TEST_SETTINGS,
-            "DATA_DIR": str(tmp_path / "data"),
-            "LOG_FORMAT": "console",
-        }
-        config = load_config(environ=environ, env_file=None)
-        app = build_application(config)
-        with pointed_at(emus.discord):
-            bot = GeminiBot(app, guild_ready_timeout=0.05, drain_interval=0.05)
-            task = asyncio.create_task(bot.start(config.discord_token or ""))
-            try:
-                async with asyncio.timeout(10):
-                    while not bot.is_ready():
-                        if task.done():
-                            task.result()
-                        await asyncio.sleep(0.01)
-                assert (emus.discord.identify_count, emus.discord.resume_count) == (1, 0)
+    async with running_emulators(heartbeat_interval=1.0) as emus, live_bot(emus, tmp_path / "data") as live:
+        discord = emus.discord
+        assert (discord.identify_count, discord.resume_count) == (1, 0)
 
-                result = await Operations(app).discord_reconnect(by="http")
-                assert result == {"closed": True, "code": 4000}
-                await emus.discord.wait_until(lambda: emus.discord.resume_count == 1, 10)
-                assert emus.discord.identify_count == 1  # resumed, not re-identified
-                assert not bot.is_closed() and not task.done()
-                await emus.discord.wait_connected(5)
+        result = await Operations(live.app).discord_reconnect(by="http")
+        assert result == {"closed": True, "code": 4000}
+        await discord.wait_until(lambda: discord.resume_count == 1, 10)
+        assert discord.identify_count == 1  # resumed, not re-identified
+        assert not live.bot.is_closed()
+        await discord.wait_connected(5)
 
-                # Still answering after the reconnect.
-                sent = await emus.discord.send_user_message(
-                    emus.discord.channels["general"],
-                    author="normal",
-                    content="still there?",
-                    mentions_bot=True,
-                )
-                await emus.discord.wait_until(
-                    lambda: any(
-                        str((m.message_reference or {}).get("message_id")) == str(sent["id"])
-                        for m in emus.discord.sent_messages(emus.discord.channels["general"])
-                    ),
-                    10,
-                )
-            finally:
-                await bot.close()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(task, 10)
+        # Still answering after the reconnect.
+        sent = await live.say("still there?")
+        await live.wait_replies(sent["id"])
 
 
 # -- logging ---------------------------------------------------------------------------------------
