@@ -137,7 +137,3 @@ class GeminiBot(commands.Bot):
         finally:
             await self.app.registry.stop_all()
             log.info("bot.stopped")
-
-    @property
-    def closing(self) -> bool:
-        return self._closed

@@ -51,7 +51,6 @@ class Drain:
             max_consecutive_failures=1_000_000,  # the drain must never give up for good
             clock=app.clock,
         )
-        self.processed = 0
         self._next_housekeeping = 0.0
 
     def start(self) -> None:
@@ -91,7 +90,6 @@ class Drain:
             )
         if items:
             await asyncio.gather(*(self._process(item) for item in items))
-            self.processed += len(items)
             self.wake()
         await self._publish_stats()
 

@@ -102,7 +102,6 @@ class MessagePipeline:
         self._bot_user_id = bot_user_id
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._inflight: set[asyncio.Task[Any]] = set()
-        self._closing = False
 
     # -- the fast path --------------------------------------------------------------------
 
@@ -213,7 +212,7 @@ class MessagePipeline:
             # Storage is down: we cannot promise a later answer, so answer live or say why now.
             verdict = classify(exc)
             log.warning("pipeline.accept_failed", category=verdict.category.value)
-            return await self._answer_unsaved(message, inbound, exc)
+            return await self._answer_unsaved(message, inbound)
         if item is None:
             return "ignored_duplicate"
         if item.state is ItemState.PENDING:
@@ -479,9 +478,7 @@ class MessagePipeline:
             claim=claim,
         )
 
-    async def _answer_unsaved(
-        self, message: discord.Message, inbound: Inbound, storage_exc: Exception
-    ) -> str:
+    async def _answer_unsaved(self, message: discord.Message, inbound: Inbound) -> str:
         """Storage is down: try to answer live without a durable record, or say clearly why not."""
         app = self.app
         try:
@@ -523,7 +520,6 @@ class MessagePipeline:
 
     async def drain_inflight(self, grace: float) -> int:
         """Wait up to ``grace`` seconds for messages being handled; return how many were still running."""
-        self._closing = True
         pending = {t for t in self._inflight if not t.done()}
         if not pending:
             return 0
