@@ -30,7 +30,6 @@ from discord import app_commands
 from bot import texts
 from bot.operations import CircuitStatus, MaintenanceStatus, OperationError, Operations, QueueStatus
 from bot.pipeline import Inbound, MessagePipeline
-from bot.splitting import split_message
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, classify
@@ -240,49 +239,14 @@ class SlashCommands:
     async def _generate(
         self, item: QueueItem, inbound: Inbound, history: list[Any], reply_to: _FollowupChannel
     ) -> str:
-        """Gemini, then the follow-up; a failure queues (with the acknowledgement) or explains."""
-        app = self.app
-        try:
-            async with asyncio.timeout(app.config.processing_timeout_seconds):
-                reply = await app.gemini.generate(inbound.content, history)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            verdict = classify(exc, now=app.clock.time())
-            app.metrics.errors.labels(category=verdict.category.value).inc()
-            if verdict.retryable:
-                requeued = await self.pipeline.requeue(
-                    item,
-                    verdict.category.value,
-                    retry_after=verdict.retry_after,
-                    count_attempt=verdict.category is not Category.CIRCUIT_OPEN,
-                )
-                if requeued.state is ItemState.DEAD:
-                    await reply_to.say(texts.dead_letter(requeued.attempts))
-                    return "error"
-                await reply_to.say(texts.queued(verdict, await app.storage.position(requeued.id)))
-                return "queued"
-            if verdict.category is Category.INTERNAL:
-                raise
-            chunks, turns, outcome = [verdict.user_message], [], "refused"
-        else:
-            if reply.ok:
-                chunks = split_message(reply.text or "")
-                turns = [("user", inbound.content, inbound.message_id), ("model", reply.text or "", None)]
-                if reply_to.private:
-                    # The channel's history feeds everyone's answers: a private exchange stays out.
-                    turns = []
-                outcome = "answered"
-            else:
-                chunks, turns, outcome = [reply.user_message or texts.bug("-")], [], "refused"
-        return await self.pipeline.deliver(
+        """Gemini, then the follow-up: the message pipeline's own path, writing to the follow-up."""
+        return await self.pipeline.answer(
             item,
             inbound,
-            chunks,
+            channel=reply_to,  # type: ignore[arg-type]  # quacks like a Messageable for send()/typing()
             original=inbound.reference(),
-            channel=reply_to,  # type: ignore[arg-type]  # quacks like a Messageable for send()
-            outcome=outcome,
-            turns=turns,
+            live=True,
+            history=history,
         )
 
     async def _queue_busy(self, item: QueueItem, reply_to: _FollowupChannel, why: str) -> str:

@@ -258,7 +258,7 @@ class MessagePipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return await self._route_failure(item, inbound, original, exc, live=live)
+            return await self._route_failure(item, inbound, original, exc, live=live, channel=channel)
 
         if reply.ok:
             body = reply.text or ""
@@ -362,7 +362,9 @@ class MessagePipeline:
         exc: BaseException,
         *,
         live: bool,
+        channel: discord.abc.Messageable,
     ) -> str:
+        """Queue (with the acknowledgement) or explain, in ``channel``: where the answer would go."""
         app = self.app
         verdict = classify(exc, now=app.clock.time())
         app.metrics.errors.labels(category=verdict.category.value).inc()
@@ -376,7 +378,7 @@ class MessagePipeline:
                 return "error"
             if live or not item.payload.get("acked"):
                 position = await app.storage.position(requeued.id)
-                await self._reply_ack(original, inbound, texts.queued(verdict, position), requeued)
+                await self._reply_ack(channel, original, texts.queued(verdict, position), requeued)
             return "queued"
         if verdict.category is Category.INTERNAL:
             log.error("pipeline.bug", item=item.id, exc_info=exc)
@@ -388,7 +390,7 @@ class MessagePipeline:
             inbound,
             [text],
             original=original,
-            channel=await self.app.channel(inbound.channel_id),
+            channel=channel,
             outcome="refused",
         )
 
@@ -438,13 +440,12 @@ class MessagePipeline:
 
     async def _reply_ack(
         self,
+        channel: discord.abc.Messageable,
         original: discord.Message | discord.MessageReference,
-        inbound: Inbound,
         text: str,
         item: QueueItem,
     ) -> None:
         """Tell the user the message is queued; remember that we did, so the drain does not repeat it."""
-        channel = await self.app.channel(inbound.channel_id)
         try:
             await self.app.discord_io.send(channel, text, reply_to=original, mention_user=None)
         except asyncio.CancelledError:
@@ -462,8 +463,7 @@ class MessagePipeline:
 
     async def _ack_busy(self, message: discord.Message, item: QueueItem) -> None:
         position = await self.app.storage.position(item.id)
-        inbound = Inbound.from_payload(item.payload)
-        await self._reply_ack(message, inbound, texts.queued_busy(position), item)
+        await self._reply_ack(message.channel, message, texts.queued_busy(position), item)
 
     async def accept(self, inbound: Inbound, *, claim: bool, extra: dict[str, Any]) -> QueueItem | None:
         """Accept a message durably (see ``SqliteStore.accept``); None when it was seen before."""
