@@ -135,6 +135,7 @@ class SentMessage:
     edits: list[dict[str, Any]] = field(default_factory=list)
     deleted: bool = False
     attachments: list[str] = field(default_factory=list)
+    at: float = field(default_factory=time.monotonic)  # when the emulator recorded it
 
     @property
     def ephemeral(self) -> bool:
@@ -283,6 +284,7 @@ class DiscordEmulator:
         self.resume_count = 0
         self._sent: dict[int, list[SentMessage]] = {}
         self._sent_by_id: dict[int, SentMessage] = {}
+        self._sent_log: list[SentMessage] = []  # every channel message, in the order created
         self._nonces: dict[tuple[int, str], tuple[int, float]] = {}  # (channel, nonce) -> (message, when)
         self._interactions: dict[int, InteractionRecord] = {}
         self._by_token: dict[str, InteractionRecord] = {}
@@ -375,6 +377,10 @@ class DiscordEmulator:
     def sent_messages(self, channel_id: int) -> list[SentMessage]:
         """Messages the bot created in a channel, in order (deleted ones included, flagged)."""
         return list(self._sent.get(channel_id, []))
+
+    def sent_log(self, start: int = 0) -> list[SentMessage]:
+        """Channel messages the bot created in every channel, in creation order, from index ``start``."""
+        return self._sent_log[start:]
 
     def history(self, channel_id: int) -> list[dict[str, Any]]:
         """The channel's stored messages (users' and the bot's), oldest first."""
@@ -919,6 +925,7 @@ class DiscordEmulator:
                     payload["mentions"].append(self.world.user(int(ping[5:])).payload())
         self._sent.setdefault(cid, []).append(sent)
         self._sent_by_id[sent.id] = sent
+        self._sent_log.append(sent)
         return sent
 
     async def _get_history(self, request: web.Request, body: Any) -> web.Response:
