@@ -154,7 +154,12 @@ class Ledger:
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:  # noqa: ASYNC109
         """Wait until ``predicate()`` holds over up-to-date replies; raises ``TimeoutError``."""
-        await self.discord.wait_until(lambda: (self.update(), predicate())[1], timeout=timeout)
+
+        def ready() -> bool:
+            self.update()
+            return predicate()
+
+        await self.discord.wait_until(ready, timeout=timeout)
 
     async def wait_settled(self, timeout: float) -> list[Asked]:  # noqa: ASYNC109
         """Wait until every message has an answer or a reason; return those that still do not."""
