@@ -1,6 +1,6 @@
 """End-to-end cost of the bot's message pipeline against a bare discord.py + google-genai bot.
 
-``python -m bench.bench_pipeline [--quick] [--json] [--n N]``.
+``python -m bench.bench_pipeline [--quick] [--json] [--n N] [--rounds R]``.
 
 Set-up (one process, one event loop): the Discord emulator, the Gemini emulator (no faults,
 no latency) and the bot under test all run in-process, the bot on the real discord.py
@@ -9,18 +9,30 @@ user message is dispatched by the emulator -> the bot's ``on_message`` -> Gemini
 bot's reply is recorded by the emulator. Round trips are sequential (the next message is
 sent once the previous reply is recorded), after a few unmeasured warm-up ones, each
 measurement with a fresh pair of emulators. Because the emulators share the loop, the
-absolute figures include their CPU time; the difference between the two bots does not.
+absolute figures include their CPU time; the difference between two bots does not. The
+four bots are measured in ``rounds`` interleaved rounds (the order rotates every round),
+so a machine that slows down part-way slows them all alike.
 
-- BASELINE: a bare ``commands.Bot`` whose ``on_message`` checks the mention, calls
-  ``client.aio.models.generate_content`` and ``message.reply(text)``.
+- BARE BOT, WITH HISTORY (the baseline the target is measured against): a ``commands.Bot``
+  doing the same user-visible work as the bot, the way a naive bot would: on a mention it
+  sends the channel's in-memory history (a list of plain ``Content`` dicts bounded to
+  ``HISTORY_MAX_MESSAGES``) plus the prompt to ``client.aio.models.generate_content`` with
+  the same model and persona (system instruction), replies with the text, and appends the
+  exchange to the history. No durability, no dedup, no limits, no breaker.
+- BARE BOT, NO HISTORY (the first baseline, kept for comparison): the prompt alone, no
+  persona, no memory.
 - PIPELINE: the real bot (``bot.app.build_application(config)`` + ``bot.client.GeminiBot``):
-  dedup, rate limits, durable acceptance in SQLite (WAL, synchronous=FULL, in a temporary
-  directory), mutex, breaker/retry/timeout around Gemini, splitting, history, metrics,
-  JSON logging at INFO into a discarding stream.
+  dedup, rate limits, durable acceptance in SQLite (WAL, ``synchronous=NORMAL`` as
+  ``build_application`` builds it, in a temporary directory), mutex, breaker/retry/timeout
+  around Gemini, splitting, chunk nonces, history stored, metrics, JSON logging at INFO
+  into a discarding stream.
 - PIPELINE, HISTORY OFF: the same with ``HISTORY_MAX_MESSAGES=0``, which separates the
   pipeline's own cost from the cost of sending (and the SDK converting) a longer context.
 - NOT FOR THE BOT: the awaited ``on_message`` of each bot for a guild message that neither
   mentions nor replies to it (the message every bot sees most), timed in a tight loop.
+
+Targets (issue 5): a message not for the bot costs < 5 us; the pipeline adds at most 25% to
+the bare bot's (with history) mean round trip.
 """
 
 from __future__ import annotations
@@ -44,20 +56,39 @@ from discord.ext import commands
 from google import genai
 from google.genai import types
 
+from bot.app import build_application
+from bot.client import GeminiBot
 from sandbox.__main__ import SANDBOX_DISCORD_TOKEN, SANDBOX_GEMINI_KEY, bot_settings
 from sandbox.discord_emu import DiscordEmulator
 from sandbox.gemini import GeminiEmulator
+from services.config import Config, load_config
 
 DEFAULT_N = 200
 QUICK_N = 30
+DEFAULT_ROUNDS = 4
+QUICK_ROUNDS = 2
 WARMUP = 5
 FAST_EXIT_CALLS = 20_000
 FAST_EXIT_REPEATS = 5
 FAST_EXIT_TARGET_US = 5.0
+ADDED_TARGET_PERCENT = 25.0
 ROUND_TRIP_TIMEOUT = 10.0
 READY_TIMEOUT = 10.0
 
 OnMessage = Callable[[discord.Message], Awaitable[None]]
+
+# Measured bots, in the order of the first round (later rounds rotate it).
+BARE = "bare_with_history"
+BARE_NO_HISTORY = "bare_no_history"
+PIPELINE = "pipeline"
+PIPELINE_NO_HISTORY = "pipeline_no_history"
+VARIANTS = (BARE, PIPELINE, BARE_NO_HISTORY, PIPELINE_NO_HISTORY)
+LABELS = {
+    BARE: "bare bot, with history",
+    BARE_NO_HISTORY: "bare bot, no history",
+    PIPELINE: "pipeline",
+    PIPELINE_NO_HISTORY: "pipeline, history off",
+}
 
 
 class _Discard:
@@ -166,124 +197,174 @@ def _stats(latencies: list[float]) -> dict[str, float]:
     }
 
 
-# --- baseline: a bare discord.py bot calling google-genai ------------------------------------
+# --- the bots ---------------------------------------------------------------------------------
 
 
-async def measure_baseline(n: int) -> dict[str, Any]:
-    """Round trips and the not-for-the-bot cost of a bare ``commands.Bot`` + google-genai bot."""
+def bench_config(dc: DiscordEmulator, gm: GeminiEmulator, data_dir: Path, **overrides: str) -> Config:
+    """The bot's settings against these emulators; the bare bots take model, persona and bound from it."""
+    settings = {
+        **bot_settings(dc, gm),
+        "DATA_DIR": str(data_dir),
+        "HTTP_PORT": "0",
+        "LOG_LEVEL": "INFO",
+        "LOG_FORMAT": "json",
+        # one user sends every message: the cooldown is not what is measured here
+        "USER_RATE_LIMIT_PER_MINUTE": "10000",
+        "GUILD_RATE_LIMIT_PER_MINUTE": "100000",
+        **overrides,
+    }
+    return load_config(settings, env_file=None)
+
+
+def bare_bot(config: Config, gemini: genai.Client, *, history: bool) -> tuple[commands.Bot, OnMessage]:
+    """A naive discord.py + google-genai chat bot, with or without per-channel memory and persona."""
+    intents = discord.Intents.default()
+    intents.message_content = True
+    bot = commands.Bot(command_prefix=commands.when_mentioned, intents=intents, guild_ready_timeout=0.05)
+    memory: dict[int, list[types.ContentDict]] = {}
+    bound = config.history_max_messages
+    gen_config: types.GenerateContentConfigDict = {"system_instruction": config.bot_persona}
+
+    async def on_message(message: discord.Message) -> None:
+        me = bot.user
+        if message.author.bot or me is None or me not in message.mentions:
+            return
+        prompt = message.content.replace(me.mention, "").strip()
+        if not history:
+            answer = await gemini.aio.models.generate_content(model=config.gemini_model, contents=prompt)
+            await message.reply(answer.text or "(no answer)", allowed_mentions=discord.AllowedMentions.none())
+            return
+        past = memory.setdefault(message.channel.id, [])
+        asked: types.ContentDict = {"role": "user", "parts": [{"text": prompt}]}
+        answer = await gemini.aio.models.generate_content(
+            model=config.gemini_model, contents=[*past, asked], config=gen_config
+        )
+        text = answer.text or "(no answer)"
+        past += [asked, {"role": "model", "parts": [{"text": text}]}]
+        del past[: max(0, len(past) - bound)]
+        await message.reply(text, allowed_mentions=discord.AllowedMentions.none())
+
+    bot.add_listener(on_message)
+    return bot, on_message
+
+
+async def measure_bare(n: int, *, history: bool, warmup: int = WARMUP) -> dict[str, Any]:
+    """Round-trip seconds and the not-for-the-bot cost of a bare bot (see ``bare_bot``)."""
     async with _emulators() as (dc, gm):
+        with tempfile.TemporaryDirectory(prefix="bench-bare-") as data_dir:
+            config = bench_config(dc, gm, Path(data_dir))
         gemini = genai.Client(api_key=gm.api_key, http_options=types.HttpOptions(
             base_url=gm.base_url, timeout=10_000, retry_options=types.HttpRetryOptions(attempts=1)))
-        intents = discord.Intents.default()
-        intents.message_content = True
-        bot = commands.Bot(command_prefix=commands.when_mentioned, intents=intents, guild_ready_timeout=0.05)
-
-        async def on_message(message: discord.Message) -> None:
-            me = bot.user
-            if message.author.bot or me is None or me not in message.mentions:
-                return
-            prompt = message.content.replace(me.mention, "").strip()
-            answer = await gemini.aio.models.generate_content(model="gemini-2.5-flash", contents=prompt)
-            await message.reply(answer.text or "(no answer)", allowed_mentions=discord.AllowedMentions.none())
-
-        bot.add_listener(on_message)
+        bot, on_message = bare_bot(config, gemini, history=history)
         try:
             with _discord_pointed_at(dc):
                 async with _connected(bot, dc):
-                    latencies = await round_trips(dc, n)
+                    latencies = await round_trips(dc, n, warmup=warmup)
                     not_for_bot = await fast_exit_us(on_message, stranger_message(bot, dc))
         finally:
             await gemini.aio.aclose()
-    return {"round_trip": _stats(latencies), "not_for_bot_us": not_for_bot}
+    return {"latencies": latencies, "not_for_bot_us": not_for_bot}
 
 
-# --- the bot's own pipeline ------------------------------------------------------------------
-
-
-async def measure_pipeline(n: int, **overrides: str) -> dict[str, Any]:
-    """Round trips and the not-for-the-bot cost of the real bot (``build_application`` + ``GeminiBot``).
+async def measure_pipeline(n: int, *, warmup: int = WARMUP, **overrides: str) -> dict[str, Any]:
+    """Round-trip seconds and the not-for-the-bot cost of the real bot (``build_application``, ``GeminiBot``).
 
     ``overrides`` are extra settings by variable name (e.g. ``HISTORY_MAX_MESSAGES="0"``).
-
-    Raises ``NotImplementedError`` while the bot's runtime (``bot.app``, ``bot.client``) does
-    not import, so the baseline still runs.
     """
-    try:
-        from bot.app import build_application
-        from bot.client import GeminiBot
-        from services.config import load_config
-    except ImportError as exc:
-        raise NotImplementedError(f"the bot's runtime is not importable yet: {exc}") from exc
-
     async with _emulators() as (dc, gm):
         with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as data_dir:
-            settings = {
-                **bot_settings(dc, gm),
-                "DATA_DIR": str(Path(data_dir)),
-                "HTTP_PORT": "0",
-                "LOG_LEVEL": "INFO",
-                "LOG_FORMAT": "json",
-                # one user sends every message: the cooldown is not what is measured here
-                "USER_RATE_LIMIT_PER_MINUTE": "10000",
-                "GUILD_RATE_LIMIT_PER_MINUTE": "100000",
-                **overrides,
-            }
-            config = load_config(settings, env_file=None)
-            app = build_application(config)
+            app = build_application(bench_config(dc, gm, Path(data_dir), **overrides))
             bot = GeminiBot(app, guild_ready_timeout=0.05)
             with _discord_pointed_at(dc):
                 async with _connected(bot, dc):
-                    latencies = await round_trips(dc, n)
+                    latencies = await round_trips(dc, n, warmup=warmup)
                     not_for_bot = await fast_exit_us(bot.on_message, stranger_message(bot, dc))
-    return {"round_trip": _stats(latencies), "not_for_bot_us": not_for_bot}
+    return {"latencies": latencies, "not_for_bot_us": not_for_bot}
+
+
+def _measurer(variant: str) -> Callable[[int], Awaitable[dict[str, Any]]]:
+    if variant == BARE:
+        return lambda n: measure_bare(n, history=True)
+    if variant == BARE_NO_HISTORY:
+        return lambda n: measure_bare(n, history=False)
+    if variant == PIPELINE:
+        return lambda n: measure_pipeline(n)
+    return lambda n: measure_pipeline(n, HISTORY_MAX_MESSAGES="0")
 
 
 # --- running ---------------------------------------------------------------------------------
 
 
-async def _measure(n: int) -> dict[str, Any]:
-    figures: dict[str, Any] = {"n": n, "warmup": WARMUP}
-    figures["baseline"] = await measure_baseline(n)
-    try:
-        figures["pipeline"] = await measure_pipeline(n)
-        # The same without conversation history: what the pipeline costs apart from sending
-        # a longer context (google-genai converts every history Content through pydantic).
-        figures["pipeline_no_history"] = await measure_pipeline(n, HISTORY_MAX_MESSAGES="0")
-    except NotImplementedError as exc:
-        figures["pipeline"] = figures["pipeline_no_history"] = {"error": str(exc)}
+async def _measure(n: int, rounds: int) -> dict[str, Any]:
+    """Every variant, ``n`` round trips each, in ``rounds`` interleaved rounds."""
+    rounds = max(1, min(rounds, n))
+    latencies: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    not_for_bot: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        share = n // rounds + (1 if r < n % rounds else 0)
+        for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]:
+            result = await _measurer(variant)(share)
+            latencies[variant] += result["latencies"]
+            not_for_bot[variant].append(result["not_for_bot_us"])
+    figures: dict[str, Any] = {"n": n, "rounds": rounds, "warmup_per_round": WARMUP}
+    for variant in VARIANTS:
+        figures[variant] = {
+            "round_trip": _stats(latencies[variant]),
+            "not_for_bot_us": statistics.median(not_for_bot[variant]),
+        }
     return figures
+
+
+def _added(figures: dict[str, Any], variant: str, against: str) -> dict[str, float]:
+    """What ``variant`` adds to ``against``'s mean round trip, in ms and in percent of it."""
+    ours, theirs = figures[variant]["round_trip"]["mean_ms"], figures[against]["round_trip"]["mean_ms"]
+    return {"ms": ours - theirs, "percent": (ours - theirs) / theirs * 100}
 
 
 def _configure_logging() -> None:
     """INFO-level JSON logging into a discarding stream: the bots pay for their logs, nobody reads them."""
-    try:
-        from services.logging import configure_logging
-    except ImportError:
-        return
+    from services.logging import configure_logging
+
     configure_logging(level="INFO", fmt="json", stream=_Discard())  # type: ignore[arg-type]
 
 
-def run(quick: bool = False, n: int | None = None) -> dict[str, Any]:
-    """Measure both bots in a fresh event loop; return the figures plus a ``summary`` table."""
+def run(quick: bool = False, n: int | None = None, rounds: int | None = None) -> dict[str, Any]:
+    """Measure the four bots in a fresh event loop; return the figures plus a ``summary`` table."""
     _configure_logging()
     n = n if n is not None else (QUICK_N if quick else DEFAULT_N)
-    figures = asyncio.run(_measure(n))
-    base = figures["baseline"]
-    pipe = figures["pipeline"]
-    bare = figures["pipeline_no_history"]
+    rounds = rounds if rounds is not None else (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
+    figures = asyncio.run(_measure(n, rounds))
+    figures["added"] = {
+        "pipeline_vs_bare_with_history": _added(figures, PIPELINE, BARE),
+        "pipeline_vs_bare_no_history": _added(figures, PIPELINE, BARE_NO_HISTORY),
+        "pipeline_history_off_vs_bare_no_history": _added(figures, PIPELINE_NO_HISTORY, BARE_NO_HISTORY),
+    }
+    added = figures["added"]["pipeline_vs_bare_with_history"]
+    figures["targets"] = {
+        "added_percent_max": ADDED_TARGET_PERCENT,
+        "added_met": added["percent"] <= ADDED_TARGET_PERCENT,
+        "not_for_bot_us_max": FAST_EXIT_TARGET_US,
+        "not_for_bot_met": figures[PIPELINE]["not_for_bot_us"] < FAST_EXIT_TARGET_US,
+    }
     rows = []
-    for key, label in (("mean_ms", "mean"), ("p50_ms", "p50"), ("p95_ms", "p95")):
-        rows.append(_row(f"round trip {label}", pipe.get("round_trip", {}).get(key), "ms", "",
-                         base["round_trip"][key]))
-    rows.append(_row("round trips per second", pipe.get("round_trip", {}).get("per_second"), "msg/s", "",
-                     base["round_trip"]["per_second"]))
-    for label, result in (("", pipe), (", history off", bare)):
-        added = None
-        if "round_trip" in result:
-            added = result["round_trip"]["mean_ms"] - base["round_trip"]["mean_ms"]
-        rows.append(_row(f"pipeline added per message (mean{label})", added, "ms", "", 0.0))
-    rows.append(_row("message not for the bot", pipe.get("not_for_bot_us"), "us/message",
-                     f"< {FAST_EXIT_TARGET_US:g}", base["not_for_bot_us"]))
+    for variant, against in ((PIPELINE, BARE), (PIPELINE_NO_HISTORY, BARE_NO_HISTORY),
+                             (BARE, None), (BARE_NO_HISTORY, None)):
+        trip = figures[variant]["round_trip"]
+        for key, label in (("mean_ms", "mean"), ("p50_ms", "p50"), ("p95_ms", "p95")):
+            base = figures[against]["round_trip"][key] if against else ""
+            rows.append(_row(f"round trip {label}, {LABELS[variant]}", trip[key], "ms", "", base))
+    bare_mean = figures[BARE]["round_trip"]["mean_ms"]
+    rows.append(_row("pipeline added per message vs bare bot with history (mean)", added["ms"], "ms", "",
+                     bare_mean))
+    rows.append(_row("pipeline added vs bare bot with history (mean)", added["percent"], "%",
+                     f"<= {ADDED_TARGET_PERCENT:g}", ""))
+    for key, label in (("pipeline_vs_bare_no_history", "pipeline added vs bare bot, no history (info)"),
+                       ("pipeline_history_off_vs_bare_no_history",
+                        "pipeline, history off, added vs bare bot, no history (info)")):
+        other = figures["added"][key]
+        rows.append(_row(f"{label}", other["ms"], "ms", "", f"{other['percent']:.0f}%"))
+    rows.append(_row("message not for the bot", figures[PIPELINE]["not_for_bot_us"], "us/message",
+                     f"< {FAST_EXIT_TARGET_US:g}", figures[BARE]["not_for_bot_us"]))
     figures["summary"] = rows
     return figures
 
@@ -301,16 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_N} round trips instead of {DEFAULT_N}")
     parser.add_argument("--n", type=int, help="measured round trips per bot (after warm-up)")
+    parser.add_argument("--rounds", type=int,
+                        help=f"interleaved rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} with --quick)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.n is not None and args.n < 1:
         parser.error("--n must be at least 1")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     started = time.perf_counter()
-    result = run(quick=args.quick, n=args.n)
+    result = run(quick=args.quick, n=args.n, rounds=args.rounds)
     if args.json:
         print(json.dumps(result))
         return 0
-    rows: list[list[str]] = [["figure", "value", "unit", "target", "baseline (bare bot)"]]
+    rows: list[list[str]] = [["figure", "value", "unit", "target", "baseline"]]
     for row in result["summary"]:
         rows.append([
             f"{cell:,.3f}" if isinstance(cell, float) else str(cell)
@@ -321,10 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    if "error" in result["pipeline"]:
-        print(f"pipeline not measured: {result['pipeline']['error']}", file=sys.stderr)
-    print(f"({time.perf_counter() - started:.1f}s, {result['n']} round trips per bot after "
-          f"{result['warmup']} warm-up)", file=sys.stderr)
+    verdict = "met" if result["targets"]["added_met"] else "NOT met"
+    sys.stdout.flush()
+    print(f"baseline: the bare bot's figure for the same row (pipeline rows: the bare bot with the same "
+          f"history setting); 25% target {verdict}", file=sys.stderr)
+    print(f"({time.perf_counter() - started:.1f}s, {result['n']} round trips per bot in {result['rounds']} "
+          f"interleaved rounds, each after {WARMUP} warm-up)", file=sys.stderr)
     return 0
 
 
