@@ -2,7 +2,8 @@
 
 A ``Fault`` names what goes wrong (``kind`` plus free-form ``params``), which requests it
 hits (``target``: a model name, a route name, or ``"*"``), and for how long: the next
-``count`` matching requests, until a deadline, with a probability, or any mix of these.
+``count`` matching requests, until a deadline, with a probability, on every ``every``-th
+matching request only (deterministic, e.g. "every third send fails"), or any mix of these.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Fault:
     probability: float = 1.0
     id: int = 0
     hits: int = 0
+    every: int | None = None          # hit only every Nth matching request; None = every one
+    matched: int = 0                  # matching requests seen (for ``every``)
 
     def describe(self) -> str:
         parts = [f"#{self.id} {self.kind} on {self.target}"]
@@ -36,6 +39,8 @@ class Fault:
             parts.append(f"until +{max(0.0, self.until - time.monotonic()):.0f}s")
         if self.probability < 1.0:
             parts.append(f"p={self.probability:g}")
+        if self.every is not None:
+            parts.append(f"every {self.every}")
         return ", ".join(parts)
 
 
@@ -56,14 +61,18 @@ class FaultPlan:
         count: int | None = None,
         duration: float | None = None,
         probability: float = 1.0,
+        every: int | None = None,
         **params: Any,
     ) -> Fault:
+        """Schedule a fault; ``every=3`` hits matching requests 3, 6, 9, ... (``count`` counts hits)."""
         if count is not None and count < 1:
             raise ValueError("count must be at least 1")
         if not 0.0 < probability <= 1.0:
             raise ValueError("probability must be in (0, 1]")
+        if every is not None and every < 1:
+            raise ValueError("every must be at least 1")
         until = self._clock() + duration if duration is not None else None
-        fault = Fault(kind, target, dict(params), count, until, probability, next(self._ids))
+        fault = Fault(kind, target, dict(params), count, until, probability, next(self._ids), every=every)
         self._faults.append(fault)
         return fault
 
@@ -91,6 +100,10 @@ class FaultPlan:
                 continue
             if kinds is not None and fault.kind not in kinds:
                 continue
+            if fault.every is not None:
+                fault.matched += 1
+                if fault.matched % fault.every:
+                    continue  # not its turn: the request goes on to later faults, or is served
             if fault.probability < 1.0 and self._rng.random() >= fault.probability:
                 continue
             fault.hits += 1
