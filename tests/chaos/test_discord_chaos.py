@@ -1,0 +1,205 @@
+"""Chaos: the real bot process while Discord misbehaves (REST 503s and 429s, gateway drops, silence).
+
+Each scenario starts ``python -m bot run`` against the sandbox emulators, sets up a Discord
+fault, drives steady traffic from several users in several channels, checks what users saw
+and what the bot's breakers and queue did during the fault, heals, and then checks the
+promise: every message answered (or told why) exactly once, in order per conversation, and a
+clean log. ``make chaos`` runs the ``chaos``-marked scenarios; ``make test`` runs one fast
+REST scenario and one fast gateway scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from bot.ledger import Asked, Ledger
+from sandbox.discord_emu import RecordedRequest
+from tests.chaos.support import BotApi, assert_promise_kept, started_bot
+from tests.integration.conftest import SpawnBot
+from tests.integration.harness import Emulators
+
+USERS = ("normal", "ana", "ben", "cleo")
+SAMPLE_SECONDS = 0.05
+MAX_SAMPLES = 4000  # a watcher's hard bound: 200 s of samples
+
+
+def add_users(emulators: Emulators) -> list[str]:
+    """The scenario's users (must run before the bot starts, so its member cache has them)."""
+    world = emulators.discord.world
+    for key in USERS[1:]:
+        if key not in world.users:
+            world.add_member(key, key.capitalize())
+    return list(USERS)
+
+
+def conversations(emulators: Emulators, extra: int = 0) -> list[int]:
+    """#general, #random, the thread, a DM, and ``extra`` new text channels (before the bot starts)."""
+    discord = emulators.discord
+    channels = [discord.channels["general"], discord.channels["random"], discord.thread_id,
+                discord.dm_channel("normal")]
+    channels += [discord.world.add_text_channel(f"chaos-{n}") for n in range(extra)]
+    return channels
+
+
+async def steady_traffic(
+    ledger: Ledger, channels: Sequence[int], users: Sequence[str], *, per_channel: int, gap: float
+) -> list[Asked]:
+    """Each channel gets ``per_channel`` questions ``gap`` seconds apart, from rotating users, all at once."""
+    rotation = itertools.cycle(users)
+
+    async def one_channel(channel: int, offset: float) -> list[Asked]:
+        await asyncio.sleep(offset)
+        asked = []
+        for n in range(per_channel):
+            # a DM has one author: the user it belongs to
+            author = "normal" if channel == ledger.discord.dm_channel("normal") else next(rotation)
+            asked.append(await ledger.ask(channel, author, f"question {n}"))
+            await asyncio.sleep(gap)
+        return asked
+
+    stagger = gap / max(1, len(channels))
+    batches = await asyncio.gather(*(one_channel(c, i * stagger) for i, c in enumerate(channels)))
+    return [a for batch in batches for a in batch]
+
+
+@dataclass
+class Watch:
+    """What the bot's HTTP API showed while a fault lasted: breaker states, queue depth, readiness."""
+
+    states: dict[str, set[str]] = field(default_factory=dict)
+    max_pending: int = 0
+    not_ready: list[list[str]] = field(default_factory=list)
+    samples: int = 0
+
+    def saw(self, breaker: str, state: str) -> bool:
+        return state in self.states.get(breaker, set())
+
+
+@contextlib.asynccontextmanager
+async def watching(api: BotApi) -> AsyncIterator[Watch]:
+    """Sample breakers, queue and /ready every 50 ms in the background until the block ends."""
+    watch = Watch()
+
+    async def sample() -> None:
+        while watch.samples < MAX_SAMPLES:
+            watch.samples += 1
+            for name, state in (await api.breakers()).items():
+                watch.states.setdefault(name, set()).add(state)
+            queue = (await api.queue())["queue"]
+            if queue is not None:
+                watch.max_pending = max(watch.max_pending, int(queue["pending"]))
+            ready = await api.get("/ready")
+            if not ready["ready"]:
+                watch.not_ready.append(ready["reasons"])
+            await asyncio.sleep(SAMPLE_SECONDS)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield watch
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def content_of(request: RecordedRequest) -> str:
+    body = request.json if isinstance(request.json, dict) else {}
+    return str(body.get("content") or "")
+
+
+def answers_hit_by(emulators: Emulators, ledger: Ledger, status: int) -> list[Asked]:
+    """The questions whose *answer* send got ``status`` from the emulator at least once."""
+    hit = []
+    for asked in ledger.asked.values():
+        for request in emulators.discord.requests_for("send"):
+            if request.status == status and asked.marker in content_of(request) and not content_of(
+                request
+            ).startswith("⏳"):
+                hit.append(asked)
+                break
+    return hit
+
+
+# Log events the faults legitimately cause, at warning level or above. None are error level:
+# a Discord outage is an expected condition. discord.py's own 429 warnings are warnings too.
+ALLOWED: tuple[str, ...] = ()
+
+
+# --- 1. REST degradation: every third send fails with 503 ----------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_every_third_send_503_each_user_still_gets_exactly_one_answer(
+    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
+) -> None:
+    """Fast: with every third Discord send failing 503, every question in four conversations is
+    answered exactly once and in order; the answers whose send failed went through the outbound
+    queue and arrived later; a 1-in-3 failure rate never trips the ``discord.send`` breaker."""
+    users = add_users(emulators)
+    channels = conversations(emulators)
+    ledger = Ledger(emulators.discord)
+    async with started_bot(spawn_bot, emulators, bot_env) as api:
+        emulators.discord.faults.add("503", "send", every=3)
+        async with watching(api) as watch:
+            await steady_traffic(ledger, channels, users, per_channel=3, gap=0.1)
+            unsettled = await ledger.wait_settled(20)
+        assert not unsettled, [ledger.describe(a) for a in unsettled[:10]]
+        emulators.discord.faults.clear()
+        await api.wait_queue_empty(10)
+        assert await api.proc.terminate() == 0
+    tally = assert_promise_kept(ledger, [api.proc], allow=ALLOWED)
+    failed = [r for r in emulators.discord.requests_for("send") if r.status == 503]
+    assert len(failed) >= 3, f"the fault hit only {len(failed)} sends"
+    redelivered = answers_hit_by(emulators, ledger, 503)
+    assert redelivered, "no answer send was hit by a 503: the outbound queue was never exercised"
+    for asked in redelivered:
+        assert len(asked.answers) == 1, ledger.describe(asked)
+    assert tally.seen["answered_direct"] + tally.seen["answered_after_queue"] == tally.sent
+    assert not watch.saw("discord.send", "open"), watch.states
+    print(f"\n{tally.as_dict()} redelivered={len(redelivered)}")
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+async def test_rest_degradation_every_third_send_and_a_send_outage_under_steady_traffic(
+    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
+) -> None:
+    """Six conversations, four users, ~20 messages a second for a few seconds; every third send
+    fails 503 throughout, and for 2 s in the middle every send does. The hard outage opens
+    ``discord.send`` (the drain then holds the outbound queue), the 1-in-3 phase alone does not;
+    after healing the breaker closes, the queue empties, and every question has exactly one
+    answer, in order per conversation."""
+    users = add_users(emulators)
+    channels = conversations(emulators, extra=2)
+    ledger = Ledger(emulators.discord)
+    async with started_bot(spawn_bot, emulators, bot_env) as api:
+        faults = emulators.discord.faults
+        faults.add("503", "send", every=3)
+        async with watching(api) as watch:
+            traffic = asyncio.create_task(steady_traffic(ledger, channels, users, per_channel=8, gap=0.3))
+            await asyncio.sleep(1.0)
+            outage = faults.add("503", "send", duration=2.0)
+            await api.wait_breaker("discord.send", "open", timeout=5)
+            await traffic
+            await asyncio.sleep(max(0.0, (outage.until or 0) - time.monotonic()))
+            open_pending = watch.max_pending
+            faults.clear()
+            unsettled = await ledger.wait_settled(60)
+        assert not unsettled, [ledger.describe(a) for a in unsettled[:10]]
+        await api.wait_breaker("discord.send", "closed", timeout=10)
+        await api.wait_queue_empty(10)
+        assert await api.proc.terminate() == 0
+    tally = assert_promise_kept(ledger, [api.proc], allow=ALLOWED)
+    assert tally.sent == len(channels) * 8
+    assert tally.seen["answered_direct"] + tally.seen["answered_after_queue"] == tally.sent
+    assert open_pending > 0, "nothing was queued while Discord refused every send"
+    redelivered = answers_hit_by(emulators, ledger, 503)
+    assert len(redelivered) >= 5, f"only {len(redelivered)} answers were hit by a 503"
+    print(f"\n{tally.as_dict()} redelivered={len(redelivered)} max_pending={open_pending} {watch.states}")
