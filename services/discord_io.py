@@ -42,6 +42,12 @@ T = TypeVar("T")
 OPERATIONS = ("send", "edit", "react", "typing")
 """The Discord operations that have a breaker each, named ``discord.<operation>``."""
 
+TYPING_DELAY = 0.5
+"""Seconds before the typing indicator is first sent: a faster answer needs no indicator.
+
+Not a setting: below half a second nobody waits for a sign of life, and sparing the request
+spares Discord's rate limit and the bot a REST round trip on every quick answer."""
+
 log = structlog.get_logger(__name__)
 
 Reference = discord.Message | discord.PartialMessage | discord.MessageReference
@@ -89,9 +95,9 @@ class DiscordIO:
     have them yet (created with ``is_permanent`` excluded; breakers made beforehand are used
     as they are). ``timeout`` (seconds, None for none) bounds each call inside its breaker,
     so a hung request counts as a failure (a send that timed out may still have been posted:
-    the price of never holding a conversation for ever). ``typing_interval`` is how often the
-    typing indicator is renewed (Discord shows it for 10 s); ``clock`` times those renewals
-    (a ``FakeClock`` makes them back-to-back).
+    the price of never holding a conversation for ever). ``typing_delay`` is how long a block
+    runs before the typing indicator is first sent, ``typing_interval`` how often it is renewed
+    (Discord shows it for 10 s); ``clock`` times both (a ``FakeClock`` makes them back-to-back).
     """
 
     name = "discord_io"
@@ -104,12 +110,14 @@ class DiscordIO:
         metrics: Metrics | None = None,
         clock: Clock | None = None,
         timeout: float | None = 15.0,
+        typing_delay: float = TYPING_DELAY,
         typing_interval: float = 7.0,
     ) -> None:
         self._board = board
         self._metrics = metrics
         self._clock = clock or SystemClock()
         self._timeout = timeout
+        self._typing_delay = typing_delay
         self._typing_interval = typing_interval
         self._breakers: dict[str, Breaker] = {}
         for operation in OPERATIONS:
@@ -238,9 +246,11 @@ class DiscordIO:
     async def typing(self, channel: discord.abc.Messageable) -> AsyncIterator[None]:
         """Show the typing indicator while the block runs; it can never fail the block.
 
-        A background task sends the indicator at once and every ``typing_interval`` seconds
-        through ``discord.typing``; its errors are logged and counted, and a permanent one
-        (no permission to type here) stops the renewals. Entering never waits on Discord.
+        A background task sends the indicator once the block has run for ``typing_delay``
+        seconds (a quick answer goes out with no indicator at all), then every
+        ``typing_interval`` seconds, through ``discord.typing``; its errors are logged and
+        counted, and a permanent one (no permission to type here) stops the renewals. Entering
+        never waits on Discord.
         """
         task = asyncio.create_task(self._keep_typing(channel), name=f"typing:{_channel_id(channel)}")
         try:
@@ -254,7 +264,9 @@ class DiscordIO:
     # -- internals ---------------------------------------------------------------------
 
     async def _keep_typing(self, channel: discord.abc.Messageable) -> None:
-        """Renew the typing indicator until cancelled; swallow (log and count) every failure."""
+        """After the delay, renew the typing indicator until cancelled; swallow (log and count) failures."""
+        if self._typing_delay > 0:
+            await self._clock.sleep(self._typing_delay)
         channel_id = _channel_id(channel)
         while True:
             try:

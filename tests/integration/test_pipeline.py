@@ -27,6 +27,7 @@ from sandbox.discord_emu import DiscordEmulator, SentMessage
 from sandbox.gemini import GeminiEmulator
 from sandbox.responder import prose_and_code
 from services.config import load_config
+from services.discord_io import TYPING_DELAY
 from tests.integration.harness import TEST_SETTINGS, Emulators, pointed_at, running_emulators
 
 
@@ -144,6 +145,24 @@ async def test_thread_dm_and_reply_chain_are_answered_and_history_is_used(live: 
     bot_message = live.replies_to(first["id"], thread)[0]
     chained = await live.say("and more", channel=thread, mention=False, reference_message_id=bot_message.id)
     await live.wait_replies(chained["id"], channel=thread)
+
+
+async def test_a_quick_answer_shows_no_typing_indicator_and_a_slow_one_shows_it_before_answering(
+    live: Live,
+) -> None:
+    """The indicator waits TYPING_DELAY: an instant Gemini answer goes out without a typing request;
+    one that takes longer than the delay is preceded by one."""
+    quick = await live.say("hello")
+    await live.wait_replies(quick["id"])
+    assert live.discord.typing == []
+
+    live.gemini.faults.add("latency", count=1, seconds=TYPING_DELAY + 0.3)
+    slow = await live.say("hello")
+    [answer] = await live.wait_replies(slow["id"])
+    assert live.discord.typing == [live.general]
+    routes = [r.route for r in live.discord.requests if r.route in ("typing", "send")]
+    assert routes == ["send", "typing", "send"]  # quick answer; then the indicator before the slow one
+    assert "sandbox Gemini" in answer.content
 
 
 async def test_a_long_answer_with_code_arrives_as_valid_messages_with_fences_intact(live: Live) -> None:

@@ -23,7 +23,13 @@ from resilience.breakers import BreakerBoard, BreakerState
 from resilience.clock import FakeClock
 from resilience.errors import CallTimeoutError, CircuitOpenError
 from sandbox.discord_emu import DiscordEmulator
-from services.discord_io import DiscordIO, PartialDeliveryError, allowed_mentions_for, is_permanent
+from services.discord_io import (
+    TYPING_DELAY,
+    DiscordIO,
+    PartialDeliveryError,
+    allowed_mentions_for,
+    is_permanent,
+)
 from services.metrics import Metrics
 from tests.integration.harness import pointed_at
 
@@ -293,9 +299,31 @@ def loop_errors() -> Iterator[list[dict[str, Any]]]:
         loop.set_exception_handler(old)
 
 
+async def test_a_block_quicker_than_the_typing_delay_sends_no_indicator() -> None:
+    """A quick answer (the block ends before typing_delay) costs no typing request, and leaves no task."""
+    async with make_env(typing_delay=5.0, typing_interval=0.01) as env:
+        for _ in range(3):
+            async with env.io.typing(env.channel()):
+                await asyncio.sleep(0.01)  # long enough for an immediate request to reach the emulator
+        await env.io.send(env.channel(), "answer")  # a later request: the emulator saw everything before it
+        assert env.emu.requests_for("typing") == []
+        assert [t for t in asyncio.all_tasks() if t.get_name().startswith("typing:")] == []
+
+
+async def test_the_first_indicator_waits_for_the_default_typing_delay() -> None:
+    """By default the indicator is sent only after TYPING_DELAY (half a second) of work, then renewed."""
+    clock = FakeClock()
+    async with make_env(clock=clock) as env:
+        async with env.io.typing(env.channel()):
+            await env.emu.wait_until(lambda: len(env.emu.typing) >= 1, timeout=2)
+        assert TYPING_DELAY == 0.5
+        assert clock.sleeps[0] == TYPING_DELAY  # slept the delay before the first request
+        assert clock.sleeps[1:2] in ([], [7.0])  # then the renewal interval, if it got that far
+
+
 async def test_typing_shows_the_indicator_and_renews_it() -> None:
-    """The indicator is sent at once, renewed every typing_interval, and stops when the block ends."""
-    async with make_env(typing_interval=0.01) as env:
+    """With no delay the indicator is sent at once, renewed every typing_interval, stopped with the block."""
+    async with make_env(typing_delay=0.0, typing_interval=0.01) as env:
         general = env.emu.channels["general"]
         async with env.io.typing(env.channel()):
             await env.emu.wait_until(lambda: len(env.emu.typing) >= 3, timeout=2)
@@ -308,7 +336,7 @@ async def test_typing_shows_the_indicator_and_renews_it() -> None:
 async def test_typing_errors_never_fail_the_message() -> None:
     """503s and dropped connections on typing are swallowed and counted; after fail_max only the
     typing breaker opens; nothing is left for the loop to report as an unretrieved exception."""
-    async with make_env(typing_interval=0.01) as env:
+    async with make_env(typing_delay=0.0, typing_interval=0.01) as env:
         env.emu.faults.add("drop", "typing", count=1)
         env.emu.faults.add("503", "typing")
         with loop_errors() as unhandled:
@@ -329,7 +357,7 @@ async def test_typing_errors_never_fail_the_message() -> None:
 
 async def test_typing_stops_renewing_after_a_permission_error() -> None:
     """A 403 on typing will not heal while we answer: one request, then no more renewals."""
-    async with make_env(typing_interval=0.01) as env:
+    async with make_env(typing_delay=0.0, typing_interval=0.01) as env:
         env.emu.faults.add("error", "typing", status=403)
         async with env.io.typing(env.channel()):
             await env.emu.wait_until(lambda: len(env.emu.requests_for("typing")) == 1, timeout=2)
