@@ -203,3 +203,77 @@ async def test_rest_degradation_every_third_send_and_a_send_outage_under_steady_
     redelivered = answers_hit_by(emulators, ledger, 503)
     assert len(redelivered) >= 5, f"only {len(redelivered)} answers were hit by a 503"
     print(f"\n{tally.as_dict()} redelivered={len(redelivered)} max_pending={open_pending} {watch.states}")
+
+
+# --- 2. 429s with retry_after on send -----------------------------------------------------------
+
+
+def channel_of(request: RecordedRequest) -> int | None:
+    parts = request.path.split("/")
+    return int(parts[parts.index("channels") + 1]) if "channels" in parts else None
+
+
+def retry_of(request: RecordedRequest, later: Sequence[RecordedRequest]) -> RecordedRequest | None:
+    """discord.py's retry of a rate-limited request: the next one to the same path with the same body."""
+    for candidate in later:
+        same = candidate.path == request.path and candidate.json == request.json
+        if same and candidate.time > request.time:
+            return candidate
+    return None
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scope", ["route", "global"])
+async def test_send_429_retry_after_is_honoured_and_nothing_is_answered_twice(
+    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str], scope: str
+) -> None:
+    """Every other send (four times) answers 429 with ``retry_after`` (per-route, or global) under
+    steady traffic. discord.py waits and retries the same request: the emulator sees the retry no
+    sooner than ``retry_after`` after the 429, and meanwhile nothing else on that bucket (the
+    channel's sends; for a global limit, no REST request at all); the waiting answers arrive
+    after the delay, each exactly once, and the rate limits never trip ``discord.send``."""
+    retry_after = 1.0 if scope == "route" else 1.5
+    users = add_users(emulators)
+    channels = conversations(emulators, extra=1)
+    ledger = Ledger(emulators.discord)
+    discord = emulators.discord
+    async with started_bot(spawn_bot, emulators, bot_env) as api:
+        discord.faults.add(
+            "429", "send", every=2, count=4, retry_after=retry_after, global_=scope == "global"
+        )
+        async with watching(api) as watch:
+            await steady_traffic(ledger, channels, users, per_channel=5, gap=0.25)
+            unsettled = await ledger.wait_settled(30)
+        assert not unsettled, [ledger.describe(a) for a in unsettled[:10]]
+        await api.wait_queue_empty(10)
+        assert await api.proc.terminate() == 0
+    tally = assert_promise_kept(ledger, [api.proc], allow=ALLOWED)
+    assert tally.seen["answered_direct"] + tally.seen["answered_after_queue"] == tally.sent
+
+    rest = list(discord.requests)
+    limited = [r for r in rest if r.status == 429]
+    assert len(limited) == 4, [(r.route, r.status) for r in rest]
+    overlapping_elsewhere = 0
+    for hit in limited:
+        retry = retry_of(hit, rest)
+        assert retry is not None, f"the 429 on {hit.path} was never retried"
+        waited = retry.time - hit.time
+        assert waited >= retry_after - 0.01, f"retried after {waited:.3f} s < retry_after {retry_after}"
+        # what came in while discord.py should have been waiting (after a margin for requests
+        # already on their way when the 429 arrived)
+        window = [r for r in rest if hit.time + 0.15 < r.time < hit.time + retry_after - 0.01]
+        same_bucket = [r for r in window if r.route == "send" and channel_of(r) == channel_of(hit)]
+        assert not same_bucket, f"{len(same_bucket)} sends to the rate-limited channel inside retry_after"
+        if scope == "global":
+            assert not window, f"{[(r.route, r.time - hit.time) for r in window]} during a global limit"
+        overlapping_elsewhere += sum(r.route == "send" for r in window)
+        content = content_of(hit)
+        waiting = [a for a in ledger.asked.values() if a.marker in content and not content.startswith("⏳")]
+        for asked in waiting:
+            assert asked.answers[0].at >= hit.time + retry_after - 0.01, ledger.describe(asked)
+    if scope == "route":
+        # a per-route limit holds one bucket only: other channels' answers kept flowing
+        assert overlapping_elsewhere > 0, "no other channel was served during any per-route limit"
+    assert not watch.saw("discord.send", "open"), watch.states
+    print(f"\n{tally.as_dict()} overlapping_sends={overlapping_elsewhere}")
