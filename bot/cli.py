@@ -1,4 +1,4 @@
-"""The command line: ``python -m bot check|run|datastore ...``.
+"""The command line: ``python -m bot check|run|datastore|simulate ...``.
 
 Every subcommand sets ``func(args) -> int`` with ``set_defaults``; ``main()`` parses and
 calls it, and returns its exit code. A bad configuration prints the problem list, never a
@@ -81,6 +81,13 @@ def _register_datastore(subparsers: argparse._SubParsersAction[argparse.Argument
     datastore_cli.register(subparsers)
 
 
+def _register_simulate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``simulate`` (load with error injection against the emulators) from ``bot/simulate.py``."""
+    from bot import simulate
+
+    simulate.register(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -96,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.add_parser("check", help="validate and show the configuration").set_defaults(func=check)
     subparsers.add_parser("run", help="run the bot").set_defaults(func=run)
     _register_datastore(subparsers)
+    _register_simulate(subparsers)
     return parser
 
 
