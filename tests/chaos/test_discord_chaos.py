@@ -325,3 +325,59 @@ async def test_gateway_close_mid_traffic_resumes_and_replays_each_message_once(
     for asked in [held, *away]:
         assert len(asked.answers) == 1, ledger.describe(asked)
     print(f"\n{tally.as_dict()} replayed={1 + len(away)}")
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+async def test_gateway_drops_of_every_kind_under_steady_traffic_resume_and_answer_once(
+    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
+) -> None:
+    """Five conversations with steady traffic for ~4 s while the gateway goes away three ways:
+    a close with 4000 instead of a dispatch, a TCP cut with no close frame, and an op 7
+    RECONNECT. Each time discord.py RESUMEs (the IDENTIFY count never moves), the emulator
+    replays what the bot missed, and every message is answered exactly once, in order; the
+    whole burst delivered a second time afterwards (Discord's at-least-once) changes nothing."""
+    users = add_users(emulators)
+    channels = conversations(emulators, extra=1)
+    ledger = Ledger(emulators.discord)
+    discord = emulators.discord
+    async with started_bot(spawn_bot, emulators, bot_env) as api:
+        identified, resumed = discord.identify_count, discord.resume_count
+
+        async def drops() -> list[Asked]:
+            """Drop the gateway three ways (each once the bot is back from the one before); right
+            after each drop, before the bot can be back, a user asks: only a replay delivers that."""
+            away = []
+            for n, drop in enumerate(("close", "cut", "reconnect")):
+                await asyncio.sleep(0.8)
+                before = discord.resume_count
+                if drop == "close":
+                    discord.faults.add("close", "gateway", count=1, code=4000)  # hits the next dispatch
+                elif drop == "cut":
+                    discord.cut_gateway()
+                else:
+                    await discord.send_reconnect()
+                away.append(await ledger.ask(channels[n], users[n], f"asked right after the {drop}"))
+                assert discord.resume_count == before, "resumed before the next dispatch"
+                await discord.wait_until(lambda: discord.resume_count > before, timeout=10)  # noqa: B023
+            return away
+
+        dropper = asyncio.create_task(drops())
+        await steady_traffic(ledger, channels, users, per_channel=12, gap=0.3)
+        away = await dropper
+        unsettled = await ledger.wait_settled(30)
+        assert not unsettled, [ledger.describe(a) for a in unsettled[:10]]
+        await redeliver(emulators, list(ledger.asked.values()))
+        await asyncio.sleep(1.5)  # more than a drain pass: a repeat, if answered, would show by now
+        await api.wait_queue_empty(10)
+        ready = await api.get("/ready")
+        assert ready["ready"], ready
+        assert await api.proc.terminate() == 0
+    tally = assert_promise_kept(ledger, [api.proc], allow=ALLOWED)
+    assert tally.sent == len(channels) * 12 + 3
+    for asked in away:
+        assert len(asked.answers) == 1, ledger.describe(asked)
+    assert tally.seen["answered_direct"] + tally.seen["answered_after_queue"] == tally.sent
+    assert discord.identify_count == identified, "the bot identified again instead of resuming"
+    assert discord.resume_count == resumed + 3
+    print(f"\n{tally.as_dict()}")
