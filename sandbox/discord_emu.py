@@ -39,7 +39,8 @@ optionally ``code=``/``message=`` for a Discord JSON error body, e.g. ``status=4
 ``"429"`` (params ``retry_after=0.05``, ``global=False`` (or ``global_``), ``via=True``), ``"latency"``
 (``seconds=1.0``, then served normally; with ``after=True`` served at once and only the response
 held back, like a Discord that posted the message but answers late) and ``"drop"`` (the TCP
-connection is closed unanswered).
+connection is closed unanswered; with ``after=True`` only once the request was served, like a
+Discord that posted the message but whose answer never arrived).
 Gateway fault kinds, checked when a session goes live and before each dispatch: ``"close"``
 (``code=4000``), ``"disconnect"`` (TCP cut without a close frame), ``"reconnect"`` (op 7),
 ``"invalid_session"`` (op 9, ``resumable=False``) and
@@ -729,7 +730,8 @@ class DiscordEmulator:
                 if auth and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, "401: Unauthorized", 0)
                 fault = self.faults.pick(*targets, kinds=REST_FAULT_KINDS)
-                late = fault is not None and fault.kind == "latency" and bool(fault.params.get("after"))
+                after = fault is not None and bool(fault.params.get("after"))
+                late = after and fault is not None and fault.kind in ("latency", "drop")
                 response = await self._rest_fault(request, fault, record) if fault and not late else None
                 if response is None:
                     response = await handler(request, body)
@@ -737,7 +739,11 @@ class DiscordEmulator:
                     assert fault is not None
                     record.fault = fault.kind
                     await self._notify()  # what the handler did is visible while the response waits
-                    await asyncio.sleep(_latency_seconds(fault.params))
+                    if fault.kind == "drop":
+                        if request.transport is not None:
+                            request.transport.close()  # served, but the client never hears so
+                    else:
+                        await asyncio.sleep(_latency_seconds(fault.params))
             except ApiError as exc:
                 response = _json(exc.status, {"message": exc.message, "code": exc.code}
                                  | ({"errors": exc.errors} if exc.errors else {}))

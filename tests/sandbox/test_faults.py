@@ -76,3 +76,24 @@ async def test_emulator_fails_every_third_send_on_the_wire() -> None:
                 statuses.append(r.status)
         assert statuses == [200, 200, 503, 200, 200, 503]
         assert [m.content for m in emu.sent_messages(general)] == ["m0", "m1", "m3", "m4"]
+
+
+async def test_drop_after_serves_the_request_then_cuts_the_connection() -> None:
+    """``drop`` with ``after=True``: the message is posted, but the client gets no response (a
+    resend with the same enforced nonce then returns that message instead of a second one)."""
+    plan = FaultPlan()
+    async with DiscordEmulator(faults=plan) as emu, aiohttp.ClientSession() as http:
+        general = emu.channels["general"]
+        url = f"{emu.api_base}/channels/{general}/messages"
+        auth = {"Authorization": f"Bot {emu.token}"}
+        body = {"content": "posted", "nonce": "n-1", "enforce_nonce": True}
+        plan.add("drop", "send", count=1, after=True)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.post(url, json=body, headers=auth) as r:
+                await r.read()
+        assert [m.content for m in emu.sent_messages(general)] == ["posted"]
+        assert emu.requests_for("send")[0].status is None
+        async with http.post(url, json=body, headers=auth) as r:
+            again = await r.json()
+        assert int(again["id"]) == emu.sent_messages(general)[0].id
+        assert len(emu.sent_messages(general)) == 1
