@@ -114,6 +114,11 @@ def content_of(request: RecordedRequest) -> str:
     return str(body.get("content") or "")
 
 
+def nonce_of(request: RecordedRequest) -> str | None:
+    body = request.json if isinstance(request.json, dict) else {}
+    return None if body.get("nonce") is None else str(body["nonce"])
+
+
 def answers_hit_by(emulators: Emulators, ledger: Ledger, status: int) -> list[Asked]:
     """The questions whose *answer* send got ``status`` from the emulator at least once."""
     hit = []
@@ -172,16 +177,19 @@ async def test_rest_degradation_every_third_send_and_a_send_outage_under_steady_
     spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
 ) -> None:
     """Six conversations, four users, ~20 messages a second for a few seconds; every third send
-    fails 503 throughout, and for 2 s in the middle every send does. The hard outage opens
+    fails 503 throughout, every seventh of the others is posted but its response is lost (the
+    connection drops), and for 2 s in the middle every send fails. The hard outage opens
     ``discord.send`` (the drain then holds the outbound queue), the 1-in-3 phase alone does not;
-    after healing the breaker closes, the queue empties, and every question has exactly one
-    answer, in order per conversation."""
+    an answer resent after a lost response carries the same nonce, so Discord returns the one
+    already posted. After healing the breaker closes, the queue empties, and every question has
+    exactly one answer, in order per conversation."""
     users = add_users(emulators)
     channels = conversations(emulators, extra=2)
     ledger = Ledger(emulators.discord)
     async with started_bot(spawn_bot, emulators, bot_env) as api:
         faults = emulators.discord.faults
         faults.add("503", "send", every=3)
+        faults.add("drop", "send", every=7, after=True)
         async with watching(api) as watch:
             traffic = asyncio.create_task(steady_traffic(ledger, channels, users, per_channel=8, gap=0.3))
             await asyncio.sleep(1.0)
@@ -202,7 +210,14 @@ async def test_rest_degradation_every_third_send_and_a_send_outage_under_steady_
     assert open_pending > 0, "nothing was queued while Discord refused every send"
     redelivered = answers_hit_by(emulators, ledger, 503)
     assert len(redelivered) >= 5, f"only {len(redelivered)} answers were hit by a 503"
-    print(f"\n{tally.as_dict()} redelivered={len(redelivered)} max_pending={open_pending} {watch.states}")
+    sends = emulators.discord.requests_for("send")
+    lost_responses = [r for r in sends if r.fault == "drop" and nonce_of(r) is not None]
+    assert lost_responses, "no answer was posted with its response lost"
+    for request in lost_responses:
+        resends = [r for r in sends if r.time > request.time and nonce_of(r) == nonce_of(request)]
+        assert resends, f"the answer with nonce {nonce_of(request)} was never resent"
+    print(f"\n{tally.as_dict()} redelivered={len(redelivered)} lost_responses={len(lost_responses)} "
+          f"max_pending={open_pending} {watch.states}")
 
 
 # --- 2. 429s with retry_after on send -----------------------------------------------------------
