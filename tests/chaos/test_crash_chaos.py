@@ -1,0 +1,145 @@
+"""Chaos: ``kill -9`` of the real bot process in the middle of a Gemini outage, then a restart.
+
+The promise under test: every message the bot accepted is answered exactly once, in order per
+conversation, by whichever process is alive, however the previous one died. Two instants:
+while the durable queue holds the outage's messages (all acknowledged, none answered), and
+in the middle of the drain after Gemini heals (some answered, some claimed, some waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bot.ledger import Ledger, Seen
+from tests.chaos.support import BotApi, assert_promise_kept, started_bot
+from tests.chaos.test_gemini_chaos import Watch, build_world, generate_requests, replied, settle, traffic
+from tests.integration.conftest import SpawnBot
+from tests.integration.harness import Emulators
+
+LATE = "You asked earlier"
+
+
+def outage_env(bot_env: dict[str, str]) -> dict[str, str]:
+    """One Gemini attempt per message and a quick breaker: the crash, not the retry policy, is tested."""
+    return {**bot_env, "RETRY_MAX_ATTEMPTS": "1", "BREAKER_FAIL_MAX": "3", "BREAKER_RESET_SECONDS": "1"}
+
+
+async def kill_9(api: BotApi, emulators: Emulators) -> None:
+    """SIGKILL the bot child and wait until the Discord emulator sees its gateway gone."""
+    assert api.proc.kill() == -9
+    discord = emulators.discord
+    await discord.wait_until(lambda: not discord.connected, timeout=5)
+
+
+async def stop(api: BotApi) -> None:
+    """SIGTERM once discord.py's ready event fired (see tests/integration/test_crash_restart.py)."""
+    await api.proc.wait_for_log(lambda line: line.get("event") == "bot.ready", timeout=10)
+    assert await api.proc.terminate(timeout=15) == 0
+
+
+async def run_kill_while_queued(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot, *, channels: int, count: int,
+    spacing: float, watch_after: float,
+) -> None:
+    """Gemini 503s; every message acked as queued; kill -9; heal; restart: each answered once, in order.
+
+    ``watch_after``: seconds watched once all is answered and the queue is empty, in case an
+    answer still came twice (the queue being empty already rules out most of that).
+    """
+    world = build_world(emulators, channels=channels, users=3)
+    env = outage_env(bot_env)
+    ledger = Ledger(emulators.discord, prefix="k")
+    async with started_bot(spawn_bot, emulators, env) as first:
+        emulators.gemini.faults.add("503")
+        asked = await traffic(ledger, world, count, spacing=spacing)
+        await ledger.wait_for(lambda: all(a.acks for a in asked), timeout=10)
+        assert ledger.tally().seen[Seen.QUEUED.value] == count
+        await first.wait_until(lambda: _pending_is(first, count), timeout=5)
+        await kill_9(first, emulators)
+
+    emulators.gemini.faults.clear()
+    healed = time.monotonic()
+    async with started_bot(spawn_bot, emulators, env) as second:
+        await settle(ledger, second, timeout=20)
+        elapsed = time.monotonic() - healed
+        await asyncio.sleep(watch_after)
+        tally = assert_promise_kept(ledger, [first.proc, second.proc])
+        assert tally.seen[Seen.ANSWERED_AFTER_QUEUE.value] == count, tally
+        assert all(a.answers[0].content.startswith(LATE) and len(a.acks) == 1 for a in asked), [
+            ledger.describe(a) for a in asked
+        ]
+        await stop(second)
+    print(f"kill while queued: {count} messages answered {elapsed:.2f} s after heal (incl. restart)")
+
+
+async def _pending_is(api: BotApi, count: int) -> bool:
+    queue = (await api.queue())["queue"]
+    return queue is not None and queue["pending"] == count
+
+
+@pytest.mark.timeout(30)
+async def test_kill_9_while_the_outage_queue_holds_messages_then_restart_answers_each_once(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """Fast subset: Gemini 503s, 8 messages in 4 channels all acked and queued; kill -9; Gemini
+    heals; a new process answers each message exactly once, in order, as a late answer."""
+    await run_kill_while_queued(
+        emulators, bot_env, spawn_bot, channels=4, count=8, spacing=0.05, watch_after=0.0
+    )
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+async def test_kill_9_mid_outage_under_steady_traffic_then_restart_answers_each_once(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """Gemini 503s while 40 messages arrive over 4 s in 10 channels; all acked and queued; kill -9;
+    Gemini heals; a new process answers each of them exactly once, in order."""
+    await run_kill_while_queued(
+        emulators, bot_env, spawn_bot, channels=10, count=40, spacing=0.1, watch_after=1.1
+    )
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+async def test_kill_9_during_the_drain_after_heal_then_restart_answers_the_rest_once(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """Gemini 503s; 30 messages in 6 channels queued; Gemini heals but is slow (0.4 s a call), so
+    the drain takes a while; kill -9 once some but not all are answered (others claimed, in
+    flight); restart: the rest are answered, none twice, all in order."""
+    gemini = emulators.gemini
+    world = build_world(emulators, channels=6, users=3)
+    env = outage_env(bot_env)
+    ledger = Ledger(emulators.discord, prefix="m")
+    count = 30
+    async with started_bot(spawn_bot, emulators, env) as first:
+        async with Watch(first) as watch:
+            gemini.faults.add("503")
+            asked = await traffic(ledger, world, count, spacing=0.05)
+            await ledger.wait_for(lambda: all(a.acks for a in asked), timeout=10)
+            assert watch.saw("gemini", "open"), watch.states
+
+            gemini.faults.clear()
+            gemini.faults.add("latency", value=0.4)
+            healed = time.monotonic()
+            await ledger.wait_for(lambda: sum(bool(a.answers) for a in asked) >= count // 3, timeout=20)
+        # Gemini is working on some of the rest right now: they die with the process.
+        in_flight = [r for r in generate_requests(emulators, healed) if r.outcome == "fault:latency"]
+        await kill_9(first, emulators)
+        answered_before = sum(bool(a.answers) for a in asked)
+        assert count // 3 <= answered_before < count, answered_before
+        assert in_flight
+
+    gemini.faults.clear()
+    async with started_bot(spawn_bot, emulators, env) as second:
+        await settle(ledger, second, timeout=30)
+        await asyncio.sleep(1.1)  # one drain interval more: nothing is answered a second time
+        tally = assert_promise_kept(ledger, [first.proc, second.proc])
+        assert tally.seen[Seen.ANSWERED_AFTER_QUEUE.value] == count, tally
+        assert all(replied([a]) and len(a.acks) == 1 for a in asked)
+        await stop(second)
+    print(f"kill during drain: {answered_before} of {count} answered before the kill, the rest after")
