@@ -9,6 +9,8 @@ with the queue position; permanent -> a clear sentence; a bug -> an apology with
 Acceptance is the durable point of no return: ``storage.accept`` records the message id as
 processed and stores the work item in one transaction, so after ``kill -9`` the drain finds
 it (its lease runs out) and answers it, and a replayed gateway event is never answered twice.
+A live message is accepted with ``accept_with_history``: the same transaction also reads the
+history to answer with, when the message is next in its conversation.
 """
 
 from __future__ import annotations
@@ -205,7 +207,14 @@ class MessagePipeline:
             return "rate_limited"
 
         try:
-            item = await self.accept(inbound, claim=True, extra={"attachments": bool(message.attachments)})
+            accepted = await app.storage.accept_with_history(
+                inbound.message_id,
+                ItemKind.INBOUND,
+                inbound.key,
+                inbound.payload(attachments=bool(message.attachments)),
+                now=app.clock.time(),
+                lease_seconds=self._lease_seconds(),
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -213,18 +222,24 @@ class MessagePipeline:
             verdict = classify(exc)
             log.warning("pipeline.accept_failed", category=verdict.category.value)
             return await self._answer_unsaved(message, inbound)
-        if item is None:
+        if accepted is None:
             return "ignored_duplicate"
+        item, history = accepted
         if item.state is ItemState.PENDING:
             # The conversation already has queued messages: this one waits its turn behind them.
             await self._ack_busy(message, item)
             return "queued"
 
+        if app.mutex.locked(inbound.key):
+            # Someone holds the conversation (an older message, a /reset): the history read at
+            # acceptance may be stale by the time we get it, so read it again under the mutex.
+            history = None
         try:
             async with app.mutex.acquire(
                 inbound.key, cfg.mutex_acquire_timeout_seconds, holder=str(message.id)
             ):
-                history = await app.storage.history_if_next(inbound.key, item.id)
+                if history is None:
+                    history = await app.storage.history_if_next(inbound.key, item.id)
                 if history is None:  # an older message of this conversation goes first
                     await self.requeue(item, "behind queued messages", count_attempt=False)
                     await self._ack_busy(message, item)
@@ -467,16 +482,20 @@ class MessagePipeline:
 
     async def accept(self, inbound: Inbound, *, claim: bool, extra: dict[str, Any]) -> QueueItem | None:
         """Accept a message durably (see ``SqliteStore.accept``); None when it was seen before."""
-        cfg = self.app.config
         return await self.app.storage.accept(
             inbound.message_id,
             ItemKind.INBOUND,
             inbound.key,
             inbound.payload(**extra),
             now=self.app.clock.time(),
-            lease_seconds=cfg.processing_timeout_seconds + cfg.mutex_acquire_timeout_seconds + LEASE_MARGIN,
+            lease_seconds=self._lease_seconds(),
             claim=claim,
         )
+
+    def _lease_seconds(self) -> float:
+        """How long a claim outlives a crash: the longest the holder may wait and work, plus a margin."""
+        cfg = self.app.config
+        return cfg.processing_timeout_seconds + cfg.mutex_acquire_timeout_seconds + LEASE_MARGIN
 
     async def _answer_unsaved(self, message: discord.Message, inbound: Inbound) -> str:
         """Storage is down: try to answer live without a durable record, or say clearly why not."""

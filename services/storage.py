@@ -88,6 +88,18 @@ _QUEUE_COLUMNS = (
 )
 
 
+# Acceptance's insert: claimed (with a lease) when asked and the conversation has nothing
+# pending, else pending; the last column says whether no older item is pending or claimed.
+_ACCEPT_SQL = f"""INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at,
+        next_attempt_at, lease_until, dedup_key)
+    SELECT :kind, :key, :payload, CASE WHEN b.wait THEN 'pending' ELSE 'claimed' END, 0, :now,
+        :now, CASE WHEN b.wait THEN NULL ELSE :lease_until END, :dedup
+    FROM (SELECT NOT :claim OR EXISTS (SELECT 1 FROM queue WHERE conversation_key = :key
+        AND state = 'pending') AS wait) AS b
+    RETURNING {_QUEUE_COLUMNS}, NOT EXISTS (SELECT 1 FROM queue AS o WHERE o.conversation_key = :key
+        AND o.state IN ('pending', 'claimed') AND o.id < queue.id)"""
+
+
 class StorageError(Exception):
     """Root of the store's own errors."""
 
@@ -726,43 +738,77 @@ class SqliteStore:
         caller (with a lease, so a crash hands it to the drain) when ``claim`` and the
         conversation has nothing pending; otherwise it waits, pending, behind its conversation.
         """
-        kind = ItemKind(kind)
-        encoded = json.dumps(payload, separators=(",", ":"))
+        accepted = await self._accept(
+            message_id, kind, conversation_key, payload,
+            now=now, lease_seconds=lease_seconds, claim=claim, with_history=False,
+        )
+        return None if accepted is None else accepted[0]
 
-        async def body(db: aiosqlite.Connection) -> QueueItem | None:
+    async def accept_with_history(
+        self,
+        message_id: str | int,
+        kind: ItemKind,
+        conversation_key: str,
+        payload: dict[str, Any],
+        *,
+        now: float,
+        lease_seconds: float,
+    ) -> tuple[QueueItem, list[Turn] | None] | None:
+        """``accept(claim=True)`` that also reads the history for answering, in the same transaction.
+
+        Returns None for a replay, else ``(item, history)``. ``history`` is what
+        ``history_if_next`` would return right after acceptance: the conversation's history
+        when the item is next in it (claimed, no older item pending or claimed), else None
+        (ask ``history_if_next`` again under the conversation's mutex). One transaction
+        instead of two saves the answer path a round trip to the database thread.
+        """
+        return await self._accept(
+            message_id, kind, conversation_key, payload,
+            now=now, lease_seconds=lease_seconds, claim=True, with_history=True,
+        )
+
+    async def _accept(
+        self,
+        message_id: str | int,
+        kind: ItemKind,
+        conversation_key: str,
+        payload: dict[str, Any],
+        *,
+        now: float,
+        lease_seconds: float,
+        claim: bool,
+        with_history: bool,
+    ) -> tuple[QueueItem, list[Turn] | None] | None:
+        args = {
+            "kind": ItemKind(kind).value,
+            "key": conversation_key,
+            "payload": json.dumps(payload, separators=(",", ":")),
+            "now": now,
+            "lease_until": now + lease_seconds,
+            "claim": claim,
+            "dedup": f"msg:{message_id}",
+        }
+
+        async def body(db: aiosqlite.Connection) -> tuple[QueueItem, list[Turn] | None] | None:
             cur = await db.execute(
                 "INSERT OR IGNORE INTO processed (message_id, processed_at) VALUES (?, ?)",
                 (str(message_id), now),
             )
             if cur.rowcount != 1:
                 return None
-            backlog = (
-                await _one(
-                    db,
-                    "SELECT 1 FROM queue WHERE conversation_key = ? AND state = 'pending' LIMIT 1",
-                    (conversation_key,),
-                )
-                is not None
-            )
-            claimed = claim and not backlog
-            cur = await db.execute(
-                "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
-                "next_attempt_at, lease_until, dedup_key) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
-                (
-                    kind.value,
-                    conversation_key,
-                    encoded,
-                    "claimed" if claimed else "pending",
-                    now,
-                    now,
-                    now + lease_seconds if claimed else None,
-                    f"msg:{message_id}",
-                ),
-            )
-            assert cur.lastrowid is not None
-            return await self._get(db, cur.lastrowid)
+            # One statement decides the state (claimed unless the conversation has a backlog),
+            # inserts, and says whether the item is next (no older item pending or claimed).
+            row = await _one(db, _ACCEPT_SQL, args)
+            assert row is not None
+            item = _item(row)
+            if not with_history or item.state is not ItemState.CLAIMED or not row[-1]:
+                return item, None
+            return item, await self._newest_turns(db, conversation_key)
 
-        return await self._run("accept", body)
+        accepted = await self._run("accept", body)
+        if accepted is None or accepted[1] is None:
+            return accepted
+        return accepted[0], self._bounded(accepted[1])
 
     async def requeue(
         self,

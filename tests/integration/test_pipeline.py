@@ -312,3 +312,21 @@ async def test_ten_messages_in_one_conversation_are_answered_in_order(live: Live
     answers = [m for m in live.sent() if not m.content.startswith(ACK_MARK)]
     numbers = [int(re.search(r"number (\d)", m.content).group(1)) for m in answers]  # type: ignore[union-attr]
     assert numbers == list(range(10))
+
+
+async def test_a_message_accepted_while_its_conversation_is_held_is_answered_with_the_history_after_it(
+    live: Live,
+) -> None:
+    """The history read at acceptance is not used if someone held the conversation meanwhile: a
+    /reset that forgets the history while the message waits for the mutex is honoured."""
+    first = await live.say("hello")
+    await live.wait_replies(first["id"])
+    key = str(live.general)
+    async with live.app.mutex.acquire(key, 1.0, holder="test-reset"):
+        waiting = await live.say("what did I say")
+        async with asyncio.timeout(5):
+            while not any(i.dedup_key == f"msg:{waiting['id']}" for i in await live.app.storage.list()):
+                await asyncio.sleep(0.01)
+        assert await live.app.storage.forget(key) == 2  # what /reset does, under the mutex
+    [answer] = await live.wait_replies(waiting["id"])
+    assert "saw 0 earlier turns" in answer.content

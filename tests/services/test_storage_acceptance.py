@@ -66,6 +66,56 @@ async def test_history_if_next_refuses_while_an_older_item_is_pending_or_claimed
     assert history is not None and [(t.role, t.text) for t in history] == [("user", "q1"), ("model", "a1")]
 
 
+async def accept_with_history(  # type: ignore[no-untyped-def]
+    store: SqliteStore, message_id: int, key: str = "c1"
+):
+    return await store.accept_with_history(
+        message_id, IN, key, {"m": message_id}, now=T0, lease_seconds=LEASE
+    )
+
+
+async def test_accept_with_history_returns_the_history_when_the_item_is_next(store: SqliteStore) -> None:
+    """Claimed and next in its conversation: the history comes back from the acceptance itself,
+    bounded like ``history``, and the item is stored and marked processed like ``accept`` does."""
+    first = await accept(store, 1)
+    assert first is not None
+    await store.finish(first.id, key="c1", turns=[("user", "q1", 1), ("model", "a1", None)])
+    accepted = await accept_with_history(store, 2)
+    assert accepted is not None
+    item, history = accepted
+    assert item.state is ItemState.CLAIMED and item.lease_until == T0 + LEASE and item.dedup_key == "msg:2"
+    assert history is not None and [(t.role, t.text) for t in history] == [("user", "q1"), ("model", "a1")]
+    assert history == await store.history_if_next("c1", item.id)
+    assert await store.is_processed(2) and await store.get(item.id) == item
+    assert await accept_with_history(store, 2) is None  # a replay
+
+
+async def test_accept_with_history_gives_none_when_an_older_item_is_pending_or_claimed(
+    store: SqliteStore,
+) -> None:
+    """Not next: no history (the caller asks history_if_next under the mutex), in both cases."""
+    older = await accept(store, 1)  # claimed, being answered
+    accepted = await accept_with_history(store, 2)
+    assert older is not None and accepted is not None
+    assert accepted[0].state is ItemState.CLAIMED and accepted[1] is None
+    await store.finish(older.id, key="c1")
+    queued = await accept(store, 3, key="c2", claim=False)  # a backlog in another conversation
+    behind = await accept_with_history(store, 4, key="c2")
+    assert queued is not None and behind is not None
+    assert behind[0].state is ItemState.PENDING and behind[1] is None
+    fresh = await accept_with_history(store, 5, key="c3")
+    assert fresh is not None and fresh[1] == []  # next in an empty conversation: empty history
+
+
+async def test_accept_with_history_is_bounded_like_history(tmp_path: Path) -> None:
+    """The character bound applies to the history read at acceptance too."""
+    async with SqliteStore(tmp_path / "b.sqlite3", history_max_messages=3, history_max_chars=10) as s:
+        await s.append_turns("c1", [("user", "aaaa", 1), ("model", "bbbb", None), ("user", "cccc", 2)])
+        accepted = await accept_with_history(s, 9)
+        assert accepted is not None and accepted[1] is not None
+        assert [t.text for t in accepted[1]] == ["bbbb", "cccc"] == [t.text for t in await s.history("c1")]
+
+
 async def test_finish_marks_done_and_stores_the_exchange_in_one_step(store: SqliteStore) -> None:
     item = await accept(store, 1)
     assert item is not None
