@@ -141,18 +141,22 @@ async def _connected(bot: discord.Client, dc: DiscordEmulator) -> AsyncIterator[
         await asyncio.wait_for(connecting, READY_TIMEOUT)
 
 
-async def round_trips(dc: DiscordEmulator, n: int, *, warmup: int = WARMUP) -> list[float]:
-    """Seconds per sequential round trip (user mention in #general -> the bot's reply recorded)."""
+async def round_trips(dc: DiscordEmulator, n: int, *, warmup: int = WARMUP) -> tuple[list[float], float]:
+    """Seconds per sequential round trip (user mention in #general -> the bot's reply recorded),
+    and the process CPU seconds the measured ones took (bot, emulators and SQLite's thread)."""
     channel = dc.channels["general"]
     latencies: list[float] = []
+    cpu_started = 0.0
     for i in range(warmup + n):
+        if i == warmup:
+            cpu_started = time.process_time()
         replies = len(dc.sent_messages(channel))
         started = time.perf_counter()
         await dc.send_user_message(channel, "normal", "hello", mentions_bot=True)
         await dc.wait_for_bot_message(channel, count=replies + 1, timeout=ROUND_TRIP_TIMEOUT)
         if i >= warmup:
             latencies.append(time.perf_counter() - started)
-    return latencies
+    return latencies, time.process_time() - cpu_started
 
 
 def stranger_message(bot: discord.Client, dc: DiscordEmulator) -> discord.Message:
@@ -259,11 +263,11 @@ async def measure_bare(n: int, *, history: bool, warmup: int = WARMUP) -> dict[s
         try:
             with _discord_pointed_at(dc):
                 async with _connected(bot, dc):
-                    latencies = await round_trips(dc, n, warmup=warmup)
+                    latencies, cpu = await round_trips(dc, n, warmup=warmup)
                     not_for_bot = await fast_exit_us(on_message, stranger_message(bot, dc))
         finally:
             await gemini.aio.aclose()
-    return {"latencies": latencies, "not_for_bot_us": not_for_bot}
+    return {"latencies": latencies, "cpu_s": cpu, "not_for_bot_us": not_for_bot}
 
 
 async def measure_pipeline(n: int, *, warmup: int = WARMUP, **overrides: str) -> dict[str, Any]:
@@ -277,9 +281,9 @@ async def measure_pipeline(n: int, *, warmup: int = WARMUP, **overrides: str) ->
             bot = GeminiBot(app, guild_ready_timeout=0.05)
             with _discord_pointed_at(dc):
                 async with _connected(bot, dc):
-                    latencies = await round_trips(dc, n, warmup=warmup)
+                    latencies, cpu = await round_trips(dc, n, warmup=warmup)
                     not_for_bot = await fast_exit_us(bot.on_message, stranger_message(bot, dc))
-    return {"latencies": latencies, "not_for_bot_us": not_for_bot}
+    return {"latencies": latencies, "cpu_s": cpu, "not_for_bot_us": not_for_bot}
 
 
 def _measurer(variant: str) -> Callable[[int], Awaitable[dict[str, Any]]]:
@@ -299,17 +303,20 @@ async def _measure(n: int, rounds: int) -> dict[str, Any]:
     """Every variant, ``n`` round trips each, in ``rounds`` interleaved rounds."""
     rounds = max(1, min(rounds, n))
     latencies: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, float] = {v: 0.0 for v in VARIANTS}
     not_for_bot: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
         share = n // rounds + (1 if r < n % rounds else 0)
         for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]:
             result = await _measurer(variant)(share)
             latencies[variant] += result["latencies"]
+            cpu[variant] += result["cpu_s"]
             not_for_bot[variant].append(result["not_for_bot_us"])
     figures: dict[str, Any] = {"n": n, "rounds": rounds, "warmup_per_round": WARMUP}
     for variant in VARIANTS:
         figures[variant] = {
             "round_trip": _stats(latencies[variant]),
+            "cpu_ms_per_round_trip": cpu[variant] / n * 1000,
             "not_for_bot_us": statistics.median(not_for_bot[variant]),
         }
     return figures
@@ -363,6 +370,10 @@ def run(quick: bool = False, n: int | None = None, rounds: int | None = None) ->
                         "pipeline, history off, added vs bare bot, no history (info)")):
         other = figures["added"][key]
         rows.append(_row(f"{label}", other["ms"], "ms", "", f"{other['percent']:.0f}%"))
+    for variant, against in ((PIPELINE, BARE), (PIPELINE_NO_HISTORY, BARE_NO_HISTORY)):
+        rows.append(_row(f"process CPU per round trip, {LABELS[variant]} (info)",
+                         figures[variant]["cpu_ms_per_round_trip"], "ms", "",
+                         figures[against]["cpu_ms_per_round_trip"]))
     rows.append(_row("message not for the bot", figures[PIPELINE]["not_for_bot_us"], "us/message",
                      f"< {FAST_EXIT_TARGET_US:g}", figures[BARE]["not_for_bot_us"]))
     figures["summary"] = rows
