@@ -42,12 +42,14 @@ async def stop(api: BotApi) -> None:
 
 async def run_kill_while_queued(
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot, *, channels: int, count: int,
-    spacing: float, watch_after: float,
+    spacing: float, watch_after: float, down_after_restart: float = 0.0,
 ) -> None:
     """Gemini 503s; every message acked as queued; kill -9; heal; restart: each answered once, in order.
 
     ``watch_after``: seconds watched once all is answered and the queue is empty, in case an
     answer still came twice (the queue being empty already rules out most of that).
+    ``down_after_restart``: Gemini stays down that long after the new process is ready; its
+    drain meets the outage again and must neither answer nor acknowledge anything a second time.
     """
     world = build_world(emulators, channels=channels, users=3)
     env = outage_env(bot_env)
@@ -60,9 +62,21 @@ async def run_kill_while_queued(
         await first.wait_until(lambda: _pending_is(first, count), timeout=5)
         await kill_9(first, emulators)
 
-    emulators.gemini.faults.clear()
+    if not down_after_restart:
+        emulators.gemini.faults.clear()
     healed = time.monotonic()
     async with started_bot(spawn_bot, emulators, env) as second:
+        if down_after_restart:
+            restarted = time.monotonic()
+            await asyncio.sleep(down_after_restart)
+            probes = generate_requests(emulators, restarted)
+            assert probes, "the new process never tried the queued messages while Gemini was down"
+            assert all(r.outcome == "fault:503" for r in probes)
+            assert (await second.breakers())["gemini"] != "closed"
+            assert ledger.tally().seen[Seen.QUEUED.value] == count
+            assert all(len(a.acks) == 1 for a in asked), "acknowledged again after the restart"
+            emulators.gemini.faults.clear()
+            healed = time.monotonic()
         await settle(ledger, second, timeout=20)
         elapsed = time.monotonic() - healed
         await asyncio.sleep(watch_after)
@@ -72,7 +86,8 @@ async def run_kill_while_queued(
             ledger.describe(a) for a in asked
         ]
         await stop(second)
-    print(f"kill while queued: {count} messages answered {elapsed:.2f} s after heal (incl. restart)")
+    restart = "after the restart" if down_after_restart else "including the restart"
+    print(f"kill while queued: {count} messages answered {elapsed:.2f} s after heal, {restart}")
 
 
 async def _pending_is(api: BotApi, count: int) -> bool:
@@ -97,9 +112,11 @@ async def test_kill_9_mid_outage_under_steady_traffic_then_restart_answers_each_
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:
     """Gemini 503s while 40 messages arrive over 4 s in 10 channels; all acked and queued; kill -9;
-    Gemini heals; a new process answers each of them exactly once, in order."""
+    a new process starts while Gemini is still down (its drain meets the outage: no answer, no
+    second acknowledgement); Gemini heals; each message is answered exactly once, in order."""
     await run_kill_while_queued(
-        emulators, bot_env, spawn_bot, channels=10, count=40, spacing=0.1, watch_after=1.1
+        emulators, bot_env, spawn_bot, channels=10, count=40, spacing=0.1, watch_after=1.1,
+        down_after_restart=3.0,
     )
 
 

@@ -275,6 +275,42 @@ async def test_gemini_hangs_past_the_timeout_are_answered_or_queued_and_nothing_
     print(f"hang figures: {tally.as_dict()}")
 
 
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+async def test_two_busy_conversations_under_gemini_timeouts_are_answered_in_order(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """Half of Gemini's calls take 1.5 s against a 1 s timeout while two users each fire 10
+    messages into one conversation within 2 s: messages wait for the conversation's lock, time
+    out on it (1 s) and are queued behind the others. Every message is still answered exactly
+    once, in the order it was asked, and nobody is turned away."""
+    gemini = emulators.gemini
+    world = build_world(emulators, channels=2, users=2)
+    env = {
+        **bot_env,
+        "GEMINI_TIMEOUT_SECONDS": "1",
+        "PROCESSING_TIMEOUT_SECONDS": "3",
+        "MUTEX_ACQUIRE_TIMEOUT_SECONDS": "1",
+        "RETRY_MAX_ATTEMPTS": "2",
+        "BREAKER_FAIL_MAX": "50",  # the lock and the queue are under test, not the breaker
+    }
+    ledger = Ledger(emulators.discord, prefix="b")
+    async with started_bot(spawn_bot, emulators, env) as api:
+        slow = gemini.faults.add("latency", probability=0.5, seconds=1.5)
+        asked = await traffic(ledger, world, 20, spacing=0.1, text="busy")
+        await ledger.wait_for(lambda: replied(asked), timeout=10)
+        assert_heard_within(ledger, asked, 6.0)
+        busy = [a for a in asked if a.acks and "still working on earlier messages" in a.acks[0].content]
+        assert busy, "no message waited behind another in its conversation"
+        assert slow.hits > 0
+        await settle(ledger, api, timeout=60)
+        gemini.faults.clear()
+        tally = assert_promise_kept(ledger, [api.proc])
+        assert tally.seen[Seen.TOLD_WHY.value] == 0, tally
+        assert await api.proc.terminate() == 0
+    print(f"busy conversations: {len(busy)} queued behind others; {tally.as_dict()}")
+
+
 # --- 429 storm ----------------------------------------------------------------------------------
 
 SHORT_DELAY = 0.6  # under RETRY_HINT_CAP_SECONDS (2 in the test settings): retried in place
