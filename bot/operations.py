@@ -50,6 +50,12 @@ MAX_NOTICE_CHARS = 1800  # the maintenance notice is sent as one Discord message
 PREVIEW_CHARS = 40
 RECONNECT_CLOSE_CODE = 4000  # discord.py treats 4000 as resumable: it reconnects and RESUMEs
 RECONNECT_CLOSE_TIMEOUT = 5.0
+# What waits on which breaker: questions on Gemini, answers on Discord (see bot/drain.py).
+WAITS_ON = {"gemini": ItemKind.INBOUND, "discord.send": ItemKind.OUTBOUND}
+# A circuit reset makes due now the items waiting longer than this; nearer ones come soon anyway,
+# and the drain may claim those at any moment (a claimed item must never be requeued under it).
+RESCHEDULE_MARGIN = 60.0
+RESCHEDULE_LIMIT = 10_000
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -308,9 +314,38 @@ class Operations:
         removed = [n for n in names if n in persisted]
         if removed:
             await self.app.datastore.update("breakers", drop)
+        rescheduled = await self._make_due(names)
         self.app.drain_wake()
-        _log("circuit_reset", by, target=name, reset=names, overrides_removed=removed)
+        _log("circuit_reset", by, target=name, reset=names, overrides_removed=removed, made_due=rescheduled)
         return CircuitReset(reset=names, overrides_removed=removed)
+
+    async def _make_due(self, names: list[str]) -> int:
+        """Pending items waiting on the reset breakers become due now; return how many.
+
+        A message queued on an exhausted daily quota waits until the quota resets, hours away:
+        an operator who resets the circuit (after raising the quota) means "try now". Items due
+        within ``RESCHEDULE_MARGIN`` are left alone: the drain cannot claim the others meanwhile,
+        so no item is requeued while claimed. A storage failure only skips this (logged).
+        """
+        kinds = {WAITS_ON[n] for n in names if n in WAITS_ON}
+        if not kinds:
+            return 0
+        storage = self.app.storage
+        now = self.app.clock.time()
+        moved = 0
+        try:
+            for item in await storage.list(ItemState.PENDING, limit=RESCHEDULE_LIMIT):
+                if item.kind in kinds and item.next_attempt_at > now + RESCHEDULE_MARGIN:
+                    await storage.requeue(
+                        item.id, error=item.last_error or "circuit reset", next_attempt_at=now,
+                        count_attempt=False,
+                    )
+                    moved += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("admin.reschedule_failed", moved=moved, category=classify(exc).category.value)
+        return moved
 
     async def circuit_open(
         self,
