@@ -22,7 +22,7 @@ from resilience.breakers import BreakerState
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import MutexTimeoutError, classify
-from resilience.tasks import SupervisedTask
+from resilience.tasks import SupervisedTask, exponential_backoff
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -32,6 +32,10 @@ log = structlog.get_logger("bot.drain")
 HISTORY_LOOKBACK = 50
 HOUSEKEEPING_EVERY = 600.0  # seconds between purges of finished items and old processed ids
 PROCESSED_RETENTION = 7 * 86400.0  # Discord replays only recent events; a week is ample
+# A failed run means storage failed (the breakers keep Gemini and Discord outages out of it). With an
+# open storage breaker a run costs one rejected call, and the drain is what probes the breaker
+# when no user writes: a long backoff would leave the queue waiting long after storage is back.
+FAILURE_BACKOFF_CAP = 5.0
 
 
 class Drain:
@@ -48,6 +52,7 @@ class Drain:
             self.run_once,
             interval=interval,
             run_timeout=self.lease,
+            backoff=exponential_backoff(base=interval, cap=max(interval, FAILURE_BACKOFF_CAP)),
             max_consecutive_failures=1_000_000,  # the drain must never give up for good
             clock=app.clock,
         )
