@@ -26,7 +26,7 @@ from services.config import Config
 from services.datastore import DataStore, DataStoreService
 from services.discord_io import DiscordIO
 from services.gemini import GeminiService
-from services.http_api import HealthSources, HttpApi, LatencyWindow
+from services.http_api import BoundedCache, HealthSources, HttpApi, LatencyWindow
 from services.metrics import Metrics
 from services.storage import SqliteStore
 
@@ -184,6 +184,7 @@ def build_application(
         config.user_rate_limit_per_minute, config.guild_rate_limit_per_minute, clock=clock
     )
     message_latency = LatencyWindow(maxlen=1000)
+    max_keys = ratelimiter.status()["max_keys"]
     http_api = HttpApi(
         HealthSources(
             clock=clock,
@@ -192,7 +193,13 @@ def build_application(
             degradation=degradation,
             queue=storage,
             message_latency=message_latency,
-            caches={"mutex_keys": lambda: len(mutex), "traces": lambda: len(traces.recent())},
+            caches={
+                "mutex_keys": BoundedCache(lambda: len(mutex), mutex.max_idle_keys),
+                "traces": BoundedCache(lambda: len(traces.recent()), traces.max_traces),
+                "message_latency": BoundedCache(lambda: len(message_latency), message_latency.maxlen),
+                "rate_limit_users": BoundedCache(lambda: ratelimiter.status()["users_tracked"], max_keys),
+                "rate_limit_guilds": BoundedCache(lambda: ratelimiter.status()["guilds_tracked"], max_keys),
+            },
         ),
         host=config.http_host,
         port=config.http_port,

@@ -152,6 +152,7 @@ class TraceCollector:
     ) -> None:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.slow_threshold = slow_threshold
+        self.max_traces = max_traces
         self._recent: deque[TraceRecord] = deque(maxlen=max_traces)
         # Kept apart so a burst of fast traffic does not push the slow traces out.
         self._slow: deque[TraceRecord] = deque(maxlen=max_traces)

@@ -106,6 +106,11 @@ class KeyedMutex:
     def __len__(self) -> int:
         return len(self._slots)
 
+    @property
+    def max_idle_keys(self) -> int:
+        """How many keys are kept at most, not counting keys held or awaited (never evicted)."""
+        return self._max_idle_keys
+
     def status(self) -> list[LockStatus]:
         """The held or awaited keys, longest held first."""
         now = self._clock.monotonic()

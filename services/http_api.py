@@ -108,6 +108,11 @@ class LatencyWindow:
     def __len__(self) -> int:
         return len(self._samples)
 
+    @property
+    def maxlen(self) -> int:
+        """How many samples the window keeps."""
+        return self._samples.maxlen or 0
+
     def percentiles(self) -> dict[str, float | int | None]:
         """``{"count", "p50", "p95", "p99", "max"}`` in seconds (nearest rank; None when empty)."""
         ordered = sorted(self._samples)
@@ -126,6 +131,17 @@ class LatencyWindow:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class BoundedCache:
+    """A cache's size reader that also knows the cache's bound; the memory view shows both."""
+
+    size: Callable[[], int]
+    bound: int
+
+    def __call__(self) -> int:
+        return self.size()
+
+
 @dataclass
 class HealthSources:
     """Everything the health views and ``/ready`` read, injected by the application builder.
@@ -133,7 +149,8 @@ class HealthSources:
     ``registry`` and ``discord_connected`` may be set after construction (the registry holds
     the API itself). ``message_latency`` / ``gemini_latency``: recent-sample windows; while one
     is empty its percentiles are estimated from the Prometheus histogram instead. ``caches``:
-    name -> a callable returning the cache's current size, for the memory view.
+    name -> a callable returning the cache's current size, for the memory view (a
+    :class:`BoundedCache` also gives the most entries the cache may hold).
     """
 
     clock: Clock
@@ -506,7 +523,10 @@ class HttpApi:
         caches: list[dict[str, Any]] = []
         for name, size in self.sources.caches.items():
             try:
-                caches.append({"name": name, "size": int(size())})
+                row: dict[str, Any] = {"name": name, "size": int(size())}
+                if isinstance(size, BoundedCache):
+                    row["bound"] = size.bound
+                caches.append(row)
             except Exception as exc:
                 caches.append({"name": name, "size": None, "error": type(exc).__name__})
         caches.sort(key=lambda c: -1 if c["size"] is None else c["size"], reverse=True)
