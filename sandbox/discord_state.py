@@ -76,8 +76,10 @@ class World:
         self.guild_id = self.snowflake()
         self.guild_name = "Sandbox"
         self.users: dict[str, UserRecord] = {}
+        self._by_id: dict[int, UserRecord] = {}  # a lookup cache: tests add 10,000 users
         self.bot = self._add_user("bot", bot_name, bot=True)
         self.bot.id = self.application_id  # a bot user's id is its application's id
+        self._by_id[self.bot.id] = self.bot
         self.users["bot"] = self.bot
         self.admin_role_id = self.snowflake()
         self.bot_role_id = self.snowflake()
@@ -123,6 +125,7 @@ class World:
     ) -> UserRecord:
         user = UserRecord(self.snowflake(), username, bot, list(roles or []))
         self.users[key] = user
+        self._by_id[user.id] = user
         return user
 
     def add_member(self, key: str, username: str, *, admin: bool = False) -> int:
@@ -155,8 +158,12 @@ class World:
         """Look a user up by key (``"admin"``) or id."""
         if isinstance(who, str):
             return self.users[who]
+        cached = self._by_id.get(who)
+        if cached is not None and cached.id == who:  # ids may be reassigned (the bot's is)
+            return cached
         for user in self.users.values():
             if user.id == who:
+                self._by_id[who] = user
                 return user
         raise KeyError(who)
 
