@@ -5,7 +5,8 @@ directory, fsync, ``os.replace``, fsync of the directory) and keeps the previous
 as ``<name>.json.bak`` and as a timestamped copy under ``<data_dir>/backups/`` (the last N
 superseded versions, so "file, .bak, newest backup" runs newest to oldest). A file that is
 missing, unreadable, not JSON or invalid is moved to ``<data_dir>/quarantine/`` and the state
-comes back from the ``.bak``, then the newest valid backup, then the defaults; the source that
+comes back from the ``.bak``, then (in a running process's ``recover``) the state it last
+committed, then the newest valid backup, then the defaults; the source that
 served is logged, counted and reported through ``on_event``. Falling back to the defaults
 because everything was corrupt is an alert, never silent.
 
@@ -38,6 +39,7 @@ T = TypeVar("T")
 SOURCE_FILE = "file"
 SOURCE_BAK = "bak"
 SOURCE_BACKUP = "backup"
+SOURCE_MEMORY = "memory"  # the running process's last committed state (recover() only)
 SOURCE_DEFAULTS = "defaults"
 
 _STAMP_FORMAT = "%Y%m%dT%H%M%S.%f"
@@ -386,11 +388,15 @@ class DataStore:
             self._commit(name, payload, previous=self._good_bytes[name])
 
     def recover(self, name: str) -> RecoveryReport:
-        """Forget the cached state and reload ``name`` from the best valid source."""
+        """Forget the cached state and reload ``name`` from the best valid source.
+
+        When the file and its ``.bak`` are both bad, the state this process last committed
+        (source ``memory``) comes before the timestamped backups: it is newer than any of them.
+        """
         self._spec(name)
         with self._locks[name]:
-            self._good_bytes.pop(name, None)
-            return self._load_locked(name)
+            committed = self._good_bytes.pop(name, None)
+            return self._load_locked(name, committed=committed)
 
     def validate(self, name: str | None = None) -> list[ValidationReport]:
         """Check the files on disk as they are now, without changing anything."""
@@ -443,8 +449,12 @@ class DataStore:
 
     # loading and recovery
 
-    def _load_locked(self, name: str) -> RecoveryReport:
-        """Find the best valid source, quarantine bad primaries, write recovered state back."""
+    def _load_locked(self, name: str, *, committed: bytes | None = None) -> RecoveryReport:
+        """Find the best valid source, quarantine bad primaries, write recovered state back.
+
+        ``committed`` is the state this process last committed; it serves after the file and
+        the ``.bak`` and before the backups (which hold only superseded versions).
+        """
         spec = self._spec(name)
         self._remove_stale_temps(name)
         problems: list[str] = []
@@ -465,6 +475,8 @@ class DataStore:
                     moved = self._quarantine(name, path, label)
                     if moved is not None:
                         quarantined.append(moved)
+        if data is None and committed is not None:
+            data, source = json.loads(committed), SOURCE_MEMORY
         if data is None:
             for path, _ in self._backup_paths(name):
                 anything_existed = True
