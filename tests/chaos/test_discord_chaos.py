@@ -228,6 +228,14 @@ def channel_of(request: RecordedRequest) -> int | None:
     return int(parts[parts.index("channels") + 1]) if "channels" in parts else None
 
 
+def waiting_on(ledger: Ledger, request: RecordedRequest) -> list[Asked]:
+    """The questions whose answer is the body of ``request`` (not an acknowledgement)."""
+    content = content_of(request)
+    if content.startswith("⏳"):
+        return []
+    return [a for a in ledger.asked.values() if a.marker in content]
+
+
 def retry_of(request: RecordedRequest, later: Sequence[RecordedRequest]) -> RecordedRequest | None:
     """discord.py's retry of a rate-limited request: the next one to the same path with the same body."""
     for candidate in later:
@@ -239,24 +247,21 @@ def retry_of(request: RecordedRequest, later: Sequence[RecordedRequest]) -> Reco
 
 @pytest.mark.chaos
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("scope", ["route", "global"])
-async def test_send_429_retry_after_is_honoured_and_nothing_is_answered_twice(
-    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str], scope: str
+async def test_send_429_per_route_retry_after_is_honoured_and_nothing_is_answered_twice(
+    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
 ) -> None:
-    """Every other send (four times) answers 429 with ``retry_after`` (per-route, or global) under
-    steady traffic. discord.py waits and retries the same request: the emulator sees the retry no
-    sooner than ``retry_after`` after the 429, and meanwhile nothing else on that bucket (the
-    channel's sends; for a global limit, no REST request at all); the waiting answers arrive
-    after the delay, each exactly once, and the rate limits never trip ``discord.send``."""
-    retry_after = 1.0 if scope == "route" else 1.5
+    """Under steady traffic in five conversations, every other send (four times) answers 429
+    with ``retry_after`` 1 s for its route. discord.py waits and retries the same request: the
+    emulator sees the retry no sooner than ``retry_after`` after the 429 and meanwhile no other
+    send to that channel (its bucket), while other channels' answers keep flowing; the waiting
+    answers arrive after the delay, each exactly once; rate limits never trip ``discord.send``."""
+    retry_after = 1.0
     users = add_users(emulators)
     channels = conversations(emulators, extra=1)
     ledger = Ledger(emulators.discord)
     discord = emulators.discord
     async with started_bot(spawn_bot, emulators, bot_env) as api:
-        discord.faults.add(
-            "429", "send", every=2, count=4, retry_after=retry_after, global_=scope == "global"
-        )
+        discord.faults.add("429", "send", every=2, count=4, retry_after=retry_after)
         async with watching(api) as watch:
             await steady_traffic(ledger, channels, users, per_channel=5, gap=0.25)
             unsettled = await ledger.wait_settled(30)
@@ -269,29 +274,65 @@ async def test_send_429_retry_after_is_honoured_and_nothing_is_answered_twice(
     rest = list(discord.requests)
     limited = [r for r in rest if r.status == 429]
     assert len(limited) == 4, [(r.route, r.status) for r in rest]
-    overlapping_elsewhere = 0
+    served_elsewhere = 0
     for hit in limited:
         retry = retry_of(hit, rest)
         assert retry is not None, f"the 429 on {hit.path} was never retried"
         waited = retry.time - hit.time
         assert waited >= retry_after - 0.01, f"retried after {waited:.3f} s < retry_after {retry_after}"
-        # what came in while discord.py should have been waiting (after a margin for requests
-        # already on their way when the 429 arrived)
-        window = [r for r in rest if hit.time + 0.15 < r.time < hit.time + retry_after - 0.01]
-        same_bucket = [r for r in window if r.route == "send" and channel_of(r) == channel_of(hit)]
+        window = [r for r in rest if r.route == "send" and hit.time < r.time < hit.time + retry_after - 0.01]
+        same_bucket = [r for r in window if channel_of(r) == channel_of(hit)]
         assert not same_bucket, f"{len(same_bucket)} sends to the rate-limited channel inside retry_after"
-        if scope == "global":
-            assert not window, f"{[(r.route, r.time - hit.time) for r in window]} during a global limit"
-        overlapping_elsewhere += sum(r.route == "send" for r in window)
-        content = content_of(hit)
-        waiting = [a for a in ledger.asked.values() if a.marker in content and not content.startswith("⏳")]
-        for asked in waiting:
+        served_elsewhere += len(window)
+        for asked in waiting_on(ledger, hit):
             assert asked.answers[0].at >= hit.time + retry_after - 0.01, ledger.describe(asked)
-    if scope == "route":
-        # a per-route limit holds one bucket only: other channels' answers kept flowing
-        assert overlapping_elsewhere > 0, "no other channel was served during any per-route limit"
+    # a per-route limit holds one bucket only: other channels' answers kept flowing
+    assert served_elsewhere > 0, "no other channel was served during any per-route limit"
     assert not watch.saw("discord.send", "open"), watch.states
-    print(f"\n{tally.as_dict()} overlapping_sends={overlapping_elsewhere}")
+    print(f"\n{tally.as_dict()} sends_to_other_channels_meanwhile={served_elsewhere}")
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+async def test_send_global_429_holds_every_request_for_retry_after(
+    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
+) -> None:
+    """After some steady traffic, an answer's send gets a *global* 429 with ``retry_after`` 1.5 s,
+    and questions then arrive in three other channels. discord.py holds every REST request that
+    starts during the limit: the emulator sees no request at all (any route, any channel) until
+    ``retry_after`` has passed; then the limited answer is retried and the others go out, each
+    exactly once."""
+    retry_after = 1.5
+    users = add_users(emulators)
+    channels = conversations(emulators)
+    ledger = Ledger(emulators.discord)
+    discord = emulators.discord
+    async with started_bot(spawn_bot, emulators, bot_env) as api:
+        await steady_traffic(ledger, channels, users, per_channel=3, gap=0.2)
+        assert not await ledger.wait_settled(15)
+        discord.faults.add("429", "send", count=1, retry_after=retry_after, global_=True)
+        first = await ledger.ask(channels[0], "ana", "answered into a global rate limit")
+        await discord.wait_until(lambda: any(r.status == 429 for r in discord.requests), timeout=10)
+        hit = next(r for r in discord.requests if r.status == 429)
+        await asyncio.sleep(0.1)  # discord.py has read the 429 by now: new requests wait for it
+        # (the last conversation is the DM with "normal")
+        askers = [(channels[1], "ben"), (channels[2], "cleo"), (channels[3], "normal")]
+        later = [await ledger.ask(c, who, "asked during the global limit") for c, who in askers]
+        unsettled = await ledger.wait_settled(20)
+        assert not unsettled, [ledger.describe(a) for a in unsettled[:10]]
+        assert await api.proc.terminate() == 0
+    tally = assert_promise_kept(ledger, [api.proc], allow=ALLOWED)
+    assert tally.seen["answered_direct"] + tally.seen["answered_after_queue"] == tally.sent
+    rest = list(discord.requests)
+    retry = retry_of(hit, rest)
+    assert retry is not None and retry.time - hit.time >= retry_after - 0.01, "the 429 was not waited out"
+    window = [r for r in rest if hit.time + 0.1 < r.time < hit.time + retry_after - 0.01]
+    assert not window, f"{[(r.route, round(r.time - hit.time, 3)) for r in window]} during a global limit"
+    assert waiting_on(ledger, hit) == [first]
+    for asked in [first, *later]:
+        assert len(asked.answers) == 1, ledger.describe(asked)
+        assert asked.answers[0].at >= hit.time + retry_after - 0.01, ledger.describe(asked)
+    print(f"\n{tally.as_dict()}")
 
 
 # --- 3. Gateway drop with RESUME ----------------------------------------------------------------
