@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import resource
 import secrets
 import signal
 import subprocess
@@ -453,6 +454,8 @@ async def simulate(options: SimulationOptions, *, progress_out: TextIO = sys.std
     else:
         data_dir = Path(tempfile.mkdtemp(prefix="bot-simulate-"))
     started = time.monotonic()
+    cpu_started = time.process_time()
+    children_cpu = _children_cpu()
     rng = random.Random(options.seed)
     injected = InjectedFaults()
     async with (
@@ -481,10 +484,22 @@ async def simulate(options: SimulationOptions, *, progress_out: TextIO = sys.std
             code = await child.stop()
     body["bot_exit_code"] = code
     body["wall_seconds"] = round(time.monotonic() - started, 1)
+    # The child is reaped by now, so its CPU time is in RUSAGE_CHILDREN: the cost of a message.
+    bot_cpu = _children_cpu() - children_cpu
+    body["cpu_seconds"] = {
+        "bot": round(bot_cpu, 1),
+        "bot_ms_per_message": round(1000 * bot_cpu / body["accepted"], 1) if body["accepted"] else None,
+        "simulator": round(time.process_time() - cpu_started, 1),  # emulators, ledger, progress
+    }
     body["settings"] = _settings_view(options, settings)
     body["data_dir"] = str(data_dir)
     body["bot_logs"] = child.logs
     return body
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def _wait_ready(api: BotApi, child: BotChild) -> None:
@@ -773,6 +788,9 @@ def format_report(report: dict[str, Any]) -> str:
     row("faults injected: Gemini", gemini_faults + of_all)
     row("faults injected: Discord", ", ".join(f"{k} {v}" for k, v in faults["discord"].items()) or "none")
     row("messages/second sent", report["messages_per_second"])
+    cpu = report["cpu_seconds"]
+    row("CPU seconds: bot / simulator", f"{cpu['bot']:g} ({cpu['bot_ms_per_message']} ms per message) / "
+        f"{cpu['simulator']:g}")
     row("traffic / settle / wall seconds",
         f"{report['send_seconds']:g} / {report['settle_seconds']:g} / {report['wall_seconds']:g}")
     row("RESILIENCE SCORE", f"{report['score']:g}  ({'PASS' if report['passed'] else 'FAIL: '}"
@@ -874,6 +892,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=main)
 
 
+async def _simulate_until_signalled(options: SimulationOptions) -> dict[str, Any]:
+    """``simulate``, with SIGTERM treated like Ctrl-C: cancel, so the child is stopped, not orphaned."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows / not the main thread
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await simulate(options)
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(args: argparse.Namespace) -> int:
     """The ``simulate`` subcommand: run, print the report, return 0 on a pass, 1 on a fail."""
     options = SimulationOptions(
@@ -893,8 +925,8 @@ def main(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
     try:
-        report = asyncio.run(simulate(options))
-    except KeyboardInterrupt:
+        report = asyncio.run(_simulate_until_signalled(options))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("\nsimulation interrupted; the bot was stopped", file=sys.stderr)
         return 130
     except SimulationError as exc:
