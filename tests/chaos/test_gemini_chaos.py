@@ -234,7 +234,7 @@ async def test_gemini_hangs_past_the_timeout_are_answered_or_queued_and_nothing_
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:
     """30% of Gemini calls hang for 4 s of traffic, then all of them for 4 s. With a 1 s Gemini
-    timeout and a 3 s processing timeout, every user hears within 6 s (an answer or "queued"),
+    timeout and a 2 s processing timeout, every user hears within 6 s (an answer or "queued"),
     some are answered directly, the breaker opens while every call hangs, and after heal every
     message is answered once, in order: no processing or mutex timeout drops one."""
     gemini = emulators.gemini
@@ -242,9 +242,10 @@ async def test_gemini_hangs_past_the_timeout_are_answered_or_queued_and_nothing_
     env = {
         **bot_env,
         "GEMINI_TIMEOUT_SECONDS": "1",
-        "PROCESSING_TIMEOUT_SECONDS": "3",
+        # Three 1 s attempts do not fit in 2 s: the processing timeout cuts the last one short.
+        "PROCESSING_TIMEOUT_SECONDS": "2",
         "MUTEX_ACQUIRE_TIMEOUT_SECONDS": "1",
-        "RETRY_MAX_ATTEMPTS": "2",
+        "RETRY_MAX_ATTEMPTS": "3",
         "BREAKER_FAIL_MAX": "4",
         "BREAKER_RESET_SECONDS": "1",
     }
@@ -392,9 +393,13 @@ async def test_daily_quota_falls_back_to_another_model_then_queues_until_the_res
         await ledger.wait_for(lambda: all(a.answers for a in first), timeout=10)
         assert all(a.seen is Seen.ANSWERED_DIRECT for a in first), [ledger.describe(a) for a in first]
         requests = generate_requests(emulators, started)
-        to_primary = [r.outcome for r in requests if r.model == PRIMARY]
-        assert to_primary == ["fault:quota_daily"], f"the exhausted model was asked again: {to_primary}"
+        assert {r.outcome for r in requests if r.model == PRIMARY} == {"fault:quota_daily"}
         assert {r.model for r in requests if r.outcome == "ok"} == {FALLBACK}
+        # Once the bot knows the primary is exhausted (it turned to the fallback), it stops asking
+        # the primary; only calls already in flight then may have met the quota too.
+        turned = min(r.time for r in requests if r.model == FALLBACK)
+        asked_again = [r for r in requests if r.model == PRIMARY and r.time > turned]
+        assert not asked_again, f"the exhausted model was asked {len(asked_again)} more times"
         assert (await api.breakers())["gemini"] == "closed"
 
         async with Watch(api) as watch:
