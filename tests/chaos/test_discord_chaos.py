@@ -220,6 +220,40 @@ async def test_rest_degradation_every_third_send_and_a_send_outage_under_steady_
           f"max_pending={open_pending} {watch.states}")
 
 
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="bot bug (bot/pipeline.py deliver): a queued answer's failed resends count as attempts while "
+    "Discord is down (circuit-open rejections too), so an outage longer than the attempts' back-off "
+    "dead-letters it, and the dead-letter notice fails on the same outage: the user gets nothing",
+)
+async def test_send_outage_longer_than_the_attempt_budget_loses_no_answer(
+    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
+) -> None:
+    """Every Discord send fails for 15 s while eight questions arrive in four conversations
+    (QUEUE_MAX_ATTEMPTS=3, so the queue's back-off gives up within that time). Discord being down
+    is no fault of an answer: once it is back, every question must have its answer, once; none
+    may be dead-lettered into a notice that cannot be delivered either."""
+    users = add_users(emulators)
+    channels = conversations(emulators)
+    ledger = Ledger(emulators.discord)
+    env = {**bot_env, "QUEUE_MAX_ATTEMPTS": "3"}
+    async with started_bot(spawn_bot, emulators, env) as api:
+        outage = emulators.discord.faults.add("503", "send")
+        await steady_traffic(ledger, channels, users, per_channel=2, gap=0.2)
+        await api.wait_breaker("discord.send", "open", timeout=5)
+        await asyncio.sleep(15)
+        emulators.discord.faults.remove(outage.id)
+        unsettled = await ledger.wait_settled(10)
+        assert await api.proc.terminate() == 0
+    assert not unsettled, f"{len(unsettled)} of {len(ledger.asked)} never heard back: " + "; ".join(
+        ledger.describe(a) for a in unsettled[:4]
+    )
+    assert_promise_kept(ledger, [api.proc], allow=ALLOWED)
+
+
 # --- 2. 429s with retry_after on send -----------------------------------------------------------
 
 
