@@ -13,9 +13,16 @@ import time
 
 import pytest
 
-from bot.ledger import Ledger, Seen
+from bot.ledger import Asked, Ledger, Seen
 from tests.chaos.support import BotApi, assert_promise_kept, started_bot
-from tests.chaos.test_gemini_chaos import Watch, build_world, generate_requests, replied, settle, traffic
+from tests.chaos.test_gemini_chaos import (
+    Watch,
+    build_world,
+    generate_requests,
+    requests_about,
+    settle,
+    traffic,
+)
 from tests.integration.conftest import SpawnBot
 from tests.integration.harness import Emulators
 
@@ -121,41 +128,62 @@ async def test_kill_9_mid_outage_under_steady_traffic_then_restart_answers_each_
 
 @pytest.mark.chaos
 @pytest.mark.timeout(120)
-async def test_kill_9_during_the_drain_after_heal_then_restart_answers_the_rest_once(
+async def test_kill_9_twice_during_the_drain_after_heal_then_restart_answers_the_rest_once(
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:
     """Gemini 503s; 30 messages in 6 channels queued; Gemini heals but is slow (0.4 s a call), so
-    the drain takes a while; kill -9 once some but not all are answered (others claimed, in
-    flight); restart: the rest are answered, none twice, all in order."""
+    the drain takes a while. kill -9 once a third is answered (others in flight at Gemini),
+    restart, kill -9 again at two thirds, restart: the rest are answered, none twice, in order."""
     gemini = emulators.gemini
     world = build_world(emulators, channels=6, users=3)
     env = outage_env(bot_env)
     ledger = Ledger(emulators.discord, prefix="m")
     count = 30
+    procs = []
     async with started_bot(spawn_bot, emulators, env) as first:
+        procs.append(first.proc)
         async with Watch(first) as watch:
             gemini.faults.add("503")
             asked = await traffic(ledger, world, count, spacing=0.05)
             await ledger.wait_for(lambda: all(a.acks for a in asked), timeout=10)
-            assert watch.saw("gemini", "open"), watch.states
+        assert watch.saw("gemini", "open"), watch.states
+        gemini.faults.clear()
+        gemini.faults.add("latency", value=0.4)
+        answered_at_kill = [await kill_mid_drain(ledger, asked, first, emulators, count // 3)]
 
-            gemini.faults.clear()
-            gemini.faults.add("latency", value=0.4)
-            healed = time.monotonic()
-            await ledger.wait_for(lambda: sum(bool(a.answers) for a in asked) >= count // 3, timeout=20)
-        # Gemini is working on some of the rest right now: they die with the process.
-        in_flight = [r for r in generate_requests(emulators, healed) if r.outcome == "fault:latency"]
-        await kill_9(first, emulators)
-        answered_before = sum(bool(a.answers) for a in asked)
-        assert count // 3 <= answered_before < count, answered_before
-        assert in_flight
+    async with started_bot(spawn_bot, emulators, env) as second:
+        procs.append(second.proc)
+        answered_at_kill.append(await kill_mid_drain(ledger, asked, second, emulators, 2 * count // 3))
 
     gemini.faults.clear()
-    async with started_bot(spawn_bot, emulators, env) as second:
-        await settle(ledger, second, timeout=30)
+    async with started_bot(spawn_bot, emulators, env) as third:
+        procs.append(third.proc)
+        await settle(ledger, third, timeout=30)
         await asyncio.sleep(1.1)  # one drain interval more: nothing is answered a second time
-        tally = assert_promise_kept(ledger, [first.proc, second.proc])
+        tally = assert_promise_kept(ledger, procs)
         assert tally.seen[Seen.ANSWERED_AFTER_QUEUE.value] == count, tally
-        assert all(replied([a]) and len(a.acks) == 1 for a in asked)
-        await stop(second)
-    print(f"kill during drain: {answered_before} of {count} answered before the kill, the rest after")
+        assert all(len(a.acks) == 1 for a in asked), [ledger.describe(a) for a in asked if len(a.acks) != 1]
+        await stop(third)
+    print(f"kill during drain: {answered_at_kill} of {count} answered at the two kills, the rest after")
+
+
+async def kill_mid_drain(
+    ledger: Ledger, asked: list[Asked], api: BotApi, emulators: Emulators, answered: int
+) -> int:
+    """Once ``answered`` messages are answered and Gemini is working on others, kill -9 the bot;
+    return how many were answered at the kill."""
+    since = time.monotonic()
+
+    def in_flight() -> list[Asked]:
+        """Messages Gemini was asked about by this process that have no answer yet."""
+        requests = generate_requests(emulators, since)
+        return [a for a in asked if not a.answers and requests_about(requests, a)]
+
+    await ledger.wait_for(
+        lambda: sum(bool(a.answers) for a in asked) >= answered and bool(in_flight()), timeout=20
+    )
+    await kill_9(api, emulators)
+    ledger.update()
+    done = sum(bool(a.answers) for a in asked)
+    assert answered <= done < len(asked), done
+    return done
