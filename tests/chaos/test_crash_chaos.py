@@ -1,9 +1,11 @@
 """Chaos: ``kill -9`` of the real bot process in the middle of a Gemini outage, then a restart.
 
 The promise under test: every message the bot accepted is answered exactly once, in order per
-conversation, by whichever process is alive, however the previous one died. Two instants:
-while the durable queue holds the outage's messages (all acknowledged, none answered), and
-in the middle of the drain after Gemini heals (some answered, some claimed, some waiting).
+conversation, by whichever process is alive, however the previous one died. The instants:
+while the durable queue holds the outage's messages (all acknowledged, none answered; the new
+process may meet the outage again); in the middle of the drain after Gemini heals (some
+answered, some in flight at Gemini, some waiting), twice in a row; and after Discord posted
+late answers but before the bot heard back (posted, never recorded).
 """
 
 from __future__ import annotations
@@ -187,3 +189,37 @@ async def kill_mid_drain(
     done = sum(bool(a.answers) for a in asked)
     assert answered <= done < len(asked), done
     return done
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+async def test_kill_9_after_discord_posted_late_answers_but_before_the_bot_heard_back_sends_none_twice(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
+) -> None:
+    """Gemini 503s; 12 messages in 4 channels queued; Gemini heals and the drain answers, but
+    Discord holds its responses to the answers it posts (3 s); kill -9 then. The dead process
+    never recorded those answers, so they are still queued: the new one must not post them again."""
+    discord, gemini = emulators.discord, emulators.gemini
+    world = build_world(emulators, channels=4, users=2)
+    env = outage_env(bot_env)
+    ledger = Ledger(emulators.discord, prefix="p")
+    count = 12
+    async with started_bot(spawn_bot, emulators, env) as first:
+        gemini.faults.add("503")
+        asked = await traffic(ledger, world, count, spacing=0.05)
+        await ledger.wait_for(lambda: all(a.acks for a in asked), timeout=10)
+        discord.faults.add("latency", "send", seconds=3.0, after=True)
+        gemini.faults.clear()
+        await ledger.wait_for(lambda: sum(bool(a.answers) for a in asked) >= len(world.channels), timeout=10)
+        await kill_9(first, emulators)
+        posted = [a for a in asked if a.answers]
+
+    discord.faults.clear()
+    async with started_bot(spawn_bot, emulators, env) as second:
+        await settle(ledger, second, timeout=30)
+        await asyncio.sleep(1.1)  # one drain interval more: nothing is answered a second time
+        tally = assert_promise_kept(ledger, [first.proc, second.proc])
+        assert tally.seen[Seen.ANSWERED_AFTER_QUEUE.value] == count, tally
+        assert all(len(a.answers) == 1 for a in posted)
+        await stop(second)
+    print(f"posted but unrecorded at the kill: {len(posted)}; none posted twice")
