@@ -21,8 +21,9 @@ from bot.pipeline import Inbound, MessagePipeline
 from resilience.breakers import BreakerState
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
-from resilience.errors import MutexTimeoutError, classify
+from resilience.errors import CallTimeoutError, CircuitOpenError, MutexTimeoutError, classify
 from resilience.tasks import SupervisedTask, exponential_backoff
+from services.storage import StorageError
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -55,6 +56,7 @@ class Drain:
             backoff=exponential_backoff(base=interval, cap=max(interval, FAILURE_BACKOFF_CAP)),
             max_consecutive_failures=1_000_000,  # the drain must never give up for good
             clock=app.clock,
+            expected=(CircuitOpenError, CallTimeoutError, StorageError),  # storage down: no stack
         )
         self._next_housekeeping = 0.0
 

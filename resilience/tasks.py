@@ -63,7 +63,8 @@ class SupervisedTask:
 
     After a failure the next run waits ``backoff(consecutive_failures)`` instead of
     ``interval``; after ``max_consecutive_failures`` in a row the task disables itself and
-    calls ``on_alert(name, exc)``. ``wake()`` runs it now (e.g. when a breaker closes);
+    calls ``on_alert(name, exc)``. Failures are logged with their stack, except instances of
+    ``expected`` (a dependency that is down). ``wake()`` runs it now (e.g. when a breaker closes);
     ``enable()`` re-arms a disabled task; ``await stop()`` cancels and awaits it cleanly.
     """
 
@@ -78,6 +79,7 @@ class SupervisedTask:
         max_consecutive_failures: int = 5,
         on_alert: AlertHook | None = None,
         clock: Clock | None = None,
+        expected: tuple[type[BaseException], ...] = (),
     ) -> None:
         if interval < 0 or run_timeout <= 0 or max_consecutive_failures < 1:
             raise ValueError("interval >= 0, run_timeout > 0 and max_consecutive_failures >= 1 are required")
@@ -89,6 +91,8 @@ class SupervisedTask:
         self._max_failures = max_consecutive_failures
         self._on_alert = on_alert
         self._clock: Clock = clock if clock is not None else SystemClock()
+        # A dependency being down is no bug: its failures are logged without the stack.
+        self._expected = expected
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.state = TaskState.CREATED
@@ -203,7 +207,7 @@ class SupervisedTask:
             task=self.name,
             consecutive_failures=self._consecutive,
             error=repr(exc),
-            exc_info=exc,
+            exc_info=None if isinstance(exc, self._expected) else exc,
         )
 
     async def _alert(self) -> None:
