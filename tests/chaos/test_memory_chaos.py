@@ -139,6 +139,7 @@ async def drive_conversations(api: BotApi, emulators: Emulators, ledger: Ledger,
         nonlocal settled
         loop = asyncio.get_running_loop()
         for key in todo:  # one shared iterator: each user is taken by exactly one loop
+            stop_if_broken()
             asked = await ledger.ask(discord_emu.dm_channel(key), key, "tell me something")
             done: asyncio.Future[None] = loop.create_future()
             waiting[asked.message_id] = (asked, done)
@@ -178,8 +179,19 @@ async def drive_conversations(api: BotApi, emulators: Emulators, ledger: Ledger,
     started = time.monotonic()
     cpu_before = cpu_seconds(pid)
     helpers = [asyncio.create_task(c()) for c in (watcher, cache_reader, at_half)]
+
+    def stop_if_broken() -> None:
+        """Fail the run at once when the bot exited or a helper failed (instead of timing out)."""
+        if not api.proc.running:
+            raise AssertionError(f"the bot exited with {api.proc.returncode}:\n{api.proc.tail()}")
+        for task in helpers:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise AssertionError(f"{task.get_coro()!r} failed") from task.exception()
+
     try:
-        await asyncio.gather(*(user_loop() for _ in range(IN_FLIGHT)))
+        async with asyncio.TaskGroup() as users_group:  # one failing loop cancels the others
+            for _ in range(IN_FLIGHT):
+                users_group.create_task(user_loop())
     finally:
         for task in helpers:
             task.cancel()
