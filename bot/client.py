@@ -35,12 +35,14 @@ class BucketPruner:
     discord.py keeps one bucket per route and channel (a send, a typing, a fetch: each new DM
     adds two or three), and once it holds 256 it scans them all on every new bucket, dropping
     only those idle for 300 s. With thousands of conversations that is O(n) work per new
-    channel and about 1 KB per bucket for five minutes: 10,000 DMs (tests/chaos/test_memory_chaos.py)
-    cost the bot 114 s of CPU instead of 78 s, its answer rate fell steadily, and its RSS grew
-    9 MB over the last 5,000 instead of 5 MB. This scans only when the map has doubled since the last scan
-    (amortized O(1) per bucket) and drops a bucket once it has been idle for ``idle`` seconds
-    with no request in flight and no live rate-limit window: a new bucket behaves the same,
-    except that it learns the route's limit again from the next response.
+    channel and about 1 KB per bucket for five minutes: 10,000 DMs
+    (tests/chaos/test_memory_chaos.py) cost the bot 114 s of CPU instead of 78 s, its answer
+    rate fell steadily, and its RSS grew 9 MB over the last 5,000 instead of 5 MB.
+
+    This scans only when the map has doubled since the last scan (amortized O(1) per bucket)
+    and drops a bucket once it has been idle for ``idle`` seconds with no request in flight
+    and no live rate-limit window: a new bucket behaves the same, except that it learns the
+    route's limit again from the next response.
     """
 
     def __init__(self, http: discord.http.HTTPClient, *, idle: float = 10.0, floor: int = 256) -> None:
