@@ -326,3 +326,36 @@ async def test_bucket_pruner_keeps_buckets_in_use_or_inside_a_rate_limit_window(
     pruner()
     assert set(http._buckets) == {"busy", "limited"}
     assert idle not in http._buckets.values()
+
+
+# --- the emulator's own memory in a long run -----------------------------------------------------
+
+
+async def test_emulator_forgets_nonces_past_the_window_and_then_posts_a_resend_again(
+    emulators: Emulators, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Discord emulator keeps a nonce for NONCE_WINDOW_SECONDS (Discord's safe-resend window),
+    then forgets it: the nonce map holds only the window's sends, and a later resend posts anew."""
+    import aiohttp
+
+    from sandbox import discord_emu
+
+    emu = emulators.discord
+    general = emu.channels["general"]
+    url = f"{emu.api_base}/channels/{general}/messages"
+    headers = {"Authorization": f"Bot {emu.token}"}
+
+    async def send(session: aiohttp.ClientSession, nonce: str) -> int:
+        body = {"content": "answer", "nonce": nonce, "enforce_nonce": True}
+        async with session.post(url, json=body, headers=headers) as response:
+            assert response.status == 200, await response.text()
+            return int((await response.json())["id"])
+
+    async with aiohttp.ClientSession() as session:
+        first = await send(session, "n-0")
+        assert await send(session, "n-0") == first  # within the window: the same message
+        monkeypatch.setattr(discord_emu, "NONCE_WINDOW_SECONDS", 0.0)
+        for i in range(1, 50):
+            await send(session, f"n-{i}")
+        assert len(emu._nonces) == 1  # every earlier one is past the (now zero) window
+        assert await send(session, "n-0") != first  # forgotten: a resend posts again
