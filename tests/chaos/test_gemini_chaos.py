@@ -147,6 +147,10 @@ async def settle(ledger: Ledger, api: BotApi, *, timeout: float) -> float:
 
 # --- 503 storm ----------------------------------------------------------------------------------
 
+# The acknowledgement's worst case by design: three attempts with full-jitter waits (<= 0.5 s, then
+# <= 1 s) before the message is queued; later messages meet the open breaker and are acked at once.
+ACK_P99_BOUND = 2.5
+
 
 async def run_503_storm(
     emulators: Emulators,
@@ -202,11 +206,11 @@ async def run_503_storm(
 async def test_a_short_gemini_503_storm_queues_with_quick_acks_and_drains_after_heal(
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:
-    """Fast subset: 2 s of 503s, 12 messages in 4 channels: each acked (p99 < 2 s), the breaker
+    """Fast subset: 1.5 s of 503s, 10 messages in 4 channels: each acked (p99 < 2.5 s), the breaker
     opens; after heal a half-open probe closes it and every message is answered once, in order."""
     figures = await run_503_storm(
-        emulators, bot_env, spawn_bot, channels=4, users=3, count=12, spacing=0.1, storm=2.0,
-        ack_p99_bound=2.0,
+        emulators, bot_env, spawn_bot, channels=4, users=3, count=10, spacing=0.05, storm=1.5,
+        ack_p99_bound=ACK_P99_BOUND,
     )
     assert figures["heal_to_empty_s"] < 10
 
@@ -216,11 +220,11 @@ async def test_a_short_gemini_503_storm_queues_with_quick_acks_and_drains_after_
 async def test_gemini_503_storm_across_many_channels_acks_fast_then_drains_after_heal(
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:
-    """8 s of 503s, 48 messages from 6 users in 12 channels: each acked (p99 < 2 s), the breaker
+    """8 s of 503s, 48 messages from 6 users in 12 channels: each acked (p99 < 2.5 s), the breaker
     opens; after heal the half-open probe succeeds and the queue drains within 15 s."""
     figures = await run_503_storm(
         emulators, bot_env, spawn_bot, channels=12, users=6, count=48, spacing=0.15, storm=8.0,
-        ack_p99_bound=2.0,
+        ack_p99_bound=ACK_P99_BOUND,
     )
     assert figures["heal_to_empty_s"] < 15
 
