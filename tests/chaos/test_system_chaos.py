@@ -441,11 +441,20 @@ class WriteLock:
         assert self.error is None and self.held_from is not None, f"lock not taken: {self.error!r}"
 
     async def release(self) -> float:
-        """Release the lock; return how long it was held."""
+        """Release the lock (again: a no-op); return how long it was held."""
         self._release.set()
         await asyncio.to_thread(self._thread.join, 15)
         assert self.error is None and self.held_from is not None and self.held_until is not None
         return self.held_until - self.held_from
+
+    async def __aenter__(self) -> WriteLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Also when the scenario failed: never leave the lock (and the thread) behind.
+        self._release.set()
+        await asyncio.to_thread(self._thread.join, 15)
 
 
 class BreakerWatch:
@@ -543,22 +552,22 @@ async def test_storage_locked_past_its_timeout_while_gemini_fails_degrades_grace
 
         with BreakerWatch(api) as watch:
             queued = await build_backlog(emulators, ledger, api, channels, users)
-            lock = WriteLock(db_path, max_seconds=60)
-            await lock.acquire()
-            both_down = await chat_steadily(
-                ledger, [*channels, quiet], users, seconds=7, interval=0.25, max_count=40, text="both down"
-            )
-            await ledger.wait_for(lambda: all(a.seen.settled for a in both_down), timeout=15)
-            await api.wait_breaker("storage", "open", timeout=5)
+            async with WriteLock(db_path, max_seconds=60) as lock:
+                both_down = await chat_steadily(
+                    ledger, [*channels, quiet], users, seconds=7, interval=0.25, max_count=40,
+                    text="both down",
+                )
+                await ledger.wait_for(lambda: all(a.seen.settled for a in both_down), timeout=15)
+                await api.wait_breaker("storage", "open", timeout=5)
 
-            emulators.gemini.faults.clear()
-            # The Gemini breaker stays open for its reset time (1 s); the next live call probes it.
-            await asyncio.sleep(1.2)
-            storage_only = await chat_steadily(
-                ledger, [quiet], users, seconds=3, interval=0.3, max_count=12, text="storage down"
-            )
-            await ledger.wait_for(lambda: all(a.seen.settled for a in storage_only), timeout=15)
-            held = await lock.release()
+                emulators.gemini.faults.clear()
+                # The Gemini breaker stays open for its reset time (1 s); the next live call probes it.
+                await asyncio.sleep(1.2)
+                storage_only = await chat_steadily(
+                    ledger, [quiet], users, seconds=3, interval=0.3, max_count=12, text="storage down"
+                )
+                await ledger.wait_for(lambda: all(a.seen.settled for a in storage_only), timeout=15)
+                held = await lock.release()
             released = time.monotonic()
             # No user writes now: the drain alone must notice storage is back and answer the backlog.
             await ledger.wait_for(lambda: all(a.seen.settled for a in queued), timeout=30)
@@ -620,15 +629,14 @@ async def test_message_accepted_as_the_storage_breaker_opens_is_acknowledged_and
     db_path = Path(env["DATA_DIR"]) / "bot.sqlite3"
     async with started_bot(spawn_bot, emulators, env) as api:
         queued = await build_backlog(emulators, ledger, api, channels, users)
-        lock = WriteLock(db_path, max_seconds=60)
-        await lock.acquire()
-        waiting = await chat_steadily(
-            ledger, channels, users, seconds=4.5, interval=0.25, max_count=20, text="storage slow"
-        )
-        await api.wait_breaker("storage", "open", timeout=5)
-        # Release while the writes sent after the first second are still inside their 5 s timeout.
-        await asyncio.sleep(max(0.0, lock.held_from + 6.5 - time.monotonic()) if lock.held_from else 0.0)
-        await lock.release()
+        async with WriteLock(db_path, max_seconds=60) as lock:
+            waiting = await chat_steadily(
+                ledger, channels, users, seconds=4.5, interval=0.25, max_count=20, text="storage slow"
+            )
+            await api.wait_breaker("storage", "open", timeout=5)
+            # Release while the writes sent after the first second are still inside their 5 s timeout.
+            assert lock.held_from is not None
+            await asyncio.sleep(max(0.0, lock.held_from + 6.5 - time.monotonic()))
         await ledger.wait_for(lambda: all(a.seen is not Seen.NOTHING for a in waiting), timeout=15)
         emulators.gemini.faults.clear()
         await api.wait_breaker("storage", "closed", timeout=15)
@@ -668,15 +676,13 @@ async def test_conversation_stays_in_order_while_storage_is_slow(
     ledger = Ledger(emulators.discord)
     env = cascading_env(bot_env)
     async with started_bot(spawn_bot, emulators, env) as api:
-        lock = WriteLock(Path(env["DATA_DIR"]) / "bot.sqlite3", max_seconds=60)
-        await lock.acquire()
-        openers = await ask_round_robin(ledger, channels, users, 3, text="opens the breaker")
-        await asyncio.sleep(3.5)
-        first = await ledger.ask(quiet, users[0], "A")
-        await api.wait_breaker("storage", "open", timeout=5)
-        second = await ledger.ask(quiet, users[0], "B")
-        await ledger.wait_for(lambda: all(a.seen.settled for a in [*openers, first, second]), timeout=15)
-        await lock.release()
+        async with WriteLock(Path(env["DATA_DIR"]) / "bot.sqlite3", max_seconds=60):
+            openers = await ask_round_robin(ledger, channels, users, 3, text="opens the breaker")
+            await asyncio.sleep(3.5)
+            first = await ledger.ask(quiet, users[0], "A")
+            await api.wait_breaker("storage", "open", timeout=5)
+            second = await ledger.ask(quiet, users[0], "B")
+            await ledger.wait_for(lambda: all(a.seen.settled for a in [*openers, first, second]), timeout=15)
         await settle(ledger, api, timeout=20)
         assert first.answers and second.answers, [ledger.describe(a) for a in (first, second)]
         assert first.answers[0].at < second.answers[0].at, "B was answered before A"
