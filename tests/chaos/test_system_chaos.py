@@ -9,13 +9,17 @@ bot's HTTP API, and the bot's logs.
   notice with an honest "saved, I'll answer when I'm back" and is answered once, in order,
   after maintenance ends (fast subset, in ``make test``); with ``MAINTENANCE_QUEUE_MESSAGES``
   off the notice is the final word.
-- DataStore corruption while running: the live JSON file and its ``.bak`` are overwritten with
-  garbage while traffic flows; the admin API's validate reports it, recover serves the newest
-  valid backup (or the defaults, with an alert) and quarantines the bad files; a maintenance
-  switch during the corruption writes a good file back; the bot answers throughout.
+- DataStore corruption while running: the live JSON files and their ``.bak`` are overwritten
+  with garbage while traffic flows; the admin API's validate reports it, recover serves the
+  state the bot last committed (or the ``.bak``) and quarantines the bad files, a maintenance
+  switch over corrupt files writes good ones back, and a restart with a file destroyed falls
+  back to the defaults with an alert; the bot answers throughout.
 - Cascading failure: a second SQLite connection holds the bot's database write lock past the
   store's statement timeout while Gemini returns 503s; users get an answer or a clear reason,
-  the storage breaker opens and closes again, and once both heal everything accepted is answered.
+  the storage breaker opens and closes again, the drain resumes the backlog on its own within
+  seconds, and once both heal everything accepted is answered. Two strict xfails pin pipeline
+  bugs found here (a message accepted as the storage breaker opens gets a bug apology and no
+  answer; a conversation's answers are reordered while storage is slow).
 """
 
 from __future__ import annotations
