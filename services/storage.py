@@ -20,6 +20,7 @@ import asyncio
 import builtins
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,10 @@ _QUEUE_COLUMNS = (
     "lease_until, last_error, dedup_key"
 )
 
+
+_NEWEST_TURNS_SQL = (
+    "SELECT role, text, created_at, message_id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?"
+)
 
 # Acceptance's insert: claimed (with a lease) when asked and the conversation has nothing
 # pending, else pending; the last column says whether no older item is pending or claimed.
@@ -214,6 +219,11 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
 
 
 Body = Callable[[aiosqlite.Connection], Awaitable[T]]
+SyncBody = Callable[[sqlite3.Connection], T]
+
+
+class _Abandoned(StorageError):
+    """Internal: the caller gave up (timeout, cancel) before COMMIT; the thread rolls back instead."""
 
 
 class SqliteStore:
@@ -437,6 +447,60 @@ class SqliteStore:
             if not db.in_transaction:
                 return
 
+    def _in_thread(self, body: SyncBody[T]) -> Body[T]:
+        """A transaction body that runs BEGIN IMMEDIATE, ``body`` and COMMIT in one call on the
+        connection's thread: one hop from the event loop instead of one per statement.
+
+        Pass it to ``_run`` with ``write=False`` (it begins and commits itself). aiosqlite has no
+        public way to run a function on its thread; ``_execute`` is what its own methods use
+        (the version is pinned below 0.23). A cancelled caller sets ``stop``: the thread then
+        stops waiting for the write lock and rolls back instead of committing; ``_in_transaction``
+        still interrupts a running statement and queues its rollback behind the call.
+        """
+
+        async def run(db: aiosqlite.Connection) -> T:
+            stop = threading.Event()
+            try:
+                # aiosqlite private API (see above): run one function on the connection thread.
+                result: T = await db._execute(self._thread_transaction, db, body, stop)
+            except asyncio.CancelledError:
+                stop.set()
+                raise
+            return result
+
+        return run
+
+    def _thread_transaction(self, db: aiosqlite.Connection, body: SyncBody[T], stop: threading.Event) -> T:
+        """On the connection's thread: the whole write transaction; rolled back on any failure."""
+        conn = db._conn  # aiosqlite private API: the sqlite3 connection, used only on its thread
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:  # the busy wait in slices, like _begin, so a cancelled caller stops it
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if stop.is_set():
+                    raise _Abandoned("the caller gave up while waiting for the write lock") from exc
+                if time.monotonic() >= deadline:
+                    raise StorageBusyError(self.path, self.busy_timeout_ms) from exc
+        try:
+            result = body(conn)
+            if stop.is_set():
+                raise _Abandoned("the caller gave up before COMMIT")
+            conn.execute("COMMIT")
+        except BaseException:
+            for _ in range(3):  # an interrupt may still be pending and abort the first attempt
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.OperationalError:
+                    pass
+                if not conn.in_transaction:
+                    break
+            raise
+        return result
+
     def _failed(self, message: str) -> None:
         self._last_error = message
         self._consecutive_failures += 1
@@ -462,10 +526,10 @@ class SqliteStore:
         """Store ``(role, text, message_id)`` turns in one transaction (a question and its answer)."""
         rows = self._turn_rows(key, turns, now)
 
-        async def body(db: aiosqlite.Connection) -> None:
-            await self._insert_turns(db, key, rows)
+        def body(conn: sqlite3.Connection) -> None:
+            self._insert_turns(conn, key, rows)
 
-        await self._run("append_turns", body)
+        await self._run("append_turns", self._in_thread(body), write=False)
 
     def _turn_rows(
         self, key: str, turns: Sequence[tuple[str, str, str | int | None]], now: float | None
@@ -481,15 +545,15 @@ class SqliteStore:
             )
         return rows
 
-    async def _insert_turns(
-        self, db: aiosqlite.Connection, key: str, rows: list[tuple[str, str, str, str | None, float]]
+    def _insert_turns(
+        self, conn: sqlite3.Connection, key: str, rows: list[tuple[str, str, str, str | None, float]]
     ) -> None:
         """Insert turns and prune the conversation to its newest ``history_max_messages`` rows."""
-        await db.executemany(
+        conn.executemany(
             "INSERT INTO turns (conversation_key, role, text, message_id, created_at) VALUES (?, ?, ?, ?, ?)",
             rows,
         )
-        await db.execute(
+        conn.execute(
             "DELETE FROM turns WHERE conversation_key = ? AND id NOT IN "
             "(SELECT id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?)",
             (key, key, self.history_max_messages),
@@ -520,12 +584,7 @@ class SqliteStore:
         return None if newest_first is None else self._bounded(newest_first)
 
     async def _newest_turns(self, db: aiosqlite.Connection, key: str) -> list[Turn]:
-        rows = await _all(
-            db,
-            "SELECT role, text, created_at, message_id FROM turns WHERE conversation_key = ? "
-            "ORDER BY id DESC LIMIT ?",
-            (key, self.history_max_messages),
-        )
+        rows = await _all(db, _NEWEST_TURNS_SQL, (key, self.history_max_messages))
         return [Turn(r[0], r[1], r[2], r[3]) for r in rows]
 
     def _bounded(self, newest_first: list[Turn]) -> list[Turn]:
@@ -789,8 +848,8 @@ class SqliteStore:
             "dedup": f"msg:{message_id}",
         }
 
-        async def body(db: aiosqlite.Connection) -> tuple[QueueItem, list[Turn] | None] | None:
-            cur = await db.execute(
+        def body(conn: sqlite3.Connection) -> tuple[QueueItem, list[Turn] | None] | None:
+            cur = conn.execute(
                 "INSERT OR IGNORE INTO processed (message_id, processed_at) VALUES (?, ?)",
                 (str(message_id), now),
             )
@@ -798,14 +857,14 @@ class SqliteStore:
                 return None
             # One statement decides the state (claimed unless the conversation has a backlog),
             # inserts, and says whether the item is next (no older item pending or claimed).
-            row = await _one(db, _ACCEPT_SQL, args)
-            assert row is not None
+            row = conn.execute(_ACCEPT_SQL, args).fetchone()
             item = _item(row)
             if not with_history or item.state is not ItemState.CLAIMED or not row[-1]:
                 return item, None
-            return item, await self._newest_turns(db, conversation_key)
+            turns = conn.execute(_NEWEST_TURNS_SQL, (conversation_key, self.history_max_messages))
+            return item, [Turn(r[0], r[1], r[2], r[3]) for r in turns.fetchall()]
 
-        accepted = await self._run("accept", body)
+        accepted = await self._run("accept", self._in_thread(body), write=False)
         if accepted is None or accepted[1] is None:
             return accepted
         return accepted[0], self._bounded(accepted[1])
@@ -850,16 +909,14 @@ class SqliteStore:
             raise ValueError("turns need the conversation key")
         rows = self._turn_rows(key or "", turns, now)
 
-        async def body(db: aiosqlite.Connection) -> None:
-            cur = await db.execute(
-                "UPDATE queue SET state = 'done', lease_until = NULL WHERE id = ?", (item_id,)
-            )
+        def body(conn: sqlite3.Connection) -> None:
+            cur = conn.execute("UPDATE queue SET state = 'done', lease_until = NULL WHERE id = ?", (item_id,))
             if cur.rowcount != 1:
                 raise QueueItemNotFoundError(item_id)
             if rows:
-                await self._insert_turns(db, key or "", rows)
+                self._insert_turns(conn, key or "", rows)
 
-        await self._run("finish", body)
+        await self._run("finish", self._in_thread(body), write=False)
 
     async def update_payload(
         self, item_id: int, payload: dict[str, Any], *, kind: ItemKind | None = None

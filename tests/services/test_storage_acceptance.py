@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from resilience.degradation import ItemKind, ItemState
-from services.storage import QueueItemNotFoundError, SqliteStore
+from resilience.errors import CallTimeoutError
+from services.storage import QueueItemNotFoundError, SqliteStore, StorageBusyError
 
 IN, OUT = ItemKind.INBOUND, ItemKind.OUTBOUND
 T0 = 1_700_000_000.0
@@ -166,3 +172,101 @@ async def test_acceptance_survives_a_restart(tmp_path: Path) -> None:
     async with SqliteStore(path) as second:
         assert await accept(second, 1) is None  # processed before the restart
         assert await second.release_claims() == 1
+
+
+# -- acceptance and finish run as one call on the database thread: waits, timeouts, cancels -----
+
+
+async def test_an_accept_that_times_out_on_the_write_lock_is_never_committed_later(tmp_path: Path) -> None:
+    """Another writer holds the lock past the statement timeout: CallTimeoutError, and once the lock
+    is free the abandoned acceptance does not land behind the caller's back (nor block the next)."""
+    path = tmp_path / "bot.sqlite3"
+    async with SqliteStore(path, statement_timeout=0.05, busy_timeout_ms=5000) as s:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(CallTimeoutError):
+                await accept(s, 1)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        started = time.monotonic()
+        item = await accept(s, 1)  # not a replay: the timed-out acceptance was rolled back
+        assert item is not None and item.state is ItemState.CLAIMED
+        assert time.monotonic() - started < 1.0  # the abandoned wait stopped; it did not run to 5 s
+        assert len(await s.list()) == 1
+        assert s._db is not None and not s._db.in_transaction
+
+
+async def test_an_accept_waiting_longer_than_busy_timeout_raises_storage_busy(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    async with SqliteStore(path, statement_timeout=2.0, busy_timeout_ms=40) as s:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StorageBusyError):
+                await accept(s, 1)
+            with pytest.raises(StorageBusyError):
+                await s.finish(1, key="c1", turns=[("user", "q", 1)])
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert await accept(s, 1) is not None and s.health()["consecutive_failures"] == 0
+
+
+async def test_cancelled_accepts_and_finishes_are_all_or_nothing(store: SqliteStore) -> None:
+    """Cancelled at several points: each acceptance either stored its item and processed id, or
+    neither; each finish either marked done and stored the turns, or neither; no transaction is
+    left open and the store keeps working."""
+    for steps in range(8):
+        task = asyncio.create_task(accept(store, 100 + steps, key=f"k{steps}"))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    items = {i.dedup_key: i for i in await store.list(limit=100)}
+    for steps in range(8):
+        assert await store.is_processed(100 + steps) == (f"msg:{100 + steps}" in items)
+    claimed = await accept(store, 1)
+    assert claimed is not None
+    for steps in range(8):
+        task = asyncio.create_task(store.finish(claimed.id, key="c1", turns=[("user", f"q{steps}", None)]))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, QueueItemNotFoundError):
+            await task
+        state = (await store.get(claimed.id)).state  # type: ignore[union-attr]
+        turns = [t.text for t in await store.history("c1")]
+        assert (state is ItemState.DONE) == (f"q{steps}" in turns)
+        if state is ItemState.DONE:
+            break
+    assert store._db is not None and not store._db.in_transaction
+    assert await accept(store, 2, key="c9") is not None
+
+
+async def test_a_transaction_abandoned_while_its_body_runs_rolls_back_instead_of_committing(
+    store: SqliteStore,
+) -> None:
+    """The caller is cancelled while the thread is between statements (no statement to interrupt):
+    the thread sees it before COMMIT and rolls back, so nothing lands after the caller gave up."""
+    entered, go = threading.Event(), threading.Event()
+
+    def body(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO processed (message_id, processed_at) VALUES ('late', 0)")
+        entered.set()
+        go.wait(2)
+
+    task = asyncio.create_task(store._run("probe", store._in_thread(body), write=False))
+    async with asyncio.timeout(2):
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+    task.cancel()
+    for _ in range(3):  # let the task handle the cancellation (it flags the thread) before the body ends
+        await asyncio.sleep(0)
+    go.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert not await store.is_processed("late")
+    assert store._db is not None and not store._db.in_transaction
