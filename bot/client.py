@@ -32,10 +32,10 @@ PERMISSIONS = discord.Permissions(
 class BucketPruner:
     """Forgets discord.py's idle rate-limit buckets; replaces ``HTTPClient._try_clear_expired_ratelimits``.
 
-    discord.py keeps one bucket per route and channel (a send, a typing, a fetch: each new DM
-    adds two or three), and once it holds 256 it scans them all on every new bucket, dropping
-    only those idle for 300 s. With thousands of conversations that is O(n) work per new
-    channel and about 1 KB per bucket for five minutes: 10,000 DMs
+    discord.py keeps one bucket per route and channel (each new DM adds one for its send, and
+    more for a typing indicator or a fetch), and once it holds 256 it scans them all on every
+    new bucket, dropping only those idle for 300 s. With thousands of conversations that is
+    O(n) work per new channel and about 1 KB per bucket for five minutes: 10,000 DMs
     (tests/chaos/test_memory_chaos.py) cost the bot 114 s of CPU instead of 78 s, its answer
     rate fell steadily, and its RSS grew 9 MB over the last 5,000 instead of 5 MB.
 

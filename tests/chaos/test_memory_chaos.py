@@ -11,6 +11,10 @@ child's resident memory is read from ``/proc/<pid>/status`` and its caches from
 
 Run: ``.venv/bin/python -m pytest tests/chaos/test_memory_chaos.py -q -s -m "chaos or not chaos"``
 (``-s`` prints the figures: rate, RSS baseline/half/end/peak, cache sizes).
+
+The run is CPU-bound on the bot: about 7.5 ms of CPU per message, half of it in google-genai
+(building the request and validating the response). 10,000 DMs took 113-142 s on a shared
+2-core machine (load 4-5); the bot alone needs about 75 s of CPU for them.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ CACHES_EVERY = 1.0  # seconds between reads of the memory view
 WATCH_EVERY = 0.01  # seconds between checks of the in-flight messages
 
 # Resident memory allowed above the baseline (the RSS once the bot answered its first message).
-# Measured for 10,000 DMs: +19.5 MB at the peak (baseline 86 MB). What fills up legitimately:
+# Measured for 10,000 DMs: +19.0 to +19.5 MB at the peak (baseline 86 MB). What fills up legitimately:
 # 10,000 mutex keys (320 B each, 3 MB), 10,000 recent message ids (115 B, 1 MB), discord.py's
 # 1,000 cached messages (~5 MB), a minute of rate-limit logs, SQLite's 2 MB page cache, and
 # the allocator's slack around them. 30 MB leaves room for that slack to vary, and not for a
@@ -48,8 +52,8 @@ RSS_HEADROOM = 30 * MB
 # For 500 DMs: +6.3 MB measured, mostly discord.py's message cache filling to 1,000 messages.
 FAST_RSS_HEADROOM = 14 * MB
 # RSS growth from conversation 5,000 to 10,000. Still filling then: 5,000 more mutex keys and
-# recent ids (2.2 MB), plus SQLite and allocator slack; 5.1 MB measured. Before BucketPruner,
-# discord.py's rate-limit buckets (three per DM, kept five minutes) made it 9.3 MB.
+# recent ids (2.2 MB), plus SQLite and allocator slack; 4.0-5.1 MB measured. Before BucketPruner,
+# discord.py's rate-limit buckets (one per DM's send route, ~1 KB, kept five minutes) made it 9.3 MB.
 SECOND_HALF_GROWTH = 8 * MB
 
 # Caches the memory view shows without a fixed bound, and why each is bounded anyway.
