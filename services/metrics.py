@@ -45,7 +45,7 @@ MESSAGE_OUTCOMES = (
 
 RETRY_OUTCOMES = ("retried", "denied_by_budget", "hint_too_long")
 
-DATASTORE_SOURCES = ("file", "bak", "backup", "defaults")
+DATASTORE_SOURCES = ("file", "bak", "memory", "backup", "defaults")
 
 # 10 ms .. 60 s: a refusal takes milliseconds, an answer seconds, the processing timeout is 30 s.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)

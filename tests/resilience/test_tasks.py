@@ -7,6 +7,7 @@ import gc
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from resilience.clock import FakeClock
 from resilience.errors import CallTimeoutError
@@ -243,3 +244,30 @@ async def test_stop_is_clean_idempotent_and_leaves_no_unretrieved_errors() -> No
     finally:
         loop.set_exception_handler(None)
     assert reported == []
+
+
+async def test_an_expected_failure_is_logged_without_its_stack_an_unexpected_one_with_it(
+    fake_clock: FakeClock,
+) -> None:
+    """``expected=`` types (a dependency that is down) log one line; anything else keeps its traceback."""
+    outcomes: list[BaseException] = [ConnectionError("storage locked"), RuntimeError("a bug")]
+    done = asyncio.Event()
+
+    async def fn() -> None:
+        if not outcomes:
+            done.set()
+            await _forever()
+        raise outcomes.pop(0)
+
+    task = SupervisedTask(
+        "drain", fn, interval=1.0, run_timeout=5.0, clock=fake_clock, expected=(ConnectionError,)
+    )
+    with capture_logs() as logs:
+        task.start()
+        async with asyncio.timeout(2):
+            await done.wait()
+        await task.stop()
+    failed = [r for r in logs if r["event"] == "supervised_task_failed"]
+    assert [r["error"] for r in failed] == ["ConnectionError('storage locked')", "RuntimeError('a bug')"]
+    assert failed[0]["exc_info"] is None
+    assert isinstance(failed[1]["exc_info"], RuntimeError)

@@ -229,6 +229,7 @@ def test_set_queue_stats_sets_depth_and_zeroes_vanished_pairs(metrics: Metrics) 
         ("datastore.recovered", "bak", "bak"),
         ("datastore.recovered", "backup:settings-20261123T104700.000000.json", "backup"),
         ("datastore.recovered", "file", "file"),
+        ("datastore.recovered", "memory", "memory"),
         ("datastore.alert", "defaults", "defaults"),
         ("datastore.recovered", "tape", "other"),
     ],
