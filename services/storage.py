@@ -9,7 +9,9 @@ last commits. ``bench/bench_storage.py`` measures both; pass ``synchronous="NORM
 Every public write is one transaction, every read one statement, each under
 ``asyncio.timeout(statement_timeout)`` (raising ``CallTimeoutError``) and, when a breaker is
 given, run through ``breaker.call``. Writes start with ``BEGIN IMMEDIATE`` so two processes
-never claim the same queue item.
+never claim the same queue item. The writes on every message's path (``accept``,
+``accept_with_history``, ``finish``, ``append_turns``) run their whole transaction as one call
+on aiosqlite's thread (``_in_thread``): one hop from the event loop instead of one per statement.
 A timeout on ``COMMIT`` itself is an ambiguous outcome (the commit may have landed); callers
 retry, and ``dedup_key`` / ``mark_processed`` make the retries idempotent.
 """
