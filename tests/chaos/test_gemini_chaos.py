@@ -93,6 +93,14 @@ def assert_heard_within(ledger: Ledger, asked: list[Asked], seconds: float) -> N
     assert not slow, slow
 
 
+async def metric(api: BotApi, name: str) -> float:
+    """The value of an unlabelled metric (``bot_<name>``) from the bot's /metrics; 0 if absent."""
+    async with api.session.get(api.base + "/metrics") as response:
+        text = await response.text()
+    found = re.search(rf"^bot_{re.escape(name)} (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
+
+
 async def breaker_transitions(api: BotApi, name: str) -> dict[tuple[str, str], float]:
     """``(from, to) -> count`` of breaker ``name``'s transitions, from the bot's /metrics."""
     async with api.session.get(api.base + "/metrics") as response:
@@ -352,7 +360,8 @@ async def test_two_busy_conversations_under_gemini_timeouts_are_answered_in_orde
         busy = [a for a in asked if a.acks and "still working on earlier messages" in a.acks[0].content]
         assert busy, "no message waited behind another in its conversation"
         assert slow.hits > 0
-        await settle(ledger, api, timeout=60)
+        assert await metric(api, "mutex_timeouts_total") > 0, "no wait for a conversation's lock timed out"
+        await settle(ledger, api, timeout=60)  # Gemini stays slow while the queue drains
         gemini.faults.clear()
         tally = assert_promise_kept(ledger, [api.proc])
         assert tally.seen[Seen.TOLD_WHY.value] == 0, tally
