@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("bot.drain")
 
-HISTORY_LOOKBACK = 50
+# How far past a queued message the drain looks for an answer a dead process posted but never
+# recorded (pages of 100, oldest first, stopping at the first match). Discord's nonce catches a
+# resend only within a few minutes; in a busy channel the answer can sit far behind the question
+# (every message queued after it adds the user's message and an acknowledgement).
+HISTORY_LOOKBACK = 500
 HOUSEKEEPING_EVERY = 600.0  # seconds between purges of finished items and old processed ids
 PROCESSED_RETENTION = 7 * 86400.0  # Discord replays only recent events; a week is ample
 # A failed run means storage failed (the breakers keep Gemini and Discord outages out of it). With an

@@ -223,3 +223,38 @@ async def test_kill_9_after_discord_posted_late_answers_but_before_the_bot_heard
         assert all(len(a.answers) == 1 for a in posted)
         await stop(second)
     print(f"posted but unrecorded at the kill: {len(posted)}; none posted twice")
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+async def test_kill_9_in_a_busy_channel_after_the_answer_was_posted_then_a_late_restart_answers_once(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemini 503s while a busy channel fills: one question, then 30 more from others, each acked
+    (60 messages after the first question). Gemini heals; Discord posts the drain's answer to the
+    first question but holds its response; kill -9. The restart comes after Discord's nonce
+    window (shortened to 0.5 s here), so only the bot's own look through the channel (past the 60
+    messages) can stop a second answer: the question is answered exactly once."""
+    discord, gemini = emulators.discord, emulators.gemini
+    world = build_world(emulators, channels=1, users=4)
+    env = outage_env(bot_env)
+    ledger = Ledger(discord, prefix="c")
+    channel = world.channels[0]
+    async with started_bot(spawn_bot, emulators, env) as first:
+        gemini.faults.add("503")
+        question = await ledger.ask(channel, world.users[0], "first in a busy channel")
+        others = [await ledger.ask(channel, world.users[1 + n % 3], "busy") for n in range(30)]
+        await ledger.wait_for(lambda: all(a.acks for a in [question, *others]), timeout=10)
+        discord.faults.add("latency", "send", count=1, seconds=3.0, after=True)
+        gemini.faults.clear()
+        await ledger.wait_for(lambda: bool(question.answers), timeout=10)
+        await kill_9(first, emulators)
+
+    monkeypatch.setattr("sandbox.discord_emu.NONCE_WINDOW_SECONDS", 0.5)
+    await asyncio.sleep(0.6)
+    async with started_bot(spawn_bot, emulators, env) as second:
+        await settle(ledger, second, timeout=30)
+        await asyncio.sleep(1.1)  # one drain interval more: nothing is answered a second time
+        assert len(question.answers) == 1, ledger.describe(question)
+        assert_promise_kept(ledger, [first.proc, second.proc])
+        await stop(second)
