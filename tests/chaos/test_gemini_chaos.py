@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import time
 from collections.abc import Iterable
@@ -453,9 +454,13 @@ async def test_gemini_429_storm_retries_short_delays_in_place_and_queues_long_on
         requests = generate_requests(emulators)
         for asked, delay in [*((a, SHORT_DELAY) for a in short), *((a, LONG_DELAY) for a in long)]:
             mine = requests_about(requests, asked)
-            assert [r.outcome for r in mine] == ["fault:429", "ok"], (asked.marker, [r.outcome for r in mine])
-            waited = mine[1].time - mine[0].time
-            assert waited >= delay - DELAY_SLACK, f"{asked.marker}: {waited:.3f} s < {delay} s"
+            outcomes = [r.outcome for r in mine]
+            # Usually [429, ok]; under load a retry may meet a 429 meant for a slower first call.
+            assert outcomes[0] == "fault:429" and outcomes[-1] == "ok", (asked.marker, outcomes)
+            assert set(outcomes[:-1]) == {"fault:429"}, (asked.marker, outcomes)
+            for before, after in itertools.pairwise(mine):
+                waited = after.time - before.time
+                assert waited >= delay - DELAY_SLACK, f"{asked.marker}: {waited:.3f} s < {delay} s"
         tally = assert_promise_kept(ledger, [api.proc])
         assert await api.proc.terminate() == 0
     print(f"429 figures: {tally.as_dict()}")
