@@ -9,9 +9,10 @@ last commits. ``bench/bench_storage.py`` measures both; pass ``synchronous="NORM
 Every public write is one transaction, every read one statement, each under
 ``asyncio.timeout(statement_timeout)`` (raising ``CallTimeoutError``) and, when a breaker is
 given, run through ``breaker.call``. Writes start with ``BEGIN IMMEDIATE`` so two processes
-never claim the same queue item. The writes on every message's path (``accept``,
-``accept_with_history``, ``finish``, ``append_turns``) run their whole transaction as one call
-on aiosqlite's thread (``_in_thread``): one hop from the event loop instead of one per statement.
+never claim the same queue item. The writes of every message's path and of the queue
+(acceptance, ``finish``, ``append_turns``, ``enqueue``, ``claim``, ``expire`` and the state
+changes) run their whole transaction as one call on aiosqlite's thread (``_in_thread``): one
+hop from the event loop instead of one per statement, and the lock is held that much shorter.
 A timeout on ``COMMIT`` itself is an ambiguous outcome (the commit may have landed); callers
 retry, and ``dedup_key`` / ``mark_processed`` make the retries idempotent.
 """
@@ -210,6 +211,14 @@ async def _one(db: aiosqlite.Connection, sql: str, args: Any = ()) -> sqlite3.Ro
 async def _all(db: aiosqlite.Connection, sql: str, args: Any = ()) -> builtins.list[sqlite3.Row]:
     """All rows of a statement, in one hop to aiosqlite's thread."""
     return builtins.list(await db.execute_fetchall(sql, args))
+
+
+def _reap_leases(conn: sqlite3.Connection, now: float) -> None:
+    """Return claims whose lease ran out (their worker crashed) to pending."""
+    conn.execute(
+        "UPDATE queue SET state = 'pending', lease_until = NULL WHERE state = 'claimed' AND lease_until <= ?",
+        (now,),
+    )
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
@@ -637,23 +646,22 @@ class SqliteStore:
         kind = ItemKind(kind)
         encoded = json.dumps(payload, separators=(",", ":"))
 
-        async def body(db: aiosqlite.Connection) -> QueueItem:
+        def body(conn: sqlite3.Connection) -> QueueItem:
             if dedup_key is not None:  # looked up first (inside BEGIN IMMEDIATE) so a replay burns no id
                 sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE dedup_key = ?"
-                existing = await _one(db, sql, (dedup_key,))
+                existing = conn.execute(sql, (dedup_key,)).fetchone()
                 if existing is not None:
                     return _item(existing)
-            row = await _one(
-                db,
+            row = conn.execute(
                 "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
                 "next_attempt_at, dedup_key) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?) "
                 f"RETURNING {_QUEUE_COLUMNS}",
                 (kind.value, conversation_key, encoded, now, now, dedup_key),
-            )
+            ).fetchone()
             assert row is not None
             return _item(row)
 
-        return await self._run("enqueue", body)
+        return await self._run("enqueue", self._in_thread(body), write=False)
 
     async def claim(
         self, *, now: float, lease_seconds: float, kind: ItemKind | None = None, limit: int = 10
@@ -667,29 +675,27 @@ class SqliteStore:
         lease_until = now + lease_seconds
         kind_filter = "" if kind is None else "AND q.kind = :kind"
 
-        async def body(db: aiosqlite.Connection) -> list[QueueItem]:
-            await self._reap_leases(db, now)
-            heads = await _all(
-                db,
+        def body(conn: sqlite3.Connection) -> list[QueueItem]:
+            _reap_leases(conn, now)
+            heads = conn.execute(
                 f"""SELECT q.id FROM queue q
                 JOIN (SELECT conversation_key, MIN(id) AS head FROM queue
                       WHERE state IN ('pending', 'claimed') GROUP BY conversation_key) h ON q.id = h.head
                 WHERE q.state = 'pending' AND q.next_attempt_at <= :now {kind_filter}
                 ORDER BY q.id LIMIT :limit""",
                 {"now": now, "kind": None if kind is None else ItemKind(kind).value, "limit": limit},
-            )
+            ).fetchall()
             if not heads:
                 return []
             marks = ",".join("?" * len(heads))
-            rows = await _all(
-                db,
+            rows = conn.execute(
                 f"UPDATE queue SET state = 'claimed', lease_until = ? WHERE id IN ({marks}) "
                 f"RETURNING {_QUEUE_COLUMNS}",
                 (lease_until, *(r[0] for r in heads)),
-            )
+            ).fetchall()
             return sorted((_item(r) for r in rows), key=lambda item: item.id)
 
-        return await self._run("claim", body)
+        return await self._run("claim", self._in_thread(body), write=False)
 
     async def complete(self, item_id: int) -> None:
         """Mark an item done."""
@@ -715,17 +721,16 @@ class SqliteStore:
         """Mark pending items (and crashed claims) older than ``max_age`` expired and return them."""
         cutoff = now - max_age
 
-        async def body(db: aiosqlite.Connection) -> list[QueueItem]:
-            await self._reap_leases(db, now)
-            rows = await _all(
-                db,
+        def body(conn: sqlite3.Connection) -> list[QueueItem]:
+            _reap_leases(conn, now)
+            rows = conn.execute(
                 f"UPDATE queue SET state = 'expired' WHERE state = 'pending' AND created_at < ? "
                 f"RETURNING {_QUEUE_COLUMNS}",
                 (cutoff,),
-            )
+            ).fetchall()
             return sorted((_item(r) for r in rows), key=lambda item: item.id)
 
-        return await self._run("expire", body)
+        return await self._run("expire", self._in_thread(body), write=False)
 
     async def position(self, item_id: int) -> int:
         """1-based position among pending inbound+outbound items (0 if not pending)."""
@@ -948,14 +953,12 @@ class SqliteStore:
     async def _set_state(
         self, operation: str, item_id: int, assignments: str, args: tuple[Any, ...]
     ) -> QueueItem:
-        async def body(db: aiosqlite.Connection) -> sqlite3.Row | None:
-            return await _one(
-                db,
-                f"UPDATE queue SET {assignments} WHERE id = ? RETURNING {_QUEUE_COLUMNS}",
-                (*args, item_id),
-            )
+        def body(conn: sqlite3.Connection) -> sqlite3.Row | None:
+            sql = f"UPDATE queue SET {assignments} WHERE id = ? RETURNING {_QUEUE_COLUMNS}"
+            row: sqlite3.Row | None = conn.execute(sql, (*args, item_id)).fetchone()
+            return row
 
-        row = await self._run(operation, body)
+        row = await self._run(operation, self._in_thread(body), write=False)
         if row is None:  # raised outside the breaker: an unknown id is not a storage failure
             raise QueueItemNotFoundError(item_id)
         return _item(row)
@@ -966,14 +969,6 @@ class SqliteStore:
         if row is None:
             raise QueueItemNotFoundError(item_id)
         return _item(row)
-
-    @staticmethod
-    async def _reap_leases(db: aiosqlite.Connection, now: float) -> None:
-        await db.execute(
-            "UPDATE queue SET state = 'pending', lease_until = NULL "
-            "WHERE state = 'claimed' AND lease_until <= ?",
-            (now,),
-        )
 
     # -- processed message ids -------------------------------------------------------------
 
