@@ -3,6 +3,7 @@ validates its options, and the score punishes anything lost or duplicated."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import signal
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from bot.cli import build_parser
+from bot.ledger import Ledger
 from bot.simulate import (
     DEFAULT_MIX,
     InjectedFaults,
+    Progress,
     SimulationOptions,
     format_report,
     install_gemini_mix,
@@ -24,6 +27,7 @@ from bot.simulate import (
     resilience_score,
     simulate,
 )
+from sandbox.discord_emu import DiscordEmulator
 from sandbox.faults import FaultPlan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,11 +45,11 @@ REPORT_FIELDS = {
 async def test_a_short_run_under_heavy_faults_loses_nothing_answers_nothing_twice_and_reports_every_figure(
     tmp_path: Path,
 ) -> None:
-    """120 messages, 30 % of Gemini calls failing (the default mix), 10 % of Discord sends failing
+    """100 messages, 30 % of Gemini calls failing (the default mix), 10 % of Discord sends failing
     and a 1 s total outage: every message is answered or told why, once; the faults the
     emulators injected are the failures the bot counted; the report has every field."""
     options = SimulationOptions(
-        users=10, channels=10, messages=120, rate=60.0, gemini_error_rate=0.3, discord_error_rate=0.1,
+        users=10, channels=10, messages=100, rate=60.0, gemini_error_rate=0.3, discord_error_rate=0.1,
         outage=1.0, long_429_share=0.0, data_dir=tmp_path / "sim", settle_timeout=30.0,
         breaker_reset_seconds=1.0,
     )
@@ -54,9 +58,9 @@ async def test_a_short_run_under_heavy_faults_loses_nothing_answers_nothing_twic
     assert REPORT_FIELDS <= report.keys()
     assert report["lost"] == 0, report["lost_examples"]
     assert report["duplicated"] == 0
-    assert report["accepted"] == 120
+    assert report["accepted"] == 100
     settled = report["answered_direct"] + report["answered_after_queue"] + report["told_why"]
-    assert settled == 120
+    assert settled == 100
     assert report["answered_after_queue"] > 0  # the outage really queued messages
 
     injected = report["faults_injected"]
@@ -190,9 +194,11 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_mid_run_stops_the_bot_child(sig: signal.Signals, tmp_path: Path) -> None:
-    """Interrupted mid-traffic, ``simulate`` stops its bot child before exiting (exit code 130)."""
+@pytest.mark.parametrize(("sig", "when"), [(signal.SIGINT, "traffic"), (signal.SIGTERM, "start-up")],
+                         ids=["ctrl-c-mid-traffic", "sigterm-during-start-up"])
+def test_ctrl_c_or_sigterm_stops_the_bot_child(sig: signal.Signals, when: str, tmp_path: Path) -> None:
+    """Interrupted mid-traffic or while the bot starts, ``simulate`` stops its bot child before
+    exiting (exit code 130): no orphan is left running."""
     data = tmp_path / "sim"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bot", "simulate", "--messages", "100000", "--rate", "20", "--no-progress",
@@ -201,19 +207,23 @@ def test_ctrl_c_or_sigterm_mid_run_stops_the_bot_child(sig: signal.Signals, tmp_
     )
     try:
         deadline = time.monotonic() + 30
-        while "http_api.listening" not in _read(data / "bot.stderr.log") + _read(data / "bot.stdout.log"):
-            assert proc.poll() is None and time.monotonic() < deadline, "the bot child never started"
-            time.sleep(0.05)
-        children = _children(proc.pid)
+        if when == "traffic":
+            while '"event": "bot.ready"' not in _read(data / "bot.stderr.log"):
+                assert proc.poll() is None and time.monotonic() < deadline, "the bot child never got ready"
+                time.sleep(0.05)
+            time.sleep(0.5)
+        while not (children := _children(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no bot child was started"
+            time.sleep(0.02)
         assert len(children) == 1
-        time.sleep(0.5)  # mid-traffic
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
         assert "interrupted; the bot was stopped" in err
         # Reaped by simulate, so gone; an orphan would still be listed (under init).
         assert not Path(f"/proc/{children[0]}").exists()
-        assert '"event": "bot.signal"' in _read(data / "bot.stderr.log") + _read(data / "bot.stdout.log")
+        if when == "traffic":  # a started bot is stopped gracefully, with SIGTERM
+            assert '"event": "bot.signal"' in _read(data / "bot.stderr.log")
     finally:
         proc.kill()
         proc.wait(timeout=10)
@@ -221,3 +231,23 @@ def test_ctrl_c_or_sigterm_mid_run_stops_the_bot_child(sig: signal.Signals, tmp_
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def test_the_progress_line_rewrites_itself_on_stderr_and_stays_silent_when_disabled() -> None:
+    """One line updated in place with ``\\r`` (a newline only at the end); nothing when disabled."""
+    async with DiscordEmulator() as discord:
+        ledger = Ledger(discord)
+        await ledger.ask(discord.channels["general"], "normal", "hello")
+        out = io.StringIO()
+        progress = Progress(ledger, 10, out, enabled=True)
+        progress.show()
+        progress.show()
+        assert out.getvalue().count("\r") == 2 and "\n" not in out.getvalue()
+        assert "[..........] 1/10 sent 0 settled 0 queued 1 waiting" in out.getvalue()
+        progress.finish()
+        assert out.getvalue().endswith("\n")
+        quiet = io.StringIO()
+        silent = Progress(ledger, 10, quiet, enabled=False)
+        silent.show()
+        silent.finish()
+        assert quiet.getvalue() == ""
