@@ -21,7 +21,7 @@ from bot.pipeline import Inbound, MessagePipeline
 from resilience.breakers import BreakerState
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
-from resilience.errors import CallTimeoutError, CircuitOpenError, MutexTimeoutError, classify
+from resilience.errors import CallTimeoutError, Category, CircuitOpenError, MutexTimeoutError, classify
 from resilience.tasks import SupervisedTask, exponential_backoff
 from services.storage import StorageError
 
@@ -35,6 +35,8 @@ log = structlog.get_logger("bot.drain")
 # resend only within a few minutes; in a busy channel the answer can sit far behind the question
 # (every message queued after it adds the user's message and an acknowledgement).
 HISTORY_LOOKBACK = 500
+# A bug apology is no answer (its trace id follows the fixed part of the sentence).
+BUG_APOLOGY = texts.bug("").partition("(")[0]
 HOUSEKEEPING_EVERY = 600.0  # seconds between purges of finished items and old processed ids
 PROCESSED_RETENTION = 7 * 86400.0  # Discord replays only recent events; a week is ample
 # A failed run means storage failed (the breakers keep Gemini and Discord outages out of it). With an
@@ -82,11 +84,14 @@ class Drain:
         for item in await app.storage.expire(now=now, max_age=app.config.queue_max_age_seconds):
             app.metrics.queue_expired.labels(kind=item.kind.value).inc()
             await self.pipeline.notify(item, texts.expired(now - item.created_at))
-        if not app.board["discord.send"].would_admit():
+        send = app.board["discord.send"]
+        if not send.would_admit():
             await self._publish_stats()
             return
+        # Discord half-open: one send decides whether it is back (a batch would fail as one).
+        probing = send.state is not BreakerState.CLOSED
         items = await app.storage.claim(
-            now=now, lease_seconds=self.lease, kind=ItemKind.OUTBOUND, limit=self.batch
+            now=now, lease_seconds=self.lease, kind=ItemKind.OUTBOUND, limit=1 if probing else self.batch
         )
         gemini = app.board["gemini"]
         if app.maintenance() is not None:
@@ -95,6 +100,8 @@ class Drain:
             inbound_limit = self.batch
         else:
             inbound_limit = 1 if gemini.would_admit() else 0  # one probe while half-open
+        if probing:
+            inbound_limit = 0 if items else min(inbound_limit, 1)
         if inbound_limit:
             items += await app.storage.claim(
                 now=now, lease_seconds=self.lease, kind=ItemKind.INBOUND, limit=inbound_limit
@@ -119,7 +126,12 @@ class Drain:
             except Exception as exc:
                 verdict = classify(exc)
                 log.warning("drain.item_failed", item=item.id, category=verdict.category.value)
-                await self.pipeline.requeue(item, verdict.category.value, retry_after=verdict.retry_after)
+                await self.pipeline.requeue(
+                    item,
+                    verdict.category.value,
+                    retry_after=verdict.retry_after,
+                    count_attempt=verdict.category is not Category.CIRCUIT_OPEN,
+                )
 
     async def _process_item(self, item: QueueItem, inbound: Inbound) -> None:
         app = self.app
@@ -154,13 +166,7 @@ class Drain:
             return False
         try:
             async for message in channel.history(limit=HISTORY_LOOKBACK, after=discord.Object(id=message_id)):
-                ref = message.reference
-                if (
-                    message.author.id == me
-                    and ref is not None
-                    and ref.message_id == message_id
-                    and not message.content.startswith(texts.ACK_MARK)
-                ):
+                if message.author.id == me and is_answer_to(message, message_id):
                     return True
         except asyncio.CancelledError:
             raise
@@ -185,3 +191,19 @@ class Drain:
         except Exception:
             return
         self.app.metrics.set_queue_stats(stats)
+
+
+def is_answer_to(message: discord.Message, message_id: int) -> bool:
+    """Whether the bot's ``message`` is (the first chunk of) the answer to ``message_id``.
+
+    ``deliver`` sends an answer's chunk 0 with the nonce ``<message id>.0``; every other message
+    of the bot (an acknowledgement, a bug apology, a notice) has another nonce, so the nonce
+    decides when the history carries one. Without it (Discord does not promise to return it),
+    the answer is the reply to the message that is neither an acknowledgement nor an apology.
+    """
+    if message.nonce is not None:
+        return str(message.nonce) == f"{message_id}.0"[-25:]
+    ref = message.reference
+    if ref is None or ref.message_id != message_id:
+        return False
+    return not message.content.startswith((texts.ACK_MARK, BUG_APOLOGY))

@@ -19,7 +19,8 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -27,11 +28,13 @@ import structlog
 
 from bot import texts
 from bot.splitting import split_message
+from resilience.breakers import BreakerState
 from resilience.context import current_trace_id, request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
-from resilience.errors import Category, MutexTimeoutError, classify
+from resilience.errors import Category, Classification, MutexTimeoutError, classify, user_message_for
+from resilience.mutex import KeyedMutex
 from services.discord_io import PartialDeliveryError
-from services.storage import Turn
+from services.storage import StorageError, Turn
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -104,6 +107,10 @@ class MessagePipeline:
         self._bot_user_id = bot_user_id
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._inflight: set[asyncio.Task[Any]] = set()
+        # Intake order per conversation: held across acceptance (and, when it fails, until the
+        # conversation mutex is taken for the unsaved answer), so one conversation's messages
+        # reach the mutex in arrival order however long each one's write took.
+        self._intake = KeyedMutex(clock=app.clock)
 
     # -- the fast path --------------------------------------------------------------------
 
@@ -194,10 +201,16 @@ class MessagePipeline:
         if maintenance is not None:
             position: int | None = None
             if cfg.maintenance_queue_messages:
-                item = await self.accept(inbound, claim=False, extra={"acked": True})
-                if item is None:
-                    return "ignored_duplicate"
-                position = await app.storage.position(item.id)
+                try:
+                    item = await self.accept(inbound, claim=False, extra={"acked": True})
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # not saved: the notice must not say it was
+                    log.warning("pipeline.accept_failed", category=classify(exc).category.value)
+                else:
+                    if item is None:
+                        return "ignored_duplicate"
+                    position = await self._position(item)
             await self._say(message, texts.maintenance(maintenance, queued_position=position))
             return "maintenance"
 
@@ -206,25 +219,56 @@ class MessagePipeline:
             await self._say(message, texts.cooldown(wait))
             return "rate_limited"
 
-        try:
-            accepted = await app.storage.accept_with_history(
-                inbound.message_id,
-                ItemKind.INBOUND,
-                inbound.key,
-                inbound.payload(attachments=bool(message.attachments)),
-                now=app.clock.time(),
-                lease_seconds=self._lease_seconds(),
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # Storage is down: we cannot promise a later answer, so answer live or say why now.
-            verdict = classify(exc)
-            log.warning("pipeline.accept_failed", category=verdict.category.value)
-            return await self._answer_unsaved(message, inbound)
+        async with AsyncExitStack() as intake:
+            # An older message holds the intake at most for its write (which gives up at the
+            # storage timeout); past that and the usual acquire timeout, go on unordered.
+            with suppress(MutexTimeoutError):
+                limit = app.storage.statement_timeout + cfg.mutex_acquire_timeout_seconds
+                order = self._intake.acquire(inbound.key, limit, str(message.id))
+                await intake.enter_async_context(order)
+            try:
+                accepted = await app.storage.accept_with_history(
+                    inbound.message_id,
+                    ItemKind.INBOUND,
+                    inbound.key,
+                    inbound.payload(attachments=bool(message.attachments)),
+                    now=app.clock.time(),
+                    lease_seconds=self._lease_seconds(),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Storage is down: we cannot promise a later answer, so answer live or say why now.
+                verdict = classify(exc)
+                log.warning("pipeline.accept_failed", category=verdict.category.value)
+                return await self._answer_unsaved(message, inbound, intake)
+        # The intake is released. Nothing awaits between here and the conversation mutex, so an
+        # accepted message queues for the mutex before the next message of its conversation.
         if accepted is None:
             return "ignored_duplicate"
         item, history = accepted
+        try:
+            return await self._answer_accepted(message, inbound, item, history)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, StorageError) and not classify(exc).retryable:
+                raise  # a bug: on_message apologises
+            # Storage failed after acceptance. The item is safe (claimed under its lease, or
+            # pending): the drain answers it, so the honest reply is "queued", not an apology.
+            verdict = classify(exc)
+            log.warning("pipeline.storage_failed_after_accept", item=item.id, category=verdict.category.value)
+            if verdict.category is Category.INTERNAL:
+                verdict = replace(verdict, user_message=user_message_for(Category.UNAVAILABLE))
+            await self._reply_ack(message.channel, message, texts.queued(verdict, 0), item)
+            return "queued"
+
+    async def _answer_accepted(
+        self, message: discord.Message, inbound: Inbound, item: QueueItem, history: list[Turn] | None
+    ) -> str:
+        """Answer a freshly accepted message live, or queue it behind its conversation."""
+        app = self.app
+        cfg = app.config
         if item.state is ItemState.PENDING:
             # The conversation already has queued messages: this one waits its turn behind them.
             await self._ack_busy(message, item)
@@ -333,7 +377,7 @@ class MessagePipeline:
                 chunks,
                 reply_to=original,
                 mention_user=_Snowflake(inbound.author_id),
-                nonce=str(inbound.message_id),
+                nonce=str(item.payload.get("nonce", inbound.message_id)),
                 first_index=first,
             )
         except asyncio.CancelledError:
@@ -347,6 +391,8 @@ class MessagePipeline:
             if verdict.retryable:
                 if turns:
                     await app.storage.append_turns(inbound.key, turns)
+                # the first failure of a fresh answer is no attempt at delivering a queued one
+                counted = item.kind is ItemKind.OUTBOUND and self.counts_against(verdict, "discord.send")
                 await self.requeue(
                     item,
                     f"delivery: {verdict.category.value}",
@@ -358,13 +404,20 @@ class MessagePipeline:
                         "chunk_offset": first,
                     },
                     retry_after=verdict.retry_after,
-                    count_attempt=item.kind is ItemKind.OUTBOUND,
+                    count_attempt=counted,
                 )
                 return "queued"
             log.warning("pipeline.undeliverable", category=verdict.category.value, item=item.id)
             await app.storage.dead_letter(item.id, f"undeliverable: {verdict.category.value}")
             return "error"
-        await app.storage.finish(item.id, key=inbound.key, turns=turns)
+        try:
+            await app.storage.finish(item.id, key=inbound.key, turns=turns)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Delivered, not recorded: once the lease runs out the drain finds the answer by its
+            # nonce and completes the item (the exchange stays out of the history).
+            log.warning("pipeline.finish_failed", item=item.id, category=classify(exc).category.value)
         return outcome
 
     # -- failure routing ------------------------------------------------------------------
@@ -384,15 +437,22 @@ class MessagePipeline:
         verdict = classify(exc, now=app.clock.time())
         app.metrics.errors.labels(category=verdict.category.value).inc()
         if verdict.retryable:
-            # An open breaker is no attempt of this item; everything else counts towards dead-lettering.
-            counted = verdict.category is not Category.CIRCUIT_OPEN
-            requeued = await self.requeue(
-                item, verdict.category.value, retry_after=verdict.retry_after, count_attempt=counted
-            )
+            counted = self.counts_against(verdict, "gemini")
+            try:
+                requeued = await self.requeue(
+                    item, verdict.category.value, retry_after=verdict.retry_after, count_attempt=counted
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as failure:
+                # Still claimed under its lease: the drain picks it up when the lease runs out.
+                category = classify(failure).category.value
+                log.warning("pipeline.requeue_failed", item=item.id, category=category)
+                requeued = item
             if requeued.state is ItemState.DEAD:
                 return "error"
             if live or not item.payload.get("acked"):
-                position = await app.storage.position(requeued.id)
+                position = await self._position(requeued)
                 await self._reply_ack(channel, original, texts.queued(verdict, position), requeued)
             return "queued"
         if verdict.category is Category.INTERNAL:
@@ -408,6 +468,19 @@ class MessagePipeline:
             channel=channel,
             outcome="refused",
         )
+
+    def counts_against(self, verdict: Classification, breaker: str) -> bool:
+        """Whether a transient failure says something about the item, so it counts as an attempt.
+
+        A rejection by an open breaker, a failed half-open probe and the failure that opened the
+        breaker are the dependency's outage, not the item's fault: counted, an outage longer
+        than the back-off would dead-letter whatever it hit. So only a failure that leaves
+        ``breaker`` closed (read after the failure) counts; a message that keeps failing while
+        the dependency works is still dead-lettered after ``queue_max_attempts``.
+        """
+        if verdict.category is Category.CIRCUIT_OPEN:
+            return False
+        return self.app.board[breaker].state is BreakerState.CLOSED
 
     async def requeue(
         self,
@@ -440,7 +513,12 @@ class MessagePipeline:
         return updated
 
     async def notify(self, item: QueueItem, text: str) -> None:
-        """Tell the author of a queued message something, as a reply to it; failures are logged."""
+        """Tell the author of a queued message something (a dead letter, an expiry), as a reply to it.
+
+        A notice Discord does not take now (it is down: often why the item gave up) is queued as
+        an outbound item of its own, so the user is told once Discord is back; a notice that
+        cannot be queued either is logged.
+        """
         inbound = Inbound.from_payload(item.payload)
         mention = None
         if item.payload.get("interaction"):
@@ -448,10 +526,34 @@ class MessagePipeline:
         try:
             channel = await self.app.channel_for(item)
             await self.app.discord_io.send(channel, text, reply_to=inbound.reference(), mention_user=mention)
+            return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("pipeline.notice_failed", item=item.id, category=classify(exc).category.value)
+            verdict = classify(exc)
+            log.warning("pipeline.notice_failed", item=item.id, category=verdict.category.value)
+            if not verdict.retryable or item.payload.get("notice"):
+                return  # a notice about an undeliverable notice would only loop
+        payload = {
+            **item.payload,
+            "chunks": [text],
+            "chunk_offset": 0,
+            "outcome": "refused",
+            "notice": True,
+            # not the answer's nonce: Discord would take the notice for a resent answer chunk
+            "nonce": f"n{inbound.message_id}",
+        }
+        try:
+            now = self.app.clock.time()
+            await self.app.storage.enqueue(
+                ItemKind.OUTBOUND, inbound.key, payload, now=now, dedup_key=f"notice:{item.id}"
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("pipeline.notice_lost", item=item.id, category=classify(exc).category.value)
+            return
+        self.app.drain_wake()
 
     async def _reply_ack(
         self,
@@ -477,8 +579,18 @@ class MessagePipeline:
                 log.warning("pipeline.ack_not_recorded", item=item.id)
 
     async def _ack_busy(self, message: discord.Message, item: QueueItem) -> None:
-        position = await self.app.storage.position(item.id)
+        position = await self._position(item)
         await self._reply_ack(message.channel, message, texts.queued_busy(position), item)
+
+    async def _position(self, item: QueueItem) -> int:
+        """The item's queue position for an acknowledgement, or 0 (none shown) if storage cannot say."""
+        try:
+            return await self.app.storage.position(item.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("pipeline.position_unavailable", item=item.id, category=classify(exc).category.value)
+            return 0
 
     async def accept(self, inbound: Inbound, *, claim: bool, extra: dict[str, Any]) -> QueueItem | None:
         """Accept a message durably (see ``SqliteStore.accept``); None when it was seen before."""
@@ -497,10 +609,17 @@ class MessagePipeline:
         cfg = self.app.config
         return cfg.processing_timeout_seconds + cfg.mutex_acquire_timeout_seconds + LEASE_MARGIN
 
-    async def _answer_unsaved(self, message: discord.Message, inbound: Inbound) -> str:
-        """Storage is down: try to answer live without a durable record, or say clearly why not."""
+    async def _answer_unsaved(
+        self, message: discord.Message, inbound: Inbound, intake: AsyncExitStack
+    ) -> str:
+        """Storage is down: try to answer live without a durable record, or say clearly why not.
+
+        ``intake`` (this conversation's intake order) is released only as the conversation mutex
+        is requested, so a later message of the conversation cannot overtake this one.
+        """
         app = self.app
         try:
+            await intake.aclose()  # releasing never suspends: no one gets in between
             async with app.mutex.acquire(inbound.key, app.config.mutex_acquire_timeout_seconds):
                 async with app.discord_io.typing(message.channel):
                     async with asyncio.timeout(app.config.processing_timeout_seconds):

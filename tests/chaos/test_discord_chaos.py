@@ -229,13 +229,6 @@ async def test_rest_degradation_every_third_send_and_a_send_outage_under_steady_
 
 @pytest.mark.chaos
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bot bug (bot/pipeline.py deliver): a queued answer's failed resends count as attempts while "
-    "Discord is down (circuit-open rejections too), so an outage longer than the attempts' back-off "
-    "dead-letters it, and the dead-letter notice fails on the same outage: the user gets nothing",
-)
 async def test_send_outage_longer_than_the_attempt_budget_loses_no_answer(
     spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
 ) -> None:

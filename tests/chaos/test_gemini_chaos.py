@@ -239,21 +239,8 @@ async def test_gemini_503_storm_across_many_channels_acks_fast_then_drains_after
     assert figures["heal_to_empty_s"] < 15
 
 
-PROBE_SPENDS_ATTEMPTS = (
-    "bot bug (bot/pipeline.py _route_failure, via bot/drain.py): a failed half-open probe counts as "
-    "an attempt of the queued message the drain picked as the probe, and the drain always picks the "
-    "oldest due head, so in a long outage the same message is the probe again and again and is "
-    "dead-lettered ('Sorry, I tried N times ... ask again later') while the messages behind it wait "
-    "and are answered after heal. With the defaults (5 attempts, 30 s reset) the oldest message is "
-    "given up after about 2 minutes of outage. Fix: a failure that leaves the breaker open (the probe "
-    "failed, or the call opened it) requeues with count_attempt=False, like CIRCUIT_OPEN; attempts "
-    "then count only failures of a healthy Gemini"
-)
-
-
 @pytest.mark.chaos
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=PROBE_SPENDS_ATTEMPTS)
 async def test_a_long_gemini_outage_gives_up_on_nobody_while_the_breaker_probes(
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:

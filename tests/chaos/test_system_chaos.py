@@ -608,16 +608,6 @@ async def test_storage_locked_past_its_timeout_while_gemini_fails_degrades_grace
 
 @pytest.mark.chaos
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bot bug (bot/pipeline.py): a message accepted while the storage breaker opens meets the open "
-        "breaker in _ack_busy's position() read; the exception escapes to on_message, which logs "
-        "pipeline.bug with a traceback and apologises for a bug; the drain then takes that apology "
-        "for the answer (_already_answered) and completes the item unanswered"
-    ),
-)
 async def test_message_accepted_as_the_storage_breaker_opens_is_acknowledged_and_answered(
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:
@@ -658,15 +648,6 @@ async def test_message_accepted_as_the_storage_breaker_opens_is_acknowledged_and
 
 @pytest.mark.chaos
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bot bug (bot/pipeline.py): acceptance runs before the conversation mutex, so while storage is "
-        "slow a message whose write waits out the 5 s timeout is answered live after a later message "
-        "of the same conversation that met the open breaker at once"
-    ),
-)
 async def test_conversation_stays_in_order_while_storage_is_slow(
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:

@@ -14,10 +14,15 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NoReturn
 
-from bot.texts import ACK_MARK
+import pytest
+
+from bot.pipeline import Inbound
+from bot.texts import ACK_MARK, bug
 from resilience.clock import SystemClock
 from resilience.degradation import ItemState
+from resilience.errors import CircuitOpenError
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import Live, live_bot
 
@@ -223,3 +228,161 @@ async def test_an_answer_whose_send_timed_out_but_was_posted_is_not_sent_twice(t
                 await asyncio.sleep(0.05)
         await asyncio.sleep(QUIET)
         assert len(answers(live, msg["id"])) == 1, answers(live, msg["id"])
+
+
+# -- an outage is no item's fault -------------------------------------------------------------
+
+
+async def wait_states(live: Live, expected: list[ItemState], timeout: float = 5.0) -> None:
+    """Wait until the queue's items are in ``expected`` states (a send lands before its commit)."""
+    async with asyncio.timeout(timeout):
+        while await states(live) != expected:
+            await asyncio.sleep(0.02)
+
+
+async def advance_while(live: Live, clock: ShiftedClock, rounds: int) -> None:
+    """Skip every backoff ``rounds`` times while the drain keeps running (0.05 s real time each)."""
+    for _ in range(rounds):
+        clock.advance(10)
+        live.app.drain_wake()
+        await asyncio.sleep(0.05)
+
+
+async def test_an_answer_held_up_by_a_discord_outage_is_delivered_however_many_probes_fail(
+    tmp_path: Path,
+) -> None:
+    """QUEUE_MAX_ATTEMPTS=2 and every send failing for a while (the breaker opens at once and
+    probes every 0.1 s): failed half-open probes and open-breaker rejections are Discord's outage,
+    not the answer's, so the answer is not dead-lettered; it is delivered once when Discord is back."""
+    settings = {"QUEUE_MAX_ATTEMPTS": "2", "BREAKER_FAIL_MAX": "1", "BREAKER_RESET_SECONDS": "0.1"}
+    async with start(tmp_path, **settings) as live:
+        clock = shift_time(live)
+        outage = live.discord.faults.add("503", "send")
+        msg = await live.say("deliver me later")
+        await advance_while(live, clock, 20)
+        failed = [r for r in live.discord.requests_for("send") if r.status == 503]
+        assert len(failed) > 3, "Discord was not probed during the outage"
+        assert await states(live) == [ItemState.PENDING]
+        live.discord.faults.remove(outage.id)
+        [answer] = await live.wait_replies(msg["id"], timeout=5)
+        assert "deliver me later" in answer.content
+        await asyncio.sleep(QUIET)
+        assert len(live.replies_to(msg["id"])) == 1
+        await wait_states(live, [ItemState.DONE])
+
+
+async def test_a_dead_letter_notice_discord_refuses_is_queued_and_delivered_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """A queued answer that fails twice while the Discord breaker stays closed is dead-lettered;
+    the notice saying so fails on the same outage, so it waits in the queue and reaches the user
+    once Discord takes sends again (never silence)."""
+    settings = {"QUEUE_MAX_ATTEMPTS": "2", "BREAKER_FAIL_MAX": "50"}
+    async with start(tmp_path, **settings) as live:
+        clock = shift_time(live)
+        outage = live.discord.faults.add("503", "send")
+        msg = await live.say("an unlucky answer")
+        for _ in range(40):
+            if (await states(live))[:1] == [ItemState.DEAD]:
+                break
+            await advance_while(live, clock, 1)
+        assert await states(live) == [ItemState.DEAD, ItemState.PENDING]
+        assert live.replies_to(msg["id"]) == []
+        live.discord.faults.remove(outage.id)
+        await advance_while(live, clock, 2)
+        [told] = await live.wait_replies(msg["id"], timeout=5)
+        assert "tried 2 times" in told.content, told.content
+        await asyncio.sleep(QUIET)
+        assert len(live.replies_to(msg["id"])) == 1
+        await wait_states(live, [ItemState.DEAD, ItemState.DONE])
+
+
+async def test_failed_half_open_gemini_probes_do_not_count_as_the_message_s_attempts(tmp_path: Path) -> None:
+    """QUEUE_MAX_ATTEMPTS=2, the Gemini breaker opens on the first 503 and probes every 0.1 s with
+    the queued message: a failed probe says nothing about the message, so after many failed
+    probes it is still queued, and it is answered once Gemini is back."""
+    settings = {
+        "QUEUE_MAX_ATTEMPTS": "2", "BREAKER_FAIL_MAX": "1", "BREAKER_RESET_SECONDS": "0.1",
+        "RETRY_MAX_ATTEMPTS": "1",
+    }
+    async with start(tmp_path, **settings) as live:
+        clock = shift_time(live)
+        live.gemini.faults.add("503")
+        msg = await live.say("answer me after the outage")
+        [ack] = await live.wait_replies(msg["id"])
+        assert ack.content.startswith(ACK_MARK), ack.content
+        await advance_while(live, clock, 20)
+        assert len(live.gemini.requests) > 3, "the breaker did not probe"
+        assert await states(live) == [ItemState.PENDING]
+        live.gemini.faults.clear()
+        [answer] = await live.wait_replies(msg["id"], answers_only=True, timeout=5)
+        assert "answer me after the outage" in answer.content
+        await wait_states(live, [ItemState.DONE])
+
+
+# -- storage failing after acceptance --------------------------------------------------------
+
+
+def storage_open(*_: object, **__: object) -> NoReturn:
+    """Stands in for a storage call while the storage breaker is open."""
+    raise CircuitOpenError("storage", 5.0)
+
+
+async def test_a_queue_position_storage_cannot_read_still_gets_the_queued_acknowledgement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conversation has a backlog (Gemini down) and storage fails right after a new message
+    was accepted: the user gets the "queued" acknowledgement without a position, not an apology
+    for a bug, and both messages are answered in order once Gemini is back."""
+    async with start(tmp_path, BREAKER_FAIL_MAX="1", RETRY_MAX_ATTEMPTS="1") as live:
+        live.gemini.faults.add("503")
+        first = await live.say("first in line")
+        await live.wait_replies(first["id"])
+        with monkeypatch.context() as patch:
+            patch.setattr(live.app.storage, "position", storage_open)
+            second = await live.say("second in line")
+            [ack] = await live.wait_replies(second["id"])
+        assert ack.content.startswith(ACK_MARK) and "position" not in ack.content, ack.content
+        live.gemini.faults.clear()
+        await live.wait_replies(second["id"], 2)
+        done = [m.content for m in live.sent() if not m.content.startswith(ACK_MARK)]
+        assert len(done) == 2 and "first in line" in done[0] and "second in line" in done[1], done
+
+
+async def test_a_failed_requeue_after_a_gemini_failure_acknowledges_and_the_lease_brings_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemini fails a live message and storage cannot requeue it: the user is told it is queued
+    (it is: claimed under its lease), and once the lease runs out the drain answers it, once."""
+    async with start(tmp_path, BREAKER_FAIL_MAX="1", RETRY_MAX_ATTEMPTS="1") as live:
+        clock = shift_time(live)
+        live.gemini.faults.add("503")
+        with monkeypatch.context() as patch:
+            patch.setattr(live.app.storage, "requeue", storage_open)
+            msg = await live.say("keep me")
+            [ack] = await live.wait_replies(msg["id"])
+        assert ack.content.startswith(ACK_MARK), ack.content
+        assert await states(live) == [ItemState.CLAIMED]
+        live.gemini.faults.clear()
+        clock.advance(120)  # past the lease
+        [answer] = await live.wait_replies(msg["id"], answers_only=True, timeout=5)
+        assert "keep me" in answer.content
+        await wait_states(live, [ItemState.DONE])
+        assert len(live.replies_to(msg["id"])) == 2
+
+
+async def test_the_drain_takes_only_the_answer_for_an_answer_not_an_apology_or_an_acknowledgement(
+    tmp_path: Path,
+) -> None:
+    """Looking back for an answer a dead process posted, the drain recognises the answer by its
+    nonce: a bug apology or a "queued" acknowledgement replying to the message is no answer."""
+    async with start(tmp_path) as live:
+        msg = await live.say("not for the bot", mention=False)
+        channel = await live.app.channel(live.general)
+        ref = Inbound(int(msg["id"]), live.general, None, 0, "").reference()
+        drain = live.bot.drain
+        await live.app.discord_io.send(channel, bug("abc123"), reply_to=ref)
+        await live.app.discord_io.send(channel, f"{ACK_MARK} saved", reply_to=ref)
+        assert not await drain._already_answered(channel, int(msg["id"]))
+        await live.app.discord_io.send_chunks(channel, ["the answer"], reply_to=ref, nonce=str(msg["id"]))
+        assert await drain._already_answered(channel, int(msg["id"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -330,3 +331,25 @@ async def test_a_message_accepted_while_its_conversation_is_held_is_answered_wit
         assert await live.app.storage.forget(key) == 2  # what /reset does, under the mutex
     [answer] = await live.wait_replies(waiting["id"])
     assert "saw 0 earlier turns" in answer.content
+
+
+async def test_a_conversation_stays_in_order_when_an_earlier_message_s_write_is_slow(live: Live) -> None:
+    """Another writer holds the database: A's acceptance waits out the storage timeout, then the
+    storage breaker opens and B (same conversation) would fail to be saved at once. Both are
+    answered live, unsaved, and A first: messages enter a conversation in arrival order."""
+    live.app.storage.statement_timeout = 0.5
+    writer = sqlite3.connect(live.app.storage.path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        first = await live.say("message A")
+        await asyncio.sleep(0.1)  # A is waiting on the lock
+        live.app.board["storage"].force_open(30, reason="test")
+        second = await live.say("message B")
+        await live.wait_replies(first["id"], timeout=5)
+        await live.wait_replies(second["id"], timeout=5)
+    finally:
+        writer.rollback()
+        writer.close()
+        live.app.board["storage"].reset()
+    answers = [m.content for m in live.sent() if not m.content.startswith(ACK_MARK)]
+    assert len(answers) == 2 and "message A" in answers[0] and "message B" in answers[1], answers
