@@ -20,12 +20,12 @@ run: $(STAMP)
 test: $(STAMP)
 	@$(PY) -m pytest -q
 
-# The chaos scenarios (each under 2 minutes), then a 5,000-message load run under the default
+# The chaos scenarios (each under 2 minutes), then a 2,000-message load run under the default
 # error mix; `python -m bot simulate` exits 1 if a message was lost or answered twice, or the
 # resilience score is under 85.
 chaos: $(STAMP)
 	@$(PY) -m pytest -q -m chaos --durations=0
-	@$(PY) -m bot simulate --messages 5000
+	@$(PY) -m bot simulate --messages 2000
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check .
