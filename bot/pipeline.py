@@ -10,7 +10,9 @@ Acceptance is the durable point of no return: ``storage.accept`` records the mes
 processed and stores the work item in one transaction, so after ``kill -9`` the drain finds
 it (its lease runs out) and answers it, and a replayed gateway event is never answered twice.
 A live message is accepted with ``accept_with_history``: the same transaction also reads the
-history to answer with, when the message is next in its conversation.
+history to answer with, when the message is next in its conversation. Messages of one
+conversation reach its mutex in arrival order (``Arrivals``), however long each one's write
+took, so an unsaved answer (storage down) never overtakes an earlier message.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,6 @@ from resilience.breakers import BreakerState
 from resilience.context import current_trace_id, request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, Classification, MutexTimeoutError, classify, user_message_for
-from resilience.mutex import KeyedMutex
 from services.discord_io import PartialDeliveryError
 from services.storage import StorageError, Turn
 
@@ -107,10 +107,7 @@ class MessagePipeline:
         self._bot_user_id = bot_user_id
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._inflight: set[asyncio.Task[Any]] = set()
-        # Intake order per conversation: held across acceptance (and, when it fails, until the
-        # conversation mutex is taken for the unsaved answer), so one conversation's messages
-        # reach the mutex in arrival order however long each one's write took.
-        self._intake = KeyedMutex(clock=app.clock)
+        self._arrivals = Arrivals()
 
     # -- the fast path --------------------------------------------------------------------
 
@@ -219,13 +216,8 @@ class MessagePipeline:
             await self._say(message, texts.cooldown(wait))
             return "rate_limited"
 
-        async with AsyncExitStack() as intake:
-            # An older message holds the intake at most for its write (which gives up at the
-            # storage timeout); past that and the usual acquire timeout, go on unordered.
-            with suppress(MutexTimeoutError):
-                limit = app.storage.statement_timeout + cfg.mutex_acquire_timeout_seconds
-                order = self._intake.acquire(inbound.key, limit, str(message.id))
-                await intake.enter_async_context(order)
+        arrival = self._arrivals.enter(inbound.key)
+        try:
             try:
                 accepted = await app.storage.accept_with_history(
                     inbound.message_id,
@@ -241,44 +233,55 @@ class MessagePipeline:
                 # Storage is down: we cannot promise a later answer, so answer live or say why now.
                 verdict = classify(exc)
                 log.warning("pipeline.accept_failed", category=verdict.category.value)
-                return await self._answer_unsaved(message, inbound, intake)
-        # The intake is released. Nothing awaits between here and the conversation mutex, so an
-        # accepted message queues for the mutex before the next message of its conversation.
-        if accepted is None:
-            return "ignored_duplicate"
-        item, history = accepted
-        try:
-            return await self._answer_accepted(message, inbound, item, history)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not isinstance(exc, StorageError) and not classify(exc).retryable:
-                raise  # a bug: on_message apologises
-            # Storage failed after acceptance. The item is safe (claimed under its lease, or
-            # pending): the drain answers it, so the honest reply is "queued", not an apology.
-            verdict = classify(exc)
-            log.warning("pipeline.storage_failed_after_accept", item=item.id, category=verdict.category.value)
-            if verdict.category is Category.INTERNAL:
-                verdict = replace(verdict, user_message=user_message_for(Category.UNAVAILABLE))
-            await self._reply_ack(message.channel, message, texts.queued(verdict, 0), item)
-            return "queued"
+                return await self._answer_unsaved(message, inbound, arrival)
+            if accepted is None:
+                return "ignored_duplicate"
+            item, history = accepted
+            try:
+                return await self._answer_accepted(message, inbound, item, history, arrival)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, StorageError) and not classify(exc).retryable:
+                    raise  # a bug: on_message apologises
+                # Storage failed after acceptance. The item is safe (claimed under its lease, or
+                # pending): the drain answers it, so the honest reply is "queued", not an apology.
+                verdict = classify(exc)
+                category = verdict.category.value
+                log.warning("pipeline.storage_failed_after_accept", item=item.id, category=category)
+                if verdict.category is Category.INTERNAL:
+                    verdict = replace(verdict, user_message=user_message_for(Category.UNAVAILABLE))
+                await self._reply_ack(message.channel, message, texts.queued(verdict, 0), item)
+                return "queued"
+        finally:
+            self._arrivals.leave(inbound.key, arrival)
 
     async def _answer_accepted(
-        self, message: discord.Message, inbound: Inbound, item: QueueItem, history: list[Turn] | None
+        self,
+        message: discord.Message,
+        inbound: Inbound,
+        item: QueueItem,
+        history: list[Turn] | None,
+        arrival: asyncio.Future[None],
     ) -> str:
         """Answer a freshly accepted message live, or queue it behind its conversation."""
         app = self.app
         cfg = app.config
         if item.state is ItemState.PENDING:
             # The conversation already has queued messages: this one waits its turn behind them.
+            self._arrivals.leave(inbound.key, arrival)
             await self._ack_busy(message, item)
             return "queued"
 
-        if app.mutex.locked(inbound.key):
-            # Someone holds the conversation (an older message, a /reset): the history read at
-            # acceptance may be stale by the time we get it, so read it again under the mutex.
-            history = None
         try:
+            # An older message of this conversation still on its way to the mutex (a slow write,
+            # an unsaved answer being generated) goes first; waiting too long is a busy conversation.
+            waited = await self._arrivals.wait_older(inbound.key, arrival, cfg.mutex_acquire_timeout_seconds)
+            self._arrivals.leave(inbound.key, arrival)  # nothing awaits from here to the mutex queue
+            if waited or app.mutex.locked(inbound.key):
+                # Someone went first or holds the conversation (an older message, a /reset): the
+                # history read at acceptance may be stale, so read it again under the mutex.
+                history = None
             async with app.mutex.acquire(
                 inbound.key, cfg.mutex_acquire_timeout_seconds, holder=str(message.id)
             ):
@@ -610,30 +613,39 @@ class MessagePipeline:
         return cfg.processing_timeout_seconds + cfg.mutex_acquire_timeout_seconds + LEASE_MARGIN
 
     async def _answer_unsaved(
-        self, message: discord.Message, inbound: Inbound, intake: AsyncExitStack
+        self, message: discord.Message, inbound: Inbound, arrival: asyncio.Future[None]
     ) -> str:
         """Storage is down: try to answer live without a durable record, or say clearly why not.
 
-        ``intake`` (this conversation's intake order) is released only as the conversation mutex
-        is requested, so a later message of the conversation cannot overtake this one.
+        The answer (history-less, so it can be generated at once) is sent only after the older
+        messages of the conversation have taken their place at the mutex: a slow write cannot be
+        overtaken by a later message. A reason why not needs no order and goes out at once.
         """
         app = self.app
+        cfg = app.config
         try:
-            await intake.aclose()  # releasing never suspends: no one gets in between
-            async with app.mutex.acquire(inbound.key, app.config.mutex_acquire_timeout_seconds):
-                async with app.discord_io.typing(message.channel):
-                    async with asyncio.timeout(app.config.processing_timeout_seconds):
-                        reply = await app.gemini.generate(inbound.content, ())
+            async with app.discord_io.typing(message.channel):
+                async with asyncio.timeout(cfg.processing_timeout_seconds):
+                    reply = await app.gemini.generate(inbound.content, ())
             chunks = (
                 split_message(reply.text or "") if reply.ok else [reply.user_message or texts.no_answer()]
             )
-            await app.discord_io.send_chunks(
-                message.channel, chunks, reply_to=message, mention_user=message.author
-            )
+            # An older message takes at most its write and its generation to reach the mutex.
+            older = app.storage.statement_timeout + cfg.processing_timeout_seconds
+            try:
+                await self._arrivals.wait_older(inbound.key, arrival, older)
+            except MutexTimeoutError:
+                log.warning("pipeline.order_wait_timed_out", key=inbound.key)
+            self._arrivals.leave(inbound.key, arrival)  # nothing awaits from here to the mutex queue
+            async with app.mutex.acquire(inbound.key, cfg.mutex_acquire_timeout_seconds):
+                await app.discord_io.send_chunks(
+                    message.channel, chunks, reply_to=message, mention_user=message.author
+                )
             return "answered" if reply.ok else "refused"
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self._arrivals.leave(inbound.key, arrival)
             await self._say(message, texts.cannot_accept(classify(exc)))
             return "error"
 
@@ -672,3 +684,47 @@ class _Snowflake:
 
     def __init__(self, id: int) -> None:
         self.id = id
+
+
+class Arrivals:
+    """Per conversation, the messages between arrival and their place in the conversation's mutex queue.
+
+    Acceptance runs before the mutex and may take up to the storage timeout; a later message
+    whose write failed at once must not overtake an earlier one still writing. Entering never
+    waits (the fast "queued" acknowledgement stays fast); only a message about to take the mutex
+    waits for the older ones of its conversation to leave, which they do as they take it.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+
+    def enter(self, key: str) -> asyncio.Future[None]:
+        """Register an arrival; ``leave`` it on every path (it is idempotent)."""
+        arrival: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(arrival)
+        return arrival
+
+    async def wait_older(self, key: str, arrival: asyncio.Future[None], limit: float) -> bool:
+        """Wait until every older arrival of ``key`` has left; True if there was one to wait for.
+
+        Returns without suspending when there is none. Raises ``MutexTimeoutError`` after ``limit`` s.
+        """
+        waiting = self._waiting.get(key, [])
+        older = waiting[: waiting.index(arrival)] if arrival in waiting else []
+        if not older:
+            return False
+        _, pending = await asyncio.wait(older, timeout=limit)
+        if pending:
+            raise MutexTimeoutError(key, limit)
+        return True
+
+    def leave(self, key: str, arrival: asyncio.Future[None]) -> None:
+        """Mark an arrival as placed (or gone); younger ones waiting on it go on."""
+        if arrival.done():
+            return
+        arrival.set_result(None)
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.remove(arrival)
+            if not waiting:
+                del self._waiting[key]

@@ -353,3 +353,29 @@ async def test_a_conversation_stays_in_order_when_an_earlier_message_s_write_is_
         live.app.board["storage"].reset()
     answers = [m.content for m in live.sent() if not m.content.startswith(ACK_MARK)]
     assert len(answers) == 2 and "message A" in answers[0] and "message B" in answers[1], answers
+
+
+async def test_a_reason_why_not_is_not_held_behind_an_earlier_message_s_slow_write(live: Live) -> None:
+    """Same slow write for A, but Gemini is down too: B's "can't answer, can't save" comes at once,
+    not after A's write gives up (only answers wait for their turn; a reason needs none)."""
+    live.app.storage.statement_timeout = 1.0
+    writer = sqlite3.connect(live.app.storage.path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        first = await live.say("message A")
+        await asyncio.sleep(0.05)  # A is waiting on the lock
+        live.app.board["storage"].force_open(30, reason="test")
+        live.app.board["gemini"].force_open(30, reason="test")
+        started = time.perf_counter()
+        second = await live.say("message B")
+        [refusal] = await live.wait_replies(second["id"], timeout=5)
+        waited = time.perf_counter() - started
+        assert not live.replies_to(first["id"]), "A's write should still be waiting"
+        await live.wait_replies(first["id"], timeout=5)
+    finally:
+        writer.rollback()
+        writer.close()
+        live.app.board["storage"].reset()
+        live.app.board["gemini"].reset()
+    assert "can't save messages right now" in refusal.content, refusal.content
+    assert waited < 0.5, waited
