@@ -3,9 +3,12 @@
 A supervised loop (``resilience.tasks.SupervisedTask``). Each run expires stale items (and
 tells their users), then claims work only as far as the breakers let calls through: nothing
 while ``discord.send`` is open, outbound items while Gemini is open, one inbound item as the
-probe while Gemini is half-open, a batch when it is closed. The queue hands out at most the
-head of each conversation, so answers stay in order per conversation. A restarted bot
-resumes what the previous process left: its claims are released at start-up.
+probe while Gemini is half-open, up to ``concurrency`` items when it is closed. Each claimed
+item runs as a task of its own and the loop claims again as soon as one finishes, so one slow
+item (a hang, a retried 429) holds up only its own conversation. The queue hands out at most
+the head of each conversation and nothing where one is claimed, so answers stay in order per
+conversation. A restarted bot resumes what the previous process left: its claims are released
+at start-up, and only such an item (``claim_abandoned``) is looked for in the channel's history.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import CallTimeoutError, Category, CircuitOpenError, MutexTimeoutError, classify
 from resilience.tasks import SupervisedTask, exponential_backoff
-from services.storage import StorageError
+from services.storage import StorageError, claim_abandoned
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -43,15 +46,30 @@ PROCESSED_RETENTION = 7 * 86400.0  # Discord replays only recent events; a week 
 # open storage breaker a run costs one rejected call, and the drain is what probes the breaker
 # when no user writes: a long backoff would leave the queue waiting long after storage is back.
 FAILURE_BACKOFF_CAP = 5.0
+# Items worked on at once. Each waits mostly on Gemini or Discord; the queue gives out one item per
+# conversation, so this also bounds how many conversations the drain serves at the same time.
+CONCURRENCY = 20
+# An item's task is cancelled this long before its lease runs out, so no second claim overlaps it.
+LEASE_MARGIN = 10.0
 
 
 class Drain:
-    """Owns the drain loop; ``wake()`` runs it now (after a requeue, a breaker reset, an operator)."""
+    """Owns the drain loop and its in-flight items; ``wake()`` runs it now (after a requeue, a breaker
+    reset, an operator, a finished item)."""
 
-    def __init__(self, app: Application, pipeline: MessagePipeline, *, interval: float = 1.0, batch: int = 5):
+    def __init__(
+        self,
+        app: Application,
+        pipeline: MessagePipeline,
+        *,
+        interval: float = 1.0,
+        concurrency: int = CONCURRENCY,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.app = app
         self.pipeline = pipeline
-        self.batch = batch
+        self.concurrency = concurrency
         cfg = app.config
         self.lease = cfg.processing_timeout_seconds * 2 + 30.0
         self.task = SupervisedTask(
@@ -65,18 +83,36 @@ class Drain:
             expected=(CircuitOpenError, CallTimeoutError, StorageError),  # storage down: no stack
         )
         self._next_housekeeping = 0.0
+        self._inflight: dict[asyncio.Task[None], ItemKind] = {}
 
     def start(self) -> None:
         self.task.start()
 
     async def stop(self) -> None:
-        await self.task.stop()
+        """Stop claiming, cancel the items in flight and wait for them; safe to call twice.
+
+        A cancelled item stays claimed: the next start releases it (``release_claims``) and the
+        drain then looks for its answer in the channel before answering it again.
+        """
+        try:
+            await self.task.stop()
+        finally:
+            tasks = list(self._inflight)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     def wake(self) -> None:
         self.task.wake()
 
+    @property
+    def inflight(self) -> int:
+        """How many claimed items are being worked on now."""
+        return len(self._inflight)
+
     async def run_once(self) -> None:
-        """One pass; wakes itself again when it did work, so a backlog drains without waiting."""
+        """One pass: housekeeping and expiry, then claim as many due items as there are free slots."""
         app = self.app
         now = app.clock.time()
         if now >= self._next_housekeeping:
@@ -84,32 +120,65 @@ class Drain:
         for item in await app.storage.expire(now=now, max_age=app.config.queue_max_age_seconds):
             app.metrics.queue_expired.labels(kind=item.kind.value).inc()
             await self.pipeline.notify(item, texts.expired(now - item.created_at))
+        for item in await self._claim(now):
+            self._spawn(item)
+        await self._publish_stats()
+
+    async def _claim(self, now: float) -> list[QueueItem]:
+        """Claim what the free slots and the breakers allow: the one probe of a half-open breaker."""
+        app = self.app
+        free = self.concurrency - len(self._inflight)
         send = app.board["discord.send"]
-        if not send.would_admit():
-            await self._publish_stats()
-            return
-        # Discord half-open: one send decides whether it is back (a batch would fail as one).
+        if free <= 0 or not send.would_admit():
+            return []
+        # Discord half-open: one send decides whether it is back, and every item ends in a send.
         probing = send.state is not BreakerState.CLOSED
+        if probing and self._inflight:
+            return []
+        limit = 1 if probing else free
         items = await app.storage.claim(
-            now=now, lease_seconds=self.lease, kind=ItemKind.OUTBOUND, limit=1 if probing else self.batch
+            now=now, lease_seconds=self.lease, kind=ItemKind.OUTBOUND, limit=limit
         )
         gemini = app.board["gemini"]
         if app.maintenance() is not None:
             inbound_limit = 0  # maintenance: hold questions; answers already made still go out
         elif gemini.state is BreakerState.CLOSED:
-            inbound_limit = self.batch
+            inbound_limit = limit - len(items)
+        elif gemini.would_admit() and ItemKind.INBOUND not in self._inflight.values():
+            inbound_limit = min(1, limit - len(items))  # one probe while half-open
         else:
-            inbound_limit = 1 if gemini.would_admit() else 0  # one probe while half-open
-        if probing:
-            inbound_limit = 0 if items else min(inbound_limit, 1)
-        if inbound_limit:
+            inbound_limit = 0
+        if inbound_limit > 0:
             items += await app.storage.claim(
                 now=now, lease_seconds=self.lease, kind=ItemKind.INBOUND, limit=inbound_limit
             )
-        if items:
-            await asyncio.gather(*(self._process(item) for item in items))
-            self.wake()
-        await self._publish_stats()
+        return items
+
+    def _spawn(self, item: QueueItem) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_item(item), name=f"drain:item:{item.id}")
+        self._inflight[task] = item.kind
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+        if not task.cancelled():
+            self.wake()  # a slot is free, and the conversation's next item may be due
+
+    async def _run_item(self, item: QueueItem) -> None:
+        """Work on one claimed item, time-boxed within its lease; never raises but for cancellation."""
+        try:
+            async with asyncio.timeout(self.lease - LEASE_MARGIN):
+                await self._process(item)
+        except asyncio.CancelledError:
+            raise
+        except (StorageError, CircuitOpenError, CallTimeoutError) as exc:
+            # Storage failed (requeueing, recording): the claim's lease brings the item back.
+            log.warning("drain.item_not_recorded", item=item.id, category=classify(exc).category.value)
+        except TimeoutError:
+            # Still claimed: when the lease runs out it is reaped, and its answer looked for first.
+            log.warning("drain.item_timed_out", item=item.id, seconds=self.lease - LEASE_MARGIN)
+        except Exception:
+            log.exception("drain.item_crashed", item=item.id)
 
     async def _process(self, item: QueueItem) -> None:
         inbound = Inbound.from_payload(item.payload)
@@ -148,7 +217,7 @@ class Drain:
                 outcome=str(item.payload.get("outcome", "answered_late")),
             )
             return
-        if await self._already_answered(channel, inbound.message_id):
+        if claim_abandoned(item) and await self._already_answered(channel, inbound.message_id):
             # A previous process answered and died before it could record that.
             await app.storage.complete(item.id)
             return

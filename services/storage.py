@@ -213,11 +213,27 @@ async def _all(db: aiosqlite.Connection, sql: str, args: Any = ()) -> builtins.l
     return builtins.list(await db.execute_fetchall(sql, args))
 
 
+# The last_error of an item whose claim ended without its holder recording how: the holder died
+# (its claims are released at start-up) or outlived its lease. It may have posted the answer, so
+# only such an item needs a look at the channel before it is answered (claim_abandoned).
+CLAIM_RELEASED = "claim released at start-up"
+LEASE_RAN_OUT = "lease ran out"
+
+
+def claim_abandoned(item: QueueItem) -> bool:
+    """Whether ``item``'s last claim ended with no outcome recorded (its answer may be out already).
+
+    False for an item never claimed and for one its holder put back (``requeue``, ``fail``).
+    """
+    return item.last_error in (CLAIM_RELEASED, LEASE_RAN_OUT)
+
+
 def _reap_leases(conn: sqlite3.Connection, now: float) -> None:
     """Return claims whose lease ran out (their worker crashed) to pending."""
     conn.execute(
-        "UPDATE queue SET state = 'pending', lease_until = NULL WHERE state = 'claimed' AND lease_until <= ?",
-        (now,),
+        "UPDATE queue SET state = 'pending', lease_until = NULL, last_error = ? "
+        "WHERE state = 'claimed' AND lease_until <= ?",
+        (LEASE_RAN_OUT, now),
     )
 
 
@@ -940,11 +956,16 @@ class SqliteStore:
         return await self._set_state("update_payload", item_id, ", ".join(sets), tuple(args))
 
     async def release_claims(self) -> int:
-        """Return every claimed item to pending: at start-up, all claims belong to a dead process."""
+        """Return every claimed item to pending: at start-up, all claims belong to a dead process.
+
+        Each is marked ``CLAIM_RELEASED``: that process may have answered it (``claim_abandoned``).
+        """
 
         async def body(db: aiosqlite.Connection) -> int:
             cur = await db.execute(
-                "UPDATE queue SET state = 'pending', lease_until = NULL WHERE state = 'claimed'"
+                "UPDATE queue SET state = 'pending', lease_until = NULL, last_error = ? "
+                "WHERE state = 'claimed'",
+                (CLAIM_RELEASED,),
             )
             return cur.rowcount
 

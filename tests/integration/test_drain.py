@@ -386,3 +386,64 @@ async def test_the_drain_takes_only_the_answer_for_an_answer_not_an_apology_or_a
         assert not await drain._already_answered(channel, int(msg["id"]))
         await live.app.discord_io.send_chunks(channel, ["the answer"], reply_to=ref, nonce=str(msg["id"]))
         assert await drain._already_answered(channel, int(msg["id"]))
+
+
+# -- throughput: items in flight independently; the history check only where it is needed -----
+
+
+async def test_a_slow_queued_answer_does_not_hold_up_the_queued_messages_of_other_conversations(
+    tmp_path: Path,
+) -> None:
+    """Conversation A's queued message meets a 2 s Gemini hang; conversation B's three queued
+    messages are answered meanwhile, in order, before A's answer (the drain claims B's next
+    message as soon as B's previous one is done, not after the slowest item it holds)."""
+    async with start(tmp_path, MUTEX_ACQUIRE_TIMEOUT_SECONDS="0.2") as live:
+        other = live.discord.channels["random"]
+        async with live.app.mutex.acquire(str(other), 1.0, holder="test"):
+            async with live.app.mutex.acquire(str(live.general), 1.0, holder="test"):
+                slow = await live.say("the slow one")
+                await live.wait_replies(slow["id"])
+                quick = []
+                for n in range(3):
+                    quick.append(await live.say(f"quick {n}", channel=other))
+                    await live.wait_replies(quick[-1]["id"], channel=other)
+                assert len(live.gemini.requests) == 0  # everything queued behind the held locks
+                live.gemini.faults.add("latency", count=1, seconds=2.0)
+            await live.discord.wait_until(lambda: len(live.gemini.requests) == 1, 3.0)  # A's call hangs
+        # B is free: its queued messages go while A's call still hangs
+        await live.wait_replies(quick[-1]["id"], 2, channel=other, timeout=1.5)
+        assert answers(live, slow["id"]) == []
+        done = [m.content for m in live.sent(other) if not m.content.startswith(ACK_MARK)]
+        assert len(done) == 3 and all(f"quick {n}" in done[n] for n in range(3)), done
+        [late] = await live.wait_replies(slow["id"], answers_only=True, timeout=5)
+        assert "the slow one" in late.content
+        await wait_states(live, [ItemState.DONE] * 4)
+
+
+async def test_the_drain_reads_the_channel_only_for_a_claim_a_dead_process_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message this process queued (its conversation was busy) is answered without reading the
+    channel's history; one whose claim the previous process left behind (released at start-up)
+    is looked for there first (it may have been answered), then answered once."""
+    async with running_emulators() as emus:
+        settings = {"MUTEX_ACQUIRE_TIMEOUT_SECONDS": "0.2", "RETRY_MAX_ATTEMPTS": "1"}
+        async with live_bot(emus, tmp_path / "data", **settings) as live:
+            async with live.app.mutex.acquire(str(live.general), 1.0, holder="test"):
+                busy = await live.say("queued while busy")
+                await live.wait_replies(busy["id"])
+            await live.wait_replies(busy["id"], 2, answers_only=False)
+            assert live.discord.requests_for("history") == []
+            # Gemini fails and storage cannot requeue: the claim stays, and so it does at close.
+            live.gemini.faults.add("503", count=1)
+            with monkeypatch.context() as patch:
+                patch.setattr(live.app.storage, "requeue", storage_open)
+                left = await live.say("left claimed")
+                await live.wait_replies(left["id"])
+            assert (await states(live))[-1] is ItemState.CLAIMED
+        async with live_bot(emus, tmp_path / "data", **settings) as again:
+            [answer] = await again.wait_replies(left["id"], answers_only=True, timeout=5)
+            assert "left claimed" in answer.content
+            assert len(again.discord.requests_for("history")) >= 1
+            await wait_states(again, [ItemState.DONE])  # the first one was purged at start-up
+            assert len(answers(again, left["id"])) == 1
