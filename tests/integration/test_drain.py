@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from bot.texts import ACK_MARK, bug
 from resilience.clock import SystemClock
 from resilience.degradation import ItemState
 from resilience.errors import CircuitOpenError
+from services.storage import SqliteStore
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import Live, live_bot
 
@@ -447,3 +449,50 @@ async def test_the_drain_reads_the_channel_only_for_a_claim_a_dead_process_left(
             assert len(again.discord.requests_for("history")) >= 1
             await wait_states(again, [ItemState.DONE])  # the first one was purged at start-up
             assert len(answers(again, left["id"])) == 1
+
+
+async def test_a_close_while_queued_answers_are_in_flight_cancels_them_cleanly_and_a_restart_answers_them(
+    tmp_path: Path,
+) -> None:
+    """Two queued messages (two conversations) are in flight in the drain, their Gemini calls
+    hanging, when the bot closes: close cancels and awaits them (nothing reported to the loop's
+    exception handler, nothing left running), their claims stay for the next start, and the
+    restarted bot answers each once."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        async with running_emulators() as emus:
+            settings = {"MUTEX_ACQUIRE_TIMEOUT_SECONDS": "0.2", "SHUTDOWN_GRACE_SECONDS": "0.1"}
+            async with live_bot(emus, tmp_path / "data", **settings) as live:
+                other = live.discord.channels["random"]
+                async with live.app.mutex.acquire(str(other), 1.0, holder="test"):
+                    async with live.app.mutex.acquire(str(live.general), 1.0, holder="test"):
+                        first = await live.say("first in flight")
+                        await live.wait_replies(first["id"])
+                        second = await live.say("second in flight", channel=other)
+                        await live.wait_replies(second["id"], channel=other)
+                        live.gemini.faults.add("latency", count=2, seconds=3.0)
+                await live.discord.wait_until(lambda: len(live.gemini.requests) == 2, 3.0)
+                drain = live.bot.drain
+                assert drain.inflight == 2
+            assert drain.inflight == 0 and not drain.task.running
+            assert await states_of(tmp_path) == [ItemState.CLAIMED, ItemState.CLAIMED]
+            async with live_bot(emus, tmp_path / "data") as again:
+                await again.wait_replies(first["id"], answers_only=True, timeout=5)
+                await again.wait_replies(second["id"], answers_only=True, channel=other, timeout=5)
+                await wait_states(again, [ItemState.DONE, ItemState.DONE])
+                assert len(answers(again, first["id"])) == 1
+                assert len(answers(again, second["id"], other)) == 1
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert reported == []
+
+
+async def states_of(tmp_path: Path) -> list[ItemState]:
+    """The queue's states read from the data directory of a bot that has stopped."""
+    async with SqliteStore(tmp_path / "data" / "bot.sqlite3") as store:
+        return [item.state for item in await store.list()]
