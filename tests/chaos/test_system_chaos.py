@@ -17,9 +17,9 @@ bot's HTTP API, and the bot's logs.
 - Cascading failure: a second SQLite connection holds the bot's database write lock past the
   store's statement timeout while Gemini returns 503s; users get an answer or a clear reason,
   the storage breaker opens and closes again, the drain resumes the backlog on its own within
-  seconds, and once both heal everything accepted is answered. Two strict xfails pin pipeline
-  bugs found here (a message accepted as the storage breaker opens gets a bug apology and no
-  answer; a conversation's answers are reordered while storage is slow).
+  seconds, and once both heal everything accepted is answered. Two more scenarios pin pipeline
+  bugs found here and since fixed (a message accepted as the storage breaker opens got a bug
+  apology and no answer; a conversation's answers were reordered while storage was slow).
 """
 
 from __future__ import annotations
@@ -542,7 +542,7 @@ async def test_storage_locked_past_its_timeout_while_gemini_fails_degrades_grace
       in order, new messages are answered directly. No traceback, no unhandled task exception.
 
     The lock is released only once every message has had its reply, so no write admitted before
-    the storage breaker opened is still waiting then (see the xfail scenario below for that race).
+    the storage breaker opened is still waiting then (the scenario below covers that race).
     """
     users = add_users(emulators, 3)
     channels = guild_conversations(emulators)
@@ -597,7 +597,7 @@ async def test_storage_locked_past_its_timeout_while_gemini_fails_degrades_grace
         assert all(a.seen is Seen.ANSWERED_AFTER_QUEUE for a in queued), [ledger.describe(a) for a in queued]
         assert all(a.seen is Seen.ANSWERED_DIRECT for a in after), [ledger.describe(a) for a in after]
         # In order in every conversation with a backlog; #quiet, answered live without storage, is
-        # checked by the xfail scenario below.
+        # checked by the scenario below.
         assert not [c for c in ledger.out_of_order() if c != quiet], ledger.out_of_order()
         tally = assert_promise_kept(ledger, [api.proc], allow=STORAGE_OUTAGE_ALLOWED, ordered=False)
         assert not any(apologised(a) for a in ledger.asked.values())
