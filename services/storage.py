@@ -686,7 +686,8 @@ class SqliteStore:
 
         The head is taken across both kinds, so with ``kind`` given a conversation whose head is
         of the other kind yields nothing (an answer is delivered before the next message is
-        answered). Claims whose lease ran out (a crashed worker) return to pending first.
+        answered). Claims whose lease ran out (a crashed worker) return to pending first, marked
+        ``LEASE_RAN_OUT`` (``claim_abandoned``).
         """
         lease_until = now + lease_seconds
         kind_filter = "" if kind is None else "AND q.kind = :kind"
