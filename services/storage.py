@@ -133,8 +133,11 @@ class QueueItemNotFoundError(StorageError, LookupError):
         self.item_id = item_id
 
 
-class StorageBusyError(StorageError):
-    """Another connection held the write lock for longer than ``busy_timeout_ms``."""
+class StorageBusyError(StorageError, TimeoutError):
+    """Another connection held the write lock for longer than ``busy_timeout_ms``.
+
+    A ``TimeoutError``, so ``classify`` calls it a transient TIMEOUT (not a bug): the lock goes.
+    """
 
     def __init__(self, path: Path, busy_timeout_ms: int) -> None:
         super().__init__(f"{path} stayed locked by another writer for {busy_timeout_ms} ms")
@@ -419,12 +422,12 @@ class SqliteStore:
             async with asyncio.timeout(self.statement_timeout):
                 async with self._lock:
                     result = await self._in_transaction(db, body, write)
+        except (sqlite3.Error, StorageBusyError) as exc:  # before TimeoutError: busy is one too
+            self._failed(f"{operation}: {exc!r}")
+            raise
         except TimeoutError as exc:
             self._failed(f"{operation}: timed out after {self.statement_timeout}s")
             raise CallTimeoutError(f"storage.{operation}", self.statement_timeout) from exc
-        except (sqlite3.Error, StorageBusyError) as exc:
-            self._failed(f"{operation}: {exc!r}")
-            raise
         self._consecutive_failures = 0
         return result
 
