@@ -587,6 +587,8 @@ class DataStore:
             # The history holds superseded versions, so the newest backup is never newer than the
             # .bak and "file, .bak, newest backup" is the newest-first order of recovery.
             # History only: after a power cut the newest copy may be missing, never half-written.
+            # Make room first: a kill between the copy and a later prune would leave keep + 1.
+            self._rotate(name, keep=max(self.keep_backups - 1, 0))
             _atomic_write(self.backup_dir / f"{name}-{self._stamp(name)}.json", previous, sync_dir=False)
             self._rotate(name)
         except OSError as exc:
@@ -594,8 +596,8 @@ class DataStore:
             self._status[name].last_error = f"backup failed: {exc!r}"
             self._log.error("datastore.backup_failed", file=name, error=repr(exc))
 
-    def _rotate(self, name: str) -> None:
-        for path, _ in self._backup_paths(name)[self.keep_backups :]:
+    def _rotate(self, name: str, keep: int | None = None) -> None:
+        for path, _ in self._backup_paths(name)[self.keep_backups if keep is None else keep :]:
             with suppress(FileNotFoundError):
                 path.unlink()
 
