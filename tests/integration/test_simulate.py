@@ -46,11 +46,12 @@ async def test_a_short_run_under_heavy_faults_loses_nothing_answers_nothing_twic
     tmp_path: Path,
 ) -> None:
     """100 messages, 30 % of Gemini calls failing (the default mix), 10 % of Discord sends failing
-    and a 1 s total outage: every message is answered or told why, once; the faults the
-    emulators injected are the failures the bot counted; the report has every field."""
+    and a 2 s total outage (1 s did not always open the breaker): every message is answered or
+    told why, once; the faults the emulators injected are the failures the bot counted; the
+    report has every field."""
     options = SimulationOptions(
         users=10, channels=10, messages=100, rate=60.0, gemini_error_rate=0.3, discord_error_rate=0.1,
-        outage=1.0, long_429_share=0.0, data_dir=tmp_path / "sim", settle_timeout=30.0,
+        outage=2.0, long_429_share=0.0, data_dir=tmp_path / "sim", settle_timeout=30.0,
         breaker_reset_seconds=1.0,
     )
     report = await simulate(options)
