@@ -4,6 +4,8 @@
   from its ``http_api.listening`` log line, bearer token from its environment).
 - :class:`BotApi`: GET/POST on the bot's loopback HTTP API; ``breakers()``, ``queue()``,
   ``wait_queue_empty()``, ``memory()``.
+- :class:`Watch`: ``async with Watch(api) as watch:`` samples breakers, queue depth (and, with
+  ``ready=True``, ``/ready``) in the background while a fault lasts.
 - :func:`assert_promise_kept`: every message answered or told why, none lost, none answered
   twice, answers in order per conversation; the bot's log clean.
 """
@@ -21,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from bot.ledger import Ledger, Tally
+from bot.simulate import parse_metrics
 from tests.integration.harness import BotProcess, Emulators
 
 POLL_SECONDS = 0.05
@@ -53,6 +56,11 @@ class BotApi:
         """The degradation view: ``mode`` and ``queue`` (``pending``, ``depth``, ...)."""
         return await self.get("/api/health/degradation")
 
+    async def metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """The bot's /metrics, parsed: sample name -> [(labels, value)]."""
+        async with self.session.get(self.base + "/metrics") as response:
+            return parse_metrics(await response.text())
+
     async def memory(self) -> dict[str, Any]:
         return await self.get("/api/health/memory")
 
@@ -78,6 +86,60 @@ class BotApi:
             return (await self.breakers()).get(name) == state
 
         await self.wait_until(reached, timeout)
+
+
+class Watch:
+    """What the bot's HTTP API showed while a fault lasted, sampled every ``interval`` seconds.
+
+    ``states``: breaker name -> every state seen; ``first_seen``: (name, state) -> monotonic time
+    of its first sighting; ``max_pending``: the largest queue depth; ``not_ready``: the reasons of
+    each ``/ready`` refusal (sampled only with ``ready=True``).
+    """
+
+    MAX_SAMPLES = 4000  # a hard bound, far beyond any scenario
+
+    def __init__(
+        self, api: BotApi, interval: float = 0.1, *, queue: bool = True, ready: bool = False
+    ) -> None:
+        self.api = api
+        self.interval = interval
+        self.queue = queue
+        self.ready = ready
+        self.states: dict[str, set[str]] = {}
+        self.first_seen: dict[tuple[str, str], float] = {}
+        self.max_pending = 0
+        self.not_ready: list[list[str]] = []
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def saw(self, breaker: str, state: str) -> bool:
+        return state in self.states.get(breaker, set())
+
+    async def __aenter__(self) -> Watch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while self.samples < self.MAX_SAMPLES:
+            self.samples += 1
+            for name, state in (await self.api.breakers()).items():
+                self.states.setdefault(name, set()).add(state)
+                self.first_seen.setdefault((name, state), time.monotonic())
+            if self.queue:
+                queue = (await self.api.queue())["queue"]
+                if queue is not None:
+                    self.max_pending = max(self.max_pending, int(queue["pending"]))
+            if self.ready:
+                body = await self.api.get("/ready")
+                if not body["ready"]:
+                    self.not_ready.append(body["reasons"])
+            await asyncio.sleep(self.interval)
 
 
 @contextlib.asynccontextmanager

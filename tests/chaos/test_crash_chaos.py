@@ -16,9 +16,8 @@ import time
 import pytest
 
 from bot.ledger import Asked, Ledger, Seen
-from tests.chaos.support import BotApi, assert_promise_kept, started_bot
+from tests.chaos.support import BotApi, Watch, assert_promise_kept, started_bot
 from tests.chaos.test_gemini_chaos import (
-    Watch,
     build_world,
     generate_requests,
     requests_about,

@@ -11,24 +11,21 @@ REST scenario and one fast gateway scenario.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import pytest
 
 from bot.ledger import Asked, Ledger
 from bot.texts import ACK_MARK
 from sandbox.discord_emu import RecordedRequest
-from tests.chaos.support import BotApi, assert_promise_kept, started_bot
+from tests.chaos.support import Watch, assert_promise_kept, started_bot
 from tests.integration.conftest import SpawnBot
 from tests.integration.harness import Emulators
 
 USERS = ("normal", "ana", "ben", "cleo")
 SAMPLE_SECONDS = 0.05
-MAX_SAMPLES = 4000  # a watcher's hard bound: 200 s of samples
 
 
 def add_users(emulators: Emulators) -> list[str]:
@@ -68,46 +65,6 @@ async def steady_traffic(
     stagger = gap / max(1, len(channels))
     batches = await asyncio.gather(*(one_channel(c, i * stagger) for i, c in enumerate(channels)))
     return [a for batch in batches for a in batch]
-
-
-@dataclass
-class Watch:
-    """What the bot's HTTP API showed while a fault lasted: breaker states, queue depth, readiness."""
-
-    states: dict[str, set[str]] = field(default_factory=dict)
-    max_pending: int = 0
-    not_ready: list[list[str]] = field(default_factory=list)
-    samples: int = 0
-
-    def saw(self, breaker: str, state: str) -> bool:
-        return state in self.states.get(breaker, set())
-
-
-@contextlib.asynccontextmanager
-async def watching(api: BotApi, every: float = SAMPLE_SECONDS) -> AsyncIterator[Watch]:
-    """Sample breakers, queue and /ready every ``every`` seconds in the background until the block ends."""
-    watch = Watch()
-
-    async def sample() -> None:
-        while watch.samples < MAX_SAMPLES:
-            watch.samples += 1
-            for name, state in (await api.breakers()).items():
-                watch.states.setdefault(name, set()).add(state)
-            queue = (await api.queue())["queue"]
-            if queue is not None:
-                watch.max_pending = max(watch.max_pending, int(queue["pending"]))
-            ready = await api.get("/ready")
-            if not ready["ready"]:
-                watch.not_ready.append(ready["reasons"])
-            await asyncio.sleep(every)
-
-    task = asyncio.create_task(sample())
-    try:
-        yield watch
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def content_of(request: RecordedRequest) -> str:
@@ -158,7 +115,7 @@ async def test_every_third_send_503_each_user_still_gets_exactly_one_answer(
     ledger = Ledger(emulators.discord)
     async with started_bot(spawn_bot, emulators, bot_env) as api:
         emulators.discord.faults.add("503", "send", every=3, count=3)
-        async with watching(api, every=0.1) as watch:
+        async with Watch(api, 0.1, ready=True) as watch:
             await steady_traffic(ledger, channels, users, per_channel=3, gap=0.1)
             unsettled = await ledger.wait_settled(20)
         assert not unsettled, [ledger.describe(a) for a in unsettled[:10]]
@@ -196,7 +153,7 @@ async def test_rest_degradation_every_third_send_and_a_send_outage_under_steady_
         faults = emulators.discord.faults
         faults.add("503", "send", every=3)
         faults.add("drop", "send", every=7, after=True)
-        async with watching(api) as watch:
+        async with Watch(api, SAMPLE_SECONDS, ready=True) as watch:
             traffic = asyncio.create_task(steady_traffic(ledger, channels, users, per_channel=8, gap=0.3))
             await asyncio.sleep(1.0)
             outage = faults.add("503", "send", duration=2.0)
@@ -288,7 +245,7 @@ async def test_send_429_per_route_retry_after_is_honoured_and_nothing_is_answere
     discord = emulators.discord
     async with started_bot(spawn_bot, emulators, bot_env) as api:
         discord.faults.add("429", "send", every=2, count=4, retry_after=retry_after)
-        async with watching(api) as watch:
+        async with Watch(api, SAMPLE_SECONDS, ready=True) as watch:
             await steady_traffic(ledger, channels, users, per_channel=5, gap=0.25)
             unsettled = await ledger.wait_settled(30)
         assert not unsettled, [ledger.describe(a) for a in unsettled[:10]]
@@ -487,7 +444,7 @@ async def test_silent_gateway_is_noticed_resumed_and_what_was_said_meanwhile_is_
         assert not await ledger.wait_settled(10)
         discord.set_silent(True)
         silenced = time.monotonic()
-        async with watching(api, every=0.5) as watch:
+        async with Watch(api, 0.5, ready=True) as watch:
             quiet = await steady_traffic(ledger, channels, users, per_channel=3, gap=1.0)
             await discord.wait_until(lambda: discord.resume_count > resumed, timeout=90)
             back = time.monotonic()

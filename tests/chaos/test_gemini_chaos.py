@@ -12,9 +12,7 @@ with ``test_crash_chaos.py``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ import pytest
 from bot.ledger import Asked, Ledger, Seen
 from sandbox.faults import Fault
 from sandbox.gemini import RecordedRequest
-from tests.chaos.support import BotApi, assert_promise_kept, started_bot
+from tests.chaos.support import BotApi, Watch, assert_promise_kept, started_bot
 from tests.integration.conftest import SpawnBot
 from tests.integration.harness import Emulators
 
@@ -96,52 +94,14 @@ def assert_heard_within(ledger: Ledger, asked: list[Asked], seconds: float) -> N
 
 async def metric(api: BotApi, name: str) -> float:
     """The value of an unlabelled metric (``bot_<name>``) from the bot's /metrics; 0 if absent."""
-    async with api.session.get(api.base + "/metrics") as response:
-        text = await response.text()
-    found = re.search(rf"^bot_{re.escape(name)} (\S+)$", text, re.M)
-    return float(found[1]) if found else 0.0
+    samples = (await api.metrics()).get(f"bot_{name}", [])
+    return samples[0][1] if samples else 0.0
 
 
 async def breaker_transitions(api: BotApi, name: str) -> dict[tuple[str, str], float]:
     """``(from, to) -> count`` of breaker ``name``'s transitions, from the bot's /metrics."""
-    async with api.session.get(api.base + "/metrics") as response:
-        text = await response.text()
-    labels = f'breaker="{re.escape(name)}",from="(\\w+)",to="(\\w+)"'
-    pattern = re.compile(r"^bot_breaker_transitions_total\{" + labels + r"\} (\S+)$", re.M)
-    return {(m[1], m[2]): float(m[3]) for m in pattern.finditer(text)}
-
-
-class Watch:
-    """Polls the bot's breakers and queue in the background; remembers every state it saw."""
-
-    def __init__(self, api: BotApi, interval: float = 0.1) -> None:
-        self.api = api
-        self.interval = interval
-        self.states: dict[str, set[str]] = {}
-        self.max_pending = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def saw(self, breaker: str, state: str) -> bool:
-        return state in self.states.get(breaker, set())
-
-    async def __aenter__(self) -> Watch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _run(self) -> None:
-        for _ in range(10_000):  # bounded: 1000 s at 0.1 s, far beyond any scenario
-            for name, state in (await self.api.breakers()).items():
-                self.states.setdefault(name, set()).add(state)
-            queue = (await self.api.queue())["queue"]
-            if queue is not None:
-                self.max_pending = max(self.max_pending, queue["pending"])
-            await asyncio.sleep(self.interval)
+    samples = (await api.metrics()).get("bot_breaker_transitions_total", [])
+    return {(labels["from"], labels["to"]): value for labels, value in samples if labels["breaker"] == name}
 
 
 async def settle(ledger: Ledger, api: BotApi, *, timeout: float) -> float:

@@ -37,7 +37,7 @@ import pytest
 
 from bot.ledger import Asked, Ledger, Seen
 from bot.texts import ACK_MARK
-from tests.chaos.support import BotApi, assert_promise_kept, started_bot
+from tests.chaos.support import BotApi, Watch, assert_promise_kept, started_bot
 from tests.integration.conftest import SpawnBot
 from tests.integration.harness import Emulators
 
@@ -461,34 +461,6 @@ class WriteLock:
         await asyncio.to_thread(self._thread.join, 15)
 
 
-class BreakerWatch:
-    """Polls the bot's breakers in the background; remembers every (name, state) it saw."""
-
-    def __init__(self, api: BotApi) -> None:
-        self.api = api
-        self.seen: set[tuple[str, str]] = set()
-        self.first_seen: dict[tuple[str, str], float] = {}  # monotonic time of the first sighting
-        self._task: asyncio.Task[None] | None = None
-
-    async def _poll(self) -> None:
-        for _ in range(2000):  # bounded: 2000 polls of >= 50 ms is well past any scenario
-            for name, state in (await self.api.breakers()).items():
-                self.seen.add((name, state))
-                self.first_seen.setdefault((name, state), time.monotonic())
-            await asyncio.sleep(0.05)
-
-    def __enter__(self) -> BreakerWatch:
-        self._task = asyncio.create_task(self._poll())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    def saw(self, name: str, state: str) -> bool:
-        return (name, state) in self.seen
-
-
 # Log records the storage outage legitimately causes at error level, or with a stack: none. The
 # pipeline's refusals (pipeline.accept_failed) and the drain's failed runs (supervised_task_failed,
 # without a stack for a storage timeout or an open breaker) are warnings.
@@ -554,7 +526,7 @@ async def test_storage_locked_past_its_timeout_while_gemini_fails_degrades_grace
         warm = await ask_round_robin(ledger, channels, users, 3, text="warm-up")
         await ledger.wait_for(lambda: all(a.seen.settled for a in warm), timeout=10)
 
-        with BreakerWatch(api) as watch:
+        async with Watch(api, 0.05, queue=False) as watch:
             queued = await build_backlog(emulators, ledger, api, channels, users)
             async with WriteLock(db_path, max_seconds=60) as lock:
                 both_down = await chat_steadily(
@@ -583,7 +555,7 @@ async def test_storage_locked_past_its_timeout_while_gemini_fails_degrades_grace
         assert held > 10.0, held
         # Storage's breaker half-opens 5 s after it opened; the drain retries at least every 5 s.
         assert recovered < 12.0, f"the backlog waited {recovered:.1f} s after storage came back"
-        assert watch.saw("storage", "open") and watch.saw("gemini", "open"), watch.seen
+        assert watch.saw("storage", "open") and watch.saw("gemini", "open"), watch.states
 
         assert all(told_cannot_save(a) for a in both_down), [ledger.describe(a) for a in both_down]
         # Once the storage breaker is open, a refusal comes at once instead of after the 5 s timeout.
