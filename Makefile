@@ -15,21 +15,21 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	@$(PY) -m bot run
+	@$(PY) -m rehearsal run
 
 test: $(STAMP)
 	@$(PY) -m pytest -q
 
 # The chaos scenarios (each under 2 minutes), then a 2,000-message load run under the default
-# error mix; `python -m bot simulate` exits 1 if a message was lost or answered twice, or the
+# error mix; `python -m rehearsal simulate` exits 1 if a message was lost or answered twice, or the
 # resilience score is under 85.
 chaos: $(STAMP)
 	@$(PY) -m pytest -q -m chaos --durations=0
-	@$(PY) -m bot simulate --messages 2000
+	@$(PY) -m rehearsal simulate --messages 2000
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy resilience services bot sandbox
+	@$(VENV)/bin/mypy resilience services bot sandbox rehearsal
 
 bench: $(STAMP)
 	@$(PY) -m bench

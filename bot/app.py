@@ -1,18 +1,20 @@
 """The application object: every service and runtime piece, built once in ``main()`` and passed down.
 
 Nothing here is a module-level singleton: ``build_application(config)`` makes one complete,
-independent application (tests build several side by side).
+independent application (tests build several side by side). This module is the bottom of
+``bot/``: it imports services and the runtime, never the pieces built on it (intake,
+answering, the drain, the operations, the commands); the discord.py client on top
+(``bot.client.GeminiBot``) attaches itself as ``client`` and its drain as ``drain_waker``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 
-from bot.operations import InvalidRequestError, Operations, OperationUnavailableError, UnknownNameError
 from bot.ratelimit import RateLimiter
 from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
@@ -29,9 +31,6 @@ from services.gemini import GeminiService
 from services.http_api import BoundedCache, HealthSources, HttpApi, LatencyWindow
 from services.metrics import Metrics
 from services.storage import SqliteStore
-
-if TYPE_CHECKING:
-    from bot.client import GeminiBot
 
 SANDBOX_GEMINI_KEY = "sandbox-key"
 
@@ -57,9 +56,9 @@ class Application:
     gemini_retry: RetryPolicy
     http_api: HttpApi
     message_latency: LatencyWindow
-    bot: GeminiBot | None = None
+    client: discord.Client | None = None
+    drain_waker: Callable[[], None] | None = None
     _chat_channels: dict[int, frozenset[int]] = field(default_factory=dict)
-    _wake_drain: Callable[[], None] | None = None
 
     # -- state the hot path reads without I/O ---------------------------------------------
 
@@ -88,38 +87,44 @@ class Application:
     # -- wiring to the Discord client ------------------------------------------------------
 
     def bot_user_id(self) -> int | None:
-        user = self.bot.user if self.bot is not None else None
+        user = self.client.user if self.client is not None else None
         return user.id if user is not None else None
 
     async def channel(self, channel_id: int) -> Any:
         """A channel (or thread, or DM) by id: from the cache, else fetched over REST."""
-        if self.bot is None:
-            raise RuntimeError("the Discord client is not attached")
-        channel = self.bot.get_channel(channel_id)
+        client = self._client()
+        channel = client.get_channel(channel_id)
         if channel is None:
-            channel = await self.bot.fetch_channel(channel_id)
+            channel = await client.fetch_channel(channel_id)
         return channel
 
     async def channel_for(self, item: QueueItem) -> Any:
         """Where a queued item's late answer goes: its channel, or the asker's DMs for a private /ask."""
         if item.payload.get("private"):
-            if self.bot is None:
-                raise RuntimeError("the Discord client is not attached")
-            user = self.bot.get_user(int(item.payload["author_id"]))
+            client = self._client()
+            user = client.get_user(int(item.payload["author_id"]))
             if user is None:
-                user = await self.bot.fetch_user(int(item.payload["author_id"]))
+                user = await client.fetch_user(int(item.payload["author_id"]))
             return await user.create_dm()
         return await self.channel(int(item.payload["channel_id"]))
 
     def discord_connected(self) -> bool:
         """Logged in and holding an open gateway socket (``is_ready`` stays set across reconnects)."""
-        bot = self.bot
-        ws = bot.ws if bot is not None else None
-        return bot is not None and bot.is_ready() and not bot.is_closed() and ws is not None and ws.open
+        client = self.client
+        ws = client.ws if client is not None else None
+        return (
+            client is not None and client.is_ready() and not client.is_closed() and ws is not None and ws.open
+        )
 
     def drain_wake(self) -> None:
-        if self._wake_drain is not None:
-            self._wake_drain()
+        """Run the drain now (after a requeue, a reset, an operator's action), when one runs here."""
+        if self.drain_waker is not None:
+            self.drain_waker()
+
+    def _client(self) -> discord.Client:
+        if self.client is None:
+            raise RuntimeError("the Discord client is not attached")
+        return self.client
 
 
 def build_application(
@@ -204,7 +209,6 @@ def build_application(
         host=config.http_host,
         port=config.http_port,
         admin_token=config.admin_api_token,
-        error_status={UnknownNameError: 404, InvalidRequestError: 400, OperationUnavailableError: 503},
     )
     # Right after metrics: it answers /live and /ready while the others start, and stops last.
     registry = ServiceRegistry([metrics, http_api, datastore, storage, gemini, discord_io])
@@ -229,7 +233,6 @@ def build_application(
     )
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected
-    http_api.attach_operations(Operations(app))
     return app
 
 

@@ -1,4 +1,6 @@
-"""The command line: ``python -m bot check|run|datastore|simulate ...``.
+"""The command line: ``python -m bot check|run|datastore ...``.
+
+The sandbox and the load run live above the bot, in ``rehearsal`` (``python -m rehearsal``).
 
 Every subcommand sets ``func(args) -> int`` with ``set_defaults``; ``main()`` parses and
 calls it, and returns its exit code. A bad configuration prints the problem list, never a
@@ -8,12 +10,15 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bot.runner import serve
 from services.config import Config, ConfigError, load_config
+from services.logging import configure_logging
 
 
 def load_or_report(args: argparse.Namespace) -> Config | None:
@@ -43,17 +48,18 @@ def check(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the bot: live Discord with a token, otherwise the built-in sandbox."""
+    """Start the bot against Discord (``DISCORD_TOKEN``); without a token, say how to use the sandbox."""
     config = load_or_report(args)
     if config is None:
         return 1
-    from services.logging import configure_logging
-
-    configure_logging(config.log_level, config.log_format, config.secrets())
     if config.discord_token is None:
-        from bot.sandbox_mode import run_sandbox
-
-        return run_sandbox(config)
+        print(
+            "error: DISCORD_TOKEN is not set. Put the bot token in .env (see .env.example), or try "
+            "the bot without tokens: `make run` (python -m rehearsal run) starts it against the "
+            "built-in sandbox.",
+            file=sys.stderr,
+        )
+        return 1
     if config.gemini_api_key is None and config.gemini_base_url is None:
         print(
             "error: DISCORD_TOKEN is set but GEMINI_API_KEY is not. Get a key at "
@@ -62,10 +68,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    import asyncio
-
-    from bot.runner import serve
-
+    configure_logging(config.log_level, config.log_format, config.secrets())
     return asyncio.run(serve(config, token=config.discord_token, banner=True))
 
 
@@ -79,13 +82,6 @@ def _register_datastore(subparsers: argparse._SubParsersAction[argparse.Argument
             raise
         return
     datastore_cli.register(subparsers)
-
-
-def _register_simulate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``simulate`` (load with error injection against the emulators) from ``bot/simulate.py``."""
-    from bot import simulate
-
-    simulate.register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.add_parser("check", help="validate and show the configuration").set_defaults(func=check)
     subparsers.add_parser("run", help="run the bot").set_defaults(func=run)
     _register_datastore(subparsers)
-    _register_simulate(subparsers)
     return parser
 
 

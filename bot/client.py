@@ -1,4 +1,11 @@
-"""The discord.py client: starts the services in ``setup_hook`` and drains them in ``close``."""
+"""The discord.py client, the top of ``bot/``: wires the pieces together, starts the services in
+``setup_hook`` and drains them in ``close``.
+
+The pieces take what they need by constructor (like discord.py's ``Client`` builds its
+``ConnectionState``): the application (``bot.app``) at the bottom, then the failure router,
+the answerer, intake, the drain, the operations and the slash commands. Nothing below imports
+this module.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,14 @@ import discord
 import structlog
 from discord.ext import commands
 
+from bot.admin import admin_group
+from bot.answering import Answerer
 from bot.app import Application
-from bot.commands import setup_commands
+from bot.commands import DEFAULT_TIMEOUT, SlashCommands, setup_commands
 from bot.drain import Drain
-from bot.operations import apply_breaker_overrides
-from bot.pipeline import RECENT_IDS, MessagePipeline
+from bot.intake import RECENT_IDS, Intake
+from bot.operations import apply_breaker_overrides, serve_operations
+from bot.routing import FailureRouter
 from services.http_api import BoundedCache
 
 log = structlog.get_logger("bot.client")
@@ -91,12 +101,15 @@ class GeminiBot(commands.Bot):
             **options,  # type: ignore[arg-type]
         )
         self.app = app
-        app.bot = self
+        app.client = self
         # An instance attribute: discord.py calls self._try_clear_expired_ratelimits() on each new bucket.
         self.http._try_clear_expired_ratelimits = BucketPruner(self.http)  # type: ignore[method-assign]
-        self.pipeline = MessagePipeline(app, bot_user_id=app.bot_user_id)
-        self.drain = Drain(app, self.pipeline, interval=drain_interval)
-        app._wake_drain = self.drain.wake
+        self.router = FailureRouter(app)
+        self.answerer = Answerer(app, self.router)
+        self.intake = Intake(app, self.answerer, self.router, bot_user_id=app.bot_user_id)
+        self.drain = Drain(app, self.answerer, self.router, interval=drain_interval)
+        app.drain_waker = self.drain.wake
+        self.operations = serve_operations(app)
         self._closed = False
         # Set while setup_hook runs: a close() meanwhile waits for it, so that every service
         # it starts is also stopped (a SIGTERM during start-up leaves nothing running).
@@ -108,7 +121,7 @@ class GeminiBot(commands.Bot):
         state = self._connection
         self.app.http_api.sources.caches.update(
             {
-                "recent_message_ids": BoundedCache(lambda: len(self.pipeline._recent), RECENT_IDS),
+                "recent_message_ids": BoundedCache(lambda: self.intake.recent_ids, RECENT_IDS),
                 "discord_messages": BoundedCache(lambda: len(self.cached_messages), state.max_messages or 0),
                 # discord.py keeps at most 128 DM channels (ConnectionState._add_private_channel).
                 "discord_dm_channels": BoundedCache(lambda: len(self.private_channels), 128),
@@ -131,7 +144,7 @@ class GeminiBot(commands.Bot):
         if self._closed:
             return  # close() was called meanwhile; it stops what was started
         self.app.reload_settings()
-        setup_commands(self)
+        self.install_commands()
         await self._sync_commands()
         reopened = await apply_breaker_overrides(self.app)
         if reopened:
@@ -141,6 +154,18 @@ class GeminiBot(commands.Bot):
             log.info("queue.resumed", items=released)
         self.drain.start()
         log.info("bot.services_started", services=self.app.registry.order)
+
+    def install_commands(self, *, timeout: float = DEFAULT_TIMEOUT) -> SlashCommands:
+        """Put the chat and admin commands on ``self.tree`` (replacing earlier ones); ``timeout``
+        bounds every command but ``/ask``. Syncing with Discord is a separate step."""
+        commands = SlashCommands(self.app, self.answerer, self.router, timeout=timeout)
+        setup_commands(
+            self.tree,
+            commands,
+            groups=(admin_group(commands, self.operations),),
+            guild_id=self.app.config.discord_guild_id,
+        )
+        return commands
 
     async def _sync_commands(self) -> None:
         """Publish the slash commands: to the test guild at once, or globally (Discord takes a while)."""
@@ -171,7 +196,7 @@ class GeminiBot(commands.Bot):
         )
 
     async def on_message(self, message: discord.Message) -> None:
-        await self.pipeline.on_message(message)
+        await self.intake.on_message(message)
 
     async def close(self) -> None:
         """Stop taking messages, let in-flight ones finish within the grace period, stop services."""
@@ -189,7 +214,7 @@ class GeminiBot(commands.Bot):
             # finishes at the same moment; wait for the task so it ends while the loop is set.
             await asyncio.wait({ready_task}, timeout=5.0)
         grace = self.app.config.shutdown_grace_seconds
-        left = await self.pipeline.drain_inflight(grace)
+        left = await self.intake.drain_inflight(grace)
         if left:
             log.warning("bot.shutdown_unfinished", messages=left, note="their queue items resume on restart")
         await self.drain.stop()

@@ -1,4 +1,4 @@
-"""Slash commands: ``/ask``, ``/reset``, ``/status``, ``/help`` and the ``/admin`` group.
+"""Slash commands: ``/ask``, ``/reset``, ``/status``, ``/help``, and the frame every command runs in.
 
 Every command defers at once (Discord allows 3 s to acknowledge), runs its body under a
 timeout inside a request context, and follows up. Any failure reaches the user as one clear
@@ -7,13 +7,13 @@ out-of-sync commands are answered by the tree's error handler.
 
 ``/ask`` takes the same road as a message: it is accepted durably (the interaction id is the
 message id), answered under the conversation's mutex through Gemini's retry/breaker/timeout,
-and delivered as the interaction's follow-up through ``MessagePipeline.deliver``. When Gemini
+and delivered as the interaction's follow-up through ``Answerer.deliver``. When Gemini
 is down the follow-up is the queue acknowledgement and the drain posts the answer later in
 the channel (interaction tokens expire after 15 minutes).
 
-Admin commands are checked on every invocation: the member needs the Administrator
-permission or must be on the owner allowlist (``config.admin_user_ids``).
-``default_permissions`` only hides the group in Discord's UI; it is not a check.
+The ``/admin`` group (``bot.admin``) runs in the same frame with ``admin=True``: the member
+is checked on every invocation. ``default_permissions`` only hides the group in Discord's UI;
+it is not a check.
 """
 
 from __future__ import annotations
@@ -21,22 +21,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import discord
 import structlog
 from discord import app_commands
 
 from bot import texts
-from bot.operations import CircuitStatus, MaintenanceStatus, OperationError, Operations, QueueStatus
-from bot.pipeline import Inbound, MessagePipeline
+from bot.answering import Answerer
+from bot.inbound import Inbound, accept
+from bot.operations import OperationError
+from bot.routing import FailureRouter
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, classify
 
 if TYPE_CHECKING:
     from bot.app import Application
-    from bot.client import GeminiBot
 
 log = structlog.get_logger("bot.commands")
 
@@ -63,12 +64,17 @@ class SlashCommands:
     """The behaviour behind every slash command; ``setup_commands`` registers it on a tree."""
 
     def __init__(
-        self, app: Application, pipeline: MessagePipeline, *, timeout: float = DEFAULT_TIMEOUT
+        self,
+        app: Application,
+        answerer: Answerer,
+        router: FailureRouter,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.app = app
-        self.pipeline = pipeline
+        self.answerer = answerer
+        self.router = router
         self.timeout = timeout
-        self.ops = Operations(app)
         cfg = app.config
         self.ask_timeout = cfg.mutex_acquire_timeout_seconds + cfg.processing_timeout_seconds + ASK_MARGIN
 
@@ -160,7 +166,7 @@ class SlashCommands:
             except discord.HTTPException:
                 pass
         try:
-            await _followup(interaction, text)
+            await followup(interaction, text)
         except discord.HTTPException as err:
             log.warning("command.error_not_shown", command=name, status=err.status)
 
@@ -203,7 +209,7 @@ class SlashCommands:
         if maintenance is not None:
             position: int | None = None
             if cfg.maintenance_queue_messages:
-                item = await self.pipeline.accept(inbound, claim=False, extra=extra)
+                item = await accept(app, inbound, claim=False, extra=extra)
                 position = await app.storage.position(item.id) if item is not None else None
             await reply_to.say(texts.maintenance(maintenance, queued_position=position))
             return "maintenance"
@@ -214,7 +220,7 @@ class SlashCommands:
             return "rate_limited"
 
         try:
-            item = await self.pipeline.accept(inbound, claim=True, extra=extra)
+            item = await accept(app, inbound, claim=True, extra=extra)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -240,7 +246,7 @@ class SlashCommands:
         self, item: QueueItem, inbound: Inbound, history: list[Any], reply_to: _FollowupChannel
     ) -> str:
         """Gemini, then the follow-up: the message pipeline's own path, writing to the follow-up."""
-        return await self.pipeline.answer(
+        return await self.answerer.answer(
             item,
             inbound,
             channel=reply_to,  # type: ignore[arg-type]  # quacks like a Messageable for send()/typing()
@@ -250,7 +256,7 @@ class SlashCommands:
         )
 
     async def _queue_busy(self, item: QueueItem, reply_to: _FollowupChannel, why: str) -> str:
-        requeued = await self.pipeline.requeue(item, why, count_attempt=False)
+        requeued = await self.router.requeue(item, why, count_attempt=False)
         await reply_to.say(texts.queued_busy(await self.app.storage.position(requeued.id)))
         return "queued"
 
@@ -259,7 +265,7 @@ class SlashCommands:
     async def reset(self, interaction: discord.Interaction, confirm: bool) -> None:
         """Forget this channel's (or thread's, or DM's) conversation history, once confirmed."""
         if not confirm:
-            await _followup(
+            await followup(
                 interaction,
                 "This forgets everything I remember of this conversation, for everyone in it. "
                 "To go ahead, run `/reset confirm:True`.",
@@ -274,7 +280,7 @@ class SlashCommands:
         ):
             forgotten = await self.app.storage.forget(key)
         log.info("conversation.reset", channel_id=interaction.channel_id, turns=forgotten)
-        await _followup(
+        await followup(
             interaction,
             f"Done: I forgot this conversation ({forgotten} message{'s' if forgotten != 1 else ''}). "
             "We start afresh.",
@@ -294,11 +300,11 @@ class SlashCommands:
         mode_text = mode.mode.value
         if mode.reason:
             mode_text += f" ({mode.reason})"
-        embed.add_field(name="Mode", value=f"{mode_text}, for {_human(now - mode.since)}", inline=False)
+        embed.add_field(name="Mode", value=f"{mode_text}, for {human(now - mode.since)}", inline=False)
         for snap in app.board.snapshot():
-            value = f"{snap.state.value} for {_human(now - snap.since)}"
+            value = f"{snap.state.value} for {human(now - snap.since)}"
             if snap.remaining > 0:
-                value += f", next try in {_human(snap.remaining)}"
+                value += f", next try in {human(snap.remaining)}"
             if snap.failures:
                 value += f", {snap.failures} recent failure{'s' if snap.failures != 1 else ''}"
             embed.add_field(name=f"Breaker {snap.name}", value=value, inline=True)
@@ -306,7 +312,7 @@ class SlashCommands:
         queue = f"{pending} waiting ({stats.pending(ItemKind.INBOUND)} to answer, "
         queue += f"{stats.pending(ItemKind.OUTBOUND)} to deliver)"
         if stats.oldest_pending_age is not None:
-            queue += f", oldest {_human(stats.oldest_pending_age)}"
+            queue += f", oldest {human(stats.oldest_pending_age)}"
         dead = sum(n for (_, state), n in stats.depth.items() if state is ItemState.DEAD)
         if dead:
             queue += f"; {dead} dead-lettered"
@@ -332,7 +338,7 @@ class SlashCommands:
         await interaction.followup.send(embed=await self.status_embed(), ephemeral=True)
 
     async def help(self, interaction: discord.Interaction) -> None:
-        await _followup(interaction, help_text())
+        await followup(interaction, help_text())
 
 
 def help_text() -> str:
@@ -382,7 +388,8 @@ class _FollowupChannel:
         await self.send(text)
 
 
-async def _followup(interaction: discord.Interaction, text: str) -> None:
+async def followup(interaction: discord.Interaction, text: str) -> None:
+    """One ephemeral follow-up sentence that pings nobody."""
     await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
 
@@ -399,7 +406,8 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def _human(seconds: float) -> str:
+def human(seconds: float) -> str:
+    """A duration for people: 45 s, 12 min, 3.5 h, 2.0 d."""
     seconds = max(0.0, seconds)
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -413,15 +421,18 @@ def _human(seconds: float) -> str:
 # -- registration ---------------------------------------------------------------------------
 
 
-def setup_commands(bot: GeminiBot, *, timeout: float = DEFAULT_TIMEOUT) -> SlashCommands:
-    """Add the chat and admin commands and the error handler to ``bot.tree`` (replacing earlier ones).
+def setup_commands(
+    tree: app_commands.CommandTree[Any],
+    commands: SlashCommands,
+    *,
+    groups: tuple[app_commands.Group, ...] = (),
+    guild_id: int | None = None,
+) -> None:
+    """Add the chat commands, ``groups`` and the error handler to ``tree`` (replacing earlier ones).
 
     Call it in ``setup_hook``; syncing the tree with Discord is a separate, rate-limited step.
-    ``timeout`` bounds every command but ``/ask``, which gets the mutex wait plus the
-    processing timeout plus a margin.
+    With ``guild_id`` (the test guild) the commands are also copied to that guild.
     """
-    commands = SlashCommands(bot.app, bot.pipeline, timeout=timeout)
-    tree = bot.tree
 
     @app_commands.command(name="ask", description="Ask Gemini something")
     @app_commands.describe(prompt="Your question", private="Only you see the answer")
@@ -449,8 +460,8 @@ def setup_commands(bot: GeminiBot, *, timeout: float = DEFAULT_TIMEOUT) -> Slash
     command: app_commands.Command[Any, Any, None]
     for command in (ask, reset, status, help_):
         tree.add_command(command, override=True)
-    tree.add_command(admin_group(commands), override=True)
-    guild_id = bot.app.config.discord_guild_id
+    for group in groups:
+        tree.add_command(group, override=True)
     if guild_id is not None:
         # The test guild gets its own copies (synced there at once); refresh them too, or they
         # would shadow the commands just added for interactions from that guild.
@@ -460,7 +471,6 @@ def setup_commands(bot: GeminiBot, *, timeout: float = DEFAULT_TIMEOUT) -> Slash
         await _on_tree_error(commands, interaction, error)
 
     tree.on_error = on_error  # type: ignore[method-assign]
-    return commands
 
 
 async def _on_tree_error(
@@ -490,205 +500,3 @@ async def _on_tree_error(
             await interaction.response.send_message(text, ephemeral=True)
     except discord.HTTPException as exc:
         log.warning("command.error_not_shown", status=exc.status)
-
-
-def admin_group(commands: SlashCommands) -> app_commands.Group:
-    """``/admin``: circuit, maintenance, queue, datastore and mutex subgroups over ``Operations``.
-
-    Every subcommand runs with ``admin=True``: the caller is checked on each invocation and
-    every reply is ephemeral.
-    """
-    ops = commands.ops
-    group = app_commands.Group(
-        name="admin",
-        description="Operate the bot: breakers, maintenance, queue, data, locks",
-        default_permissions=discord.Permissions(administrator=True),  # UI metadata only
-    )
-
-    def admin(interaction: discord.Interaction, action: Callable[[str], Awaitable[str]]) -> Awaitable[None]:
-        """Run ``action(by)`` as an admin command and show the text it returns."""
-
-        async def body() -> None:
-            await _followup(interaction, _clip(await action(f"discord:{interaction.user.id}")))
-
-        return commands.run(interaction, body, admin=True)
-
-    circuit = app_commands.Group(name="circuit", description="Circuit breakers", parent=group)
-
-    @circuit.command(name="status", description="Every breaker's state")
-    async def circuit_status(interaction: discord.Interaction) -> None:
-        async def act(by: str) -> str:
-            return format_circuit_status(await ops.circuit_status(by=by), commands.app.clock.time())
-
-        await admin(interaction, act)
-
-    @circuit.command(name="reset", description="Close a breaker (or all) and wake the queue")
-    @app_commands.describe(name="Breaker name, or 'all'")
-    async def circuit_reset(interaction: discord.Interaction, name: str) -> None:
-        async def act(by: str) -> str:
-            done = await ops.circuit_reset(name, by=by)
-            return f"Closed: {', '.join(f'`{n}`' for n in done['reset'])}."
-
-        await admin(interaction, act)
-
-    @circuit.command(name="open", description="Hold a breaker open (until reset, or for a while)")
-    @app_commands.describe(name="Breaker name", seconds="How long (default: until reset)", reason="Why")
-    async def circuit_open(
-        interaction: discord.Interaction, name: str, seconds: float | None = None, reason: str | None = None
-    ) -> None:
-        async def act(by: str) -> str:
-            done = await ops.circuit_open(name, seconds, reason=reason, by=by)
-            how_long = "until reset" if done["duration"] is None else f"for {_human(done['duration'])}"
-            return f"`{done['name']}` is {done['state']} {how_long} ({done['reason']})."
-
-        await admin(interaction, act)
-
-    maintenance = app_commands.Group(name="maintenance", description="Maintenance mode", parent=group)
-
-    @maintenance.command(name="on", description="Turn maintenance mode on; messages are saved")
-    @app_commands.describe(message="The notice users see")
-    async def maintenance_on(interaction: discord.Interaction, message: str | None = None) -> None:
-        async def act(by: str) -> str:
-            return format_maintenance(await ops.maintenance_on(message, by=by))
-
-        await admin(interaction, act)
-
-    @maintenance.command(name="off", description="Turn maintenance mode off and answer what was saved")
-    async def maintenance_off(interaction: discord.Interaction) -> None:
-        async def act(by: str) -> str:
-            return format_maintenance(await ops.maintenance_off(by=by))
-
-        await admin(interaction, act)
-
-    @maintenance.command(name="status", description="Whether maintenance mode is on")
-    async def maintenance_status(interaction: discord.Interaction) -> None:
-        async def act(by: str) -> str:
-            return format_maintenance(await ops.maintenance_status(by=by))
-
-        await admin(interaction, act)
-
-    queue = app_commands.Group(name="queue", description="The queue of unanswered messages", parent=group)
-
-    @queue.command(name="status", description="Queue depth and the oldest items")
-    async def queue_status(interaction: discord.Interaction) -> None:
-        async def act(by: str) -> str:
-            return format_queue_status(await ops.queue_status(by=by))
-
-        await admin(interaction, act)
-
-    @queue.command(name="drain", description="Work through the queue now")
-    async def queue_drain(interaction: discord.Interaction) -> None:
-        async def act(by: str) -> str:
-            done = await ops.queue_drain(by=by)
-            text = f"Draining: {done['pending']} waiting."
-            if done["blocked_by"]:
-                text += f" Held back by open breakers: {', '.join(done['blocked_by'])}."
-            return text
-
-        await admin(interaction, act)
-
-    @queue.command(name="purge", description="Delete dead-lettered or expired items")
-    @app_commands.describe(state="Which items to delete")
-    async def queue_purge(
-        interaction: discord.Interaction, state: Literal["dead", "expired"] = "dead"
-    ) -> None:
-        async def act(by: str) -> str:
-            done = await ops.queue_purge(state, by=by)
-            return f"Deleted {done['purged']} {done['state']} item{'s' if done['purged'] != 1 else ''}."
-
-        await admin(interaction, act)
-
-    datastore = app_commands.Group(name="datastore", description="The JSON data files", parent=group)
-
-    @datastore.command(name="validate", description="Check the data files on disk")
-    @app_commands.describe(name="One file (default: all)")
-    async def datastore_validate(interaction: discord.Interaction, name: str | None = None) -> None:
-        async def act(by: str) -> str:
-            done = await ops.datastore_validate(name, by=by)
-            lines = [
-                f"`{f['name']}`: " + ("ok" if f["ok"] else "; ".join(f["problems"]) or "invalid")
-                for f in done["files"]
-            ]
-            return "\n".join(lines) or "No data files."
-
-        await admin(interaction, act)
-
-    @datastore.command(name="recover", description="Reload a data file from its best valid copy")
-    @app_commands.describe(name="The file")
-    async def datastore_recover(interaction: discord.Interaction, name: str) -> None:
-        async def act(by: str) -> str:
-            done = await ops.datastore_recover(name, by=by)
-            text = f"`{done['name']}` recovered from {done['source']}."
-            if done["problems"]:
-                text += " Problems: " + "; ".join(done["problems"])
-            return text
-
-        await admin(interaction, act)
-
-    mutex = app_commands.Group(name="mutex", description="Conversation locks", parent=group)
-
-    @mutex.command(name="status", description="Held conversation locks")
-    async def mutex_status(interaction: discord.Interaction) -> None:
-        async def act(by: str) -> str:
-            done = await ops.mutex_status(by=by)
-            lines = [
-                f"`{lock['key']}` held by {lock['holder']} for {_human(lock['held_for'])},"
-                f" {lock['waiters']} waiting"
-                for lock in done["locks"]
-            ]
-            return "\n".join(lines) or "No conversation is locked."
-
-        await admin(interaction, act)
-
-    @mutex.command(name="release", description="Free a stuck conversation lock")
-    @app_commands.describe(key="The conversation key (see /admin mutex status)")
-    async def mutex_release(interaction: discord.Interaction, key: str) -> None:
-        async def act(by: str) -> str:
-            done = await ops.mutex_release(key, by=by)
-            return f"Released `{done['key']}` (held by {done['holder']} for {_human(done['held_for'])})."
-
-        await admin(interaction, act)
-
-    return group
-
-
-def format_circuit_status(status: CircuitStatus, now: float) -> str:
-    lines = []
-    for row in status["breakers"]:
-        line = f"`{row['name']}`: {row['state']} for {_human(now - row['since'])}"
-        if row["remaining"]:
-            line += f", next try in {_human(row['remaining'])}"
-        if row["forced_reason"]:
-            line += f" ({row['forced_reason']})"
-        if row["last_error"]:
-            line += f"; last error {row['last_error']}"
-        lines.append(line)
-    return "\n".join(lines) or "No breakers."
-
-
-def format_maintenance(status: MaintenanceStatus) -> str:
-    if not status["enabled"]:
-        return f"Maintenance mode is off (mode: {status['mode']})."
-    return f"Maintenance mode is on. Users see: {status['message']}"
-
-
-def format_queue_status(status: QueueStatus) -> str:
-    text = f"{status['pending']} waiting"
-    if status["oldest_pending_age"] is not None:
-        text += f", oldest {_human(status['oldest_pending_age'])}"
-    counts = [
-        f"{kind} {state} {n}" for kind, states in status["depth"].items() for state, n in states.items() if n
-    ]
-    if counts:
-        text += f" ({', '.join(counts)})"
-    lines = [text + "."]
-    for row in status["items"]:
-        lines.append(
-            f"#{row['id']} {row['kind']} {row['state']}, {row['attempts']} attempts, "
-            f"{_human(row['age'])} old" + (f", last error {row['last_error']}" if row["last_error"] else "")
-        )
-    return "\n".join(lines)
-
-
-def _clip(text: str, limit: int = 2000) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"

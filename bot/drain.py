@@ -20,7 +20,9 @@ import discord
 import structlog
 
 from bot import texts
-from bot.pipeline import Inbound, MessagePipeline
+from bot.answering import Answerer
+from bot.inbound import Inbound
+from bot.routing import FailureRouter
 from resilience.breakers import BreakerState
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
@@ -60,7 +62,8 @@ class Drain:
     def __init__(
         self,
         app: Application,
-        pipeline: MessagePipeline,
+        answerer: Answerer,
+        router: FailureRouter,
         *,
         interval: float = 1.0,
         concurrency: int = CONCURRENCY,
@@ -68,7 +71,8 @@ class Drain:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.app = app
-        self.pipeline = pipeline
+        self.answerer = answerer
+        self.router = router
         self.concurrency = concurrency
         cfg = app.config
         self.lease = cfg.processing_timeout_seconds * 2 + 30.0
@@ -119,7 +123,7 @@ class Drain:
             await self._housekeeping(now)
         for item in await app.storage.expire(now=now, max_age=app.config.queue_max_age_seconds):
             app.metrics.queue_expired.labels(kind=item.kind.value).inc()
-            await self.pipeline.notify(item, texts.expired(now - item.created_at))
+            await self.router.notify(item, texts.expired(now - item.created_at))
         for item in await self._claim(now):
             self._spawn(item)
         await self._publish_stats()
@@ -195,7 +199,7 @@ class Drain:
             except Exception as exc:
                 verdict = classify(exc)
                 log.warning("drain.item_failed", item=item.id, category=verdict.category.value)
-                await self.pipeline.requeue(
+                await self.router.requeue(
                     item,
                     verdict.category.value,
                     retry_after=verdict.retry_after,
@@ -208,7 +212,7 @@ class Drain:
         original = inbound.reference()
         if item.kind is ItemKind.OUTBOUND:
             chunks = [str(c) for c in item.payload.get("chunks", [])]
-            await self.pipeline.deliver(
+            await self.answerer.deliver(
                 item,
                 inbound,
                 chunks,
@@ -225,9 +229,9 @@ class Drain:
             async with app.mutex.acquire(
                 inbound.key, app.config.mutex_acquire_timeout_seconds, holder="drain"
             ):
-                await self.pipeline.answer(item, inbound, channel=channel, original=original, live=False)
+                await self.answerer.answer(item, inbound, channel=channel, original=original, live=False)
         except MutexTimeoutError:
-            await self.pipeline.requeue(item, "conversation busy", count_attempt=False)
+            await self.router.requeue(item, "conversation busy", count_attempt=False)
 
     async def _already_answered(self, channel: discord.abc.Messageable, message_id: int) -> bool:
         me = self.app.bot_user_id()

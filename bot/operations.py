@@ -464,7 +464,7 @@ class Operations:
         """Wake the drain now; report what is pending and which breakers hold it back."""
         app = self.app
         stats = await app.storage.stats(now=app.clock.time())
-        woken = app._wake_drain is not None  # the drain is attached only when a bot runs
+        woken = app.drain_waker is not None  # the drain is attached only when a bot runs
         app.drain_wake()
         blocked = [b.name for b in app.board if b.name in ("gemini", "discord.send") and not b.would_admit()]
         result = QueueDrain(
@@ -556,9 +556,9 @@ class Operations:
 
     async def discord_reconnect(self, *, by: str | None = None) -> DiscordReconnect:
         """Close the gateway websocket with a resumable code: discord.py reconnects and RESUMEs."""
-        bot = self.app.bot
-        ws = getattr(bot, "ws", None) if bot is not None else None
-        if bot is None or bot.is_closed() or ws is None:
+        client = self.app.client
+        ws = getattr(client, "ws", None) if client is not None else None
+        if client is None or client.is_closed() or ws is None:
             raise OperationUnavailableError("the Discord client is not connected to the gateway")
         if ws.socket.closed:
             raise OperationUnavailableError("the gateway connection is already closed and reconnecting")
@@ -633,6 +633,15 @@ class Operations:
     def _cached(self, name: str) -> dict[str, Any]:
         # The committed state without I/O: status views must work while the storage breaker is open.
         return self.app.store.cached(name) or {}
+
+
+def serve_operations(app: Application) -> Operations:
+    """The operations of ``app``, attached to its HTTP admin API (with their refusals' statuses)."""
+    operations = Operations(app)
+    app.http_api.attach_operations(
+        operations, {UnknownNameError: 404, InvalidRequestError: 400, OperationUnavailableError: 503}
+    )
+    return operations
 
 
 async def apply_breaker_overrides(app: Application) -> list[str]:

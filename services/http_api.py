@@ -227,9 +227,13 @@ class HttpApi:
         self._started_at: float | None = None
         self._rate_samples: dict[str, deque[tuple[float, float, float]]] = {}
 
-    def attach_operations(self, operations: AdminOperations) -> None:
-        """Give the admin routes their operations (once the application exists)."""
+    def attach_operations(
+        self, operations: AdminOperations, error_status: Mapping[type[BaseException], int] | None = None
+    ) -> None:
+        """Give the admin routes their operations (once the application exists), and the HTTP
+        statuses of their refusal types (added to ``error_status``)."""
         self._operations = operations
+        self._error_status.update(error_status or {})
 
     def set_shutting_down(self, on: bool = True) -> None:
         """Make ``/ready`` answer 503 (the bot's ``close()`` calls this first)."""

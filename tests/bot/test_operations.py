@@ -82,7 +82,7 @@ async def gemini() -> AsyncIterator[GeminiEmulator]:
 async def app(tmp_path: Path, gemini: GeminiEmulator, fake_clock: FakeClock) -> AsyncIterator[Application]:
     """A started application on ``tmp_path/data`` with a ``WakeCounter`` as its drain wake."""
     async with running_app(tmp_path / "data", gemini, fake_clock) as application:
-        application._wake_drain = WakeCounter()
+        application.drain_waker = WakeCounter()
         yield application
 
 
@@ -92,7 +92,7 @@ def ops(app: Application) -> Operations:
 
 
 def wakes(app: Application) -> int:
-    counter = app._wake_drain
+    counter = app.drain_waker
     assert isinstance(counter, WakeCounter)
     return counter.calls
 
@@ -200,7 +200,7 @@ async def test_circuit_open_without_a_duration_holds_until_reset_across_restarts
         assert second.board["gemini"].remaining_open() == pytest.approx(HOLD_SECONDS)
         [row] = [r for r in (await ops.circuit_status())["breakers"] if r["name"] == "gemini"]
         assert row["state"] == "open" and row["remaining"] is None and row["persisted_until"] is None
-        second._wake_drain = WakeCounter()
+        second.drain_waker = WakeCounter()
         reset = await ops.circuit_reset("gemini", by="http")
         assert reset == {"reset": ["gemini"], "overrides_removed": ["gemini"]}
         assert second.board["gemini"].state is BreakerState.CLOSED
@@ -372,7 +372,7 @@ async def test_queue_drain_wakes_the_drain_and_says_what_holds_it_back(
     }
     assert wakes(app) == 1
 
-    app._wake_drain = None  # no bot in this process: nothing to wake, and the result says so
+    app.drain_waker = None  # no bot in this process: nothing to wake, and the result says so
     assert (await ops.queue_drain())["woken"] is False
 
 

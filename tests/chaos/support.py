@@ -22,8 +22,8 @@ from typing import Any
 
 import aiohttp
 
-from bot.ledger import Ledger, Tally
-from bot.simulate import parse_metrics
+from rehearsal.ledger import Ledger, Tally
+from rehearsal.simulate import parse_metrics
 from tests.integration.harness import BotProcess, Emulators
 
 POLL_SECONDS = 0.05

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from bot.ledger import Asked, Ledger, Seen
+from rehearsal.ledger import Asked, Ledger, Seen
 from tests.chaos.support import BotApi, Watch, assert_promise_kept, started_bot
 from tests.chaos.test_gemini_chaos import (
     build_world,

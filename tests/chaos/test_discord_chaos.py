@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from bot.ledger import Asked, Ledger
 from bot.texts import ACK_MARK
+from rehearsal.ledger import Asked, Ledger
 from sandbox.discord_emu import RecordedRequest
 from tests.chaos.support import Watch, assert_promise_kept, started_bot
 from tests.integration.conftest import SpawnBot

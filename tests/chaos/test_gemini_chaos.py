@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bot.ledger import Asked, Ledger, Seen
+from rehearsal.ledger import Asked, Ledger, Seen
 from sandbox.faults import Fault
 from sandbox.gemini import RecordedRequest
 from tests.chaos.support import BotApi, Watch, assert_promise_kept, started_bot

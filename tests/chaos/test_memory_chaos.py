@@ -30,7 +30,7 @@ import discord
 import pytest
 
 from bot.client import BucketPruner
-from bot.ledger import Asked, Ledger
+from rehearsal.ledger import Asked, Ledger
 from tests.chaos.support import BotApi, assert_promise_kept, started_bot
 from tests.integration.conftest import SpawnBot
 from tests.integration.harness import Emulators

@@ -2,7 +2,7 @@
 
 Each scenario runs the real bot (``python -m bot run``) against the sandbox emulators, sets up
 a fault, drives traffic from several users in several conversations, heals, and checks what
-every user saw (:class:`bot.ledger.Ledger`), the breakers' and the queue's states through the
+every user saw (:class:`rehearsal.ledger.Ledger`), the breakers' and the queue's states through the
 bot's HTTP API, and the bot's logs.
 
 - Maintenance on and off while users chat: every message sent during maintenance gets the
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.ledger import Asked, Ledger, Seen
 from bot.texts import ACK_MARK
+from rehearsal.ledger import Asked, Ledger, Seen
 from tests.chaos.support import BotApi, Watch, assert_promise_kept, started_bot
 from tests.integration.conftest import SpawnBot
 from tests.integration.harness import Emulators

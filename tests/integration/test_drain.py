@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import pytest
 
-from bot.pipeline import Inbound
+from bot.inbound import Inbound
 from bot.texts import ACK_MARK, bug
 from resilience.clock import SystemClock
 from resilience.degradation import ItemState

@@ -25,7 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from bot.app import Application, build_application
-from bot.operations import InvalidRequestError, Operations, OperationUnavailableError, UnknownNameError
+from bot.operations import (
+    InvalidRequestError,
+    Operations,
+    OperationUnavailableError,
+    UnknownNameError,
+    serve_operations,
+)
 from resilience.breakers import BreakerState
 from resilience.clock import FakeClock
 from resilience.degradation import ItemKind
@@ -80,7 +86,7 @@ def caches_of(app: Application) -> dict[str, Callable[[], int]]:
 
 
 def wired_api(app: Application) -> HttpApi | None:
-    """The API ``build_application`` put in the registry, once the application wires one."""
+    """The API ``build_application`` put in the registry (its operations are attached by the bot)."""
     api = getattr(app, "http_api", None)
     return api if isinstance(api, HttpApi) else None
 
@@ -126,6 +132,7 @@ async def serving(
     own = wired_api(app)
     if own is not None and not api_kw:
         api, separate = own, False
+        serve_operations(app)
         api.sources.discord_connected = discord
         api.sources.caches = caches_of(app)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bot.ledger import Ledger, Seen, percentiles
+from rehearsal.ledger import Ledger, Seen, percentiles
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import live_bot
 

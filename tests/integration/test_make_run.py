@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 # `-o STAMP`: never (re)install dependencies from a test, even when pyproject.toml is newer.
 MAKE_RUN = ["make", "--no-print-directory", "-o", ".venv/.installed-stamp", "run"]
-BOT_RUN = [sys.executable, "-m", "bot", "--env-file", "/nonexistent/.env", "run"]
+BOT_RUN = [sys.executable, "-m", "rehearsal", "--env-file", "/nonexistent/.env", "run"]
 # A new session whose controlling terminal is the pty (stdin), then the command: what a shell does.
 TAKE_TERMINAL = (
     "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
@@ -235,7 +235,7 @@ def test_piped_stdin_is_read_line_by_line_and_its_answers_shown_before_exit(tmp_
 
 async def test_with_a_gemini_key_only_discord_is_emulated_and_the_banner_says_so(tmp_path):
     """GEMINI_API_KEY set: the sandbox points Discord at the emulator and leaves Gemini real."""
-    from bot.sandbox_mode import banner, sandbox_config
+    from rehearsal.sandbox_mode import banner, sandbox_config
     from sandbox.__main__ import open_emulators
     from services.config import Config
 
@@ -254,7 +254,7 @@ async def test_with_a_gemini_key_only_discord_is_emulated_and_the_banner_says_so
 
 
 def test_an_unwritable_data_dir_is_one_clear_sentence_and_exit_1(tmp_path, capsys):
-    from bot.sandbox_mode import run_sandbox
+    from rehearsal.sandbox_mode import run_sandbox
     from services.config import Config
 
     not_a_dir = tmp_path / "file"
@@ -262,3 +262,19 @@ def test_an_unwritable_data_dir_is_one_clear_sentence_and_exit_1(tmp_path, capsy
     assert run_sandbox(Config(data_dir=not_a_dir)) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write the sandbox log") and "DATA_DIR" in err
+
+
+def test_python_m_bot_run_without_a_token_refuses_and_points_to_the_sandbox(tmp_path):
+    """`python -m bot run` is the live bot only (Dockerfile, systemd): with no DISCORD_TOKEN it
+    starts nothing and says how to get the sandbox, in one sentence and exit 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "--env-file", "/nonexistent/.env", "run"],
+        cwd=REPO_ROOT,
+        env=sandbox_env(tmp_path / "data"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "DISCORD_TOKEN is not set" in result.stderr and "make run" in result.stderr
+    assert "Traceback" not in result.stderr and "SANDBOX" not in result.stdout

@@ -1,4 +1,4 @@
-"""``python -m bot simulate``: a real short run keeps the promise under injected faults, the CLI
+"""``python -m rehearsal simulate``: a real short run keeps the promise under injected faults, the CLI
 validates its options, and the score punishes anything lost or duplicated."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import build_parser
-from bot.ledger import Ledger
-from bot.simulate import (
+from rehearsal.cli import build_parser
+from rehearsal.ledger import Ledger
+from rehearsal.simulate import (
     DEFAULT_MIX,
     InjectedFaults,
     Progress,
@@ -92,9 +92,10 @@ async def test_a_short_run_under_heavy_faults_loses_nothing_answers_nothing_twic
 
 
 def test_simulate_help_lists_every_option() -> None:
-    """``python -m bot simulate --help`` works (a real process) and documents the options."""
+    """``python -m rehearsal simulate --help`` works (a real process) and documents the options."""
     result = subprocess.run(
-        [sys.executable, "-m", "bot", "simulate", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "rehearsal", "simulate", "--help"],
+        cwd=REPO_ROOT, capture_output=True, text=True,
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
@@ -202,8 +203,8 @@ def test_ctrl_c_or_sigterm_stops_the_bot_child(sig: signal.Signals, when: str, t
     exiting (exit code 130): no orphan is left running."""
     data = tmp_path / "sim"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bot", "simulate", "--messages", "100000", "--rate", "20", "--no-progress",
-         "--data-dir", str(data)],
+        [sys.executable, "-m", "rehearsal", "simulate", "--messages", "100000", "--rate", "20",
+         "--no-progress", "--data-dir", str(data)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

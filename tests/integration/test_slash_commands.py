@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from bot.commands import setup_commands
 from bot.texts import ACK_MARK
 from resilience.degradation import ItemKind, ItemState, Mode
 from sandbox.discord_emu import InteractionRecord
@@ -31,7 +30,7 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
     async with running_emulators(heartbeat_interval=1.0) as emus:
         owner = emus.discord.world.add_member("owner", "carol")
         async with live_bot(emus, tmp_path / "data", ADMIN_USER_IDS=str(owner)) as bot:
-            setup_commands(bot.bot)
+            bot.bot.install_commands()
             await bot.bot.tree.sync()
             yield bot
 
@@ -182,7 +181,7 @@ async def test_help_explains_how_to_talk_to_the_bot(live: Live) -> None:
 
 
 async def test_a_command_that_times_out_gets_one_ephemeral_sentence(live: Live) -> None:
-    setup_commands(live.bot, timeout=0.2)
+    live.bot.install_commands(timeout=0.2)
     # An answer in progress holds the conversation: /reset waits for it, past its timeout.
     async with live.app.mutex.acquire(str(live.general), 1.0, holder="test"):
         record = await run(live, "reset", {"confirm": True})
@@ -195,7 +194,7 @@ async def test_a_command_that_times_out_gets_one_ephemeral_sentence(live: Live) 
 async def test_a_public_ask_that_times_out_replaces_the_thinking_message_with_an_ephemeral_sentence(
     live: Live,
 ) -> None:
-    commands = setup_commands(live.bot)
+    commands = live.bot.install_commands()
     commands.ask_timeout = 0.2
     live.gemini.faults.add("latency", value=1.0, count=1)
     record = await run(live, "ask", {"prompt": "slow one"})

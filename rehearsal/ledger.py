@@ -6,7 +6,7 @@ user would: a reply (``message_reference``) to the question is an *acknowledgeme
 starts with the ⏳ mark, an *answer* when it contains the question's marker, and otherwise a
 *notice* (the bot saying why it will not answer: cooldown, maintenance, dead letter, ...).
 
-Used by ``python -m bot simulate`` and the chaos scenarios in ``tests/chaos``.
+Used by ``python -m rehearsal simulate`` and the chaos scenarios in ``tests/chaos``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m bot simulate``: the real bot under load and injected faults, and a report on the promise.
+"""``python -m rehearsal simulate``: the real bot under load and injected faults, and a report on the promise.
 
 The Discord and Gemini emulators run in this process; the unmodified bot runs as a child
 (``python -m bot --env-file <absent> run``) pointed at them, with its data, stdout and stderr
@@ -8,7 +8,7 @@ fixed rate, open loop, while a configurable share of Gemini calls fails with a m
 (by default 10 %: 40 % hangs past the client timeout, 30 % 503, 20 % 429, 10 % 500), a share
 of Discord message sends fail with 503, and Gemini has one total outage mid-run. Then every
 fault is healed, and the run waits (bounded) until each message is settled and the bot's
-durable queue is empty. A :class:`~bot.ledger.Ledger` classifies what each user saw.
+durable queue is empty. A :class:`~rehearsal.ledger.Ledger` classifies what each user saw.
 
 *Accepted* means a message the bot took responsibility for: every simulated message
 mentions the bot and reaches it over the gateway, so every one is owed an answer, an honest
@@ -56,7 +56,7 @@ from typing import Any, TextIO
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot.ledger import Asked, Ledger, Seen, percentiles
+from rehearsal.ledger import Asked, Ledger, Seen, percentiles
 from resilience.retries import RetryBudget
 from sandbox.__main__ import SANDBOX_DISCORD_TOKEN, SANDBOX_GEMINI_KEY, bot_settings
 from sandbox.discord_emu import DiscordEmulator

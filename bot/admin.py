@@ -1,0 +1,218 @@
+"""``/admin``: the operator's slash commands, thin views over ``bot.operations.Operations``.
+
+Each subcommand runs in the ``SlashCommands`` frame with ``admin=True``: the caller is checked
+on every invocation and every reply is ephemeral. The formatters turn an operation's result
+into the sentence the operator sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+import discord
+from discord import app_commands
+
+from bot.commands import SlashCommands, followup, human
+from bot.operations import CircuitStatus, MaintenanceStatus, Operations, QueueStatus
+
+
+def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
+    """``/admin``: circuit, maintenance, queue, datastore and mutex subgroups over ``Operations``.
+
+    Every subcommand runs with ``admin=True``: the caller is checked on each invocation and
+    every reply is ephemeral.
+    """
+    group = app_commands.Group(
+        name="admin",
+        description="Operate the bot: breakers, maintenance, queue, data, locks",
+        default_permissions=discord.Permissions(administrator=True),  # UI metadata only
+    )
+
+    def admin(interaction: discord.Interaction, action: Callable[[str], Awaitable[str]]) -> Awaitable[None]:
+        """Run ``action(by)`` as an admin command and show the text it returns."""
+
+        async def body() -> None:
+            await followup(interaction, _clip(await action(f"discord:{interaction.user.id}")))
+
+        return commands.run(interaction, body, admin=True)
+
+    circuit = app_commands.Group(name="circuit", description="Circuit breakers", parent=group)
+
+    @circuit.command(name="status", description="Every breaker's state")
+    async def circuit_status(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            return format_circuit_status(await ops.circuit_status(by=by), commands.app.clock.time())
+
+        await admin(interaction, act)
+
+    @circuit.command(name="reset", description="Close a breaker (or all) and wake the queue")
+    @app_commands.describe(name="Breaker name, or 'all'")
+    async def circuit_reset(interaction: discord.Interaction, name: str) -> None:
+        async def act(by: str) -> str:
+            done = await ops.circuit_reset(name, by=by)
+            return f"Closed: {', '.join(f'`{n}`' for n in done['reset'])}."
+
+        await admin(interaction, act)
+
+    @circuit.command(name="open", description="Hold a breaker open (until reset, or for a while)")
+    @app_commands.describe(name="Breaker name", seconds="How long (default: until reset)", reason="Why")
+    async def circuit_open(
+        interaction: discord.Interaction, name: str, seconds: float | None = None, reason: str | None = None
+    ) -> None:
+        async def act(by: str) -> str:
+            done = await ops.circuit_open(name, seconds, reason=reason, by=by)
+            how_long = "until reset" if done["duration"] is None else f"for {human(done['duration'])}"
+            return f"`{done['name']}` is {done['state']} {how_long} ({done['reason']})."
+
+        await admin(interaction, act)
+
+    maintenance = app_commands.Group(name="maintenance", description="Maintenance mode", parent=group)
+
+    @maintenance.command(name="on", description="Turn maintenance mode on; messages are saved")
+    @app_commands.describe(message="The notice users see")
+    async def maintenance_on(interaction: discord.Interaction, message: str | None = None) -> None:
+        async def act(by: str) -> str:
+            return format_maintenance(await ops.maintenance_on(message, by=by))
+
+        await admin(interaction, act)
+
+    @maintenance.command(name="off", description="Turn maintenance mode off and answer what was saved")
+    async def maintenance_off(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            return format_maintenance(await ops.maintenance_off(by=by))
+
+        await admin(interaction, act)
+
+    @maintenance.command(name="status", description="Whether maintenance mode is on")
+    async def maintenance_status(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            return format_maintenance(await ops.maintenance_status(by=by))
+
+        await admin(interaction, act)
+
+    queue = app_commands.Group(name="queue", description="The queue of unanswered messages", parent=group)
+
+    @queue.command(name="status", description="Queue depth and the oldest items")
+    async def queue_status(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            return format_queue_status(await ops.queue_status(by=by))
+
+        await admin(interaction, act)
+
+    @queue.command(name="drain", description="Work through the queue now")
+    async def queue_drain(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            done = await ops.queue_drain(by=by)
+            text = f"Draining: {done['pending']} waiting."
+            if done["blocked_by"]:
+                text += f" Held back by open breakers: {', '.join(done['blocked_by'])}."
+            return text
+
+        await admin(interaction, act)
+
+    @queue.command(name="purge", description="Delete dead-lettered or expired items")
+    @app_commands.describe(state="Which items to delete")
+    async def queue_purge(
+        interaction: discord.Interaction, state: Literal["dead", "expired"] = "dead"
+    ) -> None:
+        async def act(by: str) -> str:
+            done = await ops.queue_purge(state, by=by)
+            return f"Deleted {done['purged']} {done['state']} item{'s' if done['purged'] != 1 else ''}."
+
+        await admin(interaction, act)
+
+    datastore = app_commands.Group(name="datastore", description="The JSON data files", parent=group)
+
+    @datastore.command(name="validate", description="Check the data files on disk")
+    @app_commands.describe(name="One file (default: all)")
+    async def datastore_validate(interaction: discord.Interaction, name: str | None = None) -> None:
+        async def act(by: str) -> str:
+            done = await ops.datastore_validate(name, by=by)
+            lines = [
+                f"`{f['name']}`: " + ("ok" if f["ok"] else "; ".join(f["problems"]) or "invalid")
+                for f in done["files"]
+            ]
+            return "\n".join(lines) or "No data files."
+
+        await admin(interaction, act)
+
+    @datastore.command(name="recover", description="Reload a data file from its best valid copy")
+    @app_commands.describe(name="The file")
+    async def datastore_recover(interaction: discord.Interaction, name: str) -> None:
+        async def act(by: str) -> str:
+            done = await ops.datastore_recover(name, by=by)
+            text = f"`{done['name']}` recovered from {done['source']}."
+            if done["problems"]:
+                text += " Problems: " + "; ".join(done["problems"])
+            return text
+
+        await admin(interaction, act)
+
+    mutex = app_commands.Group(name="mutex", description="Conversation locks", parent=group)
+
+    @mutex.command(name="status", description="Held conversation locks")
+    async def mutex_status(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            done = await ops.mutex_status(by=by)
+            lines = [
+                f"`{lock['key']}` held by {lock['holder']} for {human(lock['held_for'])},"
+                f" {lock['waiters']} waiting"
+                for lock in done["locks"]
+            ]
+            return "\n".join(lines) or "No conversation is locked."
+
+        await admin(interaction, act)
+
+    @mutex.command(name="release", description="Free a stuck conversation lock")
+    @app_commands.describe(key="The conversation key (see /admin mutex status)")
+    async def mutex_release(interaction: discord.Interaction, key: str) -> None:
+        async def act(by: str) -> str:
+            done = await ops.mutex_release(key, by=by)
+            return f"Released `{done['key']}` (held by {done['holder']} for {human(done['held_for'])})."
+
+        await admin(interaction, act)
+
+    return group
+
+
+def format_circuit_status(status: CircuitStatus, now: float) -> str:
+    lines = []
+    for row in status["breakers"]:
+        line = f"`{row['name']}`: {row['state']} for {human(now - row['since'])}"
+        if row["remaining"]:
+            line += f", next try in {human(row['remaining'])}"
+        if row["forced_reason"]:
+            line += f" ({row['forced_reason']})"
+        if row["last_error"]:
+            line += f"; last error {row['last_error']}"
+        lines.append(line)
+    return "\n".join(lines) or "No breakers."
+
+
+def format_maintenance(status: MaintenanceStatus) -> str:
+    if not status["enabled"]:
+        return f"Maintenance mode is off (mode: {status['mode']})."
+    return f"Maintenance mode is on. Users see: {status['message']}"
+
+
+def format_queue_status(status: QueueStatus) -> str:
+    text = f"{status['pending']} waiting"
+    if status["oldest_pending_age"] is not None:
+        text += f", oldest {human(status['oldest_pending_age'])}"
+    counts = [
+        f"{kind} {state} {n}" for kind, states in status["depth"].items() for state, n in states.items() if n
+    ]
+    if counts:
+        text += f" ({', '.join(counts)})"
+    lines = [text + "."]
+    for row in status["items"]:
+        lines.append(
+            f"#{row['id']} {row['kind']} {row['state']}, {row['attempts']} attempts, "
+            f"{human(row['age'])} old" + (f", last error {row['last_error']}" if row["last_error"] else "")
+        )
+    return "\n".join(lines)
+
+
+def _clip(text: str, limit: int = 2000) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"

@@ -1,0 +1,170 @@
+"""Answering: a claimed inbound item through Gemini, split into chunks, delivered as a reply.
+
+``Answerer.answer`` runs the processing timeout and the typing indicator around
+``GeminiService.generate`` and hands a failure to the ``FailureRouter``; ``deliver`` sends the
+chunks with per-chunk nonces and moves what Discord does not take now to the outbound queue.
+The live path (``bot.intake``), ``/ask`` and the drain all answer through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import discord
+import structlog
+
+from bot import texts
+from bot.inbound import Inbound, Snowflake
+from bot.routing import Explanation, FailureRouter, Original
+from bot.splitting import split_message
+from resilience.degradation import ItemKind, QueueItem
+from resilience.errors import classify
+from services.discord_io import PartialDeliveryError
+from services.storage import Turn
+
+if TYPE_CHECKING:
+    from bot.app import Application
+
+log = structlog.get_logger("bot.answering")
+
+TurnRow = tuple[str, str, str | int | None]
+
+
+class Answerer:
+    """Generates and delivers answers; built once per application."""
+
+    def __init__(self, app: Application, router: FailureRouter) -> None:
+        self.app = app
+        self.router = router
+
+    async def answer(
+        self,
+        item: QueueItem,
+        inbound: Inbound,
+        *,
+        channel: discord.abc.Messageable,
+        original: Original,
+        live: bool,
+        history: list[Turn] | None = None,
+    ) -> str:
+        """Generate and deliver the answer to a claimed inbound item; route any failure."""
+        app = self.app
+        try:
+            if history is None:
+                history = await app.storage.history(inbound.key)
+            async with app.discord_io.typing(channel):
+                async with asyncio.timeout(app.config.processing_timeout_seconds):
+                    reply = await app.gemini.generate(inbound.content, history)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            routed = await self.router.route(item, original, exc, live=live, channel=channel)
+            if isinstance(routed, Explanation):
+                return await self.deliver(
+                    item, inbound, [routed.text], original=original, channel=channel, outcome="refused"
+                )
+            return routed
+
+        turns: list[TurnRow] = []
+        if reply.ok:
+            body = reply.text or ""
+            if not live:
+                body = texts.late_answer_prefix(inbound.content) + body
+                if item.payload.get("interaction"):
+                    # A slash command has no message to reply to: ping the asker by name instead.
+                    body = f"<@{inbound.author_id}> {body}"
+            if item.payload.get("attachments"):
+                body = f"{body}\n\n{texts.attachments_ignored()}"
+            chunks = split_message(body)
+            if not item.payload.get("private"):  # a private /ask stays out of the channel's history
+                turns = [("user", inbound.content, inbound.message_id), ("model", reply.text or "", None)]
+            outcome = "answered" if live else "answered_late"
+        else:
+            chunks = [reply.user_message or texts.no_answer()]
+            outcome = "refused"
+        return await self.deliver(
+            item, inbound, chunks, original=original, channel=channel, outcome=outcome, turns=turns
+        )
+
+    async def deliver(
+        self,
+        item: QueueItem,
+        inbound: Inbound,
+        chunks: list[str],
+        *,
+        original: Original,
+        channel: discord.abc.Messageable,
+        outcome: str,
+        turns: Sequence[TurnRow] = (),
+    ) -> str:
+        """Send ``chunks`` as a reply; what Discord does not take now goes to the outbound queue.
+
+        ``turns`` (the question and the answer) join the conversation history when the item is
+        finished, in the same transaction, or as soon as the answer is queued for delivery.
+        Chunk ``i`` carries the nonce ``<message id>.<i>``, so a chunk resent after a timeout or
+        a crash is not posted twice; a long answer is staged as an outbound item before its
+        first chunk goes out, so a crash between chunks resumes the delivery.
+        """
+        app = self.app
+        first = int(item.payload.get("chunk_offset", 0))
+        if len(chunks) > 1 and item.kind is ItemKind.INBOUND:
+            item = await app.storage.update_payload(
+                item.id,
+                {**item.payload, "chunks": list(chunks), "outcome": outcome, "chunk_offset": first},
+                kind=ItemKind.OUTBOUND,
+            )
+            if turns:
+                await app.storage.append_turns(inbound.key, turns)
+                turns = ()
+        try:
+            await app.discord_io.send_chunks(
+                channel,
+                chunks,
+                reply_to=original,
+                mention_user=Snowflake(inbound.author_id),
+                nonce=str(item.payload.get("nonce", inbound.message_id)),
+                first_index=first,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, PartialDeliveryError):
+                remaining, verdict = exc.remaining, classify(exc.cause)
+                first += len(exc.sent)
+            else:
+                remaining, verdict = chunks, classify(exc)
+            if verdict.retryable:
+                if turns:
+                    await app.storage.append_turns(inbound.key, turns)
+                # the first failure of a fresh answer is no attempt at delivering a queued one
+                counted = item.kind is ItemKind.OUTBOUND and self.router.counts_against(
+                    verdict, "discord.send"
+                )
+                await self.router.requeue(
+                    item,
+                    f"delivery: {verdict.category.value}",
+                    kind=ItemKind.OUTBOUND,
+                    payload={
+                        **item.payload,
+                        "chunks": list(remaining),
+                        "outcome": outcome,
+                        "chunk_offset": first,
+                    },
+                    retry_after=verdict.retry_after,
+                    count_attempt=counted,
+                )
+                return "queued"
+            log.warning("pipeline.undeliverable", category=verdict.category.value, item=item.id)
+            await app.storage.dead_letter(item.id, f"undeliverable: {verdict.category.value}")
+            return "error"
+        try:
+            await app.storage.finish(item.id, key=inbound.key, turns=turns)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Delivered, not recorded: once the lease runs out the drain finds the answer by its
+            # nonce and completes the item (the exchange stays out of the history).
+            log.warning("pipeline.finish_failed", item=item.id, category=classify(exc).category.value)
+        return outcome
