@@ -166,9 +166,11 @@ def build_application(
     )
     metrics.watch_retry_policy(retry, "gemini")
     metrics.watch_mutex(mutex)
+    # Never shorter than the longest answer allowed takes (an essay after a run of quick answers).
+    floor = min(config.gemini_timeout_floor(), config.gemini_timeout_seconds)
     timeout = AdaptiveTimeout(
-        min(10.0, config.gemini_timeout_seconds),
-        minimum=min(2.0, config.gemini_timeout_seconds),
+        max(floor, min(10.0, config.gemini_timeout_seconds)),
+        minimum=floor,
         maximum=config.gemini_timeout_seconds,
         clock=clock,
     )
@@ -178,6 +180,7 @@ def build_application(
         fallback_models=config.gemini_fallback_models,
         base_url=config.gemini_base_url,
         persona=config.bot_persona,
+        max_output_tokens=config.gemini_max_output_tokens,
         breaker=gemini_breaker,
         retry=retry,
         timeout=timeout,

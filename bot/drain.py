@@ -154,7 +154,13 @@ class Drain:
             inbound_limit = 0
         if inbound_limit > 0:
             items += await app.storage.claim(
-                now=now, lease_seconds=self.lease, kind=ItemKind.INBOUND, limit=inbound_limit
+                now=now,
+                lease_seconds=self.lease,
+                kind=ItemKind.INBOUND,
+                limit=inbound_limit,
+                # The probe is the least suspect question: one that timed out before (a poison
+                # essay) must not be the probe every time while the rest wait behind the breaker.
+                fewest_attempts_first=gemini.state is not BreakerState.CLOSED,
             )
         return items
 

@@ -29,6 +29,15 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("bot.routing")
 
+# Gemini failures that may be the question's own doing (an answer too long for the timeout) rather
+# than Gemini's health: they count as the item's attempts even when they opened the breaker or
+# failed its half-open probe, so a poison message is dead-lettered after QUEUE_MAX_ATTEMPTS instead
+# of holding the breaker open for everyone. A 503, a 429, a refused connection or a garbled body
+# say nothing about the question and never count while the breaker is not closed: an outage longer
+# than the back-off must not dead-letter what it hit. (A Gemini that hangs for everyone does cost
+# each probe's item an attempt: the price of not letting one question stall the bot.)
+ITEM_SUSPECTS = frozenset({Category.TIMEOUT})
+
 Original = discord.Message | discord.MessageReference
 
 
@@ -64,7 +73,7 @@ class FailureRouter:
                 log.error("pipeline.bug", item=item.id, exc_info=exc)
                 return Explanation(texts.bug(current_trace_id() or "-"))
             return Explanation(verdict.user_message)
-        counted = self.counts_against(verdict, "gemini")
+        counted = self.counts_against(verdict, "gemini", suspects=ITEM_SUSPECTS)
         try:
             requeued = await self.requeue(
                 item, verdict.category.value, retry_after=verdict.retry_after, count_attempt=counted
@@ -82,18 +91,20 @@ class FailureRouter:
             await self.acknowledge(channel, original, texts.queued(verdict, position), requeued)
         return "queued"
 
-    def counts_against(self, verdict: Classification, breaker: str) -> bool:
+    def counts_against(
+        self, verdict: Classification, breaker: str, *, suspects: frozenset[Category] = frozenset()
+    ) -> bool:
         """Whether a transient failure says something about the item, so it counts as an attempt.
 
-        A rejection by an open breaker and the failure that opened the breaker are the
-        dependency's outage, not the item's fault: counted, an outage longer than the back-off
-        would dead-letter whatever it hit. So a failure counts when it leaves ``breaker`` closed
-        (read after the failure): a message that keeps failing while the dependency works is
-        dead-lettered after ``queue_max_attempts``.
+        A rejection by an open breaker never counts. A failure that leaves ``breaker`` closed
+        (read after the failure) counts: a message that keeps failing while the dependency works
+        is dead-lettered after ``queue_max_attempts``. A failure that opened the breaker or failed
+        its half-open probe counts only when its category is one of ``suspects`` (see
+        ``ITEM_SUSPECTS``); otherwise it is the dependency's outage, not the item's fault.
         """
         if verdict.category is Category.CIRCUIT_OPEN:
             return False
-        return self.app.board[breaker].state is BreakerState.CLOSED
+        return verdict.category in suspects or self.app.board[breaker].state is BreakerState.CLOSED
 
     async def requeue(
         self,

@@ -88,17 +88,26 @@ class FaultPlan:
         self._prune()
         return list(self._faults)
 
-    def pick(self, *targets: str, kinds: Collection[str] | None = None) -> Fault | None:
+    def pick(
+        self,
+        *targets: str,
+        kinds: Collection[str] | None = None,
+        accept: Callable[[Fault], bool] | None = None,
+    ) -> Fault | None:
         """Return the fault that hits a request to any of ``targets``, consuming one count.
 
         ``kinds``, when given, limits the match to those fault kinds, so a peer with two
         surfaces (REST and a gateway) never consumes a ``"*"`` fault meant for the other.
+        ``accept``, when given, must also say yes (a peer's own condition on the request, such
+        as the Gemini emulator's ``prompt=`` parameter).
         """
         self._prune()
         for fault in self._faults:
             if fault.target != "*" and fault.target not in targets:
                 continue
             if kinds is not None and fault.kind not in kinds:
+                continue
+            if accept is not None and not accept(fault):
                 continue
             if fault.every is not None:
                 fault.matched += 1

@@ -4,7 +4,10 @@ It speaks the shapes the real ``google-genai`` async client sends and parses
 (``generateContent``, ``streamGenerateContent?alt=sse``, ``batchEmbedContents`` under any
 API version), so the unmodified SDK can be pointed at it with
 ``HttpOptions(base_url=emulator.base_url)``. Faults come from a shared
-:class:`~sandbox.faults.FaultPlan` whose targets are model names (or ``"*"``).
+:class:`~sandbox.faults.FaultPlan` whose targets are model names (or ``"*"``); a fault with a
+``prompt`` parameter hits only requests whose last user turn contains that text (a poison
+question). ``tokens_per_second``, when set, makes answers take as long as a model writing at
+that speed would (a long answer is slow, as with the real API).
 """
 
 from __future__ import annotations
@@ -117,6 +120,14 @@ def quota_body(model: str, *, daily: bool, retry_delay: str | None) -> dict:
     return error_body(429, "RESOURCE_EXHAUSTED", message, details)
 
 
+def last_user_text(body: Any) -> str:
+    """The text of the last user turn of a ``generateContent`` body ("" for anything else)."""
+    if not isinstance(body, dict):
+        return ""
+    turns = [c for c in body.get("contents", []) if isinstance(c, dict) and c.get("role", "user") == "user"]
+    return responder.text_of(turns[-1]) if turns else ""
+
+
 def parse_model_path(path: str) -> tuple[str, str | None, str] | None:
     """Split ``/{version}/models[/{model}[:{action}]]`` into (version, model, action), or None.
 
@@ -159,8 +170,10 @@ class GeminiEmulator:
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
         max_requests: int = 10_000,
+        tokens_per_second: float | None = None,
     ) -> None:
         self.api_key = api_key
+        self.tokens_per_second = tokens_per_second
         self.host = host
         self.port = port
         self.faults = faults if faults is not None else FaultPlan(rng=random.Random(seed))
@@ -243,7 +256,11 @@ class GeminiEmulator:
                 error_body(400, "INVALID_ARGUMENT", "Invalid JSON payload received."), status=400)
 
         assert action is not None
-        fault = self.faults.pick(*(model, f"models/{model}") if model else ("models",))
+        prompt = last_user_text(body).lower()
+        fault = self.faults.pick(
+            *(model, f"models/{model}") if model else ("models",),
+            accept=lambda f: str(f.params.get("prompt", "")).lower() in prompt,
+        )
         rec.fault = fault
         rec.outcome = f"fault:{fault.kind}" if fault else "ok"
         if fault is not None and fault.kind == "latency":
@@ -264,7 +281,16 @@ class GeminiEmulator:
             return web.json_response(self._embeddings(body))
         if action == "streamGenerateContent":
             return await self._stream(request, model, body, fault)
-        return web.json_response(self._generate(model, body, fault))
+        answer = self._generate(model, body, fault)
+        if await self._write(answer.get("usageMetadata", {}).get("candidatesTokenCount", 0)):
+            return self._drop(request)
+        return web.json_response(answer)
+
+    async def _write(self, tokens: int) -> bool:
+        """Take as long as a model writing ``tokens`` at ``tokens_per_second``; True if stopped meanwhile."""
+        if not self.tokens_per_second or tokens <= 0:
+            return False
+        return await self._wait(tokens / self.tokens_per_second)
 
     async def _wait(self, seconds: float | None) -> bool:
         """Sleep ``seconds`` (None = forever) unless the emulator stops; True if stopped."""
@@ -382,6 +408,8 @@ class GeminiEmulator:
         if fault is not None and fault.kind == "stream_error":
             cut = min(int(fault.params.get("after", 1)), len(pieces))
         for n, piece in enumerate(pieces[:cut]):
+            if await self._write(responder.count_tokens(piece)):
+                return self._drop(request)
             chunk: dict[str, Any] = {"candidates": [{"content": {"parts": [{"text": piece}], "role": "model"},
                                                      "index": 0}], "modelVersion": full["modelVersion"]}
             if n == len(pieces) - 1:

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -22,6 +22,9 @@ DEFAULT_PERSONA = (
     "You are a helpful, friendly assistant chatting in a Discord server. Answer clearly and "
     "concisely, and use Discord markdown when it helps."
 )
+
+GEMINI_FIRST_TOKEN_SECONDS = 2.0
+"""What a Gemini answer's timeout allows before the first token, on top of the tokens' time."""
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("console", "json")
@@ -89,6 +92,8 @@ class Config:
     gemini_fallback_models: tuple[str, ...] = ()
     gemini_base_url: str | None = None
     gemini_timeout_seconds: float = 30.0
+    gemini_max_output_tokens: int = 2048
+    gemini_tokens_per_second: float = 100.0
     bot_persona: str = DEFAULT_PERSONA
     # Behaviour
     mutex_acquire_timeout_seconds: float = 5.0
@@ -123,6 +128,15 @@ class Config:
     def discord_mode(self) -> Literal["live", "sandbox"]:
         """``"live"`` with a bot token, else ``"sandbox"`` (the loopback Discord emulator)."""
         return "live" if self.discord_token else "sandbox"
+
+    def gemini_timeout_floor(self) -> float:
+        """The shortest timeout a Gemini call gets: time for the longest answer allowed
+        (``gemini_max_output_tokens`` at ``gemini_tokens_per_second``) plus the first token's wait.
+
+        The adaptive timeout follows recent answer times, which are mostly short; without this
+        floor a long answer (an essay) after a run of quick ones would time out every attempt.
+        """
+        return GEMINI_FIRST_TOKEN_SECONDS + self.gemini_max_output_tokens / self.gemini_tokens_per_second
 
     @property
     def gemini_mode(self) -> Literal["live", "sandbox"]:
@@ -318,6 +332,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "gemini_fallback_models": _models,
     "gemini_base_url": _url("http", "https"),
     "gemini_timeout_seconds": _number(float, 1, 600),
+    "gemini_max_output_tokens": _number(int, 16, 65_536),
+    "gemini_tokens_per_second": _number(float, 1, 100_000),
     "bot_persona": _text,
     "mutex_acquire_timeout_seconds": _number(float, 0.1, 300),
     "processing_timeout_seconds": _number(float, 1, 3600),
@@ -419,4 +435,18 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
                 "and set ADMIN_API_TOKEN",
             )
         )
-    return Config(**values, warnings=tuple(warnings))
+    config = Config(**values, warnings=tuple(warnings))
+    if config.gemini_timeout_floor() > config.gemini_timeout_seconds:
+        warnings.append(
+            ConfigProblem(
+                "GEMINI_TIMEOUT_SECONDS",
+                f"{config.gemini_timeout_seconds:g} s is shorter than the "
+                f"{config.gemini_timeout_floor():.1f} s a {config.gemini_max_output_tokens}-token answer "
+                f"(GEMINI_MAX_OUTPUT_TOKENS) takes at {config.gemini_tokens_per_second:g} tokens/s "
+                "(GEMINI_TOKENS_PER_SECOND): long answers will time out",
+                "raise GEMINI_TIMEOUT_SECONDS (and PROCESSING_TIMEOUT_SECONDS) or lower "
+                "GEMINI_MAX_OUTPUT_TOKENS",
+            )
+        )
+        config = replace(config, warnings=tuple(warnings))
+    return config

@@ -683,17 +683,26 @@ class SqliteStore:
         return await self._run("enqueue", self._in_thread(body), write=False)
 
     async def claim(
-        self, *, now: float, lease_seconds: float, kind: ItemKind | None = None, limit: int = 10
+        self,
+        *,
+        now: float,
+        lease_seconds: float,
+        kind: ItemKind | None = None,
+        limit: int = 10,
+        fewest_attempts_first: bool = False,
     ) -> list[QueueItem]:
         """Lease due items: at most the head of each conversation, none where one is claimed.
 
         The head is taken across both kinds, so with ``kind`` given a conversation whose head is
         of the other kind yields nothing (an answer is delivered before the next message is
-        answered). Claims whose lease ran out (a crashed worker) return to pending first, marked
+        answered). Oldest first, or with ``fewest_attempts_first`` the heads that failed least
+        (a breaker's probe: an item that keeps failing must not be the only one ever tried).
+        Claims whose lease ran out (a crashed worker) return to pending first, marked
         ``LEASE_RAN_OUT`` (``claim_abandoned``).
         """
         lease_until = now + lease_seconds
         kind_filter = "" if kind is None else "AND q.kind = :kind"
+        order = "q.attempts, q.id" if fewest_attempts_first else "q.id"
 
         def body(conn: sqlite3.Connection) -> list[QueueItem]:
             _reap_leases(conn, now)
@@ -702,7 +711,7 @@ class SqliteStore:
                 JOIN (SELECT conversation_key, MIN(id) AS head FROM queue
                       WHERE state IN ('pending', 'claimed') GROUP BY conversation_key) h ON q.id = h.head
                 WHERE q.state = 'pending' AND q.next_attempt_at <= :now {kind_filter}
-                ORDER BY q.id LIMIT :limit""",
+                ORDER BY {order} LIMIT :limit""",
                 {"now": now, "kind": None if kind is None else ItemKind(kind).value, "limit": limit},
             ).fetchall()
             if not heads:

@@ -502,3 +502,26 @@ async def test_request_log_keeps_only_the_newest_entries():
                                   headers={"x-goog-api-key": emu.api_key}) as resp:
                     assert resp.status == 200
         assert [r.model for r in emu.requests] == ["m2", "m3", "m4"]
+
+
+async def test_a_prompt_fault_hits_only_questions_containing_its_text(emu, client):
+    emu.faults.add("503", prompt="Write An Essay")
+    ok = await client.aio.models.generate_content(model=MODEL, contents="hello")
+    assert ok.text.startswith("Hello!")
+    with pytest.raises(errors.ServerError) as info:
+        await client.aio.models.generate_content(model=MODEL, contents="please write an essay on rivers")
+    assert info.value.code == 503
+    assert [r.outcome for r in emu.requests] == ["ok", "fault:503"]
+
+
+async def test_tokens_per_second_makes_a_long_answer_take_as_long_as_writing_it(emu, client):
+    """200 tokens at 1,000 tokens/s: at least 0.2 s, plain and streamed; a short answer stays quick."""
+    emu.tokens_per_second = 1000
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    r = await client.aio.models.generate_content(model=MODEL, contents="reply with 800 characters")
+    assert len(r.text) == 800 and loop.time() - started >= 0.2
+    started = loop.time()
+    chunks = [c.text async for c in await client.aio.models.generate_content_stream(
+        model=MODEL, contents="reply with 800 characters")]
+    assert "".join(chunks) == r.text and loop.time() - started >= 0.2
