@@ -91,21 +91,13 @@ class Application:
         return user.id if user is not None else None
 
     async def channel(self, channel_id: int) -> Any:
-        """A channel (or thread, or DM) by id: from the cache, else fetched over REST."""
-        client = self._client()
-        channel = client.get_channel(channel_id)
-        if channel is None:
-            channel = await client.fetch_channel(channel_id)
-        return channel
+        """A channel (or thread, or DM) by id: from the cache, else fetched through ``discord.read``."""
+        return await self.discord_io.fetch_channel(self._client(), channel_id)
 
     async def channel_for(self, item: QueueItem) -> Any:
         """Where a queued item's late answer goes: its channel, or the asker's DMs for a private /ask."""
         if item.payload.get("private"):
-            client = self._client()
-            user = client.get_user(int(item.payload["author_id"]))
-            if user is None:
-                user = await client.fetch_user(int(item.payload["author_id"]))
-            return await user.create_dm()
+            return await self.discord_io.dm_channel(self._client(), int(item.payload["author_id"]))
         return await self.channel(int(item.payload["channel_id"]))
 
     def discord_connected(self) -> bool:
@@ -187,7 +179,7 @@ def build_application(
         clock=clock,
         metrics=metrics,
     )
-    discord_io = DiscordIO(board, metrics=metrics)
+    discord_io = DiscordIO(board, metrics=metrics, timeout=config.discord_timeout_seconds)
     ratelimiter = RateLimiter(
         config.user_rate_limit_per_minute, config.guild_rate_limit_per_minute, clock=clock
     )

@@ -244,15 +244,19 @@ class Drain:
         if me is None:
             return False
         try:
-            async for message in channel.history(limit=HISTORY_LOOKBACK, after=discord.Object(id=message_id)):
-                if message.author.id == me and is_answer_to(message, message_id):
-                    return True
+            found = await self.app.discord_io.find_message(
+                channel,
+                lambda message: message.author.id == me and is_answer_to(message, message_id),
+                after=discord.Object(id=message_id),
+                limit=HISTORY_LOOKBACK,
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # Not knowing is no reason to stay silent: answer (at worst twice, never never).
             log.info("drain.history_unavailable", category=classify(exc).category.value)
-        return False
+            return False
+        return found is not None
 
     async def _housekeeping(self, now: float) -> None:
         """Keep the database small: finished items go, processed ids older than a week go."""

@@ -86,6 +86,7 @@ class Config:
     discord_guild_id: int | None = None
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
+    discord_timeout_seconds: float = 15.0
     # Gemini
     gemini_api_key: str | None = field(default=None, repr=False)
     gemini_model: str = "gemini-2.5-flash"
@@ -327,6 +328,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "discord_guild_id": _snowflake,
     "discord_api_base": _url("http", "https"),
     "discord_gateway_url": _url("ws", "wss"),
+    "discord_timeout_seconds": _number(float, 0.5, 300),
     "gemini_api_key": _gemini_key,
     "gemini_model": _model,
     "gemini_fallback_models": _models,

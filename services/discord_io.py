@@ -1,9 +1,11 @@
-"""Everything the bot writes to Discord, behind one circuit breaker per operation.
+"""Everything the bot asks of Discord's REST API, behind one circuit breaker per operation.
 
 ``DiscordIO`` sends, edits, reacts and shows the typing indicator through the breakers
-``discord.send``, ``discord.edit``, ``discord.react`` and ``discord.typing``. Why one per
-operation: Discord rate-limits and fails them separately, and a reaction outage must not
-stop answers.
+``discord.send``, ``discord.edit``, ``discord.react`` and ``discord.typing``, and reads
+(fetch a channel or a user, open a DM, look through a channel's history) through
+``discord.read``, each call under a timeout. Why one per operation: Discord rate-limits and
+fails them separately, a reaction outage must not stop answers, and a read that hangs must
+not hold a queued item until its lease runs out.
 
 Only transient failures (5xx, 429, timeouts, dropped connections) count towards opening a
 breaker. Permanent ones (403 Missing Permissions, 404 Unknown Channel, 400 too long) are a
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-OPERATIONS = ("send", "edit", "react", "typing")
+OPERATIONS = ("send", "edit", "react", "typing", "read")
 """The Discord operations that have a breaker each, named ``discord.<operation>``."""
 
 TYPING_DELAY = 0.5
@@ -229,6 +231,41 @@ class DiscordIO:
             content=content,
             allowed_mentions=allowed_mentions_for(mention_user),
         )
+
+    async def fetch_channel(self, client: discord.Client, channel_id: int) -> Any:
+        """A channel (or thread, or DM) by id: from discord.py's cache, else fetched via ``discord.read``."""
+        channel = client.get_channel(channel_id)
+        if channel is None:
+            channel = await self._guard("read", channel_id, client.fetch_channel, channel_id)
+        return channel
+
+    async def dm_channel(self, client: discord.Client, user_id: int) -> discord.DMChannel:
+        """The DM channel with ``user_id`` (the user fetched and the DM opened via ``discord.read``)."""
+        user = client.get_user(user_id)
+        if user is None:
+            user = await self._guard("read", None, client.fetch_user, user_id)
+        return await self._guard("read", None, user.create_dm)
+
+    async def find_message(
+        self,
+        channel: discord.abc.Messageable,
+        match: Callable[[discord.Message], bool],
+        *,
+        after: discord.abc.Snowflake,
+        limit: int,
+    ) -> discord.Message | None:
+        """The first of the ``limit`` messages after ``after`` (oldest first) that ``match``es, or None.
+
+        One guarded read: the pages are fetched under ``discord.read``'s breaker and one timeout.
+        """
+
+        async def scan() -> discord.Message | None:
+            async for message in channel.history(limit=limit, after=after):
+                if match(message):
+                    return message
+            return None
+
+        return await self._guard("read", _channel_id(channel), scan)
 
     async def react(self, message: discord.Message | discord.PartialMessage, emoji: str) -> bool:
         """Add a reaction through ``discord.react``; True if it was added.

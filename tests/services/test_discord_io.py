@@ -34,7 +34,7 @@ from services.metrics import Metrics
 from tests.integration.harness import pointed_at
 
 FAIL_MAX = 3
-BREAKERS = ("discord.send", "discord.edit", "discord.react", "discord.typing")
+BREAKERS = ("discord.send", "discord.edit", "discord.react", "discord.typing", "discord.read")
 
 
 @dataclass
@@ -420,3 +420,40 @@ async def test_a_dropped_connection_on_send_is_a_transient_failure(env: Env) -> 
         await env.io.send(env.channel(), "hello")
     assert env.board["discord.send"].failures == 1
     assert env.io.errors == {("send", "connection"): 1}
+
+
+async def test_reads_go_through_the_read_breaker_under_the_call_timeout() -> None:
+    """A fetch of an uncached channel, a DM to open and a look through history that hang at
+    Discord each end after the call timeout (0.2 s) as a counted failure of ``discord.read``,
+    which then opens (3 failures) and rejects the next read at once; the send breaker is untouched."""
+    async with make_env(timeout=0.2) as env:
+        question = await env.user_message("was this answered?")
+        env.emu.faults.add("latency", "channel", seconds=30)
+        env.emu.faults.add("latency", "dm", seconds=30)
+        env.emu.faults.add("latency", "history", seconds=30)
+        unknown = env.emu.world.snowflake()
+        with pytest.raises(CallTimeoutError):
+            await env.io.fetch_channel(env.bot, unknown)
+        with pytest.raises(CallTimeoutError):
+            await env.io.dm_channel(env.bot, env.emu.users["admin"])
+        with pytest.raises(CallTimeoutError):
+            await env.io.find_message(env.channel(), lambda m: True, after=question, limit=500)
+        assert env.board["discord.read"].state is BreakerState.OPEN
+        with pytest.raises(CircuitOpenError):
+            await env.io.find_message(env.channel(), lambda m: True, after=question, limit=500)
+        assert env.board["discord.send"].state is BreakerState.CLOSED
+
+
+async def test_find_message_returns_the_first_match_after_a_message_and_a_cached_channel_needs_no_read(
+    env: Env,
+) -> None:
+    question = await env.user_message("first")
+    for text in ("one", "two", "three"):
+        await env.io.send(env.channel(), text)
+    channel = env.channel()
+    found = await env.io.find_message(channel, lambda m: m.content.startswith("t"), after=question, limit=10)
+    assert found is not None and found.content == "two"
+    assert await env.io.find_message(channel, lambda m: m.content == "x", after=question, limit=10) is None
+    before = len(env.emu.requests_for("channel"))
+    assert await env.io.fetch_channel(env.bot, env.emu.channels["general"]) is env.channel()
+    assert len(env.emu.requests_for("channel")) == before
