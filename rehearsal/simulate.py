@@ -372,6 +372,49 @@ def install_gemini_mix(
 
 
 @dataclass
+class Outage:
+    """The total Gemini outage mid-run: it starts at ``at`` seconds into the traffic and ends only
+    once the bot's ``gemini`` breaker has opened (read from its metrics) and ``seconds`` have
+    passed, so it surely opens the breaker however slow the bot or the machine is. It outlives the
+    traffic if it must; ``give_up`` seconds after it started it ends regardless (the report then
+    shows that the breaker never opened)."""
+
+    seconds: float
+    at: float
+    give_up: float
+    fault: Fault | None = None
+    started: float | None = None
+    opened: bool = False
+    next_look: float = 0.0  # the bot's metrics are read at most every POLL_SECONDS
+
+    @property
+    def running(self) -> bool:
+        return self.fault is not None
+
+    def begin(self, gemini: GeminiEmulator, injected: InjectedFaults, now: float) -> None:
+        self.fault = gemini.faults.add("503")
+        injected.gemini.append(("outage 503", self.fault))
+        self.started = now
+
+    async def check(self, api: BotApi, gemini: GeminiEmulator, watch: QueueWatch, now: float) -> None:
+        """End the outage (and note the heal) once the breaker has opened and its time is up."""
+        if self.fault is None or self.started is None:
+            return
+        if not self.opened and now >= self.next_look:
+            self.next_look = now + POLL_SECONDS
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                samples = parse_metrics(await api.metrics())
+                self.opened = any(
+                    labels.get("breaker") == "gemini" and labels.get("to") == "open" and value > 0
+                    for labels, value in samples.get("bot_breaker_transitions_total", [])
+                )
+        if (self.opened and now >= self.started + self.seconds) or now >= self.started + self.give_up:
+            gemini.faults.remove(self.fault.id)
+            self.fault = None
+            watch.heal("outage", now)
+
+
+@dataclass
 class QueueWatch:
     """Polls the bot's queue; for each heal, notes when the queue first read empty after it."""
 
@@ -536,8 +579,10 @@ async def _drive(
     ledger = Ledger(discord, prefix="s")
     watch = QueueWatch(api)
     progress = Progress(ledger, options.messages, progress_out, options.progress)
-    outage_at = options.planned_seconds() / 2 if options.outage > 0 else None
-    outage_end: float | None = None
+    outage = None
+    if options.outage > 0:
+        give_up = options.outage + options.settle_timeout
+        outage = Outage(options.outage, at=options.planned_seconds() / 2, give_up=give_up)
     tasks = [asyncio.create_task(watch.run(), name="simulate-queue-watch"),
              asyncio.create_task(progress.run(), name="simulate-progress")]
     try:
@@ -550,14 +595,10 @@ async def _drive(
                 break
             if options.duration is not None and elapsed >= options.duration:
                 break
-            if outage_at is not None and elapsed >= outage_at:
-                outage_at = None
-                fault = gemini.faults.add("503", duration=options.outage)
-                injected.gemini.append(("outage 503", fault))
-                outage_end = now + options.outage
-            if outage_end is not None and now >= outage_end:
-                watch.heal("outage", outage_end)
-                outage_end = None
+            if outage is not None and outage.started is None and elapsed >= outage.at:
+                outage.begin(gemini, injected, now)
+            if outage is not None and outage.running:
+                await outage.check(api, gemini, watch, now)
             if not child.running:
                 raise SimulationError(f"the bot exited with code {child.returncode} mid-run", logs=child.logs)
             delay = begin + n / options.rate - now
@@ -568,11 +609,15 @@ async def _drive(
             n += 1
         send_seconds = time.monotonic() - begin
 
-        # Heal everything (an outage still running ends now), then wait for the promise to settle.
+        # An outage still running goes on until it has opened the breaker and lasted its time.
+        while outage is not None and outage.running:
+            await outage.check(api, gemini, watch, time.monotonic())
+            if not child.running:
+                raise SimulationError(f"the bot exited with code {child.returncode} mid-run", logs=child.logs)
+            await asyncio.sleep(POLL_SECONDS)
+        # Heal everything, then wait for the promise to settle.
         gemini.faults.clear()
         discord.faults.clear()
-        if outage_end is not None:
-            watch.heal("outage")  # cut short by the end of the traffic
         watch.heal("end of traffic")
         progress.phase = "settling"
         settle_started = time.monotonic()

@@ -46,7 +46,7 @@ async def test_a_short_run_under_heavy_faults_loses_nothing_answers_nothing_twic
     tmp_path: Path,
 ) -> None:
     """100 messages, 30 % of Gemini calls failing (the default mix), 10 % of Discord sends failing
-    and a 2 s total outage (1 s did not always open the breaker): every message is answered or
+    and a 2 s total outage (which lasts until it has opened the breaker): every message is answered or
     told why, once; the faults the emulators injected are the failures the bot counted; the
     report has every field."""
     options = SimulationOptions(
