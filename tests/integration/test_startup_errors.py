@@ -55,10 +55,11 @@ async def test_a_service_that_cannot_start_names_itself_and_exits_3(
 async def test_a_bad_setting_lists_the_variable_and_exits_1(
     spawn_bot: SpawnBot, bot_env: dict[str, str]
 ) -> None:
-    proc = spawn_bot(env={**bot_env, "HTTP_PORT": "not-a-port", "LOG_FORMAT": "xml"})
+    proc = spawn_bot(env={**bot_env, "HTTP_PORT": "not-a-port", "LOG_FORMAT": "xml", "BACKUP_KEEP": "0"})
     code, output = await _failed(proc)
     assert code == 1
     assert "HTTP_PORT" in output and "LOG_FORMAT" in output
+    assert "BACKUP_KEEP: 0 is out of range" in output  # it used to crash the DataStore's start
     assert "Traceback" not in output
 
 
