@@ -12,7 +12,8 @@ served is logged, counted and reported through ``on_event``. Falling back to the
 because everything was corrupt is an alert, never silent.
 
 ``DataStore`` is synchronous (the files are small); ``DataStoreService`` runs it in a thread
-for the asyncio bot and is what the service registry starts.
+for the asyncio bot and is what the service registry starts. The service holds the data
+directory's lock (``services/datadir.py``) while it runs, so one process owns the directory.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from resilience.clock import Clock, SystemClock
-from services.datadir import make_private_dir
+from services.datadir import DataDirLock, make_private_dir
 
 T = TypeVar("T")
 
@@ -754,6 +755,8 @@ class BreakerLike(Protocol):
 class DataStoreService:
     """The DataStore as a registry service: loads every file at start, runs the sync core in threads.
 
+    While it runs it holds the data directory's lock (``DataDirLock``), so a second bot on
+    the same directory, or the offline datastore tool, is refused instead of racing this one.
     Caller mistakes (unknown name, invalid data) are raised before the breaker so they never
     count as failures of the disk.
     """
@@ -765,16 +768,27 @@ class DataStoreService:
         self.store = store
         self._breaker = breaker
         self._locks = {name: asyncio.Lock() for name in store.names()}
+        self._dir_lock = DataDirLock(store.data_dir)
         self._started = False
 
     async def start(self) -> None:
-        """Load (and recover, if needed) every file."""
-        for name in self.store.names():
-            await self.get(name)
+        """Take the data directory's lock (creating the directory, mode 0700), then load every file.
+
+        Raises ``DataDirLockedError`` (naming the directory and the holder's pid) when another
+        process holds the directory.
+        """
+        await asyncio.to_thread(self._dir_lock.acquire)
+        try:
+            for name in self.store.names():
+                await self.get(name)
+        except BaseException:
+            self._dir_lock.release()
+            raise
         self._started = True
 
     async def stop(self) -> None:
         self._started = False
+        self._dir_lock.release()
 
     def health(self) -> dict[str, Any]:
         """``{"ok": ..., "files": {name: status}, "alerts": [names]}``; not ok while an alert stands."""

@@ -79,3 +79,19 @@ async def test_a_live_start_syncs_the_commands_and_prints_the_invite_banner(
     out = proc.output("stdout")
     assert f"client_id={discord.application_id}" in out
     assert "permissions=274877992000" in out and "applications.commands" in out
+
+
+async def test_a_second_bot_on_the_same_data_dir_names_the_directory_and_the_first_bots_pid(
+    spawn_bot: SpawnBot, bot_env: dict[str, str], emulators: Emulators
+) -> None:
+    """The first bot holds DATA_DIR's lock: the second exits 3 before touching its files, and the
+    first keeps running."""
+    first = spawn_bot(env=bot_env)
+    await first.wait_ready(emulators, timeout=20)
+    second = spawn_bot(env=bot_env, name="second")
+    code, output = await _failed(second)
+    assert code == 3, output
+    assert f"DATA_DIR {bot_env['DATA_DIR']} is in use by process {first.pid}" in output
+    assert "the datastore service did not start" in output
+    assert "Traceback" not in output
+    assert first.running
