@@ -119,7 +119,8 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "console"
     log_payloads: bool = False
-    # Risky but valid settings (e.g. a non-loopback HTTP_HOST); shown by `check` and logged at start.
+    # Risky but valid settings (a non-loopback HTTP_HOST, an .env or DATA_DIR other users can
+    # read); shown by `check` and logged at start.
     warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False)
 
     @property
