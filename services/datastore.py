@@ -777,7 +777,9 @@ class DataStoreService:
         Raises ``DataDirLockedError`` (naming the directory and the holder's pid) when another
         process holds the directory.
         """
-        await asyncio.to_thread(self._dir_lock.acquire)
+        # Synchronous on purpose (a mkdir and a non-blocking flock): in a thread, a cancelled
+        # start() could leave the lock taken by nobody who will release it.
+        self._dir_lock.acquire()
         try:
             for name in self.store.names():
                 await self.get(name)

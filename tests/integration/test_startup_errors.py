@@ -85,9 +85,12 @@ async def test_a_second_bot_on_the_same_data_dir_names_the_directory_and_the_fir
     spawn_bot: SpawnBot, bot_env: dict[str, str], emulators: Emulators
 ) -> None:
     """The first bot holds DATA_DIR's lock: the second exits 3 before touching its files, and the
-    first keeps running."""
+    first keeps running. The first bot created DATA_DIR private (mode 0700) and its lock 0600."""
     first = spawn_bot(env=bot_env)
     await first.wait_ready(emulators, timeout=20)
+    data = Path(bot_env["DATA_DIR"])
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / ".bot.lock").stat().st_mode & 0o777 == 0o600
     second = spawn_bot(env=bot_env, name="second")
     code, output = await _failed(second)
     assert code == 3, output
