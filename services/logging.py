@@ -40,13 +40,16 @@ _SHAPES = re.compile(
             r"(?P<bearer>\b(?i:bearer)\s+)[A-Za-z0-9._~+/=-]{8,}",
             # key=... (and friends) in URLs and query strings.
             r"(?P<query>[?&;](?i:key|api_key|apikey|token|access_token)=)[^&\s#'\"]+",
+            # An interaction token in a Discord URL (discord.py's DEBUG lines show the URL): it
+            # answers for the bot for 15 minutes.
+            r"(?P<path>/(?:interactions|webhooks)/[0-9]+/)[A-Za-z0-9_.-]{16,}",
         )
     )
 )
 
 
 def _shape_replacement(match: re.Match[str]) -> str:
-    return (match.group("bearer") or match.group("query") or "") + REDACTED
+    return (match.group("bearer") or match.group("query") or match.group("path") or "") + REDACTED
 
 
 # Values of event-dict keys with these names are hidden whole, whatever they look like.

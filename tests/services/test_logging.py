@@ -109,6 +109,12 @@ def test_stdlib_records_go_through_the_same_redaction_and_format(
         (f"key {GOOGLE_KEY} in text", GOOGLE_KEY),
         ("Authorization: Bearer abc.def-ghi_jkl", "abc.def-ghi_jkl"),
         ("GET https://example.test/v1/models?key=sk-raw-value&alt=sse", "sk-raw-value"),
+        (
+            "POST https://discord.com/api/v10/interactions/1234567890123/aW50ZXJhY3Rpb246MTIz.x-y_z/callback"
+            " with <payload> has returned 204",
+            "aW50ZXJhY3Rpb246MTIz.x-y_z",
+        ),
+        ("PATCH http://127.0.0.1:1/api/v10/webhooks/42/itok-0123456789abcdef/messages/@original", "itok-"),
     ],
 )
 def test_credential_shapes_are_redacted_even_when_not_configured(text: str, hidden: str) -> None:
