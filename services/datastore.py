@@ -301,7 +301,8 @@ class DataStore:
     store (a worker thread under ``DataStoreService``), so a listener that touches asyncio must
     hop over with ``loop.call_soon_threadsafe``.
 
-    One process owns a data directory: the locks serialise writers within this process only.
+    One process owns a data directory (``DataStoreService`` and the offline CLI hold its
+    ``DataDirLock``): the locks here serialise writers within this process only.
     """
 
     def __init__(
@@ -587,7 +588,7 @@ class DataStore:
             self._log.error("datastore.quarantine_failed", file=name, path=str(path), error=repr(exc))
             return None
         for old in self._quarantined_paths(name)[self.keep_quarantined :]:
-            with suppress(FileNotFoundError):
+            with suppress(OSError):  # pruning is housekeeping: it must never fail a load
                 old.unlink()
         return target
 
