@@ -301,6 +301,21 @@ def test_quarantine_keeps_the_newest_copies_per_file_over_many_corruption_cycles
     assert len([n for n in quarantined(data_dir) if n.startswith("admins")]) == 3
 
 
+def test_a_quarantined_copy_that_cannot_be_pruned_never_fails_the_load(
+    make_store: Callable[..., DataStore], data_dir: Path
+) -> None:
+    """Pruning is housekeeping: an old entry that cannot be deleted (here a directory: root
+    deletes through permissions) stays, and the recovery goes on."""
+    seed_history(make_store())
+    stuck = data_dir / "quarantine" / "admins-20000101T000000.000000.json"
+    stuck.mkdir(parents=True)
+    (stuck / "inside").write_text("x")
+    _garbage(data_dir / "admins.json")
+    store = make_store(keep_quarantined=1)
+    assert store.load("admins") == V2
+    assert stuck.exists() and len(quarantined(data_dir)) == 2
+
+
 async def test_service_health_is_not_ok_while_an_alert_stands(
     make_store: Callable[..., DataStore], data_dir: Path
 ) -> None:
