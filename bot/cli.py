@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    configure_logging(config.log_level, config.log_format, config.secrets())
+    configure_logging(config.log_level, config.log_format, config.secrets(), log_payloads=config.log_payloads)
     return asyncio.run(serve(config, token=config.discord_token, banner=True))
 
 

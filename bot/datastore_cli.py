@@ -1,9 +1,12 @@
 """``python -m bot datastore {validate,recover,backups} [NAME] [--data-dir DIR]``: the offline DataStore tool.
 
-Meant for an operator while the bot is stopped (the DataStore serialises writers within one
-process only). Exit codes tell the truth: validate is 0 when every file is valid and 1 when
-any is not; recover is 0 when every file came back from its file, ``.bak`` or a backup and 2
-when only the defaults were left; an unknown NAME is 2.
+For an operator while the bot is stopped: it takes the data directory's lock for as long as
+it runs, and refuses (exit 3, one sentence naming the holder's pid) while a running bot, or
+another datastore command, holds it. The running bot has the same operations online (the
+HTTP API, ``/admin datastore``). Exit codes tell the truth: validate is 0 when every file is
+valid and 1 when any is not; recover is 0 when every file came back from its file, ``.bak``
+or a backup and 2 when only the defaults were left; an unknown NAME or an unusable data
+directory is 2; the directory in use is 3.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from pathlib import Path
 import structlog
 from dotenv import dotenv_values
 
+from services.datadir import DataDirLock, DataDirLockedError, describe_holder
 from services.datastore import DEFAULT_FILES, DataStore, UnknownFileError
 
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_DEFAULTS_OR_USAGE = 2
+EXIT_IN_USE = 3
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser(
         "datastore",
         help="check, recover or list backups of the JSON DataStore (run while the bot is stopped)",
-        description="Offline tool for the JSON DataStore. Run it while the bot is stopped.",
+        description="Offline tool for the JSON DataStore. Run it while the bot is stopped: it "
+        "refuses (exit 3) while a bot holds the data directory.",
     )
     parser.add_argument(
         "action",
@@ -77,6 +83,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown file {args.name!r}; valid names: {', '.join(store.names())}", file=sys.stderr)
         return EXIT_DEFAULTS_OR_USAGE
     names = [args.name] if args.name is not None else store.names()
+    lock = DataDirLock(store.data_dir)
+    # Reading a directory that does not exist needs no lock (and must not create it).
+    if args.action == "recover" or store.data_dir.exists():
+        try:
+            lock.acquire()
+        except DataDirLockedError as exc:
+            print(
+                f"DATA_DIR {store.data_dir} is in use by {describe_holder(exc.pid)}, a running bot "
+                "or another datastore command, so it was not touched: recover online (the HTTP API, "
+                "/admin datastore, or scripts/datastore-recovery.sh without --offline), or stop that "
+                "process first.",
+                file=sys.stderr,
+            )
+            return EXIT_IN_USE
+        except OSError as exc:
+            print(
+                f"cannot use DATA_DIR {store.data_dir} ({exc.strerror or exc}): point --data-dir or "
+                "DATA_DIR at a directory you can write to.",
+                file=sys.stderr,
+            )
+            return EXIT_DEFAULTS_OR_USAGE
     print(f"DataStore at {store.data_dir.resolve()}")
     try:
         if args.action == "validate":
@@ -87,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     except UnknownFileError as exc:  # pragma: no cover - names were checked above
         print(exc, file=sys.stderr)
         return EXIT_DEFAULTS_OR_USAGE
+    finally:
+        lock.release()
 
 
 def _validate(store: DataStore, names: list[str]) -> int:

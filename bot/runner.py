@@ -19,6 +19,7 @@ from bot.app import build_application, point_discord_at
 from bot.client import GeminiBot
 from resilience.errors import ServiceStartError, classify
 from services.config import Config
+from services.datadir import DataDirLockedError
 
 log = structlog.get_logger("bot.runner")
 
@@ -56,6 +57,8 @@ async def serve(config: Config, *, token: str, banner: bool = False) -> int:
     With ``banner``, a start-up banner (who the bot is, its invite URL) goes to stdout once
     the bot is connected.
     """
+    for warning in config.warnings:
+        log.warning("config.warning", setting=warning.name, problem=warning.problem, fix=warning.fix)
     point_discord_at(config.discord_api_base, config.discord_gateway_url)
     app = build_application(config)
     bot = GeminiBot(app)
@@ -100,6 +103,9 @@ async def serve(config: Config, *, token: str, banner: bool = False) -> int:
             EXIT_AUTH,
         )
     except ServiceStartError as exc:
+        if isinstance(exc.cause, DataDirLockedError):
+            # The sentence names the directory and the pid of the process holding it.
+            return fail(f"the {exc.service} service did not start: {exc.cause}", EXIT_START)
         verdict = classify(exc.cause)
         return fail(
             f"the {exc.service} service did not start ({verdict.category.value}): "

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if config.discord_token is not None:
         return bot_cli.run(args)
-    configure_logging(config.log_level, config.log_format, config.secrets())
+    configure_logging(config.log_level, config.log_format, config.secrets(), log_payloads=config.log_payloads)
     return run_sandbox(config)
 
 

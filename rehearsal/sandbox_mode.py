@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import logging.handlers
 import signal
 import sys
 import tempfile
@@ -31,11 +32,14 @@ from sandbox.console import Console, stdin_lines
 from sandbox.discord_emu import DiscordEmulator
 from sandbox.gemini import GeminiEmulator
 from services.config import Config
+from services.datadir import make_private_dir
 from services.logging import configure_logging
 
 log = structlog.get_logger("bot.sandbox")
 
 LOG_NAME = "sandbox.log"
+LOG_MAX_BYTES = 5 * 1024 * 1024
+LOG_BACKUPS = 3
 READY_TIMEOUT = 30.0  # seconds for the bot to start its services and log in to the emulator
 
 
@@ -208,16 +212,20 @@ def _write(out: TextIO, text: str) -> None:
     out.flush()
 
 
-def run_sandbox(config: Config) -> int:
+def run_sandbox(config: Config, *, log_max_bytes: int = LOG_MAX_BYTES) -> int:
     """Run the bot against the built-in emulators with a terminal chat; return the exit code.
 
     The bot's log lines go to ``DATA_DIR/sandbox.log`` (appended) while it runs, and back to
-    stderr afterwards. Ctrl-C at any moment is a normal way out (exit 0).
+    stderr afterwards. The file rotates at ``log_max_bytes`` (``sandbox.log.1`` ...
+    ``sandbox.log.{LOG_BACKUPS}``, the oldest dropped), so a long or noisy session cannot fill
+    the disk. Ctrl-C at any moment is a normal way out (exit 0).
     """
     log_path = config.data_dir / LOG_NAME
     try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = log_path.open("a", encoding="utf-8", buffering=1)  # line-buffered, for tail -f
+        make_private_dir(log_path.parent)
+        handler = logging.handlers.RotatingFileHandler(
+            log_path, maxBytes=log_max_bytes, backupCount=LOG_BACKUPS, encoding="utf-8"
+        )  # flushed after every line, for tail -f
     except OSError as exc:
         print(
             f"error: cannot write the sandbox log {log_path} ({exc.strerror or exc}). "
@@ -225,14 +233,15 @@ def run_sandbox(config: Config) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    with log_file:
-        configure_logging(config.log_level, config.log_format, config.secrets(), stream=log_file)
-        logging.captureWarnings(True)
-        try:
-            return asyncio.run(chat(config, log_path=log_path))
-        except KeyboardInterrupt:  # Ctrl-C before serve() took over SIGINT, or while stopping
-            print("\nSandbox stopped.")
-            return EXIT_OK
-        finally:
-            logging.captureWarnings(False)
-            configure_logging(config.log_level, config.log_format, config.secrets())
+    secrets, payloads = config.secrets(), config.log_payloads
+    configure_logging(config.log_level, config.log_format, secrets, handler=handler, log_payloads=payloads)
+    logging.captureWarnings(True)
+    try:
+        return asyncio.run(chat(config, log_path=log_path))
+    except KeyboardInterrupt:  # Ctrl-C before serve() took over SIGINT, or while stopping
+        print("\nSandbox stopped.")
+        return EXIT_OK
+    finally:
+        logging.captureWarnings(False)
+        # Back to stderr; replacing the file's handler closes the file.
+        configure_logging(config.log_level, config.log_format, secrets, log_payloads=payloads)

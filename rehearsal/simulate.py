@@ -63,6 +63,7 @@ from sandbox.discord_emu import DiscordEmulator
 from sandbox.faults import Fault, FaultPlan
 from sandbox.gemini import FAULT_KINDS, GeminiEmulator
 from services.config import SETTING_NAMES
+from services.datadir import make_private_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -498,7 +499,7 @@ async def simulate(options: SimulationOptions, *, progress_out: TextIO = sys.std
     """
     if options.data_dir is not None:
         data_dir = options.data_dir.resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(data_dir)
     else:
         data_dir = Path(tempfile.mkdtemp(prefix="bot-simulate-"))
     started = time.monotonic()

@@ -14,6 +14,7 @@ readonly EXIT_UNREACHABLE=2 # the bot's HTTP API did not answer
 readonly EXIT_AUTH=3        # the admin token is missing or was refused
 readonly EXIT_USAGE=4       # bad command line
 readonly EXIT_DEFAULTS=5    # datastore only: a file came back as defaults (its data is lost)
+readonly EXIT_IN_USE=6      # datastore --offline only: a running bot holds DATA_DIR's lock
 
 SCRIPT_NAME=$(basename -- "$0")
 REPO_ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)

@@ -16,14 +16,14 @@ Online (the bot answers at --url):
   act       POST /api/admin/datastore/recover/NAME for each invalid file (the running bot
             applies the recovered state at once)
   validate  POST /api/admin/datastore/validate[/NAME] again: every file valid
-Offline (--offline, or the bot does not answer): the same through
+Offline (--offline, only when asked: a bot that does not answer at --url may still be
+running): the same through
   python -m bot datastore validate|recover NAME
-Only recover offline while the bot is stopped: the DataStore serialises writers within one
-process only.
+which refuses to touch DATA_DIR while a running bot holds its lock (DATA_DIR/.bot.lock).
 
 Options:
   --url URL         the bot's HTTP API (default: \$BOT_API_URL or http://127.0.0.1:3000)
-  --offline         do not use the HTTP API (the bot is stopped)
+  --offline         the bot is stopped: work on the files directly, without the HTTP API
   --data-dir DIR    offline: the data directory (default: \$DATA_DIR, then DATA_DIR in the
                     env file, then ./data)
   --env-file FILE   offline: the bot's settings file (default: .env)
@@ -35,10 +35,11 @@ BOT_HTTP_TIMEOUT, BOT_PYTHON, DATA_DIR (offline).
 Exit codes:
   0  every file is valid (after recovery from a file, .bak or backup if needed)
   1  a file is still invalid, or recovery failed
-  2  not used: when the bot does not answer, the script recovers offline
+  2  the bot's HTTP API did not answer (if the bot is stopped, run again with --offline)
   3  BOT_ADMIN_TOKEN missing or refused
   4  bad usage (including an unknown NAME)
   5  every file is valid, but one came back as the defaults: its data is lost
+  6  --offline: a running bot holds DATA_DIR, nothing was touched (recover online instead)
 EOF
 }
 
@@ -72,9 +73,16 @@ bot_cli() {
         CLI_RC=$?
 }
 
+# in_use_exit: the CLI's exit 3 (a running bot holds DATA_DIR) ends the script with its sentence.
+in_use_exit() {
+    [[ $CLI_RC == 3 ]] && die "$EXIT_IN_USE" "$(printf '%s\n' "$CLI_OUT" | tail -n 1)"
+    return 0
+}
+
 offline() {
     note "DataStore recovery offline (python -m bot datastore); the bot must be stopped"
     bot_cli datastore validate ${NAME:+"$NAME"} "${DS_OPTS[@]}"
+    in_use_exit
     printf '%s\n' "$CLI_OUT" | sed 's/^/check: /'
     case $CLI_RC in
         0) note "OK: every DataStore file is valid; nothing to do"; exit "$EXIT_OK" ;;
@@ -87,6 +95,7 @@ offline() {
     [[ -n $bad ]] || die "$EXIT_FAILING" "validate reported a problem but named no invalid file"
     for name in $bad; do
         bot_cli datastore recover "$name" "${DS_OPTS[@]}"
+        in_use_exit
         printf '%s\n' "$CLI_OUT" | sed 's/^/act: /'
         case $CLI_RC in
             0) ;;
@@ -95,6 +104,7 @@ offline() {
         esac
     done
     bot_cli datastore validate ${NAME:+"$NAME"} "${DS_OPTS[@]}"
+    in_use_exit
     printf '%s\n' "$CLI_OUT" | sed 's/^/validate: /'
     [[ $CLI_RC == 0 ]] || die "$EXIT_FAILING" "DataStore still invalid after recovery: $(printf '%s\n' "$CLI_OUT" | awk '$2 == "INVALID" { print $1 }' | paste -sd ' ' -)"
     if [[ $defaults == yes ]]; then
@@ -126,8 +136,8 @@ validate_online() {
 }
 
 if ! api GET /live; then
-    note "The bot does not answer at $BOT_API_URL ($API_ERROR): recovering offline"
-    offline
+    # Never fall back to the files on our own: a wrong URL does not mean the bot is stopped.
+    die "$EXIT_UNREACHABLE" "bot unreachable at $BOT_API_URL ($API_ERROR); if the bot is stopped, run again with --offline"
 fi
 require_token
 validate_online check

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -122,7 +124,9 @@ class Config:
     admin_user_ids: frozenset[int] = frozenset()
     log_level: str = "INFO"
     log_format: str = "console"
-    # Risky but valid settings (e.g. a non-loopback HTTP_HOST); shown by `check` and logged at start.
+    log_payloads: bool = False
+    # Risky but valid settings (a non-loopback HTTP_HOST, an .env or DATA_DIR other users can
+    # read); shown by `check` and logged at start.
     warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False)
 
     @property
@@ -185,13 +189,17 @@ def _show(value: object) -> str:
 # --- parsers: text -> value, raising _Invalid with a problem and a fix ---------------------------
 
 
-def _number(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
-    """A parser for an int or float in ``[low, high]``."""
-    noun = "a whole number" if kind is int else "a number"
+class _Number:
+    """A parser for an int or float in ``[low, high]``; the bounds are public for tests and docs."""
 
-    def parse(text: str) -> int | float:
+    def __init__(self, kind: type[int] | type[float], low: float, high: float) -> None:
+        self.kind, self.low, self.high = kind, low, high
+        self.noun = "a whole number" if kind is int else "a number"
+
+    def __call__(self, text: str) -> int | float:
+        noun, low, high = self.noun, self.low, self.high
         try:
-            value = kind(text)
+            value = self.kind(text)
         except ValueError:
             raise _Invalid(
                 f"{text!r} is not {noun}", f"set it to {noun} between {low:g} and {high:g}"
@@ -200,7 +208,7 @@ def _number(kind: type[int] | type[float], low: float, high: float) -> Callable[
             raise _Invalid(f"{text} is out of range", f"set it to {noun} between {low:g} and {high:g}")
         return value
 
-    return parse
+
 
 
 def _bool(text: str) -> bool:
@@ -328,38 +336,40 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "discord_guild_id": _snowflake,
     "discord_api_base": _url("http", "https"),
     "discord_gateway_url": _url("ws", "wss"),
-    "discord_timeout_seconds": _number(float, 0.5, 300),
+    "discord_timeout_seconds": _Number(float, 0.5, 300),
     "gemini_api_key": _gemini_key,
     "gemini_model": _model,
     "gemini_fallback_models": _models,
     "gemini_base_url": _url("http", "https"),
-    "gemini_timeout_seconds": _number(float, 1, 600),
-    "gemini_max_output_tokens": _number(int, 16, 65_536),
-    "gemini_tokens_per_second": _number(float, 1, 100_000),
+    "gemini_timeout_seconds": _Number(float, 1, 600),
+    "gemini_max_output_tokens": _Number(int, 16, 65_536),
+    "gemini_tokens_per_second": _Number(float, 1, 100_000),
     "bot_persona": _text,
-    "mutex_acquire_timeout_seconds": _number(float, 0.1, 300),
-    "processing_timeout_seconds": _number(float, 1, 3600),
-    "user_rate_limit_per_minute": _number(int, 1, 10_000),
-    "guild_rate_limit_per_minute": _number(int, 1, 100_000),
-    "max_input_chars": _number(int, 1, 1_000_000),
-    "history_max_messages": _number(int, 0, 1000),
-    "history_max_chars": _number(int, 0, 10_000_000),
-    "retry_max_attempts": _number(int, 1, 20),
-    "retry_hint_cap_seconds": _number(float, 0, 3600),
-    "breaker_fail_max": _number(int, 1, 1000),
-    "breaker_reset_seconds": _number(float, 0.1, 3600),
-    "queue_max_attempts": _number(int, 1, 1000),
-    "queue_max_age_seconds": _number(float, 60, 90 * 86400),
+    "mutex_acquire_timeout_seconds": _Number(float, 0.1, 300),
+    "processing_timeout_seconds": _Number(float, 1, 3600),
+    "user_rate_limit_per_minute": _Number(int, 1, 10_000),
+    "guild_rate_limit_per_minute": _Number(int, 1, 100_000),
+    "max_input_chars": _Number(int, 1, 1_000_000),
+    "history_max_messages": _Number(int, 0, 1000),
+    "history_max_chars": _Number(int, 0, 10_000_000),
+    "retry_max_attempts": _Number(int, 1, 20),
+    "retry_hint_cap_seconds": _Number(float, 0, 3600),
+    "breaker_fail_max": _Number(int, 1, 1000),
+    "breaker_reset_seconds": _Number(float, 0.1, 3600),
+    "queue_max_attempts": _Number(int, 1, 1000),
+    "queue_max_age_seconds": _Number(float, 60, 90 * 86400),
     "maintenance_queue_messages": _bool,
-    "shutdown_grace_seconds": _number(float, 0, 600),
+    "shutdown_grace_seconds": _Number(float, 0, 600),
     "data_dir": _path,
-    "backup_keep": _number(int, 0, 10_000),
+    # The DataStore keeps at least one timestamped copy besides the .bak (it refuses 0).
+    "backup_keep": _Number(int, 1, 10_000),
     "http_host": _host,
-    "http_port": _number(int, 0, 65535),
+    "http_port": _Number(int, 0, 65535),
     "admin_api_token": _admin_token,
     "admin_user_ids": _user_ids,
     "log_level": _choice(LOG_LEVELS, str.upper),
     "log_format": _choice(LOG_FORMATS, str.lower),
+    "log_payloads": _bool,
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)
@@ -372,6 +382,45 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _mode(path: Path) -> int | None:
+    """The permission bits of ``path``, or None when it cannot be looked at."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+
+
+def _permission_warnings(env_file: Path | None, data_dir: Path) -> list[ConfigProblem]:
+    """Warnings for an env file other users can read and a data directory they can enter.
+
+    Only a warning, never a chmod: a shared group or a backup agent may need that access on
+    purpose. The bot creates a missing data directory with mode 0700 itself.
+    """
+    found: list[ConfigProblem] = []
+    mode = None if env_file is None else _mode(env_file)
+    if env_file is not None and mode is not None and mode & 0o044:
+        found.append(
+            ConfigProblem(
+                str(env_file),
+                f"can be read by other users of this machine (mode {mode:04o}), and it is where the "
+                "bot's tokens go",
+                f"chmod 600 {shlex.quote(str(env_file))}",
+            )
+        )
+    mode = _mode(data_dir)
+    if mode is not None and data_dir.is_dir() and mode & 0o077:
+        found.append(
+            ConfigProblem(
+                "DATA_DIR",
+                f"{data_dir} is open to other users of this machine (mode {mode:04o}); it holds the "
+                "conversation history and the queue",
+                f"chmod 700 {shlex.quote(str(data_dir))} (the bot never changes the mode of an "
+                "existing directory)",
+            )
+        )
+    return found
 
 
 def _read_env_file(path: Path) -> dict[str, str | None]:
@@ -437,6 +486,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
                 "and set ADMIN_API_TOKEN",
             )
         )
+    warnings += _permission_warnings(env_file, values.get("data_dir", Config.data_dir))
     config = Config(**values, warnings=tuple(warnings))
     if config.gemini_timeout_floor() > config.gemini_timeout_seconds:
         warnings.append(

@@ -4,14 +4,16 @@ Each named file lives at ``<data_dir>/<name>.json``. A write is atomic (temp fil
 directory, fsync, ``os.replace``, fsync of the directory) and keeps the previous good version
 as ``<name>.json.bak`` and as a timestamped copy under ``<data_dir>/backups/`` (the last N
 superseded versions, so "file, .bak, newest backup" runs newest to oldest). A file that is
-missing, unreadable, not JSON or invalid is moved to ``<data_dir>/quarantine/`` and the state
-comes back from the ``.bak``, then (in a running process's ``recover``) the state it last
+missing, unreadable, larger than ``max_file_bytes`` (never read whole), not JSON or invalid is
+moved to ``<data_dir>/quarantine/`` (the newest ``keep_quarantined`` per file are kept) and the
+state comes back from the ``.bak``, then (in a running process's ``recover``) the state it last
 committed, then the newest valid backup, then the defaults; the source that
 served is logged, counted and reported through ``on_event``. Falling back to the defaults
 because everything was corrupt is an alert, never silent.
 
 ``DataStore`` is synchronous (the files are small); ``DataStoreService`` runs it in a thread
-for the asyncio bot and is what the service registry starts.
+for the asyncio bot and is what the service registry starts. The service holds the data
+directory's lock (``services/datadir.py``) while it runs, so one process owns the directory.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from resilience.clock import Clock, SystemClock
+from services.datadir import DataDirLock, make_private_dir
 
 T = TypeVar("T")
 
@@ -44,6 +47,10 @@ SOURCE_DEFAULTS = "defaults"
 
 _STAMP_FORMAT = "%Y%m%dT%H%M%S.%f"
 _STAMP_RE = r"(\d{8}T\d{6}\.\d{6})"
+
+# The four files hold a few KiB; a file past this is damage (or an attack), not settings.
+MAX_FILE_BYTES = 1024 * 1024
+KEEP_QUARANTINED = 10
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -294,7 +301,8 @@ class DataStore:
     store (a worker thread under ``DataStoreService``), so a listener that touches asyncio must
     hop over with ``loop.call_soon_threadsafe``.
 
-    One process owns a data directory: the locks serialise writers within this process only.
+    One process owns a data directory (``DataStoreService`` and the offline CLI hold its
+    ``DataDirLock``): the locks here serialise writers within this process only.
     """
 
     def __init__(
@@ -303,12 +311,14 @@ class DataStore:
         specs: Iterable[FileSpec] | None = None,
         *,
         keep_backups: int = 10,
+        keep_quarantined: int = KEEP_QUARANTINED,
+        max_file_bytes: int = MAX_FILE_BYTES,
         clock: Clock | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         logger: Any = None,
     ) -> None:
-        if keep_backups < 1:
-            raise ValueError("keep_backups must be >= 1")
+        if keep_backups < 1 or keep_quarantined < 1 or max_file_bytes < 1:
+            raise ValueError("keep_backups, keep_quarantined and max_file_bytes must be >= 1")
         self.data_dir = Path(data_dir)
         self.backup_dir = self.data_dir / "backups"
         self.quarantine_dir = self.data_dir / "quarantine"
@@ -318,6 +328,8 @@ class DataStore:
             if not re.fullmatch(r"[A-Za-z0-9_]+", name):
                 raise ValueError(f"file name {name!r} must be letters, digits and underscores")
         self.keep_backups = keep_backups
+        self.keep_quarantined = keep_quarantined
+        self.max_file_bytes = max_file_bytes
         self._clock: Clock = clock or SystemClock()
         self._on_event = on_event
         self._log = logger or structlog.get_logger("datastore")
@@ -358,9 +370,13 @@ class DataStore:
             problems = [f"validator failed: {exc!r}"]
         if not problems:
             try:
-                json.dumps(data, allow_nan=False)
+                size = len(self._encode(data))
             except (TypeError, ValueError) as exc:
                 problems = [f"not JSON-serialisable: {exc}"]
+            else:
+                # What is written must be readable again: the read side refuses larger files.
+                if size > self.max_file_bytes:
+                    problems = [f"too large: {size} bytes as JSON, the limit is {self.max_file_bytes}"]
         return problems
 
     def load(self, name: str) -> dict[str, Any]:
@@ -529,7 +545,7 @@ class DataStore:
     def _read_candidate(self, name: str, path: Path) -> dict[str, Any]:
         """Read, parse and validate one candidate file, or raise ``_Rejected`` saying why."""
         try:
-            raw = path.read_bytes()
+            raw = self._read_capped(path)
         except FileNotFoundError:
             raise _Rejected("missing", exists=False) from None
         except OSError as exc:
@@ -544,18 +560,52 @@ class DataStore:
             raise _Rejected("invalid: " + "; ".join(problems[:10]), exists=True)
         return data  # type: ignore[no-any-return]
 
+    def _read_capped(self, path: Path) -> bytes:
+        """The bytes of ``path``; ``_Rejected`` when it holds more than ``max_file_bytes``.
+
+        The size is checked before reading, and the read stops one byte past the limit, so a
+        huge file (or one still growing) is never loaded whole.
+        """
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            too_large = _Rejected(f"too large: {size} bytes, the limit is {self.max_file_bytes}", exists=True)
+            if size > self.max_file_bytes:
+                raise too_large
+            raw = f.read(self.max_file_bytes + 1)
+        if len(raw) > self.max_file_bytes:
+            raise too_large
+        return raw
+
     def _quarantine(self, name: str, path: Path, label: str) -> Path | None:
-        """Move a bad file aside so it is kept for inspection but never read again."""
+        """Move a bad file aside so it is kept for inspection but never read again; keep the newest few."""
         prefix = name if label == SOURCE_FILE else f"{name}.{label}"
         target = self.quarantine_dir / f"{prefix}-{self._stamp(name)}.json"
         try:
-            self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.quarantine_dir)
             os.replace(path, target)
             _fsync_dir(self.data_dir)
         except OSError as exc:
             self._log.error("datastore.quarantine_failed", file=name, path=str(path), error=repr(exc))
             return None
+        for old in self._quarantined_paths(name)[self.keep_quarantined :]:
+            with suppress(OSError):  # pruning is housekeeping: it must never fail a load
+                old.unlink()
         return target
+
+    def _quarantined_paths(self, name: str) -> list[Path]:
+        """Quarantined copies of ``name`` and of its ``.bak``, newest first."""
+        pattern = re.compile(rf"^{re.escape(name)}(?:\.{SOURCE_BAK})?-{_STAMP_RE}\.json$")
+        try:
+            entries = list(os.scandir(self.quarantine_dir))
+        except OSError:
+            return []
+        found = [
+            (_parse_stamp_us(m.group(1)), entry.name, Path(entry.path))
+            for entry in entries
+            if (m := pattern.match(entry.name))
+        ]
+        found.sort(reverse=True)
+        return [path for _, _, path in found]
 
     def _emit(self, kind: str, payload: dict[str, Any]) -> None:
         if self._on_event is None:
@@ -574,7 +624,7 @@ class DataStore:
 
     def _commit(self, name: str, payload: bytes, *, previous: bytes) -> None:
         """Keep ``previous`` as the .bak and as a timestamped backup, replace the file, rotate."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.data_dir)
         # One directory fsync after both renames makes both durable; should power fail between
         # them, the old .bak is still a complete, valid file.
         _atomic_write(self.bak_path(name), previous, sync_dir=False)
@@ -583,7 +633,7 @@ class DataStore:
         if previous == payload:
             return  # a write-back of recovered state: nothing new for the history
         try:
-            self.backup_dir.mkdir(exist_ok=True)
+            make_private_dir(self.backup_dir)
             # The history holds superseded versions, so the newest backup is never newer than the
             # .bak and "file, .bak, newest backup" is the newest-first order of recovery.
             # History only: after a power cut the newest copy may be missing, never half-written.
@@ -706,6 +756,8 @@ class BreakerLike(Protocol):
 class DataStoreService:
     """The DataStore as a registry service: loads every file at start, runs the sync core in threads.
 
+    While it runs it holds the data directory's lock (``DataDirLock``), so a second bot on
+    the same directory, or the offline datastore tool, is refused instead of racing this one.
     Caller mistakes (unknown name, invalid data) are raised before the breaker so they never
     count as failures of the disk.
     """
@@ -717,16 +769,29 @@ class DataStoreService:
         self.store = store
         self._breaker = breaker
         self._locks = {name: asyncio.Lock() for name in store.names()}
+        self._dir_lock = DataDirLock(store.data_dir)
         self._started = False
 
     async def start(self) -> None:
-        """Load (and recover, if needed) every file."""
-        for name in self.store.names():
-            await self.get(name)
+        """Take the data directory's lock (creating the directory, mode 0700), then load every file.
+
+        Raises ``DataDirLockedError`` (naming the directory and the holder's pid) when another
+        process holds the directory.
+        """
+        # Synchronous on purpose (a mkdir and a non-blocking flock): in a thread, a cancelled
+        # start() could leave the lock taken by nobody who will release it.
+        self._dir_lock.acquire()
+        try:
+            for name in self.store.names():
+                await self.get(name)
+        except BaseException:
+            self._dir_lock.release()
+            raise
         self._started = True
 
     async def stop(self) -> None:
         self._started = False
+        self._dir_lock.release()
 
     def health(self) -> dict[str, Any]:
         """``{"ok": ..., "files": {name: status}, "alerts": [names]}``; not ok while an alert stands."""

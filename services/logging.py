@@ -4,10 +4,15 @@
 (discord.py, google-genai, aiohttp) end in the same handler, so both get the same
 context fields (``trace_id``, ``guild``... bound with ``structlog.contextvars``), the same
 format (JSON lines or a readable console) and the same redaction.
+
+At DEBUG, discord.py logs whole gateway events and HTTP bodies, which hold what users wrote.
+Unless ``log_payloads`` is set (``LOG_PAYLOADS=1``), those values are replaced by a marker in
+its DEBUG lines; the lines themselves (event names, routes, statuses) stay.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 import sys
@@ -35,13 +40,16 @@ _SHAPES = re.compile(
             r"(?P<bearer>\b(?i:bearer)\s+)[A-Za-z0-9._~+/=-]{8,}",
             # key=... (and friends) in URLs and query strings.
             r"(?P<query>[?&;](?i:key|api_key|apikey|token|access_token)=)[^&\s#'\"]+",
+            # An interaction token in a Discord URL (discord.py's DEBUG lines show the URL): it
+            # answers for the bot for 15 minutes.
+            r"(?P<path>/(?:interactions|webhooks)/[0-9]+/)[A-Za-z0-9_.-]{16,}",
         )
     )
 )
 
 
 def _shape_replacement(match: re.Match[str]) -> str:
-    return (match.group("bearer") or match.group("query") or "") + REDACTED
+    return (match.group("bearer") or match.group("query") or match.group("path") or "") + REDACTED
 
 
 # Values of event-dict keys with these names are hidden whole, whatever they look like.
@@ -50,6 +58,8 @@ _SECRET_KEYS = frozenset(
 )
 
 _HANDLER_MARK = "_gemini_bot_handler"
+
+PAYLOAD_HIDDEN = "<payload hidden: LOG_PAYLOADS=1 logs it>"
 
 
 class Redactor:
@@ -115,18 +125,24 @@ def configure_logging(
     fmt: str = "console",
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
+    *,
+    log_payloads: bool = False,
+    handler: logging.StreamHandler[Any] | None = None,
 ) -> None:
     """Route structlog and stdlib logging to one redacting handler on ``stream`` (default stderr).
 
-    ``fmt`` is ``"json"`` (one JSON object per line) or ``"console"``. Calling it again
-    replaces the handler it installed before; it never stacks handlers.
+    ``fmt`` is ``"json"`` (one JSON object per line) or ``"console"``. Without
+    ``log_payloads``, the payloads in discord.py's DEBUG lines (users' messages) are hidden.
+    ``handler`` replaces the stream handler (e.g. a ``RotatingFileHandler``; it is closed when
+    replaced). Calling it again replaces the handler it installed before; it never stacks handlers.
     """
-    stream = stream if stream is not None else sys.stderr
+    if handler is None:
+        handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     renderer: Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
-        isatty = getattr(stream, "isatty", None)
+        isatty = getattr(handler.stream, "isatty", None)
         renderer = structlog.dev.ConsoleRenderer(colors=bool(isatty and isatty()))
 
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -139,9 +155,10 @@ def configure_logging(
             renderer,
         ],
     )
-    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     handler.addFilter(_quiet_reconnects)
+    if not log_payloads:
+        handler.addFilter(_hide_payloads)
     setattr(handler, _HANDLER_MARK, True)
 
     root = logging.getLogger()
@@ -180,3 +197,32 @@ def _quiet_reconnects(record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
     return True
+
+
+def _hide_payloads(record: logging.LogRecord) -> bool:
+    """Replace the payload arguments of discord.py's DEBUG lines with ``PAYLOAD_HIDDEN``.
+
+    discord.py passes gateway events and response bodies as dicts and lists, request bodies as
+    JSON text or form data. Rather than list its message formats (which change between
+    releases), every argument that is not a plain scalar (a number, a flag, an enum, a text
+    that is not JSON) is hidden.
+    """
+    if record.levelno >= logging.INFO or not record.name.startswith("discord.") or not record.args:
+        return True
+    if isinstance(record.args, Mapping):
+        # logging turns a lone dict argument into ``args`` itself: "%s" then renders it whole.
+        if "%(" in str(record.msg):
+            record.args = {k: _hidden_unless_scalar(v) for k, v in record.args.items()}
+        else:
+            record.args = (PAYLOAD_HIDDEN,)
+    else:
+        record.args = tuple(_hidden_unless_scalar(arg) for arg in record.args)
+    return True
+
+
+def _hidden_unless_scalar(value: object) -> object:
+    if value is None or isinstance(value, bool | int | float | enum.Enum):
+        return value
+    if isinstance(value, str) and not value.lstrip().startswith(("{", "[")):
+        return value
+    return PAYLOAD_HIDDEN

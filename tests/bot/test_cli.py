@@ -155,3 +155,28 @@ def test_python_m_bot_check_exits_1_with_the_names_and_no_traceback_on_a_bad_con
         assert name in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "oauth-secret-xyz" not in result.stderr + result.stdout
+
+
+def test_python_m_bot_check_refuses_backup_keep_0_naming_the_setting(tmp_path: Path) -> None:
+    """BACKUP_KEEP=0 used to pass `check` and then crash start-up in the DataStore with a traceback."""
+    result = run_module(["check"], {"BACKUP_KEEP": "0"}, tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert "BACKUP_KEEP: 0 is out of range" in result.stderr
+    assert "set it to a whole number between 1 and 10000" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_python_m_bot_check_warns_about_an_env_file_and_data_dir_other_users_can_read(tmp_path: Path) -> None:
+    """Both still pass (exit 0): a warning with the chmod that fixes it, and the modes are left alone."""
+    env_file = tmp_path / "bot.env"
+    env_file.write_text("LOG_LEVEL=INFO\n")
+    env_file.chmod(0o644)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    result = run_module(["--env-file", str(env_file), "check"], {"DATA_DIR": str(data)}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {env_file}: can be read by other users of this machine (mode 0644)" in result.stdout
+    assert f"fix: chmod 600 {env_file}" in result.stdout
+    assert f"warning: DATA_DIR: {data} is open to other users of this machine (mode 0755)" in result.stdout
+    assert env_file.stat().st_mode & 0o777 == 0o644 and data.stat().st_mode & 0o777 == 0o755

@@ -30,10 +30,10 @@ def test_the_timeout_floor_fits_the_longest_answer_and_a_too_short_timeout_is_a_
     config = load_config(environ={}, env_file=None)
     assert config.gemini_max_output_tokens == 2048
     assert config.gemini_timeout_floor() == pytest.approx(2 + 2048 / 100)
-    assert not config.warnings
+    assert "GEMINI_TIMEOUT_SECONDS" not in [w.name for w in config.warnings]
     short = load_config(environ={"GEMINI_TIMEOUT_SECONDS": "10"}, env_file=None)
-    [warning] = short.warnings
-    assert warning.name == "GEMINI_TIMEOUT_SECONDS" and "long answers will time out" in warning.problem
+    [warning] = [w for w in short.warnings if w.name == "GEMINI_TIMEOUT_SECONDS"]
+    assert "long answers will time out" in warning.problem
     with pytest.raises(ConfigError) as info:
         load_config(environ={"GEMINI_MAX_OUTPUT_TOKENS": "0", "GEMINI_TOKENS_PER_SECOND": "0"}, env_file=None)
     assert [p.name for p in info.value.problems] == ["GEMINI_MAX_OUTPUT_TOKENS", "GEMINI_TOKENS_PER_SECOND"]

@@ -278,3 +278,27 @@ def test_python_m_bot_run_without_a_token_refuses_and_points_to_the_sandbox(tmp_
     assert result.returncode == 1
     assert "DISCORD_TOKEN is not set" in result.stderr and "make run" in result.stderr
     assert "Traceback" not in result.stderr and "SANDBOX" not in result.stdout
+
+
+def test_the_sandbox_log_rotates_so_a_long_session_cannot_fill_the_disk(tmp_path):
+    """A chatty session (LOG_LEVEL=DEBUG) with a 4 KB rotation size: sandbox.log rotates into
+    sandbox.log.1 ..., every file stays near the size, at most LOG_BACKUPS old files are kept."""
+    result = subprocess.run(
+        [sys.executable, "-c", (
+            "import sys; from pathlib import Path; from services.config import Config; "
+            "from rehearsal.sandbox_mode import run_sandbox; "
+            "sys.exit(run_sandbox(Config(data_dir=Path(sys.argv[1]), log_level='DEBUG', http_port=0), "
+            "log_max_bytes=4096))"
+        ), str(tmp_path / "data")],
+        cwd=REPO_ROOT,
+        env=sandbox_env(tmp_path / "data"),
+        input="hello\nwhat are you\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-TAIL_CHARS:]
+    logs = sorted(p.name for p in (tmp_path / "data").glob("sandbox.log*"))
+    assert logs == ["sandbox.log", "sandbox.log.1", "sandbox.log.2", "sandbox.log.3"], logs
+    for name in logs:
+        assert (tmp_path / "data" / name).stat().st_size <= 4096 + 8192  # one long line may overflow

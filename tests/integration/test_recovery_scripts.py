@@ -35,7 +35,7 @@ SCRIPTS = (
     "config-recovery.sh",
 )
 SCRIPT_TIMEOUT = 60.0
-EXIT_FAILING, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_USAGE, EXIT_DEFAULTS = 1, 2, 3, 4, 5
+EXIT_FAILING, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_USAGE, EXIT_DEFAULTS, EXIT_IN_USE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -306,15 +306,22 @@ def test_datastore_offline_with_nothing_valid_left_exits_5(tmp_path: Path) -> No
     assert "validate:   breakers         OK" in result.stdout
 
 
-def test_datastore_recovers_offline_when_the_bot_does_not_answer(tmp_path: Path, dead_url: str) -> None:
-    """Without --offline, an unreachable bot means the offline path (and the script says so)."""
+def test_datastore_never_goes_offline_on_its_own_when_the_bot_does_not_answer(
+    tmp_path: Path, dead_url: str
+) -> None:
+    """A bot that does not answer may be running at another URL: without --offline the script
+    exits 2, says how to go offline, and leaves the files alone."""
     data = _datastore(tmp_path)
     (data / "admins.json").write_text("[]")  # valid JSON, wrong shape
     result = run_sync(
         "datastore-recovery.sh", "--data-dir", str(data), env=script_env(dead_url), cwd=tmp_path
     )
-    assert result.returncode == 0, result
-    assert f"does not answer at {dead_url}" in result.stdout and "recovered: admins" in result.stdout
+    assert result.returncode == EXIT_UNREACHABLE, result
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"datastore-recovery.sh: bot unreachable at {dead_url} (")
+    assert line.endswith("; if the bot is stopped, run again with --offline")
+    assert (data / "admins.json").read_text() == "[]"
+    assert not (data / "quarantine").exists()
 
 
 def test_datastore_unknown_name_is_bad_usage(tmp_path: Path) -> None:
@@ -416,6 +423,41 @@ async def test_datastore_recovery_online_restores_a_corrupt_file_and_a_wrong_tok
     ]
     assert "wrong-token-123" not in result.stdout + result.stderr
     assert live.token not in result.stdout + result.stderr
+
+
+async def test_datastore_recovery_never_touches_the_files_of_a_running_bot_behind_a_wrong_url(
+    live: LiveBot, dead_url: str
+) -> None:
+    """The reproduced incident: BOT_API_URL is wrong while the bot runs. Without --offline the
+    script exits 2 and touches nothing; with --offline the bot's lock on DATA_DIR refuses it:
+    exit 6 naming the directory and the bot's pid, and the files are as they were."""
+    path = live.data_dir / "maintenance.json"
+    path.write_text("{broken")
+
+    def datastore_files() -> dict[str, bytes]:  # not the SQLite files: the running bot writes those
+        return {p.name: p.read_bytes() for p in live.data_dir.glob("*.json*")}
+
+    before = datastore_files()
+    assert "maintenance.json" in before and "admins.json.bak" in before
+
+    result = await run("datastore-recovery.sh", env=script_env(dead_url, live.token))
+    assert result.returncode == EXIT_UNREACHABLE, result
+    assert "run again with --offline" in result.stderr
+
+    result = await run(
+        "datastore-recovery.sh", "--offline", "--data-dir", str(live.data_dir), env=script_env(dead_url)
+    )
+    assert result.returncode == EXIT_IN_USE, result
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"datastore-recovery.sh: DATA_DIR {live.data_dir} is in use by process {live.proc.pid}, a running bot"
+    ), result
+    assert datastore_files() == before
+    assert not (live.data_dir / "quarantine").exists()
+    assert live.proc.running
+
+    result = await run("datastore-recovery.sh", "maintenance", env=live.env())  # online: the right way
+    assert result.returncode == 0, result
 
 
 async def test_validate_recovery_and_discord_recovery(live: LiveBot) -> None:

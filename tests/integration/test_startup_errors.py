@@ -55,10 +55,11 @@ async def test_a_service_that_cannot_start_names_itself_and_exits_3(
 async def test_a_bad_setting_lists_the_variable_and_exits_1(
     spawn_bot: SpawnBot, bot_env: dict[str, str]
 ) -> None:
-    proc = spawn_bot(env={**bot_env, "HTTP_PORT": "not-a-port", "LOG_FORMAT": "xml"})
+    proc = spawn_bot(env={**bot_env, "HTTP_PORT": "not-a-port", "LOG_FORMAT": "xml", "BACKUP_KEEP": "0"})
     code, output = await _failed(proc)
     assert code == 1
     assert "HTTP_PORT" in output and "LOG_FORMAT" in output
+    assert "BACKUP_KEEP: 0 is out of range" in output  # it used to crash the DataStore's start
     assert "Traceback" not in output
 
 
@@ -78,3 +79,22 @@ async def test_a_live_start_syncs_the_commands_and_prints_the_invite_banner(
     out = proc.output("stdout")
     assert f"client_id={discord.application_id}" in out
     assert "permissions=274877992000" in out and "applications.commands" in out
+
+
+async def test_a_second_bot_on_the_same_data_dir_names_the_directory_and_the_first_bots_pid(
+    spawn_bot: SpawnBot, bot_env: dict[str, str], emulators: Emulators
+) -> None:
+    """The first bot holds DATA_DIR's lock: the second exits 3 before touching its files, and the
+    first keeps running. The first bot created DATA_DIR private (mode 0700) and its lock 0600."""
+    first = spawn_bot(env=bot_env)
+    await first.wait_ready(emulators, timeout=20)
+    data = Path(bot_env["DATA_DIR"])
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / ".bot.lock").stat().st_mode & 0o777 == 0o600
+    second = spawn_bot(env=bot_env, name="second")
+    code, output = await _failed(second)
+    assert code == 3, output
+    assert f"DATA_DIR {bot_env['DATA_DIR']} is in use by process {first.pid}" in output
+    assert "the datastore service did not start" in output
+    assert "Traceback" not in output
+    assert first.running

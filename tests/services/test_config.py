@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from services.config import SETTING_NAMES, Config, ConfigError, ConfigProblem, load_config
+from resilience.breakers import BreakerBoard
+from resilience.clock import FakeClock
+from resilience.retries import RetryPolicy
+from resilience.timeouts import AdaptiveTimeout
+from services.config import _PARSERS, SETTING_NAMES, Config, ConfigError, ConfigProblem, load_config
+from services.datastore import DataStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,6 +21,16 @@ REPO = Path(__file__).resolve().parents[2]
 GOOD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4OQ.GAbCdE.abcdefghijklmnopqrstuvwxyz0123456789AB"
 GEMINI_KEY = "AIzaSyD-fake-key-0123456789abcdefghijk"
 ADMIN_TOKEN = "admin-token-0123456789-secret"
+
+
+@pytest.fixture(autouse=True)
+def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test runs in an empty directory: the checkout's own ``data/`` (mode 0755, which
+    ``load_config`` warns about) and a developer's ``.env`` never reach it."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
 
 
 def load(**env: str) -> Config:
@@ -192,6 +207,7 @@ def test_problems_in_the_dotenv_file_are_reported_like_environment_problems(tmp_
 def test_an_unknown_name_in_the_dotenv_file_is_a_warning(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("GEMINI_KEY=oops\n")
+    env_file.chmod(0o600)
     config = load_config(environ={}, env_file=env_file)
     assert [w.name for w in config.warnings] == ["GEMINI_KEY"]
 
@@ -234,3 +250,74 @@ def test_config_is_frozen() -> None:
     config = load()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.http_port = 1  # type: ignore[misc]
+
+
+# --- ranges: each is the one check of what the code using the setting needs -------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_backup_keep_below_1_is_refused_because_the_datastore_needs_one_backup(value: str) -> None:
+    """The DataStore refuses keep_backups < 1 (it crashed start-up after `check` had passed)."""
+    (problem,) = problems_of(BACKUP_KEEP=value)
+    assert problem.name == "BACKUP_KEEP" and "out of range" in problem.problem
+    assert "between 1 and 10000" in problem.fix
+    assert load(BACKUP_KEEP="1").backup_keep == 1
+
+
+def test_the_lowest_accepted_value_of_each_checked_setting_is_accepted_by_the_code_using_it(
+    tmp_path: Path,
+) -> None:
+    """Config is the one range check: the lowest value each range lets through builds the
+    object that uses it (the DataStore, breakers, retries, the adaptive timeout) without error."""
+    low = {name: _PARSERS[name].low for name in _PARSERS if hasattr(_PARSERS[name], "low")}
+    clock = FakeClock()
+    DataStore(tmp_path, keep_backups=int(low["backup_keep"]))
+    board = BreakerBoard(
+        clock, fail_max=int(low["breaker_fail_max"]), reset_timeout=low["breaker_reset_seconds"]
+    )
+    board.add("gemini")
+    RetryPolicy("gemini", max_attempts=int(low["retry_max_attempts"]), hint_cap=low["retry_hint_cap_seconds"])
+    seconds = low["gemini_timeout_seconds"]
+    AdaptiveTimeout(min(10.0, seconds), minimum=min(2.0, seconds), maximum=seconds, clock=clock)
+
+
+# --- LOG_PAYLOADS --------------------------------------------------------------------------------
+
+
+def test_log_payloads_is_off_by_default_and_parsed_as_a_boolean() -> None:
+    assert load().log_payloads is False
+    assert load(LOG_PAYLOADS="1").log_payloads is True
+    (problem,) = problems_of(LOG_PAYLOADS="sometimes")
+    assert problem.name == "LOG_PAYLOADS"
+
+
+# --- file modes: warnings, never a chmod ---------------------------------------------------------
+
+
+def test_an_env_file_other_users_can_read_is_a_warning_with_the_chmod_that_fixes_it(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("LOG_LEVEL=INFO\n")
+    env_file.chmod(0o644)
+    (warning,) = load_config(environ={}, env_file=env_file).warnings
+    assert warning.name == str(env_file)
+    assert "other users" in warning.problem and "0644" in warning.problem
+    assert warning.fix == f"chmod 600 {env_file}"
+    assert env_file.stat().st_mode & 0o777 == 0o644  # warned, not changed
+    env_file.chmod(0o640)
+    assert len(load_config(environ={}, env_file=env_file).warnings) == 1
+    env_file.chmod(0o600)
+    assert load_config(environ={}, env_file=env_file).warnings == ()
+
+
+def test_an_existing_data_dir_open_to_other_users_is_a_warning_and_is_left_alone(tmp_path: Path) -> None:
+    data = tmp_path / "data dir"
+    data.mkdir()
+    data.chmod(0o755)
+    (warning,) = load(DATA_DIR=str(data)).warnings
+    assert warning.name == "DATA_DIR"
+    assert str(data) in warning.problem and "0755" in warning.problem
+    assert warning.fix.startswith(f"chmod 700 '{data}'")
+    assert data.stat().st_mode & 0o777 == 0o755
+    data.chmod(0o700)
+    assert load(DATA_DIR=str(data)).warnings == ()
+    assert load(DATA_DIR=str(tmp_path / "absent")).warnings == ()  # the bot will create it 0700

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,8 @@ from resilience.errors import CircuitOpenError
 from resilience.registry import ServiceRegistry
 from services.datastore import (
     DEFAULT_FILES,
+    KEEP_QUARANTINED,
+    MAX_FILE_BYTES,
     DataStore,
     DataStoreService,
     DataStoreValidationError,
@@ -213,6 +216,106 @@ def test_everything_corrupt_falls_back_to_defaults_with_an_alert(
     assert events[0][1]["name"] == "admins"
 
 
+def test_a_huge_file_is_quarantined_without_being_read_whole_and_the_bak_serves(
+    make_store: Callable[..., DataStore], data_dir: Path, events: Events
+) -> None:
+    """A 64 MiB admins.json (the bug: a 200 MB file was loaded whole) is over the 1 MiB cap:
+    it is rejected from its size, moved aside intact, and the .bak serves. Python never holds
+    more than a few MiB while that happens."""
+    seed_history(make_store())
+    huge = data_dir / "admins.json"
+    with huge.open("r+b") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: costs no disk, but reading it would cost 64 MiB
+    assert MAX_FILE_BYTES == 1024 * 1024
+    store = make_store()
+    tracemalloc.start()
+    try:
+        assert store.load("admins") == V2
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, peak
+    status = store.status()["admins"]
+    assert status.source == "bak" and status.last_error is not None
+    assert f"file: too large: {64 * 1024 * 1024} bytes, the limit is {MAX_FILE_BYTES}" in status.last_error
+    assert ("datastore.recovered", "bak") in [(k, p["source"]) for k, p in events]
+    (moved,) = (data_dir / "quarantine").iterdir()
+    assert moved.stat().st_size == 64 * 1024 * 1024
+
+
+def test_a_file_one_byte_over_the_cap_is_corrupt_like_any_other_and_one_at_the_cap_is_read(
+    make_store: Callable[..., DataStore], data_dir: Path
+) -> None:
+    """The cap is exact: valid JSON padded to cap + 1 bytes is rejected, to the cap it serves."""
+    seed_history(make_store())
+    body = json.dumps(V3).encode()
+    path = data_dir / "admins.json"
+    path.write_bytes(body + b" " * (1000 - len(body)))
+    assert make_store(max_file_bytes=1000).load("admins") == V3
+    path.write_bytes(body + b" " * (1001 - len(body)))
+    store = make_store(max_file_bytes=1000)
+    assert store.load("admins") == V2  # the .bak serves
+    assert store.status()["admins"].source == "bak"
+    assert len(quarantined(data_dir)) == 1
+    assert [r.problems for r in make_store(max_file_bytes=1000).validate("admins")] == [[]]
+
+
+def test_save_refuses_what_the_size_cap_would_refuse_to_read_back(
+    make_store: Callable[..., DataStore], data_dir: Path
+) -> None:
+    """Writing a file the next start would quarantine loses data: save refuses it instead."""
+    store = make_store(max_file_bytes=200)
+    store.save("admins", V1)
+    big = {"user_ids": list(range(1, 100))}
+    with pytest.raises(DataStoreValidationError, match=r"too large: .* the limit is 200"):
+        store.save("admins", big)
+    assert make_store(max_file_bytes=200).load("admins") == V1
+
+
+def test_quarantine_keeps_the_newest_copies_per_file_over_many_corruption_cycles(
+    make_store: Callable[..., DataStore], data_dir: Path
+) -> None:
+    """50 corruption cycles (the bug: 100 files piled up) leave the newest KEEP_QUARANTINED
+    copies of the file and its .bak together, and another file's copies are untouched."""
+    store = make_store()
+    store.save("maintenance", {"enabled": True, "message": None, "since": None, "by": None})
+    _garbage(data_dir / "maintenance.json")
+    store.recover("maintenance")
+    seed_history(store)
+    for cycle in range(50):
+        _garbage(data_dir / "admins.json")
+        if cycle % 2:
+            _garbage(data_dir / "admins.json.bak")
+        report = store.recover("admins")
+        assert len(report.quarantined) == 1 + cycle % 2
+    names = quarantined(data_dir)
+    admins = [n for n in names if n.startswith("admins")]
+    assert KEEP_QUARANTINED == 10
+    assert len(admins) == KEEP_QUARANTINED and any(n.startswith("admins.bak-") for n in admins)
+    assert len([n for n in names if n.startswith("maintenance")]) == 1
+    # The newest were kept: the last cycle's two copies are among them.
+    assert {p.name for p in report.quarantined} <= set(admins)
+    assert len(make_store(keep_quarantined=3).recover("admins").quarantined) == 0  # nothing bad now
+    _garbage(data_dir / "admins.json")
+    make_store(keep_quarantined=3).load("admins")
+    assert len([n for n in quarantined(data_dir) if n.startswith("admins")]) == 3
+
+
+def test_a_quarantined_copy_that_cannot_be_pruned_never_fails_the_load(
+    make_store: Callable[..., DataStore], data_dir: Path
+) -> None:
+    """Pruning is housekeeping: an old entry that cannot be deleted (here a directory: root
+    deletes through permissions) stays, and the recovery goes on."""
+    seed_history(make_store())
+    stuck = data_dir / "quarantine" / "admins-20000101T000000.000000.json"
+    stuck.mkdir(parents=True)
+    (stuck / "inside").write_text("x")
+    _garbage(data_dir / "admins.json")
+    store = make_store(keep_quarantined=1)
+    assert store.load("admins") == V2
+    assert stuck.exists() and len(quarantined(data_dir)) == 2
+
+
 async def test_service_health_is_not_ok_while_an_alert_stands(
     make_store: Callable[..., DataStore], data_dir: Path
 ) -> None:
@@ -242,6 +345,27 @@ def test_first_start_with_nothing_on_disk_is_defaults_without_alert(
     assert store.alerts() == []
     assert events == []
     assert all(s.source == "defaults" and not s.alert for s in store.status().values())
+
+
+def test_the_store_creates_its_directories_private_and_leaves_existing_ones_alone(
+    make_store: Callable[..., DataStore], data_dir: Path, tmp_path: Path
+) -> None:
+    """DATA_DIR, backups/ and quarantine/ are created with mode 0700 (the umask is the usual 022);
+    a directory that already exists keeps its mode (load_config warns about it instead)."""
+    old_umask = os.umask(0o022)
+    try:
+        seed_history(make_store())
+        _garbage(data_dir / "admins.json")
+        make_store().load("admins")
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o750)
+        DataStore(shared).load("admins")
+    finally:
+        os.umask(old_umask)
+    for directory in (data_dir, data_dir / "backups", data_dir / "quarantine"):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    assert shared.stat().st_mode & 0o777 == 0o750
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

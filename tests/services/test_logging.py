@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -9,12 +10,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import discord
 import pytest
 import structlog
+from discord.ext import commands
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.logging import REDACTED, Redactor, configure_logging
+from sandbox.discord_emu import DiscordEmulator
+from services.logging import PAYLOAD_HIDDEN, REDACTED, Redactor, configure_logging
+from tests.integration.harness import pointed_at
 
 SECRET = "configured-secret-value-123"
 BOT_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4OQ.GAbCdE.abcdefghijklmnopqrstuvwxyz0123456789AB"
@@ -104,6 +109,12 @@ def test_stdlib_records_go_through_the_same_redaction_and_format(
         (f"key {GOOGLE_KEY} in text", GOOGLE_KEY),
         ("Authorization: Bearer abc.def-ghi_jkl", "abc.def-ghi_jkl"),
         ("GET https://example.test/v1/models?key=sk-raw-value&alt=sse", "sk-raw-value"),
+        (
+            "POST https://discord.com/api/v10/interactions/1234567890123/aW50ZXJhY3Rpb246MTIz.x-y_z/callback"
+            " with <payload> has returned 204",
+            "aW50ZXJhY3Rpb246MTIz.x-y_z",
+        ),
+        ("PATCH http://127.0.0.1:1/api/v10/webhooks/42/itok-0123456789abcdef/messages/@original", "itok-"),
     ],
 )
 def test_credential_shapes_are_redacted_even_when_not_configured(text: str, hidden: str) -> None:
@@ -198,3 +209,85 @@ def test_redaction_stays_linear_on_a_long_base64_like_blob() -> None:
     started = time.perf_counter()
     assert Redactor(["some-secret"]).redact(blob) == blob
     assert time.perf_counter() - started < 2.0
+
+
+# --- discord.py's DEBUG payloads: hidden unless LOG_PAYLOADS --------------------------------------
+
+
+USER_TEXT = "my secret diary entry 7f3a"
+
+
+async def _chat_through_real_discord_py(stream: io.StringIO, *, log_payloads: bool) -> list[dict[str, Any]]:
+    """At DEBUG, a real discord.py bot logs in to the Discord emulator, hears a user's message
+    (a gateway event) and answers it with that text (an HTTP request); return the log lines."""
+    configure_logging("DEBUG", "json", stream=stream, log_payloads=log_payloads)
+    intents = discord.Intents.default()
+    intents.members = True
+    intents.message_content = True
+    bot = commands.Bot(command_prefix="!", intents=intents, guild_ready_timeout=0.05)
+
+    async def on_message(message: discord.Message) -> None:
+        if not message.author.bot:
+            await message.channel.send("you said: " + message.content)
+
+    bot.add_listener(on_message)
+    async with DiscordEmulator(heartbeat_interval=1.0) as emu:
+        with pointed_at(emu):
+            await bot.login(emu.token)
+            task = asyncio.create_task(bot.connect())
+            try:
+                async with asyncio.timeout(10):
+                    await bot.wait_until_ready()
+                general = emu.channels["general"]
+                await emu.send_user_message(general, content=USER_TEXT)
+                await emu.wait_for_bot_message(general, timeout=10)
+            finally:
+                await bot.close()
+                await asyncio.wait_for(task, 10)
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def _discord_debug(lines: list[dict[str, Any]], logger: str) -> list[str]:
+    return [e["event"] for e in lines if e.get("logger") == logger and e.get("level") == "debug"]
+
+
+async def test_at_debug_discord_pys_gateway_and_http_lines_never_carry_users_messages(
+    log_stream: io.StringIO,
+) -> None:
+    """LOG_LEVEL=DEBUG, LOG_PAYLOADS off: discord.py still logs every event and request, with the
+    payloads replaced by a marker, and the user's words appear nowhere in the output."""
+    lines = await _chat_through_real_discord_py(log_stream, log_payloads=False)
+    assert USER_TEXT not in log_stream.getvalue()
+    gateway = _discord_debug(lines, "discord.gateway")
+    http = _discord_debug(lines, "discord.http")
+    assert any(f"WebSocket Event: {PAYLOAD_HIDDEN}" in e for e in gateway), gateway
+    assert any(f"with {PAYLOAD_HIDDEN} has returned 200" in e for e in http), http
+    assert any(e.startswith("POST ") and "/messages" in e for e in http)  # route and status stay
+
+
+async def test_log_payloads_logs_discord_pys_payloads_whole(log_stream: io.StringIO) -> None:
+    lines = await _chat_through_real_discord_py(log_stream, log_payloads=True)
+    gateway = _discord_debug(lines, "discord.gateway")
+    http = _discord_debug(lines, "discord.http")
+    assert any(USER_TEXT in e and "MESSAGE_CREATE" in e for e in gateway)
+    assert any(f"you said: {USER_TEXT}" in e for e in http)
+    assert PAYLOAD_HIDDEN not in log_stream.getvalue()
+
+
+def test_a_lone_dict_argument_is_hidden_and_other_loggers_and_levels_are_left_alone(
+    log_stream: io.StringIO,
+) -> None:
+    """logging makes a lone dict argument the record's args; it is hidden too. Lines at INFO and
+    above, and other libraries' lines, are not touched (the redactor still covers secrets)."""
+    configure_logging("DEBUG", "json", stream=log_stream)
+    logging.getLogger("discord.gateway").debug("Updating our voice state to %s.", {"content": USER_TEXT})
+    logging.getLogger("discord.http").debug("%s %s has returned %s", "GET", "https://x.test/api", 200)
+    logging.getLogger("discord.client").info("kept %s", {"note": "info"})
+    logging.getLogger("aiohttp.client").debug("kept %s", {"note": "other library"})
+    events = [json.loads(line)["event"] for line in log_stream.getvalue().splitlines()]
+    assert events == [
+        f"Updating our voice state to {PAYLOAD_HIDDEN}.",
+        "GET https://x.test/api has returned 200",
+        "kept {'note': 'info'}",
+        "kept {'note': 'other library'}",
+    ]
