@@ -23,6 +23,7 @@ import asyncio
 import gc
 import hmac
 import json
+import logging
 import math
 import os
 import sys
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 
 from resilience.context import current_trace_id, request_context
 from resilience.errors import Category, classify
@@ -176,6 +178,30 @@ class _HttpError(Exception):
         self.fields = fields
 
 
+class _ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's connection-level logger for this server: a malformed request is one warning line.
+
+    aiohttp answers a request it cannot parse (a broken request line or header, a non-HTTP
+    client) with 400 and logs the parser's exception with its traceback, at ERROR. That is the
+    client's fault, not ours: log ``http_api.bad_request`` with the reason's first line instead.
+    Everything else aiohttp logs passes through unchanged.
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            reason = next((line.strip() for line in exc.message.splitlines() if line.strip()), "")
+            log.warning(
+                "http_api.bad_request",
+                peer=str(args[0]) if args else None,  # aiohttp's "Error handling request from %s"
+                status=exc.code,
+                error=type(exc).__name__,
+                reason=reason[:120],
+            )
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Action = Callable[[web.Request, "AdminOperations"], Awaitable[Any]]
 
@@ -250,7 +276,12 @@ class HttpApi:
 
     async def start(self) -> None:
         """Bind and serve; logs ``http_api.listening`` with ``host`` and the bound ``port``."""
-        runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=self._shutdown_timeout)
+        runner = web.AppRunner(
+            self.build_app(),
+            access_log=None,
+            shutdown_timeout=self._shutdown_timeout,
+            logger=_ServerLog(logging.getLogger("aiohttp.server")),
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.host, self._requested_port)
@@ -376,13 +407,24 @@ class HttpApi:
                 "admin_disabled",
                 "the admin API is disabled: set ADMIN_API_TOKEN in the bot's environment and restart",
             )
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        # compare_digest on bytes: constant time whatever the guess, and any header text is comparable.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        if not self._has_token(request):
             log.warning("http_api.unauthorized", has_header="Authorization" in request.headers)
             raise _HttpError(
                 401, "unauthorized", "send the admin token as 'Authorization: Bearer <ADMIN_API_TOKEN>'"
             )
+
+    def _has_token(self, request: web.Request) -> bool:
+        """Whether the request carries ``Authorization: Bearer <the admin token>``.
+
+        The header's raw bytes are compared, never its decoded text: a client may send any bytes
+        (0xFF 0xFE is not UTF-8 and does not encode back), and such a header is just a wrong token.
+        """
+        if self._token is None:
+            return False
+        raw = next((value for name, value in request.raw_headers if name.lower() == b"authorization"), b"")
+        scheme, _, given = raw.partition(b" ")
+        # compare_digest: constant time whatever the guess.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
 
     async def _bounded(self, work: Awaitable[Any], limit: float) -> Any:
         """Run ``work`` under ``limit`` seconds; map the operations' refusals to statuses."""
@@ -707,6 +749,8 @@ async def _body(request: web.Request, allowed: Mapping[str, tuple[type, ...]]) -
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise _HttpError(400, "invalid_body", "the body is not valid JSON") from None
+    except RecursionError:  # e.g. 30,000 nested "[": the decoder recurses once per level
+        raise _HttpError(400, "invalid_body", "the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise _HttpError(400, "invalid_body", "the body must be a JSON object")
     unknown = sorted(set(data) - set(allowed))
