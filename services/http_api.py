@@ -62,6 +62,8 @@ ERROR_RATE_WINDOW = 300.0  # seconds of counter history behind "recent" error ra
 RATE_SAMPLE_EVERY = 10.0  # at most one counter sample per 10 s, so frequent polling keeps the window
 RATE_SAMPLES = 64  # > ERROR_RATE_WINDOW / RATE_SAMPLE_EVERY + 1
 DEGRADED_QUEUE_AGE = 60.0  # a pending item older than this makes the status degraded
+# Open connections the API admits at once; LimitNOFILE in deploy/gemini-bot.service leaves room for them.
+DEFAULT_MAX_CONNECTIONS = 64
 _CATEGORIES = frozenset(c.value for c in Category)
 
 
@@ -178,6 +180,82 @@ class _HttpError(Exception):
         self.fields = fields
 
 
+class _ConnectionLimit:
+    """A protocol factory that lets at most ``limit`` connections reach aiohttp's server at once.
+
+    aiohttp's server has no cap on open connections. Each accepted connection gets an
+    :class:`_Admission`; when the connection is made it either gets a fresh aiohttp handler
+    from ``factory`` (counted until the connection is lost) or, at the cap, is closed at once.
+    Counting in ``connection_made``/``connection_lost`` keeps the count exact: asyncio calls
+    them in pairs, while many connections may be created before any of them is made.
+    """
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int) -> None:
+        self._factory = factory
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._refused_in_a_row = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Admission(self)
+
+    def admit(self) -> asyncio.Protocol | None:
+        """A handler for a new connection, or None (refused) at the cap."""
+        if self.open >= self.limit:
+            self.refused += 1
+            self._refused_in_a_row += 1
+            if self._refused_in_a_row == 1:  # one line per episode, not one per connection
+                log.warning("http_api.connection_limit", limit=self.limit)
+            return None
+        if self._refused_in_a_row:
+            log.info("http_api.connection_limit_cleared", refused=self._refused_in_a_row)
+            self._refused_in_a_row = 0
+        handler = self._factory()
+        self.open += 1
+        return handler
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+class _Admission(asyncio.Protocol):
+    """One connection: hands every event to the aiohttp handler it was admitted to, if any."""
+
+    def __init__(self, limit: _ConnectionLimit) -> None:
+        self._limit = limit
+        self._inner: asyncio.Protocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        inner = self._limit.admit()
+        if inner is None:
+            transport.close()
+            return
+        self._inner = inner
+        inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            self._limit.release()
+            inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
 class _ServerLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's connection-level logger for this server: a malformed request is one warning line.
 
@@ -218,8 +296,20 @@ class HttpApi:
     ``{UnknownNameError: 404, InvalidRequestError: 400, OperationUnavailableError: 503}``;
     a 404 body carries the error's ``kind``/``name``/``valid`` attributes when it has them.
     ``port`` 0 binds any free port; the bound one is ``self.port`` and is logged as
-    ``http_api.listening``. ``timeout`` bounds each handler (504), ``gemini_test_timeout``
-    the Gemini test, which may wait out Gemini's own retries.
+    ``http_api.listening``. ``timeout`` bounds each handler (504), including its reading of
+    the request body; ``gemini_test_timeout`` the Gemini test, which may wait out Gemini's own
+    retries.
+
+    Connection limits, so idle or hostile clients cannot pile up sockets:
+
+    - ``header_timeout``: a connection that has not sent a complete request head within this
+      many seconds of opening, or of its previous answer, is closed (silent clients, half a
+      request line, headers trickled a byte at a time). This is aiohttp's keep-alive timer: it
+      arms it when a connection opens and does not extend it as bytes arrive.
+    - ``linger_timeout``: after the answer, a body the handler did not read (a GET sent with
+      one) is read and dropped for at most this long, then the connection is closed.
+    - ``max_connections``: open connections beyond this are closed as soon as they are
+      accepted (``http_api.connection_limit`` is logged once per episode).
     """
 
     name = "http_api"
@@ -237,6 +327,9 @@ class HttpApi:
         timeout: float = 10.0,
         gemini_test_timeout: float = 60.0,
         shutdown_timeout: float = 2.0,
+        header_timeout: float = 5.0,
+        linger_timeout: float = 2.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.sources = sources
         self.host = host
@@ -248,7 +341,12 @@ class HttpApi:
         self._timeout = timeout
         self._gemini_test_timeout = gemini_test_timeout
         self._shutdown_timeout = shutdown_timeout
+        self._header_timeout = header_timeout
+        self._linger_timeout = linger_timeout
+        self._max_connections = max_connections
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._connections: _ConnectionLimit | None = None
         self._shutting_down = False
         self._started_at: float | None = None
         self._rate_samples: dict[str, deque[tuple[float, float, float]]] = {}
@@ -281,16 +379,23 @@ class HttpApi:
             access_log=None,
             shutdown_timeout=self._shutdown_timeout,
             logger=_ServerLog(logging.getLogger("aiohttp.server")),
+            keepalive_timeout=self._header_timeout,
+            lingering_time=self._linger_timeout,
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self._requested_port)
-            await site.start()
+            server = runner.server
+            assert server is not None  # setup() made it
+            # What web.TCPSite does, with aiohttp's protocol factory behind the connection cap.
+            connections = _ConnectionLimit(server, self._max_connections)
+            listener = await asyncio.get_running_loop().create_server(
+                connections, self.host, self._requested_port
+            )
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._runner, self._listener, self._connections = runner, listener, connections
+        self.port = int(listener.sockets[0].getsockname()[1])
         self._started_at = self.sources.clock.monotonic()
         self._shutting_down = False
         log.info("http_api.listening", host=self.host, port=self.port, admin=self._token is not None)
@@ -298,12 +403,25 @@ class HttpApi:
     async def stop(self) -> None:
         """Stop serving; in-flight requests get ``shutdown_timeout`` seconds. Safe to call twice."""
         runner, self._runner = self._runner, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()  # stop accepting; the runner closes the open connections
         if runner is not None:
             await runner.cleanup()
             log.info("http_api.stopped", port=self.port)
 
     def health(self) -> dict[str, Any]:
-        return {"ok": self._runner is not None, "port": self.port, "admin_enabled": self._token is not None}
+        limit = self._connections
+        return {
+            "ok": self._runner is not None,
+            "port": self.port,
+            "admin_enabled": self._token is not None,
+            "connections": {
+                "open": limit.open if limit else 0,
+                "limit": self._max_connections,
+                "refused": limit.refused if limit else 0,
+            },
+        }
 
     # -- the routes -------------------------------------------------------------------------------
 
