@@ -26,11 +26,13 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tracemalloc
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -65,6 +67,9 @@ DEGRADED_QUEUE_AGE = 60.0  # a pending item older than this makes the status deg
 # Open connections the API admits at once; LimitNOFILE in deploy/gemini-bot.service leaves room for them.
 DEFAULT_MAX_CONNECTIONS = 64
 _CATEGORIES = frozenset(c.value for c in Category)
+# An absolute path inside any text: a "/" that follows no word character, dot, colon, slash or
+# tilde (so URLs, relative paths and keys such as "thread:5/a" do not match), then components.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^/\s'\"(),;<>]+/)*[^/\s'\"(),;<>]+/?")
 
 
 # --- what the API reads and calls -------------------------------------------------------------
@@ -282,6 +287,7 @@ class _ServerLog(logging.LoggerAdapter[logging.Logger]):
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Action = Callable[[web.Request, "AdminOperations"], Awaitable[Any]]
+View = Callable[[web.Request], Awaitable[tuple[Any, int]]]  # a health view's (body, status)
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -429,20 +435,20 @@ class HttpApi:
         """The aiohttp application with every route and the request middleware."""
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
         get, post = web.get, web.post
-        admin = self._admin
+        admin, health = self._admin, self._health
         app.add_routes(
             [
                 get("/live", self._live),
                 get("/ready", self._ready),
                 get("/metrics", self._metrics),
-                get("/api/health/status", self._status),
-                get("/api/health/circuits", self._circuits),
-                get("/api/health/degradation", self._degradation),
-                get("/api/health/services", self._services),
-                get("/api/health/memory", self._memory),
-                get("/api/health/performance", self._performance),
-                get("/api/health/external/gemini", self._external_gemini),
-                get("/api/health/external/discord", self._external_discord),
+                get("/api/health/status", health(self._status)),
+                get("/api/health/circuits", health(self._circuits)),
+                get("/api/health/degradation", health(self._degradation)),
+                get("/api/health/services", health(self._services)),
+                get("/api/health/memory", health(self._memory)),
+                get("/api/health/performance", health(self._performance)),
+                get("/api/health/external/gemini", health(self._external_gemini)),
+                get("/api/health/external/discord", health(self._external_discord)),
                 post("/api/admin/maintenance/enable", admin(self._maintenance_enable)),
                 post("/api/admin/maintenance/disable", admin(self._maintenance_disable)),
                 post("/api/admin/circuit/reset/{name}", admin(self._circuit_reset)),
@@ -503,6 +509,17 @@ class HttpApi:
                 retry_after=verdict.retry_after,
             )
         )
+
+    def _health(self, view: View) -> Handler:
+        """Wrap a health view: its body as JSON, absolute paths cut to names unless the admin token came."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            body, status = await view(request)
+            if not self._has_token(request):
+                body = _without_paths(body)  # where the bot's files live is the operator's business
+            return _json(body, status=status)
+
+        return handler
 
     def _admin(self, action: Action, *, timeout: float | None = None) -> Handler:
         """Wrap an admin action: check the token, then run it under its timeout and answer its dict."""
@@ -617,7 +634,7 @@ class HttpApi:
 
     # -- health views --------------------------------------------------------------------------------
 
-    async def _status(self, request: web.Request) -> web.Response:
+    async def _status(self, request: web.Request) -> tuple[Any, int]:
         """healthy | degraded | unhealthy with reasons; 503 when unhealthy, for ``curl -f``."""
         unhealthy = self._not_ready_reasons()
         degraded: list[str] = []
@@ -648,12 +665,12 @@ class HttpApi:
             "mode": str(mode.mode),
             "uptime": self._uptime(),
         }
-        return _json(body, status=503 if unhealthy else 200)
+        return body, 503 if unhealthy else 200
 
-    async def _circuits(self, request: web.Request) -> web.Response:
-        return _json({"breakers": [_breaker_row(s) for s in self.sources.board.snapshot()]})
+    async def _circuits(self, request: web.Request) -> tuple[Any, int]:
+        return {"breakers": [_breaker_row(s) for s in self.sources.board.snapshot()]}, 200
 
-    async def _degradation(self, request: web.Request) -> web.Response:
+    async def _degradation(self, request: web.Request) -> tuple[Any, int]:
         """The mode and the durable queue's depth; ``queue`` is null with ``queue_error`` if unreadable."""
         snap = self.sources.degradation.snapshot()
         body: dict[str, Any] = {**snap.as_dict(), "queue": None, "queue_error": None}
@@ -670,15 +687,15 @@ class HttpApi:
                 "oldest_pending_age": _round(stats.oldest_pending_age),
                 "depth": depth,
             }
-        return _json(body)
+        return body, 200
 
-    async def _services(self, request: web.Request) -> web.Response:
+    async def _services(self, request: web.Request) -> tuple[Any, int]:
         registry = self.sources.registry
         if registry is None:
-            return _json({"ok": False, "order": [], "services": {}})
-        return _json({**registry.health(), "order": registry.order})
+            return {"ok": False, "order": [], "services": {}}, 200
+        return {**registry.health(), "order": registry.order}, 200
 
-    async def _memory(self, request: web.Request) -> web.Response:
+    async def _memory(self, request: web.Request) -> tuple[Any, int]:
         """Resident memory, the Python heap as the allocator and the collector see it, the largest caches."""
         caches: list[dict[str, Any]] = []
         for name, size in self.sources.caches.items():
@@ -690,7 +707,7 @@ class HttpApi:
             except Exception as exc:
                 caches.append({"name": name, "size": None, "error": type(exc).__name__})
         caches.sort(key=lambda c: -1 if c["size"] is None else c["size"], reverse=True)
-        return _json(
+        return (
             {
                 "rss_bytes": _rss_bytes(),
                 # O(1) figures only: counting every object (gc.get_objects) would stall the loop
@@ -702,20 +719,22 @@ class HttpApi:
                     "gc_garbage": len(gc.garbage),
                 },
                 "caches": caches,
-            }
+            },
+            200,
         )
 
-    async def _performance(self, request: web.Request) -> web.Response:
+    async def _performance(self, request: web.Request) -> tuple[Any, int]:
         """Message and Gemini latency percentiles in seconds: from the recent-sample windows when fed."""
         metrics = self.sources.metrics
-        return _json(
+        return (
             {
                 "message_latency": _latency(self.sources.message_latency, metrics.message_latency),
                 "gemini_latency": _latency(self.sources.gemini_latency, metrics.gemini_latency),
-            }
+            },
+            200,
         )
 
-    async def _external_gemini(self, request: web.Request) -> web.Response:
+    async def _external_gemini(self, request: web.Request) -> tuple[Any, int]:
         """The Gemini breaker, last success and error, and the error rate over the recent window."""
         detail = self._service_health("gemini")
         totals = _counter_totals(self.sources.metrics.gemini_requests, "outcome")
@@ -723,7 +742,7 @@ class HttpApi:
         # Failed attempts are counted under their error category; answers under the reply kind.
         errors = sum(n for outcome, n in totals.items() if outcome in _CATEGORIES)
         recent = self._recent("gemini", calls, errors)
-        return _json(
+        return (
             {
                 "breaker": self._breaker("gemini"),
                 "running": detail.get("running"),
@@ -734,10 +753,11 @@ class HttpApi:
                 "last_error_at": detail.get("last_error_at"),
                 "calls_by_outcome": totals,
                 **recent,
-            }
+            },
+            200,
         )
 
-    async def _external_discord(self, request: web.Request) -> web.Response:
+    async def _external_discord(self, request: web.Request) -> tuple[Any, int]:
         """The gateway connection, the ``discord.*`` breakers, and write failures over the recent window."""
         detail = self._service_health("discord_io")
         errors_by = detail.get("errors", {}) or {}
@@ -745,14 +765,15 @@ class HttpApi:
         breakers = [_breaker_row(s) for s in self.sources.board.snapshot() if s.name.startswith("discord.")]
         failing = [b for b in breakers if b["last_error"] is not None]
         recent = self._recent("discord", None, errors)
-        return _json(
+        return (
             {
                 "connected": self._discord_connected(),
                 "breakers": breakers,
                 "last_error": failing[0]["last_error"] if failing else None,
                 "errors_by_operation": errors_by,
                 **recent,
-            }
+            },
+            200,
         )
 
     async def _queue_stats(self) -> QueueStats:
@@ -884,6 +905,17 @@ async def _body(request: web.Request, allowed: Mapping[str, tuple[type, ...]]) -
                                 for t in dict.fromkeys(float if t is int else t for t in types))
             raise _HttpError(400, "invalid_body", f"field {name!r} must be {kinds}")
     return data
+
+
+def _without_paths(value: Any) -> Any:
+    """``value`` (a JSON-able body) with every absolute path in its strings cut to its last part."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda m: PurePosixPath(m.group()).name, value)
+    if isinstance(value, dict):
+        return {key: _without_paths(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_paths(item) for item in value]
+    return value
 
 
 def _json(body: Any, *, status: int = 200) -> web.Response:

@@ -366,6 +366,39 @@ async def test_every_response_carries_its_trace_id_and_the_request_is_logged_wit
     assert line["trace_id"] == trace_id and len(trace_id) == 12
 
 
+HEALTH_ROUTES = [
+    "/api/health/status",
+    "/api/health/circuits",
+    "/api/health/degradation",
+    "/api/health/services",
+    "/api/health/memory",
+    "/api/health/performance",
+    "/api/health/external/gemini",
+    "/api/health/external/discord",
+]
+
+
+async def test_health_bodies_name_files_without_their_absolute_paths_unless_the_admin_token_is_sent(
+    served: Served, tmp_path: Path
+) -> None:
+    database = served.app.storage.path
+    assert database.is_absolute() and database.is_relative_to(tmp_path)
+    for token in (None, "wrong-token-0123456789"):
+        for path in HEALTH_ROUTES:
+            async with served.http.get(
+                served.api.url + path, headers={"Authorization": f"Bearer {token}"} if token else {}
+            ) as response:
+                text = await response.text()
+            assert str(tmp_path) not in text, (path, token)
+    status, body = await served.get("/api/health/services")
+    assert status == 200 and body["services"]["storage"]["path"] == database.name  # the name stays
+    files = body["services"]["datastore"]["files"]
+    assert files and all(f["path"] == f["name"] + ".json" for f in files.values())
+
+    status, body = await served.call("GET", "/api/health/services")  # with the admin token
+    assert status == 200 and body["services"]["storage"]["path"] == str(database)  # full detail
+
+
 # -- admin: authentication -------------------------------------------------------------------------
 
 ADMIN_ROUTES = [
