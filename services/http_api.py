@@ -20,6 +20,7 @@ and runs under a timeout so a stuck handler answers 504 instead of piling up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import json
@@ -64,6 +65,7 @@ ERROR_RATE_WINDOW = 300.0  # seconds of counter history behind "recent" error ra
 RATE_SAMPLE_EVERY = 10.0  # at most one counter sample per 10 s, so frequent polling keeps the window
 RATE_SAMPLES = 64  # > ERROR_RATE_WINDOW / RATE_SAMPLE_EVERY + 1
 DEGRADED_QUEUE_AGE = 60.0  # a pending item older than this makes the status degraded
+QUEUE_READ_TTL = 1.0  # seconds a health route reuses its SQLite queue reading
 # Open connections the API admits at once; LimitNOFILE in deploy/gemini-bot.service leaves room for them.
 DEFAULT_MAX_CONNECTIONS = 64
 _CATEGORIES = frozenset(c.value for c in Category)
@@ -172,6 +174,14 @@ class HealthSources:
     message_latency: LatencyWindow = field(default_factory=LatencyWindow)
     gemini_latency: LatencyWindow = field(default_factory=LatencyWindow)
     caches: dict[str, Callable[[], int]] = field(default_factory=dict)
+
+
+@dataclass
+class _QueueRead:
+    """One route's queue reading: shared while in flight, reused until ``expires`` (monotonic)."""
+
+    task: asyncio.Future[QueueStats]
+    expires: float = math.inf
 
 
 class _HttpError(Exception):
@@ -356,6 +366,7 @@ class HttpApi:
         self._shutting_down = False
         self._started_at: float | None = None
         self._rate_samples: dict[str, deque[tuple[float, float, float]]] = {}
+        self._queue_reads: dict[str, _QueueRead] = {}
 
     def attach_operations(self, operations: AdminOperations) -> None:
         """Give the admin routes their operations (once the application exists)."""
@@ -413,7 +424,11 @@ class HttpApi:
         if listener is not None:
             listener.close()  # stop accepting; the runner closes the open connections
         if runner is not None:
-            await runner.cleanup()
+            await runner.cleanup()  # in-flight requests finish first, queue readings included
+        for read in self._queue_reads.values():
+            read.task.cancel()
+        self._queue_reads.clear()
+        if runner is not None:
             log.info("http_api.stopped", port=self.port)
 
     def health(self) -> dict[str, Any]:
@@ -651,7 +666,7 @@ class HttpApi:
                 if detail.get("state") == ServiceState.RUNNING and not detail.get("ok"):
                     degraded.append(f"service {name} reports a problem")
         try:
-            stats = await self._queue_stats()
+            stats = await self._queue_stats("status")
         except Exception as exc:
             unhealthy.append(f"queue unreadable ({classify(exc).category.value})")
         else:
@@ -675,7 +690,7 @@ class HttpApi:
         snap = self.sources.degradation.snapshot()
         body: dict[str, Any] = {**snap.as_dict(), "queue": None, "queue_error": None}
         try:
-            stats = await self._queue_stats()
+            stats = await self._queue_stats("degradation")
         except Exception as exc:
             body["queue_error"] = classify(exc).category.value
         else:
@@ -776,8 +791,28 @@ class HttpApi:
             200,
         )
 
-    async def _queue_stats(self) -> QueueStats:
-        return await self._bounded(self.sources.queue.stats(now=self.sources.clock.time()), self._timeout)
+    async def _queue_stats(self, route: str) -> QueueStats:
+        """The durable queue's stats for ``route``, read from SQLite at most once per ``QUEUE_READ_TTL``.
+
+        Concurrent requests share the reading in flight, and later ones reuse it (or its error)
+        for a second after it finished: a flood of health requests cannot crowd the store that
+        message handling needs.
+        """
+        clock = self.sources.clock
+        read = self._queue_reads.get(route)
+        if read is None or (read.task.done() and clock.monotonic() >= read.expires):
+            stats = self._bounded(self.sources.queue.stats(now=clock.time()), self._timeout)
+            read = self._queue_reads[route] = _QueueRead(asyncio.ensure_future(stats))
+            read.task.add_done_callback(functools.partial(self._queue_read_done, read))
+        # shield: a request that goes away does not cancel the reading the others wait for.
+        return await asyncio.shield(read.task)
+
+    def _queue_read_done(self, read: _QueueRead, task: asyncio.Future[QueueStats]) -> None:
+        if task.cancelled():
+            read.expires = -math.inf  # read again next time
+        else:
+            task.exception()  # retrieved here: every waiter may have gone
+            read.expires = self.sources.clock.monotonic() + QUEUE_READ_TTL
 
     def _service_health(self, name: str) -> dict[str, Any]:
         registry = self.sources.registry

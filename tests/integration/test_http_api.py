@@ -29,11 +29,11 @@ from bot.app import Application, build_application
 from bot.operations import InvalidRequestError, Operations, OperationUnavailableError, UnknownNameError
 from resilience.breakers import BreakerState
 from resilience.clock import FakeClock
-from resilience.degradation import ItemKind
+from resilience.degradation import ItemKind, QueueStats
 from resilience.registry import ServiceRegistry
 from sandbox.gemini import GeminiEmulator
 from services.config import load_config
-from services.http_api import HealthSources, HttpApi
+from services.http_api import HealthSources, HttpApi, QueueStatsSource
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import live_bot
 
@@ -364,6 +364,38 @@ async def test_every_response_carries_its_trace_id_and_the_request_is_logged_wit
     [line] = [entry for entry in logs if entry["event"] == "http_api.request"]
     assert line["status"] == 200 and line["route"] == "/live" and line["method"] == "GET"
     assert line["trace_id"] == trace_id and len(trace_id) == 12
+
+
+class CountingQueue:
+    """The application's real store as the API's queue source, counting the API's reads of it."""
+
+    def __init__(self, store: QueueStatsSource) -> None:
+        self.store = store
+        self.reads = 0
+
+    async def stats(self, *, now: float) -> QueueStats:
+        self.reads += 1
+        return await self.store.stats(now=now)
+
+
+async def test_health_routes_read_the_queue_from_sqlite_at_most_once_a_second_each(
+    served: Served, fake_clock: FakeClock
+) -> None:
+    """A flood of health requests costs one SQLite query per route and second, not one each."""
+    counting = CountingQueue(served.app.storage)
+    served.api.sources.queue = counting
+    for route in ("/api/health/status", "/api/health/degradation"):
+        answers = await asyncio.gather(*(served.get(route) for _ in range(25)))  # at once
+        answers += [await served.get(route) for _ in range(25)]  # one after another
+        assert [status for status, _ in answers] == [200] * 50
+    assert counting.reads == 2  # one per route
+
+    await served.app.storage.enqueue(ItemKind.INBOUND, "channel:1", {"content": "hi"}, now=fake_clock.time())
+    fake_clock.advance(0.99)
+    assert (await served.get("/api/health/degradation"))[1]["queue"]["pending"] == 0  # the cached reading
+    fake_clock.advance(0.01)
+    assert (await served.get("/api/health/degradation"))[1]["queue"]["pending"] == 1  # a second later: fresh
+    assert counting.reads == 3
 
 
 HEALTH_ROUTES = [
