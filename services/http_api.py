@@ -15,6 +15,11 @@ Errors are JSON ``{"error": <code>, "message": <sentence>, "trace_id": ...}`` pl
 or a secret. Every request runs in a ``request_context`` (its trace id is logged and sent
 back as ``X-Trace-Id``), is counted in ``metrics.http_requests`` by route template and status,
 and runs under a timeout so a stuck handler answers 504 instead of piling up.
+
+Hostile or broken clients: connections are capped, a request head must arrive within a few
+seconds, a request aiohttp cannot parse is one warning line; health bodies show file names, not
+absolute paths, without the admin token; the health routes that query SQLite reuse a reading
+for a second.
 """
 
 from __future__ import annotations
