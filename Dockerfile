@@ -15,6 +15,7 @@ COPY resilience/ resilience/
 COPY services/ services/
 COPY bot/ bot/
 COPY sandbox/ sandbox/
+COPY rehearsal/ rehearsal/
 RUN pip install --prefix=/install .
 
 FROM python:3.11-slim

@@ -473,19 +473,29 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         except _Invalid as exc:
             problems.append(ConfigProblem(attr.upper(), exc.problem, exc.fix))
 
-    if problems:
-        raise ConfigError(problems)
-
     host = values.get("http_host", Config.http_host)
     if not _is_loopback(host):
-        warnings.append(
-            ConfigProblem(
-                "HTTP_HOST",
-                f"{host} is not a loopback address: the health/admin/metrics API is open to the network",
-                "keep 127.0.0.1 unless a reverse proxy with TLS and access control sits in front, "
-                "and set ADMIN_API_TOKEN",
+        if not merged.get("ADMIN_API_TOKEN", "").strip():  # (an invalid token is a problem already)
+            problems.append(
+                ConfigProblem(
+                    "HTTP_HOST",
+                    f"{host} is not a loopback address and ADMIN_API_TOKEN is not set: the HTTP API "
+                    "would face the network with no credential at all",
+                    "keep HTTP_HOST=127.0.0.1, or set ADMIN_API_TOKEN (python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))') and expose the port only on a private network",
+                )
             )
-        )
+        else:
+            warnings.append(
+                ConfigProblem(
+                    "HTTP_HOST",
+                    f"{host} is not a loopback address: the health/admin/metrics API is open to the network",
+                    "keep 127.0.0.1 unless a reverse proxy with TLS and access control sits in front",
+                )
+            )
+
+    if problems:
+        raise ConfigError(problems)
     warnings += _permission_warnings(env_file, values.get("data_dir", Config.data_dir))
     config = Config(**values, warnings=tuple(warnings))
     if config.gemini_timeout_floor() > config.gemini_timeout_seconds:

@@ -15,25 +15,35 @@ Errors are JSON ``{"error": <code>, "message": <sentence>, "trace_id": ...}`` pl
 or a secret. Every request runs in a ``request_context`` (its trace id is logged and sent
 back as ``X-Trace-Id``), is counted in ``metrics.http_requests`` by route template and status,
 and runs under a timeout so a stuck handler answers 504 instead of piling up.
+
+Hostile or broken clients: connections are capped, a request head must arrive within a few
+seconds, a request aiohttp cannot parse is one warning line; health bodies show file names, not
+absolute paths, without the admin token; the health routes that query SQLite reuse a reading
+for a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import json
+import logging
 import math
 import os
+import re
 import sys
 import tracemalloc
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 
 from resilience.context import current_trace_id, request_context
 from resilience.errors import Category, classify
@@ -60,7 +70,13 @@ ERROR_RATE_WINDOW = 300.0  # seconds of counter history behind "recent" error ra
 RATE_SAMPLE_EVERY = 10.0  # at most one counter sample per 10 s, so frequent polling keeps the window
 RATE_SAMPLES = 64  # > ERROR_RATE_WINDOW / RATE_SAMPLE_EVERY + 1
 DEGRADED_QUEUE_AGE = 60.0  # a pending item older than this makes the status degraded
+QUEUE_READ_TTL = 1.0  # seconds a health route reuses its SQLite queue reading
+# Open connections the API admits at once; LimitNOFILE in deploy/gemini-bot.service leaves room for them.
+DEFAULT_MAX_CONNECTIONS = 64
 _CATEGORIES = frozenset(c.value for c in Category)
+# An absolute path inside any text: a "/" that follows no word character, dot, colon, slash or
+# tilde (so URLs, relative paths and keys such as "thread:5/a" do not match), then components.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^/\s'\"(),;<>]+/)*[^/\s'\"(),;<>]+/?")
 
 
 # --- what the API reads and calls -------------------------------------------------------------
@@ -165,6 +181,14 @@ class HealthSources:
     caches: dict[str, Callable[[], int]] = field(default_factory=dict)
 
 
+@dataclass
+class _QueueRead:
+    """One route's queue reading: shared while in flight, reused until ``expires`` (monotonic)."""
+
+    task: asyncio.Future[QueueStats]
+    expires: float = math.inf
+
+
 class _HttpError(Exception):
     """A refusal with its HTTP status, error code and extra body fields."""
 
@@ -176,8 +200,109 @@ class _HttpError(Exception):
         self.fields = fields
 
 
+class _ConnectionLimit:
+    """A protocol factory that lets at most ``limit`` connections reach aiohttp's server at once.
+
+    aiohttp's server has no cap on open connections. Each accepted connection gets an
+    :class:`_Admission`; when the connection is made it either gets a fresh aiohttp handler
+    from ``factory`` (counted until the connection is lost) or, at the cap, is closed at once.
+    Counting in ``connection_made``/``connection_lost`` keeps the count exact: asyncio calls
+    them in pairs, while many connections may be created before any of them is made.
+    """
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int) -> None:
+        self._factory = factory
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._refused_in_a_row = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Admission(self)
+
+    def admit(self) -> asyncio.Protocol | None:
+        """A handler for a new connection, or None (refused) at the cap."""
+        if self.open >= self.limit:
+            self.refused += 1
+            self._refused_in_a_row += 1
+            if self._refused_in_a_row == 1:  # one line per episode, not one per connection
+                log.warning("http_api.connection_limit", limit=self.limit)
+            return None
+        if self._refused_in_a_row:
+            log.info("http_api.connection_limit_cleared", refused=self._refused_in_a_row)
+            self._refused_in_a_row = 0
+        handler = self._factory()
+        self.open += 1
+        return handler
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+class _Admission(asyncio.Protocol):
+    """One connection: hands every event to the aiohttp handler it was admitted to, if any."""
+
+    def __init__(self, limit: _ConnectionLimit) -> None:
+        self._limit = limit
+        self._inner: asyncio.Protocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        inner = self._limit.admit()
+        if inner is None:
+            transport.close()
+            return
+        self._inner = inner
+        inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            self._limit.release()
+            inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+class _ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's connection-level logger for this server: a malformed request is one warning line.
+
+    aiohttp answers a request it cannot parse (a broken request line or header, a non-HTTP
+    client) with 400 and logs the parser's exception with its traceback, at ERROR. That is the
+    client's fault, not ours: log ``http_api.bad_request`` with the reason's first line instead.
+    Everything else aiohttp logs passes through unchanged.
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            reason = next((line.strip() for line in exc.message.splitlines() if line.strip()), "")
+            log.warning(
+                "http_api.bad_request",
+                peer=str(args[0]) if args else None,  # aiohttp's "Error handling request from %s"
+                status=exc.code,
+                error=type(exc).__name__,
+                reason=reason[:120],
+            )
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Action = Callable[[web.Request, "AdminOperations"], Awaitable[Any]]
+View = Callable[[web.Request], Awaitable[tuple[Any, int]]]  # a health view's (body, status)
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -192,8 +317,20 @@ class HttpApi:
     ``{UnknownNameError: 404, InvalidRequestError: 400, OperationUnavailableError: 503}``;
     a 404 body carries the error's ``kind``/``name``/``valid`` attributes when it has them.
     ``port`` 0 binds any free port; the bound one is ``self.port`` and is logged as
-    ``http_api.listening``. ``timeout`` bounds each handler (504), ``gemini_test_timeout``
-    the Gemini test, which may wait out Gemini's own retries.
+    ``http_api.listening``. ``timeout`` bounds each handler (504), including its reading of
+    the request body; ``gemini_test_timeout`` the Gemini test, which may wait out Gemini's own
+    retries.
+
+    Connection limits, so idle or hostile clients cannot pile up sockets:
+
+    - ``header_timeout``: a connection that has not sent a complete request head within this
+      many seconds of opening, or of its previous answer, is closed (silent clients, half a
+      request line, headers trickled a byte at a time). This is aiohttp's keep-alive timer: it
+      arms it when a connection opens and does not extend it as bytes arrive.
+    - ``linger_timeout``: after the answer, a body the handler did not read (a GET sent with
+      one) is read and dropped for at most this long, then the connection is closed.
+    - ``max_connections``: open connections beyond this are closed as soon as they are
+      accepted (``http_api.connection_limit`` is logged once per episode).
     """
 
     name = "http_api"
@@ -211,6 +348,9 @@ class HttpApi:
         timeout: float = 10.0,
         gemini_test_timeout: float = 60.0,
         shutdown_timeout: float = 2.0,
+        header_timeout: float = 5.0,
+        linger_timeout: float = 2.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.sources = sources
         self.host = host
@@ -222,10 +362,16 @@ class HttpApi:
         self._timeout = timeout
         self._gemini_test_timeout = gemini_test_timeout
         self._shutdown_timeout = shutdown_timeout
+        self._header_timeout = header_timeout
+        self._linger_timeout = linger_timeout
+        self._max_connections = max_connections
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._connections: _ConnectionLimit | None = None
         self._shutting_down = False
         self._started_at: float | None = None
         self._rate_samples: dict[str, deque[tuple[float, float, float]]] = {}
+        self._queue_reads: dict[str, _QueueRead] = {}
 
     def attach_operations(
         self, operations: AdminOperations, error_status: Mapping[type[BaseException], int] | None = None
@@ -254,16 +400,28 @@ class HttpApi:
 
     async def start(self) -> None:
         """Bind and serve; logs ``http_api.listening`` with ``host`` and the bound ``port``."""
-        runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=self._shutdown_timeout)
+        runner = web.AppRunner(
+            self.build_app(),
+            access_log=None,
+            shutdown_timeout=self._shutdown_timeout,
+            logger=_ServerLog(logging.getLogger("aiohttp.server")),
+            keepalive_timeout=self._header_timeout,
+            lingering_time=self._linger_timeout,
+        )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self._requested_port)
-            await site.start()
+            server = runner.server
+            assert server is not None  # setup() made it
+            # What web.TCPSite does, with aiohttp's protocol factory behind the connection cap.
+            connections = _ConnectionLimit(server, self._max_connections)
+            listener = await asyncio.get_running_loop().create_server(
+                connections, self.host, self._requested_port
+            )
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._runner, self._listener, self._connections = runner, listener, connections
+        self.port = int(listener.sockets[0].getsockname()[1])
         self._started_at = self.sources.clock.monotonic()
         self._shutting_down = False
         log.info("http_api.listening", host=self.host, port=self.port, admin=self._token is not None)
@@ -271,12 +429,29 @@ class HttpApi:
     async def stop(self) -> None:
         """Stop serving; in-flight requests get ``shutdown_timeout`` seconds. Safe to call twice."""
         runner, self._runner = self._runner, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()  # stop accepting; the runner closes the open connections
         if runner is not None:
-            await runner.cleanup()
+            await runner.cleanup()  # in-flight requests finish first, queue readings included
+        for read in self._queue_reads.values():
+            read.task.cancel()
+        self._queue_reads.clear()
+        if runner is not None:
             log.info("http_api.stopped", port=self.port)
 
     def health(self) -> dict[str, Any]:
-        return {"ok": self._runner is not None, "port": self.port, "admin_enabled": self._token is not None}
+        limit = self._connections
+        return {
+            "ok": self._runner is not None,
+            "port": self.port,
+            "admin_enabled": self._token is not None,
+            "connections": {
+                "open": limit.open if limit else 0,
+                "limit": self._max_connections,
+                "refused": limit.refused if limit else 0,
+            },
+        }
 
     # -- the routes -------------------------------------------------------------------------------
 
@@ -284,20 +459,20 @@ class HttpApi:
         """The aiohttp application with every route and the request middleware."""
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
         get, post = web.get, web.post
-        admin = self._admin
+        admin, health = self._admin, self._health
         app.add_routes(
             [
                 get("/live", self._live),
                 get("/ready", self._ready),
                 get("/metrics", self._metrics),
-                get("/api/health/status", self._status),
-                get("/api/health/circuits", self._circuits),
-                get("/api/health/degradation", self._degradation),
-                get("/api/health/services", self._services),
-                get("/api/health/memory", self._memory),
-                get("/api/health/performance", self._performance),
-                get("/api/health/external/gemini", self._external_gemini),
-                get("/api/health/external/discord", self._external_discord),
+                get("/api/health/status", health(self._status)),
+                get("/api/health/circuits", health(self._circuits)),
+                get("/api/health/degradation", health(self._degradation)),
+                get("/api/health/services", health(self._services)),
+                get("/api/health/memory", health(self._memory)),
+                get("/api/health/performance", health(self._performance)),
+                get("/api/health/external/gemini", health(self._external_gemini)),
+                get("/api/health/external/discord", health(self._external_discord)),
                 post("/api/admin/maintenance/enable", admin(self._maintenance_enable)),
                 post("/api/admin/maintenance/disable", admin(self._maintenance_disable)),
                 post("/api/admin/circuit/reset/{name}", admin(self._circuit_reset)),
@@ -359,6 +534,17 @@ class HttpApi:
             )
         )
 
+    def _health(self, view: View) -> Handler:
+        """Wrap a health view: its body as JSON, absolute paths cut to names unless the admin token came."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            body, status = await view(request)
+            if not self._has_token(request):
+                body = _without_paths(body)  # where the bot's files live is the operator's business
+            return _json(body, status=status)
+
+        return handler
+
     def _admin(self, action: Action, *, timeout: float | None = None) -> Handler:
         """Wrap an admin action: check the token, then run it under its timeout and answer its dict."""
         limit = timeout if timeout is not None else self._timeout
@@ -380,13 +566,24 @@ class HttpApi:
                 "admin_disabled",
                 "the admin API is disabled: set ADMIN_API_TOKEN in the bot's environment and restart",
             )
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        # compare_digest on bytes: constant time whatever the guess, and any header text is comparable.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        if not self._has_token(request):
             log.warning("http_api.unauthorized", has_header="Authorization" in request.headers)
             raise _HttpError(
                 401, "unauthorized", "send the admin token as 'Authorization: Bearer <ADMIN_API_TOKEN>'"
             )
+
+    def _has_token(self, request: web.Request) -> bool:
+        """Whether the request carries ``Authorization: Bearer <the admin token>``.
+
+        The header's raw bytes are compared, never its decoded text: a client may send any bytes
+        (0xFF 0xFE is not UTF-8 and does not encode back), and such a header is just a wrong token.
+        """
+        if self._token is None:
+            return False
+        raw = next((value for name, value in request.raw_headers if name.lower() == b"authorization"), b"")
+        scheme, _, given = raw.partition(b" ")
+        # compare_digest: constant time whatever the guess.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
 
     async def _bounded(self, work: Awaitable[Any], limit: float) -> Any:
         """Run ``work`` under ``limit`` seconds; map the operations' refusals to statuses."""
@@ -461,7 +658,7 @@ class HttpApi:
 
     # -- health views --------------------------------------------------------------------------------
 
-    async def _status(self, request: web.Request) -> web.Response:
+    async def _status(self, request: web.Request) -> tuple[Any, int]:
         """healthy | degraded | unhealthy with reasons; 503 when unhealthy, for ``curl -f``."""
         unhealthy = self._not_ready_reasons()
         degraded: list[str] = []
@@ -478,7 +675,7 @@ class HttpApi:
                 if detail.get("state") == ServiceState.RUNNING and not detail.get("ok"):
                     degraded.append(f"service {name} reports a problem")
         try:
-            stats = await self._queue_stats()
+            stats = await self._queue_stats("status")
         except Exception as exc:
             unhealthy.append(f"queue unreadable ({classify(exc).category.value})")
         else:
@@ -492,17 +689,17 @@ class HttpApi:
             "mode": str(mode.mode),
             "uptime": self._uptime(),
         }
-        return _json(body, status=503 if unhealthy else 200)
+        return body, 503 if unhealthy else 200
 
-    async def _circuits(self, request: web.Request) -> web.Response:
-        return _json({"breakers": [_breaker_row(s) for s in self.sources.board.snapshot()]})
+    async def _circuits(self, request: web.Request) -> tuple[Any, int]:
+        return {"breakers": [_breaker_row(s) for s in self.sources.board.snapshot()]}, 200
 
-    async def _degradation(self, request: web.Request) -> web.Response:
+    async def _degradation(self, request: web.Request) -> tuple[Any, int]:
         """The mode and the durable queue's depth; ``queue`` is null with ``queue_error`` if unreadable."""
         snap = self.sources.degradation.snapshot()
         body: dict[str, Any] = {**snap.as_dict(), "queue": None, "queue_error": None}
         try:
-            stats = await self._queue_stats()
+            stats = await self._queue_stats("degradation")
         except Exception as exc:
             body["queue_error"] = classify(exc).category.value
         else:
@@ -514,15 +711,15 @@ class HttpApi:
                 "oldest_pending_age": _round(stats.oldest_pending_age),
                 "depth": depth,
             }
-        return _json(body)
+        return body, 200
 
-    async def _services(self, request: web.Request) -> web.Response:
+    async def _services(self, request: web.Request) -> tuple[Any, int]:
         registry = self.sources.registry
         if registry is None:
-            return _json({"ok": False, "order": [], "services": {}})
-        return _json({**registry.health(), "order": registry.order})
+            return {"ok": False, "order": [], "services": {}}, 200
+        return {**registry.health(), "order": registry.order}, 200
 
-    async def _memory(self, request: web.Request) -> web.Response:
+    async def _memory(self, request: web.Request) -> tuple[Any, int]:
         """Resident memory, the Python heap as the allocator and the collector see it, the largest caches."""
         caches: list[dict[str, Any]] = []
         for name, size in self.sources.caches.items():
@@ -534,7 +731,7 @@ class HttpApi:
             except Exception as exc:
                 caches.append({"name": name, "size": None, "error": type(exc).__name__})
         caches.sort(key=lambda c: -1 if c["size"] is None else c["size"], reverse=True)
-        return _json(
+        return (
             {
                 "rss_bytes": _rss_bytes(),
                 # O(1) figures only: counting every object (gc.get_objects) would stall the loop
@@ -546,20 +743,22 @@ class HttpApi:
                     "gc_garbage": len(gc.garbage),
                 },
                 "caches": caches,
-            }
+            },
+            200,
         )
 
-    async def _performance(self, request: web.Request) -> web.Response:
+    async def _performance(self, request: web.Request) -> tuple[Any, int]:
         """Message and Gemini latency percentiles in seconds: from the recent-sample windows when fed."""
         metrics = self.sources.metrics
-        return _json(
+        return (
             {
                 "message_latency": _latency(self.sources.message_latency, metrics.message_latency),
                 "gemini_latency": _latency(self.sources.gemini_latency, metrics.gemini_latency),
-            }
+            },
+            200,
         )
 
-    async def _external_gemini(self, request: web.Request) -> web.Response:
+    async def _external_gemini(self, request: web.Request) -> tuple[Any, int]:
         """The Gemini breaker, last success and error, and the error rate over the recent window."""
         detail = self._service_health("gemini")
         totals = _counter_totals(self.sources.metrics.gemini_requests, "outcome")
@@ -567,7 +766,7 @@ class HttpApi:
         # Failed attempts are counted under their error category; answers under the reply kind.
         errors = sum(n for outcome, n in totals.items() if outcome in _CATEGORIES)
         recent = self._recent("gemini", calls, errors)
-        return _json(
+        return (
             {
                 "breaker": self._breaker("gemini"),
                 "running": detail.get("running"),
@@ -578,10 +777,11 @@ class HttpApi:
                 "last_error_at": detail.get("last_error_at"),
                 "calls_by_outcome": totals,
                 **recent,
-            }
+            },
+            200,
         )
 
-    async def _external_discord(self, request: web.Request) -> web.Response:
+    async def _external_discord(self, request: web.Request) -> tuple[Any, int]:
         """The gateway connection, the ``discord.*`` breakers, and write failures over the recent window."""
         detail = self._service_health("discord_io")
         errors_by = detail.get("errors", {}) or {}
@@ -589,18 +789,39 @@ class HttpApi:
         breakers = [_breaker_row(s) for s in self.sources.board.snapshot() if s.name.startswith("discord.")]
         failing = [b for b in breakers if b["last_error"] is not None]
         recent = self._recent("discord", None, errors)
-        return _json(
+        return (
             {
                 "connected": self._discord_connected(),
                 "breakers": breakers,
                 "last_error": failing[0]["last_error"] if failing else None,
                 "errors_by_operation": errors_by,
                 **recent,
-            }
+            },
+            200,
         )
 
-    async def _queue_stats(self) -> QueueStats:
-        return await self._bounded(self.sources.queue.stats(now=self.sources.clock.time()), self._timeout)
+    async def _queue_stats(self, route: str) -> QueueStats:
+        """The durable queue's stats for ``route``, read from SQLite at most once per ``QUEUE_READ_TTL``.
+
+        Concurrent requests share the reading in flight, and later ones reuse it (or its error)
+        for a second after it finished: a flood of health requests cannot crowd the store that
+        message handling needs.
+        """
+        clock = self.sources.clock
+        read = self._queue_reads.get(route)
+        if read is None or (read.task.done() and clock.monotonic() >= read.expires):
+            stats = self._bounded(self.sources.queue.stats(now=clock.time()), self._timeout)
+            read = self._queue_reads[route] = _QueueRead(asyncio.ensure_future(stats))
+            read.task.add_done_callback(functools.partial(self._queue_read_done, read))
+        # shield: a request that goes away does not cancel the reading the others wait for.
+        return await asyncio.shield(read.task)
+
+    def _queue_read_done(self, read: _QueueRead, task: asyncio.Future[QueueStats]) -> None:
+        if task.cancelled():
+            read.expires = -math.inf  # read again next time
+        else:
+            task.exception()  # retrieved here: every waiter may have gone
+            read.expires = self.sources.clock.monotonic() + QUEUE_READ_TTL
 
     def _service_health(self, name: str) -> dict[str, Any]:
         registry = self.sources.registry
@@ -711,6 +932,8 @@ async def _body(request: web.Request, allowed: Mapping[str, tuple[type, ...]]) -
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise _HttpError(400, "invalid_body", "the body is not valid JSON") from None
+    except RecursionError:  # e.g. 30,000 nested "[": the decoder recurses once per level
+        raise _HttpError(400, "invalid_body", "the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise _HttpError(400, "invalid_body", "the body must be a JSON object")
     unknown = sorted(set(data) - set(allowed))
@@ -726,6 +949,17 @@ async def _body(request: web.Request, allowed: Mapping[str, tuple[type, ...]]) -
                                 for t in dict.fromkeys(float if t is int else t for t in types))
             raise _HttpError(400, "invalid_body", f"field {name!r} must be {kinds}")
     return data
+
+
+def _without_paths(value: Any) -> Any:
+    """``value`` (a JSON-able body) with every absolute path in its strings cut to its last part."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda m: PurePosixPath(m.group()).name, value)
+    if isinstance(value, dict):
+        return {key: _without_paths(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_paths(item) for item in value]
+    return value
 
 
 def _json(body: Any, *, status: int = 200) -> web.Response:

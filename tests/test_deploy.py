@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.config import Config
+from services.http_api import DEFAULT_MAX_CONNECTIONS
 from services.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -415,6 +416,14 @@ def test_unit_is_hardened_and_may_write_only_its_data_dir() -> None:
     data_dir = re.search(r"\bDATA_DIR=(\S+)", env)
     assert data_dir, "the unit does not set DATA_DIR"
     assert service["ReadWritePaths"] == [data_dir.group(1)]
+
+
+def test_unit_sets_a_file_descriptor_limit_with_room_for_the_http_api_cap() -> None:
+    """LimitNOFILE is one number (soft = hard), at least systemd's default soft limit and far
+    above the HTTP API's connection cap, so a flood of connections cannot starve the bot's files."""
+    [value] = unit_settings()["Service"]["LimitNOFILE"]
+    assert value.isdigit(), f"LimitNOFILE={value} is not one number"
+    assert int(value) >= max(1024, 16 * DEFAULT_MAX_CONNECTIONS)
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:

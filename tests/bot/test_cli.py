@@ -69,7 +69,7 @@ def test_check_reads_the_env_file_option(
     clean_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env_file = tmp_path / "custom.env"
-    env_file.write_text("GEMINI_MODEL=gemini-custom\nHTTP_HOST=0.0.0.0\n")
+    env_file.write_text("GEMINI_MODEL=gemini-custom\nHTTP_HOST=0.0.0.0\nADMIN_API_TOKEN=admin-token-0123456789\n")
     assert main(["--env-file", str(env_file), "check"]) == 0
     out = capsys.readouterr().out
     assert "gemini-custom" in out

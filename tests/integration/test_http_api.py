@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,11 @@ from bot.operations import (
 )
 from resilience.breakers import BreakerState
 from resilience.clock import FakeClock
-from resilience.degradation import ItemKind
+from resilience.degradation import ItemKind, QueueStats
 from resilience.registry import ServiceRegistry
 from sandbox.gemini import GeminiEmulator
 from services.config import load_config
-from services.http_api import HealthSources, HttpApi
+from services.http_api import HealthSources, HttpApi, QueueStatsSource
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import live_bot
 
@@ -372,6 +373,71 @@ async def test_every_response_carries_its_trace_id_and_the_request_is_logged_wit
     assert line["trace_id"] == trace_id and len(trace_id) == 12
 
 
+class CountingQueue:
+    """The application's real store as the API's queue source, counting the API's reads of it."""
+
+    def __init__(self, store: QueueStatsSource) -> None:
+        self.store = store
+        self.reads = 0
+
+    async def stats(self, *, now: float) -> QueueStats:
+        self.reads += 1
+        return await self.store.stats(now=now)
+
+
+async def test_health_routes_read_the_queue_from_sqlite_at_most_once_a_second_each(
+    served: Served, fake_clock: FakeClock
+) -> None:
+    """A flood of health requests costs one SQLite query per route and second, not one each."""
+    counting = CountingQueue(served.app.storage)
+    served.api.sources.queue = counting
+    for route in ("/api/health/status", "/api/health/degradation"):
+        answers = await asyncio.gather(*(served.get(route) for _ in range(25)))  # at once
+        answers += [await served.get(route) for _ in range(25)]  # one after another
+        assert [status for status, _ in answers] == [200] * 50
+    assert counting.reads == 2  # one per route
+
+    await served.app.storage.enqueue(ItemKind.INBOUND, "channel:1", {"content": "hi"}, now=fake_clock.time())
+    fake_clock.advance(0.99)
+    assert (await served.get("/api/health/degradation"))[1]["queue"]["pending"] == 0  # the cached reading
+    fake_clock.advance(0.01)
+    assert (await served.get("/api/health/degradation"))[1]["queue"]["pending"] == 1  # a second later: fresh
+    assert counting.reads == 3
+
+
+HEALTH_ROUTES = [
+    "/api/health/status",
+    "/api/health/circuits",
+    "/api/health/degradation",
+    "/api/health/services",
+    "/api/health/memory",
+    "/api/health/performance",
+    "/api/health/external/gemini",
+    "/api/health/external/discord",
+]
+
+
+async def test_health_bodies_name_files_without_their_absolute_paths_unless_the_admin_token_is_sent(
+    served: Served, tmp_path: Path
+) -> None:
+    database = served.app.storage.path
+    assert database.is_absolute() and database.is_relative_to(tmp_path)
+    for token in (None, "wrong-token-0123456789"):
+        for path in HEALTH_ROUTES:
+            async with served.http.get(
+                served.api.url + path, headers={"Authorization": f"Bearer {token}"} if token else {}
+            ) as response:
+                text = await response.text()
+            assert str(tmp_path) not in text, (path, token)
+    status, body = await served.get("/api/health/services")
+    assert status == 200 and body["services"]["storage"]["path"] == database.name  # the name stays
+    files = body["services"]["datastore"]["files"]
+    assert files and all(f["path"] == f["name"] + ".json" for f in files.values())
+
+    status, body = await served.call("GET", "/api/health/services")  # with the admin token
+    assert status == 200 and body["services"]["storage"]["path"] == str(database)  # full detail
+
+
 # -- admin: authentication -------------------------------------------------------------------------
 
 ADMIN_ROUTES = [
@@ -513,6 +579,75 @@ async def test_malformed_bodies_are_400(served: Served) -> None:
     status, body = await served.post("/api/admin/maintenance/enable", {"message": "x" * 5000})
     assert status == 400 and body["error"] == "invalid_request"
     assert served.app.board["gemini"].state is BreakerState.CLOSED
+
+
+async def raw_exchange(port: int, request: bytes, *, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``request`` as raw bytes on a new connection; (status, body) of what came back before close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(timeout):
+            response = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def test_a_non_ascii_authorization_header_is_401_not_500(served: Served) -> None:
+    """The header is compared as bytes: bytes that are not UTF-8 are just a wrong token."""
+    for value in (b"Bearer \xff\xfe", b"\xff\xfe", b"Bearer " + TOKEN.encode() + b"\xff", b"B\xe9arer x"):
+        request = (
+            b"POST /api/admin/gc HTTP/1.1\r\nHost: test\r\nAuthorization: " + value
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        with capture_logs() as logs:
+            status, body = await raw_exchange(served.api.port, request)
+        assert status == 401 and json.loads(body)["error"] == "unauthorized", value
+        assert not [e for e in logs if e["log_level"] == "error"], value
+    status, _ = await raw_exchange(
+        served.api.port,
+        b"POST /api/admin/gc HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer " + TOKEN.encode()
+        + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    assert status == 200  # the right token, sent the same raw way, still works
+
+
+async def test_a_deeply_nested_body_is_400_invalid_body_not_500(served: Served) -> None:
+    for raw in (b"[" * 30_000, b'{"a":' * 10_000):
+        with capture_logs() as logs:
+            status, body = await served.post("/api/admin/maintenance/enable", raw=raw)
+        assert status == 400 and body["error"] == "invalid_body", body
+        assert "nested" in body["message"]
+        assert not [e for e in logs if e["log_level"] == "error"]
+    assert served.app.degradation.snapshot().mode == "normal"  # nothing ran
+
+
+MALFORMED_REQUESTS = [
+    b"GARBAGE\r\n\r\n",  # not HTTP at all
+    b"GET / FOO\r\n\r\n",  # a broken request line
+    b"GET /live HTTP/9.9\r\n\r\n",  # an unknown version
+    b"GET /live HTTP/1.1\r\nno colon in this header\r\n\r\n",
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",  # a request line over the limit
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # a TLS ClientHello on the plain port
+]
+
+
+async def test_malformed_requests_get_400_and_one_warning_line_without_a_traceback(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    for request in MALFORMED_REQUESTS:
+        with capture_logs() as logs:
+            status, _ = await raw_exchange(served.api.port, request)
+        assert status == 400, request[:20]
+        [line] = [e for e in logs if e["event"] == "http_api.bad_request"]
+        assert line["log_level"] == "warning" and line["status"] == 400, line
+        assert "\n" not in line["reason"] and len(line["reason"]) <= 120
+    aiohttp_records = [r for r in caplog.records if r.name.startswith("aiohttp")]
+    noisy = [r for r in aiohttp_records if r.exc_info or r.levelno >= logging.ERROR]
+    assert noisy == [], [(r.name, r.levelname, r.getMessage()) for r in noisy]
+    assert (await served.get("/live"))[0] == 200  # the server still answers
 
 
 async def test_a_dependency_failure_is_503_with_its_category_and_no_stack(served: Served) -> None:

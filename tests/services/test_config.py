@@ -216,9 +216,27 @@ def test_a_missing_dotenv_file_is_fine(tmp_path: Path) -> None:
     assert load_config(environ={}, env_file=tmp_path / "absent.env") == Config()
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "bot.example.com", "::"])
+def test_a_non_loopback_http_host_without_an_admin_token_is_an_error(host: str) -> None:
+    """The API would be open to the network with its admin routes off and nothing to check callers."""
+    [problem] = problems_of(HTTP_HOST=host)
+    assert problem.name == "HTTP_HOST"
+    assert host in problem.problem and "ADMIN_API_TOKEN" in problem.problem
+    assert "ADMIN_API_TOKEN" in problem.fix and "127.0.0.1" in problem.fix
+
+
+def test_the_http_host_error_is_listed_with_the_other_problems() -> None:
+    names = [p.name for p in problems_of(HTTP_HOST="0.0.0.0", HTTP_PORT="eighty")]
+    assert sorted(names) == ["HTTP_HOST", "HTTP_PORT"]
+
+
+def test_a_non_loopback_http_host_with_an_invalid_admin_token_is_one_problem_about_the_token() -> None:
+    assert [p.name for p in problems_of(HTTP_HOST="0.0.0.0", ADMIN_API_TOKEN="short")] == ["ADMIN_API_TOKEN"]
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "bot.example.com"])
-def test_a_non_loopback_http_host_is_a_warning_not_an_error(host: str) -> None:
-    config = load(HTTP_HOST=host)
+def test_a_non_loopback_http_host_with_an_admin_token_is_a_warning(host: str) -> None:
+    config = load(HTTP_HOST=host, ADMIN_API_TOKEN=ADMIN_TOKEN)
     assert config.http_host == host
     assert [w.name for w in config.warnings] == ["HTTP_HOST"]
 

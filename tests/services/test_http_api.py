@@ -1,4 +1,4 @@
-"""Unit tests for the HTTP API's pure parts: the latency window and the histogram percentile estimate.
+"""Unit tests for the HTTP API's pure parts: latency window, histogram percentiles, path hiding.
 
 The routes themselves are tested against a real application in tests/integration/test_http_api.py.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.http_api import LatencyWindow, _histogram_percentiles
+from services.http_api import LatencyWindow, _histogram_percentiles, _without_paths
 from services.metrics import Metrics
 
 
@@ -54,3 +54,30 @@ def test_histogram_estimate_sums_every_label_and_caps_at_the_last_finite_bucket(
 def test_histogram_estimate_of_an_empty_histogram_is_empty() -> None:
     estimate = _histogram_percentiles(Metrics(process_metrics=False).gemini_latency)
     assert estimate == {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
+
+
+def test_without_paths_keeps_only_the_names_of_absolute_paths_anywhere_in_a_body() -> None:
+    body = {
+        "path": "/var/lib/gemini-bot/bot.sqlite3",
+        "last_error": "cannot open '/var/lib/gemini-bot/guilds.json': denied (at /srv/x/backups/)",
+        "nested": [{"quarantined": "/var/lib/gemini-bot/quarantine/guilds.json.1"}, 5, None, True],
+        "/keys/are/kept": "as they are",
+    }
+    assert _without_paths(body) == {
+        "path": "bot.sqlite3",
+        "last_error": "cannot open 'guilds.json': denied (at backups)",
+        "nested": [{"quarantined": "guilds.json.1"}, 5, None, True],
+        "/keys/are/kept": "as they are",
+    }
+
+
+def test_without_paths_leaves_urls_relative_paths_keys_and_fractions_alone() -> None:
+    kept = [
+        "http://127.0.0.1:3000/api/health/status",
+        "data/bot.sqlite3",
+        "thread:5/a",
+        "3/4 done",
+        "~/bot/.env",
+        "no path here",
+    ]
+    assert _without_paths(kept) == kept
