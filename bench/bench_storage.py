@@ -62,6 +62,25 @@ async def _queue(directory: Path, synchronous: str, n: int) -> dict[str, Any]:
     return {"enqueue": enqueue, "claim_complete": drain}
 
 
+async def _accept(directory: Path, n: int, backlog: int) -> dict[str, Any]:
+    """``accept_with_history``, the live message's one transaction, behind ``backlog`` live items."""
+    now = 1_700_000_000.0
+    async with SqliteStore(directory / f"accept_{backlog}.sqlite3", synchronous="NORMAL") as store:
+        for i in range(backlog):  # a queue during an outage: pending items of many users and guilds
+            payload = {"author_id": 1000 + i % 500, "guild_id": 10 + i % 50, "content": "x" * 200}
+            await store.accept(
+                f"b{i}", ItemKind.INBOUND, f"b{i % 100}", payload, now=now, lease_seconds=60, claim=False
+            )
+
+        def accept(i: int) -> Awaitable[Any]:
+            payload = {"author_id": i, "guild_id": 1, "content": "x" * 200}
+            return store.accept_with_history(
+                f"m{i}", ItemKind.INBOUND, f"c{i}", payload, now=now, lease_seconds=60
+            )
+
+        return {**await _timed(n, accept), "backlog": backlog}
+
+
 async def _history(directory: Path, n: int) -> dict[str, Any]:
     async with SqliteStore(directory / "history.sqlite3") as store:
         text = "a sentence of a typical chat message, " * 10
@@ -124,6 +143,8 @@ async def _run(quick: bool) -> dict[str, Any]:
             "queue_full": await _queue(directory, "FULL", n),
             "queue_normal": await _queue(directory, "NORMAL", n),
             "history": await _history(directory, n),
+            "accept_empty": await _accept(directory, n, 0),
+            "accept_backlog": await _accept(directory, n, 2_000 if quick else 10_000),
         }
         try:
             result["datastore"] = await asyncio.to_thread(
@@ -149,6 +170,10 @@ def _summary(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"queue claim+complete throughput ({mode.upper()})", q["claim_complete"]["ops_per_s"], "items/s")
         add(f"queue claim+complete p50 ({mode.upper()})", q["claim_complete"]["p50_ms"], "ms")
         add(f"queue claim+complete p99 ({mode.upper()})", q["claim_complete"]["p99_ms"], "ms")
+    for name in ("accept_empty", "accept_backlog"):
+        label = f"{r[name]['backlog']:,} live items"
+        add(f"accept_with_history p50 (NORMAL, {label})", r[name]["p50_ms"], "ms")
+        add(f"accept_with_history p99 (NORMAL, {label})", r[name]["p99_ms"], "ms")
     h = r["history"]
     add("history append p50", h["append"]["p50_ms"], "ms")
     add("history append p99", h["append"]["p99_ms"], "ms")
