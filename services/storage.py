@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -42,6 +43,10 @@ ROLES = ("user", "model")
 TERMINAL_STATES = (ItemState.DONE, ItemState.DEAD, ItemState.EXPIRED)
 TRUNCATION_MARK = " […truncated]"
 BUSY_SLICE_MS = 20  # one uninterruptible SQLite busy wait; see SqliteStore._begin
+# The database holds conversation history: owner-only. SQLite creates the -wal and -shm files
+# with the main file's mode, so creating that one 0600 covers all three.
+FILE_MODE = 0o600
+SIDECARS = ("-wal", "-shm")
 
 # Forward-only migrations: entry N (1-based) moves the schema from version N-1 to N.
 # Never edit a shipped entry; append a new one.
@@ -323,7 +328,26 @@ class SqliteStore:
                 "storage.quarantined", {"path": str(self.quarantined), "error": repr(exc)}
             )
 
+    def _secure_files(self) -> None:
+        """Create the database file owner-only, or make an existing one (and its WAL) owner-only.
+
+        An empty file is an empty database to SQLite. Files of another owner are left as they are.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            for name in (str(self.path), *(f"{self.path}{suffix}" for suffix in SIDECARS)):
+                try:
+                    info = os.stat(name)
+                except FileNotFoundError:
+                    continue
+                if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+                    os.chmod(name, FILE_MODE)
+        else:
+            os.close(fd)
+
     async def _open(self) -> None:
+        self._secure_files()
         slice_ms = min(BUSY_SLICE_MS, self.busy_timeout_ms)
         db = await aiosqlite.connect(self.path, isolation_level=None, timeout=slice_ms / 1000)
         try:
@@ -343,7 +367,7 @@ class SqliteStore:
     def _quarantine(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock.time()))
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", *SIDECARS):
             source = Path(f"{self.path}{suffix}")
             if source.exists():
                 source.replace(Path(f"{target}{suffix}"))
