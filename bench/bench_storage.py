@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from resilience.degradation import ItemKind
+from resilience.degradation import ItemKind, QueueCaps
 from services.storage import SqliteStore
 
 
@@ -62,23 +62,32 @@ async def _queue(directory: Path, synchronous: str, n: int) -> dict[str, Any]:
     return {"enqueue": enqueue, "claim_complete": drain}
 
 
-async def _accept(directory: Path, n: int, backlog: int) -> dict[str, Any]:
+# The caps are checked in acceptance's transaction: the bot's per-user and per-guild defaults, and a
+# total cap above the backlog so that every live item is counted (a count stops at its cap).
+CAPS = QueueCaps(max_items=1_000_000, max_pending_per_user=5, max_pending_per_guild=50)
+
+
+async def _accept(directory: Path, n: int, backlog: int, caps: QueueCaps | None) -> dict[str, Any]:
     """``accept_with_history``, the live message's one transaction, behind ``backlog`` live items."""
     now = 1_700_000_000.0
-    async with SqliteStore(directory / f"accept_{backlog}.sqlite3", synchronous="NORMAL") as store:
-        for i in range(backlog):  # a queue during an outage: pending items of many users and guilds
-            payload = {"author_id": 1000 + i % 500, "guild_id": 10 + i % 50, "content": "x" * 200}
+    name = f"accept_{backlog}_{'caps' if caps else 'nocaps'}.sqlite3"
+    async with SqliteStore(directory / name, synchronous="NORMAL") as store:
+        # A queue during an outage: pending items of many users (4 each) and guilds (40 each), just
+        # under the caps, and each measured message comes from one of them.
+        users, guilds = max(1, backlog // 4), max(1, backlog // 40)
+        for i in range(backlog):
+            payload = {"author_id": 1_000_000 + i // 4, "guild_id": 100 + i // 40, "content": "x" * 200}
             await store.accept(
                 f"b{i}", ItemKind.INBOUND, f"b{i % 100}", payload, now=now, lease_seconds=60, claim=False
             )
 
         def accept(i: int) -> Awaitable[Any]:
-            payload = {"author_id": i, "guild_id": 1, "content": "x" * 200}
+            payload = {"author_id": 1_000_000 + i % users, "guild_id": 100 + i % guilds, "content": "x" * 200}
             return store.accept_with_history(
-                f"m{i}", ItemKind.INBOUND, f"c{i}", payload, now=now, lease_seconds=60
+                f"m{i}", ItemKind.INBOUND, f"c{i}", payload, now=now, lease_seconds=60, caps=caps
             )
 
-        return {**await _timed(n, accept), "backlog": backlog}
+        return {**await _timed(n, accept), "backlog": backlog, "caps": caps is not None}
 
 
 async def _history(directory: Path, n: int) -> dict[str, Any]:
@@ -137,14 +146,17 @@ def _datastore(directory: Path, saves: int, recoveries: int) -> dict[str, Any]:
 
 async def _run(quick: bool) -> dict[str, Any]:
     n = 100 if quick else 400
+    backlog = 2_000 if quick else 10_000
     with tempfile.TemporaryDirectory(prefix="bench_storage_") as tmp:
         directory = Path(tmp)
         result: dict[str, Any] = {
             "queue_full": await _queue(directory, "FULL", n),
             "queue_normal": await _queue(directory, "NORMAL", n),
             "history": await _history(directory, n),
-            "accept_empty": await _accept(directory, n, 0),
-            "accept_backlog": await _accept(directory, n, 2_000 if quick else 10_000),
+            "accept_empty": await _accept(directory, n, 0, None),
+            "accept_empty_caps": await _accept(directory, n, 0, CAPS),
+            "accept_backlog": await _accept(directory, n, backlog, None),
+            "accept_backlog_caps": await _accept(directory, n, backlog, CAPS),
         }
         try:
             result["datastore"] = await asyncio.to_thread(
@@ -170,8 +182,8 @@ def _summary(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"queue claim+complete throughput ({mode.upper()})", q["claim_complete"]["ops_per_s"], "items/s")
         add(f"queue claim+complete p50 ({mode.upper()})", q["claim_complete"]["p50_ms"], "ms")
         add(f"queue claim+complete p99 ({mode.upper()})", q["claim_complete"]["p99_ms"], "ms")
-    for name in ("accept_empty", "accept_backlog"):
-        label = f"{r[name]['backlog']:,} live items"
+    for name in ("accept_empty", "accept_empty_caps", "accept_backlog", "accept_backlog_caps"):
+        label = f"{r[name]['backlog']:,} live items{', caps' if r[name]['caps'] else ''}"
         add(f"accept_with_history p50 (NORMAL, {label})", r[name]["p50_ms"], "ms")
         add(f"accept_with_history p99 (NORMAL, {label})", r[name]["p99_ms"], "ms")
     h = r["history"]

@@ -34,8 +34,8 @@ from typing import Any, Protocol, TypeVar
 import aiosqlite
 
 from resilience.clock import Clock, SystemClock
-from resilience.degradation import ItemKind, ItemState, QueueItem, QueueStats
-from resilience.errors import CallTimeoutError
+from resilience.degradation import ItemKind, ItemState, QueueCaps, QueueItem, QueueStats
+from resilience.errors import CallTimeoutError, QueueFullError
 
 T = TypeVar("T")
 
@@ -88,6 +88,34 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX events_by_kind ON events (kind, id)",
     ],
+    [
+        # Who a queued message is from, for the per-user and per-guild caps (QueueCaps): virtual
+        # columns read from the payload, so rows written before this migration have them too and
+        # no write path has to fill them. json_valid: one damaged payload must not stop the bot.
+        "ALTER TABLE queue ADD COLUMN author_id INTEGER GENERATED ALWAYS AS "
+        "(CASE WHEN json_valid(payload) THEN json_extract(payload, '$.author_id') END) VIRTUAL",
+        "ALTER TABLE queue ADD COLUMN guild_id INTEGER GENERATED ALWAYS AS "
+        "(CASE WHEN json_valid(payload) THEN json_extract(payload, '$.guild_id') END) VIRTUAL",
+        # Partial: only pending inbound items are counted against the caps, so only they are indexed.
+        "CREATE INDEX queue_pending_by_author ON queue (author_id) "
+        "WHERE state = 'pending' AND kind = 'inbound'",
+        "CREATE INDEX queue_pending_by_guild ON queue (guild_id) "
+        "WHERE state = 'pending' AND kind = 'inbound'",
+        # The number of live items (pending or claimed), for the total cap: kept by triggers in the
+        # transaction of every change, so acceptance reads one row instead of counting a backlog.
+        "CREATE TABLE queue_live (n INTEGER NOT NULL)",
+        "INSERT INTO queue_live (n) SELECT COUNT(*) FROM queue WHERE state IN ('pending', 'claimed')",
+        """CREATE TRIGGER queue_live_insert AFTER INSERT ON queue
+            WHEN NEW.state IN ('pending', 'claimed')
+            BEGIN UPDATE queue_live SET n = n + 1; END""",
+        """CREATE TRIGGER queue_live_delete AFTER DELETE ON queue
+            WHEN OLD.state IN ('pending', 'claimed')
+            BEGIN UPDATE queue_live SET n = n - 1; END""",
+        """CREATE TRIGGER queue_live_update AFTER UPDATE OF state ON queue
+            WHEN (OLD.state IN ('pending', 'claimed')) != (NEW.state IN ('pending', 'claimed'))
+            BEGIN UPDATE queue_live SET n = n + CASE WHEN NEW.state IN ('pending', 'claimed')
+                THEN 1 ELSE -1 END; END""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -111,6 +139,19 @@ _ACCEPT_SQL = f"""INSERT INTO queue (kind, conversation_key, payload, state, att
         AND state = 'pending') AS wait) AS b
     RETURNING {_QUEUE_COLUMNS}, NOT EXISTS (SELECT 1 FROM queue AS o WHERE o.conversation_key = :key
         AND o.state IN ('pending', 'claimed') AND o.id < queue.id)"""
+
+
+# Counts for the caps. The per-owner counts stop at the cap and repeat the partial indexes' WHERE
+# terms, so SQLite uses those indexes; the live items are counted by triggers (queue_live).
+_LIVE_ITEMS_SQL = "SELECT n FROM queue_live"
+_PENDING_BY_AUTHOR_SQL = (
+    "SELECT COUNT(*) FROM (SELECT 1 FROM queue WHERE state = 'pending' AND kind = 'inbound' "
+    "AND author_id = :owner LIMIT :cap)"
+)
+_PENDING_BY_GUILD_SQL = (
+    "SELECT COUNT(*) FROM (SELECT 1 FROM queue WHERE state = 'pending' AND kind = 'inbound' "
+    "AND guild_id = :owner LIMIT :cap)"
+)
 
 
 class StorageError(Exception):
@@ -234,6 +275,26 @@ def claim_abandoned(item: QueueItem) -> bool:
     False for an item never claimed and for one its holder put back (``requeue``, ``fail``).
     """
     return item.last_error in (CLAIM_RELEASED, LEASE_RAN_OUT)
+
+
+def _refusal(conn: sqlite3.Connection, caps: QueueCaps, payload: dict[str, Any]) -> QueueFullError | None:
+    """The cap a new inbound item with ``payload`` would break, most specific first; None if none.
+
+    Run inside the accepting write transaction (BEGIN IMMEDIATE): no other writer, in this process
+    or another, can add an item between this count and the insert.
+    """
+    checks = (
+        ("user", caps.max_pending_per_user, payload.get("author_id"), _PENDING_BY_AUTHOR_SQL),
+        ("guild", caps.max_pending_per_guild, payload.get("guild_id"), _PENDING_BY_GUILD_SQL),
+        ("queue", caps.max_items, None, _LIVE_ITEMS_SQL),
+    )
+    for scope, cap, owner, sql in checks:
+        if cap is None or (scope != "queue" and owner is None):
+            continue
+        (count,) = conn.execute(sql, {"owner": owner, "cap": cap}).fetchone()
+        if count >= cap:
+            return QueueFullError(scope, cap, owner)
+    return None
 
 
 def _reap_leases(conn: sqlite3.Connection, now: float) -> None:
@@ -684,17 +745,28 @@ class SqliteStore:
         *,
         now: float,
         dedup_key: str | None = None,
+        caps: QueueCaps | None = None,
     ) -> QueueItem:
-        """Add an item, or return the existing one with the same ``dedup_key``."""
+        """Add an item, or return the existing one with the same ``dedup_key``.
+
+        A new inbound item over one of ``caps`` raises ``QueueFullError`` and stores nothing (an
+        existing item with its ``dedup_key`` is still returned). Outbound items ignore ``caps``:
+        they carry work that was already accepted.
+        """
         kind = ItemKind(kind)
         encoded = json.dumps(payload, separators=(",", ":"))
+        check = caps if kind is ItemKind.INBOUND else None
 
-        def body(conn: sqlite3.Connection) -> QueueItem:
+        def body(conn: sqlite3.Connection) -> QueueItem | QueueFullError:
             if dedup_key is not None:  # looked up first (inside BEGIN IMMEDIATE) so a replay burns no id
                 sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE dedup_key = ?"
                 existing = conn.execute(sql, (dedup_key,)).fetchone()
                 if existing is not None:
                     return _item(existing)
+            if check is not None:
+                refused = _refusal(conn, check, payload)
+                if refused is not None:
+                    return refused  # returned, not raised: a refusal is no failure of the store
             row = conn.execute(
                 "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
                 "next_attempt_at, dedup_key) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?) "
@@ -704,7 +776,10 @@ class SqliteStore:
             assert row is not None
             return _item(row)
 
-        return await self._run("enqueue", self._in_thread(body), write=False)
+        item = await self._run("enqueue", self._in_thread(body), write=False)
+        if isinstance(item, QueueFullError):  # raised outside the breaker: the store is fine
+            raise item
+        return item
 
     async def claim(
         self, *, now: float, lease_seconds: float, kind: ItemKind | None = None, limit: int = 10
@@ -841,16 +916,22 @@ class SqliteStore:
         now: float,
         lease_seconds: float,
         claim: bool = True,
+        caps: QueueCaps | None = None,
     ) -> QueueItem | None:
         """Accept a message durably: mark its id processed and store its work item, atomically.
 
         Returns None when the id was already processed (a replay). The item is claimed by the
         caller (with a lease, so a crash hands it to the drain) when ``claim`` and the
         conversation has nothing pending; otherwise it waits, pending, behind its conversation.
+
+        An inbound message over one of ``caps`` (its author's or guild's pending messages, or
+        all live items) raises ``QueueFullError``: nothing is stored and its id is not marked
+        processed. The count and the insert are one transaction, so concurrent acceptances, in
+        this process or another, cannot both slip under a cap. A replay is never refused.
         """
         accepted = await self._accept(
             message_id, kind, conversation_key, payload,
-            now=now, lease_seconds=lease_seconds, claim=claim, with_history=False,
+            now=now, lease_seconds=lease_seconds, claim=claim, with_history=False, caps=caps,
         )
         return None if accepted is None else accepted[0]
 
@@ -863,8 +944,11 @@ class SqliteStore:
         *,
         now: float,
         lease_seconds: float,
+        caps: QueueCaps | None = None,
     ) -> tuple[QueueItem, list[Turn] | None] | None:
         """``accept(claim=True)`` that also reads the history for answering, in the same transaction.
+
+        Raises ``QueueFullError`` over one of ``caps``, like ``accept``.
 
         Returns None for a replay, else ``(item, history)``. ``history`` is what
         ``history_if_next`` would return right after acceptance: the conversation's history
@@ -874,7 +958,7 @@ class SqliteStore:
         """
         return await self._accept(
             message_id, kind, conversation_key, payload,
-            now=now, lease_seconds=lease_seconds, claim=True, with_history=True,
+            now=now, lease_seconds=lease_seconds, claim=True, with_history=True, caps=caps,
         )
 
     async def _accept(
@@ -888,9 +972,12 @@ class SqliteStore:
         lease_seconds: float,
         claim: bool,
         with_history: bool,
+        caps: QueueCaps | None,
     ) -> tuple[QueueItem, list[Turn] | None] | None:
+        kind = ItemKind(kind)
+        check = caps if kind is ItemKind.INBOUND else None
         args = {
-            "kind": ItemKind(kind).value,
+            "kind": kind.value,
             "key": conversation_key,
             "payload": json.dumps(payload, separators=(",", ":")),
             "now": now,
@@ -899,13 +986,19 @@ class SqliteStore:
             "dedup": f"msg:{message_id}",
         }
 
-        def body(conn: sqlite3.Connection) -> tuple[QueueItem, list[Turn] | None] | None:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO processed (message_id, processed_at) VALUES (?, ?)",
-                (str(message_id), now),
-            )
-            if cur.rowcount != 1:
+        def body(conn: sqlite3.Connection) -> tuple[QueueItem, list[Turn] | None] | QueueFullError | None:
+            # The replay check comes before the caps (a replay is ignored, never refused), and a
+            # refusal leaves nothing behind: the id is marked processed only with its item.
+            seen = conn.execute("SELECT 1 FROM processed WHERE message_id = ?", (str(message_id),))
+            if seen.fetchone() is not None:
                 return None
+            if check is not None:
+                refused = _refusal(conn, check, payload)
+                if refused is not None:
+                    return refused  # returned, not raised: a refusal is no failure of the store
+            conn.execute(
+                "INSERT INTO processed (message_id, processed_at) VALUES (?, ?)", (str(message_id), now)
+            )
             # One statement decides the state (claimed unless the conversation has a backlog),
             # inserts, and says whether the item is next (no older item pending or claimed).
             row = conn.execute(_ACCEPT_SQL, args).fetchone()
@@ -916,6 +1009,8 @@ class SqliteStore:
             return item, [Turn(r[0], r[1], r[2], r[3]) for r in turns.fetchall()]
 
         accepted = await self._run("accept", self._in_thread(body), write=False)
+        if isinstance(accepted, QueueFullError):  # raised outside the breaker: the store is fine
+            raise accepted
         if accepted is None or accepted[1] is None:
             return accepted
         return accepted[0], self._bounded(accepted[1])
