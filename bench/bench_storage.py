@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from resilience.degradation import ItemKind, QueueCaps
-from services.storage import SqliteStore
+from services.storage import HOUSEKEEPING_BATCH_ROWS, SqliteStore
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -90,6 +90,28 @@ async def _accept(directory: Path, n: int, backlog: int, caps: QueueCaps | None)
         return {**await _timed(n, accept), "backlog": backlog, "caps": caps is not None}
 
 
+async def _housekeeping(directory: Path, rows: int) -> dict[str, Any]:
+    """One housekeeping transaction of the default bound of rows: how long it holds the write lock."""
+    now = 1_700_000_000.0
+    async with SqliteStore(directory / "housekeeping.sqlite3", synchronous="NORMAL") as store:
+        for i in range(rows):  # dead-lettered messages of 4,000 characters and old turns
+            item = await store.enqueue(ItemKind.INBOUND, f"c{i}", {"content": "x" * 4000}, now=now)
+            await store.dead_letter(item.id, "gave up", now=now)
+        for i in range(0, rows, 2):
+            await store.append_turns(f"t{i}", [("user", "q" * 1000, i), ("model", "a" * 1000, None)], now=now)
+        later = now + 400 * 86400.0
+        timed = await _timed(
+            rows * 2 // HOUSEKEEPING_BATCH_ROWS,
+            lambda _: store.housekeeping(
+                now=later, queue_retention=0, history_retention=0, processed_retention=0, max_batches=1
+            ),
+        )
+        assert not (
+            await store.housekeeping(now=later, queue_retention=0, history_retention=0, processed_retention=0)
+        ).total, "rows left over"
+    return {**timed, "rows_per_batch": HOUSEKEEPING_BATCH_ROWS}
+
+
 async def _history(directory: Path, n: int) -> dict[str, Any]:
     async with SqliteStore(directory / "history.sqlite3") as store:
         text = "a sentence of a typical chat message, " * 10
@@ -153,6 +175,7 @@ async def _run(quick: bool) -> dict[str, Any]:
             "queue_full": await _queue(directory, "FULL", n),
             "queue_normal": await _queue(directory, "NORMAL", n),
             "history": await _history(directory, n),
+            "housekeeping": await _housekeeping(directory, 2_000 if quick else 10_000),
             "accept_empty": await _accept(directory, n, 0, None),
             "accept_empty_caps": await _accept(directory, n, 0, CAPS),
             "accept_backlog": await _accept(directory, n, backlog, None),
@@ -186,6 +209,9 @@ def _summary(r: dict[str, Any]) -> list[dict[str, Any]]:
         label = f"{r[name]['backlog']:,} live items{', caps' if r[name]['caps'] else ''}"
         add(f"accept_with_history p50 (NORMAL, {label})", r[name]["p50_ms"], "ms")
         add(f"accept_with_history p99 (NORMAL, {label})", r[name]["p99_ms"], "ms")
+    k = r["housekeeping"]
+    add(f"housekeeping transaction, {k['rows_per_batch']} rows, p50", k["p50_ms"], "ms")
+    add(f"housekeeping transaction, {k['rows_per_batch']} rows, p99", k["p99_ms"], "ms")
     h = r["history"]
     add("history append p50", h["append"]["p50_ms"], "ms")
     add("history append p99", h["append"]["p99_ms"], "ms")

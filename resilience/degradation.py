@@ -120,13 +120,17 @@ class DurableQueue(Protocol):
         """
         ...
 
-    async def complete(self, item_id: int) -> None: ...
+    async def complete(self, item_id: int, *, now: float | None = None) -> None:
+        """Mark an item done; ``now`` (default: the queue's clock) starts its retention."""
+        ...
 
     async def fail(self, item_id: int, error: str, *, next_attempt_at: float) -> QueueItem:
         """Return a claimed item to pending with ``attempts + 1``."""
         ...
 
-    async def dead_letter(self, item_id: int, error: str) -> QueueItem: ...
+    async def dead_letter(self, item_id: int, error: str, *, now: float | None = None) -> QueueItem:
+        """Give up on an item for good; ``now`` (default: the queue's clock) starts its retention."""
+        ...
 
     async def expire(self, *, now: float, max_age: float) -> list[QueueItem]:
         """Mark pending items older than ``max_age`` expired and return them."""

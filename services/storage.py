@@ -15,6 +15,11 @@ changes) run their whole transaction as one call on aiosqlite's thread (``_in_th
 hop from the event loop instead of one per statement, and the lock is held that much shorter.
 A timeout on ``COMMIT`` itself is an ambiguous outcome (the commit may have landed); callers
 retry, and ``dedup_key`` / ``mark_processed`` make the retries idempotent.
+
+Growth is bounded: acceptance refuses new inbound work over the caller's ``QueueCaps``
+(``QueueFullError``), and ``housekeeping`` deletes finished items, old turns and old processed
+ids after their retention, a bounded number of rows per transaction. The file (and so its WAL
+and shared memory) is readable by its owner only: it holds the conversations.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import aiosqlite
 
@@ -47,6 +52,9 @@ BUSY_SLICE_MS = 20  # one uninterruptible SQLite busy wait; see SqliteStore._beg
 # with the main file's mode, so creating that one 0600 covers all three.
 FILE_MODE = 0o600
 SIDECARS = ("-wal", "-shm")
+# Rows one housekeeping transaction deletes at most: 5-10 ms of write lock (p50) for dead-lettered
+# messages of 4,000 characters (bench/bench_storage.py), so a message arriving meanwhile barely waits.
+HOUSEKEEPING_BATCH_ROWS = 200
 
 # Forward-only migrations: entry N (1-based) moves the schema from version N-1 to N.
 # Never edit a shipped entry; append a new one.
@@ -115,6 +123,13 @@ MIGRATIONS: list[list[str]] = [
             WHEN (OLD.state IN ('pending', 'claimed')) != (NEW.state IN ('pending', 'claimed'))
             BEGIN UPDATE queue_live SET n = n + CASE WHEN NEW.state IN ('pending', 'claimed')
                 THEN 1 ELSE -1 END; END""",
+        # Housekeeping (SqliteStore.housekeeping): finished items by when they finished (rows
+        # finished before this migration count from their creation), turns by age.
+        "ALTER TABLE queue ADD COLUMN finished_at REAL",
+        "UPDATE queue SET finished_at = created_at WHERE state IN ('done', 'dead', 'expired')",
+        "CREATE INDEX queue_finished ON queue (state, finished_at) "
+        "WHERE state IN ('done', 'dead', 'expired')",
+        "CREATE INDEX turns_by_time ON turns (created_at)",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -151,6 +166,21 @@ _PENDING_BY_AUTHOR_SQL = (
 _PENDING_BY_GUILD_SQL = (
     "SELECT COUNT(*) FROM (SELECT 1 FROM queue WHERE state = 'pending' AND kind = 'inbound' "
     "AND guild_id = :owner LIMIT :cap)"
+)
+
+
+# Housekeeping's deletions, each of at most :limit rows, each through an index. The state terms
+# repeat the partial index's WHERE (queue_finished) so that SQLite uses it.
+_PRUNE_FINISHED_SQL = (
+    "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE state IN ('done', 'dead', 'expired') "
+    "AND state = :state AND finished_at < :cutoff LIMIT :limit)"
+)
+_PRUNE_TURNS_SQL = (
+    "DELETE FROM turns WHERE id IN (SELECT id FROM turns WHERE created_at < :cutoff LIMIT :limit)"
+)
+_PRUNE_PROCESSED_SQL = (
+    "DELETE FROM processed WHERE message_id IN "
+    "(SELECT message_id FROM processed WHERE processed_at < :cutoff LIMIT :limit)"
 )
 
 
@@ -224,6 +254,33 @@ class Event:
     kind: str
     data: dict[str, Any]
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Housekeeping:
+    """What one ``housekeeping`` call deleted. ``more``: it stopped at its bound with rows still
+    due; call it again soon rather than at the next scheduled time."""
+
+    done_items: int = 0
+    dead_items: int = 0
+    expired_items: int = 0
+    turns: int = 0
+    processed_ids: int = 0
+    more: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.done_items + self.dead_items + self.expired_items + self.turns + self.processed_ids
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by name (for a log line)."""
+        return {
+            "done_items": self.done_items,
+            "dead_items": self.dead_items,
+            "expired_items": self.expired_items,
+            "turns": self.turns,
+            "processed_ids": self.processed_ids,
+        }
 
 
 def truncate(text: str, limit: int) -> str:
@@ -459,7 +516,7 @@ class SqliteStore:
             "last_error": self._last_error,
         }
 
-    async def __aenter__(self) -> SqliteStore:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -816,9 +873,11 @@ class SqliteStore:
 
         return await self._run("claim", self._in_thread(body), write=False)
 
-    async def complete(self, item_id: int) -> None:
-        """Mark an item done."""
-        await self._set_state("complete", item_id, "state = 'done', lease_until = NULL", ())
+    async def complete(self, item_id: int, *, now: float | None = None) -> None:
+        """Mark an item done (at ``now``, which starts its retention)."""
+        await self._set_state(
+            "complete", item_id, "state = 'done', lease_until = NULL, finished_at = ?", (self._now(now),)
+        )
 
     async def fail(self, item_id: int, error: str, *, next_attempt_at: float) -> QueueItem:
         """Return a claimed item to pending with ``attempts + 1`` and its next attempt time."""
@@ -830,10 +889,13 @@ class SqliteStore:
             (error, next_attempt_at),
         )
 
-    async def dead_letter(self, item_id: int, error: str) -> QueueItem:
-        """Give up on an item for good."""
+    async def dead_letter(self, item_id: int, error: str, *, now: float | None = None) -> QueueItem:
+        """Give up on an item for good (at ``now``, which starts its retention)."""
         return await self._set_state(
-            "dead_letter", item_id, "state = 'dead', lease_until = NULL, last_error = ?", (error,)
+            "dead_letter",
+            item_id,
+            "state = 'dead', lease_until = NULL, last_error = ?, finished_at = ?",
+            (error, self._now(now)),
         )
 
     async def expire(self, *, now: float, max_age: float) -> list[QueueItem]:
@@ -843,9 +905,9 @@ class SqliteStore:
         def body(conn: sqlite3.Connection) -> list[QueueItem]:
             _reap_leases(conn, now)
             rows = conn.execute(
-                f"UPDATE queue SET state = 'expired' WHERE state = 'pending' AND created_at < ? "
-                f"RETURNING {_QUEUE_COLUMNS}",
-                (cutoff,),
+                f"UPDATE queue SET state = 'expired', finished_at = ? WHERE state = 'pending' "
+                f"AND created_at < ? RETURNING {_QUEUE_COLUMNS}",
+                (now, cutoff),
             ).fetchall()
             return sorted((_item(r) for r in rows), key=lambda item: item.id)
 
@@ -1054,9 +1116,13 @@ class SqliteStore:
         if turns and key is None:
             raise ValueError("turns need the conversation key")
         rows = self._turn_rows(key or "", turns, now)
+        stamp = self._now(now)
 
         def body(conn: sqlite3.Connection) -> None:
-            cur = conn.execute("UPDATE queue SET state = 'done', lease_until = NULL WHERE id = ?", (item_id,))
+            cur = conn.execute(
+                "UPDATE queue SET state = 'done', lease_until = NULL, finished_at = ? WHERE id = ?",
+                (stamp, item_id),
+            )
             if cur.rowcount != 1:
                 raise QueueItemNotFoundError(item_id)
             if rows:
@@ -1147,6 +1213,77 @@ class SqliteStore:
             return cur.rowcount
 
         return await self._run("prune_processed", body)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def housekeeping(
+        self,
+        *,
+        now: float,
+        queue_retention: float,
+        history_retention: float,
+        processed_retention: float,
+        done_retention: float = 0.0,
+        batch_rows: int = HOUSEKEEPING_BATCH_ROWS,
+        max_batches: int = 50,
+    ) -> Housekeeping:
+        """Delete what is past its retention, in short transactions; return what went.
+
+        Dead and expired items go ``queue_retention`` seconds after they ended (kept that long
+        for operators), done items after ``done_retention`` (default 0: at the next call; they
+        hold the user's message and nobody needs them once answered), conversation turns
+        ``history_retention`` seconds after they were said, processed message ids (the replay
+        guard) after ``processed_retention``. Live items (pending, claimed) are never touched.
+
+        Each transaction deletes at most ``batch_rows`` rows, through indexes, so the write lock
+        is held only briefly and other writers go between transactions; a call runs at most
+        ``max_batches`` of them, and says ``more`` when rows were still due after the last.
+        """
+        for name, value in (
+            ("queue_retention", queue_retention),
+            ("history_retention", history_retention),
+            ("processed_retention", processed_retention),
+            ("done_retention", done_retention),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{name} must be at least 0 seconds, not {value!r}")
+        if batch_rows < 1 or max_batches < 1:
+            raise ValueError("batch_rows and max_batches must be at least 1")
+        targets = (  # (name, statement, arguments without the limit)
+            ("done_items", _PRUNE_FINISHED_SQL, {"state": "done", "cutoff": now - done_retention}),
+            ("dead_items", _PRUNE_FINISHED_SQL, {"state": "dead", "cutoff": now - queue_retention}),
+            ("expired_items", _PRUNE_FINISHED_SQL, {"state": "expired", "cutoff": now - queue_retention}),
+            ("turns", _PRUNE_TURNS_SQL, {"cutoff": now - history_retention}),
+            ("processed_ids", _PRUNE_PROCESSED_SQL, {"cutoff": now - processed_retention}),
+        )
+
+        def batch(conn: sqlite3.Connection) -> dict[str, int]:
+            deleted: dict[str, int] = {}
+            room = batch_rows
+            for name, sql, args in targets:
+                deleted[name] = conn.execute(sql, {**args, "limit": room}).rowcount
+                room -= deleted[name]
+                if room == 0:
+                    break
+            return deleted
+
+        totals = dict.fromkeys((name for name, _, _ in targets), 0)
+        more = True
+        for _ in range(max_batches):
+            deleted = await self._run("housekeeping", self._in_thread(batch), write=False)
+            for name, count in deleted.items():
+                totals[name] += count
+            if sum(deleted.values()) < batch_rows:
+                more = False
+                break
+        return Housekeeping(
+            done_items=totals["done_items"],
+            dead_items=totals["dead_items"],
+            expired_items=totals["expired_items"],
+            turns=totals["turns"],
+            processed_ids=totals["processed_ids"],
+            more=more,
+        )
 
     # -- events ----------------------------------------------------------------------------
 
