@@ -109,6 +109,11 @@ class Config:
     # Storage
     data_dir: Path = Path("data")
     backup_keep: int = 10
+    queue_max_items: int = 10_000
+    queue_max_pending_per_user: int = 5
+    queue_max_pending_per_guild: int = 50
+    queue_retention_seconds: float = 7 * 86400.0
+    history_retention_seconds: float = 30 * 86400.0
     # Operations
     http_host: str = "127.0.0.1"
     http_port: int = 3000
@@ -336,6 +341,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shutdown_grace_seconds": _number(float, 0, 600),
     "data_dir": _path,
     "backup_keep": _number(int, 0, 10_000),
+    "queue_max_items": _number(int, 1, 10_000_000),
+    "queue_max_pending_per_user": _number(int, 1, 10_000),
+    "queue_max_pending_per_guild": _number(int, 1, 1_000_000),
+    "queue_retention_seconds": _number(float, 0, 3650 * 86400),
+    "history_retention_seconds": _number(float, 3600, 3650 * 86400),
     "http_host": _host,
     "http_port": _number(int, 0, 65535),
     "admin_api_token": _admin_token,
