@@ -258,8 +258,8 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Housekeeping:
-    """What one ``housekeeping`` call deleted. ``more``: it stopped at its bound with rows still
-    due; call it again soon rather than at the next scheduled time."""
+    """What one ``housekeeping`` call deleted. ``more``: it stopped at its bound (its last
+    transaction was full), so rows may still be due; call it again soon, not at the next slot."""
 
     done_items: int = 0
     dead_items: int = 0
@@ -1237,7 +1237,7 @@ class SqliteStore:
 
         Each transaction deletes at most ``batch_rows`` rows, through indexes, so the write lock
         is held only briefly and other writers go between transactions; a call runs at most
-        ``max_batches`` of them, and says ``more`` when rows were still due after the last.
+        ``max_batches`` of them, and says ``more`` when it stopped there with its last one full.
         """
         for name, value in (
             ("queue_retention", queue_retention),
