@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from resilience.degradation import ItemKind
-from services.storage import SqliteStore
+from resilience.degradation import ItemKind, QueueCaps
+from services.storage import HOUSEKEEPING_BATCH_ROWS, SqliteStore
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -60,6 +60,56 @@ async def _queue(directory: Path, synchronous: str, n: int) -> dict[str, Any]:
 
         drain = await _timed(n, claim_complete)
     return {"enqueue": enqueue, "claim_complete": drain}
+
+
+# The caps are checked in acceptance's transaction: the bot's per-user and per-guild defaults, and a
+# total cap above the backlog so that every live item is counted (a count stops at its cap).
+CAPS = QueueCaps(max_items=1_000_000, max_pending_per_user=5, max_pending_per_guild=50)
+
+
+async def _accept(directory: Path, n: int, backlog: int, caps: QueueCaps | None) -> dict[str, Any]:
+    """``accept_with_history``, the live message's one transaction, behind ``backlog`` live items."""
+    now = 1_700_000_000.0
+    name = f"accept_{backlog}_{'caps' if caps else 'nocaps'}.sqlite3"
+    async with SqliteStore(directory / name, synchronous="NORMAL") as store:
+        # A queue during an outage: pending items of many users (4 each) and guilds (40 each), just
+        # under the caps, and each measured message comes from one of them.
+        users, guilds = max(1, backlog // 4), max(1, backlog // 40)
+        for i in range(backlog):
+            payload = {"author_id": 1_000_000 + i // 4, "guild_id": 100 + i // 40, "content": "x" * 200}
+            await store.accept(
+                f"b{i}", ItemKind.INBOUND, f"b{i % 100}", payload, now=now, lease_seconds=60, claim=False
+            )
+
+        def accept(i: int) -> Awaitable[Any]:
+            payload = {"author_id": 1_000_000 + i % users, "guild_id": 100 + i % guilds, "content": "x" * 200}
+            return store.accept_with_history(
+                f"m{i}", ItemKind.INBOUND, f"c{i}", payload, now=now, lease_seconds=60, caps=caps
+            )
+
+        return {**await _timed(n, accept), "backlog": backlog, "caps": caps is not None}
+
+
+async def _housekeeping(directory: Path, rows: int) -> dict[str, Any]:
+    """One housekeeping transaction of the default bound of rows: how long it holds the write lock."""
+    now = 1_700_000_000.0
+    async with SqliteStore(directory / "housekeeping.sqlite3", synchronous="NORMAL") as store:
+        for i in range(rows):  # dead-lettered messages of 4,000 characters and old turns
+            item = await store.enqueue(ItemKind.INBOUND, f"c{i}", {"content": "x" * 4000}, now=now)
+            await store.dead_letter(item.id, "gave up", now=now)
+        for i in range(0, rows, 2):
+            await store.append_turns(f"t{i}", [("user", "q" * 1000, i), ("model", "a" * 1000, None)], now=now)
+        later = now + 400 * 86400.0
+        timed = await _timed(
+            rows * 2 // HOUSEKEEPING_BATCH_ROWS,
+            lambda _: store.housekeeping(
+                now=later, queue_retention=0, history_retention=0, processed_retention=0, max_batches=1
+            ),
+        )
+        assert not (
+            await store.housekeeping(now=later, queue_retention=0, history_retention=0, processed_retention=0)
+        ).total, "rows left over"
+    return {**timed, "rows_per_batch": HOUSEKEEPING_BATCH_ROWS}
 
 
 async def _history(directory: Path, n: int) -> dict[str, Any]:
@@ -118,12 +168,18 @@ def _datastore(directory: Path, saves: int, recoveries: int) -> dict[str, Any]:
 
 async def _run(quick: bool) -> dict[str, Any]:
     n = 100 if quick else 400
+    backlog = 2_000 if quick else 10_000
     with tempfile.TemporaryDirectory(prefix="bench_storage_") as tmp:
         directory = Path(tmp)
         result: dict[str, Any] = {
             "queue_full": await _queue(directory, "FULL", n),
             "queue_normal": await _queue(directory, "NORMAL", n),
             "history": await _history(directory, n),
+            "housekeeping": await _housekeeping(directory, 2_000 if quick else 10_000),
+            "accept_empty": await _accept(directory, n, 0, None),
+            "accept_empty_caps": await _accept(directory, n, 0, CAPS),
+            "accept_backlog": await _accept(directory, n, backlog, None),
+            "accept_backlog_caps": await _accept(directory, n, backlog, CAPS),
         }
         try:
             result["datastore"] = await asyncio.to_thread(
@@ -149,6 +205,13 @@ def _summary(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"queue claim+complete throughput ({mode.upper()})", q["claim_complete"]["ops_per_s"], "items/s")
         add(f"queue claim+complete p50 ({mode.upper()})", q["claim_complete"]["p50_ms"], "ms")
         add(f"queue claim+complete p99 ({mode.upper()})", q["claim_complete"]["p99_ms"], "ms")
+    for name in ("accept_empty", "accept_empty_caps", "accept_backlog", "accept_backlog_caps"):
+        label = f"{r[name]['backlog']:,} live items{', caps' if r[name]['caps'] else ''}"
+        add(f"accept_with_history p50 (NORMAL, {label})", r[name]["p50_ms"], "ms")
+        add(f"accept_with_history p99 (NORMAL, {label})", r[name]["p99_ms"], "ms")
+    k = r["housekeeping"]
+    add(f"housekeeping transaction, {k['rows_per_batch']} rows, p50", k["p50_ms"], "ms")
+    add(f"housekeeping transaction, {k['rows_per_batch']} rows, p99", k["p99_ms"], "ms")
     h = r["history"]
     add("history append p50", h["append"]["p50_ms"], "ms")
     add("history append p99", h["append"]["p99_ms"], "ms")

@@ -25,7 +25,7 @@ from bot.inbound import Inbound
 from bot.routing import FailureRouter
 from resilience.breakers import BreakerState
 from resilience.context import request_context
-from resilience.degradation import ItemKind, ItemState, QueueItem
+from resilience.degradation import ItemKind, QueueItem
 from resilience.errors import CallTimeoutError, Category, CircuitOpenError, MutexTimeoutError, classify
 from resilience.tasks import SupervisedTask, exponential_backoff
 from services.storage import StorageError, claim_abandoned
@@ -42,7 +42,8 @@ log = structlog.get_logger("bot.drain")
 HISTORY_LOOKBACK = 500
 # A bug apology is no answer (its trace id follows the fixed part of the sentence).
 BUG_APOLOGY = texts.bug("").partition("(")[0]
-HOUSEKEEPING_EVERY = 600.0  # seconds between purges of finished items and old processed ids
+HOUSEKEEPING_EVERY = 600.0  # seconds between runs of the storage housekeeping (retention)
+HOUSEKEEPING_SOON = 5.0  # seconds to the next run when the last one stopped with more to delete
 PROCESSED_RETENTION = 7 * 86400.0  # Discord replays only recent events; a week is ample
 # A failed run means storage failed (the breakers keep Gemini and Discord outages out of it). With an
 # open storage breaker a run costs one rejected call, and the drain is what probes the breaker
@@ -109,6 +110,11 @@ class Drain:
 
     def wake(self) -> None:
         self.task.wake()
+
+    @property
+    def next_housekeeping(self) -> float:
+        """The wall-clock time (the app's clock) of the next storage housekeeping run."""
+        return self._next_housekeeping
 
     @property
     def inflight(self) -> int:
@@ -259,12 +265,18 @@ class Drain:
         return found is not None
 
     async def _housekeeping(self, now: float) -> None:
-        """Keep the database small: finished items go, processed ids older than a week go."""
-        self._next_housekeeping = now + HOUSEKEEPING_EVERY
-        purged = await self.app.storage.purge(ItemState.DONE)
-        pruned = await self.app.storage.prune_processed(PROCESSED_RETENTION, now=now)
-        if purged or pruned:
-            log.info("queue.housekeeping", done_items_purged=purged, processed_ids_pruned=pruned)
+        """Keep the database small: answered items, and dead or expired ones, history and processed
+        ids past their retention, in short transactions; back soon when there was more to delete."""
+        cfg = self.app.config
+        done = await self.app.storage.housekeeping(
+            now=now,
+            queue_retention=cfg.queue_retention_seconds,
+            history_retention=cfg.history_retention_seconds,
+            processed_retention=PROCESSED_RETENTION,
+        )
+        self._next_housekeeping = now + (HOUSEKEEPING_SOON if done.more else HOUSEKEEPING_EVERY)
+        if done.total:
+            log.info("queue.housekeeping", **done.as_dict())
 
     async def _publish_stats(self) -> None:
         try:

@@ -65,6 +65,28 @@ class QueueStats:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class QueueCaps:
+    """Caps on waiting work, checked when new inbound work is accepted (None: no cap).
+
+    ``max_items`` bounds the live items (pending and claimed, both kinds); ``max_pending_per_user``
+    and ``max_pending_per_guild`` bound the pending inbound items of one author (payload
+    ``author_id``) and of one guild (payload ``guild_id``; DMs have none). A new inbound item
+    over a cap raises ``resilience.errors.QueueFullError``. Outbound items (answers and notices
+    of work already accepted) are never refused.
+    """
+
+    max_items: int | None = None
+    max_pending_per_user: int | None = None
+    max_pending_per_guild: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_items", "max_pending_per_user", "max_pending_per_guild"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number of at least 1 or None, not {value!r}")
+
+
 class DurableQueue(Protocol):
     """FIFO per conversation; every state change is one committed transaction.
 
@@ -80,8 +102,13 @@ class DurableQueue(Protocol):
         *,
         now: float,
         dedup_key: str | None = None,
+        caps: QueueCaps | None = None,
     ) -> QueueItem:
-        """Add an item (or return the existing one with the same ``dedup_key``)."""
+        """Add an item (or return the existing one with the same ``dedup_key``).
+
+        An inbound item over one of ``caps`` raises ``QueueFullError`` and nothing is stored;
+        an outbound one is always added.
+        """
         ...
 
     async def claim(
@@ -93,13 +120,17 @@ class DurableQueue(Protocol):
         """
         ...
 
-    async def complete(self, item_id: int) -> None: ...
+    async def complete(self, item_id: int, *, now: float | None = None) -> None:
+        """Mark an item done; ``now`` (default: the queue's clock) starts its retention."""
+        ...
 
     async def fail(self, item_id: int, error: str, *, next_attempt_at: float) -> QueueItem:
         """Return a claimed item to pending with ``attempts + 1``."""
         ...
 
-    async def dead_letter(self, item_id: int, error: str) -> QueueItem: ...
+    async def dead_letter(self, item_id: int, error: str, *, now: float | None = None) -> QueueItem:
+        """Give up on an item for good; ``now`` (default: the queue's clock) starts its retention."""
+        ...
 
     async def expire(self, *, now: float, max_age: float) -> list[QueueItem]:
         """Mark pending items older than ``max_age`` expired and return them."""

@@ -35,6 +35,7 @@ class Category(StrEnum):
     NOT_FOUND = "not_found"
     SAFETY_BLOCKED = "safety_blocked"
     BUSY = "busy"
+    QUEUE_FULL = "queue_full"
     INTERNAL = "internal"
 
 
@@ -94,6 +95,28 @@ class MutexTimeoutError(ResilienceError, TimeoutError):
         super().__init__(f"lock {key!r} not acquired within {timeout:.2f}s")
         self.key = key
         self.timeout = timeout
+
+
+class QueueFullError(ResilienceError):
+    """The durable queue refused new inbound work: a cap on waiting work is reached.
+
+    ``scope`` says which cap: ``"user"`` (the author's pending messages), ``"guild"`` (the
+    server's pending messages) or ``"queue"`` (all live items, pending and claimed). ``limit``
+    is that cap and ``owner`` the user or guild id it was counted for (None for ``"queue"``).
+    Nothing was stored. Not retryable: the same message would wait behind the same backlog;
+    the user is told to try again once earlier messages are answered.
+    """
+
+    SCOPES = ("user", "guild", "queue")
+
+    def __init__(self, scope: str, limit: int, owner: int | str | None = None) -> None:
+        if scope not in self.SCOPES:
+            raise ValueError(f"scope must be one of {self.SCOPES}, not {scope!r}")
+        whose = "the queue" if scope == "queue" else f"{scope} {owner}"
+        super().__init__(f"{whose} already has {limit} messages waiting (the cap); not accepted")
+        self.scope = scope
+        self.limit = limit
+        self.owner = owner
 
 
 class ServiceStartError(ResilienceError):
@@ -164,6 +187,8 @@ def user_message_for(category: Category, retry_after: float | None = None, servi
         Category.NOT_FOUND: "The channel, message or model I needed no longer exists.",
         Category.SAFETY_BLOCKED: "Gemini declined to answer that because of its safety filters.",
         Category.BUSY: "I'm still busy with an earlier message in this conversation; I'll get to yours next.",
+        Category.QUEUE_FULL: "Too many messages are already waiting for an answer, so I can't take "
+        "this one; please send it again once I've answered the earlier ones.",
         Category.INTERNAL: "Something went wrong on my side; it has been logged.",
     }
     return messages.get(category, messages[Category.INTERNAL])
@@ -221,6 +246,8 @@ def _classify(exc: BaseException, now: float, depth: int) -> Classification:
         return _verdict(Category.CIRCUIT_OPEN, True, _non_negative(getattr(exc, "remaining", None)))
     if isinstance(exc, MutexTimeoutError):
         return _verdict(Category.BUSY, True)
+    if isinstance(exc, QueueFullError):
+        return _verdict(Category.QUEUE_FULL, False)
     genai_errors = _library("google.genai.errors")
     if genai_errors is not None and isinstance(exc, genai_errors.APIError):
         return _classify_genai(exc, now)

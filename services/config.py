@@ -117,6 +117,11 @@ class Config:
     # Storage
     data_dir: Path = Path("data")
     backup_keep: int = 10
+    queue_max_items: int = 10_000
+    queue_max_pending_per_user: int = 5
+    queue_max_pending_per_guild: int = 50
+    queue_retention_seconds: float = 7 * 86400.0
+    history_retention_seconds: float = 30 * 86400.0
     # Operations
     http_host: str = "127.0.0.1"
     http_port: int = 3000
@@ -363,6 +368,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "data_dir": _path,
     # The DataStore keeps at least one timestamped copy besides the .bak (it refuses 0).
     "backup_keep": _Number(int, 1, 10_000),
+    "queue_max_items": _Number(int, 1, 10_000_000),
+    "queue_max_pending_per_user": _Number(int, 1, 10_000),
+    "queue_max_pending_per_guild": _Number(int, 1, 1_000_000),
+    "queue_retention_seconds": _Number(float, 0, 3650 * 86400),
+    "history_retention_seconds": _Number(float, 3600, 3650 * 86400),
     "http_host": _host,
     "http_port": _Number(int, 0, 65535),
     "admin_api_token": _admin_token,

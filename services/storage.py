@@ -15,6 +15,11 @@ changes) run their whole transaction as one call on aiosqlite's thread (``_in_th
 hop from the event loop instead of one per statement, and the lock is held that much shorter.
 A timeout on ``COMMIT`` itself is an ambiguous outcome (the commit may have landed); callers
 retry, and ``dedup_key`` / ``mark_processed`` make the retries idempotent.
+
+Growth is bounded: acceptance refuses new inbound work over the caller's ``QueueCaps``
+(``QueueFullError``), and ``housekeeping`` deletes finished items, old turns and old processed
+ids after their retention, a bounded number of rows per transaction. The file (and so its WAL
+and shared memory) is readable by its owner only: it holds the conversations.
 """
 
 from __future__ import annotations
@@ -22,19 +27,21 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import aiosqlite
 
 from resilience.clock import Clock, SystemClock
-from resilience.degradation import ItemKind, ItemState, QueueItem, QueueStats
-from resilience.errors import CallTimeoutError
+from resilience.degradation import ItemKind, ItemState, QueueCaps, QueueItem, QueueStats
+from resilience.errors import CallTimeoutError, QueueFullError
+from services.datadir import make_private_dir
 
 T = TypeVar("T")
 
@@ -42,6 +49,13 @@ ROLES = ("user", "model")
 TERMINAL_STATES = (ItemState.DONE, ItemState.DEAD, ItemState.EXPIRED)
 TRUNCATION_MARK = " […truncated]"
 BUSY_SLICE_MS = 20  # one uninterruptible SQLite busy wait; see SqliteStore._begin
+# The database holds conversation history: owner-only. SQLite creates the -wal and -shm files
+# with the main file's mode, so creating that one 0600 covers all three.
+FILE_MODE = 0o600
+SIDECARS = ("-wal", "-shm")
+# Rows one housekeeping transaction deletes at most: 5-10 ms of write lock (p50) for dead-lettered
+# messages of 4,000 characters (bench/bench_storage.py), so a message arriving meanwhile barely waits.
+HOUSEKEEPING_BATCH_ROWS = 200
 
 # Forward-only migrations: entry N (1-based) moves the schema from version N-1 to N.
 # Never edit a shipped entry; append a new one.
@@ -83,6 +97,41 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX events_by_kind ON events (kind, id)",
     ],
+    [
+        # Who a queued message is from, for the per-user and per-guild caps (QueueCaps): virtual
+        # columns read from the payload, so rows written before this migration have them too and
+        # no write path has to fill them. json_valid: one damaged payload must not stop the bot.
+        "ALTER TABLE queue ADD COLUMN author_id INTEGER GENERATED ALWAYS AS "
+        "(CASE WHEN json_valid(payload) THEN json_extract(payload, '$.author_id') END) VIRTUAL",
+        "ALTER TABLE queue ADD COLUMN guild_id INTEGER GENERATED ALWAYS AS "
+        "(CASE WHEN json_valid(payload) THEN json_extract(payload, '$.guild_id') END) VIRTUAL",
+        # Partial: only pending inbound items are counted against the caps, so only they are indexed.
+        "CREATE INDEX queue_pending_by_author ON queue (author_id) "
+        "WHERE state = 'pending' AND kind = 'inbound'",
+        "CREATE INDEX queue_pending_by_guild ON queue (guild_id) "
+        "WHERE state = 'pending' AND kind = 'inbound'",
+        # The number of live items (pending or claimed), for the total cap: kept by triggers in the
+        # transaction of every change, so acceptance reads one row instead of counting a backlog.
+        "CREATE TABLE queue_live (n INTEGER NOT NULL)",
+        "INSERT INTO queue_live (n) SELECT COUNT(*) FROM queue WHERE state IN ('pending', 'claimed')",
+        """CREATE TRIGGER queue_live_insert AFTER INSERT ON queue
+            WHEN NEW.state IN ('pending', 'claimed')
+            BEGIN UPDATE queue_live SET n = n + 1; END""",
+        """CREATE TRIGGER queue_live_delete AFTER DELETE ON queue
+            WHEN OLD.state IN ('pending', 'claimed')
+            BEGIN UPDATE queue_live SET n = n - 1; END""",
+        """CREATE TRIGGER queue_live_update AFTER UPDATE OF state ON queue
+            WHEN (OLD.state IN ('pending', 'claimed')) != (NEW.state IN ('pending', 'claimed'))
+            BEGIN UPDATE queue_live SET n = n + CASE WHEN NEW.state IN ('pending', 'claimed')
+                THEN 1 ELSE -1 END; END""",
+        # Housekeeping (SqliteStore.housekeeping): finished items by when they finished (rows
+        # finished before this migration count from their creation), turns by age.
+        "ALTER TABLE queue ADD COLUMN finished_at REAL",
+        "UPDATE queue SET finished_at = created_at WHERE state IN ('done', 'dead', 'expired')",
+        "CREATE INDEX queue_finished ON queue (state, finished_at) "
+        "WHERE state IN ('done', 'dead', 'expired')",
+        "CREATE INDEX turns_by_time ON turns (created_at)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -106,6 +155,34 @@ _ACCEPT_SQL = f"""INSERT INTO queue (kind, conversation_key, payload, state, att
         AND state = 'pending') AS wait) AS b
     RETURNING {_QUEUE_COLUMNS}, NOT EXISTS (SELECT 1 FROM queue AS o WHERE o.conversation_key = :key
         AND o.state IN ('pending', 'claimed') AND o.id < queue.id)"""
+
+
+# Counts for the caps. The per-owner counts stop at the cap and repeat the partial indexes' WHERE
+# terms, so SQLite uses those indexes; the live items are counted by triggers (queue_live).
+_LIVE_ITEMS_SQL = "SELECT n FROM queue_live"
+_PENDING_BY_AUTHOR_SQL = (
+    "SELECT COUNT(*) FROM (SELECT 1 FROM queue WHERE state = 'pending' AND kind = 'inbound' "
+    "AND author_id = :owner LIMIT :cap)"
+)
+_PENDING_BY_GUILD_SQL = (
+    "SELECT COUNT(*) FROM (SELECT 1 FROM queue WHERE state = 'pending' AND kind = 'inbound' "
+    "AND guild_id = :owner LIMIT :cap)"
+)
+
+
+# Housekeeping's deletions, each of at most :limit rows, each through an index. The state terms
+# repeat the partial index's WHERE (queue_finished) so that SQLite uses it.
+_PRUNE_FINISHED_SQL = (
+    "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE state IN ('done', 'dead', 'expired') "
+    "AND state = :state AND finished_at < :cutoff LIMIT :limit)"
+)
+_PRUNE_TURNS_SQL = (
+    "DELETE FROM turns WHERE id IN (SELECT id FROM turns WHERE created_at < :cutoff LIMIT :limit)"
+)
+_PRUNE_PROCESSED_SQL = (
+    "DELETE FROM processed WHERE message_id IN "
+    "(SELECT message_id FROM processed WHERE processed_at < :cutoff LIMIT :limit)"
+)
 
 
 class StorageError(Exception):
@@ -180,6 +257,33 @@ class Event:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Housekeeping:
+    """What one ``housekeeping`` call deleted. ``more``: it stopped at its bound (its last
+    transaction was full), so rows may still be due; call it again soon, not at the next slot."""
+
+    done_items: int = 0
+    dead_items: int = 0
+    expired_items: int = 0
+    turns: int = 0
+    processed_ids: int = 0
+    more: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.done_items + self.dead_items + self.expired_items + self.turns + self.processed_ids
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by name (for a log line)."""
+        return {
+            "done_items": self.done_items,
+            "dead_items": self.dead_items,
+            "expired_items": self.expired_items,
+            "turns": self.turns,
+            "processed_ids": self.processed_ids,
+        }
+
+
 def truncate(text: str, limit: int) -> str:
     """Cut ``text`` to at most ``limit`` characters, marking the cut."""
     if len(text) <= limit:
@@ -229,6 +333,26 @@ def claim_abandoned(item: QueueItem) -> bool:
     False for an item never claimed and for one its holder put back (``requeue``, ``fail``).
     """
     return item.last_error in (CLAIM_RELEASED, LEASE_RAN_OUT)
+
+
+def _refusal(conn: sqlite3.Connection, caps: QueueCaps, payload: dict[str, Any]) -> QueueFullError | None:
+    """The cap a new inbound item with ``payload`` would break, most specific first; None if none.
+
+    Run inside the accepting write transaction (BEGIN IMMEDIATE): no other writer, in this process
+    or another, can add an item between this count and the insert.
+    """
+    checks = (
+        ("user", caps.max_pending_per_user, payload.get("author_id"), _PENDING_BY_AUTHOR_SQL),
+        ("guild", caps.max_pending_per_guild, payload.get("guild_id"), _PENDING_BY_GUILD_SQL),
+        ("queue", caps.max_items, None, _LIVE_ITEMS_SQL),
+    )
+    for scope, cap, owner, sql in checks:
+        if cap is None or (scope != "queue" and owner is None):
+            continue
+        (count,) = conn.execute(sql, {"owner": owner, "cap": cap}).fetchone()
+        if count >= cap:
+            return QueueFullError(scope, cap, owner)
+    return None
 
 
 def _reap_leases(conn: sqlite3.Connection, now: float) -> None:
@@ -311,7 +435,7 @@ class SqliteStore:
         """
         if self._db is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
         try:
             await self._open()
         except sqlite3.DatabaseError as exc:
@@ -323,7 +447,26 @@ class SqliteStore:
                 "storage.quarantined", {"path": str(self.quarantined), "error": repr(exc)}
             )
 
+    def _secure_files(self) -> None:
+        """Create the database file owner-only, or make an existing one (and its WAL) owner-only.
+
+        An empty file is an empty database to SQLite. Files of another owner are left as they are.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            for name in (str(self.path), *(f"{self.path}{suffix}" for suffix in SIDECARS)):
+                try:
+                    info = os.stat(name)
+                except FileNotFoundError:
+                    continue
+                if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+                    os.chmod(name, FILE_MODE)
+        else:
+            os.close(fd)
+
     async def _open(self) -> None:
+        self._secure_files()
         slice_ms = min(BUSY_SLICE_MS, self.busy_timeout_ms)
         db = await aiosqlite.connect(self.path, isolation_level=None, timeout=slice_ms / 1000)
         try:
@@ -343,7 +486,7 @@ class SqliteStore:
     def _quarantine(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock.time()))
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", *SIDECARS):
             source = Path(f"{self.path}{suffix}")
             if source.exists():
                 source.replace(Path(f"{target}{suffix}"))
@@ -374,7 +517,7 @@ class SqliteStore:
             "last_error": self._last_error,
         }
 
-    async def __aenter__(self) -> SqliteStore:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -660,17 +803,28 @@ class SqliteStore:
         *,
         now: float,
         dedup_key: str | None = None,
+        caps: QueueCaps | None = None,
     ) -> QueueItem:
-        """Add an item, or return the existing one with the same ``dedup_key``."""
+        """Add an item, or return the existing one with the same ``dedup_key``.
+
+        A new inbound item over one of ``caps`` raises ``QueueFullError`` and stores nothing (an
+        existing item with its ``dedup_key`` is still returned). Outbound items ignore ``caps``:
+        they carry work that was already accepted.
+        """
         kind = ItemKind(kind)
         encoded = json.dumps(payload, separators=(",", ":"))
+        check = caps if kind is ItemKind.INBOUND else None
 
-        def body(conn: sqlite3.Connection) -> QueueItem:
+        def body(conn: sqlite3.Connection) -> QueueItem | QueueFullError:
             if dedup_key is not None:  # looked up first (inside BEGIN IMMEDIATE) so a replay burns no id
                 sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE dedup_key = ?"
                 existing = conn.execute(sql, (dedup_key,)).fetchone()
                 if existing is not None:
                     return _item(existing)
+            if check is not None:
+                refused = _refusal(conn, check, payload)
+                if refused is not None:
+                    return refused  # returned, not raised: a refusal is no failure of the store
             row = conn.execute(
                 "INSERT INTO queue (kind, conversation_key, payload, state, attempts, created_at, "
                 "next_attempt_at, dedup_key) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?) "
@@ -680,7 +834,10 @@ class SqliteStore:
             assert row is not None
             return _item(row)
 
-        return await self._run("enqueue", self._in_thread(body), write=False)
+        item = await self._run("enqueue", self._in_thread(body), write=False)
+        if isinstance(item, QueueFullError):  # raised outside the breaker: the store is fine
+            raise item
+        return item
 
     async def claim(
         self,
@@ -726,9 +883,11 @@ class SqliteStore:
 
         return await self._run("claim", self._in_thread(body), write=False)
 
-    async def complete(self, item_id: int) -> None:
-        """Mark an item done."""
-        await self._set_state("complete", item_id, "state = 'done', lease_until = NULL", ())
+    async def complete(self, item_id: int, *, now: float | None = None) -> None:
+        """Mark an item done (at ``now``, which starts its retention)."""
+        await self._set_state(
+            "complete", item_id, "state = 'done', lease_until = NULL, finished_at = ?", (self._now(now),)
+        )
 
     async def fail(self, item_id: int, error: str, *, next_attempt_at: float) -> QueueItem:
         """Return a claimed item to pending with ``attempts + 1`` and its next attempt time."""
@@ -740,10 +899,13 @@ class SqliteStore:
             (error, next_attempt_at),
         )
 
-    async def dead_letter(self, item_id: int, error: str) -> QueueItem:
-        """Give up on an item for good."""
+    async def dead_letter(self, item_id: int, error: str, *, now: float | None = None) -> QueueItem:
+        """Give up on an item for good (at ``now``, which starts its retention)."""
         return await self._set_state(
-            "dead_letter", item_id, "state = 'dead', lease_until = NULL, last_error = ?", (error,)
+            "dead_letter",
+            item_id,
+            "state = 'dead', lease_until = NULL, last_error = ?, finished_at = ?",
+            (error, self._now(now)),
         )
 
     async def expire(self, *, now: float, max_age: float) -> list[QueueItem]:
@@ -753,9 +915,9 @@ class SqliteStore:
         def body(conn: sqlite3.Connection) -> list[QueueItem]:
             _reap_leases(conn, now)
             rows = conn.execute(
-                f"UPDATE queue SET state = 'expired' WHERE state = 'pending' AND created_at < ? "
-                f"RETURNING {_QUEUE_COLUMNS}",
-                (cutoff,),
+                f"UPDATE queue SET state = 'expired', finished_at = ? WHERE state = 'pending' "
+                f"AND created_at < ? RETURNING {_QUEUE_COLUMNS}",
+                (now, cutoff),
             ).fetchall()
             return sorted((_item(r) for r in rows), key=lambda item: item.id)
 
@@ -826,16 +988,22 @@ class SqliteStore:
         now: float,
         lease_seconds: float,
         claim: bool = True,
+        caps: QueueCaps | None = None,
     ) -> QueueItem | None:
         """Accept a message durably: mark its id processed and store its work item, atomically.
 
         Returns None when the id was already processed (a replay). The item is claimed by the
         caller (with a lease, so a crash hands it to the drain) when ``claim`` and the
         conversation has nothing pending; otherwise it waits, pending, behind its conversation.
+
+        An inbound message over one of ``caps`` (its author's or guild's pending messages, or
+        all live items) raises ``QueueFullError``: nothing is stored and its id is not marked
+        processed. The count and the insert are one transaction, so concurrent acceptances, in
+        this process or another, cannot both slip under a cap. A replay is never refused.
         """
         accepted = await self._accept(
             message_id, kind, conversation_key, payload,
-            now=now, lease_seconds=lease_seconds, claim=claim, with_history=False,
+            now=now, lease_seconds=lease_seconds, claim=claim, with_history=False, caps=caps,
         )
         return None if accepted is None else accepted[0]
 
@@ -848,8 +1016,11 @@ class SqliteStore:
         *,
         now: float,
         lease_seconds: float,
+        caps: QueueCaps | None = None,
     ) -> tuple[QueueItem, list[Turn] | None] | None:
         """``accept(claim=True)`` that also reads the history for answering, in the same transaction.
+
+        Raises ``QueueFullError`` over one of ``caps``, like ``accept``.
 
         Returns None for a replay, else ``(item, history)``. ``history`` is what
         ``history_if_next`` would return right after acceptance: the conversation's history
@@ -859,7 +1030,7 @@ class SqliteStore:
         """
         return await self._accept(
             message_id, kind, conversation_key, payload,
-            now=now, lease_seconds=lease_seconds, claim=True, with_history=True,
+            now=now, lease_seconds=lease_seconds, claim=True, with_history=True, caps=caps,
         )
 
     async def _accept(
@@ -873,9 +1044,12 @@ class SqliteStore:
         lease_seconds: float,
         claim: bool,
         with_history: bool,
+        caps: QueueCaps | None,
     ) -> tuple[QueueItem, list[Turn] | None] | None:
+        kind = ItemKind(kind)
+        check = caps if kind is ItemKind.INBOUND else None
         args = {
-            "kind": ItemKind(kind).value,
+            "kind": kind.value,
             "key": conversation_key,
             "payload": json.dumps(payload, separators=(",", ":")),
             "now": now,
@@ -884,13 +1058,19 @@ class SqliteStore:
             "dedup": f"msg:{message_id}",
         }
 
-        def body(conn: sqlite3.Connection) -> tuple[QueueItem, list[Turn] | None] | None:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO processed (message_id, processed_at) VALUES (?, ?)",
-                (str(message_id), now),
-            )
-            if cur.rowcount != 1:
+        def body(conn: sqlite3.Connection) -> tuple[QueueItem, list[Turn] | None] | QueueFullError | None:
+            # The replay check comes before the caps (a replay is ignored, never refused), and a
+            # refusal leaves nothing behind: the id is marked processed only with its item.
+            seen = conn.execute("SELECT 1 FROM processed WHERE message_id = ?", (str(message_id),))
+            if seen.fetchone() is not None:
                 return None
+            if check is not None:
+                refused = _refusal(conn, check, payload)
+                if refused is not None:
+                    return refused  # returned, not raised: a refusal is no failure of the store
+            conn.execute(
+                "INSERT INTO processed (message_id, processed_at) VALUES (?, ?)", (str(message_id), now)
+            )
             # One statement decides the state (claimed unless the conversation has a backlog),
             # inserts, and says whether the item is next (no older item pending or claimed).
             row = conn.execute(_ACCEPT_SQL, args).fetchone()
@@ -901,6 +1081,8 @@ class SqliteStore:
             return item, [Turn(r[0], r[1], r[2], r[3]) for r in turns.fetchall()]
 
         accepted = await self._run("accept", self._in_thread(body), write=False)
+        if isinstance(accepted, QueueFullError):  # raised outside the breaker: the store is fine
+            raise accepted
         if accepted is None or accepted[1] is None:
             return accepted
         return accepted[0], self._bounded(accepted[1])
@@ -944,9 +1126,13 @@ class SqliteStore:
         if turns and key is None:
             raise ValueError("turns need the conversation key")
         rows = self._turn_rows(key or "", turns, now)
+        stamp = self._now(now)
 
         def body(conn: sqlite3.Connection) -> None:
-            cur = conn.execute("UPDATE queue SET state = 'done', lease_until = NULL WHERE id = ?", (item_id,))
+            cur = conn.execute(
+                "UPDATE queue SET state = 'done', lease_until = NULL, finished_at = ? WHERE id = ?",
+                (stamp, item_id),
+            )
             if cur.rowcount != 1:
                 raise QueueItemNotFoundError(item_id)
             if rows:
@@ -1037,6 +1223,77 @@ class SqliteStore:
             return cur.rowcount
 
         return await self._run("prune_processed", body)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def housekeeping(
+        self,
+        *,
+        now: float,
+        queue_retention: float,
+        history_retention: float,
+        processed_retention: float,
+        done_retention: float = 0.0,
+        batch_rows: int = HOUSEKEEPING_BATCH_ROWS,
+        max_batches: int = 50,
+    ) -> Housekeeping:
+        """Delete what is past its retention, in short transactions; return what went.
+
+        Dead and expired items go ``queue_retention`` seconds after they ended (kept that long
+        for operators), done items after ``done_retention`` (default 0: at the next call; they
+        hold the user's message and nobody needs them once answered), conversation turns
+        ``history_retention`` seconds after they were said, processed message ids (the replay
+        guard) after ``processed_retention``. Live items (pending, claimed) are never touched.
+
+        Each transaction deletes at most ``batch_rows`` rows, through indexes, so the write lock
+        is held only briefly and other writers go between transactions; a call runs at most
+        ``max_batches`` of them, and says ``more`` when it stopped there with its last one full.
+        """
+        for name, value in (
+            ("queue_retention", queue_retention),
+            ("history_retention", history_retention),
+            ("processed_retention", processed_retention),
+            ("done_retention", done_retention),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{name} must be at least 0 seconds, not {value!r}")
+        if batch_rows < 1 or max_batches < 1:
+            raise ValueError("batch_rows and max_batches must be at least 1")
+        targets = (  # (name, statement, arguments without the limit)
+            ("done_items", _PRUNE_FINISHED_SQL, {"state": "done", "cutoff": now - done_retention}),
+            ("dead_items", _PRUNE_FINISHED_SQL, {"state": "dead", "cutoff": now - queue_retention}),
+            ("expired_items", _PRUNE_FINISHED_SQL, {"state": "expired", "cutoff": now - queue_retention}),
+            ("turns", _PRUNE_TURNS_SQL, {"cutoff": now - history_retention}),
+            ("processed_ids", _PRUNE_PROCESSED_SQL, {"cutoff": now - processed_retention}),
+        )
+
+        def batch(conn: sqlite3.Connection) -> dict[str, int]:
+            deleted: dict[str, int] = {}
+            room = batch_rows
+            for name, sql, args in targets:
+                deleted[name] = conn.execute(sql, {**args, "limit": room}).rowcount
+                room -= deleted[name]
+                if room == 0:
+                    break
+            return deleted
+
+        totals = dict.fromkeys((name for name, _, _ in targets), 0)
+        more = True
+        for _ in range(max_batches):
+            deleted = await self._run("housekeeping", self._in_thread(batch), write=False)
+            for name, count in deleted.items():
+                totals[name] += count
+            if sum(deleted.values()) < batch_rows:
+                more = False
+                break
+        return Housekeeping(
+            done_items=totals["done_items"],
+            dead_items=totals["dead_items"],
+            expired_items=totals["expired_items"],
+            turns=totals["turns"],
+            processed_ids=totals["processed_ids"],
+            more=more,
+        )
 
     # -- events ----------------------------------------------------------------------------
 

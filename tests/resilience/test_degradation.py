@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from resilience.clock import FakeClock
 from resilience.degradation import (
     DEFAULT_MAINTENANCE_MESSAGE,
     DegradationSnapshot,
     DegradationState,
     Mode,
+    QueueCaps,
 )
+from resilience.errors import Category, QueueFullError, ResilienceError, classify
 
 
 def test_starts_normal_since_construction(fake_clock: FakeClock) -> None:
@@ -97,3 +101,30 @@ def test_mode_accepts_its_string_value(fake_clock: FakeClock) -> None:
     """set('degraded') works like set(Mode.DEGRADED), e.g. from an admin command argument."""
     state = DegradationState(fake_clock)
     assert state.set("degraded", "manual").mode is Mode.DEGRADED  # type: ignore[arg-type]
+
+
+# -- the queue's caps and its refusal ---------------------------------------------------------
+
+
+def test_queue_caps_default_to_no_cap_and_refuse_a_cap_below_one() -> None:
+    """QueueCaps() caps nothing; a cap of 0, a negative, a float or a bool is a caller's mistake."""
+    assert QueueCaps() == QueueCaps(None, None, None)
+    assert QueueCaps(max_items=1, max_pending_per_user=5, max_pending_per_guild=50).max_pending_per_user == 5
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_pending_per_guild"):
+            QueueCaps(max_pending_per_guild=bad)  # type: ignore[arg-type]
+
+
+def test_a_full_queue_is_classified_as_queue_full_not_retryable_and_not_a_bug() -> None:
+    """The refusal has its own category (not INTERNAL, which would apologise with a trace id) and is
+    not retryable: queueing the message is exactly what cannot be done."""
+    exc = QueueFullError("guild", 50, 123)
+    assert isinstance(exc, ResilienceError)
+    assert (exc.scope, exc.limit, exc.owner) == ("guild", 50, 123)
+    assert "guild 123" in str(exc) and "50" in str(exc)
+    verdict = classify(exc)
+    assert verdict.category is Category.QUEUE_FULL and not verdict.retryable
+    assert verdict.user_message.endswith(".") and "waiting" in verdict.user_message
+    assert "the queue" in str(QueueFullError("queue", 10_000))
+    with pytest.raises(ValueError, match="scope"):
+        QueueFullError("channel", 5)

@@ -1,11 +1,14 @@
 """Crash safety of the durable queue: a worker process is SIGKILLed at random moments, 100+ times.
 
-The worker (a forked child) enqueues with dedup keys, claims and completes in a loop, and appends
-a line to a log only after each operation's commit has returned. After every kill the parent
-checks the database against the log: it opens, ``integrity_check`` is ok, every enqueue the
-child reported is present exactly once, every reported completion is done, no item was claimed
-twice under a live lease, and each conversation was served in order. At the end the killed
-workers' leases expire and a fresh store drains everything.
+The worker (a forked child) enqueues with dedup keys, accepts messages under queue caps, claims
+and completes in a loop, runs housekeeping now and then, and appends a line to a log only after
+each operation's commit has returned. After every kill the parent checks the database against
+the log: it opens, ``integrity_check`` is ok, every enqueue and acceptance the child reported is
+present exactly once (or was completed and then pruned by housekeeping, never pruned while
+live), every refused message left nothing behind (no item, no processed id), every reported
+completion is done, no item was claimed twice under a live lease, each conversation was served
+in order, and the kept count of live items matches the items. At the end the killed workers'
+leases expire and a fresh store drains everything.
 
 Virtual time: run ``r`` of the child works at ``now = r * RUN_SPAN + small steps`` with leases of
 ``LEASE`` seconds (< ``RUN_SPAN``), so a killed run's leases are live for the rest of that run
@@ -25,13 +28,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resilience.degradation import ItemKind, ItemState
+from resilience.degradation import ItemKind, ItemState, QueueCaps
+from resilience.errors import QueueFullError
 from services.storage import SqliteStore
 
 KILLS = 110
 RUN_SPAN = 1_000.0
 LEASE = 100.0
 CONVERSATIONS = 4
+AUTHORS = 3
+CAPS = QueueCaps(max_items=30, max_pending_per_user=1)
 
 
 def _child(db_path: str, log_path: str, run: int, hang_after_claim: bool = False) -> None:
@@ -62,12 +68,31 @@ def _child(db_path: str, log_path: str, run: int, hang_after_claim: bool = False
                 old = f"r{run}-{step - 3}"
                 again = await store.enqueue(ItemKind.INBOUND, "conv-x", {}, now=now, dedup_key=old)
                 log(f"E {old} {again.id}")
+            if step % 3 == 1:  # a user's message, accepted under the caps or refused
+                message = f"a{run}-{step}"
+                payload = {"key": message, "author_id": step % AUTHORS, "guild_id": 1}
+                try:
+                    accepted = await store.accept(
+                        message, ItemKind.INBOUND, f"conv{step % CONVERSATIONS}", payload,
+                        now=now, lease_seconds=LEASE, claim=False, caps=CAPS,
+                    )
+                except QueueFullError as exc:
+                    log(f"R {message} {exc.scope}")
+                else:
+                    assert accepted is not None
+                    log(f"A {message} {accepted.id}")
             for claimed in await store.claim(now=now, lease_seconds=LEASE, limit=2):
                 log(f"C {run} {claimed.id} {claimed.conversation_key}")
                 if hang_after_claim:  # a worker that dies holding a claim, for certain
                     time.sleep(30)
-                await store.complete(claimed.id)
+                await store.complete(claimed.id, now=now)
                 log(f"D {claimed.id}")
+            if step % 16 == 1:  # what finished in earlier runs goes; this run's items stay
+                pruned = await store.housekeeping(
+                    now=now, done_retention=RUN_SPAN, queue_retention=RUN_SPAN,
+                    history_retention=RUN_SPAN, processed_retention=RUN_SPAN, batch_rows=7,
+                )
+                log(f"H {pruned.done_items}")
 
     asyncio.run(work())
     os._exit(0)
@@ -78,6 +103,9 @@ class Log:
     """What the children reported as committed."""
 
     enqueued: dict[str, int] = field(default_factory=dict)
+    accepted: dict[str, int] = field(default_factory=dict)
+    refused: set[str] = field(default_factory=set)
+    pruned: int = 0
     claims: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
     done: set[int] = field(default_factory=set)
     claim_order: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
@@ -100,7 +128,27 @@ def _read_log(path: Path) -> Log:
             result.claim_order[parts[3]].append(item_id)
         elif parts[0] == "D":
             result.done.add(int(parts[1]))
+        elif parts[0] == "A":
+            result.accepted[parts[1]] = int(parts[2])
+        elif parts[0] == "R":
+            result.refused.add(parts[1])
+        elif parts[0] == "H":
+            result.pruned += int(parts[1])
     return result
+
+
+def _audit_deletions(conn: sqlite3.Connection) -> None:
+    """Record every queue row deleted from now on, with its state, in the deleting transaction.
+
+    Installed once the schema exists, after the run that created it: that run had no item
+    finished in an earlier run, so its housekeeping deleted nothing that goes unrecorded.
+    """
+    conn.execute("CREATE TABLE IF NOT EXISTS test_deleted (id INTEGER PRIMARY KEY, state TEXT NOT NULL)")
+    conn.execute(
+        "CREATE TRIGGER IF NOT EXISTS test_audit AFTER DELETE ON queue "
+        "BEGIN INSERT INTO test_deleted (id, state) VALUES (OLD.id, OLD.state); END"
+    )
+    conn.commit()
 
 
 def _check(db_path: Path, log: Log) -> None:
@@ -112,13 +160,27 @@ def _check(db_path: Path, log: Log) -> None:
         if "queue" not in tables:  # killed during the very first migration: it must have rolled back
             assert not log.enqueued
             return
+        if "test_deleted" not in tables:
+            _audit_deletions(conn)
+        deleted = dict(conn.execute("SELECT id, state FROM test_deleted").fetchall())
+        assert set(deleted.values()) <= {ItemState.DONE.value}, f"housekeeping deleted live items: {deleted}"
         rows = dict(conn.execute("SELECT id, state FROM queue").fetchall())
         counts = dict(conn.execute("SELECT dedup_key, COUNT(*) FROM queue GROUP BY dedup_key").fetchall())
-        for key, item_id in log.enqueued.items():
+        processed = {r[0] for r in conn.execute("SELECT message_id FROM processed")}
+        reported = [*log.enqueued.items(), *((f"msg:{m}", i) for m, i in log.accepted.items())]
+        for key, item_id in reported:
+            if item_id not in rows:  # housekeeping may delete an item only once it is done
+                assert item_id in deleted and key not in counts, f"{key} (item {item_id}) was lost"
+                continue
             assert counts.get(key) == 1, f"{key} present {counts.get(key, 0)} times"
-            assert item_id in rows
+        for message in log.refused:  # a refusal stores nothing, so a replay could still be accepted
+            trace = message in processed or f"msg:{message}" in counts
+            assert not trace, f"refused {message} left a trace"
         for item_id in log.done:
-            assert rows[item_id] == ItemState.DONE.value, f"completed item {item_id} is {rows[item_id]}"
+            state = rows.get(item_id, ItemState.DONE.value)
+            assert state == ItemState.DONE.value, f"completed item {item_id} is {state}"
+        live = conn.execute("SELECT COUNT(*) FROM queue WHERE state IN ('pending', 'claimed')").fetchone()[0]
+        assert conn.execute("SELECT n FROM queue_live").fetchone()[0] == live
         for conversation, ids in log.claim_order.items():
             assert ids == sorted(ids), f"{conversation} served out of order: {ids}"
     finally:
@@ -151,6 +213,11 @@ def test_queue_survives_110_sigkills_with_nothing_lost_or_claimed_twice(tmp_path
     log = _read_log(log_path)
     assert len(log.enqueued) > 2 * KILLS, "the children did too little work for the kills to mean much"
     assert len(log.done) > KILLS
+    assert len(log.accepted) > KILLS // 2 and log.refused, "the caps were never reached (or always)"
+    conn = sqlite3.connect(db_path)
+    deleted = conn.execute("SELECT COUNT(*) FROM test_deleted").fetchone()[0]
+    conn.close()
+    assert log.pruned and deleted > KILLS, "housekeeping had too little to do for the kills to mean much"
     # some kills landed between a claim and its completion, and a later run took the item back
     assert any(len(runs) > 1 for runs in log.claims.values())
 
@@ -160,7 +227,8 @@ def test_queue_survives_110_sigkills_with_nothing_lost_or_claimed_twice(tmp_path
     conn.close()
     assert left_claimed and all(lease <= (KILLS + 1) * RUN_SPAN for _, lease in left_claimed.values())
     print(
-        f"enqueued {len(log.enqueued)}, done {len(log.done)}, "
+        f"enqueued {len(log.enqueued)}, accepted {len(log.accepted)}, refused {len(log.refused)}, "
+        f"done {len(log.done)}, pruned by housekeeping {deleted} ({log.pruned} reported), "
         f"re-claimed after a kill {sum(len(r) > 1 for r in log.claims.values())}, "
         f"left claimed by the last kills {len(left_claimed)}"
     )
