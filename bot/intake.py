@@ -25,7 +25,7 @@ from bot import texts
 from bot.answering import Answerer
 from bot.inbound import Inbound, accept, lease_seconds
 from bot.routing import FailureRouter
-from bot.splitting import split_message
+from bot.splitting import has_visible_text, split_message
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, classify, user_message_for
@@ -268,8 +268,9 @@ class Intake:
             async with app.discord_io.typing(message.channel):
                 async with asyncio.timeout(cfg.processing_timeout_seconds):
                     reply = await app.gemini.generate(inbound.content, ())
+            answered = reply.ok and has_visible_text(reply.text)
             chunks = (
-                split_message(reply.text or "") if reply.ok else [reply.user_message or texts.no_answer()]
+                split_message(reply.text) if answered else [reply.user_message or texts.no_answer()]
             )
             # An older message takes at most its write and its generation to reach the mutex.
             older = app.storage.statement_timeout + cfg.processing_timeout_seconds
@@ -282,7 +283,7 @@ class Intake:
                 await app.discord_io.send_chunks(
                     message.channel, chunks, reply_to=message, mention_user=message.author
                 )
-            return "answered" if reply.ok else "refused"
+            return "answered" if answered else "refused"
         except asyncio.CancelledError:
             raise
         except Exception as exc:
