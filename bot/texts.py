@@ -9,6 +9,25 @@ from resilience.errors import Classification
 ACK_MARK = "\u23f3"  # hourglass
 
 
+# Refusals (intake): the first of a kind per user and window gets its sentence below; the next
+# few get this reaction instead (the reason was just given), the rest nothing (ratelimit.NoticeLimiter).
+COOLDOWN = "cooldown"
+TOO_LONG = "too_long"
+ATTACHMENTS_ONLY = "attachments_only"
+EMPTY_MENTION = "empty_mention"
+_REFUSAL_REACTIONS = {
+    COOLDOWN: "\U0001f422",  # turtle: slow down
+    TOO_LONG: "\U0001f4cf",  # ruler: too long
+    ATTACHMENTS_ONLY: "\u2753",  # question mark: nothing I can read
+    EMPTY_MENTION: "\u2753",
+}
+
+
+def refusal_reaction(kind: str) -> str:
+    """The reaction that stands in for a refusal's sentence already given in this window."""
+    return _REFUSAL_REACTIONS[kind]
+
+
 def queued(verdict: Classification, position: int) -> str:
     """The honest "queued" acknowledgement, with the queue position and, when known, when."""
     where = f" (position {position} in the queue)" if position > 0 else ""

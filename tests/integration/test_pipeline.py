@@ -25,6 +25,7 @@ from bot.client import GeminiBot
 from bot.inbound import Inbound
 from bot.texts import ACK_MARK
 from resilience.breakers import BreakerState
+from resilience.clock import Clock
 from resilience.degradation import ItemKind, ItemState
 from sandbox import responder
 from sandbox.discord_emu import DiscordEmulator, SentMessage
@@ -86,12 +87,15 @@ def _ref(message: SentMessage) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def live_bot(emus: Emulators, data_dir: Path, **settings: str) -> AsyncIterator[Live]:
-    """Start a ``GeminiBot`` against ``emus``; close it (and check it closed) on exit."""
+async def live_bot(
+    emus: Emulators, data_dir: Path, *, clock: Clock | None = None, **settings: str
+) -> AsyncIterator[Live]:
+    """Start a ``GeminiBot`` against ``emus`` (on ``clock``, default the real one); close it (and
+    check it closed) on exit."""
     environ = {**emus.settings(), **TEST_SETTINGS, "DATA_DIR": str(data_dir), "LOG_FORMAT": "console"}
     environ.update(settings)
     config = load_config(environ=environ, env_file=None)
-    app = build_application(config)
+    app = build_application(config, clock=clock)
     with pointed_at(emus.discord):
         bot = GeminiBot(app, guild_ready_timeout=0.05, drain_interval=0.05)
         task = asyncio.create_task(bot.start(config.discord_token or ""))
