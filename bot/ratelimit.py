@@ -15,7 +15,8 @@ and only under a flood of distinct senders).
 
 Two more limits live here. ``NoticeLimiter`` decides how a refused message is answered, so that
 a flood of refused messages cannot become a flood of posts: per user and window, one notice per
-kind of refusal, then a few reactions, then silence.
+kind of refusal, then a few reactions, then silence. ``TokenBucket`` paces the drain: queued
+messages reach Gemini at a bounded rate after maintenance or an outage.
 """
 
 from __future__ import annotations
@@ -271,3 +272,36 @@ class NoticeLimiter:
             **{feedback.value: n for feedback, n in self.counts.items()},
         }
 
+
+class TokenBucket:
+    """At most ``rate`` takes per second on average, in bursts of at most one second's worth.
+
+    The bucket holds ``max(1, rate)`` tokens and starts full; ``available()`` says how many whole
+    tokens there are now, ``take(n)`` spends them. Refilled from ``clock.monotonic()``: no sleeps,
+    so a ``FakeClock`` steps it exactly (advance one second, get ``rate`` more).
+    """
+
+    def __init__(self, rate: float, *, clock: Clock) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self._clock = clock
+        self._tokens = self.capacity
+        self._stamp = clock.monotonic()
+
+    def available(self) -> int:
+        """Whole tokens now."""
+        self._refill()
+        return int(self._tokens + 1e-9)  # 0.1 + 0.2 steps must not lose a token to rounding
+
+    def take(self, n: int) -> None:
+        """Spend ``n`` tokens (at most ``available()``)."""
+        self._refill()
+        self._tokens = max(0.0, self._tokens - n)
+
+    def _refill(self) -> None:
+        now = self._clock.monotonic()
+        if now > self._stamp:
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now

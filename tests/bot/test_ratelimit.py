@@ -1,5 +1,5 @@
-"""RateLimiter (sliding-window limits per user and per guild) and NoticeLimiter (how refusals
-are answered), each on an injected FakeClock."""
+"""RateLimiter (sliding-window limits per user and per guild), NoticeLimiter (how refusals are
+answered) and TokenBucket (the drain's pace), each on an injected FakeClock."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.ratelimit import Feedback, NoticeLimiter, RateLimiter
+from bot.ratelimit import Feedback, NoticeLimiter, RateLimiter, TokenBucket
 from resilience.clock import FakeClock
 
 GUILD = 900
@@ -274,3 +274,47 @@ def test_notice_limiter_rejects_bad_settings() -> None:
     with pytest.raises(ValueError):
         NoticeLimiter(window=60, reactions=1, clock=clock, max_keys=0)
 
+
+# -- TokenBucket ---------------------------------------------------------------------------
+
+
+def test_token_bucket_starts_full_and_refills_rate_per_clock_second() -> None:
+    """rate 3: 3 at once, then none until the clock moves; each second gives 3 more, never more
+    than one second's worth however long it was idle."""
+    clock = FakeClock(start=0.0)
+    bucket = TokenBucket(3, clock=clock)
+    assert bucket.available() == 3
+    bucket.take(3)
+    assert bucket.available() == 0
+    starts = []
+    for _ in range(5):
+        clock.advance(1.0)
+        n = bucket.available()
+        bucket.take(n)
+        starts.append(n)
+    assert starts == [3] * 5
+    clock.advance(3600)
+    assert bucket.available() == 3
+
+
+def test_token_bucket_counts_fractions_of_a_second() -> None:
+    """Steps of a tenth of a second add up exactly; a rate under 1 still allows one at a time."""
+    clock = FakeClock(start=0.0)
+    bucket = TokenBucket(10, clock=clock)
+    bucket.take(10)
+    taken = 0
+    for _ in range(30):
+        clock.advance(0.1)
+        n = bucket.available()
+        bucket.take(n)
+        taken += n
+    assert taken == 30
+    slow = TokenBucket(0.25, clock=clock)
+    assert slow.available() == 1
+    slow.take(1)
+    clock.advance(3.9)
+    assert slow.available() == 0
+    clock.advance(0.1)
+    assert slow.available() == 1
+    with pytest.raises(ValueError):
+        TokenBucket(0, clock=clock)

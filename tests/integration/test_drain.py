@@ -236,6 +236,35 @@ async def test_maintenance_saves_only_the_rate_limit_s_worth_and_the_rest_get_th
         assert [len(answers(live, m["id"])) for m in msgs[:5]] == [1] * 5
 
 
+async def test_after_maintenance_the_drain_sends_the_backlog_to_gemini_at_the_bounded_rate(
+    tmp_path: Path,
+) -> None:
+    """QUEUE_DRAIN_PER_SECOND=3, 12 messages saved in 12 conversations during maintenance. With the
+    bot's clock held still, ending maintenance lets exactly 3 reach Gemini; each second the clock
+    is stepped lets exactly 3 more (before the drain had a pace, all reached Gemini at once)."""
+    clock = SteppedClock()
+    async with start(tmp_path, clock=clock, QUEUE_DRAIN_PER_SECOND="3") as live:
+        channels = [live.discord.world.add_text_channel(f"backlog-{i}") for i in range(12)]
+        set_maintenance(live, "Upgrading the bot.")
+        asked = []
+        for channel in channels:
+            msg = await live.say("are you back", channel=channel)
+            await live.wait_replies(msg["id"], channel=channel)
+            asked.append((channel, msg))
+        assert await states(live) == [ItemState.PENDING] * 12
+
+        set_maintenance(live, None)
+        for second in range(4):
+            started = 3 * (second + 1)
+            await live.discord.wait_until(lambda n=started: len(live.gemini.requests) >= n, 5)
+            await asyncio.sleep(QUIET)  # the clock stands still: no more may start
+            assert len(live.gemini.requests) == started, f"second {second}"
+            clock.advance(1.0)
+        for channel, msg in asked:
+            [answer] = await live.wait_replies(msg["id"], channel=channel, answers_only=True)
+            assert answer.content.startswith("You asked earlier")
+
+
 async def test_a_mutex_timeout_queues_the_message_and_it_is_answered_in_order_after(tmp_path: Path) -> None:
     """While the test holds the conversation's lock, two messages get "queued" acknowledgements
     (not silence, not an error); once released both are answered once, in the order sent."""
