@@ -18,7 +18,7 @@ import structlog
 from bot import texts
 from bot.inbound import Inbound, Snowflake
 from bot.routing import Explanation, FailureRouter, Original
-from bot.splitting import split_message
+from bot.splitting import has_visible_text, split_message
 from resilience.degradation import ItemKind, QueueItem
 from resilience.errors import classify
 from services.discord_io import PartialDeliveryError
@@ -68,7 +68,12 @@ class Answerer:
             return routed
 
         turns: list[TurnRow] = []
-        if reply.ok:
+        if reply.ok and not has_visible_text(reply.text):
+            # Text with nothing to show (only a code fence, say): no answer, and no turn for the history.
+            log.warning("pipeline.blank_answer", item=item.id, length=len(reply.text))
+            chunks = [texts.no_answer()]
+            outcome = "refused"
+        elif reply.ok:
             body = reply.text or ""
             if not live:
                 body = texts.late_answer_prefix(inbound.content) + body
@@ -101,6 +106,8 @@ class Answerer:
     ) -> str:
         """Send ``chunks`` as a reply; what Discord does not take now goes to the outbound queue.
 
+        Chunks with nothing in them are never recorded as an answer: the user gets
+        ``texts.no_answer()`` instead (outcome ``"refused"``, no turns).
         ``turns`` (the question and the answer) join the conversation history when the item is
         finished, in the same transaction, or as soon as the answer is queued for delivery.
         Chunk ``i`` carries the nonce ``<message id>.<i>``, so a chunk resent after a timeout or
@@ -108,6 +115,10 @@ class Answerer:
         first chunk goes out, so a crash between chunks resumes the delivery.
         """
         app = self.app
+        if not any(chunk.strip() for chunk in chunks):
+            # Nothing to send is no answer: finishing the item would record silence as answered.
+            log.warning("pipeline.nothing_to_deliver", item=item.id, outcome=outcome)
+            chunks, outcome, turns = [texts.no_answer()], "refused", ()
         first = int(item.payload.get("chunk_offset", 0))
         if len(chunks) > 1 and item.kind is ItemKind.INBOUND:
             item = await app.storage.update_payload(

@@ -19,7 +19,7 @@ from bot.ratelimit import RateLimiter
 from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
 from resilience.context import TraceCollector
-from resilience.degradation import DegradationState, Mode, QueueItem
+from resilience.degradation import DegradationState, Mode, QueueCaps, QueueItem
 from resilience.mutex import KeyedMutex
 from resilience.registry import ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
@@ -56,6 +56,7 @@ class Application:
     gemini_retry: RetryPolicy
     http_api: HttpApi
     message_latency: LatencyWindow
+    queue_caps: QueueCaps
     client: discord.Client | None = None
     drain_waker: Callable[[], None] | None = None
     _chat_channels: dict[int, frozenset[int]] = field(default_factory=dict)
@@ -225,6 +226,11 @@ def build_application(
         gemini_retry=retry,
         http_api=http_api,
         message_latency=message_latency,
+        queue_caps=QueueCaps(
+            max_items=config.queue_max_items,
+            max_pending_per_user=config.queue_max_pending_per_user,
+            max_pending_per_guild=config.queue_max_pending_per_guild,
+        ),
     )
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected

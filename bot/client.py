@@ -122,6 +122,9 @@ class GeminiBot(commands.Bot):
         self.app.http_api.sources.caches.update(
             {
                 "recent_message_ids": BoundedCache(lambda: self.intake.recent_ids, RECENT_IDS),
+                "refusal_notices": BoundedCache(
+                    lambda: len(self.intake.refusals), self.intake.refusals.status()["max_keys"]
+                ),
                 "discord_messages": BoundedCache(lambda: len(self.cached_messages), state.max_messages or 0),
                 # discord.py keeps at most 128 DM channels (ConnectionState._add_private_channel).
                 "discord_dm_channels": BoundedCache(lambda: len(self.private_channels), 128),

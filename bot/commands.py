@@ -34,7 +34,7 @@ from bot.operations import OperationError
 from bot.routing import FailureRouter
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
-from resilience.errors import Category, MutexTimeoutError, classify
+from resilience.errors import Category, MutexTimeoutError, QueueFullError, classify
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -205,25 +205,30 @@ class SlashCommands:
         # flags tell the drain the message id is an interaction's, not a message to reply to.
         extra = {"acked": True, "interaction": True, "private": private}
 
-        maintenance = app.maintenance()
-        if maintenance is not None:
-            position: int | None = None
-            if cfg.maintenance_queue_messages:
-                item = await accept(app, inbound, claim=False, extra=extra)
-                position = await app.storage.position(item.id) if item is not None else None
-            await reply_to.say(texts.maintenance(maintenance, queued_position=position))
-            return "maintenance"
-
+        # The rate limit first: maintenance must not become a way to queue past it.
         wait = app.ratelimiter.check(inbound.author_id, inbound.guild_id)
         if wait is not None:
             await reply_to.say(texts.cooldown(wait))
             return "rate_limited"
 
+        maintenance = app.maintenance()
         try:
+            if maintenance is not None:
+                position: int | None = None
+                if cfg.maintenance_queue_messages:
+                    item = await accept(app, inbound, claim=False, extra=extra)
+                    position = await app.storage.position(item.id) if item is not None else None
+                await reply_to.say(texts.maintenance(maintenance, queued_position=position))
+                return "maintenance"
             item = await accept(app, inbound, claim=True, extra=extra)
         except asyncio.CancelledError:
             raise
+        except QueueFullError as exc:
+            await reply_to.say(texts.queue_full(exc.scope, exc.limit))
+            return "refused"
         except Exception as exc:
+            if maintenance is not None:
+                raise
             await reply_to.say(texts.cannot_accept(classify(exc)))
             return "error"
         if item is None:

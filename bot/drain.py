@@ -3,12 +3,15 @@
 A supervised loop (``resilience.tasks.SupervisedTask``). Each run expires stale items (and
 tells their users), then claims work only as far as the breakers let calls through: nothing
 while ``discord.send`` is open, outbound items while Gemini is open, one inbound item as the
-probe while Gemini is half-open, up to ``concurrency`` items when it is closed. Each claimed
-item runs as a task of its own and the loop claims again as soon as one finishes, so one slow
-item (a hang, a retried 429) holds up only its own conversation. The queue hands out at most
-the head of each conversation and nothing where one is claimed, so answers stay in order per
-conversation. A restarted bot resumes what the previous process left: its claims are released
-at start-up, and only such an item (``claim_abandoned``) is looked for in the channel's history.
+probe while Gemini is half-open, up to ``concurrency`` items when it is closed, and questions
+(inbound items) at most ``QUEUE_DRAIN_PER_SECOND`` a second (a ``TokenBucket`` on the
+application's clock): the backlog that maintenance or an outage leaves reaches Gemini at that
+pace, not all at once. Each claimed item runs as a task of its own and the loop claims again
+as soon as one finishes, so one slow item (a hang, a retried 429) holds up only its own
+conversation. The queue hands out at most the head of each conversation and nothing where one
+is claimed, so answers stay in order per conversation. A restarted bot resumes what the
+previous process left: its claims are released at start-up, and only such an item
+(``claim_abandoned``) is looked for in the channel's history.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import structlog
 from bot import texts
 from bot.answering import Answerer
 from bot.inbound import Inbound
+from bot.ratelimit import TokenBucket
 from bot.routing import FailureRouter
 from resilience.breakers import BreakerState
 from resilience.context import request_context
@@ -87,6 +91,7 @@ class Drain:
             clock=app.clock,
             expected=(CircuitOpenError, CallTimeoutError, StorageError),  # storage down: no stack
         )
+        self.pace = TokenBucket(cfg.queue_drain_per_second, clock=app.clock)
         self._next_housekeeping = 0.0
         self._inflight: dict[asyncio.Task[None], ItemKind] = {}
 
@@ -158,8 +163,9 @@ class Drain:
             inbound_limit = min(1, limit - len(items))  # one probe while half-open
         else:
             inbound_limit = 0
+        inbound_limit = min(inbound_limit, self.pace.available())
         if inbound_limit > 0:
-            items += await app.storage.claim(
+            questions = await app.storage.claim(
                 now=now,
                 lease_seconds=self.lease,
                 kind=ItemKind.INBOUND,
@@ -168,6 +174,8 @@ class Drain:
                 # essay) must not be the probe every time while the rest wait behind the breaker.
                 fewest_attempts_first=gemini.state is not BreakerState.CLOSED,
             )
+            self.pace.take(len(questions))
+            items += questions
         return items
 
     def _spawn(self, item: QueueItem) -> None:

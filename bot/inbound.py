@@ -93,7 +93,10 @@ class Snowflake:
 async def accept(
     app: Application, inbound: Inbound, *, claim: bool, extra: dict[str, Any]
 ) -> QueueItem | None:
-    """Accept a message durably (see ``SqliteStore.accept``); None when it was seen before."""
+    """Accept a message durably (see ``SqliteStore.accept``); None when it was seen before.
+
+    Raises ``QueueFullError`` (nothing stored) when a cap on waiting messages is reached.
+    """
     return await app.storage.accept(
         inbound.message_id,
         ItemKind.INBOUND,
@@ -102,4 +105,5 @@ async def accept(
         now=app.clock.time(),
         lease_seconds=lease_seconds(app.config),
         claim=claim,
+        caps=app.queue_caps,
     )

@@ -1,12 +1,18 @@
 """Intake: one gateway message from ``on_message`` to acceptance and its place in its conversation.
 
-Order (DESIGN.md, "One message, end to end"): fast exit -> in-memory dedup -> input checks ->
-maintenance -> rate limits -> durable acceptance (dedup across restarts) -> per-conversation
-mutex -> the ``Answerer``. Acceptance (``bot.inbound.accept``) is the durable point of no
-return. A live message is accepted with ``accept_with_history``: the same transaction also
-reads the history to answer with, when the message is next in its conversation. Messages of
-one conversation reach its mutex in arrival order (``Arrivals``), however long each one's
-write took, so an unsaved answer (storage down) never overtakes an earlier message.
+Order: fast exit -> in-memory dedup -> input checks -> rate limits -> maintenance -> durable
+acceptance (dedup across restarts) -> per-conversation mutex -> the ``Answerer``. The rate
+limits come before maintenance, so a message saved during maintenance is one the user was
+allowed to send: the backlog maintenance leaves is bounded per user and per guild. A refused
+message (too long, empty, over the rate limit) is answered as ``NoticeLimiter`` decides: one
+notice per user, kind and window, then a few reactions, then silence, so a flood of refused
+messages cannot become a flood of posts.
+
+Acceptance (``bot.inbound.accept``) is the durable point of no return. A live message is
+accepted with ``accept_with_history``: the same transaction also reads the history to answer
+with, when the message is next in its conversation. Messages of one conversation reach its
+mutex in arrival order (``Arrivals``), however long each one's write took, so an unsaved
+answer (storage down) never overtakes an earlier message.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import structlog
 from bot import texts
 from bot.answering import Answerer
 from bot.inbound import Inbound, accept, lease_seconds
+from bot.ratelimit import Feedback, NoticeLimiter
 from bot.routing import FailureRouter
-from bot.splitting import split_message
+from bot.splitting import has_visible_text, split_message
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
-from resilience.errors import Category, MutexTimeoutError, classify, user_message_for
+from resilience.errors import Category, MutexTimeoutError, QueueFullError, classify, user_message_for
 from services.storage import StorageError, Turn
 
 if TYPE_CHECKING:
@@ -37,6 +44,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("bot.intake")
 
 RECENT_IDS = 10_000
+# Reactions per user and rate-limit window for refusals after the notice: enough to show a few
+# more messages were not taken, few enough that a flood costs at most this many writes.
+REFUSAL_REACTIONS = 3
 
 
 class Intake:
@@ -57,6 +67,9 @@ class Intake:
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._arrivals = Arrivals()
+        self.refusals = NoticeLimiter(
+            window=app.ratelimiter.window, reactions=REFUSAL_REACTIONS, clock=app.clock
+        )
 
     @property
     def recent_ids(self) -> int:
@@ -133,12 +146,13 @@ class Intake:
         cfg = app.config
         text = self.clean_content(message)
         if len(text) > cfg.max_input_chars:
-            await self._say(message, texts.too_long(len(text), cfg.max_input_chars))
+            await self._refuse(message, texts.TOO_LONG, texts.too_long(len(text), cfg.max_input_chars))
             return "refused"
         if not text:
-            await self._say(
-                message, texts.attachments_only() if message.attachments else texts.empty_mention()
-            )
+            if message.attachments:
+                await self._refuse(message, texts.ATTACHMENTS_ONLY, texts.attachments_only())
+            else:
+                await self._refuse(message, texts.EMPTY_MENTION, texts.empty_mention())
             return "refused"
 
         inbound = Inbound(
@@ -148,6 +162,11 @@ class Intake:
             author_id=message.author.id,
             content=text,
         )
+        wait = app.ratelimiter.check(message.author.id, inbound.guild_id)
+        if wait is not None:
+            await self._refuse(message, texts.COOLDOWN, texts.cooldown(wait))
+            return "rate_limited"
+
         maintenance = app.maintenance()
         if maintenance is not None:
             position: int | None = None
@@ -156,6 +175,9 @@ class Intake:
                     item = await accept(app, inbound, claim=False, extra={"acked": True})
                 except asyncio.CancelledError:
                     raise
+                except QueueFullError as exc:
+                    await self._refuse(message, texts.QUEUE_FULL, texts.queue_full(exc.scope, exc.limit))
+                    return "refused"
                 except Exception as exc:  # not saved: the notice must not say it was
                     log.warning("pipeline.accept_failed", category=classify(exc).category.value)
                 else:
@@ -164,11 +186,6 @@ class Intake:
                     position = await self.router.position(item)
             await self._say(message, texts.maintenance(maintenance, queued_position=position))
             return "maintenance"
-
-        wait = app.ratelimiter.check(message.author.id, inbound.guild_id)
-        if wait is not None:
-            await self._say(message, texts.cooldown(wait))
-            return "rate_limited"
 
         arrival = self._arrivals.enter(inbound.key)
         try:
@@ -180,9 +197,13 @@ class Intake:
                     inbound.payload(attachments=bool(message.attachments)),
                     now=app.clock.time(),
                     lease_seconds=lease_seconds(cfg),
+                    caps=app.queue_caps,
                 )
             except asyncio.CancelledError:
                 raise
+            except QueueFullError as exc:
+                await self._refuse(message, texts.QUEUE_FULL, texts.queue_full(exc.scope, exc.limit))
+                return "refused"
             except Exception as exc:
                 # Storage is down: we cannot promise a later answer, so answer live or say why now.
                 verdict = classify(exc)
@@ -268,8 +289,9 @@ class Intake:
             async with app.discord_io.typing(message.channel):
                 async with asyncio.timeout(cfg.processing_timeout_seconds):
                     reply = await app.gemini.generate(inbound.content, ())
+            answered = reply.ok and has_visible_text(reply.text)
             chunks = (
-                split_message(reply.text or "") if reply.ok else [reply.user_message or texts.no_answer()]
+                split_message(reply.text) if answered else [reply.user_message or texts.no_answer()]
             )
             # An older message takes at most its write and its generation to reach the mutex.
             older = app.storage.statement_timeout + cfg.processing_timeout_seconds
@@ -282,13 +304,21 @@ class Intake:
                 await app.discord_io.send_chunks(
                     message.channel, chunks, reply_to=message, mention_user=message.author
                 )
-            return "answered" if reply.ok else "refused"
+            return "answered" if answered else "refused"
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._arrivals.leave(inbound.key, arrival)
             await self._say(message, texts.cannot_accept(classify(exc)))
             return "error"
+
+    async def _refuse(self, message: discord.Message, kind: str, text: str) -> None:
+        """Answer a refused message: the notice ``text``, a reaction, or nothing (``self.refusals``)."""
+        feedback = self.refusals.decide(message.author.id, kind)
+        if feedback is Feedback.NOTICE:
+            await self._say(message, text)
+        elif feedback is Feedback.REACT:
+            await self.app.discord_io.react(message, texts.refusal_reaction(kind))  # never raises
 
     async def _say(self, message: discord.Message, text: str) -> None:
         """A short notice as a reply; a failure to say it is logged, never raised."""

@@ -12,11 +12,17 @@ ordered by last accepted hit. Every call drops a couple of idle keys from the fr
 hits have all expired, so nothing is lost); when more than ``max_keys`` keys are active at
 once, the least recently active one is evicted, which forgets its hits (the only leniency,
 and only under a flood of distinct senders).
+
+Two more limits live here. ``NoticeLimiter`` decides how a refused message is answered, so that
+a flood of refused messages cannot become a flood of posts: per user and window, one notice per
+kind of refusal, then a few reactions, then silence. ``TokenBucket`` paces the drain: queued
+messages reach Gemini at a bounded rate after maintenance or an outage.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from enum import StrEnum
 from typing import Any
 
 from resilience.clock import Clock
@@ -111,6 +117,11 @@ class RateLimiter:
         self.refused_user = 0
         self.refused_guild = 0
 
+    @property
+    def window(self) -> float:
+        """The span, in seconds, each limit counts over."""
+        return self._window
+
     def check(self, user_id: int, guild_id: int | None = None) -> float | None:
         """None (allowed, hit recorded) or the seconds to wait before the next message is allowed."""
         now = self._clock.monotonic()
@@ -154,3 +165,143 @@ class RateLimiter:
             "refused_guild": self.refused_guild,
             "evicted": self._users.evicted + self._guilds.evicted,
         }
+
+
+class Feedback(StrEnum):
+    """How a refused message is answered (``NoticeLimiter.decide``)."""
+
+    NOTICE = "notice"  # the sentence that says why (and, for a cooldown, how long to wait)
+    REACT = "react"  # a reaction on the message: "refused, for the reason already given"
+    SILENT = "silent"  # nothing: the user was told and shown enough in this window
+
+
+class _Refused:
+    """One user's recent refusals: when each kind was last noticed, and the reactions given."""
+
+    __slots__ = ("last", "noticed", "reactions")
+
+    def __init__(self) -> None:
+        self.noticed: dict[str, float] = {}
+        self.reactions: list[float] = []
+        self.last = 0.0
+
+
+class NoticeLimiter:
+    """How a refused message is answered: a flood of refusals costs a bounded number of writes.
+
+    Per user, in any ``window`` seconds: the first refusal of each kind (``"cooldown"``,
+    ``"too_long"``, ...) gets its notice; later refusals get a reaction, at most ``reactions``
+    per user (all kinds together); the rest get nothing. A notice is allowed again once the
+    previous notice of that kind is ``window`` seconds old. ``decide`` neither awaits nor
+    yields, so concurrent refusals of one user get exactly one notice. Time comes from
+    ``clock.monotonic()``. Memory: at most ``max_keys`` users, ordered by last refusal; idle ones
+    are swept, and under a flood of distinct users the least recently refused is forgotten
+    (which lets that user have one notice more).
+    """
+
+    def __init__(self, *, window: float, reactions: int, clock: Clock, max_keys: int = 50_000) -> None:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        if reactions < 0:
+            raise ValueError("reactions must not be negative")
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self._window = window
+        self._reactions = reactions
+        self._clock = clock
+        self._max_keys = max_keys
+        self._users: OrderedDict[int, _Refused] = OrderedDict()
+        self.counts: dict[Feedback, int] = dict.fromkeys(Feedback, 0)
+        self.evicted = 0
+
+    def decide(self, user_id: int, kind: str) -> Feedback:
+        """Record a refusal of ``kind`` for ``user_id`` and say how to answer it."""
+        now = self._clock.monotonic()
+        horizon = now - self._window
+        self._sweep(horizon)  # first, so idle users make room before anyone is evicted
+        users = self._users
+        entry = users.get(user_id)
+        if entry is None:
+            entry = users[user_id] = _Refused()
+            if len(users) > self._max_keys:
+                users.popitem(last=False)
+                self.evicted += 1
+        else:
+            users.move_to_end(user_id)
+        entry.last = now
+        noticed = entry.noticed.get(kind)
+        if noticed is None or noticed <= horizon:
+            entry.noticed[kind] = now
+            return self._count(Feedback.NOTICE)
+        reactions = entry.reactions
+        expired = 0
+        while expired < len(reactions) and reactions[expired] <= horizon:
+            expired += 1
+        if expired:
+            del reactions[:expired]
+        if len(reactions) < self._reactions:
+            reactions.append(now)
+            return self._count(Feedback.REACT)
+        return self._count(Feedback.SILENT)
+
+    def _count(self, feedback: Feedback) -> Feedback:
+        self.counts[feedback] += 1
+        return feedback
+
+    def _sweep(self, horizon: float) -> None:
+        """Drop a few users whose last refusal left the window (front: the longest idle)."""
+        for _ in range(_SWEEP_PER_CALL):
+            if not self._users:
+                return
+            if next(iter(self._users.values())).last > horizon:
+                return
+            self._users.popitem(last=False)
+
+    def __len__(self) -> int:
+        """Users tracked now (at most ``max_keys``)."""
+        return len(self._users)
+
+    def status(self) -> dict[str, Any]:
+        """Counters for operators (no user ids)."""
+        return {
+            "window": self._window,
+            "reactions_per_window": self._reactions,
+            "users_tracked": len(self._users),
+            "max_keys": self._max_keys,
+            "evicted": self.evicted,
+            **{feedback.value: n for feedback, n in self.counts.items()},
+        }
+
+
+class TokenBucket:
+    """At most ``rate`` takes per second on average, in bursts of at most one second's worth.
+
+    The bucket holds ``max(1, rate)`` tokens and starts full; ``available()`` says how many whole
+    tokens there are now, ``take(n)`` spends them. Refilled from ``clock.monotonic()``: no sleeps,
+    so a ``FakeClock`` steps it exactly (advance one second, get ``rate`` more).
+    """
+
+    def __init__(self, rate: float, *, clock: Clock) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self._clock = clock
+        self._tokens = self.capacity
+        self._stamp = clock.monotonic()
+
+    def available(self) -> int:
+        """Whole tokens now."""
+        self._refill()
+        return int(self._tokens + 1e-9)  # 0.1 + 0.2 steps must not lose a token to rounding
+
+    def take(self, n: int) -> None:
+        """Spend ``n`` tokens (at most ``available()``)."""
+        self._refill()
+        self._tokens = max(0.0, self._tokens - n)
+
+    def _refill(self) -> None:
+        now = self._clock.monotonic()
+        if now > self._stamp:
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now

@@ -9,6 +9,27 @@ from resilience.errors import Classification
 ACK_MARK = "\u23f3"  # hourglass
 
 
+# Refusals (intake): the first of a kind per user and window gets its sentence below; the next
+# few get this reaction instead (the reason was just given), the rest nothing (ratelimit.NoticeLimiter).
+COOLDOWN = "cooldown"
+TOO_LONG = "too_long"
+ATTACHMENTS_ONLY = "attachments_only"
+EMPTY_MENTION = "empty_mention"
+QUEUE_FULL = "queue_full"
+_REFUSAL_REACTIONS = {
+    QUEUE_FULL: "\U0001f6a7",  # construction: the queue is full
+    COOLDOWN: "\U0001f422",  # turtle: slow down
+    TOO_LONG: "\U0001f4cf",  # ruler: too long
+    ATTACHMENTS_ONLY: "\u2753",  # question mark: nothing I can read
+    EMPTY_MENTION: "\u2753",
+}
+
+
+def refusal_reaction(kind: str) -> str:
+    """The reaction that stands in for a refusal's sentence already given in this window."""
+    return _REFUSAL_REACTIONS[kind]
+
+
 def queued(verdict: Classification, position: int) -> str:
     """The honest "queued" acknowledgement, with the queue position and, when known, when."""
     where = f" (position {position} in the queue)" if position > 0 else ""
@@ -34,6 +55,20 @@ def maintenance(message: str, *, queued_position: int | None) -> str:
         return f"\U0001f6e0 {message}"
     where = f" (position {queued_position})" if queued_position > 0 else ""
     return f"{ACK_MARK} \U0001f6e0 {message} I saved your message{where} and will answer it when I'm back."
+
+
+def queue_full(scope: str, limit: int) -> str:
+    """Why a message was not saved: a cap on waiting messages (``QueueFullError.scope``) is reached."""
+    if scope == "user":
+        why = f"You already have {limit} message{'s' if limit != 1 else ''} waiting for an answer"
+        then = "once I've answered those"
+    elif scope == "guild":
+        why = f"This server already has {limit} messages waiting for an answer"
+        then = "once I've caught up"
+    else:
+        why = "Too many messages are waiting for an answer right now"
+        then = "in a little while"
+    return f"{why}, so I didn't save this one. Please send it again {then}."
 
 
 def cooldown(wait: float) -> str:

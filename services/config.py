@@ -112,6 +112,7 @@ class Config:
     breaker_reset_seconds: float = 30.0
     queue_max_attempts: int = 5
     queue_max_age_seconds: float = 86400.0
+    queue_drain_per_second: float = 10.0
     maintenance_queue_messages: bool = True
     shutdown_grace_seconds: float = 10.0
     # Storage
@@ -363,6 +364,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "breaker_reset_seconds": _Number(float, 0.1, 3600),
     "queue_max_attempts": _Number(int, 1, 1000),
     "queue_max_age_seconds": _Number(float, 60, 90 * 86400),
+    "queue_drain_per_second": _Number(float, 0.01, 1000),
     "maintenance_queue_messages": _bool,
     "shutdown_grace_seconds": _Number(float, 0, 600),
     "data_dir": _path,

@@ -1,4 +1,5 @@
-"""RateLimiter: sliding-window limits per user and per guild on an injected FakeClock."""
+"""RateLimiter (sliding-window limits per user and per guild), NoticeLimiter (how refusals are
+answered) and TokenBucket (the drain's pace), each on an injected FakeClock."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.ratelimit import RateLimiter
+from bot.ratelimit import Feedback, NoticeLimiter, RateLimiter, TokenBucket
 from resilience.clock import FakeClock
 
 GUILD = 900
@@ -207,3 +208,113 @@ def test_matches_a_brute_force_model(
             accepted.append((now, user, guild))
         else:
             assert got == pytest.approx(expected)
+
+
+# -- NoticeLimiter -------------------------------------------------------------------------
+
+
+def notices(
+    reactions: int = 3, *, window: float = 60.0, max_keys: int = 50_000
+) -> tuple[NoticeLimiter, FakeClock]:
+    clock = FakeClock(start=0.0)
+    return NoticeLimiter(window=window, reactions=reactions, clock=clock, max_keys=max_keys), clock
+
+
+def test_a_flood_of_refusals_gets_one_notice_then_a_few_reactions_then_silence() -> None:
+    """20 refusals of one user at once: 1 notice, 3 reactions, 16 silent."""
+    nl, _ = notices(reactions=3)
+    got = [nl.decide(1, "cooldown") for _ in range(20)]
+    assert got == [Feedback.NOTICE] + [Feedback.REACT] * 3 + [Feedback.SILENT] * 16
+    assert nl.status()["notice"] == 1 and nl.status()["react"] == 3 and nl.status()["silent"] == 16
+
+
+def test_a_new_notice_is_allowed_once_the_window_has_passed() -> None:
+    """The next notice of a kind comes when the last one is a window old, not a moment before;
+    reactions count over the same sliding window."""
+    nl, clock = notices(reactions=1)
+    assert nl.decide(1, "cooldown") is Feedback.NOTICE
+    assert nl.decide(1, "cooldown") is Feedback.REACT
+    clock.advance(59.9)
+    assert nl.decide(1, "cooldown") is Feedback.SILENT
+    clock.advance(0.1)
+    assert nl.decide(1, "cooldown") is Feedback.NOTICE
+    assert nl.decide(1, "cooldown") is Feedback.REACT  # the first reaction (t=0) has left the window
+
+
+def test_each_kind_gets_its_own_notice_and_users_are_independent() -> None:
+    """A too-long notice does not use up the cooldown notice; another user gets their own;
+    reactions are counted per user across kinds."""
+    nl, _ = notices(reactions=1)
+    assert nl.decide(1, "too_long") is Feedback.NOTICE
+    assert nl.decide(1, "cooldown") is Feedback.NOTICE
+    assert nl.decide(1, "too_long") is Feedback.REACT
+    assert nl.decide(1, "cooldown") is Feedback.SILENT
+    assert nl.decide(2, "cooldown") is Feedback.NOTICE
+
+
+def test_notice_limiter_memory_is_bounded_and_idle_users_are_swept() -> None:
+    """At most max_keys users (the least recently refused are forgotten); users idle for a window go."""
+    nl, clock = notices(max_keys=100)
+    for user in range(1_000):
+        nl.decide(user, "cooldown")
+    assert len(nl) == 100 and nl.evicted == 900
+    clock.advance(61)
+    for user in range(1_000, 1_040):
+        nl.decide(user, "cooldown")
+    assert len(nl) == 60  # each call swept two idle users before adding its own
+    assert nl.evicted == 900
+
+
+def test_notice_limiter_rejects_bad_settings() -> None:
+    clock = FakeClock()
+    with pytest.raises(ValueError):
+        NoticeLimiter(window=0, reactions=1, clock=clock)
+    with pytest.raises(ValueError):
+        NoticeLimiter(window=60, reactions=-1, clock=clock)
+    with pytest.raises(ValueError):
+        NoticeLimiter(window=60, reactions=1, clock=clock, max_keys=0)
+
+
+# -- TokenBucket ---------------------------------------------------------------------------
+
+
+def test_token_bucket_starts_full_and_refills_rate_per_clock_second() -> None:
+    """rate 3: 3 at once, then none until the clock moves; each second gives 3 more, never more
+    than one second's worth however long it was idle."""
+    clock = FakeClock(start=0.0)
+    bucket = TokenBucket(3, clock=clock)
+    assert bucket.available() == 3
+    bucket.take(3)
+    assert bucket.available() == 0
+    starts = []
+    for _ in range(5):
+        clock.advance(1.0)
+        n = bucket.available()
+        bucket.take(n)
+        starts.append(n)
+    assert starts == [3] * 5
+    clock.advance(3600)
+    assert bucket.available() == 3
+
+
+def test_token_bucket_counts_fractions_of_a_second() -> None:
+    """Steps of a tenth of a second add up exactly; a rate under 1 still allows one at a time."""
+    clock = FakeClock(start=0.0)
+    bucket = TokenBucket(10, clock=clock)
+    bucket.take(10)
+    taken = 0
+    for _ in range(30):
+        clock.advance(0.1)
+        n = bucket.available()
+        bucket.take(n)
+        taken += n
+    assert taken == 30
+    slow = TokenBucket(0.25, clock=clock)
+    assert slow.available() == 1
+    slow.take(1)
+    clock.advance(3.9)
+    assert slow.available() == 0
+    clock.advance(0.1)
+    assert slow.available() == 1
+    with pytest.raises(ValueError):
+        TokenBucket(0, clock=clock)

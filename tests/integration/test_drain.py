@@ -19,12 +19,14 @@ from typing import NoReturn
 
 import pytest
 
+from bot import texts
 from bot.inbound import Inbound
 from bot.texts import ACK_MARK, bug
-from resilience.clock import SystemClock
+from resilience.clock import Clock, SystemClock
 from resilience.degradation import ItemState
 from resilience.errors import CircuitOpenError
 from services.storage import SqliteStore
+from tests.clocks import SteppedClock
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import Live, live_bot
 
@@ -52,9 +54,12 @@ def shift_time(live: Live) -> ShiftedClock:
 
 
 @contextlib.asynccontextmanager
-async def start(tmp_path: Path, **settings: str) -> AsyncIterator[Live]:
-    """Fresh emulators and the bot with ``settings`` on top of the test settings."""
-    async with running_emulators() as emus, live_bot(emus, tmp_path / "data", **settings) as live:
+async def start(tmp_path: Path, *, clock: Clock | None = None, **settings: str) -> AsyncIterator[Live]:
+    """Fresh emulators and the bot (on ``clock``) with ``settings`` on top of the test settings."""
+    async with (
+        running_emulators() as emus,
+        live_bot(emus, tmp_path / "data", clock=clock, **settings) as live,
+    ):
         yield live
 
 
@@ -155,6 +160,109 @@ async def test_the_per_user_cooldown_notice_states_the_wait(tmp_path: Path) -> N
         assert found, notice.content
         assert 50 <= int(found.group(1)) <= 60
         assert len(live.gemini.requests) == 2
+
+
+COOLDOWN = "faster than I can keep up"  # in the cooldown notice
+SLOW_DOWN = texts.refusal_reaction(texts.COOLDOWN)
+
+
+def reactions(live: Live, messages: list[dict]) -> list[dict[str, set[int]]]:
+    """The reactions on each of ``messages`` (the bot is the only one who reacts)."""
+    return [live.discord.reactions(int(m["id"])) for m in messages]
+
+
+async def test_twenty_dms_at_once_cost_one_cooldown_notice_a_few_reactions_and_then_silence(
+    tmp_path: Path,
+) -> None:
+    """USER_RATE_LIMIT_PER_MINUTE=3, 20 DMs from one user at once: the first 3 are answered, the
+    4th gets the cooldown notice, the next 3 a reaction (through discord.react), the other 13
+    nothing. Once the window has passed (the bot's clock stepped 61 s) the user is served again,
+    and a refusal gets a notice again."""
+    clock = SteppedClock()
+    async with start(tmp_path, clock=clock, USER_RATE_LIMIT_PER_MINUTE="3") as live:
+        dm = live.discord.dm_channel("normal")
+        msgs = [await live.say(f"question {i}", channel=dm, mention=False) for i in range(20)]
+        for m in msgs[:3]:
+            await live.wait_replies(m["id"], channel=dm, answers_only=True)
+        await live.discord.wait_until(lambda: all(reactions(live, msgs[4:7])), 5)
+        await asyncio.sleep(QUIET)
+        bot = live.discord.bot_user_id
+        assert reactions(live, msgs) == [{}] * 4 + [{SLOW_DOWN: {bot}}] * 3 + [{}] * 13
+        [notice] = [m for m in live.sent(dm) if COOLDOWN in m.content]
+        assert live.replies_to(msgs[3]["id"], dm) == [notice]
+        assert all(live.replies_to(m["id"], dm) == [] for m in msgs[4:])
+        assert len(live.gemini.requests) == 3
+
+        clock.advance(61)
+        later = [await live.say(f"later {i}", channel=dm, mention=False) for i in range(4)]
+        for m in later[:3]:
+            await live.wait_replies(m["id"], channel=dm, answers_only=True)
+        [again] = await live.wait_replies(later[3]["id"], channel=dm)
+        assert COOLDOWN in again.content
+        assert reactions(live, later) == [{}] * 4
+
+
+async def test_maintenance_saves_only_the_rate_limit_s_worth_and_the_rest_get_the_cooldown_treatment(
+    tmp_path: Path,
+) -> None:
+    """USER_RATE_LIMIT_PER_MINUTE=5, 25 messages from one user during maintenance: the rate limit
+    is checked before queueing, so 5 are saved (each told so), the 6th gets the cooldown notice,
+    the next 3 a reaction, the rest nothing. After maintenance Gemini sees only the 5 saved ones,
+    each answered once."""
+    clock = SteppedClock()
+    async with start(tmp_path, clock=clock, USER_RATE_LIMIT_PER_MINUTE="5") as live:
+        set_maintenance(live, "Upgrading the bot.")
+        msgs = [await live.say(f"a long question {i} " + "x" * 1000) for i in range(25)]
+        for m in msgs[:6]:
+            await live.wait_replies(m["id"])
+        await live.discord.wait_until(lambda: all(reactions(live, msgs[6:9])), 5)
+        await asyncio.sleep(QUIET)
+        for m in msgs[:5]:
+            [notice] = live.replies_to(m["id"])
+            assert "Upgrading the bot." in notice.content and "saved your message" in notice.content
+        [cooldown] = live.replies_to(msgs[5]["id"])
+        assert COOLDOWN in cooldown.content
+        assert all(live.replies_to(m["id"]) == [] for m in msgs[6:])
+        bot = live.discord.bot_user_id
+        assert reactions(live, msgs) == [{}] * 6 + [{SLOW_DOWN: {bot}}] * 3 + [{}] * 16
+        assert await states(live) == [ItemState.PENDING] * 5
+        assert len(live.gemini.requests) == 0
+
+        set_maintenance(live, None)
+        for m in msgs[:5]:
+            await live.wait_replies(m["id"], 2)
+        await asyncio.sleep(QUIET)
+        assert len(live.gemini.requests) == 5
+        assert [len(answers(live, m["id"])) for m in msgs[:5]] == [1] * 5
+
+
+async def test_after_maintenance_the_drain_sends_the_backlog_to_gemini_at_the_bounded_rate(
+    tmp_path: Path,
+) -> None:
+    """QUEUE_DRAIN_PER_SECOND=3, 12 messages saved in 12 conversations during maintenance. With the
+    bot's clock held still, ending maintenance lets exactly 3 reach Gemini; each second the clock
+    is stepped lets exactly 3 more (before the drain had a pace, all reached Gemini at once)."""
+    clock = SteppedClock()
+    async with start(tmp_path, clock=clock, QUEUE_DRAIN_PER_SECOND="3") as live:
+        channels = [live.discord.world.add_text_channel(f"backlog-{i}") for i in range(12)]
+        set_maintenance(live, "Upgrading the bot.")
+        asked = []
+        for channel in channels:
+            msg = await live.say("are you back", channel=channel)
+            await live.wait_replies(msg["id"], channel=channel)
+            asked.append((channel, msg))
+        assert await states(live) == [ItemState.PENDING] * 12
+
+        set_maintenance(live, None)
+        for second in range(4):
+            started = 3 * (second + 1)
+            await live.discord.wait_until(lambda n=started: len(live.gemini.requests) >= n, 5)
+            await asyncio.sleep(QUIET)  # the clock stands still: no more may start
+            assert len(live.gemini.requests) == started, f"second {second}"
+            clock.advance(1.0)
+        for channel, msg in asked:
+            [answer] = await live.wait_replies(msg["id"], channel=channel, answers_only=True)
+            assert answer.content.startswith("You asked earlier")
 
 
 async def test_a_mutex_timeout_queues_the_message_and_it_is_answered_in_order_after(tmp_path: Path) -> None:

@@ -19,11 +19,15 @@ from typing import Any
 
 import pytest
 
+from bot import texts
 from bot.app import Application, build_application
 from bot.client import GeminiBot
+from bot.inbound import Inbound
 from bot.texts import ACK_MARK
 from resilience.breakers import BreakerState
-from resilience.degradation import ItemState
+from resilience.clock import Clock
+from resilience.degradation import ItemKind, ItemState
+from sandbox import responder
 from sandbox.discord_emu import DiscordEmulator, SentMessage
 from sandbox.gemini import GeminiEmulator
 from sandbox.responder import prose_and_code
@@ -83,12 +87,15 @@ def _ref(message: SentMessage) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def live_bot(emus: Emulators, data_dir: Path, **settings: str) -> AsyncIterator[Live]:
-    """Start a ``GeminiBot`` against ``emus``; close it (and check it closed) on exit."""
+async def live_bot(
+    emus: Emulators, data_dir: Path, *, clock: Clock | None = None, **settings: str
+) -> AsyncIterator[Live]:
+    """Start a ``GeminiBot`` against ``emus`` (on ``clock``, default the real one); close it (and
+    check it closed) on exit."""
     environ = {**emus.settings(), **TEST_SETTINGS, "DATA_DIR": str(data_dir), "LOG_FORMAT": "console"}
     environ.update(settings)
     config = load_config(environ=environ, env_file=None)
-    app = build_application(config)
+    app = build_application(config, clock=clock)
     with pointed_at(emus.discord):
         bot = GeminiBot(app, guild_ready_timeout=0.05, drain_interval=0.05)
         task = asyncio.create_task(bot.start(config.discord_token or ""))
@@ -203,6 +210,69 @@ async def test_safety_block_and_empty_answers_get_a_clear_sentence(
     [reply] = await live.wait_replies(msg["id"])
     assert re.search(expected, reply.content, re.I), reply.content
     assert "Traceback" not in reply.content
+
+
+BARE_FENCE_PROMPT = "answer with a bare fence"
+
+
+@pytest.fixture
+def bare_fence_answer(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The sandbox Gemini answers ``BARE_FENCE_PROMPT`` with just "```python" (a canned reply)."""
+    monkeypatch.setitem(responder.CANNED, BARE_FENCE_PROMPT, "```python")
+    return BARE_FENCE_PROMPT
+
+
+async def test_an_answer_of_only_a_code_fence_gets_the_no_answer_sentence_not_silence(
+    live: Live, bare_fence_answer: str
+) -> None:
+    """Gemini answers "```python": nothing to show, so the user gets the "no answer" sentence, the
+    item is finished as refused (not answered) and the empty exchange stays out of the history."""
+    msg = await live.say(bare_fence_answer)
+    [reply] = await live.wait_replies(msg["id"])
+    assert reply.content == texts.no_answer()
+    assert [r.outcome for r in live.gemini.requests] == ["ok"]
+    async with asyncio.timeout(5):
+        while [i.state for i in await live.app.storage.list()] != [ItemState.DONE]:
+            await asyncio.sleep(0.02)
+    assert await live.app.storage.history(str(live.general)) == []
+    assert live.app.metrics.messages.labels("refused")._value.get() == 1
+    assert live.app.metrics.messages.labels("answered")._value.get() == 0
+
+
+async def test_an_unsaved_answer_of_only_a_code_fence_gets_the_no_answer_sentence(
+    live: Live, bare_fence_answer: str
+) -> None:
+    """Storage is down, so the answer goes out unsaved: the same rule, a sentence and not silence."""
+    live.app.board["storage"].force_open(30, reason="test")
+    try:
+        msg = await live.say(bare_fence_answer)
+        [reply] = await live.wait_replies(msg["id"])
+    finally:
+        live.app.board["storage"].reset()
+    assert reply.content == texts.no_answer()
+
+
+async def test_delivering_zero_chunks_sends_the_no_answer_sentence_and_never_records_an_answer(
+    live: Live,
+) -> None:
+    """deliver() refuses to finish an item with nothing to send: the user is told, outcome "refused"."""
+    msg = await live.say("hello", mention=False)  # not for the bot: only a message to reply to
+    inbound = Inbound(int(msg["id"]), live.general, live.discord.guild_id, int(msg["author"]["id"]), "hi")
+    item = await live.app.storage.accept(
+        inbound.message_id, ItemKind.INBOUND, inbound.key, inbound.payload(), now=live.app.clock.time(),
+        lease_seconds=60, claim=True,
+    )
+    assert item is not None
+    channel = await live.app.channel(live.general)
+    turns = [("user", "hi", inbound.message_id), ("model", "", None)]
+    outcome = await live.bot.answerer.deliver(
+        item, inbound, [], original=inbound.reference(), channel=channel, outcome="answered", turns=turns
+    )
+    assert outcome == "refused"
+    [reply] = await live.wait_replies(msg["id"])
+    assert reply.content == texts.no_answer()
+    assert [i.state for i in await live.app.storage.list()] == [ItemState.DONE]
+    assert await live.app.storage.history(inbound.key) == []
 
 
 async def test_oversize_input_is_refused_with_the_limit_and_reaches_no_model(live: Live) -> None:
