@@ -169,6 +169,9 @@ class SimulationOptions:
             # this the load would mostly be polite refusals.
             "USER_RATE_LIMIT_PER_MINUTE": "10000",
             "GUILD_RATE_LIMIT_PER_MINUTE": "100000",
+            # Likewise the caps on one user's and one server's waiting messages (anti-abuse).
+            "QUEUE_MAX_PENDING_PER_USER": "10000",
+            "QUEUE_MAX_PENDING_PER_GUILD": "100000",
             # Half-open within seconds after the outage, so "heal -> empty queue" is measurable.
             "BREAKER_RESET_SECONDS": f"{self.breaker_reset_seconds:g}",
             "SHUTDOWN_GRACE_SECONDS": "3",

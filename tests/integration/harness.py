@@ -59,9 +59,11 @@ TEST_SETTINGS: dict[str, str] = {
     "RETRY_HINT_CAP_SECONDS": "2",
     "BREAKER_RESET_SECONDS": "1",
     "SHUTDOWN_GRACE_SECONDS": "3",
-    # Tests send bursts from one user; the cooldown has its own tests.
+    # Tests send bursts from one user; the cooldown and the queue caps have their own tests.
     "USER_RATE_LIMIT_PER_MINUTE": "1000",
     "GUILD_RATE_LIMIT_PER_MINUTE": "10000",
+    "QUEUE_MAX_PENDING_PER_USER": "1000",
+    "QUEUE_MAX_PENDING_PER_GUILD": "10000",
 }
 
 # Lines that fail assert_clean_logs whatever their level.
