@@ -148,7 +148,7 @@ class Intake:
             author_id=message.author.id,
             content=text,
         )
-        maintenance = app.maintenance()
+        maintenance = app.maintenance(inbound.guild_id)
         if maintenance is not None:
             position: int | None = None
             if cfg.maintenance_queue_messages:
