@@ -19,6 +19,8 @@ Who may run what is checked on every invocation, by the frame (``check=``), neve
   and developers of the team that owns it, fetched at start-up).
 - ``/server`` changes one guild: only that guild's managers (``require_guild_manager``:
   Administrator or Manage Server), in that guild.
+- ``/reset`` in a guild channel or thread forgets a shared conversation: Manage Messages there
+  (``require_reset``); anyone may reset their own DM with the bot.
 
 A refusal is one ephemeral sentence and a ``command.refused`` log line with the user id.
 """
@@ -170,6 +172,15 @@ class SlashCommands:
             return
         self._refuse(interaction, command, "manage_guild", texts.managers_only())
 
+    def require_reset(self, interaction: discord.Interaction, command: str) -> None:
+        """A shared conversation (guild channel or thread): Manage Messages there; one's own DM: anyone."""
+        if interaction.guild_id is None and isinstance(interaction.channel, discord.DMChannel):
+            return
+        perms = interaction.permissions
+        if perms.administrator or perms.manage_messages:
+            return
+        self._refuse(interaction, command, "manage_messages", texts.reset_refused())
+
     def _refuse(
         self, interaction: discord.Interaction, command: str, needs: str, sentence: str
     ) -> NoReturn:
@@ -318,7 +329,10 @@ class SlashCommands:
     # -- /reset, /status, /help -------------------------------------------------------------
 
     async def reset(self, interaction: discord.Interaction, confirm: bool) -> None:
-        """Forget this channel's (or thread's, or DM's) conversation history, once confirmed."""
+        """Forget this channel's (or thread's, or DM's) conversation history, once confirmed.
+
+        Run with ``check=require_reset``: in a guild it needs Manage Messages.
+        """
         if not confirm:
             await followup(
                 interaction,
@@ -402,7 +416,8 @@ def help_text() -> str:
         "I answer questions with Google Gemini.\n"
         "**Talk to me** by mentioning me, replying to one of my messages, in a DM, or with "
         "`/ask prompt:<question>` (add `private:True` to see the answer alone).\n"
-        "I remember the recent conversation of each channel, thread and DM; `/reset` makes me forget it.\n"
+        "I remember the recent conversation of each channel, thread and DM; `/reset` makes me forget it "
+        "(in a server that needs the Manage Messages permission; your DM with me you can always reset).\n"
         "**When Gemini or Discord has trouble** I save your message, tell you it is queued, and answer it "
         "here as soon as I can; nothing you sent is lost.\n"
         "`/status` shows how I'm doing.\n"
@@ -506,7 +521,9 @@ def setup_commands(
     @app_commands.command(name="reset", description="Forget this conversation's history")
     @app_commands.describe(confirm="Set to True to really forget it")
     async def reset(interaction: discord.Interaction, confirm: bool = False) -> None:
-        await commands.run(interaction, lambda: commands.reset(interaction, confirm))
+        await commands.run(
+            interaction, lambda: commands.reset(interaction, confirm), check=commands.require_reset
+        )
 
     @app_commands.command(name="status", description="How the bot and its dependencies are doing")
     async def status(interaction: discord.Interaction) -> None:

@@ -90,6 +90,13 @@ def server_only() -> str:
     return "`/server` works only in a server, on that server's settings."
 
 
+def reset_refused() -> str:
+    return (
+        "Only members who can manage messages here can make me forget this shared conversation; "
+        "in a DM with me you can always reset our own."
+    )
+
+
 def late_answer_prefix(original: str) -> str:
     quoted = original.strip().replace("\n", " ")
     if len(quoted) > 120:

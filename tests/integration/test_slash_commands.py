@@ -18,6 +18,7 @@ from bot import texts
 from bot.texts import ACK_MARK
 from resilience.degradation import ItemKind, ItemState, Mode
 from sandbox.discord_emu import InteractionRecord
+from sandbox.discord_state import MANAGE_MESSAGES
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import Live, live_bot
 
@@ -27,14 +28,15 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
     """The bot on fresh emulators with its commands registered and synced (globally).
 
     Members besides ``admin`` (the guild's Administrator) and ``normal``: ``owner`` is on
-    ``ADMIN_USER_IDS``; ``dev`` owns the application (``GET /oauth2/applications/@me``).
-    Neither has the Administrator permission.
+    ``ADMIN_USER_IDS``; ``dev`` owns the application (``GET /oauth2/applications/@me``); ``mod``
+    has a role with Manage Messages. None of these three has the Administrator permission.
     """
     async with running_emulators(heartbeat_interval=1.0) as emus:
         world = emus.discord.world
         owner = world.add_member("owner", "carol")
         world.add_member("dev", "dana")
         world.application_owner = "dev"
+        world.add_member("mod", "erin", roles=[world.add_role("Moderator", MANAGE_MESSAGES)])
         async with live_bot(emus, tmp_path / "data", ADMIN_USER_IDS=str(owner)) as bot:
             bot.bot.install_commands()
             await bot.bot.tree.sync()
@@ -150,15 +152,62 @@ async def test_reset_needs_confirmation_then_forgets_the_channel_history(live: L
     [answer] = await live.wait_replies(second["id"])
     assert "saw 2 earlier turns" in answer.content
 
-    unconfirmed = await run(live, "reset")
+    unconfirmed = await run(live, "reset", user="mod")
     assert unconfirmed.ephemeral and "confirm:True" in only_text(unconfirmed)
     assert len(await live.app.storage.history(str(live.general))) == 4
 
-    confirmed = await run(live, "reset", {"confirm": True})
+    confirmed = await run(live, "reset", {"confirm": True}, user="mod")
     assert confirmed.ephemeral and "4 messages" in only_text(confirmed)
     third = await live.say("and now?")
     [fresh] = await live.wait_replies(third["id"])
     assert "saw 0 earlier turns" in fresh.content
+
+
+async def remembered(live: Live, channel: int, turns: int) -> list[Any]:
+    """The conversation's stored history once it holds ``turns`` turns (stored just after a reply)."""
+    async with asyncio.timeout(5):
+        while len(history := await live.app.storage.history(str(channel))) < turns:
+            await asyncio.sleep(0.01)
+    return history
+
+
+async def chat_once(live: Live, channel: int, author: str = "normal") -> None:
+    """One exchange in ``channel``: two turns in its history."""
+    sent = await live.say("remember the word banana", channel=channel, author=author)
+    await live.wait_replies(sent["id"], channel=channel)
+    await remembered(live, channel, 2)
+
+
+@pytest.mark.parametrize("where", ["general", "thread"])
+async def test_a_member_without_manage_messages_cannot_reset_a_shared_conversation(
+    live: Live, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    channel = live.general if where == "general" else live.discord.thread_id
+    await chat_once(live, channel)
+    record = await run(live, "reset", {"confirm": True}, channel_id=channel, user="normal")
+    assert len(await live.app.storage.history(str(channel))) == 2  # kept
+    assert record.ephemeral
+    [refusal] = record.followups
+    assert refusal.ephemeral and refusal.content == texts.reset_refused()
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "command.refused" in line]
+    assert str(live.discord.users["normal"]) in line and "reset" in line
+
+
+@pytest.mark.parametrize("user", ["mod", "admin"])
+async def test_a_member_with_manage_messages_may_reset_a_shared_conversation(live: Live, user: str) -> None:
+    thread = live.discord.thread_id
+    await chat_once(live, thread)
+    record = await run(live, "reset", {"confirm": True}, channel_id=thread, user=user)
+    assert only_text(record).startswith("Done: I forgot this conversation (2 messages)")
+    assert await live.app.storage.history(str(thread)) == []
+
+
+async def test_anyone_may_reset_their_own_dm(live: Live) -> None:
+    dm = live.discord.dm_channel("normal")
+    await chat_once(live, dm)
+    record = await run(live, "reset", {"confirm": True}, channel_id=dm, user="normal")
+    assert only_text(record).startswith("Done: I forgot this conversation (2 messages)")
+    assert await live.app.storage.history(str(dm)) == []
 
 
 async def test_status_embed_shows_mode_breakers_queue_and_latency(live: Live) -> None:
@@ -187,6 +236,7 @@ async def test_help_says_who_may_use_server_admin_and_reset(live: Live) -> None:
     text = only_text(await run(live, "help"))
     assert "`/server` for this server only" in text and "Manage Server" in text
     assert "**The bot's owners**: `/admin` for what affects every server" in text
+    assert "Manage Messages" in text
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -196,7 +246,7 @@ async def test_a_command_that_times_out_gets_one_ephemeral_sentence(live: Live) 
     live.bot.install_commands(timeout=0.2)
     # An answer in progress holds the conversation: /reset waits for it, past its timeout.
     async with live.app.mutex.acquire(str(live.general), 1.0, holder="test"):
-        record = await run(live, "reset", {"confirm": True})
+        record = await run(live, "reset", {"confirm": True}, user="mod")
     assert record.ephemeral
     [sentence] = record.followups
     assert sentence.ephemeral
