@@ -355,13 +355,19 @@ class SlashCommands:
             "We start afresh.",
         )
 
-    async def status_embed(self) -> discord.Embed:
-        """Mode, each breaker's state and time in it, queue depth and oldest age, recent latency."""
+    async def status_embed(self, guild_id: int | None = None) -> discord.Embed:
+        """Mode (and guild ``guild_id``'s own maintenance), each breaker's state and time in it, queue
+        depth and oldest age, recent latency."""
         app = self.app
         now = app.clock.time()
         mode = app.degradation.snapshot()
         stats = await app.storage.stats(now=now)
-        healthy = mode.mode.value == "normal" and all(b.state.value == "closed" for b in app.board)
+        guild_notice = app.guild_maintenance(guild_id)
+        healthy = (
+            mode.mode.value == "normal"
+            and guild_notice is None
+            and all(b.state.value == "closed" for b in app.board)
+        )
         embed = discord.Embed(
             title="Bot status",
             colour=discord.Colour.green() if healthy else discord.Colour.orange(),
@@ -370,6 +376,9 @@ class SlashCommands:
         if mode.reason:
             mode_text += f" ({mode.reason})"
         embed.add_field(name="Mode", value=f"{mode_text}, for {human(now - mode.since)}", inline=False)
+        if guild_notice is not None:
+            value = f"maintenance (set by this server's managers): {guild_notice}"
+            embed.add_field(name="This server", value=value[:1024], inline=False)
         for snap in app.board.snapshot():
             value = f"{snap.state.value} for {human(now - snap.since)}"
             if snap.remaining > 0:
@@ -404,7 +413,8 @@ class SlashCommands:
         return "; ".join(parts) or "no requests yet"
 
     async def status(self, interaction: discord.Interaction) -> None:
-        await interaction.followup.send(embed=await self.status_embed(), ephemeral=True)
+        embed = await self.status_embed(interaction.guild_id)
+        await interaction.followup.send(embed=embed, ephemeral=True)
 
     async def help(self, interaction: discord.Interaction) -> None:
         await followup(interaction, help_text())

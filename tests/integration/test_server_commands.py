@@ -127,6 +127,16 @@ async def test_guild_maintenance_status_names_the_notice_and_the_bot_wide_mainte
     assert "owners have also turned maintenance on for every server" in status
 
 
+async def test_status_shows_a_guilds_maintenance_in_that_guild_only(live: Live) -> None:
+    await run(live, "server", {"maintenance": {"on": {"message": "Moving house."}}}, user="manager")
+    [here] = (await run(live, "status")).followups[0].embeds
+    fields = {f["name"]: f["value"] for f in here["fields"]}
+    assert fields["This server"] == "maintenance (set by this server's managers): Moving house."
+    assert fields["Mode"].startswith("normal")  # the bot as a whole is not in maintenance
+    [there] = (await run(live, "status", channel_id=live.discord.channels["elsewhere"])).followups[0].embeds
+    assert "This server" not in {f["name"] for f in there["fields"]}
+
+
 async def test_a_manager_cannot_act_on_another_guild(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
     elsewhere = live.discord.channels["elsewhere"]
     refused = await run(live, "server", {"maintenance": {"on": {}}}, user="manager", channel_id=elsewhere)
