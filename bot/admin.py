@@ -1,8 +1,15 @@
-"""``/admin``: the operator's slash commands, thin views over ``bot.operations.Operations``.
+"""``/admin`` and ``/server``: the operators' slash commands, thin views over ``bot.operations.Operations``.
 
-Each subcommand runs in the ``SlashCommands`` frame with ``admin=True``: the caller is checked
-on every invocation and every reply is ephemeral. The formatters turn an operation's result
-into the sentence the operator sees.
+Two scopes, two groups, so the split is plain to see:
+
+- ``/admin`` acts on the whole bot (breakers, bot-wide maintenance, the queue, the data files,
+  the locks): only the bot's owners (``SlashCommands.require_owner``), wherever they ask.
+- ``/server`` acts on the guild it is run in and no other (its own maintenance mode, its chat
+  channels): only that guild's managers (``SlashCommands.require_guild_manager``).
+
+Each subcommand runs in the ``SlashCommands`` frame with its check: the caller is checked on
+every invocation and every reply is ephemeral. ``default_permissions`` only hides a group in
+Discord's UI. The formatters turn an operation's result into the sentence the operator sees.
 """
 
 from __future__ import annotations
@@ -14,28 +21,46 @@ import discord
 from discord import app_commands
 
 from bot.commands import SlashCommands, followup, human
-from bot.operations import CircuitStatus, MaintenanceStatus, Operations, QueueStatus
+from bot.operations import (
+    ChatChannels,
+    CircuitStatus,
+    GuildMaintenanceStatus,
+    InvalidRequestError,
+    MaintenanceStatus,
+    Operations,
+    QueueStatus,
+)
+
+Action = Callable[[str], Awaitable[str]]
+"""An operator's action: given who asks (``by``), the text to show them."""
+GuildAction = Callable[[int, str], Awaitable[str]]
+"""A guild manager's action: given the guild and who asks, the text to show them."""
+
+# Where the bot can answer every message: text and announcement channels and their threads.
+CHAT_CHANNEL_TYPES = frozenset({
+    discord.ChannelType.text,
+    discord.ChannelType.news,
+    discord.ChannelType.public_thread,
+    discord.ChannelType.private_thread,
+    discord.ChannelType.news_thread,
+})
 
 
 def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
     """``/admin``: circuit, maintenance, queue, datastore and mutex subgroups over ``Operations``.
 
-    Every subcommand runs with ``admin=True``: the caller is checked on each invocation and
-    every reply is ephemeral.
+    Every subcommand acts on the whole bot, so it is for the bot's owners only: the caller is
+    checked on each invocation (a guild's Administrator is refused) and every reply is ephemeral.
     """
     group = app_commands.Group(
         name="admin",
-        description="Operate the bot: breakers, maintenance, queue, data, locks",
+        description="The bot's owners: breakers, maintenance, queue, data, locks (every server)",
         default_permissions=discord.Permissions(administrator=True),  # UI metadata only
     )
 
-    def admin(interaction: discord.Interaction, action: Callable[[str], Awaitable[str]]) -> Awaitable[None]:
-        """Run ``action(by)`` as an admin command and show the text it returns."""
-
-        async def body() -> None:
-            await followup(interaction, _clip(await action(f"discord:{interaction.user.id}")))
-
-        return commands.run(interaction, body, admin=True)
+    def admin(interaction: discord.Interaction, action: Action) -> Awaitable[None]:
+        """Run ``action(by)`` as an owner's command and show the text it returns."""
+        return commands.run(interaction, _show(interaction, action), check=commands.require_owner)
 
     circuit = app_commands.Group(name="circuit", description="Circuit breakers", parent=group)
 
@@ -174,6 +199,139 @@ def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
         await admin(interaction, act)
 
     return group
+
+
+def server_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
+    """``/server``: the maintenance mode and chat channels of the guild it is run in.
+
+    Every subcommand acts on ``interaction.guild_id`` and no other guild, and only for a member
+    who manages that guild (Administrator or Manage Server), checked on each invocation.
+    """
+    group = app_commands.Group(
+        name="server",
+        description="This server's managers: its maintenance mode and chat channels",
+        guild_only=True,  # Discord does not offer it in DMs (dm_permission, and contexts below)
+        allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False),
+        default_permissions=discord.Permissions(manage_guild=True),  # UI metadata only
+    )
+
+    def manage(interaction: discord.Interaction, action: GuildAction) -> Awaitable[None]:
+        """Run ``action(guild_id, by)`` for the interaction's guild, as its manager's command."""
+
+        async def act(by: str) -> str:
+            if interaction.guild_id is None:  # require_guild_manager refuses DMs first
+                raise RuntimeError("a /server command outside a server")
+            return await action(interaction.guild_id, by)
+
+        return commands.run(interaction, _show(interaction, act), check=commands.require_guild_manager)
+
+    maintenance = app_commands.Group(
+        name="maintenance", description="Maintenance mode for this server only", parent=group
+    )
+
+    @maintenance.command(name="on", description="Turn this server's maintenance on; messages are saved")
+    @app_commands.describe(message="The notice members of this server see")
+    async def maintenance_on(interaction: discord.Interaction, message: str | None = None) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            return format_guild_maintenance(await ops.guild_maintenance_on(guild_id, message, by=by))
+
+        await manage(interaction, act)
+
+    @maintenance.command(name="off", description="Turn this server's maintenance off; answer what was saved")
+    async def maintenance_off(interaction: discord.Interaction) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            return format_guild_maintenance(await ops.guild_maintenance_off(guild_id, by=by))
+
+        await manage(interaction, act)
+
+    @maintenance.command(name="status", description="Whether this server's maintenance is on")
+    async def maintenance_status(interaction: discord.Interaction) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            return format_guild_maintenance(await ops.guild_maintenance_status(guild_id, by=by))
+
+        await manage(interaction, act)
+
+    channels = app_commands.Group(
+        name="channels", description="Channels where I answer every message", parent=group
+    )
+
+    @channels.command(name="list", description="Channels of this server where I answer every message")
+    async def channels_list(interaction: discord.Interaction) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            return format_chat_channels(await ops.guild_chat_channels(guild_id, by=by))
+
+        await manage(interaction, act)
+
+    @channels.command(name="add", description="Answer every message in a channel, not only mentions")
+    @app_commands.describe(channel="A text channel or thread of this server")
+    async def channels_add(
+        interaction: discord.Interaction,
+        channel: app_commands.AppCommandChannel | app_commands.AppCommandThread,
+    ) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            done = await ops.guild_chat_channel_add(guild_id, _chat_channel(channel), by=by)
+            lead = f"I now answer every message in <#{channel.id}>." if done["changed"] else (
+                f"I already answer every message in <#{channel.id}>."
+            )
+            return f"{lead} {format_chat_channels(done)}"
+
+        await manage(interaction, act)
+
+    @channels.command(name="remove", description="Answer only mentions and replies in a channel again")
+    @app_commands.describe(channel="A channel or thread of this server")
+    async def channels_remove(
+        interaction: discord.Interaction,
+        channel: app_commands.AppCommandChannel | app_commands.AppCommandThread,
+    ) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            done = await ops.guild_chat_channel_remove(guild_id, channel.id, by=by)
+            lead = f"In <#{channel.id}> I answer only mentions and replies now." if done["changed"] else (
+                f"<#{channel.id}> was not a chat channel."
+            )
+            return f"{lead} {format_chat_channels(done)}"
+
+        await manage(interaction, act)
+
+    return group
+
+
+def _show(interaction: discord.Interaction, action: Action) -> Callable[[], Awaitable[None]]:
+    """A command body: run ``action(by)`` and show the text it returns, ephemerally."""
+
+    async def body() -> None:
+        await followup(interaction, _clip(await action(f"discord:{interaction.user.id}")))
+
+    return body
+
+
+def _chat_channel(channel: app_commands.AppCommandChannel | app_commands.AppCommandThread) -> int:
+    """The id of a channel the bot can chat in, or ``InvalidRequestError``.
+
+    Discord resolves a channel option only among the channels of the guild it is run in.
+    """
+    if channel.type not in CHAT_CHANNEL_TYPES:
+        raise InvalidRequestError("pick a text channel or a thread: I can only chat there")
+    return channel.id
+
+
+def format_guild_maintenance(status: GuildMaintenanceStatus) -> str:
+    if status["enabled"]:
+        text = (
+            f"Maintenance mode is on for this server. Members here see: {status['message']} "
+            "I save their messages and answer them when you turn it off."
+        )
+    else:
+        text = "Maintenance mode is off for this server."
+    if status["bot_wide"]:
+        text += " (The bot's owners have also turned maintenance on for every server.)"
+    return text
+
+
+def format_chat_channels(status: ChatChannels) -> str:
+    if not status["channels"]:
+        return "No chat channels: in this server I answer mentions and replies to me."
+    listed = ", ".join(f"<#{c}>" for c in status["channels"])
+    return f"Chat channels (I answer every message there): {listed}."
 
 
 def format_circuit_status(status: CircuitStatus, now: float) -> str:

@@ -19,7 +19,7 @@ from bot.ratelimit import RateLimiter
 from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
 from resilience.context import TraceCollector
-from resilience.degradation import DegradationState, Mode, QueueCaps, QueueItem
+from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, DegradationState, Mode, QueueCaps, QueueItem
 from resilience.mutex import KeyedMutex
 from resilience.registry import ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
@@ -60,6 +60,7 @@ class Application:
     client: discord.Client | None = None
     drain_waker: Callable[[], None] | None = None
     _chat_channels: dict[int, frozenset[int]] = field(default_factory=dict)
+    _guild_maintenance: dict[int, str] = field(default_factory=dict)
 
     # -- state the hot path reads without I/O ---------------------------------------------
 
@@ -67,10 +68,20 @@ class Application:
         """Channels of a guild where the bot answers every message (from guild_settings)."""
         return self._chat_channels.get(guild_id, frozenset())
 
-    def maintenance(self) -> str | None:
-        """The maintenance notice while maintenance mode is on, else None."""
+    def maintenance(self, guild_id: int | None = None) -> str | None:
+        """The maintenance notice while the bot, or guild ``guild_id``, is in maintenance, else None.
+
+        Bot-wide maintenance (the owners') covers every guild and DM; a guild's own maintenance
+        (its managers') covers only that guild.
+        """
         snap = self.degradation.snapshot()
-        return snap.message if snap.mode is Mode.MAINTENANCE else None
+        if snap.mode is Mode.MAINTENANCE:
+            return snap.message
+        return self.guild_maintenance(guild_id)
+
+    def guild_maintenance(self, guild_id: int | None) -> str | None:
+        """The notice of guild ``guild_id``'s own maintenance (its managers'), else None."""
+        return None if guild_id is None else self._guild_maintenance.get(guild_id)
 
     def reload_settings(self) -> None:
         """Refresh the cached DataStore views (after start and after an operator changes them)."""
@@ -78,6 +89,11 @@ class Application:
         self._chat_channels = {
             int(gid): frozenset(int(c) for c in (settings.get("chat_channels") or ()))
             for gid, settings in guilds.items()
+        }
+        self._guild_maintenance = {
+            int(gid): (settings["maintenance"].get("message") or DEFAULT_MAINTENANCE_MESSAGE)
+            for gid, settings in guilds.items()
+            if (settings.get("maintenance") or {}).get("enabled")
         }
         maintenance = self.store.cached("maintenance") or {}
         if maintenance.get("enabled"):

@@ -15,10 +15,10 @@ import discord
 import structlog
 from discord.ext import commands
 
-from bot.admin import admin_group
+from bot.admin import admin_group, server_group
 from bot.answering import Answerer
 from bot.app import Application
-from bot.commands import DEFAULT_TIMEOUT, SlashCommands, setup_commands
+from bot.commands import DEFAULT_TIMEOUT, SlashCommands, application_owners, setup_commands
 from bot.drain import Drain
 from bot.intake import RECENT_IDS, Intake
 from bot.operations import apply_breaker_overrides, serve_operations
@@ -110,6 +110,9 @@ class GeminiBot(commands.Bot):
         self.drain = Drain(app, self.answerer, self.router, interval=drain_interval)
         app.drain_waker = self.drain.wake
         self.operations = serve_operations(app)
+        # The application's owner (or its team's admins and developers): owners of the bot, like
+        # ADMIN_USER_IDS. Learned once in setup_hook (from application_info); empty until then.
+        self.application_owners: frozenset[int] = frozenset()
         self._closed = False
         # Set while setup_hook runs: a close() meanwhile waits for it, so that every service
         # it starts is also stopped (a SIGTERM during start-up leaves nothing running).
@@ -147,6 +150,7 @@ class GeminiBot(commands.Bot):
         if self._closed:
             return  # close() was called meanwhile; it stops what was started
         self.app.reload_settings()
+        await self._learn_owners()
         self.install_commands()
         await self._sync_commands()
         reopened = await apply_breaker_overrides(self.app)
@@ -158,14 +162,26 @@ class GeminiBot(commands.Bot):
         self.drain.start()
         log.info("bot.services_started", services=self.app.registry.order)
 
+    async def _learn_owners(self) -> None:
+        """Keep who owns the application (its owner, or its team's admins and developers) for ``/admin``.
+
+        discord.py's ``login`` fetched ``application_info()`` just before ``setup_hook``; a failure
+        there already ended the start-up, with its own sentence.
+        """
+        info = self.application if self.application is not None else await self.application_info()
+        self.application_owners = application_owners(info)
+        log.info("owners.learned", owners=sorted(self.application_owners), team=info.team is not None)
+
     def install_commands(self, *, timeout: float = DEFAULT_TIMEOUT) -> SlashCommands:
-        """Put the chat and admin commands on ``self.tree`` (replacing earlier ones); ``timeout``
-        bounds every command but ``/ask``. Syncing with Discord is a separate step."""
-        commands = SlashCommands(self.app, self.answerer, self.router, timeout=timeout)
+        """Put the chat, ``/server`` and ``/admin`` commands on ``self.tree`` (replacing earlier
+        ones); ``timeout`` bounds every command but ``/ask``. Syncing with Discord is a separate step."""
+        commands = SlashCommands(
+            self.app, self.answerer, self.router, timeout=timeout, owners=lambda: self.application_owners
+        )
         setup_commands(
             self.tree,
             commands,
-            groups=(admin_group(commands, self.operations),),
+            groups=(server_group(commands, self.operations), admin_group(commands, self.operations)),
             guild_id=self.app.config.discord_guild_id,
         )
         return commands

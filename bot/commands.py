@@ -11,17 +11,26 @@ and delivered as the interaction's follow-up through ``Answerer.deliver``. When 
 is down the follow-up is the queue acknowledgement and the drain posts the answer later in
 the channel (interaction tokens expire after 15 minutes).
 
-The ``/admin`` group (``bot.admin``) runs in the same frame with ``admin=True``: the member
-is checked on every invocation. ``default_permissions`` only hides the group in Discord's UI;
-it is not a check.
+Who may run what is checked on every invocation, by the frame (``check=``), never left to
+``default_permissions`` (which only hides a command in Discord's UI):
+
+- ``/admin`` (``bot.admin``) changes the bot for every guild: only its owners (``require_owner``:
+  ``ADMIN_USER_IDS``, the DataStore ``admins`` file, and the application's owner or the admins
+  and developers of the team that owns it, fetched at start-up).
+- ``/server`` changes one guild: only that guild's managers (``require_guild_manager``:
+  Administrator or Manage Server), in that guild.
+- ``/reset`` in a guild channel or thread forgets a shared conversation: Manage Messages there
+  (``require_reset``); anyone may reset their own DM with the bot.
+
+A refusal is one ephemeral sentence and a ``command.refused`` log line with the user id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import discord
 import structlog
@@ -49,15 +58,37 @@ LATENCY_WINDOW = 100
 """How many recent requests ``/status`` summarises."""
 
 Body = Callable[[], Awaitable[None]]
+Check = Callable[[discord.Interaction, str], None]
+"""Raises ``RefusedError`` unless the interaction's user may run the named command there."""
 
 
-class AdminRefusedError(Exception):
-    """The member may not run admin commands."""
+class RefusedError(Exception):
+    """The member may not run this command here; ``sentence`` tells them why (shown as is)."""
 
-    def __init__(self, user_id: int, command: str) -> None:
-        super().__init__(f"user {user_id} may not run /{command}")
+    def __init__(self, user_id: int, command: str, needs: str, sentence: str) -> None:
+        super().__init__(f"user {user_id} may not run /{command}: needs {needs}")
         self.user_id = user_id
         self.command = command
+        self.needs = needs
+        self.sentence = sentence
+
+
+def application_owners(info: discord.AppInfo) -> frozenset[int]:
+    """Who owns the application: its owner, or the owner, admins and developers of its team.
+
+    A team-owned application's ``owner`` is a stand-in user for the team, not a person; read-only
+    team members and members still invited (not accepted) do not own the bot.
+    """
+    team = info.team
+    if team is None:
+        return frozenset({info.owner.id})
+    members = {
+        m.id
+        for m in team.members
+        if m.role in (discord.TeamMemberRole.admin, discord.TeamMemberRole.developer)
+        and m.membership_state is discord.TeamMembershipState.accepted
+    }
+    return frozenset(members | ({team.owner_id} if team.owner_id is not None else set()))
 
 
 class SlashCommands:
@@ -70,11 +101,13 @@ class SlashCommands:
         router: FailureRouter,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        owners: Callable[[], Collection[int]] = frozenset,
     ) -> None:
         self.app = app
         self.answerer = answerer
         self.router = router
         self.timeout = timeout
+        self._application_owners = owners
         cfg = app.config
         self.ask_timeout = cfg.mutex_acquire_timeout_seconds + cfg.processing_timeout_seconds + ASK_MARGIN
 
@@ -87,7 +120,7 @@ class SlashCommands:
         *,
         ephemeral: bool = True,
         limit: float | None = None,
-        admin: bool = False,
+        check: Check | None = None,
     ) -> None:
         """Defer, check, run ``body`` under a timeout; turn any failure into one ephemeral sentence."""
         name = interaction.command.qualified_name if interaction.command else "?"
@@ -105,8 +138,8 @@ class SlashCommands:
                 log.warning("command.defer_failed", command=name, status=exc.status, code=exc.code)
                 return
             try:
-                if admin:
-                    self.require_admin(interaction, name)
+                if check is not None:
+                    check(interaction, name)
                 async with asyncio.timeout(self.timeout if limit is None else limit):
                     await body()
             except asyncio.CancelledError:
@@ -114,15 +147,48 @@ class SlashCommands:
             except Exception as exc:
                 await self.fail(interaction, name, exc, trace.trace_id, public=not ephemeral)
 
-    def require_admin(self, interaction: discord.Interaction, command: str) -> None:
-        """Raise ``AdminRefusedError`` unless the user is a guild administrator or allowlisted."""
+    # -- who may run what ----------------------------------------------------------------
+
+    def is_owner(self, user_id: int) -> bool:
+        """One of the bot's owners: ``ADMIN_USER_IDS``, the ``admins`` file, the application's owners."""
+        return (
+            user_id in self.app.config.admin_user_ids
+            or user_id in self._stored_admins()
+            or user_id in self._application_owners()
+        )
+
+    def require_owner(self, interaction: discord.Interaction, command: str) -> None:
+        """Bot-wide actions (every guild at once): the bot's owners only, wherever they ask."""
+        if self.is_owner(interaction.user.id):
+            return
+        self._refuse(interaction, command, "owner", texts.owners_only())
+
+    def require_guild_manager(self, interaction: discord.Interaction, command: str) -> None:
+        """One guild's settings: a member with Administrator or Manage Server, in that guild."""
+        if interaction.guild_id is None:
+            self._refuse(interaction, command, "a server", texts.server_only())
+        perms = interaction.permissions
+        if perms.administrator or perms.manage_guild:
+            return
+        self._refuse(interaction, command, "manage_guild", texts.managers_only())
+
+    def require_reset(self, interaction: discord.Interaction, command: str) -> None:
+        """A shared conversation (guild channel or thread): Manage Messages there; one's own DM: anyone."""
+        if interaction.guild_id is None and isinstance(interaction.channel, discord.DMChannel):
+            return
+        perms = interaction.permissions
+        if perms.administrator or perms.manage_messages:
+            return
+        self._refuse(interaction, command, "manage_messages", texts.reset_refused())
+
+    def _refuse(
+        self, interaction: discord.Interaction, command: str, needs: str, sentence: str
+    ) -> NoReturn:
         user_id = interaction.user.id
-        if user_id in self.app.config.admin_user_ids or user_id in self._stored_admins():
-            return
-        if interaction.guild_id is not None and interaction.permissions.administrator:
-            return
-        log.warning("admin.refused", command=command, user_id=user_id, guild_id=interaction.guild_id)
-        raise AdminRefusedError(user_id, command)
+        log.warning(
+            "command.refused", command=command, user_id=user_id, guild_id=interaction.guild_id, needs=needs
+        )
+        raise RefusedError(user_id, command, needs, sentence)
 
     def _stored_admins(self) -> list[int]:
         """Owners added in the DataStore ``admins`` file (read from memory, no I/O)."""
@@ -131,8 +197,8 @@ class SlashCommands:
 
     def sentence(self, exc: BaseException, trace_id: str) -> str:
         """The one sentence a user sees for a failed command."""
-        if isinstance(exc, AdminRefusedError):
-            return "Only server administrators and the bot's owners can use admin commands."
+        if isinstance(exc, RefusedError):
+            return exc.sentence
         if isinstance(exc, MutexTimeoutError):
             return "I'm busy answering in this conversation right now; please try again in a few seconds."
         if isinstance(exc, TimeoutError):
@@ -150,7 +216,7 @@ class SlashCommands:
     ) -> None:
         """Log the failure and tell the user, ephemerally, in one sentence."""
         verdict = classify(exc)
-        if isinstance(exc, AdminRefusedError | TimeoutError) or _is_operations_error(exc):
+        if isinstance(exc, RefusedError | TimeoutError) or _is_operations_error(exc):
             log.info("command.failed", command=name, error=type(exc).__name__)
         elif verdict.category is Category.INTERNAL:
             log.error("command.bug", command=name, exc_info=exc)
@@ -211,7 +277,7 @@ class SlashCommands:
             await reply_to.say(texts.cooldown(wait))
             return "rate_limited"
 
-        maintenance = app.maintenance()
+        maintenance = app.maintenance(inbound.guild_id)
         try:
             if maintenance is not None:
                 position: int | None = None
@@ -268,7 +334,10 @@ class SlashCommands:
     # -- /reset, /status, /help -------------------------------------------------------------
 
     async def reset(self, interaction: discord.Interaction, confirm: bool) -> None:
-        """Forget this channel's (or thread's, or DM's) conversation history, once confirmed."""
+        """Forget this channel's (or thread's, or DM's) conversation history, once confirmed.
+
+        Run with ``check=require_reset``: in a guild it needs Manage Messages.
+        """
         if not confirm:
             await followup(
                 interaction,
@@ -291,13 +360,19 @@ class SlashCommands:
             "We start afresh.",
         )
 
-    async def status_embed(self) -> discord.Embed:
-        """Mode, each breaker's state and time in it, queue depth and oldest age, recent latency."""
+    async def status_embed(self, guild_id: int | None = None) -> discord.Embed:
+        """Mode (and guild ``guild_id``'s own maintenance), each breaker's state and time in it, queue
+        depth and oldest age, recent latency."""
         app = self.app
         now = app.clock.time()
         mode = app.degradation.snapshot()
         stats = await app.storage.stats(now=now)
-        healthy = mode.mode.value == "normal" and all(b.state.value == "closed" for b in app.board)
+        guild_notice = app.guild_maintenance(guild_id)
+        healthy = (
+            mode.mode.value == "normal"
+            and guild_notice is None
+            and all(b.state.value == "closed" for b in app.board)
+        )
         embed = discord.Embed(
             title="Bot status",
             colour=discord.Colour.green() if healthy else discord.Colour.orange(),
@@ -306,6 +381,9 @@ class SlashCommands:
         if mode.reason:
             mode_text += f" ({mode.reason})"
         embed.add_field(name="Mode", value=f"{mode_text}, for {human(now - mode.since)}", inline=False)
+        if guild_notice is not None:
+            value = f"maintenance (set by this server's managers): {guild_notice}"
+            embed.add_field(name="This server", value=value[:1024], inline=False)
         for snap in app.board.snapshot():
             value = f"{snap.state.value} for {human(now - snap.since)}"
             if snap.remaining > 0:
@@ -340,7 +418,8 @@ class SlashCommands:
         return "; ".join(parts) or "no requests yet"
 
     async def status(self, interaction: discord.Interaction) -> None:
-        await interaction.followup.send(embed=await self.status_embed(), ephemeral=True)
+        embed = await self.status_embed(interaction.guild_id)
+        await interaction.followup.send(embed=embed, ephemeral=True)
 
     async def help(self, interaction: discord.Interaction) -> None:
         await followup(interaction, help_text())
@@ -352,10 +431,15 @@ def help_text() -> str:
         "I answer questions with Google Gemini.\n"
         "**Talk to me** by mentioning me, replying to one of my messages, in a DM, or with "
         "`/ask prompt:<question>` (add `private:True` to see the answer alone).\n"
-        "I remember the recent conversation of each channel, thread and DM; `/reset` makes me forget it.\n"
+        "I remember the recent conversation of each channel, thread and DM; `/reset` makes me forget it "
+        "(in a server that needs the Manage Messages permission; your DM with me you can always reset).\n"
         "**When Gemini or Discord has trouble** I save your message, tell you it is queued, and answer it "
         "here as soon as I can; nothing you sent is lost.\n"
-        "`/status` shows how I'm doing. Admins: `/admin` for breakers, maintenance, the queue and data."
+        "`/status` shows how I'm doing.\n"
+        "**Server managers** (Manage Server): `/server` for this server only: its maintenance mode and "
+        "the channels where I answer every message.\n"
+        "**The bot's owners**: `/admin` for what affects every server: breakers, maintenance, the queue, "
+        "data and locks."
     )
 
 
@@ -452,7 +536,9 @@ def setup_commands(
     @app_commands.command(name="reset", description="Forget this conversation's history")
     @app_commands.describe(confirm="Set to True to really forget it")
     async def reset(interaction: discord.Interaction, confirm: bool = False) -> None:
-        await commands.run(interaction, lambda: commands.reset(interaction, confirm))
+        await commands.run(
+            interaction, lambda: commands.reset(interaction, confirm), check=commands.require_reset
+        )
 
     @app_commands.command(name="status", description="How the bot and its dependencies are doing")
     async def status(interaction: discord.Interaction) -> None:

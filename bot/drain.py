@@ -58,6 +58,9 @@ FAILURE_BACKOFF_CAP = 5.0
 CONCURRENCY = 20
 # An item's task is cancelled this long before its lease runs out, so no second claim overlaps it.
 LEASE_MARGIN = 10.0
+# A question from a guild in maintenance waits this long before the drain looks at it again; the
+# end of that guild's maintenance makes it due at once (Operations.guild_maintenance_off).
+GUILD_MAINTENANCE_HOLD = 600.0
 
 
 class Drain:
@@ -228,6 +231,12 @@ class Drain:
 
     async def _process_item(self, item: QueueItem, inbound: Inbound) -> None:
         app = self.app
+        if item.kind is ItemKind.INBOUND and app.guild_maintenance(inbound.guild_id) is not None:
+            # Its guild is in maintenance: hold the question (answers already made still go out).
+            await self.router.requeue(
+                item, "guild maintenance", retry_after=GUILD_MAINTENANCE_HOLD, count_attempt=False
+            )
+            return
         channel = await app.channel_for(item)
         original = inbound.reference()
         if item.kind is ItemKind.OUTBOUND:

@@ -167,7 +167,7 @@ class Intake:
             await self._refuse(message, texts.COOLDOWN, texts.cooldown(wait))
             return "rate_limited"
 
-        maintenance = app.maintenance()
+        maintenance = app.maintenance(inbound.guild_id)
         if maintenance is not None:
             position: int | None = None
             if cfg.maintenance_queue_messages:

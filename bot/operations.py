@@ -18,6 +18,11 @@ message's content.
 
 Breakers an operator opens are written to the DataStore ``breakers`` file so they stay open
 across a restart; ``apply_breaker_overrides(app)`` re-applies them at start-up.
+
+Most actions are bot-wide (the bot's owners run them). The ``guild_*`` actions change one
+guild only, named by ``guild_id``: its own maintenance mode and its chat channels, both kept
+in the DataStore ``guild_settings`` file. Who may run which is the caller's check (the slash
+commands check the member; the HTTP API's token is an owner's).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import structlog
 
-from resilience.degradation import ItemKind, ItemState, QueueItem
+from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode, QueueItem
 from resilience.errors import classify
 from resilience.mutex import LockStatus
 
@@ -47,6 +52,7 @@ HOLD_SECONDS = 10 * 365 * 86400.0
 
 PURGEABLE = (ItemState.DEAD, ItemState.EXPIRED, ItemState.DONE)
 MAX_NOTICE_CHARS = 1800  # the maintenance notice is sent as one Discord message (2000 max)
+MAX_CHAT_CHANNELS = 50  # per guild: where the bot answers every message, not a firehose
 PREVIEW_CHARS = 40
 RECONNECT_CLOSE_CODE = 4000  # discord.py treats 4000 as resumable: it reconnects and RESUMEs
 RECONNECT_CLOSE_TIMEOUT = 5.0
@@ -134,6 +140,28 @@ class MaintenanceStatus(TypedDict):
     since: float | None
     by: str | None
     mode: str
+
+
+class GuildMaintenanceStatus(TypedDict):
+    """One guild's own maintenance mode: ``message`` the notice its members see (None when off);
+    ``since``/``by`` the last change; ``bot_wide`` whether the owners' maintenance is on too (it
+    covers every guild, with its own notice)."""
+
+    guild_id: int
+    enabled: bool
+    message: str | None
+    since: float | None
+    by: str | None
+    bot_wide: bool
+
+
+class ChatChannels(TypedDict):
+    """The channels of guild ``guild_id`` where the bot answers every message; ``changed``: whether
+    the action changed the list (adding one already there, or removing one not there, does not)."""
+
+    guild_id: int
+    channels: list[int]
+    changed: bool
 
 
 class QueueItemRow(TypedDict):
@@ -314,20 +342,21 @@ class Operations:
         removed = [n for n in names if n in persisted]
         if removed:
             await self.app.datastore.update("breakers", drop)
-        rescheduled = await self._make_due(names)
+        rescheduled = await self._make_due({WAITS_ON[n] for n in names if n in WAITS_ON})
         self.app.drain_wake()
         _log("circuit_reset", by, target=name, reset=names, overrides_removed=removed, made_due=rescheduled)
         return CircuitReset(reset=names, overrides_removed=removed)
 
-    async def _make_due(self, names: list[str]) -> int:
-        """Pending items waiting on the reset breakers become due now; return how many.
+    async def _make_due(self, kinds: set[ItemKind], *, guild_id: int | None = None) -> int:
+        """Pending items of ``kinds`` (of guild ``guild_id`` only, when given) become due now; return
+        how many.
 
         A message queued on an exhausted daily quota waits until the quota resets, hours away:
-        an operator who resets the circuit (after raising the quota) means "try now". Items due
+        an operator who resets the circuit (after raising the quota) means "try now"; so does a
+        guild's manager who ends its maintenance (the drain held its questions meanwhile). Items due
         within ``RESCHEDULE_MARGIN`` are left alone: the drain cannot claim the others meanwhile,
         so no item is requeued while claimed. A storage failure only skips this (logged).
         """
-        kinds = {WAITS_ON[n] for n in names if n in WAITS_ON}
         if not kinds:
             return 0
         storage = self.app.storage
@@ -335,12 +364,14 @@ class Operations:
         moved = 0
         try:
             for item in await storage.list(ItemState.PENDING, limit=RESCHEDULE_LIMIT):
-                if item.kind in kinds and item.next_attempt_at > now + RESCHEDULE_MARGIN:
-                    await storage.requeue(
-                        item.id, error=item.last_error or "circuit reset", next_attempt_at=now,
-                        count_attempt=False,
-                    )
-                    moved += 1
+                if item.kind not in kinds or item.next_attempt_at <= now + RESCHEDULE_MARGIN:
+                    continue
+                if guild_id is not None and item.payload.get("guild_id") != guild_id:
+                    continue
+                await storage.requeue(
+                    item.id, error=item.last_error or "made due", next_attempt_at=now, count_attempt=False
+                )
+                moved += 1
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -388,13 +419,7 @@ class Operations:
 
         Turning it on again changes the notice and keeps ``since``.
         """
-        if message is not None and not isinstance(message, str):
-            raise InvalidRequestError("the maintenance message must be text")
-        notice = (message or "").strip() or None
-        if notice is not None and len(notice) > MAX_NOTICE_CHARS:
-            raise InvalidRequestError(
-                f"the maintenance message has {len(notice)} characters; the limit is {MAX_NOTICE_CHARS}"
-            )
+        notice = _notice(message)
         now = self.app.clock.time()
 
         def switch_on(data: dict[str, Any]) -> dict[str, Any]:
@@ -436,6 +461,113 @@ class Operations:
             by=data.get("by"),
             mode=str(self.app.degradation.mode),
         )
+
+    # -- one guild: its maintenance and chat channels -------------------------------------------
+
+    async def guild_maintenance_on(
+        self, guild_id: int, message: str | None = None, *, by: str | None = None
+    ) -> GuildMaintenanceStatus:
+        """Turn guild ``guild_id``'s own maintenance on (persisted): its members' messages get the
+        notice and are queued, the drain holds its queued questions; other guilds are unaffected."""
+        gid = _guild_id(guild_id)
+        notice = _notice(message)
+        now = self.app.clock.time()
+
+        def switch_on(data: dict[str, Any]) -> None:
+            entry = data["guilds"].setdefault(str(gid), {})
+            old = entry.get("maintenance") or {}
+            since = old["since"] if old.get("enabled") and old.get("since") is not None else now
+            entry["maintenance"] = {"enabled": True, "message": notice, "since": since, "by": by}
+
+        saved = await self.app.datastore.update("guild_settings", switch_on)
+        self.app.reload_settings()
+        _log("guild_maintenance_on", by, guild_id=gid, custom_message=notice is not None)
+        return self._guild_maintenance_view(gid, saved)
+
+    async def guild_maintenance_off(self, guild_id: int, *, by: str | None = None) -> GuildMaintenanceStatus:
+        """Turn guild ``guild_id``'s maintenance off (persisted); its held questions are answered now."""
+        gid = _guild_id(guild_id)
+        now = self.app.clock.time()
+
+        def switch_off(data: dict[str, Any]) -> None:
+            entry = data["guilds"].setdefault(str(gid), {})
+            entry["maintenance"] = {"enabled": False, "message": None, "since": now, "by": by}
+
+        saved = await self.app.datastore.update("guild_settings", switch_off)
+        self.app.reload_settings()
+        released = await self._make_due({ItemKind.INBOUND}, guild_id=gid)
+        self.app.drain_wake()
+        _log("guild_maintenance_off", by, guild_id=gid, made_due=released)
+        return self._guild_maintenance_view(gid, saved)
+
+    async def guild_maintenance_status(
+        self, guild_id: int, *, by: str | None = None
+    ) -> GuildMaintenanceStatus:
+        """Whether guild ``guild_id``'s own maintenance is on, its notice, since when and who switched it."""
+        gid = _guild_id(guild_id)
+        status = self._guild_maintenance_view(gid, self._cached("guild_settings"))
+        _log("guild_maintenance_status", by, guild_id=gid, enabled=status["enabled"])
+        return status
+
+    def _guild_maintenance_view(self, gid: int, settings: dict[str, Any]) -> GuildMaintenanceStatus:
+        data = (settings.get("guilds", {}).get(str(gid)) or {}).get("maintenance") or {}
+        enabled = bool(data.get("enabled"))
+        return GuildMaintenanceStatus(
+            guild_id=gid,
+            enabled=enabled,
+            message=(data.get("message") or DEFAULT_MAINTENANCE_MESSAGE) if enabled else None,
+            since=data.get("since"),
+            by=data.get("by"),
+            bot_wide=self.app.degradation.mode is Mode.MAINTENANCE,
+        )
+
+    async def guild_chat_channels(self, guild_id: int, *, by: str | None = None) -> ChatChannels:
+        """The channels of guild ``guild_id`` where the bot answers every message, not only mentions."""
+        gid = _guild_id(guild_id)
+        channels = sorted(self.app.chat_channels(gid))
+        _log("guild_chat_channels", by, guild_id=gid, channels=len(channels))
+        return ChatChannels(guild_id=gid, channels=channels, changed=False)
+
+    async def guild_chat_channel_add(
+        self, guild_id: int, channel_id: int, *, by: str | None = None
+    ) -> ChatChannels:
+        """Make the bot answer every message in ``channel_id`` (a channel or thread of guild ``guild_id``)."""
+        gid, cid = _guild_id(guild_id), _channel_id(channel_id)
+        return await self._change_chat_channels(gid, cid, add=True, by=by)
+
+    async def guild_chat_channel_remove(
+        self, guild_id: int, channel_id: int, *, by: str | None = None
+    ) -> ChatChannels:
+        """Make the bot answer only mentions, replies and DMs in ``channel_id`` again."""
+        gid, cid = _guild_id(guild_id), _channel_id(channel_id)
+        return await self._change_chat_channels(gid, cid, add=False, by=by)
+
+    async def _change_chat_channels(self, gid: int, cid: int, *, add: bool, by: str | None) -> ChatChannels:
+        changed = False
+
+        def change(data: dict[str, Any]) -> None:
+            nonlocal changed
+            entry = data["guilds"].setdefault(str(gid), {})
+            channels = [int(c) for c in entry.get("chat_channels") or []]
+            if add and cid not in channels:
+                if len(channels) >= MAX_CHAT_CHANNELS:
+                    raise InvalidRequestError(
+                        f"this server already has {len(channels)} chat channels, the most I keep;"
+                        " remove one first"
+                    )
+                channels.append(cid)
+                changed = True
+            elif not add and cid in channels:
+                channels.remove(cid)
+                changed = True
+            entry["chat_channels"] = sorted(channels)
+
+        await self.app.datastore.update("guild_settings", change)
+        self.app.reload_settings()
+        channels = sorted(self.app.chat_channels(gid))
+        _log("guild_chat_channel_add" if add else "guild_chat_channel_remove", by, guild_id=gid,
+             channel_id=cid, changed=changed)
+        return ChatChannels(guild_id=gid, channels=channels, changed=changed)
 
     # -- the degradation queue ------------------------------------------------------------------
 
@@ -684,6 +816,30 @@ def _active_overrides(overrides: dict[str, dict[str, Any]], now: float) -> dict[
         for name, entry in overrides.items()
         if entry.get("state") == "open" and (entry.get("until") is None or entry["until"] > now)
     }
+
+
+def _notice(message: Any) -> str | None:
+    """A maintenance notice as given (stripped; None for the default), or ``InvalidRequestError``."""
+    if message is not None and not isinstance(message, str):
+        raise InvalidRequestError("the maintenance message must be text")
+    notice = (message or "").strip() or None
+    if notice is not None and len(notice) > MAX_NOTICE_CHARS:
+        raise InvalidRequestError(
+            f"the maintenance message has {len(notice)} characters; the limit is {MAX_NOTICE_CHARS}"
+        )
+    return notice
+
+
+def _guild_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidRequestError("a guild id must be a positive integer")
+    return value
+
+
+def _channel_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidRequestError("a channel id must be a positive integer")
+    return value
 
 
 def _log(op: str, by: str | None, **fields: Any) -> None:

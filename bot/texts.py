@@ -110,6 +110,28 @@ def cannot_accept(verdict: Classification) -> str:
     )
 
 
+def owners_only() -> str:
+    return (
+        "`/admin` changes the bot for every server, so it is for the bot's owners only; "
+        "server managers can use `/server` for their own server."
+    )
+
+
+def managers_only() -> str:
+    return "`/server` changes this server's settings, so it needs the Manage Server permission here."
+
+
+def server_only() -> str:
+    return "`/server` works only in a server, on that server's settings."
+
+
+def reset_refused() -> str:
+    return (
+        "Only members who can manage messages here can make me forget this shared conversation; "
+        "in a DM with me you can always reset our own."
+    )
+
+
 def late_answer_prefix(original: str) -> str:
     quoted = original.strip().replace("\n", " ")
     if len(quoted) > 120:

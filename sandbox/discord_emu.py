@@ -10,8 +10,9 @@ Point discord.py at it before ``login``/``start``::
 ``Route.BASE`` covers every REST call, including interaction callbacks and follow-ups
 (``discord/webhook/async_.py`` builds them from ``Route`` too). Restore both attributes afterwards.
 
-The world (one guild, ``general``/``random`` channels, a thread, DMs, an admin and a normal
-member) lives in :class:`sandbox.discord_state.World`. Faults come from a shared
+The world (a guild with ``general``/``random`` channels and a thread, more guilds on request,
+DMs, an admin and a normal member, roles, the application's owner or team) lives in
+:class:`sandbox.discord_state.World`. Faults come from a shared
 :class:`sandbox.faults.FaultPlan`; each REST route has a name used as the fault ``target``:
 
 ==========  ==================================================================
@@ -65,7 +66,6 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from sandbox.discord_state import (
-    CHANNEL_DM,
     INTENT_MESSAGE_CONTENT,
     UserRecord,
     World,
@@ -491,15 +491,18 @@ class DiscordEmulator:
     ) -> InteractionRecord:
         """A user runs slash command ``name``: dispatches INTERACTION_CREATE; returns its record.
 
-        ``options`` maps option names to values (str, int, bool, float). A dict value is a
+        ``options`` maps option names to values (str, int, bool, float, or a :class:`ChannelRef`
+        for a channel option, sent with its ``resolved`` data). A dict value is a
         subcommand: ``{"circuit": {"reset": {"name": "gemini"}}}`` runs ``/name circuit reset
         name:gemini``; a dict whose values are all dicts is a subcommand group (type 2), any
         other dict (also ``{}``) a subcommand (type 1), each with its nested ``options``, as
-        Discord sends them. In a DM channel the interaction carries ``user`` instead of ``member``.
+        Discord sends them. In a DM channel the interaction carries ``user`` instead of ``member``;
+        in a guild channel, ``member`` with the member's permissions in that channel's guild.
         """
         who = self.world.user(user)
         channel_id = channel_id if channel_id is not None else self.channels["general"]
         channel = self.world.channel_data[channel_id]
+        guild_id = self.world.channel_guild(channel_id)
         iid = self.world.snowflake()
         token = "itok-" + secrets.token_hex(16)
         command_id = self._command_id(name)
@@ -519,22 +522,28 @@ class DiscordEmulator:
             "channel": dict(channel),
             "locale": "en-US",
             "entitlements": [],
-            "authorizing_integration_owners": {"0": str(self.guild_id)},
+            "authorizing_integration_owners": {"0": str(guild_id or self.guild_id)},
             "attachment_size_limit": 8 * 1024 * 1024,
-            "app_permissions": str(self.world.permissions(self.world.bot)),
+            "app_permissions": str(self.world.permissions(self.world.bot, guild_id)),
         }
-        if channel.get("type") == CHANNEL_DM:
+        channels = _resolved_channels(options or {})
+        if channels:
+            perms = str(self.world.permissions(who, guild_id)) if guild_id is not None else "0"
+            data["data"]["resolved"] = {"channels": {
+                str(cid): self.world.channel_data[cid] | {"permissions": perms} for cid in channels
+            }}
+        if guild_id is None:
             data["user"] = who.payload()
             data["context"] = 1
         else:
-            data["guild_id"] = str(self.guild_id)
+            data["guild_id"] = str(guild_id)
             data["guild_locale"] = "en-US"
-            data["guild"] = {"id": str(self.guild_id), "locale": "en-US", "features": []}
-            data["member"] = self.world.member_payload(who) | {
-                "permissions": str(self.world.permissions(who))
+            data["guild"] = {"id": str(guild_id), "locale": "en-US", "features": []}
+            data["member"] = self.world.member_payload(who, guild_id=guild_id) | {
+                "permissions": str(self.world.permissions(who, guild_id))
             }
             data["context"] = 0
-            data["data"]["guild_id"] = str(self.guild_id)
+            data["data"]["guild_id"] = str(guild_id)
         record = InteractionRecord(iid, token, name, dict(options or {}), who.id, channel_id, data)
         self._interactions[iid] = record
         self._by_token[token] = record
@@ -614,9 +623,12 @@ class DiscordEmulator:
         elif op == OP_RESUME:
             await self._resume(conn, data or {})
         elif op == OP_REQUEST_MEMBERS and conn.session is not None:
+            gid = int((data or {}).get("guild_id") or self.guild_id)
+            if gid not in self.world.guilds:
+                return
             await self._emit(conn.session, "GUILD_MEMBERS_CHUNK", {
-                "guild_id": str(self.guild_id),
-                "members": [self.world.member_payload(u) for u in self.world.users.values()],
+                "guild_id": str(gid),
+                "members": [self.world.member_payload(u, guild_id=gid) for u in self.world.users.values()],
                 "chunk_index": 0,
                 "chunk_count": 1,
                 "nonce": (data or {}).get("nonce"),
@@ -636,8 +648,9 @@ class DiscordEmulator:
         conn.session = session
         ready = self.world.ready_payload(session.id, self.gateway_url)
         await self._emit(session, "READY", ready, check=False)
-        guild = self.world.guild_create_payload(session.intents)
-        await self._emit(session, "GUILD_CREATE", guild, check=False)
+        for gid in self.world.guilds:
+            guild = self.world.guild_create_payload(session.intents, gid)
+            await self._emit(session, "GUILD_CREATE", guild, check=False)
         await self._notify()
         await self._gateway_fault(conn)
 
@@ -830,21 +843,7 @@ class DiscordEmulator:
         return _json(200, self.world.bot.payload() | {"verified": True, "mfa_enabled": False, "flags": 0})
 
     async def _get_application(self, request: web.Request, body: Any) -> web.Response:
-        owner = self.world.users["admin"]
-        return _json(200, {
-            "id": str(self.application_id),
-            "name": self.world.bot.username,
-            "description": "Sandbox application",
-            "icon": None,
-            "bot_public": True,
-            "bot_require_code_grant": False,
-            "owner": owner.payload(),
-            "verify_key": "0" * 64,
-            "flags": 0,
-            "team": None,
-            "summary": "",
-            "bot": self.world.bot.payload(),
-        })
+        return _json(200, self.world.application_payload())
 
     async def _get_gateway(self, request: web.Request, body: Any) -> web.Response:
         return _json(200, {"url": self.gateway_url, "shards": 1,
@@ -1002,7 +1001,7 @@ class DiscordEmulator:
         if int(request.match_info["app_id"]) != self.application_id:
             raise ApiError(403, "Missing Access", 50001)
         guild = request.match_info.get("guild_id")
-        if guild is not None and int(guild) != self.guild_id:
+        if guild is not None and int(guild) not in self.world.guilds:
             raise ApiError(403, "Missing Access", 50001)
         return int(guild) if guild is not None else None
 
@@ -1177,6 +1176,24 @@ def _latency_seconds(params: dict[str, Any]) -> float:
     return float(params.get("seconds", params.get("delay", 1.0)))
 
 
+@dataclass(frozen=True)
+class ChannelRef:
+    """A channel (or thread) as a slash-command option value: sent as type 7 with its resolved data."""
+
+    id: int
+
+
+def _resolved_channels(options: dict[str, Any]) -> list[int]:
+    """The ids of every ``ChannelRef`` in (nested) options."""
+    found: list[int] = []
+    for value in options.values():
+        if isinstance(value, dict):
+            found += _resolved_channels(value)
+        elif isinstance(value, ChannelRef):
+            found.append(value.id)
+    return found
+
+
 def _options(options: dict[str, Any]) -> list[dict[str, Any]]:
     return [_option(k, v) for k, v in options.items()]
 
@@ -1187,6 +1204,8 @@ def _option(name: str, value: Any) -> dict[str, Any]:
         # A group holds only subcommands; a subcommand holds only plain values (or nothing).
         group = bool(value) and all(isinstance(v, dict) for v in value.values())
         return {"name": name, "type": 2 if group else 1, "options": _options(value)}
+    if isinstance(value, ChannelRef):
+        return {"name": name, "type": 7, "value": str(value.id)}
     if isinstance(value, bool):
         kind = 5
     elif isinstance(value, int):

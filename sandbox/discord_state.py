@@ -1,4 +1,5 @@
-"""The emulated Discord world: one guild, its channels, roles, members, DMs and message history.
+"""The emulated Discord world: guilds, their channels, roles, members, DMs and message history,
+and the application (its owner, or the team that owns it).
 
 Pure data and payload builders (no I/O), shaped like the Discord API v10 JSON that discord.py
 parses. ``sandbox.discord_emu`` serves it over REST and the gateway.
@@ -16,6 +17,8 @@ DISCORD_EPOCH_MS = 1420070400000
 
 # Permission bits (https://discord.com/developers/docs/topics/permissions).
 ADMINISTRATOR = 1 << 3
+MANAGE_GUILD = 1 << 5
+MANAGE_MESSAGES = 1 << 13
 ALL_PERMISSIONS = (1 << 51) - 1
 EVERYONE_PERMISSIONS = (
     (1 << 6)  # add reactions
@@ -27,7 +30,7 @@ EVERYONE_PERMISSIONS = (
     | (1 << 31)  # use application commands
     | (1 << 38)  # send messages in threads
 )
-BOT_PERMISSIONS = EVERYONE_PERMISSIONS | (1 << 13)  # + manage messages
+BOT_PERMISSIONS = EVERYONE_PERMISSIONS | MANAGE_MESSAGES
 
 # Gateway intents the emulator honours.
 INTENT_GUILD_MEMBERS = 1 << 1
@@ -39,6 +42,11 @@ CHANNEL_PUBLIC_THREAD = 11
 
 MESSAGE_DEFAULT = 0
 MESSAGE_REPLY = 19
+
+
+# Team member roles (https://discord.com/developers/docs/topics/teams#team-member-roles).
+TEAM_ROLES = frozenset({"admin", "developer", "read_only"})
+TEAM_INVITED, TEAM_ACCEPTED = 1, 2
 
 
 def now_iso() -> str:
@@ -67,8 +75,52 @@ class UserRecord:
         }
 
 
+@dataclass
+class RoleRecord:
+    """A guild role; a guild's @everyone role has the guild's id."""
+
+    id: int
+    name: str
+    permissions: int
+    position: int
+    managed: bool = False
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id), "name": self.name, "permissions": str(self.permissions),
+            "position": self.position, "color": 0, "hoist": False, "managed": self.managed,
+            "mentionable": False, "flags": 0,
+        }
+
+
+@dataclass
+class GuildRecord:
+    """A guild: its name, owner (a user key) and roles. Every user of the world is a member."""
+
+    id: int
+    name: str
+    owner: str
+    roles: list[RoleRecord]
+
+
+@dataclass
+class TeamRecord:
+    """The team that owns the application: ``members`` maps user keys to (role, membership state)."""
+
+    id: int
+    name: str
+    owner: str
+    members: dict[str, tuple[str, int]]
+
+
 class World:
-    """Ids and state of everything in the emulated Discord; payload builders for each kind."""
+    """Ids and state of everything in the emulated Discord; payload builders for each kind.
+
+    The first guild (``guild_id``) holds ``general``, ``random`` and a thread; ``add_guild`` adds
+    more (each with its own roles; every user is a member of every guild). The application is
+    owned by the user ``application_owner`` (a key, default ``"admin"``) unless ``set_team``
+    gives it to a team, as ``GET /oauth2/applications/@me`` reports.
+    """
 
     def __init__(self, *, bot_name: str = "gembot") -> None:
         self._counter = itertools.count()
@@ -84,8 +136,17 @@ class World:
         self.admin_role_id = self.snowflake()
         self.bot_role_id = self.snowflake()
         self.bot.role_ids.append(self.bot_role_id)
+        self.guilds: dict[int, GuildRecord] = {
+            self.guild_id: GuildRecord(self.guild_id, self.guild_name, "admin", [
+                RoleRecord(self.guild_id, "@everyone", EVERYONE_PERMISSIONS, 0),
+                RoleRecord(self.admin_role_id, "Admin", ADMINISTRATOR, 1),
+                RoleRecord(self.bot_role_id, "Bot", BOT_PERMISSIONS, 2, managed=True),
+            ])
+        }
         self._add_user("admin", "alice", roles=[self.admin_role_id])
         self._add_user("normal", "bob")
+        self.application_owner = "admin"
+        self.team: TeamRecord | None = None
         self.channels: dict[str, int] = {}
         self.channel_data: dict[int, dict[str, Any]] = {}
         for position, name in enumerate(("general", "random")):
@@ -128,18 +189,54 @@ class World:
         self._by_id[user.id] = user
         return user
 
-    def add_member(self, key: str, username: str, *, admin: bool = False) -> int:
-        """Add a guild member (visible to the bot on its next IDENTIFY); returns the user id."""
-        return self._add_user(key, username, roles=[self.admin_role_id] if admin else []).id
+    def add_member(
+        self, key: str, username: str, *, admin: bool = False, roles: list[int] | tuple[int, ...] = ()
+    ) -> int:
+        """Add a member of every guild (visible to the bot on its next IDENTIFY); returns the user id.
 
-    def add_text_channel(self, name: str, *, position: int | None = None) -> int:
-        """Add a guild text channel; returns its id."""
+        ``admin`` gives the first guild's Admin role; ``roles`` are role ids (``add_role``) of any guild.
+        """
+        return self._add_user(key, username, roles=[self.admin_role_id] * admin + list(roles)).id
+
+    def add_guild(self, name: str, *, owner: str = "admin") -> int:
+        """Add a guild (the bot joined it, every user is a member) with @everyone and the bot's role."""
+        gid = self.snowflake()
+        bot_role = self.snowflake()
+        self.guilds[gid] = GuildRecord(gid, name, owner, [
+            RoleRecord(gid, "@everyone", EVERYONE_PERMISSIONS, 0),
+            RoleRecord(bot_role, "Bot", BOT_PERMISSIONS, 1, managed=True),
+        ])
+        self.bot.role_ids.append(bot_role)
+        return gid
+
+    def add_role(self, name: str, permissions: int, *, guild_id: int | None = None) -> int:
+        """Add a role to a guild (default: the first); give it with ``add_member(roles=[...])``."""
+        guild = self.guilds[guild_id if guild_id is not None else self.guild_id]
+        rid = self.snowflake()
+        guild.roles.append(RoleRecord(rid, name, permissions, len(guild.roles)))
+        return rid
+
+    def set_team(self, name: str, members: dict[str, str], *, owner: str | None = None) -> int:
+        """Give the application to a team: ``members`` maps user keys to a team role (``admin``,
+        ``developer``, ``read_only``); a key ending in ``?`` is only invited, not yet a member.
+        ``owner`` (default: the first key) owns the team. Returns the team id."""
+        parsed: dict[str, tuple[str, int]] = {}
+        for key, role in members.items():
+            if role not in TEAM_ROLES:
+                raise ValueError(f"unknown team role {role!r}; one of {sorted(TEAM_ROLES)}")
+            state = TEAM_INVITED if key.endswith("?") else TEAM_ACCEPTED
+            parsed[key.rstrip("?")] = (role, state)
+        self.team = TeamRecord(self.snowflake(), name, owner or next(iter(parsed)), parsed)
+        return self.team.id
+
+    def add_text_channel(self, name: str, *, position: int | None = None, guild_id: int | None = None) -> int:
+        """Add a text channel to a guild (default: the first); returns its id."""
         cid = self.snowflake()
         self.channels[name] = cid
         self.channel_data[cid] = {
             "id": str(cid),
             "type": CHANNEL_TEXT,
-            "guild_id": str(self.guild_id),
+            "guild_id": str(guild_id if guild_id is not None else self.guild_id),
             "name": name,
             "position": len(self.channels) - 1 if position is None else position,
             "parent_id": None,
@@ -186,32 +283,31 @@ class World:
     def is_guild_channel(self, channel_id: int) -> bool:
         return "guild_id" in self.channel_data.get(channel_id, {})
 
+    def channel_guild(self, channel_id: int) -> int | None:
+        """The guild a channel or thread belongs to; None for a DM."""
+        gid = self.channel_data.get(channel_id, {}).get("guild_id")
+        return None if gid is None else int(gid)
+
     # --- permissions and members -------------------------------------------------------------
 
-    def permissions(self, user: UserRecord) -> int:
-        """Guild-level permissions of a member (Administrator implies all)."""
-        perms = EVERYONE_PERMISSIONS
-        for role in self.roles():
-            if int(role["id"]) in user.role_ids:
-                perms |= int(role["permissions"])
+    def permissions(self, user: UserRecord, guild_id: int | None = None) -> int:
+        """Guild-level permissions of a member (Administrator implies all); default: the first guild."""
+        perms = 0
+        for role in self.guilds[guild_id if guild_id is not None else self.guild_id].roles:
+            if role.name == "@everyone" or role.id in user.role_ids:
+                perms |= role.permissions
         return ALL_PERMISSIONS if perms & ADMINISTRATOR else perms
 
-    def roles(self) -> list[dict[str, Any]]:
-        def role(rid: int, name: str, perms: int, position: int, managed: bool = False) -> dict[str, Any]:
-            return {
-                "id": str(rid), "name": name, "permissions": str(perms), "position": position,
-                "color": 0, "hoist": False, "managed": managed, "mentionable": False, "flags": 0,
-            }
+    def roles(self, guild_id: int | None = None) -> list[dict[str, Any]]:
+        return [r.payload() for r in self.guilds[guild_id if guild_id is not None else self.guild_id].roles]
 
-        return [
-            role(self.guild_id, "@everyone", EVERYONE_PERMISSIONS, 0),
-            role(self.admin_role_id, "Admin", ADMINISTRATOR, 1),
-            role(self.bot_role_id, "Bot", BOT_PERMISSIONS, 2, managed=True),
-        ]
-
-    def member_payload(self, user: UserRecord, *, with_user: bool = True) -> dict[str, Any]:
+    def member_payload(
+        self, user: UserRecord, *, with_user: bool = True, guild_id: int | None = None
+    ) -> dict[str, Any]:
+        guild = self.guilds[guild_id if guild_id is not None else self.guild_id]
+        own = {r.id for r in guild.roles if r.name != "@everyone"}
         data: dict[str, Any] = {
-            "roles": [str(r) for r in user.role_ids],
+            "roles": [str(r) for r in user.role_ids if r in own],
             "joined_at": self.joined_at,
             "deaf": False,
             "mute": False,
@@ -230,7 +326,7 @@ class World:
         return {
             "v": 10,
             "user": me,
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "guilds": [{"id": str(gid), "unavailable": True} for gid in self.guilds],
             "session_id": session_id,
             "resume_gateway_url": resume_url,
             "application": {"id": str(self.application_id), "flags": 0},
@@ -239,24 +335,26 @@ class World:
             "session_type": "normal",
         }
 
-    def guild_create_payload(self, intents: int) -> dict[str, Any]:
+    def guild_create_payload(self, intents: int, guild_id: int | None = None) -> dict[str, Any]:
+        guild = self.guilds[guild_id if guild_id is not None else self.guild_id]
         members = list(self.users.values())
         if not intents & INTENT_GUILD_MEMBERS:
             members = [self.bot]  # without the members intent Discord sends only the bot itself
-        channels = [c for c in self.channel_data.values() if c.get("type") == CHANNEL_TEXT]
-        threads = [c for c in self.channel_data.values() if c.get("type") == CHANNEL_PUBLIC_THREAD]
+        own = [c for c in self.channel_data.values() if c.get("guild_id") == str(guild.id)]
+        channels = [c for c in own if c.get("type") == CHANNEL_TEXT]
+        threads = [c for c in own if c.get("type") == CHANNEL_PUBLIC_THREAD]
         return {
-            "id": str(self.guild_id),
-            "name": self.guild_name,
-            "owner_id": str(self.users["admin"].id),
+            "id": str(guild.id),
+            "name": guild.name,
+            "owner_id": str(self.users[guild.owner].id),
             "unavailable": False,
             "large": False,
             "member_count": len(self.users),
             "joined_at": self.joined_at,
-            "roles": self.roles(),
+            "roles": [r.payload() for r in guild.roles],
             "channels": channels,
             "threads": threads,
-            "members": [self.member_payload(u) for u in members],
+            "members": [self.member_payload(u, guild_id=guild.id) for u in members],
             "presences": [],
             "voice_states": [],
             "emojis": [],
@@ -272,6 +370,47 @@ class World:
             "nsfw_level": 0,
             "premium_tier": 0,
             "system_channel_flags": 0,
+        }
+
+    def application_payload(self) -> dict[str, Any]:
+        """``GET /oauth2/applications/@me``: a team-owned application's ``owner`` is a stand-in
+        user for the team (its id is the team's), and ``team`` lists the members with their roles."""
+        owner = self.users[self.application_owner].payload()
+        team = None
+        if self.team is not None:
+            owner = {
+                "id": str(self.team.id), "username": f"team{self.team.id}", "global_name": None,
+                "discriminator": "0", "avatar": None, "flags": 1024, "public_flags": 1024,
+            }
+            team = {
+                "id": str(self.team.id),
+                "name": self.team.name,
+                "icon": None,
+                "owner_user_id": str(self.users[self.team.owner].id),
+                "members": [
+                    {
+                        "membership_state": state,
+                        "team_id": str(self.team.id),
+                        "user": self.users[key].payload(),
+                        "role": role,
+                        "permissions": ["*"],
+                    }
+                    for key, (role, state) in self.team.members.items()
+                ],
+            }
+        return {
+            "id": str(self.application_id),
+            "name": self.bot.username,
+            "description": "Sandbox application",
+            "icon": None,
+            "bot_public": True,
+            "bot_require_code_grant": False,
+            "owner": owner,
+            "verify_key": "0" * 64,
+            "flags": 0,
+            "team": team,
+            "summary": "",
+            "bot": self.bot.payload(),
         }
 
     # --- messages ------------------------------------------------------------------------------
@@ -290,7 +429,8 @@ class World:
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Build a message payload; the caller stores it with :meth:`store`."""
-        guild = self.is_guild_channel(channel_id)
+        guild_id = self.channel_guild(channel_id)
+        guild = guild_id is not None
         mid = self.snowflake()
         data: dict[str, Any] = {
             "id": str(mid),
@@ -313,11 +453,11 @@ class World:
         for user in mentions or []:
             mentioned = user.payload()
             if guild:
-                mentioned["member"] = self.member_payload(user, with_user=False)
+                mentioned["member"] = self.member_payload(user, with_user=False, guild_id=guild_id)
             data["mentions"].append(mentioned)
         if guild:
-            data["guild_id"] = str(self.guild_id)
-            data["member"] = self.member_payload(author, with_user=False)
+            data["guild_id"] = str(guild_id)
+            data["member"] = self.member_payload(author, with_user=False, guild_id=guild_id)
         if reference_message_id is not None:
             data["type"] = MESSAGE_REPLY
             data["message_reference"] = {
@@ -326,7 +466,7 @@ class World:
                 "channel_id": str(channel_id),
             }
             if guild:
-                data["message_reference"]["guild_id"] = str(self.guild_id)
+                data["message_reference"]["guild_id"] = str(guild_id)
             data["referenced_message"] = self.find_message(channel_id, reference_message_id)
         if extra:
             data.update(extra)

@@ -139,9 +139,11 @@ _GUILD_KEYS = frozenset({"chat_channels", "persona", "user_rate_per_minute"})
 
 
 def validate_guild_settings(data: Any) -> list[str]:
-    """``{"guilds": {id: {"chat_channels": [int], "persona": str|None, "user_rate_per_minute": int|None}}}``.
+    """``{"guilds": {id: {"chat_channels": [int], "persona": str|None, "user_rate_per_minute": int|None,
+    "maintenance": {...}}}}``.
 
-    A guild entry may leave keys out (unset); present keys are typed precisely.
+    A guild entry may leave keys out (unset); present keys are typed precisely. ``maintenance``
+    is the guild's own maintenance mode, shaped like the ``maintenance`` file.
     """
     problems = _check_keys(data, "guild_settings", {"guilds"})
     if problems:
@@ -153,10 +155,12 @@ def validate_guild_settings(data: Any) -> list[str]:
         where = f"guild_settings.guilds[{gid!r}]"
         if not (isinstance(gid, str) and gid.isdecimal() and gid.isascii()):
             problems.append(f"{where}: guild id must be a string of digits")
-        shape = _check_keys(entry, where, set(), _GUILD_KEYS)
+        shape = _check_keys(entry, where, set(), _GUILD_KEYS | {"maintenance"})
         problems += shape
         if not isinstance(entry, dict):
             continue
+        if "maintenance" in entry:
+            problems += [f"{where}.{problem}" for problem in validate_maintenance(entry["maintenance"])]
         channels = entry.get("chat_channels", [])
         if not isinstance(channels, list) or not all(_is_int(c) and c > 0 for c in channels):
             problems.append(f"{where}.chat_channels: expected a list of positive ints")

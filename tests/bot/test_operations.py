@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 from bot.app import Application, build_application
 from bot.operations import (
     HOLD_SECONDS,
+    MAX_CHAT_CHANNELS,
     InvalidRequestError,
     Operations,
     OperationUnavailableError,
@@ -35,6 +36,7 @@ from resilience.clock import FakeClock
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode
 from sandbox.gemini import GeminiEmulator
 from services.config import load_config
+from services.datastore import validate_guild_settings
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import live_bot
 
@@ -316,6 +318,153 @@ async def test_maintenance_on_refuses_a_bad_message_and_changes_nothing(
         await ops.maintenance_on(message)
     assert app.degradation.mode is Mode.NORMAL
     assert (await app.datastore.get("maintenance"))["enabled"] is False
+
+
+# -- one guild: its maintenance and chat channels ---------------------------------------------------
+
+GUILD, OTHER = 111, 222
+
+
+async def test_guild_maintenance_covers_only_that_guild_persists_and_records_who(
+    ops: Operations, app: Application, fake_clock: FakeClock
+) -> None:
+    on = await ops.guild_maintenance_on(GUILD, "  Moving house.  ", by="discord:7")
+    as_json(on)
+    assert on == {
+        "guild_id": GUILD,
+        "enabled": True,
+        "message": "Moving house.",
+        "since": fake_clock.time(),
+        "by": "discord:7",
+        "bot_wide": False,
+    }
+    assert app.maintenance(GUILD) == "Moving house." and app.guild_maintenance(GUILD) == "Moving house."
+    assert app.maintenance(OTHER) is None and app.maintenance() is None  # other guilds, DMs
+    assert app.degradation.mode is Mode.NORMAL  # the bot-wide switch is the owners'
+    on_disk = json.loads((app.config.data_dir / "guild_settings.json").read_text())
+    assert on_disk["guilds"][str(GUILD)]["maintenance"] == {
+        "enabled": True, "message": "Moving house.", "since": fake_clock.time(), "by": "discord:7"
+    }
+    assert await ops.guild_maintenance_status(GUILD) == on
+    assert (await ops.guild_maintenance_status(OTHER))["enabled"] is False
+
+    fake_clock.advance(30)
+    again = await ops.guild_maintenance_on(GUILD, by="discord:8")
+    assert again["message"] == DEFAULT_MAINTENANCE_MESSAGE and again["since"] == on["since"]
+
+    fake_clock.advance(30)
+    off = await ops.guild_maintenance_off(GUILD, by="discord:9")
+    assert off["enabled"] is False and off["message"] is None
+    assert (off["since"], off["by"]) == (fake_clock.time(), "discord:9")
+    assert app.maintenance(GUILD) is None
+    assert wakes(app) == 1
+
+
+async def test_guild_maintenance_survives_a_restart(
+    tmp_path: Path, gemini: GeminiEmulator, fake_clock: FakeClock
+) -> None:
+    data = tmp_path / "data"
+    async with running_app(data, gemini, fake_clock) as first:
+        await Operations(first).guild_maintenance_on(GUILD, "Moving house.", by="discord:7")
+        await Operations(first).guild_chat_channel_add(GUILD, 5, by="discord:7")
+    async with running_app(data, gemini, fake_clock) as second:  # starts, then reload_settings()
+        assert second.maintenance(GUILD) == "Moving house."
+        assert second.maintenance(OTHER) is None and second.maintenance() is None
+        assert second.chat_channels(GUILD) == {5}
+
+
+async def test_the_bot_wide_maintenance_covers_every_guild_and_its_status_says_so(
+    ops: Operations, app: Application
+) -> None:
+    await ops.maintenance_on("Everyone waits.")
+    assert app.maintenance(GUILD) == app.maintenance(OTHER) == app.maintenance() == "Everyone waits."
+    assert (await ops.guild_maintenance_status(GUILD))["bot_wide"] is True
+    await ops.guild_maintenance_on(GUILD, "Only us.")
+    assert app.maintenance(GUILD) == "Everyone waits."  # the bot-wide notice wins while it is on
+    await ops.maintenance_off()
+    assert app.maintenance(GUILD) == "Only us." and app.maintenance(OTHER) is None
+
+
+async def held(app: Application, guild: int | None, kind: ItemKind = ItemKind.INBOUND) -> int:
+    """A pending item of ``guild`` the drain held for its guild's maintenance (due in 600 s)."""
+    payload = {"message_id": 1, "channel_id": 9, "guild_id": guild, "author_id": 5, "content": "q"}
+    item = await app.storage.enqueue(kind, f"channel:{guild}:{kind.value}", payload, now=app.clock.time())
+    [claimed] = await app.storage.claim(now=app.clock.time(), lease_seconds=60, kind=kind, limit=1)
+    assert claimed.id == item.id
+    await app.storage.requeue(
+        item.id, error="guild maintenance", next_attempt_at=app.clock.time() + 600, count_attempt=False
+    )
+    return item.id
+
+
+async def test_ending_a_guilds_maintenance_makes_only_its_held_questions_due(
+    ops: Operations, app: Application
+) -> None:
+    ours, theirs, dm = await held(app, GUILD), await held(app, OTHER), await held(app, None)
+    answer = await held(app, GUILD, ItemKind.OUTBOUND)
+    await ops.guild_maintenance_on(GUILD)
+    await ops.guild_maintenance_off(GUILD)
+    now = app.clock.time()
+    due = {}
+    for item_id in (ours, theirs, dm, answer):
+        item = await app.storage.get(item_id)
+        assert item is not None
+        due[item_id] = item.next_attempt_at <= now
+    assert due == {ours: True, theirs: False, dm: False, answer: False}
+
+
+async def test_guild_chat_channels_are_listed_added_and_removed_and_persisted(
+    ops: Operations, app: Application
+) -> None:
+    assert await ops.guild_chat_channels(GUILD) == {"guild_id": GUILD, "channels": [], "changed": False}
+    added = await ops.guild_chat_channel_add(GUILD, 30, by="discord:7")
+    assert added == {"guild_id": GUILD, "channels": [30], "changed": True}
+    assert (await ops.guild_chat_channel_add(GUILD, 30))["changed"] is False
+    await ops.guild_chat_channel_add(GUILD, 20)
+    assert app.chat_channels(GUILD) == {20, 30} and app.chat_channels(OTHER) == frozenset()
+    on_disk = json.loads((app.config.data_dir / "guild_settings.json").read_text())
+    assert on_disk["guilds"][str(GUILD)]["chat_channels"] == [20, 30]
+
+    removed = await ops.guild_chat_channel_remove(GUILD, 30)
+    assert removed == {"guild_id": GUILD, "channels": [20], "changed": True}
+    assert (await ops.guild_chat_channel_remove(GUILD, 30))["changed"] is False
+    assert (await ops.guild_chat_channels(GUILD))["channels"] == [20]
+
+
+async def test_guild_operations_refuse_bad_ids_and_too_many_channels(
+    ops: Operations, app: Application
+) -> None:
+    for bad in (0, -1, True, "111", None):
+        with pytest.raises(InvalidRequestError):
+            await ops.guild_maintenance_on(bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError):
+            await ops.guild_chat_channel_add(GUILD, bad)  # type: ignore[arg-type]
+    for channel in range(1, MAX_CHAT_CHANNELS + 1):
+        await ops.guild_chat_channel_add(GUILD, channel)
+    with pytest.raises(InvalidRequestError, match="remove one first"):
+        await ops.guild_chat_channel_add(GUILD, 999)
+    assert len(app.chat_channels(GUILD)) == MAX_CHAT_CHANNELS
+    with pytest.raises(InvalidRequestError):
+        await ops.guild_maintenance_on(GUILD, "x" * 1801)
+    assert app.maintenance(GUILD) is None
+
+
+@pytest.mark.parametrize(
+    ("maintenance", "problem"),
+    [
+        ({"enabled": True, "message": None, "since": 1.0, "by": None}, None),
+        ({"enabled": "yes", "message": None, "since": 1.0, "by": None}, "maintenance.enabled: expected bool"),
+        ({"enabled": True, "message": 5, "since": 1.0, "by": None}, "maintenance.message"),
+        ({"enabled": True}, "missing key"),
+    ],
+)
+def test_the_guild_settings_file_checks_a_guilds_maintenance(maintenance: Any, problem: str | None) -> None:
+    problems = validate_guild_settings({"guilds": {"111": {"maintenance": maintenance}}})
+    if problem is None:
+        assert problems == []
+    else:
+        assert problems and all(p.startswith("guild_settings.guilds['111'].maintenance") for p in problems)
+        assert any(problem in p for p in problems), problems
 
 
 # -- the queue -----------------------------------------------------------------------------------
@@ -604,6 +753,12 @@ async def test_every_operation_logs_one_admin_line_with_the_actor_and_no_secret(
         "maintenance_on": ops.maintenance_on("notice", by="ops"),
         "maintenance_status": ops.maintenance_status(by="ops"),
         "maintenance_off": ops.maintenance_off(by="ops"),
+        "guild_maintenance_on": ops.guild_maintenance_on(GUILD, by="ops"),
+        "guild_maintenance_status": ops.guild_maintenance_status(GUILD, by="ops"),
+        "guild_maintenance_off": ops.guild_maintenance_off(GUILD, by="ops"),
+        "guild_chat_channels": ops.guild_chat_channels(GUILD, by="ops"),
+        "guild_chat_channel_add": ops.guild_chat_channel_add(GUILD, 5, by="ops"),
+        "guild_chat_channel_remove": ops.guild_chat_channel_remove(GUILD, 5, by="ops"),
         "queue_status": ops.queue_status(by="ops"),
         "queue_drain": ops.queue_drain(by="ops"),
         "queue_purge": ops.queue_purge("done", by="ops"),

@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
+from bot import texts
 from bot.texts import ACK_MARK
 from resilience.degradation import ItemKind, ItemState, Mode
 from sandbox.discord_emu import InteractionRecord
+from sandbox.discord_state import MANAGE_MESSAGES
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import Live, live_bot
 
@@ -25,10 +27,16 @@ from tests.integration.test_pipeline import Live, live_bot
 async def live(tmp_path: Path) -> AsyncIterator[Live]:
     """The bot on fresh emulators with its commands registered and synced (globally).
 
-    A third member, ``owner``, has no admin role but is on ``ADMIN_USER_IDS``.
+    Members besides ``admin`` (the guild's Administrator) and ``normal``: ``owner`` is on
+    ``ADMIN_USER_IDS``; ``dev`` owns the application (``GET /oauth2/applications/@me``); ``mod``
+    has a role with Manage Messages. None of these three has the Administrator permission.
     """
     async with running_emulators(heartbeat_interval=1.0) as emus:
-        owner = emus.discord.world.add_member("owner", "carol")
+        world = emus.discord.world
+        owner = world.add_member("owner", "carol")
+        world.add_member("dev", "dana")
+        world.application_owner = "dev"
+        world.add_member("mod", "erin", roles=[world.add_role("Moderator", MANAGE_MESSAGES)])
         async with live_bot(emus, tmp_path / "data", ADMIN_USER_IDS=str(owner)) as bot:
             bot.bot.install_commands()
             await bot.bot.tree.sync()
@@ -144,15 +152,62 @@ async def test_reset_needs_confirmation_then_forgets_the_channel_history(live: L
     [answer] = await live.wait_replies(second["id"])
     assert "saw 2 earlier turns" in answer.content
 
-    unconfirmed = await run(live, "reset")
+    unconfirmed = await run(live, "reset", user="mod")
     assert unconfirmed.ephemeral and "confirm:True" in only_text(unconfirmed)
     assert len(await live.app.storage.history(str(live.general))) == 4
 
-    confirmed = await run(live, "reset", {"confirm": True})
+    confirmed = await run(live, "reset", {"confirm": True}, user="mod")
     assert confirmed.ephemeral and "4 messages" in only_text(confirmed)
     third = await live.say("and now?")
     [fresh] = await live.wait_replies(third["id"])
     assert "saw 0 earlier turns" in fresh.content
+
+
+async def remembered(live: Live, channel: int, turns: int) -> list[Any]:
+    """The conversation's stored history once it holds ``turns`` turns (stored just after a reply)."""
+    async with asyncio.timeout(5):
+        while len(history := await live.app.storage.history(str(channel))) < turns:
+            await asyncio.sleep(0.01)
+    return history
+
+
+async def chat_once(live: Live, channel: int, author: str = "normal") -> None:
+    """One exchange in ``channel``: two turns in its history."""
+    sent = await live.say("remember the word banana", channel=channel, author=author)
+    await live.wait_replies(sent["id"], channel=channel)
+    await remembered(live, channel, 2)
+
+
+@pytest.mark.parametrize("where", ["general", "thread"])
+async def test_a_member_without_manage_messages_cannot_reset_a_shared_conversation(
+    live: Live, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    channel = live.general if where == "general" else live.discord.thread_id
+    await chat_once(live, channel)
+    record = await run(live, "reset", {"confirm": True}, channel_id=channel, user="normal")
+    assert len(await live.app.storage.history(str(channel))) == 2  # kept
+    assert record.ephemeral
+    [refusal] = record.followups
+    assert refusal.ephemeral and refusal.content == texts.reset_refused()
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "command.refused" in line]
+    assert str(live.discord.users["normal"]) in line and "reset" in line
+
+
+@pytest.mark.parametrize("user", ["mod", "admin"])
+async def test_a_member_with_manage_messages_may_reset_a_shared_conversation(live: Live, user: str) -> None:
+    thread = live.discord.thread_id
+    await chat_once(live, thread)
+    record = await run(live, "reset", {"confirm": True}, channel_id=thread, user=user)
+    assert only_text(record).startswith("Done: I forgot this conversation (2 messages)")
+    assert await live.app.storage.history(str(thread)) == []
+
+
+async def test_anyone_may_reset_their_own_dm(live: Live) -> None:
+    dm = live.discord.dm_channel("normal")
+    await chat_once(live, dm)
+    record = await run(live, "reset", {"confirm": True}, channel_id=dm, user="normal")
+    assert only_text(record).startswith("Done: I forgot this conversation (2 messages)")
+    assert await live.app.storage.history(str(dm)) == []
 
 
 async def test_status_embed_shows_mode_breakers_queue_and_latency(live: Live) -> None:
@@ -177,6 +232,13 @@ async def test_help_explains_how_to_talk_to_the_bot(live: Live) -> None:
     assert record.ephemeral and "/ask" in text and "mention" in text and "queue" in text
 
 
+async def test_help_says_who_may_use_server_admin_and_reset(live: Live) -> None:
+    text = only_text(await run(live, "help"))
+    assert "`/server` for this server only" in text and "Manage Server" in text
+    assert "**The bot's owners**: `/admin` for what affects every server" in text
+    assert "Manage Messages" in text
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -184,7 +246,7 @@ async def test_a_command_that_times_out_gets_one_ephemeral_sentence(live: Live) 
     live.bot.install_commands(timeout=0.2)
     # An answer in progress holds the conversation: /reset waits for it, past its timeout.
     async with live.app.mutex.acquire(str(live.general), 1.0, holder="test"):
-        record = await run(live, "reset", {"confirm": True})
+        record = await run(live, "reset", {"confirm": True}, user="mod")
     assert record.ephemeral
     [sentence] = record.followups
     assert sentence.ephemeral
@@ -223,13 +285,16 @@ async def test_unknown_or_out_of_sync_commands_are_answered_ephemerally_not_igno
     assert live.sent() == []
 
 
-# -- /admin ------------------------------------------------------------------------------------------
+# -- /admin: the bot's owners only ------------------------------------------------------------------
 
 
-async def test_admin_group_carries_default_permissions_administrator_in_the_synced_json(live: Live) -> None:
-    [admin] = [c for c in live.discord.commands[None] if c["name"] == "admin"]
-    assert str(admin["default_member_permissions"]) == "8"  # Administrator
-    user_commands = [c for c in live.discord.commands[None] if c["name"] != "admin"]
+async def test_admin_and_server_groups_carry_their_default_permissions_in_the_synced_json(live: Live) -> None:
+    """UI metadata only (each invocation is checked at runtime): Administrator, Manage Server."""
+    synced = {c["name"]: c for c in live.discord.commands[None]}
+    assert str(synced["admin"]["default_member_permissions"]) == "8"  # Administrator
+    assert str(synced["server"]["default_member_permissions"]) == "32"  # Manage Server
+    assert synced["server"]["contexts"] == [0] and synced["server"]["dm_permission"] is False  # guilds only
+    user_commands = [c for name, c in synced.items() if name not in ("admin", "server")]
     assert {c["name"] for c in user_commands} == {"ask", "reset", "status", "help"}
     assert all(c.get("default_member_permissions") is None for c in user_commands)
 
@@ -251,65 +316,109 @@ EVERY_ADMIN_COMMAND = [
 ]
 
 
-@pytest.mark.parametrize(
-    "options", EVERY_ADMIN_COMMAND, ids=lambda o: " ".join([*o, *next(iter(o.values()))])
-)
-async def test_a_normal_member_is_refused_every_admin_command_ephemerally(
-    live: Live, options: dict[str, Any]
+def command_id(options: dict[str, Any]) -> str:
+    return " ".join([*options, *next(iter(options.values()))])
+
+
+@pytest.mark.parametrize("user", ["admin", "normal"])
+@pytest.mark.parametrize("options", EVERY_ADMIN_COMMAND, ids=command_id)
+async def test_a_guild_administrator_or_member_is_refused_every_bot_wide_command(
+    live: Live, options: dict[str, Any], user: str
 ) -> None:
-    record = await run(live, "admin", options, user="normal")
+    """A server's Administrator controls that server, not the bot every server shares."""
+    key = str(live.discord.channels["random"])
+    async with live.app.mutex.acquire(key, 1.0, holder="stuck"):
+        if "mutex" in options and "release" in options["mutex"]:
+            options = {"mutex": {"release": {"key": key}}}
+        record = await run(live, "admin", options, user=user)
+        assert live.app.mutex.locked(key)
     assert record.ephemeral
     [refusal] = record.followups
-    assert refusal.ephemeral and "administrators" in refusal.content
+    assert refusal.ephemeral and refusal.content == texts.owners_only()
+    assert "for the bot's owners only" in refusal.content
     assert live.app.maintenance() is None  # nothing happened
     assert all(b.state.value == "closed" for b in live.app.board.snapshot())
 
 
-@pytest.mark.parametrize("user", ["admin", "owner"])
-async def test_an_administrator_or_allowlisted_owner_may_run_admin_commands(live: Live, user: str) -> None:
-    record = await run(live, "admin", {"circuit": {"status": {}}}, user=user)
-    assert record.ephemeral
-    text = only_text(record)
-    assert "gemini" in text and "closed" in text
+@pytest.mark.parametrize("user", ["owner", "dev", "stored"])
+async def test_the_bots_owners_may_run_bot_wide_commands(live: Live, user: str) -> None:
+    """Owners: ``ADMIN_USER_IDS`` (owner), the application's owner from Discord (dev), the ``admins`` file."""
+    if user == "stored":
+        stored = live.discord.world.add_member("stored", "frank")
+        await live.app.datastore.save("admins", {"user_ids": [stored]})
+    opened = await run(live, "admin", {"circuit": {"open": {"name": "gemini", "reason": "drill"}}}, user=user)
+    assert "`gemini` is open until reset (drill)" in only_text(opened)
+    assert live.app.board["gemini"].state == "open"
+    reset = await run(live, "admin", {"circuit": {"reset": {"name": "all"}}}, user=user)
+    assert "`gemini`" in only_text(reset) and live.app.board["gemini"].state == "closed"
+
+
+async def test_an_owner_may_run_bot_wide_commands_in_a_dm(live: Live) -> None:
+    dm = live.discord.dm_channel("dev")
+    on = {"maintenance": {"on": {"message": "Back soon."}}}
+    record = await run(live, "admin", on, user="dev", channel_id=dm)
+    assert only_text(record).startswith("Maintenance mode is on")
+    assert live.app.maintenance() == "Back soon."
+
+
+async def test_the_owner_admins_and_developers_of_the_owning_team_are_the_bots_owners(tmp_path: Path) -> None:
+    """A team-owned application: its ``owner`` is a stand-in for the team, so the team decides;
+    read-only members and members still invited are no owners."""
+    async with running_emulators(heartbeat_interval=1.0) as emus:
+        world = emus.discord.world
+        for key, name in (("lead", "lena"), ("builder", "ben"), ("reader", "rita"), ("invitee", "ivan")):
+            world.add_member(key, name)
+        team = world.set_team(
+            "Crew", {"lead": "admin", "builder": "developer", "reader": "read_only", "invitee?": "admin"}
+        )
+        async with live_bot(emus, tmp_path / "data", ADMIN_USER_IDS="") as live:
+            live.bot.install_commands()
+            await live.bot.tree.sync()
+            ids = live.discord.users
+            assert live.bot.application_owners == {ids["lead"], ids["builder"]} and team not in ids.values()
+            assert len(emus.discord.requests_for("application")) == 1  # the one login made
+            for user, owner in [("lead", True), ("builder", True), ("reader", False), ("invitee", False)]:
+                record = await run(live, "admin", {"circuit": {"status": {}}}, user=user)
+                assert (only_text(record) == texts.owners_only()) is not owner, user
 
 
 async def test_admin_refusals_are_logged_with_the_user(
     live: Live, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await run(live, "admin", {"maintenance": {"on": {}}}, user="normal")
+    await run(live, "admin", {"maintenance": {"on": {}}}, user="admin")
     out = capsys.readouterr().out
-    [line] = [line for line in out.splitlines() if "admin.refused" in line]
-    assert str(live.discord.users["normal"]) in line and "maintenance on" in line
+    [line] = [line for line in out.splitlines() if "command.refused" in line]
+    assert str(live.discord.users["admin"]) in line and "maintenance on" in line and "owner" in line
     assert live.app.maintenance() is None  # and nothing happened
 
 
 async def test_admin_circuit_open_reset_and_unknown_name(live: Live) -> None:
     drill = {"circuit": {"open": {"name": "gemini", "reason": "drill"}}}
-    opened = await run(live, "admin", drill, user="admin")
+    opened = await run(live, "admin", drill, user="owner")
     assert "`gemini` is open until reset (drill)" in only_text(opened)
     assert live.app.board["gemini"].state == "open"
 
-    status = await run(live, "admin", {"circuit": {"status": {}}}, user="admin")
+    status = await run(live, "admin", {"circuit": {"status": {}}}, user="owner")
     assert re.search(r"`gemini`: open for \d+ s.*\(drill\)", only_text(status)), only_text(status)
 
-    unknown = await run(live, "admin", {"circuit": {"reset": {"name": "gemni"}}}, user="admin")
+    unknown = await run(live, "admin", {"circuit": {"reset": {"name": "gemni"}}}, user="owner")
     assert unknown.followups[0].ephemeral
     text = only_text(unknown)
     assert text.startswith("Unknown breaker 'gemni'; valid: ") and "gemini" in text
 
-    reset = await run(live, "admin", {"circuit": {"reset": {"name": "all"}}}, user="admin")
+    reset = await run(live, "admin", {"circuit": {"reset": {"name": "all"}}}, user="owner")
     assert "`gemini`" in only_text(reset) and live.app.board["gemini"].state == "closed"
 
 
 async def test_admin_maintenance_on_changes_what_users_see_and_off_restores_answers(live: Live) -> None:
-    on = await run(live, "admin", {"maintenance": {"on": {"message": "Upgrading, back at 3."}}}, user="admin")
+    on = await run(live, "admin", {"maintenance": {"on": {"message": "Upgrading, back at 3."}}}, user="owner")
     assert "Upgrading, back at 3." in only_text(on)
     asked = await run(live, "ask", {"prompt": "hello?"})
     assert "Upgrading, back at 3." in only_text(asked)
 
-    status = await run(live, "admin", {"maintenance": {"status": {}}}, user="admin")
+    status = await run(live, "admin", {"maintenance": {"status": {}}}, user="owner")
     assert only_text(status).startswith("Maintenance mode is on")
-    off = await run(live, "admin", {"maintenance": {"off": {}}}, user="admin")
+    off = await run(live, "admin", {"maintenance": {"off": {}}}, user="owner")
     assert only_text(off).startswith("Maintenance mode is off")
     # The saved question is answered in the channel once maintenance is over.
     await live.discord.wait_until(lambda: any("hello?" in m.content for m in live.sent()), 10)
@@ -318,22 +427,22 @@ async def test_admin_maintenance_on_changes_what_users_see_and_off_restores_answ
 async def test_admin_queue_datastore_and_mutex_commands(live: Live) -> None:
     live.app.board["gemini"].force_open(60, reason="outage")
     await run(live, "ask", {"prompt": "waiting"})
-    status = await run(live, "admin", {"queue": {"status": {}}}, user="admin")
+    status = await run(live, "admin", {"queue": {"status": {}}}, user="owner")
     assert only_text(status).startswith("1 waiting"), only_text(status)
-    drain = await run(live, "admin", {"queue": {"drain": {}}}, user="admin")
+    drain = await run(live, "admin", {"queue": {"drain": {}}}, user="owner")
     assert "Held back by open breakers: gemini" in only_text(drain)
-    purge = await run(live, "admin", {"queue": {"purge": {"state": "dead"}}}, user="admin")
+    purge = await run(live, "admin", {"queue": {"purge": {"state": "dead"}}}, user="owner")
     assert only_text(purge) == "Deleted 0 dead items."
 
-    validate = await run(live, "admin", {"datastore": {"validate": {}}}, user="admin")
+    validate = await run(live, "admin", {"datastore": {"validate": {}}}, user="owner")
     assert "`maintenance`: ok" in only_text(validate)
-    recover = await run(live, "admin", {"datastore": {"recover": {"name": "nope"}}}, user="admin")
+    recover = await run(live, "admin", {"datastore": {"recover": {"name": "nope"}}}, user="owner")
     assert only_text(recover).startswith("Unknown datastore file 'nope'")
 
     key = str(live.discord.channels["random"])
     async with live.app.mutex.acquire(key, 1.0, holder="stuck"):
-        held = await run(live, "admin", {"mutex": {"status": {}}}, user="admin")
+        held = await run(live, "admin", {"mutex": {"status": {}}}, user="owner")
         assert f"`{key}` held by stuck" in only_text(held)
-        released = await run(live, "admin", {"mutex": {"release": {"key": key}}}, user="admin")
+        released = await run(live, "admin", {"mutex": {"release": {"key": key}}}, user="owner")
         assert only_text(released).startswith(f"Released `{key}`")
     assert not live.app.mutex.locked(key)
