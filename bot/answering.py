@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import discord
 import structlog
 
-from bot import texts
+from bot import marks, texts
 from bot.inbound import Inbound, Snowflake
 from bot.routing import Explanation, FailureRouter, Original
 from bot.splitting import has_visible_text, split_message
@@ -82,7 +82,7 @@ class Answerer:
                     body = f"<@{inbound.author_id}> {body}"
             if item.payload.get("attachments"):
                 body = f"{body}\n\n{texts.attachments_ignored()}"
-            chunks = split_message(body)
+            chunks = split_message(body, limit=marks.ROOM)
             if not item.payload.get("private"):  # a private /ask stays out of the channel's history
                 turns = [("user", inbound.content, inbound.message_id), ("model", reply.text or "", None)]
             outcome = "answered" if live else "answered_late"
@@ -110,9 +110,11 @@ class Answerer:
         ``texts.no_answer()`` instead (outcome ``"refused"``, no turns).
         ``turns`` (the question and the answer) join the conversation history when the item is
         finished, in the same transaction, or as soon as the answer is queued for delivery.
-        Chunk ``i`` carries the nonce ``<message id>.<i>``, so a chunk resent after a timeout or
-        a crash is not posted twice; a long answer is staged as an outbound item before its
-        first chunk goes out, so a crash between chunks resumes the delivery.
+        Chunk ``i`` carries the nonce ``<message id>.<i>``, so a chunk resent after a timeout
+        within Discord's nonce window is not posted twice, and ends with the invisible mark of
+        (question, ``i``) (``bot.marks``), by which a restarted bot recognises in the channel's
+        history what a dead process posted; a long answer is staged as an outbound item before
+        its first chunk goes out, so a crash between chunks resumes the delivery.
         """
         app = self.app
         if not any(chunk.strip() for chunk in chunks):
@@ -132,7 +134,7 @@ class Answerer:
         try:
             await app.discord_io.send_chunks(
                 channel,
-                chunks,
+                [marks.mark(chunk, inbound.message_id, first + i) for i, chunk in enumerate(chunks)],
                 reply_to=original,
                 mention_user=Snowflake(inbound.author_id),
                 nonce=str(item.payload.get("nonce", inbound.message_id)),
@@ -142,7 +144,7 @@ class Answerer:
             raise
         except Exception as exc:
             if isinstance(exc, PartialDeliveryError):
-                remaining, verdict = exc.remaining, classify(exc.cause)
+                remaining, verdict = chunks[len(exc.sent) :], classify(exc.cause)  # unmarked
                 first += len(exc.sent)
             else:
                 remaining, verdict = chunks, classify(exc)

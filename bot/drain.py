@@ -17,12 +17,13 @@ previous process left: its claims are released at start-up, and only such an ite
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import discord
 import structlog
 
-from bot import texts
+from bot import marks, texts
 from bot.answering import Answerer
 from bot.inbound import Inbound
 from bot.ratelimit import TokenBucket
@@ -41,8 +42,9 @@ log = structlog.get_logger("bot.drain")
 
 # How far past a queued message the drain looks for an answer a dead process posted but never
 # recorded (pages of 100, oldest first, stopping at the first match). Discord's nonce catches a
-# resend only within a few minutes; in a busy channel the answer can sit far behind the question
-# (every message queued after it adds the user's message and an acknowledgement).
+# resend only within a few minutes and is not in the history; the answer is known by its mark
+# (bot.marks). In a busy channel it can sit far behind the question (every message queued after
+# it adds the user's message and an acknowledgement).
 HISTORY_LOOKBACK = 500
 # A bug apology is no answer (its trace id follows the fixed part of the sentence).
 BUG_APOLOGY = texts.bug("").partition("(")[0]
@@ -241,6 +243,12 @@ class Drain:
         original = inbound.reference()
         if item.kind is ItemKind.OUTBOUND:
             chunks = [str(c) for c in item.payload.get("chunks", [])]
+            if claim_abandoned(item):
+                # A dead process may have posted some of these chunks: skip what its marks show.
+                item, chunks = await self._skip_posted(item, inbound, channel, chunks)
+                if not chunks:
+                    await app.storage.complete(item.id)
+                    return
             await self.answerer.deliver(
                 item,
                 inbound,
@@ -266,20 +274,53 @@ class Drain:
         me = self.app.bot_user_id()
         if me is None:
             return False
+        found = await self._look_back(
+            channel,
+            message_id,
+            lambda message: message.author.id == me and is_answer_to(message, message_id),
+        )
+        return found is not None
+
+    async def _skip_posted(
+        self, item: QueueItem, inbound: Inbound, channel: discord.abc.Messageable, chunks: list[str]
+    ) -> tuple[QueueItem, list[str]]:
+        """The item and its chunks still to send, past the last chunk a dead process posted (by mark)."""
+        me = self.app.bot_user_id()
+        first = int(item.payload.get("chunk_offset", 0))
+        posted = -1
+
+        def note(message: discord.Message) -> bool:
+            nonlocal posted
+            mark = marks.read(message.content) if message.author.id == me else None
+            if mark is not None and mark[0] == inbound.message_id:
+                posted = max(posted, mark[1])
+            return False  # look through the whole window: the chunks may be anywhere in it
+
+        await self._look_back(channel, inbound.message_id, note)
+        skip = min(len(chunks), posted + 1 - first)
+        if skip <= 0:
+            return item, chunks
+        log.info("drain.chunks_already_posted", item=item.id, skipped=skip)
+        payload = {**item.payload, "chunks": chunks[skip:], "chunk_offset": first + skip}
+        return await self.app.storage.update_payload(item.id, payload), chunks[skip:]
+
+    async def _look_back(
+        self,
+        channel: discord.abc.Messageable,
+        message_id: int,
+        match: Callable[[discord.Message], bool],
+    ) -> discord.Message | None:
+        """The first bot message after ``message_id`` that ``match``es; None if none or unreadable."""
         try:
-            found = await self.app.discord_io.find_message(
-                channel,
-                lambda message: message.author.id == me and is_answer_to(message, message_id),
-                after=discord.Object(id=message_id),
-                limit=HISTORY_LOOKBACK,
+            return await self.app.discord_io.find_message(
+                channel, match, after=discord.Object(id=message_id), limit=HISTORY_LOOKBACK
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # Not knowing is no reason to stay silent: answer (at worst twice, never never).
             log.info("drain.history_unavailable", category=classify(exc).category.value)
-            return False
-        return found is not None
+            return None
 
     async def _housekeeping(self, now: float) -> None:
         """Keep the database small: answered items, and dead or expired ones, history and processed
@@ -306,15 +347,17 @@ class Drain:
 
 
 def is_answer_to(message: discord.Message, message_id: int) -> bool:
-    """Whether the bot's ``message`` is (the first chunk of) the answer to ``message_id``.
+    """Whether the bot's ``message`` is (a chunk of) the answer to ``message_id``.
 
-    ``deliver`` sends an answer's chunk 0 with the nonce ``<message id>.0``; every other message
-    of the bot (an acknowledgement, a bug apology, a notice) has another nonce, so the nonce
-    decides when the history carries one. Without it (Discord does not promise to return it),
-    the answer is the reply to the message that is neither an acknowledgement nor an apology.
+    ``deliver`` ends every answer chunk with the mark of its question (``bot.marks``), which
+    Discord returns in the history like any content; no other message of the bot (an
+    acknowledgement, a bug apology, a notice) carries one. A message without a mark (posted
+    before marks existed) is the answer when it replies to the question and is neither an
+    acknowledgement nor an apology.
     """
-    if message.nonce is not None:
-        return str(message.nonce) == f"{message_id}.0"[-25:]
+    mark = marks.read(message.content)
+    if mark is not None:
+        return mark[0] == message_id
     ref = message.reference
     if ref is None or ref.message_id != message_id:
         return False

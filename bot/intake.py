@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 import structlog
 
-from bot import texts
+from bot import marks, texts
 from bot.answering import Answerer
 from bot.inbound import Inbound, accept, lease_seconds
 from bot.ratelimit import Feedback, NoticeLimiter
@@ -291,7 +291,9 @@ class Intake:
                     reply = await app.gemini.generate(inbound.content, ())
             answered = reply.ok and has_visible_text(reply.text)
             chunks = (
-                split_message(reply.text) if answered else [reply.user_message or texts.no_answer()]
+                split_message(reply.text, limit=marks.ROOM)
+                if answered
+                else [reply.user_message or texts.no_answer()]
             )
             # An older message takes at most its write and its generation to reach the mutex.
             older = app.storage.statement_timeout + cfg.processing_timeout_seconds
@@ -302,7 +304,10 @@ class Intake:
             self._arrivals.leave(inbound.key, arrival)  # nothing awaits from here to the mutex queue
             async with app.mutex.acquire(inbound.key, cfg.mutex_acquire_timeout_seconds):
                 await app.discord_io.send_chunks(
-                    message.channel, chunks, reply_to=message, mention_user=message.author
+                    message.channel,
+                    [marks.mark(chunk, message.id, i) for i, chunk in enumerate(chunks)],
+                    reply_to=message,
+                    mention_user=message.author,
                 )
             return "answered" if answered else "refused"
         except asyncio.CancelledError:

@@ -481,6 +481,16 @@ class DiscordEmulator:
         await self._notify()
         return data
 
+    async def delete_user_message(self, channel_id: int, message_id: int) -> None:
+        """A user deletes their message: gone from history, and MESSAGE_DELETE is dispatched."""
+        message = self.world.find_message(channel_id, message_id)
+        if message is None or not self.world.delete_message(channel_id, message_id):
+            raise KeyError(f"no message {message_id} in channel {channel_id}")
+        event = {"id": str(message_id), "channel_id": str(channel_id)}
+        if "guild_id" in message:
+            event["guild_id"] = message["guild_id"]
+        await self._dispatch("MESSAGE_DELETE", event)
+
     async def send_interaction(
         self,
         name: str,
@@ -888,8 +898,8 @@ class DiscordEmulator:
             if earlier is not None and time.monotonic() - earlier[1] < NONCE_WINDOW_SECONDS:
                 message = self._sent_by_id.get(earlier[0])
                 if message is not None and not message.deleted:
-                    return _json(200, message.payload)
-        sent = self._new_bot_message(cid, body, {"nonce": nonce} if nonce is not None else None)
+                    return _json(200, {**message.payload, "nonce": nonce})
+        sent = self._new_bot_message(cid, body)
         if nonce is not None:
             now = time.monotonic()
             # Bounded by the window, in O(1) per send (rebuilding the map past 10,000 nonces made
@@ -899,9 +909,15 @@ class DiscordEmulator:
             self._nonces[(cid, nonce)] = (sent.id, now)
             self._nonces.move_to_end((cid, nonce))
         self.world.store(sent.payload)
+        # Discord returns the nonce in the create response and the MESSAGE_CREATE event only: it
+        # is not stored, so history and GET of the message never carry it (discord.py docs,
+        # Message.nonce: "The value used by the discord guild and the client to verify that the
+        # message is successfully sent. This is not stored long term within Discord's servers and
+        # is only used ephemerally.").
+        created = sent.payload if nonce is None else {**sent.payload, "nonce": nonce}
         if self.echo_bot_messages:
-            await self._dispatch("MESSAGE_CREATE", sent.payload)
-        return _json(200, sent.payload)
+            await self._dispatch("MESSAGE_CREATE", created)
+        return _json(200, created)
 
     def _new_bot_message(
         self, cid: int, body: dict[str, Any], extra: dict[str, Any] | None = None
@@ -917,8 +933,12 @@ class DiscordEmulator:
         if unknown_ref and (ref or {}).get("fail_if_not_exists", True):
             raise ApiError(400, "Invalid Form Body", 50035, {"message_reference": {"_errors": [
                 {"code": "REPLIES_UNKNOWN_MESSAGE", "message": "Unknown message"}]}})
+        # A reply to a message that no longer exists, sent with fail_if_not_exists=false, is
+        # posted as a plain message: Discord drops the reference (API docs, Message Reference:
+        # "fail_if_not_exists: when sending, whether to error if the referenced message doesn't
+        # exist instead of sending as a normal (non-reply) message").
         payload = self.world.message_payload(
-            cid, self.world.bot, content, embeds=embeds, reference_message_id=ref_id,
+            cid, self.world.bot, content, embeds=embeds, reference_message_id=None if unknown_ref else ref_id,
             attachments=[{"filename": f} for f in files], flags=int(body.get("flags") or 0), extra=extra,
         )
         sent = SentMessage(

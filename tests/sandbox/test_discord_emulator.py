@@ -624,6 +624,24 @@ async def test_a_resend_with_the_same_enforced_nonce_returns_the_first_message(e
         first = await channel.send("answer", nonce="item-7-0")
         again = await channel.send("answer", nonce="item-7-0")
         other = await channel.send("answer", nonce="item-7-1")
+        history = [m async for m in channel.history(limit=10)]
+        fetched = await channel.fetch_message(first.id)
     assert again.id == first.id and other.id != first.id
+    assert first.nonce == again.nonce == "item-7-0"  # the create response carries it...
     assert [m.id for m in emu.sent_messages(general)] == [first.id, other.id]
-    assert emu.sent_messages(general)[0].payload["nonce"] == "item-7-0"
+    # ... but Discord does not store it: history and a fetch never return it.
+    assert [m.nonce for m in history] == [None, None] and fetched.nonce is None
+
+
+async def test_a_reply_to_a_deleted_message_without_fail_if_not_exists_is_posted_as_a_plain_message(
+    emu: DiscordEmulator,
+) -> None:
+    """Like Discord: with fail_if_not_exists=false the message goes out, without a reference."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        gone = discord.MessageReference(message_id=12345, channel_id=general, fail_if_not_exists=False)
+        sent = await channel.send("late answer", reference=gone)
+        [fetched] = [m async for m in channel.history(limit=1)]
+    assert sent.reference is None and fetched.reference is None and fetched.content == "late answer"
