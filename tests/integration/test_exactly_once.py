@@ -20,6 +20,7 @@ import pytest
 from bot import marks
 from bot.texts import ACK_MARK
 from sandbox.discord_emu import DiscordEmulator, SentMessage
+from sandbox.responder import prose_and_code
 from tests.chaos.support import started_bot
 from tests.chaos.test_crash_chaos import kill_9, outage_env, stop
 from tests.integration.conftest import SpawnBot
@@ -106,4 +107,36 @@ async def test_a_queued_ask_answered_late_is_posted_once_across_a_late_restart(
         await discord.wait_until(lambda: bool(discord.requests_for("history")), timeout=10)
         await asyncio.sleep(1.5)
         assert len(answers_to(discord, general, text)) == 1
+        await stop(second)
+
+
+async def test_a_long_answer_cut_by_a_kill_resumes_after_the_posted_chunks_after_a_late_restart(
+    emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 6,000-character answer goes out in several chunks; Discord posts the first and the bot is
+    killed before it hears back. The restart comes after the nonce window: the drain reads the
+    first chunk's mark, skips it, and delivers the rest, each chunk once."""
+    discord = emulators.discord
+    general = discord.channels["general"]
+    env = outage_env(bot_env)
+    async with started_bot(spawn_bot, emulators, env) as first:
+        discord.faults.add("latency", "send", count=1, seconds=3.0, after=True)
+        question = await discord.send_user_message(
+            general, "normal", "reply with 6000 characters of code", mentions_bot=True
+        )
+        await discord.wait_until(lambda: len(discord.sent_messages(general)) == 1, timeout=10)
+        await kill_9(first, emulators)
+        discord.faults.clear()
+
+    await late_restart(monkeypatch)
+    async with started_bot(spawn_bot, emulators, env) as second:
+        expected = len(prose_and_code(6000))
+
+        def delivered() -> int:
+            return sum(len(marks.strip(m.content)) for m in discord.sent_messages(general))
+
+        await discord.wait_until(lambda: delivered() >= expected - 50, timeout=15)
+        await asyncio.sleep(1.0)
+        chunks = [marks.read(m.content) for m in discord.sent_messages(general)]
+        assert chunks == [(int(question["id"]), i) for i in range(len(chunks))], chunks  # each once
         await stop(second)
