@@ -84,17 +84,22 @@ def _register_datastore(subparsers: argparse._SubParsersAction[argparse.Argument
     datastore_cli.register(subparsers)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bot", description="A Discord bot that chats through Google Gemini."
-    )
+def add_env_file_option(parser: argparse.ArgumentParser) -> None:
+    """``--env-file``, which ``load_or_report`` reads (``python -m bot`` and ``python -m rehearsal``)."""
     parser.add_argument(
         "--env-file",
         type=Path,
         default=Path(".env"),
         help="file of settings read before the environment; the environment wins (default: .env)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bot", description="A Discord bot that chats through Google Gemini."
+    )
+    add_env_file_option(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     subparsers.add_parser("check", help="validate and show the configuration").set_defaults(func=check)
     subparsers.add_parser("run", help="run the bot").set_defaults(func=run)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from bot import cli as bot_cli
 from rehearsal import simulate
@@ -32,12 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rehearsal",
         description="Run the bot against the built-in sandbox, or load it with injected faults.",
     )
-    parser.add_argument(
-        "--env-file",
-        type=Path,
-        default=Path(".env"),
-        help="file of settings read before the environment; the environment wins (default: .env)",
-    )
+    bot_cli.add_env_file_option(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     subparsers.add_parser(
         "run", help="run the bot: live with DISCORD_TOKEN, otherwise the sandbox with a terminal chat"
