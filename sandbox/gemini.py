@@ -93,9 +93,21 @@ def invalid_key_body() -> dict:
     ])
 
 
-def quota_body(model: str, *, daily: bool, retry_delay: str | None) -> dict:
-    """A 429 RESOURCE_EXHAUSTED body with QuotaFailure (and RetryInfo when a delay is given)."""
-    period, limit = ("Day", "250") if daily else ("Minute", "10")
+# What the real API puts in RetryInfo beside a per-day QuotaFailure: a short delay, not the time to
+# the reset (seen: "47s" with GenerateRequestsPerDayPerProjectPerModel-FreeTier in
+# https://github.com/googleapis/python-genai/issues/2044; "Please retry in 25.46s" with
+# "limit: 0" in https://github.com/google-gemini/gemini-cli/issues/22486). A client that trusts
+# the hint asks an exhausted model again within the minute, all day.
+DAILY_RETRY_DELAY = "22s"
+
+
+def quota_body(model: str, *, daily: bool, retry_delay: str | None, limit: str | None = None) -> dict:
+    """A 429 RESOURCE_EXHAUSTED body with QuotaFailure (and RetryInfo when a delay is given).
+
+    ``limit`` is the quota's value ("0" when the model has no free tier at all).
+    """
+    period, default_limit = ("Day", "250") if daily else ("Minute", "10")
+    limit = default_limit if limit is None else limit
     metric = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
     message = (
         "You exceeded your current quota, please check your plan and billing details. For more "
@@ -321,8 +333,12 @@ class GeminiEmulator:
                 quota_body(model, daily=False, retry_delay=str(fault.params.get("retry_delay", "2s"))),
                 status=429)
         if kind == "quota_daily":
-            delay = fault.params.get("retry_delay")
-            return web.json_response(quota_body(model, daily=True, retry_delay=delay), status=429)
+            # A short RetryInfo by default, like the real API; retry_delay=none leaves it out.
+            delay = str(fault.params.get("retry_delay", DAILY_RETRY_DELAY))
+            limit = fault.params.get("limit")
+            body = quota_body(model, daily=True, retry_delay=None if delay.lower() in ("", "none") else delay,
+                              limit=None if limit is None else str(limit))
+            return web.json_response(body, status=429)
         if kind == "502":
             return web.Response(status=502, text=_HTML_502, content_type="text/html")
         if kind.isdigit() and int(kind) in _STATUS_TEXT:

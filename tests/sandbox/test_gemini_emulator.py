@@ -210,14 +210,31 @@ async def test_429_is_client_error_with_retry_info_and_per_minute_quota(emu, cli
     assert emu.requests[-1].outcome == "fault:429"
 
 
-async def test_daily_quota_is_429_with_a_per_day_quota_failure(emu, client):
+async def test_daily_quota_is_429_with_a_per_day_quota_failure_and_a_short_retry_hint(emu, client):
+    """Like the real API, a used-up daily quota still says "retry in 22s" (not the time to the reset)."""
     emu.faults.add("quota_daily", count=1)
     with pytest.raises(errors.ClientError) as info:
         await client.aio.models.generate_content(model=MODEL, contents="hi")
-    assert info.value.code == 429
+    assert (info.value.code, info.value.status) == (429, "RESOURCE_EXHAUSTED")
     violation = detail(info.value, "QuotaFailure")["violations"][0]
     assert violation["quotaId"] == "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
     assert violation["quotaDimensions"]["model"] == MODEL
+    assert detail(info.value, "RetryInfo")["retryDelay"] == "22s"
+    assert "Please retry in 22s" in info.value.message
+
+
+async def test_daily_quota_hint_and_limit_can_be_set_or_the_hint_left_out(emu, client):
+    emu.faults.add("quota_daily", count=1, retry_delay="47s", limit=0)
+    emu.faults.add("quota_daily", count=1, retry_delay="none")
+    with pytest.raises(errors.ClientError) as first:
+        await client.aio.models.generate_content(model=MODEL, contents="hi")
+    assert detail(first.value, "RetryInfo")["retryDelay"] == "47s"
+    assert detail(first.value, "QuotaFailure")["violations"][0]["quotaValue"] == "0"
+    assert "limit: 0," in first.value.message
+    with pytest.raises(errors.ClientError) as second:
+        await client.aio.models.generate_content(model=MODEL, contents="hi")
+    types_sent = [d["@type"] for d in second.value.details["error"]["details"]]
+    assert not [t for t in types_sent if t.endswith("RetryInfo")]
 
 
 @pytest.mark.parametrize(("kind", "status"), [("500", "INTERNAL"), ("503", "UNAVAILABLE"),
