@@ -351,7 +351,11 @@ def _classify_genai(exc: BaseException, now: float) -> Classification:
     if code == 429 or status == "RESOURCE_EXHAUSTED":
         hint = _retry_delay(details)
         if _is_daily_quota(details):
-            retry_after = hint if hint is not None else seconds_until_pacific_midnight(now)
+            # A per-day quota resets at midnight Pacific, whatever RetryInfo says: the real API puts
+            # a short hint ("22s", "47s") beside a per-day violation, and trusting it would ask the
+            # exhausted model again all day. A hint past the reset (just before midnight) still holds.
+            to_reset = seconds_until_pacific_midnight(now)
+            retry_after = to_reset if hint is None else max(hint, to_reset)
             return _verdict(Category.QUOTA_EXHAUSTED, True, retry_after, code=code, daily_quota=True)
         return _verdict(Category.RATE_LIMITED, True, hint, code=code)
     if code is not None and 500 <= code < 600:

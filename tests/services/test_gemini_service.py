@@ -297,32 +297,39 @@ async def test_daily_quota_forces_the_breaker_open_until_the_reset_and_later_cal
     assert service.breaker.state is BreakerState.CLOSED
 
 
-async def test_daily_quota_on_the_primary_is_answered_by_the_fallback_then_the_primary_is_skipped(
+async def test_daily_quota_on_the_primary_is_answered_by_the_fallback_and_the_primary_waits_for_midnight(
     emu, harness
 ):
+    """The real 429 says "retry in 22s" beside its per-day violation: the bot keeps answering from
+    the fallback long after those 22 s, and asks the primary again only once its quota has reset at
+    midnight Pacific."""
     service = await harness.service(fallback=[FALLBACK])
-    emu.faults.add("quota_daily", target=MODEL, retry_delay="7200s")
+    emu.faults.add("quota_daily", target=MODEL)  # the emulator's default: RetryInfo "22s"
+    to_reset = seconds_until_pacific_midnight(harness.clock.time())
     first = await service.generate("hello")
     assert first.ok and first.model == FALLBACK
     assert (generate_requests(emu, MODEL), generate_requests(emu, FALLBACK)) == (1, 1)
     assert service.breaker.state is BreakerState.CLOSED and service.breaker.failures == 0
     assert harness.clock.sleeps == []
 
-    second = await service.generate("hello")  # the fallback's success did not hide the exhaustion
-    assert second.model == FALLBACK
-    assert (generate_requests(emu, MODEL), generate_requests(emu, FALLBACK)) == (1, 2)
-    assert service.health()["exhausted_models"] == {MODEL: 7200.0}
+    for _ in range(3):  # each a minute later: well past the 22 s hint
+        harness.clock.advance(60)
+        later = await service.generate("hello")
+        assert later.ok and later.model == FALLBACK
+    assert (generate_requests(emu, MODEL), generate_requests(emu, FALLBACK)) == (1, 4)
+    assert service.health()["exhausted_models"] == {MODEL: pytest.approx(to_reset - 180)}
 
     emu.faults.clear()
-    harness.clock.advance(7200)
+    harness.clock.advance(to_reset - 180)
     assert (await service.generate("hello")).model == MODEL  # back to the primary after its reset
+    assert generate_requests(emu, MODEL) == 2
 
 
 async def test_a_503_on_the_fallback_is_retried_on_the_fallback_without_asking_the_exhausted_primary(
     emu, harness
 ):
     service = await harness.service(fallback=[FALLBACK])
-    emu.faults.add("quota_daily", target=MODEL, retry_delay="7200s")
+    emu.faults.add("quota_daily", target=MODEL)
     emu.faults.add("503", target=FALLBACK, count=1)
     reply = await service.generate("hello")
     assert reply.ok and reply.model == FALLBACK
@@ -330,21 +337,28 @@ async def test_a_503_on_the_fallback_is_retried_on_the_fallback_without_asking_t
     assert len(harness.clock.sleeps) == 1
 
 
-async def test_daily_quota_on_every_model_opens_the_breaker_until_the_first_reset(emu, harness):
+async def test_daily_quota_on_every_model_holds_the_breaker_open_until_midnight_not_the_hint(emu, harness):
+    """Both models' daily quotas are used up (each 429 saying "retry in 22s"): the breaker stays open
+    until the quotas reset at midnight Pacific, and no model is asked again before then."""
     service = await harness.service(fallback=[FALLBACK])
-    emu.faults.add("quota_daily", target=MODEL, retry_delay="7200s")
-    emu.faults.add("quota_daily", target=FALLBACK, retry_delay="3600s")
+    emu.faults.add("quota_daily")
+    to_reset = seconds_until_pacific_midnight(harness.clock.time())
     with pytest.raises(QuotaExhaustedError) as info:
         await service.generate("hello")
-    assert info.value.remaining == 3600.0
-    assert service.breaker.remaining_open() == 3600.0
+    assert info.value.remaining == pytest.approx(to_reset)
+    assert service.breaker.remaining_open() == pytest.approx(to_reset)
     assert generate_requests(emu) == 2 and harness.clock.sleeps == []
-    assert classify(info.value).retry_after == 3600.0
+    assert classify(info.value).retry_after == pytest.approx(to_reset)
+
+    harness.clock.advance(60)
+    with pytest.raises(QuotaExhaustedError):
+        await service.generate("hello")
+    assert generate_requests(emu) == 2  # rejected by the breaker: nobody asked
 
 
 async def test_an_operator_reset_of_the_breaker_lets_calls_try_the_exhausted_models_again(emu, harness):
     service = await harness.service(fallback=[FALLBACK])
-    emu.faults.add("quota_daily", target="*", count=2, retry_delay="3600s")
+    emu.faults.add("quota_daily", target="*", count=2)
     with pytest.raises(QuotaExhaustedError):
         await service.generate("hello")
     service.breaker.reset()
