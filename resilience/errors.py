@@ -164,6 +164,9 @@ def user_message_for(category: Category, retry_after: float | None = None, servi
     stays neutral rather than blame the wrong party.
     """
     who = service or "A service I rely on"
+    if category is Category.NOT_FOUND and service == "Gemini":
+        return ("The Gemini model I'm set up to use doesn't exist (unknown or retired), so I can't "
+                "answer; an admin needs to change my settings.")
     if category is Category.RATE_LIMITED:
         return f"{service or 'Gemini'} is rate-limiting me right now; I'll answer as soon as it lets me."
     if category is Category.QUOTA_EXHAUSTED:
@@ -184,7 +187,7 @@ def user_message_for(category: Category, retry_after: float | None = None, servi
         Category.AUTH: f"My credentials for {service or 'a service I rely on'} are wrong; "
         "an admin needs to fix them.",
         Category.PERMISSION: "I don't have permission to do that here; an admin needs to grant it.",
-        Category.NOT_FOUND: "The channel, message or model I needed no longer exists.",
+        Category.NOT_FOUND: "The channel or message I needed no longer exists.",
         Category.SAFETY_BLOCKED: "Gemini declined to answer that because of its safety filters.",
         Category.BUSY: "I'm still busy with an earlier message in this conversation; I'll get to yours next.",
         Category.QUEUE_FULL: "Too many messages are already waiting for an answer, so I can't take "

@@ -461,6 +461,26 @@ def test_user_messages_name_the_failing_service() -> None:
     )
 
 
+def test_a_gemini_404_tells_the_user_the_model_is_gone_and_is_permanent() -> None:
+    """The real 404 for an unknown or retired model: not retryable, and the sentence says it is the
+    model, not a channel or a message (Discord's 404 keeps its own sentence)."""
+    exc = gemini_error(
+        404,
+        "models/gemini-1.5-flash is not found for API version v1, or is not supported for "
+        "generateContent. Call ListModels to see the list of available models and their supported methods.",
+        "NOT_FOUND",
+    )
+    verdict = classify(exc)
+    assert (verdict.category, verdict.retryable, verdict.code) == (Category.NOT_FOUND, False, 404)
+    assert verdict.user_message == (
+        "The Gemini model I'm set up to use doesn't exist (unknown or retired), so I can't answer; "
+        "an admin needs to change my settings."
+    )
+    unknown_message = {"code": 10008, "message": "Unknown Message"}
+    discord_404 = classify(discord_error(discord.NotFound, 404, unknown_message))
+    assert "model" not in discord_404.user_message.lower()
+
+
 def test_every_category_has_a_plain_sentence() -> None:
     """user_message_for answers every category with one non-empty sentence ending in a period."""
     for category in Category:
