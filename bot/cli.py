@@ -16,8 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bot.app import SANDBOX_GEMINI_KEY
 from bot.runner import serve
 from services.config import Config, ConfigError, load_config
+from services.gemini import MODEL_CHECK_TIMEOUT, check_configured_models
 from services.logging import configure_logging
 
 
@@ -32,7 +34,8 @@ def load_or_report(args: argparse.Namespace) -> Config | None:
 
 
 def check(args: argparse.Namespace) -> int:
-    """Print the effective configuration (secrets redacted) and the modes; 1 if it is invalid."""
+    """Print the effective configuration (secrets redacted) and the modes, and ask Gemini whether
+    it has the configured models; 1 if the configuration is invalid or a model is missing."""
     config = load_or_report(args)
     if config is None:
         return 1
@@ -43,8 +46,39 @@ def check(args: argparse.Namespace) -> int:
         print(f"  {name.ljust(width)} = {value}")
     for warning in config.warnings:
         print(f"warning: {warning}")
+    if not check_models(config):
+        print("Configuration has problems: see the errors above.", file=sys.stderr)
+        return 1
     print("Configuration OK.")
     return 0
+
+
+def check_models(config: Config) -> bool:
+    """One ``models.get`` per configured model; False if Gemini lacks one. Not being able to ask
+    (no network, a timeout, an outage) is a warning, never "missing"."""
+    models = [config.gemini_model, *config.gemini_fallback_models]
+    if config.gemini_api_key is None and config.gemini_base_url is None:
+        print("Gemini models: not checked (sandbox mode: the emulator serves them)")
+        return True
+    results = asyncio.run(
+        check_configured_models(
+            config.gemini_api_key or SANDBOX_GEMINI_KEY,
+            config.gemini_base_url,
+            models,
+            within=MODEL_CHECK_TIMEOUT,
+        )
+    )
+    ok = True
+    for result in results:
+        setting = "GEMINI_MODEL" if result.model == config.gemini_model else "GEMINI_FALLBACK_MODELS"
+        if result.status == "ok":
+            print(f"Gemini model {result.model}: found")
+        elif result.status == "missing":
+            ok = False
+            print(f"error: {setting}: {result.detail}", file=sys.stderr)
+        else:
+            print(f"warning: {setting}: {result.model}: {result.detail}")
+    return ok
 
 
 def run(args: argparse.Namespace) -> int:

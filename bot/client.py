@@ -91,7 +91,9 @@ def intents() -> discord.Intents:
 class GeminiBot(commands.Bot):
     """A ``commands.Bot`` whose message handling is the resilient pipeline."""
 
-    def __init__(self, app: Application, *, drain_interval: float = 1.0, **options: object) -> None:
+    def __init__(
+        self, app: Application, *, drain_interval: float = 1.0, check_models: bool = True, **options: object
+    ) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents(),
@@ -113,6 +115,7 @@ class GeminiBot(commands.Bot):
         # The application's owner (or its team's admins and developers): owners of the bot, like
         # ADMIN_USER_IDS. Learned once in setup_hook (from application_info); empty until then.
         self.application_owners: frozenset[int] = frozenset()
+        self._check_models = check_models
         self._closed = False
         # Set while setup_hook runs: a close() meanwhile waits for it, so that every service
         # it starts is also stopped (a SIGTERM during start-up leaves nothing running).
@@ -151,6 +154,9 @@ class GeminiBot(commands.Bot):
             return  # close() was called meanwhile; it stops what was started
         self.app.reload_settings()
         await self._learn_owners()
+        if self._check_models:
+            # Warnings only, bounded: a missing model or an unreachable Gemini never stops the start.
+            await self.app.gemini.check_models()
         self.install_commands()
         await self._sync_commands()
         reopened = await apply_breaker_overrides(self.app)

@@ -164,6 +164,9 @@ def user_message_for(category: Category, retry_after: float | None = None, servi
     stays neutral rather than blame the wrong party.
     """
     who = service or "A service I rely on"
+    if category is Category.NOT_FOUND and service == "Gemini":
+        return ("The Gemini model I'm set up to use doesn't exist (unknown or retired), so I can't "
+                "answer; an admin needs to change my settings.")
     if category is Category.RATE_LIMITED:
         return f"{service or 'Gemini'} is rate-limiting me right now; I'll answer as soon as it lets me."
     if category is Category.QUOTA_EXHAUSTED:
@@ -184,7 +187,7 @@ def user_message_for(category: Category, retry_after: float | None = None, servi
         Category.AUTH: f"My credentials for {service or 'a service I rely on'} are wrong; "
         "an admin needs to fix them.",
         Category.PERMISSION: "I don't have permission to do that here; an admin needs to grant it.",
-        Category.NOT_FOUND: "The channel, message or model I needed no longer exists.",
+        Category.NOT_FOUND: "The channel or message I needed no longer exists.",
         Category.SAFETY_BLOCKED: "Gemini declined to answer that because of its safety filters.",
         Category.BUSY: "I'm still busy with an earlier message in this conversation; I'll get to yours next.",
         Category.QUEUE_FULL: "Too many messages are already waiting for an answer, so I can't take "
@@ -351,7 +354,11 @@ def _classify_genai(exc: BaseException, now: float) -> Classification:
     if code == 429 or status == "RESOURCE_EXHAUSTED":
         hint = _retry_delay(details)
         if _is_daily_quota(details):
-            retry_after = hint if hint is not None else seconds_until_pacific_midnight(now)
+            # A per-day quota resets at midnight Pacific, whatever RetryInfo says: the real API puts
+            # a short hint ("22s", "47s") beside a per-day violation, and trusting it would ask the
+            # exhausted model again all day. A hint past the reset (just before midnight) still holds.
+            to_reset = seconds_until_pacific_midnight(now)
+            retry_after = to_reset if hint is None else max(hint, to_reset)
             return _verdict(Category.QUOTA_EXHAUSTED, True, retry_after, code=code, daily_quota=True)
         return _verdict(Category.RATE_LIMITED, True, hint, code=code)
     if code is not None and 500 <= code < 600:

@@ -17,7 +17,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +29,21 @@ from sandbox.faults import Fault, FaultPlan
 API_KEY_HEADER = "x-goog-api-key"
 MODEL_VERSION_SUFFIX = "-sandbox"
 
-LISTED_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash")
+# The models the emulator knows; any other name is answered 404 NOT_FOUND, as the real API does for
+# an unknown or retired model. Configurable per emulator (``models=``, ``aliases=``).
+LISTED_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite", "gemini-2.0-flash")
+EMBEDDING_MODELS = ("gemini-embedding-001",)
+# Auto-updated aliases, which the real API serves on v1beta only (a "-latest" name sent to v1 is
+# "not found for API version v1"); the names are the ones a key's model list showed in 2026.
+LATEST_ALIASES = {
+    "gemini-flash-latest": "gemini-2.5-flash",
+    "gemini-flash-lite-latest": "gemini-2.5-flash-lite",
+    "gemini-pro-latest": "gemini-2.5-pro",
+}
+ALIAS_VERSIONS = frozenset({"v1beta"})
 POST_ACTIONS = frozenset({"generateContent", "streamGenerateContent", "batchEmbedContents", "countTokens"})
+_EMBEDDING_ACTIONS = frozenset({"batchEmbedContents", "embedContent", "countTokens"})
+_GENERATION_ACTIONS = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
 FAULT_KINDS = (
     "429", "quota_daily", "500", "502", "503", "504", "400", "403", "hang", "latency",
     "malformed_json", "stream_error", "safety", "prompt_block", "empty", "max_tokens", "drop",
@@ -93,9 +106,21 @@ def invalid_key_body() -> dict:
     ])
 
 
-def quota_body(model: str, *, daily: bool, retry_delay: str | None) -> dict:
-    """A 429 RESOURCE_EXHAUSTED body with QuotaFailure (and RetryInfo when a delay is given)."""
-    period, limit = ("Day", "250") if daily else ("Minute", "10")
+# What the real API puts in RetryInfo beside a per-day QuotaFailure: a short delay, not the time to
+# the reset (seen: "47s" with GenerateRequestsPerDayPerProjectPerModel-FreeTier in
+# https://github.com/googleapis/python-genai/issues/2044; "Please retry in 25.46s" with
+# "limit: 0" in https://github.com/google-gemini/gemini-cli/issues/22486). A client that trusts
+# the hint asks an exhausted model again within the minute, all day.
+DAILY_RETRY_DELAY = "22s"
+
+
+def quota_body(model: str, *, daily: bool, retry_delay: str | None, limit: str | None = None) -> dict:
+    """A 429 RESOURCE_EXHAUSTED body with QuotaFailure (and RetryInfo when a delay is given).
+
+    ``limit`` is the quota's value ("0" when the model has no free tier at all).
+    """
+    period, default_limit = ("Day", "250") if daily else ("Minute", "10")
+    limit = default_limit if limit is None else limit
     metric = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
     message = (
         "You exceeded your current quota, please check your plan and billing details. For more "
@@ -142,14 +167,39 @@ def parse_model_path(path: str) -> tuple[str, str | None, str] | None:
     return parts[0], model, action if colon else "get"
 
 
+def is_embedding_model(model: str) -> bool:
+    """Embedding models serve ``embedContent``/``batchEmbedContents``, not ``generateContent``."""
+    return "embedding" in model
+
+
 def model_info(model: str) -> dict[str, Any]:
     """A ``Model`` resource like ``GET /v1beta/models/{model}`` returns."""
+    methods = ["embedContent", "batchEmbedContents"] if is_embedding_model(model) else [
+        "generateContent", "countTokens"]
     return {
         "name": f"models/{model}", "version": "001", "displayName": f"{model} (sandbox)",
         "description": "A loopback stand-in for a Gemini model.",
         "inputTokenLimit": 1_048_576, "outputTokenLimit": 65_536,
-        "supportedGenerationMethods": ["generateContent", "countTokens"],
+        "supportedGenerationMethods": methods,
     }
+
+
+def model_not_found_body(model: str, version: str, action: str) -> dict:
+    """The 404 the real API answers for a model it does not serve: no ``details``, only the sentence.
+
+    For a method call, "models/{m} is not found for API version {v}, or is not supported for
+    {method}. Call ListModels ..." (e.g. https://github.com/continuedev/continue/issues/11370 for
+    gemini-2.5-pro-latest on v1beta, https://github.com/babaohuang/GeminiProChat/issues/184 on v1).
+    For ``GET models/{m}``, "Model is not found: models/{m} for api version {v}" (a recorded probe of
+    ``GET /v1beta/models/invalid-model``, 2026).
+    """
+    if action == "get":
+        message = f"Model is not found: models/{model} for api version {version}"
+    else:
+        message = (f"models/{model} is not found for API version {version}, or is not supported for "
+                   f"{action}. Call ListModels to see the list of available models and their supported "
+                   "methods.")
+    return error_body(404, "NOT_FOUND", message)
 
 
 class GeminiEmulator:
@@ -158,7 +208,10 @@ class GeminiEmulator:
     ``requests`` records every request (key masked) with its outcome, the newest
     ``max_requests`` of them; ``faults`` is the live :class:`FaultPlan`, which callers may
     edit at any time. ``seed`` makes latency draws (and the default plan's probabilities)
-    reproducible; ``clock`` stamps the records.
+    reproducible; ``clock`` stamps the records. ``models`` are the model names served
+    (default :data:`LISTED_MODELS` and :data:`EMBEDDING_MODELS`) and ``aliases`` the names
+    served on v1beta only, each standing for a served model (default :data:`LATEST_ALIASES`):
+    any other name gets the real API's 404 NOT_FOUND. Both may be edited at any time.
     """
 
     def __init__(
@@ -171,8 +224,12 @@ class GeminiEmulator:
         clock: Callable[[], float] = time.monotonic,
         max_requests: int = 10_000,
         tokens_per_second: float | None = None,
+        models: Iterable[str] | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.api_key = api_key
+        self.models: set[str] = set((*LISTED_MODELS, *EMBEDDING_MODELS) if models is None else models)
+        self.aliases: dict[str, str] = dict(LATEST_ALIASES if aliases is None else aliases)
         self.tokens_per_second = tokens_per_second
         self.host = host
         self.port = port
@@ -255,7 +312,11 @@ class GeminiEmulator:
             return web.json_response(
                 error_body(400, "INVALID_ARGUMENT", "Invalid JSON payload received."), status=400)
 
-        assert action is not None
+        assert action is not None and version is not None
+        served = model if model is None else self.resolve(version, model, action)
+        if model is not None and served is None:
+            rec.outcome = "not_found"
+            return web.json_response(model_not_found_body(model, version, action), status=404)
         prompt = last_user_text(body).lower()
         fault = self.faults.pick(
             *(model, f"models/{model}") if model else ("models",),
@@ -271,10 +332,12 @@ class GeminiEmulator:
             if response is not None:
                 return response
         if action == "list":
-            return web.json_response({"models": [model_info(m) for m in LISTED_MODELS]})
-        assert model is not None
+            names = sorted(self.models) + (sorted(self.aliases) if version in ALIAS_VERSIONS else [])
+            return web.json_response({"models": [model_info(m) for m in names]})
+        assert model is not None and served is not None
         if action == "get":
             return web.json_response(model_info(model))
+        model = served  # an alias answers as the model it stands for (its modelVersion)
         if action == "countTokens":
             return web.json_response({"totalTokens": self._usage(body, "")["promptTokenCount"]})
         if action == "batchEmbedContents":
@@ -285,6 +348,17 @@ class GeminiEmulator:
         if await self._write(answer.get("usageMetadata", {}).get("candidatesTokenCount", 0)):
             return self._drop(request)
         return web.json_response(answer)
+
+    def resolve(self, version: str, model: str, action: str) -> str | None:
+        """The served model ``model`` names on API ``version`` for ``action``, or None (a 404)."""
+        name = model if model in self.models else None
+        if name is None and version in ALIAS_VERSIONS:
+            target = self.aliases.get(model)
+            name = target if target in self.models else None
+        if name is None or action == "get":
+            return name
+        supported = _EMBEDDING_ACTIONS if is_embedding_model(name) else _GENERATION_ACTIONS
+        return name if action in supported else None
 
     async def _write(self, tokens: int) -> bool:
         """Take as long as a model writing ``tokens`` at ``tokens_per_second``; True if stopped meanwhile."""
@@ -321,8 +395,12 @@ class GeminiEmulator:
                 quota_body(model, daily=False, retry_delay=str(fault.params.get("retry_delay", "2s"))),
                 status=429)
         if kind == "quota_daily":
-            delay = fault.params.get("retry_delay")
-            return web.json_response(quota_body(model, daily=True, retry_delay=delay), status=429)
+            # A short RetryInfo by default, like the real API; retry_delay=none leaves it out.
+            delay = str(fault.params.get("retry_delay", DAILY_RETRY_DELAY))
+            limit = fault.params.get("limit")
+            body = quota_body(model, daily=True, retry_delay=None if delay.lower() in ("", "none") else delay,
+                              limit=None if limit is None else str(limit))
+            return web.json_response(body, status=429)
         if kind == "502":
             return web.Response(status=502, text=_HTML_502, content_type="text/html")
         if kind.isdigit() and int(kind) in _STATUS_TEXT:

@@ -12,18 +12,27 @@ exhausted model is remembered until its quota resets and the fallback models are
 order; when none is left, the breaker is forced open until the first reset and
 ``QuotaExhaustedError`` is raised (``classify`` reads it as QUOTA_EXHAUSTED with the time
 to reset; ``RetryPolicy`` never retries it, so nobody sleeps for hours).
+
+A model Gemini does not know (404 NOT_FOUND: a typo, a retired model, a ``-latest`` alias on
+API version v1) is handled the same way: skipped for ``MISSING_MODEL_RECHECK_SECONDS`` while the
+next model answers, and never counted by the breaker (it says nothing about Gemini's health).
+When every model is missing, ``ModelNotFoundError`` is raised: permanent, the user gets a
+sentence, the operator a log line naming the models. ``check_models`` asks Gemini about each
+configured model once (``python -m bot check`` and start-up).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
+import structlog
 from google import genai
-from google.genai import types
+from google.genai import errors, types
 
 from resilience.breakers import Breaker, BreakerState, Lease, describe_error
 from resilience.clock import Clock
@@ -33,7 +42,19 @@ from resilience.timeouts import AdaptiveTimeout
 from services.metrics import Metrics
 from services.storage import Turn
 
+log = structlog.get_logger("services.gemini")
+
 OPERATION = "gemini.generate"
+# The API version the bot speaks, set explicitly rather than left to the SDK's default (v1 in
+# google-genai 3.x: GOOGLE_AI_API_DEFAULT_VERSION in google/genai/_api_client.py, which the
+# GOOGLE_GENAI_API_VERSION variable would otherwise change). The "-latest" aliases exist on v1beta
+# only: on v1 they are "not found".
+API_VERSION = "v1"
+# A model Gemini answered 404 for is skipped this long before it is asked again (a model that
+# comes back, or a brief 404 during a rollout, is noticed within ten minutes).
+MISSING_MODEL_RECHECK_SECONDS = 600.0
+# How long ``python -m bot check`` and start-up wait for Gemini to answer about the models.
+MODEL_CHECK_TIMEOUT = 5.0
 QUOTA_REASON = "daily quota exhausted"
 PING_PROMPT = "hello"
 PING_PERSONA = "You are a health check. Answer in one short sentence."
@@ -122,6 +143,21 @@ class QuotaExhaustedError(RetryHintTooLongError, CircuitOpenError):
         self.original = original
 
 
+class ModelNotFoundError(errors.ClientError):
+    """Gemini answered 404 NOT_FOUND for every configured model: unknown or retired names.
+
+    A ``ClientError`` with the 404's code and body, so ``classify`` reads it as NOT_FOUND,
+    permanent (the user is told, nothing is queued); ``models`` are the names Gemini did not
+    know and ``original`` the last 404 it sent. It stays until the configuration changes or
+    ``MISSING_MODEL_RECHECK_SECONDS`` pass.
+    """
+
+    def __init__(self, models: Sequence[str], original: errors.APIError) -> None:
+        super().__init__(original.code, original.details, original.response)
+        self.models = tuple(models)
+        self.original = original
+
+
 class GeminiStoppedError(ConnectionError):
     """The service is not running (not started yet, or stopped): the call may succeed later."""
 
@@ -171,6 +207,9 @@ class GeminiService:
         # model -> monotonic time its daily quota resets; skipped until then.
         self._exhausted: dict[str, float] = {}
         self._quota_error: BaseException | None = None
+        # model -> monotonic time to ask again about a model Gemini answered 404 for.
+        self._missing: dict[str, float] = {}
+        self._missing_error: errors.APIError | None = None
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -181,19 +220,8 @@ class GeminiService:
         """Create the one client (and its aiohttp session, lazily on first use); idempotent."""
         if self._client is not None:
             return
-        tls: dict[str, Any] = {}
-        if self._ssl_context is not None:
-            ctx = self._ssl_context
-            tls = {"async_client_args": {"ssl": ctx}, "client_args": {"verify": ctx}}
-        self._client = genai.Client(
-            api_key=self._api_key,
-            http_options=types.HttpOptions(
-                base_url=self.base_url,
-                timeout=round((self.timeout.maximum + SDK_TIMEOUT_MARGIN) * 1000),
-                # Off: RetryPolicy owns retrying, and the SDK's hidden retry sleeps 1-10 s.
-                retry_options=types.HttpRetryOptions(attempts=1),
-                **tls,
-            ),
+        self._client = new_client(
+            self._api_key, self.base_url, self.timeout.maximum + SDK_TIMEOUT_MARGIN, self._ssl_context
         )
 
     async def stop(self) -> None:
@@ -201,10 +229,7 @@ class GeminiService:
         client, self._client = self._client, None
         if client is None:
             return
-        try:
-            await client.aio.aclose()
-        finally:
-            client.close()  # the SDK's sync httpx client, which aclose() leaves open
+        await close_client(client)
 
     def health(self) -> dict[str, Any]:
         """Running, breaker state, models (with exhausted ones and seconds to reset), last success/error."""
@@ -218,6 +243,7 @@ class GeminiService:
             "model": self.model,
             "fallback_models": list(self.fallback_models),
             "exhausted_models": {m: round(t - now, 3) for m, t in self._exhausted.items() if t > now},
+            "missing_models": {m: round(t - now, 3) for m, t in self._missing.items() if t > now},
             "last_success": self.last_success,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
@@ -253,34 +279,77 @@ class GeminiService:
         """A tiny generation through the same guards (for the HTTP API's Gemini test)."""
         return await self.generate(PING_PROMPT, persona=PING_PERSONA)
 
+    async def check_models(self, *, within: float = MODEL_CHECK_TIMEOUT) -> list[ModelCheck]:
+        """Ask Gemini once about each configured model and log what is wrong; never raises.
+
+        For start-up: a missing model is a warning (the bot still starts, and skips that model),
+        an unreachable Gemini is "could not check", not "missing".
+        """
+        client = self._client
+        if client is None:
+            return []
+        results = await check_models(client, self.models(), within=within)
+        log_model_checks(results, primary=self.model)
+        return results
+
+    def models(self) -> list[str]:
+        """The configured models, in the order they are tried."""
+        return [self.model, *self.fallback_models]
+
     async def _attempt(
         self, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
     ) -> Reply:
-        """One retry attempt: the first model whose daily quota is not used up, then the next ones."""
-        quota_error: BaseException | None = None
+        """One retry attempt: the first model Gemini has and whose daily quota is not used up, then
+        the next ones."""
         for model in self._models():
             try:
                 return await self._call(model, contents, config)
-            except _DailyQuota as exc:
-                quota_error = exc.error
-        assert quota_error is not None  # _models() is never empty and only _DailyQuota continues
-        self._quota_error = quota_error
-        remaining = max(0.0, min(self._exhausted.values()) - self._clock.monotonic())
-        self.breaker.force_open(remaining, reason=QUOTA_REASON)
-        raise QuotaExhaustedError(self.breaker.name, remaining, quota_error) from quota_error
+            except _Unusable:
+                continue
+        now = self._clock.monotonic()
+        resets = [t for t in self._exhausted.values() if t > now]
+        if resets:
+            quota_error = self._quota_error
+            assert quota_error is not None  # set whenever a model is marked exhausted
+            remaining = max(0.0, min(resets) - now)
+            self.breaker.force_open(remaining, reason=QUOTA_REASON)
+            raise QuotaExhaustedError(self.breaker.name, remaining, quota_error) from quota_error
+        error = self._no_model_error()
+        log.error(
+            "gemini.no_model_available",
+            missing=list(error.models),
+            fix="set GEMINI_MODEL / GEMINI_FALLBACK_MODELS to models Gemini has (python -m bot check)",
+        )
+        raise error
 
     def _models(self) -> list[str]:
-        """Models to try now, in order: those whose daily quota is not known to be used up."""
+        """Models to try now, in order: those Gemini is not known to lack, whose daily quota is not
+        known to be used up."""
         now = self._clock.monotonic()
-        models = [m for m in (self.model, *self.fallback_models) if self._exhausted.get(m, 0.0) <= now]
+        present = self._present()
+        if not present:
+            raise self._no_model_error()
+        models = [m for m in present if self._exhausted.get(m, 0.0) <= now]
         if not models:
             if not self.breaker.would_admit():
                 raise self._rejection(CircuitOpenError(self.breaker.name, self.breaker.remaining_open()))
             # Every model is marked exhausted, yet the breaker admits calls: an operator reset
             # it (perhaps after raising the quota), so believe them and try again.
             self._exhausted.clear()
-            models = [self.model, *self.fallback_models]
+            models = present
         return models
+
+    def _present(self) -> list[str]:
+        """Configured models Gemini is not known to lack (their quota aside), in order."""
+        now = self._clock.monotonic()
+        return [m for m in self.models() if self._missing.get(m, 0.0) <= now]
+
+    def _no_model_error(self) -> ModelNotFoundError:
+        """The permanent error for "Gemini has none of the configured models"."""
+        original = self._missing_error
+        assert original is not None  # set whenever a model is marked missing
+        present = self._present()
+        return ModelNotFoundError([m for m in self.models() if m not in present], original)
 
     async def _call(
         self, model: str, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
@@ -298,19 +367,25 @@ class GeminiService:
             )
         except Exception as exc:
             verdict = classify(exc, now=self._clock.time())
+            # A 404 from generateContent: Gemini does not have this model (unknown, retired, an alias
+            # of another API version).
+            missing = exc if isinstance(exc, errors.APIError) and verdict.code == 404 else None
             # Settle the lease first: nothing below may leave a half-open probe unreported.
-            if verdict.daily_quota or verdict.category in _PER_REQUEST:
-                # Neither says anything about Gemini's health, so neither counts: one user's
-                # oversized messages must not open the breaker for everyone, and when every
-                # model's quota is used up _attempt forces the breaker open instead.
+            if verdict.daily_quota or missing is not None or verdict.category in _PER_REQUEST:
+                # None says anything about Gemini's health, so none counts: one user's oversized
+                # messages, or one model that does not exist, must not open the breaker for
+                # everyone; when every model's quota is used up _attempt forces it open instead.
                 lease.release()
             else:
                 lease.record_failure(exc)
             self._observe(verdict.category.value, started, verdict.code)
             self._note_error(exc)
             if verdict.daily_quota:
-                self._mark_exhausted(model, verdict)
-                raise _DailyQuota(exc) from exc
+                self._mark_exhausted(model, verdict, exc)
+                raise _Unusable(exc) from exc
+            if missing is not None:
+                self._mark_missing(model, missing)
+                raise _Unusable(exc) from exc
             raise
         except BaseException:
             lease.release()  # cancelled: no outcome
@@ -336,10 +411,26 @@ class GeminiService:
             return error
         return exc
 
-    def _mark_exhausted(self, model: str, verdict: Classification) -> None:
+    def _mark_exhausted(self, model: str, verdict: Classification, exc: BaseException) -> None:
         """Remember that ``model``'s daily quota is used up until it resets."""
         seconds = verdict.retry_after if verdict.retry_after is not None else 0.0
         self._exhausted[model] = self._clock.monotonic() + seconds
+        self._quota_error = exc
+
+    def _mark_missing(self, model: str, exc: errors.APIError) -> None:
+        """Remember for a while that Gemini does not have ``model``; tell the operator which one."""
+        self._missing[model] = self._clock.monotonic() + MISSING_MODEL_RECHECK_SECONDS
+        self._missing_error = exc
+        left = self._present()
+        log.error(
+            "gemini.model_not_found",
+            model=model,
+            setting="GEMINI_MODEL" if model == self.model else "GEMINI_FALLBACK_MODELS",
+            api_version=API_VERSION,
+            detail=missing_model_sentence(model),
+            next_model=left[0] if left else None,
+            retry_in=MISSING_MODEL_RECHECK_SECONDS,
+        )
 
     def _observe(
         self,
@@ -360,12 +451,134 @@ class GeminiService:
         self.last_error_at = self._clock.time()
 
 
-class _DailyQuota(Exception):
-    """Internal: this model's daily quota is used up, try the next one (never leaves the service)."""
+class _Unusable(Exception):
+    """Internal: this model's daily quota is used up, or Gemini does not have it: try the next one
+    (never leaves the service)."""
 
     def __init__(self, error: BaseException) -> None:
-        super().__init__("daily quota")
+        super().__init__("model unusable")
         self.error = error
+
+
+def new_client(
+    api_key: str, base_url: str | None, timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> genai.Client:
+    """A google-genai client as the bot uses it: API version ``API_VERSION``, ``timeout`` seconds
+    per request, the SDK's own retries off (``RetryPolicy`` owns retrying, and the SDK's hidden
+    connection retry sleeps 1-10 s). ``ssl_context`` lets several clients share one TLS context
+    (the SDK otherwise builds one per client, ~0.1 s)."""
+    tls: dict[str, Any] = {}
+    if ssl_context is not None:
+        tls = {"async_client_args": {"ssl": ssl_context}, "client_args": {"verify": ssl_context}}
+    return genai.Client(
+        api_key=api_key,
+        http_options=types.HttpOptions(
+            base_url=base_url,
+            api_version=API_VERSION,
+            timeout=round(timeout * 1000),
+            retry_options=types.HttpRetryOptions(attempts=1),
+            **tls,
+        ),
+    )
+
+
+async def close_client(client: genai.Client) -> None:
+    """Close both of a client's sessions (``aclose()`` leaves the sync httpx client open)."""
+    try:
+        await client.aio.aclose()
+    finally:
+        client.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCheck:
+    """What Gemini said about one configured model.
+
+    ``status`` is ``"ok"`` (it has the model and it generates content), ``"missing"`` (404, or it
+    cannot generate content) or ``"unchecked"`` (no answer: unreachable, a timeout, a refused key,
+    an outage; says nothing about the model). ``detail`` is one sentence for the operator.
+    """
+
+    model: str
+    status: Literal["ok", "missing", "unchecked"]
+    detail: str
+
+
+def missing_model_sentence(model: str) -> str:
+    """Why Gemini has no ``model``, and what to do."""
+    sentence = (
+        f"Gemini has no model {model!r} on API version {API_VERSION} (404 NOT_FOUND): a typo or a "
+        "retired model; see https://ai.google.dev/gemini-api/docs/models"
+    )
+    if model.endswith("-latest"):
+        sentence += f"; '-latest' aliases exist on v1beta only and the bot uses {API_VERSION}: name a model"
+    return sentence
+
+
+async def check_models(client: genai.Client, models: Sequence[str], *, within: float) -> list[ModelCheck]:
+    """One ``models.get`` per model (at once), all within ``within`` seconds; never raises.
+
+    A 404 means missing; any other failure (a refused connection, no answer in time, a wrong
+    key, a 503) means Gemini could not be asked, so the model is "unchecked", not missing.
+    """
+    names = list(dict.fromkeys(models))
+    tasks = [asyncio.ensure_future(_check_model(client, m)) for m in names]
+    if not tasks:
+        return []
+    _, pending = await asyncio.wait(tasks, timeout=within)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+    late = f"could not check: Gemini did not answer within {within:g} s"
+    return [
+        ModelCheck(model, "unchecked", late) if task in pending else task.result()
+        for model, task in zip(names, tasks, strict=True)
+    ]
+
+
+async def _check_model(client: genai.Client, model: str) -> ModelCheck:
+    try:
+        found = await client.aio.models.get(model=model)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, errors.APIError) and exc.code == 404:
+            return ModelCheck(model, "missing", missing_model_sentence(model))
+        verdict = classify(exc)
+        return ModelCheck(
+            model, "unchecked", f"could not check: {verdict.category.value} ({describe_error(exc)})"
+        )
+    actions = found.supported_actions or []
+    if actions and "generateContent" not in actions:
+        detail = f"Gemini's {model!r} cannot generate content (it offers {', '.join(actions)})"
+        return ModelCheck(model, "missing", detail)
+    return ModelCheck(model, "ok", f"Gemini has {model!r}")
+
+
+def log_model_checks(results: Sequence[ModelCheck], *, primary: str) -> None:
+    """One warning per missing model, one for what could not be checked, one info line if all is well."""
+    for result in results:
+        if result.status == "missing":
+            setting = "GEMINI_MODEL" if result.model == primary else "GEMINI_FALLBACK_MODELS"
+            log.warning("gemini.model_missing", model=result.model, setting=setting, detail=result.detail)
+    unchecked = [r for r in results if r.status == "unchecked"]
+    if unchecked:
+        models = [r.model for r in unchecked]
+        log.warning("gemini.models_unchecked", models=models, detail=unchecked[0].detail)
+    if results and all(r.status == "ok" for r in results):
+        log.info("gemini.models_checked", models=[r.model for r in results])
+
+
+async def check_configured_models(
+    api_key: str, base_url: str | None, models: Sequence[str], *, within: float = MODEL_CHECK_TIMEOUT
+) -> list[ModelCheck]:
+    """``check_models`` with a client of its own (for ``python -m bot check``), closed afterwards."""
+    client = new_client(api_key, base_url, within)
+    try:
+        return await check_models(client, models, within=within)
+    finally:
+        await close_client(client)
 
 
 def build_contents(history: Sequence[Turn], prompt: str) -> list[types.ContentDict]:

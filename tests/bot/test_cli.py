@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import socket
 import subprocess
 import sys
 import types
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from bot.cli import main
+from sandbox.gemini import GeminiEmulator
 from services.config import SETTING_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,19 +42,83 @@ def test_check_prints_the_modes_and_settings_and_exits_0(
         assert name in out
 
 
+def dead_url() -> str:
+    """A loopback URL nothing answers: its port is bound, never listening, so connections are refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
 def test_check_output_never_contains_a_secret(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clean_env.setenv("DISCORD_TOKEN", GOOD_TOKEN)
     clean_env.setenv("GEMINI_API_KEY", GEMINI_KEY)
+    clean_env.setenv("GEMINI_BASE_URL", dead_url())  # the model check fails at once, on loopback
     clean_env.setenv("ADMIN_API_TOKEN", ADMIN_TOKEN)
     assert main(["check"]) == 0
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "Discord: live" in text and "Gemini: live" in text
     assert f"<set, {len(GOOD_TOKEN)} chars>" in text
+    assert "could not check" in text
     for secret in (GOOD_TOKEN, GEMINI_KEY, ADMIN_TOKEN):
         assert secret not in text
+
+
+@pytest.fixture
+async def gemini() -> AsyncIterator[GeminiEmulator]:
+    """The Gemini emulator on loopback, taking ``GEMINI_KEY``."""
+    async with GeminiEmulator(api_key=GEMINI_KEY) as emulator:
+        yield emulator
+
+
+def point_at(env: pytest.MonkeyPatch, gemini: GeminiEmulator, model: str, fallback: str = "") -> None:
+    env.setenv("GEMINI_API_KEY", GEMINI_KEY)
+    env.setenv("GEMINI_BASE_URL", gemini.base_url)
+    env.setenv("GEMINI_MODEL", model)
+    env.setenv("GEMINI_FALLBACK_MODELS", fallback)
+
+
+async def test_check_asks_gemini_about_each_model_once_and_exits_1_naming_the_missing_ones(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], gemini: GeminiEmulator
+) -> None:
+    point_at(clean_env, gemini, "gemini-flash-latest", "gemini-2.5-pro,gemini-1.5-flash")
+    assert await asyncio.to_thread(main, ["check"]) == 1  # check runs its own event loop
+    captured = capsys.readouterr()
+    assert "Gemini model gemini-2.5-pro: found" in captured.out
+    assert "error: GEMINI_MODEL: Gemini has no model 'gemini-flash-latest' on API version v1" in captured.err
+    assert "'-latest' aliases exist on v1beta only" in captured.err
+    assert "error: GEMINI_FALLBACK_MODELS: Gemini has no model 'gemini-1.5-flash'" in captured.err
+    assert "Configuration OK." not in captured.out
+    assert sorted((r.action, r.model) for r in gemini.requests) == [
+        ("get", "gemini-1.5-flash"), ("get", "gemini-2.5-pro"), ("get", "gemini-flash-latest")]
+
+
+async def test_check_exits_0_when_gemini_has_every_configured_model(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], gemini: GeminiEmulator
+) -> None:
+    point_at(clean_env, gemini, "gemini-2.5-flash", "gemini-2.5-flash-lite")
+    assert await asyncio.to_thread(main, ["check"]) == 0
+    out = capsys.readouterr().out
+    assert "Gemini model gemini-2.5-flash: found" in out
+    assert "Gemini model gemini-2.5-flash-lite: found" in out
+    assert "Configuration OK." in out
+
+
+async def test_check_when_gemini_cannot_be_reached_warns_could_not_check_and_does_not_call_it_missing(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], gemini: GeminiEmulator
+) -> None:
+    point_at(clean_env, gemini, "gemini-2.5-flash")
+    gemini.faults.add("503")
+    assert await asyncio.to_thread(main, ["check"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: GEMINI_MODEL: gemini-2.5-flash: could not check: unavailable (ServerError (503))" in out
+    clean_env.setenv("GEMINI_BASE_URL", dead_url())
+    assert await asyncio.to_thread(main, ["check"]) == 0
+    captured = capsys.readouterr()
+    assert "gemini-2.5-flash: could not check: connection" in captured.out
+    assert "error" not in captured.err and "Configuration OK." in captured.out
 
 
 def test_check_on_a_bad_config_lists_every_problem_and_exits_1(
@@ -141,7 +209,8 @@ def run_module(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Co
 
 
 def test_python_m_bot_check_exits_0_on_a_good_config(tmp_path: Path) -> None:
-    result = run_module(["check"], {"GEMINI_API_KEY": GEMINI_KEY, "LOG_FORMAT": "json"}, tmp_path)
+    env = {"GEMINI_API_KEY": GEMINI_KEY, "GEMINI_BASE_URL": dead_url(), "LOG_FORMAT": "json"}
+    result = run_module(["check"], env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Gemini: live" in result.stdout
     assert GEMINI_KEY not in result.stdout + result.stderr

@@ -425,25 +425,33 @@ def assert_told_when(second: list[Asked], world: World, when: str) -> None:
         assert "daily quota is used up; it resets in about" in ack and when in ack, ack
 
 
+# The real API's hint beside a per-day violation is 22-47 s; 2 s keeps the scenario short while
+# its traffic still runs well past the hint (a bot that trusted it would ask the primary again).
+QUOTA_HINT = 2.0
+
+
 @pytest.mark.chaos
 @pytest.mark.timeout(120)
-async def test_daily_quota_falls_back_to_another_model_then_queues_until_the_reset(
+async def test_daily_quota_falls_back_to_another_model_and_leaves_the_exhausted_one_until_midnight(
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:
-    """The primary model's daily quota runs out: the fallback model answers directly (the emulator
-    sees it, and the primary is not asked again). Then the fallback's runs out too, resetting in
-    3 s: the breaker opens until then, each user is told when, and after the reset every queued
-    message is answered once, in order."""
+    """The primary model's daily quota runs out, and each 429 says "retry in 2s" as the real API
+    does: the fallback model answers directly, and the bot does not ask the primary again, not even
+    after the hint has long passed (its quota resets at midnight Pacific). The breaker stays closed."""
     gemini = emulators.gemini
     world = build_world(emulators, channels=4, users=3)
     env = {**bot_env, "GEMINI_FALLBACK_MODELS": FALLBACK}
     ledger = Ledger(emulators.discord, prefix="d")
     async with started_bot(spawn_bot, emulators, env) as api:
-        gemini.faults.add("quota_daily", PRIMARY)
+        gemini.faults.add("quota_daily", PRIMARY, retry_delay=f"{QUOTA_HINT:g}s")
         started = time.monotonic()
         first = await traffic(ledger, world, 8, spacing=0.2, text="primary is out")
         await ledger.wait_for(lambda: all(a.answers for a in first), timeout=10)
-        assert all(a.seen is Seen.ANSWERED_DIRECT for a in first), [ledger.describe(a) for a in first]
+        await asyncio.sleep(2 * QUOTA_HINT)  # well past the hint
+        second = await traffic(ledger, world, 8, spacing=0.2, text="still out")
+        await ledger.wait_for(lambda: all(a.answers for a in second), timeout=10)
+        asked = first + second
+        assert all(a.seen is Seen.ANSWERED_DIRECT for a in asked), [ledger.describe(a) for a in asked]
         requests = generate_requests(emulators, started)
         assert {r.outcome for r in requests if r.model == PRIMARY} == {"fault:quota_daily"}
         assert {r.model for r in requests if r.outcome == "ok"} == {FALLBACK}
@@ -453,18 +461,9 @@ async def test_daily_quota_falls_back_to_another_model_then_queues_until_the_res
         asked_again = [r for r in requests if r.model == PRIMARY and r.time > turned]
         assert not asked_again, f"the exhausted model was asked {len(asked_again)} more times"
         assert (await api.breakers())["gemini"] == "closed"
-
-        async with Watch(api) as watch:
-            gemini.faults.clear()  # both models reset in 3 s, and both are exhausted until then
-            gemini.faults.add("quota_daily", duration=3.0, retry_delay="3s")
-            second = await traffic(ledger, world, 8, spacing=0.1, text="all are out")
-            await ledger.wait_for(lambda: all(a.acks for a in second), timeout=10)
-            assert_told_when(second, world, "3 s")
-            assert not any(a.answers for a in second)
-            await settle(ledger, api, timeout=20)
-        assert watch.saw("gemini", "open"), watch.states
+        exhausted = (await api.get("/api/health/external/gemini")).get("exhausted_models", {})
+        assert exhausted.get(PRIMARY, 0) > 60, exhausted  # until midnight, not the hint
         tally = assert_promise_kept(ledger, [api.proc])
-        assert all(a.seen is Seen.ANSWERED_AFTER_QUEUE for a in second), [ledger.describe(a) for a in second]
         assert await api.proc.terminate() == 0
     print(f"quota figures: {tally.as_dict()}")
 

@@ -164,7 +164,10 @@ async def test_kill_9_while_gemini_is_answering_then_restart_answers_every_messa
     gemini.faults.add("latency", value=2.0)
     asked = await ask_everywhere(discord, per_channel=1)
     # One Gemini request per conversation is in flight (later ones wait behind their conversation).
-    await discord.wait_until(lambda: len(gemini.requests) >= len(asked), timeout=5)
+    # (Counting generateContent only: the start-up model check's GET is no answer in flight.)
+    await discord.wait_until(
+        lambda: sum(r.action == "generateContent" for r in gemini.requests) >= len(asked), timeout=5
+    )
     await kill(first, discord)
     assert set(answer_counts(discord, asked).values()) == {0}
 

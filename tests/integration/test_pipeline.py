@@ -97,7 +97,9 @@ async def live_bot(
     config = load_config(environ=environ, env_file=None)
     app = build_application(config, clock=clock)
     with pointed_at(emus.discord):
-        bot = GeminiBot(app, guild_ready_timeout=0.05, drain_interval=0.05)
+        # No start-up model check: these tests count the Gemini requests messages cause (the
+        # check has its own tests in test_gemini_models.py).
+        bot = GeminiBot(app, guild_ready_timeout=0.05, drain_interval=0.05, check_models=False)
         task = asyncio.create_task(bot.start(config.discord_token or ""))
         try:
             async with asyncio.timeout(10):

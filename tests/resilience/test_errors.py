@@ -379,12 +379,52 @@ def test_daily_quota_is_flagged_and_says_when_it_resets() -> None:
     assert verdict.user_message == "Gemini's daily quota is used up; it resets in about 15 h."
 
 
-def test_daily_quota_honours_the_body_hint_when_given() -> None:
-    """When the daily-quota body carries its own RetryInfo, that hint wins over Pacific midnight."""
-    exc = gemini_error(429, details=[quota_failure("RequestsPerDay"), retry_info("3600s")])
+def _violation(quota_id: str, metric: str = "generate_content_free_tier_requests") -> dict[str, Any]:
+    return {
+        "quotaMetric": f"generativelanguage.googleapis.com/{metric}",
+        "quotaId": quota_id,
+        "quotaDimensions": {"location": "global", "model": "gemini-2.0-flash"},
+    }
+
+
+# The shape of a real daily-quota 429 (https://github.com/googleapis/python-genai/issues/2044): the
+# per-day violation beside per-minute ones, and a RetryInfo of 47 s, not the hours to the reset.
+REAL_DAILY_QUOTA_DETAILS = [
+    {
+        "@type": "type.googleapis.com/google.rpc.Help",
+        "links": [{"description": "Learn more about Gemini API quotas",
+                   "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}],
+    },
+    {
+        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+        "violations": [
+            _violation("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+            _violation("GenerateRequestsPerMinutePerProjectPerModel-FreeTier"),
+            _violation(
+                "GenerateContentInputTokensPerModelPerMinute-FreeTier",
+                "generate_content_free_tier_input_token_count",
+            ),
+        ],
+    },
+    retry_info("47s"),
+]
+
+
+def test_a_per_day_violation_wins_over_the_short_retry_hint_beside_it() -> None:
+    """The real API sends "retry in 47s" with a used-up daily quota: the quota still resets at
+    midnight Pacific (15 h away), so that is when to try again, not in 47 s."""
+    exc = gemini_error(429, "You exceeded your current quota", "RESOURCE_EXHAUSTED", REAL_DAILY_QUOTA_DETAILS)
     verdict = classify(exc, now=NOW)
-    assert verdict.category is Category.QUOTA_EXHAUSTED
-    assert verdict.retry_after == 3600.0
+    assert verdict.category is Category.QUOTA_EXHAUSTED and verdict.daily_quota and verdict.retryable
+    assert verdict.retry_after == pytest.approx(15 * 3600.0)
+    assert verdict.user_message == "Gemini's daily quota is used up; it resets in about 15 h."
+
+
+def test_a_retry_hint_past_the_daily_reset_is_still_honoured() -> None:
+    """Ten seconds before midnight a "retry in 47s" is the later of the two: wait for it."""
+    just_before = datetime(2026, 11, 23, 23, 59, 50, tzinfo=PACIFIC).timestamp()
+    exc = gemini_error(429, status="RESOURCE_EXHAUSTED", details=REAL_DAILY_QUOTA_DETAILS)
+    assert classify(exc, now=just_before).retry_after == pytest.approx(47.0)
 
 
 def test_pacific_midnight_across_daylight_saving() -> None:
@@ -419,6 +459,26 @@ def test_user_messages_name_the_failing_service() -> None:
     assert classify(gemini_error(400, "too long: request payload size exceeds the limit")).user_message == (
         "That message is too long for me to answer; please shorten it."
     )
+
+
+def test_a_gemini_404_tells_the_user_the_model_is_gone_and_is_permanent() -> None:
+    """The real 404 for an unknown or retired model: not retryable, and the sentence says it is the
+    model, not a channel or a message (Discord's 404 keeps its own sentence)."""
+    exc = gemini_error(
+        404,
+        "models/gemini-1.5-flash is not found for API version v1, or is not supported for "
+        "generateContent. Call ListModels to see the list of available models and their supported methods.",
+        "NOT_FOUND",
+    )
+    verdict = classify(exc)
+    assert (verdict.category, verdict.retryable, verdict.code) == (Category.NOT_FOUND, False, 404)
+    assert verdict.user_message == (
+        "The Gemini model I'm set up to use doesn't exist (unknown or retired), so I can't answer; "
+        "an admin needs to change my settings."
+    )
+    unknown_message = {"code": 10008, "message": "Unknown Message"}
+    discord_404 = classify(discord_error(discord.NotFound, 404, unknown_message))
+    assert "model" not in discord_404.user_message.lower()
 
 
 def test_every_category_has_a_plain_sentence() -> None:

@@ -198,7 +198,7 @@ async def test_gemini_fault_commands_schedule_faults_the_emulator_applies(emulat
     statuses = []
     async with aiohttp.ClientSession() as s:
         for _ in range(3):
-            async with s.post(f"{gemini.base_url}/v1beta/models/gemini-y:generateContent",
+            async with s.post(f"{gemini.base_url}/v1beta/models/gemini-2.5-flash:generateContent",
                               json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
                               headers={"x-goog-api-key": gemini.api_key}) as resp:
                 statuses.append(resp.status)
@@ -305,7 +305,7 @@ async def test_sandbox_run_prints_the_bot_settings_and_stops_on_request(tmp_path
     written = env_file.read_text()
     base = next(line for line in written.splitlines() if line.startswith("GEMINI_BASE_URL="))
     async with aiohttp.ClientSession() as s, s.post(
-            base.split("=", 1)[1] + "/v1/models/m:generateContent", json={"contents": []},
+            base.split("=", 1)[1] + "/v1/models/gemini-2.5-flash:generateContent", json={"contents": []},
             headers={"x-goog-api-key": "sandbox-key"}) as resp:
         assert resp.status == 200
     stop.set()
@@ -359,7 +359,8 @@ async def test_console_shows_a_real_bots_gemini_answers_and_injected_faults():
                 return
             prompt = message.content.replace(bot.user.mention, "").strip()
             try:
-                answer = (await gemini.aio.models.generate_content(model="m", contents=prompt)).text
+                reply = await gemini.aio.models.generate_content(model="gemini-2.5-flash", contents=prompt)
+                answer = reply.text
             except errors.APIError as exc:
                 answer = f"Gemini failed: {exc.code}"
             await message.reply(answer or "(no answer)", allowed_mentions=discord.AllowedMentions.none())
@@ -398,13 +399,13 @@ async def test_log_shows_recent_requests_with_outcomes(emulators):
     console = make_console(emulators)
     await console.handle(":fault gemini 503 next 1")
     async with aiohttp.ClientSession() as s, s.post(
-            f"{gemini.base_url}/v1/models/gemini-z:generateContent", json={"contents": []},
+            f"{gemini.base_url}/v1/models/gemini-2.5-pro:generateContent", json={"contents": []},
             headers={"x-goog-api-key": gemini.api_key}) as resp:
         assert resp.status == 503
     await bot_rest(discord, "POST", f"/channels/{discord.channels['general']}/typing")
     await console.handle(":log 1")
     lines = output(console).splitlines()[-2:]
-    assert lines[0] == "  gemini  POST gemini-z:generateContent -> fault:503"
+    assert lines[0] == "  gemini  POST gemini-2.5-pro:generateContent -> fault:503"
     assert lines[1].startswith("  discord POST typing -> 20")
 
 

@@ -157,8 +157,8 @@ async def test_stream_last_chunk_carries_finish_reason_and_usage(client):
 
 
 async def test_embed_content_returns_one_deterministic_vector_per_text(emu, client):
-    a = await client.aio.models.embed_content(model="text-embedding-004", contents=["alpha", "beta"])
-    b = await client.aio.models.embed_content(model="text-embedding-004", contents=["alpha"])
+    a = await client.aio.models.embed_content(model="gemini-embedding-001", contents=["alpha", "beta"])
+    b = await client.aio.models.embed_content(model="gemini-embedding-001", contents=["alpha"])
     assert len(a.embeddings) == 2 and len(a.embeddings[0].values) == 8
     assert a.embeddings[0].values == b.embeddings[0].values != a.embeddings[1].values
     assert emu.requests[-1].action == "batchEmbedContents"
@@ -196,6 +196,76 @@ async def test_unknown_method_gets_404(emu):
         assert (await resp.json())["error"]["status"] == "NOT_FOUND"
 
 
+# models: only the ones the emulator knows, like the real API
+
+
+async def test_an_unknown_or_retired_model_is_404_not_found_with_the_real_sentence(emu, client):
+    with pytest.raises(errors.ClientError) as info:
+        await client.aio.models.generate_content(model="gemini-1.5-flash", contents="hi")
+    assert (info.value.code, info.value.status) == (404, "NOT_FOUND")
+    assert info.value.message == (
+        "models/gemini-1.5-flash is not found for API version v1, or is not supported for generateContent. "
+        "Call ListModels to see the list of available models and their supported methods.")
+    assert "details" not in info.value.details["error"]
+    with pytest.raises(errors.ClientError) as streamed:
+        await stream_texts(client, "hi", model="gemini-1.5-flash")
+    assert streamed.value.code == 404
+    assert [r.outcome for r in emu.requests] == ["not_found", "not_found"]
+
+
+async def test_models_get_of_an_unknown_model_is_404(emu, client):
+    with pytest.raises(errors.ClientError) as info:
+        await client.aio.models.get(model="gemini-1.5-flash")
+    assert (info.value.code, info.value.status) == (404, "NOT_FOUND")
+    assert info.value.message == "Model is not found: models/gemini-1.5-flash for api version v1"
+    assert (emu.requests[-1].action, emu.requests[-1].outcome) == ("get", "not_found")
+
+
+async def test_latest_aliases_exist_on_v1beta_only(emu, client):
+    """The SDK's default API version is v1, where "-latest" names are unknown; v1beta serves them."""
+    with pytest.raises(errors.ClientError) as info:
+        await client.aio.models.generate_content(model="gemini-flash-latest", contents="hello")
+    assert info.value.code == 404 and "for API version v1," in info.value.message
+    assert emu.requests[-1].api_version == "v1"
+    beta = make_client(emu, version="v1beta")
+    try:
+        r = await beta.aio.models.generate_content(model="gemini-flash-latest", contents="hello")
+        listed = [m.name async for m in await beta.aio.models.list()]
+        got = await beta.aio.models.get(model="gemini-flash-latest")
+    finally:
+        await beta.aio.aclose()
+    assert r.text and r.model_version == "gemini-2.5-flash" + "-sandbox"
+    assert "models/gemini-flash-latest" in listed and got.name == "models/gemini-flash-latest"
+    assert "models/gemini-flash-latest" not in [m.name async for m in await client.aio.models.list()]
+
+
+async def test_a_model_answers_only_the_methods_it_supports(emu, client):
+    with pytest.raises(errors.ClientError) as info:
+        await client.aio.models.generate_content(model="gemini-embedding-001", contents="hi")
+    assert info.value.code == 404
+    with pytest.raises(errors.ClientError):
+        await client.aio.models.embed_content(model=MODEL, contents=["alpha"])
+
+
+async def test_the_model_list_is_configurable(emu, client):
+    emu.models = {"custom-model"}
+    assert (await client.aio.models.generate_content(model="custom-model", contents="hello")).text
+    with pytest.raises(errors.ClientError) as info:
+        await client.aio.models.generate_content(model=MODEL, contents="hello")
+    assert info.value.code == 404
+    assert [m.name async for m in await client.aio.models.list()] == ["models/custom-model"]
+
+
+async def test_a_wrong_key_is_refused_before_the_model_is_looked_up(emu):
+    bad = make_client(emu, key="not-the-key")
+    try:
+        with pytest.raises(errors.ClientError) as info:
+            await bad.aio.models.generate_content(model="gemini-1.5-flash", contents="hi")
+    finally:
+        await bad.aio.aclose()
+    assert info.value.code == 400 and emu.requests[-1].outcome == "invalid_key"
+
+
 # faults -> what the SDK raises or returns
 
 
@@ -210,14 +280,31 @@ async def test_429_is_client_error_with_retry_info_and_per_minute_quota(emu, cli
     assert emu.requests[-1].outcome == "fault:429"
 
 
-async def test_daily_quota_is_429_with_a_per_day_quota_failure(emu, client):
+async def test_daily_quota_is_429_with_a_per_day_quota_failure_and_a_short_retry_hint(emu, client):
+    """Like the real API, a used-up daily quota still says "retry in 22s" (not the time to the reset)."""
     emu.faults.add("quota_daily", count=1)
     with pytest.raises(errors.ClientError) as info:
         await client.aio.models.generate_content(model=MODEL, contents="hi")
-    assert info.value.code == 429
+    assert (info.value.code, info.value.status) == (429, "RESOURCE_EXHAUSTED")
     violation = detail(info.value, "QuotaFailure")["violations"][0]
     assert violation["quotaId"] == "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
     assert violation["quotaDimensions"]["model"] == MODEL
+    assert detail(info.value, "RetryInfo")["retryDelay"] == "22s"
+    assert "Please retry in 22s" in info.value.message
+
+
+async def test_daily_quota_hint_and_limit_can_be_set_or_the_hint_left_out(emu, client):
+    emu.faults.add("quota_daily", count=1, retry_delay="47s", limit=0)
+    emu.faults.add("quota_daily", count=1, retry_delay="none")
+    with pytest.raises(errors.ClientError) as first:
+        await client.aio.models.generate_content(model=MODEL, contents="hi")
+    assert detail(first.value, "RetryInfo")["retryDelay"] == "47s"
+    assert detail(first.value, "QuotaFailure")["violations"][0]["quotaValue"] == "0"
+    assert "limit: 0," in first.value.message
+    with pytest.raises(errors.ClientError) as second:
+        await client.aio.models.generate_content(model=MODEL, contents="hi")
+    types_sent = [d["@type"] for d in second.value.details["error"]["details"]]
+    assert not [t for t in types_sent if t.endswith("RetryInfo")]
 
 
 @pytest.mark.parametrize(("kind", "status"), [("500", "INTERNAL"), ("503", "UNAVAILABLE"),
@@ -336,11 +423,11 @@ def test_latency_distribution_draws_are_seeded_and_in_range():
 
 
 async def test_fault_hits_only_its_target_model(emu, client):
-    emu.faults.add("503", target="gemini-a")
-    r = await client.aio.models.generate_content(model="gemini-b", contents="hello")
+    emu.faults.add("503", target="gemini-2.5-pro")
+    r = await client.aio.models.generate_content(model="gemini-2.5-flash", contents="hello")
     assert r.text
     with pytest.raises(errors.ServerError):
-        await client.aio.models.generate_content(model="gemini-a", contents="hello")
+        await client.aio.models.generate_content(model="gemini-2.5-pro", contents="hello")
 
 
 async def test_count_schedule_fails_exactly_the_next_n_requests(emu, client):
@@ -495,7 +582,7 @@ async def test_max_tokens_fault_is_a_candidate_without_text(emu, client):
 
 
 async def test_request_log_keeps_only_the_newest_entries():
-    async with GeminiEmulator(max_requests=3) as emu:
+    async with GeminiEmulator(max_requests=3, models=[f"m{n}" for n in range(5)]) as emu:
         async with aiohttp.ClientSession() as s:
             for n in range(5):
                 async with s.post(f"{emu.base_url}/v1/models/m{n}:generateContent", json={"contents": []},

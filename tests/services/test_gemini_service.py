@@ -11,6 +11,7 @@ import asyncio
 import functools
 import gc
 import random
+import socket
 import ssl
 import time
 import warnings
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from google.genai import errors, types
+from structlog.testing import capture_logs
 
 from resilience.breakers import Breaker, BreakerState
 from resilience.clock import FakeClock
@@ -33,13 +35,16 @@ from resilience.retries import RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from sandbox.gemini import GeminiEmulator
 from services.gemini import (
+    MISSING_MODEL_RECHECK_SECONDS,
     USER_MESSAGES,
     GeminiService,
     GeminiStoppedError,
+    ModelNotFoundError,
     QuotaExhaustedError,
     Reply,
     ReplyKind,
     build_contents,
+    check_configured_models,
     to_reply,
 )
 from services.metrics import Metrics
@@ -80,6 +85,7 @@ class Harness:
         timeout: float = 2.0,
         key: str = "sandbox-key",
         metrics: Metrics | None = None,
+        model: str = MODEL,
     ) -> GeminiService:
         breaker = Breaker("gemini", self.clock, fail_max=fail_max, reset_timeout=30.0)
         retry = RetryPolicy(
@@ -93,7 +99,7 @@ class Harness:
         )
         service = GeminiService(
             api_key=key,
-            model=MODEL,
+            model=model,
             fallback_models=fallback,
             base_url=self.emu.base_url,
             persona=PERSONA,
@@ -297,32 +303,39 @@ async def test_daily_quota_forces_the_breaker_open_until_the_reset_and_later_cal
     assert service.breaker.state is BreakerState.CLOSED
 
 
-async def test_daily_quota_on_the_primary_is_answered_by_the_fallback_then_the_primary_is_skipped(
+async def test_daily_quota_on_the_primary_is_answered_by_the_fallback_and_the_primary_waits_for_midnight(
     emu, harness
 ):
+    """The real 429 says "retry in 22s" beside its per-day violation: the bot keeps answering from
+    the fallback long after those 22 s, and asks the primary again only once its quota has reset at
+    midnight Pacific."""
     service = await harness.service(fallback=[FALLBACK])
-    emu.faults.add("quota_daily", target=MODEL, retry_delay="7200s")
+    emu.faults.add("quota_daily", target=MODEL)  # the emulator's default: RetryInfo "22s"
+    to_reset = seconds_until_pacific_midnight(harness.clock.time())
     first = await service.generate("hello")
     assert first.ok and first.model == FALLBACK
     assert (generate_requests(emu, MODEL), generate_requests(emu, FALLBACK)) == (1, 1)
     assert service.breaker.state is BreakerState.CLOSED and service.breaker.failures == 0
     assert harness.clock.sleeps == []
 
-    second = await service.generate("hello")  # the fallback's success did not hide the exhaustion
-    assert second.model == FALLBACK
-    assert (generate_requests(emu, MODEL), generate_requests(emu, FALLBACK)) == (1, 2)
-    assert service.health()["exhausted_models"] == {MODEL: 7200.0}
+    for _ in range(3):  # each a minute later: well past the 22 s hint
+        harness.clock.advance(60)
+        later = await service.generate("hello")
+        assert later.ok and later.model == FALLBACK
+    assert (generate_requests(emu, MODEL), generate_requests(emu, FALLBACK)) == (1, 4)
+    assert service.health()["exhausted_models"] == {MODEL: pytest.approx(to_reset - 180)}
 
     emu.faults.clear()
-    harness.clock.advance(7200)
+    harness.clock.advance(to_reset - 180)
     assert (await service.generate("hello")).model == MODEL  # back to the primary after its reset
+    assert generate_requests(emu, MODEL) == 2
 
 
 async def test_a_503_on_the_fallback_is_retried_on_the_fallback_without_asking_the_exhausted_primary(
     emu, harness
 ):
     service = await harness.service(fallback=[FALLBACK])
-    emu.faults.add("quota_daily", target=MODEL, retry_delay="7200s")
+    emu.faults.add("quota_daily", target=MODEL)
     emu.faults.add("503", target=FALLBACK, count=1)
     reply = await service.generate("hello")
     assert reply.ok and reply.model == FALLBACK
@@ -330,27 +343,139 @@ async def test_a_503_on_the_fallback_is_retried_on_the_fallback_without_asking_t
     assert len(harness.clock.sleeps) == 1
 
 
-async def test_daily_quota_on_every_model_opens_the_breaker_until_the_first_reset(emu, harness):
+async def test_daily_quota_on_every_model_holds_the_breaker_open_until_midnight_not_the_hint(emu, harness):
+    """Both models' daily quotas are used up (each 429 saying "retry in 22s"): the breaker stays open
+    until the quotas reset at midnight Pacific, and no model is asked again before then."""
     service = await harness.service(fallback=[FALLBACK])
-    emu.faults.add("quota_daily", target=MODEL, retry_delay="7200s")
-    emu.faults.add("quota_daily", target=FALLBACK, retry_delay="3600s")
+    emu.faults.add("quota_daily")
+    to_reset = seconds_until_pacific_midnight(harness.clock.time())
     with pytest.raises(QuotaExhaustedError) as info:
         await service.generate("hello")
-    assert info.value.remaining == 3600.0
-    assert service.breaker.remaining_open() == 3600.0
+    assert info.value.remaining == pytest.approx(to_reset)
+    assert service.breaker.remaining_open() == pytest.approx(to_reset)
     assert generate_requests(emu) == 2 and harness.clock.sleeps == []
-    assert classify(info.value).retry_after == 3600.0
+    assert classify(info.value).retry_after == pytest.approx(to_reset)
+
+    harness.clock.advance(60)
+    with pytest.raises(QuotaExhaustedError):
+        await service.generate("hello")
+    assert generate_requests(emu) == 2  # rejected by the breaker: nobody asked
 
 
 async def test_an_operator_reset_of_the_breaker_lets_calls_try_the_exhausted_models_again(emu, harness):
     service = await harness.service(fallback=[FALLBACK])
-    emu.faults.add("quota_daily", target="*", count=2, retry_delay="3600s")
+    emu.faults.add("quota_daily", target="*", count=2)
     with pytest.raises(QuotaExhaustedError):
         await service.generate("hello")
     service.breaker.reset()
     reply = await service.generate("hello")
     assert reply.ok and reply.model == MODEL
     assert generate_requests(emu) == 3
+
+
+# models Gemini does not have
+
+
+RETIRED = "gemini-1.5-flash"  # retired by Google; the emulator answers it 404 NOT_FOUND, like the real API
+
+
+async def test_a_404_model_moves_to_the_fallback_is_remembered_and_never_counts_against_the_breaker(
+    emu, harness
+):
+    service = await harness.service(model=RETIRED, fallback=[FALLBACK], fail_max=2)
+    with capture_logs() as logs:
+        for _ in range(4):
+            reply = await service.generate("hello")
+            assert reply.ok and reply.model == FALLBACK
+    assert (generate_requests(emu, RETIRED), generate_requests(emu, FALLBACK)) == (1, 4)
+    assert service.breaker.state is BreakerState.CLOSED and service.breaker.failures == 0
+    assert harness.clock.sleeps == []
+    assert service.health()["missing_models"] == {RETIRED: MISSING_MODEL_RECHECK_SECONDS}
+    [line] = [e for e in logs if e["event"] == "gemini.model_not_found"]
+    assert (line["log_level"], line["model"], line["setting"], line["next_model"]) == (
+        "error", RETIRED, "GEMINI_MODEL", FALLBACK)
+    assert RETIRED in line["detail"] and "v1" in line["detail"]
+
+    harness.clock.advance(MISSING_MODEL_RECHECK_SECONDS)  # asked again after a while, still missing
+    assert (await service.generate("hello")).model == FALLBACK
+    assert generate_requests(emu, RETIRED) == 2
+
+
+async def test_a_model_that_comes_back_is_used_again_after_the_recheck_interval(emu, harness):
+    emu.models.discard(FALLBACK)
+    service = await harness.service(model=FALLBACK, fallback=[MODEL])
+    assert (await service.generate("hello")).model == MODEL
+    emu.models.add(FALLBACK)
+    assert (await service.generate("hello")).model == MODEL  # still remembered as missing
+    harness.clock.advance(MISSING_MODEL_RECHECK_SECONDS)
+    assert (await service.generate("hello")).model == FALLBACK
+
+
+async def test_when_no_configured_model_exists_the_error_is_permanent_and_the_breaker_stays_closed(
+    emu, harness
+):
+    """Every model 404: a permanent NOT_FOUND with a sentence for the user (never queued), one log
+    line naming the models, one request per model, and the breaker closed for everyone."""
+    service = await harness.service(model=RETIRED, fallback=["gemini-pro-latest"], fail_max=2)
+    with capture_logs() as logs:
+        for _ in range(5):
+            with pytest.raises(ModelNotFoundError) as info:
+                await service.generate("hello")
+            verdict = classify(info.value)
+            assert verdict.category is Category.NOT_FOUND and not verdict.retryable
+            assert "Gemini model I'm set up to use doesn't exist" in verdict.user_message
+            assert info.value.models == (RETIRED, "gemini-pro-latest")
+    assert (generate_requests(emu, RETIRED), generate_requests(emu, "gemini-pro-latest")) == (1, 1)
+    assert service.breaker.state is BreakerState.CLOSED and service.breaker.failures == 0
+    assert harness.clock.sleeps == []  # a 404 is not retried
+    [gone] = [e for e in logs if e["event"] == "gemini.no_model_available"]
+    assert gone["missing"] == [RETIRED, "gemini-pro-latest"] and gone["log_level"] == "error"
+    not_found = {e["model"]: e for e in logs if e["event"] == "gemini.model_not_found"}
+    alias = not_found["gemini-pro-latest"]
+    assert "v1beta only" in alias["detail"]
+
+
+async def test_a_missing_primary_and_a_fallback_out_of_quota_hold_the_breaker_for_the_quota(emu, harness):
+    service = await harness.service(model=RETIRED, fallback=[FALLBACK])
+    emu.faults.add("quota_daily", target=FALLBACK)
+    with pytest.raises(QuotaExhaustedError) as info:
+        await service.generate("hello")
+    assert info.value.remaining == pytest.approx(seconds_until_pacific_midnight(harness.clock.time()))
+    assert service.breaker.snapshot().forced_reason == "daily quota exhausted"
+    assert (generate_requests(emu, RETIRED), generate_requests(emu, FALLBACK)) == (1, 1)
+
+
+async def test_check_models_asks_once_per_model_and_tells_missing_from_unreachable(emu, harness):
+    service = await harness.service(fallback=[RETIRED, "gemini-flash-latest", "gemini-embedding-001"])
+    with capture_logs() as logs:
+        results = await service.check_models()
+    assert [(r.model, r.status) for r in results] == [
+        (MODEL, "ok"), (RETIRED, "missing"), ("gemini-flash-latest", "missing"),
+        ("gemini-embedding-001", "missing")]
+    assert "v1beta only" in results[2].detail and "cannot generate content" in results[3].detail
+    assert [r.action for r in emu.requests] == ["get"] * 4
+    warned = [e["model"] for e in logs if e["event"] == "gemini.model_missing"]
+    assert warned == [RETIRED, "gemini-flash-latest", "gemini-embedding-001"]
+    assert {e["log_level"] for e in logs} == {"warning"}
+
+
+async def test_check_models_says_could_not_check_when_gemini_hangs_or_is_unreachable(emu, harness):
+    service = await harness.service(fallback=[FALLBACK])
+    emu.faults.add("hang")
+    started = time.perf_counter()
+    with capture_logs() as logs:
+        hung = await service.check_models(within=0.2)
+    assert time.perf_counter() - started < 1.5
+    assert [(r.model, r.status) for r in hung] == [(MODEL, "unchecked"), (FALLBACK, "unchecked")]
+    assert "within 0.2 s" in hung[0].detail
+    assert [e["event"] for e in logs] == ["gemini.models_unchecked"]
+
+    with socket.socket() as probe:  # bound, never listening: the connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        refused = await check_configured_models("sandbox-key", f"http://127.0.0.1:{port}", [MODEL], within=5)
+    assert [(r.model, r.status) for r in refused] == [(MODEL, "unchecked")]
+    assert "connection" in refused[0].detail
 
 
 # breaker
