@@ -46,7 +46,16 @@ Gateway fault kinds, checked when a session goes live and before each dispatch: 
 (``code=4000``), ``"disconnect"`` (TCP cut without a close frame), ``"reconnect"`` (op 7),
 ``"invalid_session"`` (op 9, ``resumable=False``) and
 ``"silent"`` (no more heartbeat ACKs or dispatches on that connection, so the client times out
-and RESUMEs). Events are buffered per session, so a RESUME replays what the client missed.
+and RESUMEs); ``"unavailable"`` is checked when a client opens a gateway connection instead: the
+upgrade is refused with a 503 (an outage), so the client stays away while the fault lasts.
+
+Sessions, like Discord's: events are buffered per session, so a RESUME replays what the client
+missed, but only for ``session_lifetime`` seconds (default 180) after its connection dropped.
+Discord keeps a dropped session "active" and lets it "timeout after a few minutes", and a RESUME
+that comes too late gets op 9 Invalid Session with ``d: false``: nothing is replayed and the client
+must IDENTIFY afresh (discord-api-docs ``docs/topics/Gateway.md``, "Initiating a Disconnect" and
+"Resuming"; Discord publishes no exact figure). What happened meanwhile is lost to that session.
+A client that closes with 1000 or 1001 ends its session at once (same page).
 """
 
 from __future__ import annotations
@@ -74,11 +83,19 @@ from sandbox.discord_state import (
 from sandbox.faults import Fault, FaultPlan
 
 REST_FAULT_KINDS = frozenset({"500", "502", "503", "504", "error", "429", "latency", "drop"})
-GATEWAY_FAULT_KINDS = frozenset({"close", "disconnect", "reconnect", "invalid_session", "silent"})
+# Faults that disturb a live gateway connection (checked before each dispatch) ...
+GATEWAY_DISTURBANCES = frozenset({"close", "disconnect", "reconnect", "invalid_session", "silent"})
+# ... and every gateway fault, "unavailable" (refuses new connections) included.
+GATEWAY_FAULT_KINDS = GATEWAY_DISTURBANCES | {"unavailable"}
 EPHEMERAL = 1 << 6
 _HTTP_STATUSES = frozenset(s.value for s in HTTPStatus)
 WAIT_POLL_SECONDS = 0.05
 NONCE_WINDOW_SECONDS = 300.0  # Discord checks enforce_nonce "in the past few minutes"
+# How long a dropped gateway session can be resumed: Discord says "a few minutes" (see the module
+# docstring) without a figure; three minutes is that, and short enough to be met in a rehearsal.
+SESSION_LIFETIME_SECONDS = 180.0
+# Close codes with which a client ends its session for good (Gateway.md, "Initiating a Disconnect").
+SESSION_ENDING_CLOSE_CODES = frozenset({1000, 1001})
 
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_RECONNECT, OP_REQUEST_MEMBERS, OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 7, 8, 9, 10, 11
@@ -191,7 +208,7 @@ class InteractionRecord:
 
 
 class _Session:
-    """A gateway session: survives disconnects so a RESUME can replay what was missed."""
+    """A gateway session: survives a disconnect for a while, so a RESUME can replay what was missed."""
 
     def __init__(self, session_id: str, intents: int, buffer_size: int) -> None:
         self.id = session_id
@@ -199,9 +216,14 @@ class _Session:
         self.seq = 0
         self.buffer: deque[dict[str, Any]] = deque(maxlen=buffer_size)
         self.conn: _Connection | None = None
+        self.detached_at: float | None = None  # monotonic time its connection dropped
 
     def can_replay_after(self, seq: int) -> bool:
         return not self.buffer or self.buffer[0]["s"] <= seq + 1
+
+    def expired(self, now: float, lifetime: float) -> bool:
+        """Dropped longer ago than ``lifetime``: Discord no longer knows it."""
+        return self.conn is None and self.detached_at is not None and now - self.detached_at >= lifetime
 
 
 class _Connection:
@@ -214,6 +236,7 @@ class _Connection:
         self.silent = False
         self.lock = asyncio.Lock()
         self.heartbeats = 0
+        self.closed_by_server = False
 
     async def send(self, *payloads: dict[str, Any]) -> None:
         """Send frames back to back: nothing else interleaves (a replay stays contiguous)."""
@@ -225,12 +248,14 @@ class _Connection:
                     await self.ws.send_str(json.dumps(payload))
 
     async def close(self, code: int) -> None:
+        self.closed_by_server = True
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.close(code=code, message=b"emulator close")
 
     def cut(self) -> None:
         """Drop the TCP connection without a close frame, like a network failure."""
         self.silent = True
+        self.closed_by_server = True
         if self.transport is not None:
             self.transport.close()
 
@@ -248,7 +273,7 @@ class DiscordEmulator:
       subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE).
     - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
       ``invalidate_session()``, ``set_silent(bool)``, ``connected``, ``identify_count``,
-      ``resume_count``.
+      ``resume_count``, ``session_lifetime``, ``live_sessions``, ``expired_sessions``.
     - recording: ``requests``, ``sent_messages(channel_id)``, ``history(channel_id)``,
       ``interaction_log(id)``, ``commands``, ``typing``, ``reactions(message_id)``.
     - waiting: ``wait_for_bot_message(channel_id, count, timeout)``, ``wait_until(pred, timeout)``,
@@ -267,6 +292,7 @@ class DiscordEmulator:
         echo_bot_messages: bool = True,
         interaction_deadline: float = 3.0,
         max_recorded_requests: int = 10_000,
+        session_lifetime: float = SESSION_LIFETIME_SECONDS,
     ) -> None:
         self.token = token
         self.host = host
@@ -276,6 +302,7 @@ class DiscordEmulator:
         self.buffer_size = buffer_size
         self.echo_bot_messages = echo_bot_messages
         self.interaction_deadline = interaction_deadline
+        self.session_lifetime = session_lifetime
         self.world = World()
         # bounded: a long sandbox or chaos session must not grow without limit
         self.requests: deque[RecordedRequest] = deque(maxlen=max_recorded_requests)
@@ -283,6 +310,7 @@ class DiscordEmulator:
         self.typing: list[int] = []  # channel ids, one per typing request
         self.identify_count = 0
         self.resume_count = 0
+        self.expired_sessions = 0  # sessions forgotten because nobody resumed them in time
         self._sent: dict[int, list[SentMessage]] = {}
         self._sent_by_id: dict[int, SentMessage] = {}
         self._sent_log: list[SentMessage] = []  # every channel message, in the order created
@@ -373,6 +401,12 @@ class DiscordEmulator:
     def connected(self) -> bool:
         """True while a client holds a live (identified or resumed) gateway connection."""
         return any(s.conn is not None for s in self._sessions.values())
+
+    @property
+    def live_sessions(self) -> int:
+        """Sessions a client holds or could still RESUME (expired ones are forgotten first)."""
+        self._expire_sessions()
+        return len(self._sessions)
 
     # --- recording ---------------------------------------------------------------------------
 
@@ -588,7 +622,10 @@ class DiscordEmulator:
 
     # --- gateway ----------------------------------------------------------------------------------
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.pick("gateway", kinds=("unavailable",)) is not None:
+            # An outage in front of the gateway: the upgrade is refused, the client backs off.
+            return web.Response(status=503, text=_ERROR_BODIES[503][1], content_type="text/plain")
         ws = web.WebSocketResponse(max_msg_size=0, timeout=2.0, autoping=True)
         await ws.prepare(request)
         conn = _Connection(ws, request.transport)
@@ -607,8 +644,12 @@ class DiscordEmulator:
                 await self._gateway_op(conn, payload)
         finally:
             self._connections.discard(conn)
-            if conn.session is not None and conn.session.conn is conn:
-                conn.session.conn = None
+            session = conn.session
+            if session is not None and session.conn is conn:
+                session.conn = None
+                session.detached_at = time.monotonic()
+                if not conn.closed_by_server and ws.close_code in SESSION_ENDING_CLOSE_CODES:
+                    self._sessions.pop(session.id, None)  # the client ended it: nothing to resume
             await self._notify()
         return ws
 
@@ -655,6 +696,7 @@ class DiscordEmulator:
         await self._gateway_fault(conn)
 
     async def _resume(self, conn: _Connection, data: dict[str, Any]) -> None:
+        self._expire_sessions()  # too late for an expired one: op 9, nothing replayed
         session = self._sessions.get(str(data.get("session_id")))
         seq = data.get("seq") or 0
         if data.get("token") != self.token:
@@ -681,8 +723,16 @@ class DiscordEmulator:
             conn.session = None
         await conn.send({"op": OP_INVALID_SESSION, "d": resumable})
 
+    def _expire_sessions(self) -> None:
+        """Forget sessions dropped longer than ``session_lifetime`` ago, with what they buffered."""
+        now = time.monotonic()
+        for sid in [sid for sid, s in self._sessions.items() if s.expired(now, self.session_lifetime)]:
+            del self._sessions[sid]
+            self.expired_sessions += 1
+
     async def _dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send an event to every session (buffered for replay even when nobody is attached)."""
+        """Send an event to every session (buffered for replay while a dropped one can be resumed)."""
+        self._expire_sessions()
         for session in list(self._sessions.values()):
             await self._emit(session, event, self._visible(session, event, data))
 
@@ -708,7 +758,7 @@ class DiscordEmulator:
 
     async def _gateway_fault(self, conn: _Connection) -> bool:
         """Apply the next gateway fault to ``conn``, if any; True when the connection is disturbed."""
-        fault = self.faults.pick("gateway", kinds=GATEWAY_FAULT_KINDS)
+        fault = self.faults.pick("gateway", kinds=GATEWAY_DISTURBANCES)
         if fault is None:
             return False
         # Whatever the fault, nothing more goes out on this connection: an event sent after the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -122,7 +123,10 @@ class World:
     gives it to a team, as ``GET /oauth2/applications/@me`` reports.
     """
 
-    def __init__(self, *, bot_name: str = "gembot") -> None:
+    def __init__(self, *, bot_name: str = "gembot", clock: Callable[[], float] = time.time) -> None:
+        # The world's wall clock (seconds since the epoch): message ids and timestamps carry it.
+        # Tests may set another, to play messages sent an hour ago (real Discord cannot backdate).
+        self.clock = clock
         self._counter = itertools.count()
         self.application_id = self.snowflake()
         self.guild_id = self.snowflake()
@@ -178,7 +182,7 @@ class World:
 
     def snowflake(self) -> int:
         """A fresh id whose timestamp part is now, like Discord's."""
-        ms = int(time.time() * 1000) - DISCORD_EPOCH_MS
+        ms = int(self.clock() * 1000) - DISCORD_EPOCH_MS
         return (ms << 22) | (next(self._counter) & 0x3FFFFF)
 
     def _add_user(
@@ -437,7 +441,7 @@ class World:
             "channel_id": str(channel_id),
             "author": author.payload(),
             "content": content,
-            "timestamp": now_iso(),
+            "timestamp": datetime.fromtimestamp(self.clock(), UTC).isoformat(),
             "edited_timestamp": None,
             "tts": False,
             "mention_everyone": False,

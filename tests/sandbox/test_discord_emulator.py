@@ -11,7 +11,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -435,6 +435,7 @@ async def test_resume_replays_only_missed_events_and_fails_beyond_the_buffer() -
             assert (ready["t"], ready["s"], guild["t"], guild["s"]) == ("READY", 1, "GUILD_CREATE", 2)
             session_id = ready["d"]["session_id"]
             assert ready["d"]["resume_gateway_url"] == emu.gateway_url
+            await ws.close(code=4000)  # not 1000/1001, which would end the session (Discord's rule)
         await emu.wait_until(lambda: not emu.connected)
         for n in range(2):
             await emu.send_user_message(emu.channels["general"], content=f"missed {n}")
@@ -446,6 +447,7 @@ async def test_resume_replays_only_missed_events_and_fails_beyond_the_buffer() -
                 frames = [await ws.receive_json(timeout=2)]
                 while frames[-1].get("t") not in ("RESUMED", None):
                     frames.append(await ws.receive_json(timeout=2))
+                await ws.close(code=4000)  # keep the session resumable
                 return frames
 
         frames = await resume(2)
@@ -627,3 +629,134 @@ async def test_a_resend_with_the_same_enforced_nonce_returns_the_first_message(e
     assert again.id == first.id and other.id != first.id
     assert [m.id for m in emu.sent_messages(general)] == [first.id, other.id]
     assert emu.sent_messages(general)[0].payload["nonce"] == "item-7-0"
+
+
+# -- gateway sessions expire (Discord: a dropped session times out "after a few minutes") ---------
+
+
+async def raw_identify(http: aiohttp.ClientSession, emu: DiscordEmulator) -> tuple[str, int]:
+    """IDENTIFY on a raw connection, read READY and the GUILD_CREATE, close without a close frame
+    of our own (the emulator cuts the TCP); returns the session id and the last sequence number."""
+    async with http.ws_connect(emu.gateway_url) as ws:
+        await ws.receive_json(timeout=2)  # HELLO
+        await ws.send_json({"op": 2, "d": {"token": emu.token, "intents": 0, "properties": {}}})
+        ready = await ws.receive_json(timeout=2)
+        guild = await ws.receive_json(timeout=2)
+        emu.cut_gateway()  # a network failure: the session stays resumable for a while
+    await emu.wait_until(lambda: not emu.connected)
+    return ready["d"]["session_id"], guild["s"]
+
+
+async def raw_resume(
+    http: aiohttp.ClientSession, emu: DiscordEmulator, session_id: str, seq: int
+) -> list[Any]:
+    """RESUME on a new raw connection; the frames up to RESUMED or op 9."""
+    async with http.ws_connect(emu.gateway_url) as ws:
+        await ws.receive_json(timeout=2)  # HELLO
+        await ws.send_json({"op": 6, "d": {"token": emu.token, "session_id": session_id, "seq": seq}})
+        frames = [await ws.receive_json(timeout=2)]
+        while frames[-1].get("t") not in ("RESUMED", None):
+            frames.append(await ws.receive_json(timeout=2))
+        return frames
+
+
+async def test_a_resume_within_the_session_lifetime_replays_what_was_missed() -> None:
+    """Within ``session_lifetime`` of the drop, a RESUME replays the missed MESSAGE_CREATE."""
+    emulator = DiscordEmulator(heartbeat_interval=10.0, session_lifetime=30.0)
+    async with emulator as emu, aiohttp.ClientSession() as http:
+        session_id, seq = await raw_identify(http, emu)
+        await emu.send_user_message(emu.channels["general"], content="while away")
+        frames = await raw_resume(http, emu, session_id, seq)
+    assert [f["t"] for f in frames] == ["MESSAGE_CREATE", "RESUMED"]
+    assert emu.expired_sessions == 0
+
+
+async def test_a_resume_after_the_session_expired_gets_op9_and_nothing_is_replayed() -> None:
+    """Past ``session_lifetime`` the dropped session is gone with what it buffered: a RESUME gets
+    op 9 Invalid Session with ``d: false``, and a message sent before or after the expiry is
+    never delivered to that client (only a fresh IDENTIFY gets new events)."""
+    emulator = DiscordEmulator(heartbeat_interval=10.0, session_lifetime=0.2)
+    async with emulator as emu, aiohttp.ClientSession() as http:
+        session_id, seq = await raw_identify(http, emu)
+        await emu.send_user_message(emu.channels["general"], content="buffered, then lost")
+        await emu.wait_until(lambda: emu.live_sessions == 0, timeout=2)
+        await emu.send_user_message(emu.channels["general"], content="after the expiry")
+        frames = await raw_resume(http, emu, session_id, seq)
+        assert frames == [{"op": 9, "d": False}]
+        assert emu.expired_sessions == 1 and emu.resume_count == 0
+        async with http.ws_connect(emu.gateway_url) as ws:  # a fresh session sees only what comes next
+            await ws.receive_json(timeout=2)
+            await ws.send_json({"op": 2, "d": {"token": emu.token, "intents": 0, "properties": {}}})
+            assert [(await ws.receive_json(timeout=2))["t"] for _ in range(2)] == ["READY", "GUILD_CREATE"]
+            await emu.send_user_message(emu.channels["general"], content="new")
+            event = await ws.receive_json(timeout=2)
+    assert (event["t"], event["s"]) == ("MESSAGE_CREATE", 3)
+
+
+async def test_a_client_that_closes_with_1000_ends_its_session_at_once() -> None:
+    """Close code 1000 (or 1001) from the client ends the session: no RESUME afterwards (op 9)."""
+    emulator = DiscordEmulator(heartbeat_interval=10.0, session_lifetime=60.0)
+    async with emulator as emu, aiohttp.ClientSession() as http:
+        async with http.ws_connect(emu.gateway_url) as ws:
+            await ws.receive_json(timeout=2)
+            await ws.send_json({"op": 2, "d": {"token": emu.token, "intents": 0, "properties": {}}})
+            ready = await ws.receive_json(timeout=2)
+            guild = await ws.receive_json(timeout=2)
+            await ws.close(code=1000)
+        await emu.wait_until(lambda: emu.live_sessions == 0, timeout=2)
+        frames = await raw_resume(http, emu, ready["d"]["session_id"], guild["s"])
+    assert frames == [{"op": 9, "d": False}]
+
+
+async def test_an_unavailable_gateway_refuses_connections_until_the_fault_ends(emu: DiscordEmulator) -> None:
+    """Fault ``unavailable`` on ``gateway``: the websocket upgrade gets a 503 while it lasts."""
+    fault = emu.faults.add("unavailable", "gateway")
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await http.ws_connect(emu.gateway_url)
+        assert info.value.status == 503
+        emu.faults.remove(fault.id)
+        async with http.ws_connect(emu.gateway_url) as ws:
+            assert (await ws.receive_json(timeout=2))["op"] == 10
+
+
+async def test_discord_py_identifies_afresh_after_an_expired_session_and_dispatches_ready_not_resumed(
+    emu: DiscordEmulator,
+) -> None:
+    """The connection drops and stays down past the session's lifetime. discord.py tries to RESUME,
+    gets op 9, waits its 5 s and IDENTIFIEs: ``on_connect`` and ``on_ready`` fire again and
+    ``on_resumed`` never does (discord.py 2.7 ``state.py``: ``parse_ready`` dispatches ``connect``
+    and, once the guilds arrived, ``ready``; only ``parse_resumed`` dispatches ``resumed``). The
+    message sent while it was away never reaches it."""
+    emu.session_lifetime = 0.2
+    bot = make_bot(heartbeat_timeout=60.0)  # nobody reads the socket during the 5 s before IDENTIFY
+    events: list[str] = []
+    seen: list[str] = []
+
+    def record(name: str) -> Callable[[], Awaitable[None]]:
+        async def listener() -> None:
+            events.append(name)
+
+        return listener
+
+    for name in ("connect", "ready", "resumed"):
+        bot.add_listener(record(name), f"on_{name}")
+
+    async def on_message(message: discord.Message) -> None:
+        seen.append(message.content)
+
+    bot.add_listener(on_message)
+    general = emu.channels["general"]
+    async with running(emu, bot):
+        await emu.wait_until(lambda: events == ["connect", "ready"])
+        outage = emu.faults.add("unavailable", "gateway")
+        emu.cut_gateway()
+        await emu.wait_until(lambda: emu.live_sessions == 0, timeout=2)
+        await emu.send_user_message(general, content="while away")
+        emu.faults.remove(outage.id)
+        await emu.wait_until(lambda: emu.identify_count == 2 and emu.connected, timeout=20)
+        await emu.wait_until(lambda: len(events) == 4, timeout=5)
+        await emu.send_user_message(general, content="back")
+        await emu.wait_until(lambda: seen == ["back"], timeout=5)
+    assert events == ["connect", "ready", "connect", "ready"]
+    assert emu.resume_count == 0 and emu.expired_sessions == 1
