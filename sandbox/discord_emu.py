@@ -76,6 +76,8 @@ from aiohttp import WSMsgType, web
 
 from sandbox.discord_state import (
     INTENT_MESSAGE_CONTENT,
+    READ_MESSAGE_HISTORY,
+    VIEW_CHANNEL,
     UserRecord,
     World,
     now_iso,
@@ -96,6 +98,10 @@ NONCE_WINDOW_SECONDS = 300.0  # Discord checks enforce_nonce "in the past few mi
 SESSION_LIFETIME_SECONDS = 180.0
 # Close codes with which a client ends its session for good (Gateway.md, "Initiating a Disconnect").
 SESSION_ENDING_CLOSE_CODES = frozenset({1000, 1001})
+# "Interaction tokens are valid for 15 minutes" (discord-api-docs, Receiving and Responding);
+# after that every webhook call with the token gets 401 {"message": "Invalid Webhook Token",
+# "code": 50027} (discord/discord-api-docs#6851, germanoeich/nirn-proxy#23).
+INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60.0
 
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_RECONNECT, OP_REQUEST_MEMBERS, OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 7, 8, 9, 10, 11
@@ -268,9 +274,14 @@ class DiscordEmulator:
     - lifecycle: ``await start()``, ``await stop()``, ``async with``; ``api_base``, ``gateway_url``,
       ``token``, ``application_id``, ``faults``, ``heartbeat_interval`` (seconds).
     - world: ``guild_id``, ``channels[name]``, ``thread_id``, ``users[key]`` (ids),
-      ``bot_user_id``, ``dm_channel(user)``, ``world`` (the :class:`World`).
+      ``bot_user_id``, ``dm_channel(user)``, ``world`` (the :class:`World`: also a user who
+      accepts no DMs, ``world.close_dms(user)``, and channel permission overwrites,
+      ``world.set_overwrite(channel, role_or_user, allow=, deny=)``, which the REST API enforces:
+      no Read Message History there means 403 50001 on reading messages).
     - users act: ``send_user_message(...)``, ``send_interaction(...)`` (nested options for
       subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE).
+      An interaction must be acknowledged within ``interaction_deadline`` (3 s) and its token
+      works for ``interaction_token_lifetime`` (15 min), then 401 50027 Invalid Webhook Token.
     - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
       ``invalidate_session()``, ``set_silent(bool)``, ``connected``, ``identify_count``,
       ``resume_count``, ``session_lifetime``, ``live_sessions``, ``expired_sessions``.
@@ -293,6 +304,7 @@ class DiscordEmulator:
         interaction_deadline: float = 3.0,
         max_recorded_requests: int = 10_000,
         session_lifetime: float = SESSION_LIFETIME_SECONDS,
+        interaction_token_lifetime: float = INTERACTION_TOKEN_LIFETIME_SECONDS,
     ) -> None:
         self.token = token
         self.host = host
@@ -303,6 +315,7 @@ class DiscordEmulator:
         self.echo_bot_messages = echo_bot_messages
         self.interaction_deadline = interaction_deadline
         self.session_lifetime = session_lifetime
+        self.interaction_token_lifetime = interaction_token_lifetime
         self.world = World()
         # bounded: a long sandbox or chaos session must not grow without limit
         self.requests: deque[RecordedRequest] = deque(maxlen=max_recorded_requests)
@@ -929,6 +942,7 @@ class DiscordEmulator:
 
     async def _create_message(self, request: web.Request, body: Any) -> web.Response:
         cid = self._channel(request)
+        self._check_can_post(cid)
         body = body or {}
         nonce = str(body["nonce"]) if body.get("nonce") is not None else None
         if nonce is not None and body.get("enforce_nonce"):
@@ -987,8 +1001,31 @@ class DiscordEmulator:
         self._sent_log.append(sent)
         return sent
 
+    def _check_can_read(self, cid: int) -> None:
+        """Reading messages of a guild channel needs View Channel and Read Message History.
+
+        Discord's docs say a bot without Read Message History gets no messages; the API answers
+        403 {"message": "Missing Access", "code": 50001} (discord/discord-api-docs#7399,
+        machineonamission/mediaforge#242 and #264: ``channel.history`` raising Forbidden 50001
+        for a bot without "read message history"), so the emulator does that.
+        """
+        if not self.world.is_guild_channel(cid):
+            return
+        perms = self.world.channel_permissions(self.world.bot, cid)
+        if not perms & VIEW_CHANNEL or not perms & READ_MESSAGE_HISTORY:
+            raise ApiError(403, "Missing Access", 50001)
+
+    def _check_can_post(self, cid: int) -> None:
+        """A DM to a user who accepts none from the bot: 403 {"message": "Cannot send messages to
+        this user", "code": 50007} (discord-api-docs ``Opcodes_and_Status_Codes.md``, JSON error
+        code 50007). Opening the DM channel itself succeeds."""
+        recipient = self.world.dm_recipient(cid)
+        if recipient is not None and recipient in self.world.closed_dms:
+            raise ApiError(403, "Cannot send messages to this user", 50007)
+
     async def _get_history(self, request: web.Request, body: Any) -> web.Response:
         cid = self._channel(request)
+        self._check_can_read(cid)
         q = request.query
         limit = max(1, min(100, int(q.get("limit", 50))))
         before = int(q["before"]) if "before" in q else None
@@ -996,6 +1033,7 @@ class DiscordEmulator:
         return _json(200, self.world.history(cid, limit=limit, before=before, after=after))
 
     async def _get_message(self, request: web.Request, body: Any) -> web.Response:
+        self._check_can_read(self._channel(request))
         return _json(200, self._message(request)[1])
 
     async def _edit_message(self, request: web.Request, body: Any) -> web.Response:
@@ -1134,6 +1172,10 @@ class DiscordEmulator:
         if int(request.match_info["app_id"]) != self.application_id:
             raise ApiError(404, "Unknown Webhook", 10015)
         record = self._interaction(request.match_info["token"])
+        if time.monotonic() - record.created >= self.interaction_token_lifetime:
+            # the token has expired (see INTERACTION_TOKEN_LIFETIME_SECONDS): follow-ups, and
+            # getting, editing or deleting the original or a follow-up, are all refused
+            raise ApiError(401, "Invalid Webhook Token", 50027)
         if not record.acknowledged:
             raise ApiError(404, "Unknown Webhook", 10015)  # Discord has no webhook until the callback
         return record

@@ -20,6 +20,7 @@ import pytest
 from discord.ext import commands
 
 from sandbox.discord_emu import DiscordEmulator
+from sandbox.discord_state import READ_MESSAGE_HISTORY, VIEW_CHANNEL
 from sandbox.faults import FaultPlan
 from tests.integration.harness import pointed_at
 
@@ -760,3 +761,83 @@ async def test_discord_py_identifies_afresh_after_an_expired_session_and_dispatc
         await emu.wait_until(lambda: seen == ["back"], timeout=5)
     assert events == ["connect", "ready", "connect", "ready"]
     assert emu.resume_count == 0 and emu.expired_sessions == 1
+
+
+# -- interaction tokens expire; DMs can be closed; Read Message History can be missing ----------
+
+
+async def test_an_interaction_token_works_for_its_lifetime_then_every_webhook_call_gets_401_50027(
+    emu: DiscordEmulator,
+) -> None:
+    """Discord's interaction tokens last 15 minutes (``interaction_token_lifetime`` here): a
+    follow-up in time is posted; after that a follow-up, and an edit of the original response,
+    raise discord.py's HTTPException 401 with code 50027 (Invalid Webhook Token)."""
+    bot = make_bot()
+    errors: list[discord.HTTPException] = []
+    done = asyncio.Event()
+
+    @bot.tree.command(name="slow", description="Answers late")
+    async def slow(interaction: discord.Interaction) -> None:
+        try:
+            await interaction.response.defer(thinking=True)
+            await interaction.followup.send("in time")
+            emu.interaction_token_lifetime = 0.0  # as if 15 minutes had passed
+            for late in (interaction.followup.send("too late"),
+                         interaction.edit_original_response(content="too late")):
+                try:
+                    await late
+                except discord.HTTPException as exc:
+                    errors.append(exc)
+        finally:
+            done.set()
+
+    async with running(emu, bot):
+        record = await emu.send_interaction("slow")
+        async with asyncio.timeout(5):
+            await done.wait()
+    assert [(e.status, e.code, e.text) for e in errors] == [(401, 50027, "Invalid Webhook Token")] * 2
+    assert [f.content for f in record.followups] == ["in time"]
+    assert [r.status for r in emu.requests_for("followup")] == [200, 401, 401]
+
+
+async def test_a_user_who_accepts_no_dms_gets_none_the_dm_channel_still_opens(emu: DiscordEmulator) -> None:
+    """``world.close_dms``: opening the DM works, sending there raises Forbidden 50007 (Cannot send
+    messages to this user); other users' DMs are unaffected."""
+    emu.world.close_dms("normal")
+    async with running(emu) as run:
+        normal, admin = run.bot.get_user(emu.users["normal"]), run.bot.get_user(emu.users["admin"])
+        assert normal is not None and admin is not None
+        closed, open_ = await normal.create_dm(), await admin.create_dm()
+        with pytest.raises(discord.Forbidden) as info:
+            await closed.send("hello?")
+        await open_.send("hello")
+    refused = (info.value.status, info.value.code, info.value.text)
+    assert refused == (403, 50007, "Cannot send messages to this user")
+    assert emu.sent_messages(closed.id) == []
+    assert [m.content for m in emu.sent_messages(open_.id)] == ["hello"]
+
+
+async def test_without_read_message_history_reading_a_channel_is_refused_with_50001(
+    emu: DiscordEmulator,
+) -> None:
+    """A member overwrite denies the bot Read Message History in #random: discord.py sees the
+    permission missing, ``history()`` and ``fetch_message`` raise Forbidden 50001 (Missing
+    Access), sending there still works, and #general (where @everyone loses View Channel but the
+    bot's role gets it back) reads fine."""
+    random_id, general_id = emu.channels["random"], emu.channels["general"]
+    emu.world.set_overwrite(random_id, emu.bot_user_id, deny=READ_MESSAGE_HISTORY)
+    emu.world.set_overwrite(general_id, emu.guild_id, deny=VIEW_CHANNEL)
+    emu.world.set_overwrite(general_id, emu.world.bot_role_id, allow=VIEW_CHANNEL)
+    async with running(emu) as run:
+        random_ = run.bot.get_channel(random_id)
+        general = run.bot.get_channel(general_id)
+        assert isinstance(random_, discord.TextChannel) and isinstance(general, discord.TextChannel)
+        assert not random_.permissions_for(random_.guild.me).read_message_history
+        posted = await random_.send("I can still talk here")
+        with pytest.raises(discord.Forbidden) as listing:
+            [m async for m in random_.history(limit=5)]
+        with pytest.raises(discord.Forbidden) as one:
+            await random_.fetch_message(posted.id)
+        await general.send("readable")
+        assert [m.content async for m in general.history(limit=5)] == ["readable"]
+    assert [(e.value.status, e.value.code) for e in (listing, one)] == [(403, 50001)] * 2
