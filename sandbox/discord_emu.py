@@ -19,6 +19,7 @@ DMs, an admin and a normal member, roles, the application's owner or team) lives
 route name  requests
 ==========  ==================================================================
 me          ``GET /users/@me``
+user        ``GET /users/{id}`` (any user of the world; 404 10013 Unknown User otherwise)
 application ``GET /oauth2/applications/@me``
 send        ``POST /channels/{id}/messages`` (``nonce`` + ``enforce_nonce`` dedup like Discord)
 edit        ``PATCH /channels/{id}/messages/{mid}``
@@ -32,7 +33,8 @@ channel     ``GET /channels/{id}``
 commands    application command sync (global and guild)
 interaction ``POST /interactions/{id}/{token}/callback`` and every ``/webhooks/{app}/{token}`` call
 followup    ``/webhooks/{app}/{token}...`` only (follow-ups, ``@original`` get/edit/delete)
-gateway     gateway faults (``close``, ``disconnect``, ``reconnect``, ``invalid_session``, ``silent``)
+gateway     gateway faults (``close``, ``disconnect``, ``reconnect``, ``invalid_session``, ``silent``,
+            ``unavailable``)
 ==========  ==================================================================
 
 REST fault kinds: ``"500"``/``"502"``/``"503"``/``"504"`` (or ``"error"`` with ``status=``, and
@@ -876,6 +878,7 @@ class DiscordEmulator:
         hook = "/webhooks/{app_id}/{token}"
         return [
             ("GET", "/users/@me", "me", self._get_me, True),
+            ("GET", "/users/{user_id}", "user", self._get_user, True),
             ("GET", "/oauth2/applications/@me", "application", self._get_application, True),
             ("GET", "/gateway", "gateway_url", self._get_gateway, False),
             ("GET", "/gateway/bot", "gateway_url", self._get_gateway, True),
@@ -904,6 +907,14 @@ class DiscordEmulator:
 
     async def _get_me(self, request: web.Request, body: Any) -> web.Response:
         return _json(200, self.world.bot.payload() | {"verified": True, "mfa_enabled": False, "flags": 0})
+
+    async def _get_user(self, request: web.Request, body: Any) -> web.Response:
+        # Get User (discord-api-docs docs/resources/User.md): how a bot without the members intent
+        # (discord.py's fetch_user) learns a user it must DM
+        try:
+            return _json(200, self.world.user(int(request.match_info["user_id"])).payload())
+        except (KeyError, ValueError):
+            raise ApiError(404, "Unknown User", 10013) from None
 
     async def _get_application(self, request: web.Request, body: Any) -> web.Response:
         return _json(200, self.world.application_payload())

@@ -841,3 +841,13 @@ async def test_without_read_message_history_reading_a_channel_is_refused_with_50
         await general.send("readable")
         assert [m.content async for m in general.history(limit=5)] == ["readable"]
     assert [(e.value.status, e.value.code) for e in (listing, one)] == [(403, 50001)] * 2
+
+
+async def test_fetch_user_gets_any_user_of_the_world_and_404_10013_otherwise(emu: DiscordEmulator) -> None:
+    """``GET /users/{id}``: how a bot without the members intent learns a user it must DM."""
+    async with running(emu) as run:
+        user = await run.bot.fetch_user(emu.users["normal"])
+        with pytest.raises(discord.NotFound) as info:
+            await run.bot.fetch_user(1)
+    assert (user.id, user.name) == (emu.users["normal"], "bob")
+    assert info.value.code == 10013
