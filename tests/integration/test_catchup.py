@@ -10,11 +10,13 @@ every message answered once.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sandbox.discord_state import READ_MESSAGE_HISTORY
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import Live, live_bot
 
@@ -89,3 +91,33 @@ async def test_messages_sent_while_the_session_expired_are_answered_once_after_t
         assert replies(live, stale) == [] and replies(live, chatter) == []
         assert {c: len(live.sent(c)) - n for c, n in before.items()} == {general: 1, random_: 1, dm: 1}
         assert discord.resume_count == 0 and discord.expired_sessions == 1
+
+
+@pytest.mark.timeout(90)
+async def test_a_channel_whose_history_is_refused_is_skipped_and_the_others_are_caught_up(
+    tmp_path: Path,
+) -> None:
+    """Read Message History is taken from the bot in #random while it is away: that channel's
+    history read is refused (403 50001), so its missed message cannot be found, but the other
+    channel is still caught up, and the ``discord.read`` breaker stays closed (one channel's
+    permission says nothing about Discord)."""
+    async with running_emulators(heartbeat_interval=1.0) as emus:
+        async with live_bot(emus, tmp_path / "data", BREAKER_FAIL_MAX="1") as live:
+            discord = live.discord
+            discord.session_lifetime = 0.3
+            general, random_ = discord.channels["general"], discord.channels["random"]
+            for channel in (general, random_):
+                first = await live.say("hello", channel=channel)
+                await live.wait_replies(first["id"], channel=channel)
+            outage = await outage_past_the_session(live)
+            discord.world.set_overwrite(random_, discord.bot_user_id, deny=READ_MESSAGE_HISTORY)
+            hidden = await live.say("missed where I cannot look", channel=random_)
+            found = await live.say("missed where I can look", channel=general)
+            started = time.monotonic()
+            await back_by_identify(live, outage, identified=1)
+            [answer] = await live.wait_replies(found["id"], timeout=15)
+            assert "missed where I can look" in answer.content
+            refused = [r for r in discord.requests_for("history") if r.time >= started]
+            assert [r.status for r in refused if str(random_) in r.path] == [403]
+            assert replies(live, hidden) == []
+            assert live.app.board["discord.read"].state.value == "closed"
