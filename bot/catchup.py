@@ -51,7 +51,7 @@ MAX_MESSAGES = 100
 MAX_AGE = 3600.0
 """Seconds: channels not active for this long are not read, messages older than this not answered."""
 CONCURRENCY = 4
-"""Channels read at once: a reconnect must not become a burst of reads."""
+"""Channels caught up at once (read, then answered in order): a reconnect must not become a burst."""
 
 
 @dataclass(slots=True)
@@ -193,11 +193,10 @@ class Catchup:
     async def _channel(self, channel_id: int, after: int) -> int | None:
         """Hand the addressed messages of one channel after ``after`` to intake, oldest first;
         how many were handed over (intake drops those it has seen), None when unreadable."""
-        app = self.app
-        async with self._slots:
+        async with self._slots:  # a few channels at a time, reading and answering alike
             try:
-                channel = await app.channel(channel_id)
-                messages = await app.discord_io.history(
+                channel = await self.app.channel(channel_id)
+                messages = await self.app.discord_io.history(
                     channel, after=discord.Object(id=after), limit=self.max_messages
                 )
             except asyncio.CancelledError:
@@ -211,15 +210,14 @@ class Catchup:
                     discord_code=code,
                 )
                 return None
-        if len(messages) >= self.max_messages:
-            log.warning("catchup.channel_truncated", channel_id=channel_id, read=len(messages))
-        fed = 0
-        for message in messages:
-            self.watch.seen(channel_id, message.id)
-            if self._closing:
-                break
-            if not self._is_for_me(message):
-                continue
-            fed += 1
-            await self._handle(message)
-        return fed
+            if len(messages) >= self.max_messages:
+                log.warning("catchup.channel_truncated", channel_id=channel_id, read=len(messages))
+            fed = 0
+            for message in messages:
+                self.watch.seen(channel_id, message.id)
+                if self._closing:
+                    break
+                if self._is_for_me(message):
+                    fed += 1
+                    await self._handle(message)
+            return fed
