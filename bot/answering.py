@@ -169,8 +169,7 @@ class Answerer:
                     count_attempt=counted,
                 )
                 return "queued"
-            log.warning("pipeline.undeliverable", category=verdict.category.value, item=item.id)
-            await app.storage.dead_letter(item.id, f"undeliverable: {verdict.category.value}")
+            await self.router.undeliverable(item, exc.cause if isinstance(exc, PartialDeliveryError) else exc)
             return "error"
         try:
             await app.storage.finish(item.id, key=inbound.key, turns=turns)

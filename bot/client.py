@@ -3,8 +3,8 @@
 
 The pieces take what they need by constructor (like discord.py's ``Client`` builds its
 ``ConnectionState``): the application (``bot.app``) at the bottom, then the failure router,
-the answerer, intake, the drain, the operations and the slash commands. Nothing below imports
-this module.
+the answerer, intake, the catch-up after a lost session, the drain, the operations and the slash
+commands. Nothing below imports this module.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from discord.ext import commands
 from bot.admin import admin_group, server_group
 from bot.answering import Answerer
 from bot.app import Application
+from bot.catchup import MAX_CHANNELS, Catchup
 from bot.commands import DEFAULT_TIMEOUT, SlashCommands, application_owners, setup_commands
 from bot.drain import Drain
 from bot.intake import RECENT_IDS, Intake
@@ -109,6 +110,9 @@ class GeminiBot(commands.Bot):
         self.router = FailureRouter(app)
         self.answerer = Answerer(app, self.router)
         self.intake = Intake(app, self.answerer, self.router, bot_user_id=app.bot_user_id)
+        # What users said while a session that could not be resumed was down, read back after
+        # the new IDENTIFY and handed to intake (bot.catchup).
+        self.catchup = Catchup(app, self.intake.on_message, self.intake.is_for_me)
         self.drain = Drain(app, self.answerer, self.router, interval=drain_interval)
         app.drain_waker = self.drain.wake
         self.operations = serve_operations(app)
@@ -128,6 +132,7 @@ class GeminiBot(commands.Bot):
         self.app.http_api.sources.caches.update(
             {
                 "recent_message_ids": BoundedCache(lambda: self.intake.recent_ids, RECENT_IDS),
+                "catchup_channels": BoundedCache(lambda: len(self.catchup.watch), MAX_CHANNELS),
                 "refusal_notices": BoundedCache(
                     lambda: len(self.intake.refusals), self.intake.refusals.status()["max_keys"]
                 ),
@@ -214,14 +219,32 @@ class GeminiBot(commands.Bot):
             self.application_id, permissions=PERMISSIONS, scopes=("bot", "applications.commands")
         )
 
+    async def on_connect(self) -> None:
+        """Every IDENTIFY (discord.py dispatches ``connect`` from READY, never after a RESUME).
+
+        Runs before any event of the new session is handled (its task was scheduled first), so
+        the catch-up notes the channels' marks as they were when the old session ended.
+        """
+        self.catchup.connected()
+
     async def on_ready(self) -> None:
         user = self.user
         log.info(
             "bot.ready", user_id=user.id if user else None, guilds=len(self.guilds), invite=self.invite_url()
         )
+        self.catchup.ready()  # after a fresh IDENTIFY: read what the lost session never delivered
 
     async def on_message(self, message: discord.Message) -> None:
-        await self.intake.on_message(message)
+        watch = self.catchup.watch
+        if self.intake.is_for_me(message):
+            watch.active(message.channel.id, message.id)
+            await self.intake.on_message(message)
+            return
+        me = self.user
+        if me is not None and message.author.id == me.id:
+            watch.active(message.channel.id, message.id)  # the bot posted here: it is active here
+        else:
+            watch.seen(message.channel.id, message.id)
 
     async def close(self) -> None:
         """Stop taking messages, let in-flight ones finish within the grace period, stop services."""
@@ -239,9 +262,11 @@ class GeminiBot(commands.Bot):
             # finishes at the same moment; wait for the task so it ends while the loop is set.
             await asyncio.wait({ready_task}, timeout=5.0)
         grace = self.app.config.shutdown_grace_seconds
+        self.catchup.stop()  # no more missed messages handed to intake; the one in hand finishes
         left = await self.intake.drain_inflight(grace)
         if left:
             log.warning("bot.shutdown_unfinished", messages=left, note="their queue items resume on restart")
+        await self.catchup.close()
         await self.drain.stop()
         try:
             await super().close()

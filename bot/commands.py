@@ -9,7 +9,9 @@ out-of-sync commands are answered by the tree's error handler.
 message id), answered under the conversation's mutex through Gemini's retry/breaker/timeout,
 and delivered as the interaction's follow-up through ``Answerer.deliver``. When Gemini
 is down the follow-up is the queue acknowledgement and the drain posts the answer later in
-the channel (interaction tokens expire after 15 minutes).
+the channel (interaction tokens expire after 15 minutes). ``/ask`` itself stops a minute before
+the token expires; an answer that still meets an expired token (Discord: 401, code 50027) is
+posted like a late one instead: in the channel, mentioning the asker, or by DM when private.
 
 Who may run what is checked on every invocation, by the frame (``check=``), never left to
 ``default_permissions`` (which only hides a command in Discord's UI):
@@ -38,12 +40,14 @@ from discord import app_commands
 
 from bot import texts
 from bot.answering import Answerer
-from bot.inbound import Inbound, accept
+from bot.inbound import Inbound, Snowflake, accept
 from bot.operations import OperationError
 from bot.routing import FailureRouter
+from bot.splitting import DISCORD_LIMIT
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, QueueFullError, classify
+from services.discord_io import allowed_mentions_for
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -54,6 +58,13 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds a command other than ``/ask`` may run before the user is told it took too long."""
 ASK_MARGIN = 5.0
 """``/ask`` may run its mutex wait plus the processing timeout plus this much."""
+INTERACTION_TOKEN_SECONDS = 15 * 60.0
+"""How long Discord accepts follow-ups with an interaction's token ("Interaction tokens are valid
+for 15 minutes", discord-api-docs, Receiving and Responding); then 401 50027 Invalid Webhook Token."""
+ASK_TOKEN_MARGIN = 60.0
+"""``/ask`` stops this long before the token expires, so its "took too long" sentence still shows."""
+INVALID_WEBHOOK_TOKEN = 50027
+"""Discord's JSON error code for a webhook call with an expired (or unknown) interaction token."""
 LATENCY_WINDOW = 100
 """How many recent requests ``/status`` summarises."""
 
@@ -109,7 +120,10 @@ class SlashCommands:
         self.timeout = timeout
         self._application_owners = owners
         cfg = app.config
-        self.ask_timeout = cfg.mutex_acquire_timeout_seconds + cfg.processing_timeout_seconds + ASK_MARGIN
+        self.ask_timeout = min(
+            cfg.mutex_acquire_timeout_seconds + cfg.processing_timeout_seconds + ASK_MARGIN,
+            INTERACTION_TOKEN_SECONDS - ASK_TOKEN_MARGIN,
+        )
 
     # -- the frame every command runs in --------------------------------------------------
 
@@ -250,8 +264,8 @@ class SlashCommands:
     async def _ask(self, interaction: discord.Interaction, prompt: str, private: bool) -> str:
         app = self.app
         cfg = app.config
-        reply_to = _FollowupChannel(interaction, private=private)
         text = prompt.strip()
+        reply_to = _FollowupChannel(interaction, app, private=private, prompt=text)
         if not text:
             await reply_to.say(texts.empty_mention())
             return "refused"
@@ -444,12 +458,22 @@ def help_text() -> str:
 
 
 class _FollowupChannel:
-    """The interaction follow-up, shaped like the channel ``DiscordIO.send`` writes to."""
+    """The interaction follow-up, shaped like the channel ``DiscordIO.send`` writes to.
 
-    def __init__(self, interaction: discord.Interaction, *, private: bool) -> None:
+    Once Discord refuses the token (expired: 401, code 50027), this and every later message of
+    the answer goes where a late answer would (``_post_instead``).
+    """
+
+    def __init__(
+        self, interaction: discord.Interaction, app: Application, *, private: bool, prompt: str
+    ) -> None:
         self.interaction = interaction
+        self.app = app
         self.private = private
+        self.prompt = prompt
         self.id = interaction.channel_id  # for DiscordIO's logs
+        self._expired = False
+        self._introduced = False
 
     async def send(
         self,
@@ -459,15 +483,52 @@ class _FollowupChannel:
         reference: object = None,  # a follow-up is tied to its interaction, not a message
         embed: discord.Embed | None = None,
         nonce: str | None = None,  # webhooks have no nonce; a follow-up is sent once per token anyway
-    ) -> discord.WebhookMessage:
+    ) -> discord.Message:
         kwargs: dict[str, Any] = {"embed": embed} if embed is not None else {}
-        return await self.interaction.followup.send(
-            content,
-            ephemeral=self.private,
-            allowed_mentions=allowed_mentions or discord.AllowedMentions.none(),
-            wait=True,
-            **kwargs,
-        )
+        if not self._expired:
+            try:
+                return await self.interaction.followup.send(
+                    content,
+                    ephemeral=self.private,
+                    allowed_mentions=allowed_mentions or discord.AllowedMentions.none(),
+                    wait=True,
+                    **kwargs,
+                )
+            except discord.HTTPException as exc:
+                if exc.code != INVALID_WEBHOOK_TOKEN:
+                    raise
+                self._expired = True
+                log.warning(
+                    "ask.token_expired",
+                    interaction_id=self.interaction.id,
+                    user_id=self.interaction.user.id,
+                    instead="dm" if self.private else "channel",
+                )
+        return await self._post_instead(content, nonce=nonce, **kwargs)
+
+    async def _post_instead(self, content: str, *, nonce: str | None, **kwargs: Any) -> discord.Message:
+        """Post in the channel (by DM when private), like the drain's late answer to a slash command:
+        no reply (there is no message to reply to), the asker mentioned, the question recalled."""
+        app = self.app
+        user_id = self.interaction.user.id
+        if self.private:
+            channel = await app.discord_io.dm_channel(self.interaction.client, user_id)
+        else:
+            if self.interaction.channel_id is None:
+                raise RuntimeError("an application command interaction without a channel")
+            channel = await app.channel(self.interaction.channel_id)
+        mention = allowed_mentions_for(Snowflake(user_id))
+        if not self._introduced:
+            self._introduced = True
+            intro = f"<@{user_id}> {texts.late_answer_prefix(self.prompt)}"
+            if len(intro) + len(content) <= DISCORD_LIMIT:
+                content = intro + content
+            else:  # no room in this chunk: the introduction goes first, on its own
+                await channel.send(intro.rstrip(), allowed_mentions=mention)
+        if nonce is not None:
+            kwargs["nonce"] = nonce  # a resend after a timeout is not posted twice (DiscordIO.send)
+        sent: discord.Message = await channel.send(content, allowed_mentions=mention, **kwargs)
+        return sent
 
     async def typing(self) -> None:
         """Nothing to do: the deferred response already shows "thinking"."""

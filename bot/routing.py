@@ -11,7 +11,7 @@ itself when Discord does not take it now.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -37,6 +37,10 @@ log = structlog.get_logger("bot.routing")
 # than the back-off must not dead-letter what it hit. (A Gemini that hangs for everyone does cost
 # each probe's item an attempt: the price of not letting one question stall the bot.)
 ITEM_SUSPECTS = frozenset({Category.TIMEOUT})
+
+# Discord's JSON error codes for refusals that name their cause in the log and the dead letter.
+CANNOT_DM = 50007  # "Cannot send messages to this user": DMs closed, or the bot blocked
+_REFUSALS = {CANNOT_DM: "dm_closed", 50001: "missing_access", 50013: "missing_permissions"}
 
 Original = discord.Message | discord.MessageReference
 
@@ -135,6 +139,35 @@ class FailureRouter:
             return dead
         app.drain_wake()
         return updated
+
+    async def undeliverable(self, item: QueueItem, exc: BaseException) -> None:
+        """Discord refuses an answer for good (``exc`` is not retryable): dead-letter the item, log
+        why, and tell the asker where that is still possible.
+
+        A private ``/ask`` answer goes by DM (its token expired, or it was answered late). When the
+        asker accepts no DMs (403, code 50007) nothing private can reach them: an ephemeral message
+        needs the expired interaction. If they asked in a server channel, a short notice there
+        says so, mentioning only them and holding neither the question nor the answer (those stay
+        private; that a private question was asked does not). From a DM there is nowhere to say it.
+        """
+        verdict = classify(exc)
+        code = exc.code if isinstance(exc, discord.HTTPException) else None
+        reason = _REFUSALS.get(code or 0, verdict.category.value)
+        private = bool(item.payload.get("private"))
+        log.warning(
+            "pipeline.undeliverable",
+            item=item.id,
+            category=verdict.category.value,
+            discord_code=code,
+            reason=reason,
+            private=private,
+            user_id=item.payload.get("author_id"),
+        )
+        await self.app.storage.dead_letter(item.id, f"undeliverable: {reason}")
+        from_guild = item.payload.get("guild_id") is not None
+        if code == CANNOT_DM and private and from_guild and not item.payload.get("notice"):
+            in_channel = replace(item, payload={**item.payload, "private": False})
+            await self.notify(in_channel, texts.private_answer_undeliverable())
 
     async def notify(self, item: QueueItem, text: str) -> None:
         """Tell the author of a queued message something (a dead letter, an expiry), as a reply to it.

@@ -132,6 +132,14 @@ def reset_refused() -> str:
     )
 
 
+def private_answer_undeliverable() -> str:
+    """Said in the channel of a private /ask whose answer the asker's DMs refused: no question, no answer."""
+    return (
+        "I couldn't send you the private answer to your `/ask`: you don't accept direct messages from me. "
+        "Allow direct messages from this server's members and ask again, or ask without `private`."
+    )
+
+
 def late_answer_prefix(original: str) -> str:
     quoted = original.strip().replace("\n", " ")
     if len(quoted) > 120:

@@ -36,6 +36,7 @@ Type a line to send it as the current user in the current channel.
   :fault discord [ROUTE] KIND [next N | 30s | p=0.5] [key=value ...]
       ROUTE: send edit react typing interaction gateway ...   e.g. :fault discord send 500 next 3
       KIND: 429 500 502 503 504 latency drop close disconnect reconnect invalid_session silent
+            unavailable
   :heal [gemini|discord]      remove all faults
   :faults                     list active faults
   :log [N]                    the last N requests each emulator received (default 5)

@@ -19,6 +19,7 @@ DMs, an admin and a normal member, roles, the application's owner or team) lives
 route name  requests
 ==========  ==================================================================
 me          ``GET /users/@me``
+user        ``GET /users/{id}`` (any user of the world; 404 10013 Unknown User otherwise)
 application ``GET /oauth2/applications/@me``
 send        ``POST /channels/{id}/messages`` (``nonce`` + ``enforce_nonce`` dedup like Discord)
 edit        ``PATCH /channels/{id}/messages/{mid}``
@@ -32,7 +33,8 @@ channel     ``GET /channels/{id}``
 commands    application command sync (global and guild)
 interaction ``POST /interactions/{id}/{token}/callback`` and every ``/webhooks/{app}/{token}`` call
 followup    ``/webhooks/{app}/{token}...`` only (follow-ups, ``@original`` get/edit/delete)
-gateway     gateway faults (``close``, ``disconnect``, ``reconnect``, ``invalid_session``, ``silent``)
+gateway     gateway faults (``close``, ``disconnect``, ``reconnect``, ``invalid_session``, ``silent``,
+            ``unavailable``)
 ==========  ==================================================================
 
 REST fault kinds: ``"500"``/``"502"``/``"503"``/``"504"`` (or ``"error"`` with ``status=``, and
@@ -46,7 +48,16 @@ Gateway fault kinds, checked when a session goes live and before each dispatch: 
 (``code=4000``), ``"disconnect"`` (TCP cut without a close frame), ``"reconnect"`` (op 7),
 ``"invalid_session"`` (op 9, ``resumable=False``) and
 ``"silent"`` (no more heartbeat ACKs or dispatches on that connection, so the client times out
-and RESUMEs). Events are buffered per session, so a RESUME replays what the client missed.
+and RESUMEs); ``"unavailable"`` is checked when a client opens a gateway connection instead: the
+upgrade is refused with a 503 (an outage), so the client stays away while the fault lasts.
+
+Sessions, like Discord's: events are buffered per session, so a RESUME replays what the client
+missed, but only for ``session_lifetime`` seconds (default 180) after its connection dropped.
+Discord keeps a dropped session "active" and lets it "timeout after a few minutes", and a RESUME
+that comes too late gets op 9 Invalid Session with ``d: false``: nothing is replayed and the client
+must IDENTIFY afresh (discord-api-docs ``docs/topics/Gateway.md``, "Initiating a Disconnect" and
+"Resuming"; Discord publishes no exact figure). What happened meanwhile is lost to that session.
+A client that closes with 1000 or 1001 ends its session at once (same page).
 """
 
 from __future__ import annotations
@@ -67,6 +78,8 @@ from aiohttp import WSMsgType, web
 
 from sandbox.discord_state import (
     INTENT_MESSAGE_CONTENT,
+    READ_MESSAGE_HISTORY,
+    VIEW_CHANNEL,
     UserRecord,
     World,
     now_iso,
@@ -74,11 +87,23 @@ from sandbox.discord_state import (
 from sandbox.faults import Fault, FaultPlan
 
 REST_FAULT_KINDS = frozenset({"500", "502", "503", "504", "error", "429", "latency", "drop"})
-GATEWAY_FAULT_KINDS = frozenset({"close", "disconnect", "reconnect", "invalid_session", "silent"})
+# Faults that disturb a live gateway connection (checked before each dispatch) ...
+GATEWAY_DISTURBANCES = frozenset({"close", "disconnect", "reconnect", "invalid_session", "silent"})
+# ... and every gateway fault, "unavailable" (refuses new connections) included.
+GATEWAY_FAULT_KINDS = GATEWAY_DISTURBANCES | {"unavailable"}
 EPHEMERAL = 1 << 6
 _HTTP_STATUSES = frozenset(s.value for s in HTTPStatus)
 WAIT_POLL_SECONDS = 0.05
 NONCE_WINDOW_SECONDS = 300.0  # Discord checks enforce_nonce "in the past few minutes"
+# How long a dropped gateway session can be resumed: Discord says "a few minutes" (see the module
+# docstring) without a figure; three minutes is that, and short enough to be met in a rehearsal.
+SESSION_LIFETIME_SECONDS = 180.0
+# Close codes with which a client ends its session for good (Gateway.md, "Initiating a Disconnect").
+SESSION_ENDING_CLOSE_CODES = frozenset({1000, 1001})
+# "Interaction tokens are valid for 15 minutes" (discord-api-docs, Receiving and Responding);
+# after that every webhook call with the token gets 401 {"message": "Invalid Webhook Token",
+# "code": 50027} (discord/discord-api-docs#6851, germanoeich/nirn-proxy#23).
+INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60.0
 
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_RECONNECT, OP_REQUEST_MEMBERS, OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 7, 8, 9, 10, 11
@@ -191,7 +216,7 @@ class InteractionRecord:
 
 
 class _Session:
-    """A gateway session: survives disconnects so a RESUME can replay what was missed."""
+    """A gateway session: survives a disconnect for a while, so a RESUME can replay what was missed."""
 
     def __init__(self, session_id: str, intents: int, buffer_size: int) -> None:
         self.id = session_id
@@ -199,9 +224,14 @@ class _Session:
         self.seq = 0
         self.buffer: deque[dict[str, Any]] = deque(maxlen=buffer_size)
         self.conn: _Connection | None = None
+        self.detached_at: float | None = None  # monotonic time its connection dropped
 
     def can_replay_after(self, seq: int) -> bool:
         return not self.buffer or self.buffer[0]["s"] <= seq + 1
+
+    def expired(self, now: float, lifetime: float) -> bool:
+        """Dropped longer ago than ``lifetime``: Discord no longer knows it."""
+        return self.conn is None and self.detached_at is not None and now - self.detached_at >= lifetime
 
 
 class _Connection:
@@ -214,6 +244,7 @@ class _Connection:
         self.silent = False
         self.lock = asyncio.Lock()
         self.heartbeats = 0
+        self.closed_by_server = False
 
     async def send(self, *payloads: dict[str, Any]) -> None:
         """Send frames back to back: nothing else interleaves (a replay stays contiguous)."""
@@ -225,12 +256,14 @@ class _Connection:
                     await self.ws.send_str(json.dumps(payload))
 
     async def close(self, code: int) -> None:
+        self.closed_by_server = True
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.close(code=code, message=b"emulator close")
 
     def cut(self) -> None:
         """Drop the TCP connection without a close frame, like a network failure."""
         self.silent = True
+        self.closed_by_server = True
         if self.transport is not None:
             self.transport.close()
 
@@ -243,12 +276,17 @@ class DiscordEmulator:
     - lifecycle: ``await start()``, ``await stop()``, ``async with``; ``api_base``, ``gateway_url``,
       ``token``, ``application_id``, ``faults``, ``heartbeat_interval`` (seconds).
     - world: ``guild_id``, ``channels[name]``, ``thread_id``, ``users[key]`` (ids),
-      ``bot_user_id``, ``dm_channel(user)``, ``world`` (the :class:`World`).
+      ``bot_user_id``, ``dm_channel(user)``, ``world`` (the :class:`World`: also a user who
+      accepts no DMs, ``world.close_dms(user)``, and channel permission overwrites,
+      ``world.set_overwrite(channel, role_or_user, allow=, deny=)``, which the REST API enforces:
+      no Read Message History there means 403 50001 on reading messages).
     - users act: ``send_user_message(...)``, ``send_interaction(...)`` (nested options for
       subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE).
+      An interaction must be acknowledged within ``interaction_deadline`` (3 s) and its token
+      works for ``interaction_token_lifetime`` (15 min), then 401 50027 Invalid Webhook Token.
     - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
       ``invalidate_session()``, ``set_silent(bool)``, ``connected``, ``identify_count``,
-      ``resume_count``.
+      ``resume_count``, ``session_lifetime``, ``live_sessions``, ``expired_sessions``.
     - recording: ``requests``, ``sent_messages(channel_id)``, ``history(channel_id)``,
       ``interaction_log(id)``, ``commands``, ``typing``, ``reactions(message_id)``.
     - waiting: ``wait_for_bot_message(channel_id, count, timeout)``, ``wait_until(pred, timeout)``,
@@ -267,6 +305,8 @@ class DiscordEmulator:
         echo_bot_messages: bool = True,
         interaction_deadline: float = 3.0,
         max_recorded_requests: int = 10_000,
+        session_lifetime: float = SESSION_LIFETIME_SECONDS,
+        interaction_token_lifetime: float = INTERACTION_TOKEN_LIFETIME_SECONDS,
     ) -> None:
         self.token = token
         self.host = host
@@ -276,6 +316,8 @@ class DiscordEmulator:
         self.buffer_size = buffer_size
         self.echo_bot_messages = echo_bot_messages
         self.interaction_deadline = interaction_deadline
+        self.session_lifetime = session_lifetime
+        self.interaction_token_lifetime = interaction_token_lifetime
         self.world = World()
         # bounded: a long sandbox or chaos session must not grow without limit
         self.requests: deque[RecordedRequest] = deque(maxlen=max_recorded_requests)
@@ -283,6 +325,7 @@ class DiscordEmulator:
         self.typing: list[int] = []  # channel ids, one per typing request
         self.identify_count = 0
         self.resume_count = 0
+        self.expired_sessions = 0  # sessions forgotten because nobody resumed them in time
         self._sent: dict[int, list[SentMessage]] = {}
         self._sent_by_id: dict[int, SentMessage] = {}
         self._sent_log: list[SentMessage] = []  # every channel message, in the order created
@@ -373,6 +416,12 @@ class DiscordEmulator:
     def connected(self) -> bool:
         """True while a client holds a live (identified or resumed) gateway connection."""
         return any(s.conn is not None for s in self._sessions.values())
+
+    @property
+    def live_sessions(self) -> int:
+        """Sessions a client holds or could still RESUME (expired ones are forgotten first)."""
+        self._expire_sessions()
+        return len(self._sessions)
 
     # --- recording ---------------------------------------------------------------------------
 
@@ -598,7 +647,10 @@ class DiscordEmulator:
 
     # --- gateway ----------------------------------------------------------------------------------
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.pick("gateway", kinds=("unavailable",)) is not None:
+            # An outage in front of the gateway: the upgrade is refused, the client backs off.
+            return web.Response(status=503, text=_ERROR_BODIES[503][1], content_type="text/plain")
         ws = web.WebSocketResponse(max_msg_size=0, timeout=2.0, autoping=True)
         await ws.prepare(request)
         conn = _Connection(ws, request.transport)
@@ -617,8 +669,12 @@ class DiscordEmulator:
                 await self._gateway_op(conn, payload)
         finally:
             self._connections.discard(conn)
-            if conn.session is not None and conn.session.conn is conn:
-                conn.session.conn = None
+            session = conn.session
+            if session is not None and session.conn is conn:
+                session.conn = None
+                session.detached_at = time.monotonic()
+                if not conn.closed_by_server and ws.close_code in SESSION_ENDING_CLOSE_CODES:
+                    self._sessions.pop(session.id, None)  # the client ended it: nothing to resume
             await self._notify()
         return ws
 
@@ -665,6 +721,7 @@ class DiscordEmulator:
         await self._gateway_fault(conn)
 
     async def _resume(self, conn: _Connection, data: dict[str, Any]) -> None:
+        self._expire_sessions()  # too late for an expired one: op 9, nothing replayed
         session = self._sessions.get(str(data.get("session_id")))
         seq = data.get("seq") or 0
         if data.get("token") != self.token:
@@ -691,8 +748,16 @@ class DiscordEmulator:
             conn.session = None
         await conn.send({"op": OP_INVALID_SESSION, "d": resumable})
 
+    def _expire_sessions(self) -> None:
+        """Forget sessions dropped longer than ``session_lifetime`` ago, with what they buffered."""
+        now = time.monotonic()
+        for sid in [sid for sid, s in self._sessions.items() if s.expired(now, self.session_lifetime)]:
+            del self._sessions[sid]
+            self.expired_sessions += 1
+
     async def _dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send an event to every session (buffered for replay even when nobody is attached)."""
+        """Send an event to every session (buffered for replay while a dropped one can be resumed)."""
+        self._expire_sessions()
         for session in list(self._sessions.values()):
             await self._emit(session, event, self._visible(session, event, data))
 
@@ -718,7 +783,7 @@ class DiscordEmulator:
 
     async def _gateway_fault(self, conn: _Connection) -> bool:
         """Apply the next gateway fault to ``conn``, if any; True when the connection is disturbed."""
-        fault = self.faults.pick("gateway", kinds=GATEWAY_FAULT_KINDS)
+        fault = self.faults.pick("gateway", kinds=GATEWAY_DISTURBANCES)
         if fault is None:
             return False
         # Whatever the fault, nothing more goes out on this connection: an event sent after the
@@ -823,6 +888,7 @@ class DiscordEmulator:
         hook = "/webhooks/{app_id}/{token}"
         return [
             ("GET", "/users/@me", "me", self._get_me, True),
+            ("GET", "/users/{user_id}", "user", self._get_user, True),
             ("GET", "/oauth2/applications/@me", "application", self._get_application, True),
             ("GET", "/gateway", "gateway_url", self._get_gateway, False),
             ("GET", "/gateway/bot", "gateway_url", self._get_gateway, True),
@@ -851,6 +917,14 @@ class DiscordEmulator:
 
     async def _get_me(self, request: web.Request, body: Any) -> web.Response:
         return _json(200, self.world.bot.payload() | {"verified": True, "mfa_enabled": False, "flags": 0})
+
+    async def _get_user(self, request: web.Request, body: Any) -> web.Response:
+        # Get User (discord-api-docs docs/resources/User.md): how a bot without the members intent
+        # (discord.py's fetch_user) learns a user it must DM
+        try:
+            return _json(200, self.world.user(int(request.match_info["user_id"])).payload())
+        except (KeyError, ValueError):
+            raise ApiError(404, "Unknown User", 10013) from None
 
     async def _get_application(self, request: web.Request, body: Any) -> web.Response:
         return _json(200, self.world.application_payload())
@@ -889,6 +963,7 @@ class DiscordEmulator:
 
     async def _create_message(self, request: web.Request, body: Any) -> web.Response:
         cid = self._channel(request)
+        self._check_can_post(cid)
         body = body or {}
         nonce = str(body["nonce"]) if body.get("nonce") is not None else None
         if nonce is not None and body.get("enforce_nonce"):
@@ -957,8 +1032,31 @@ class DiscordEmulator:
         self._sent_log.append(sent)
         return sent
 
+    def _check_can_read(self, cid: int) -> None:
+        """Reading messages of a guild channel needs View Channel and Read Message History.
+
+        Discord's docs say a bot without Read Message History gets no messages; the API answers
+        403 {"message": "Missing Access", "code": 50001} (discord/discord-api-docs#7399,
+        machineonamission/mediaforge#242 and #264: ``channel.history`` raising Forbidden 50001
+        for a bot without "read message history"), so the emulator does that.
+        """
+        if not self.world.is_guild_channel(cid):
+            return
+        perms = self.world.channel_permissions(self.world.bot, cid)
+        if not perms & VIEW_CHANNEL or not perms & READ_MESSAGE_HISTORY:
+            raise ApiError(403, "Missing Access", 50001)
+
+    def _check_can_post(self, cid: int) -> None:
+        """A DM to a user who accepts none from the bot: 403 {"message": "Cannot send messages to
+        this user", "code": 50007} (discord-api-docs ``Opcodes_and_Status_Codes.md``, JSON error
+        code 50007). Opening the DM channel itself succeeds."""
+        recipient = self.world.dm_recipient(cid)
+        if recipient is not None and recipient in self.world.closed_dms:
+            raise ApiError(403, "Cannot send messages to this user", 50007)
+
     async def _get_history(self, request: web.Request, body: Any) -> web.Response:
         cid = self._channel(request)
+        self._check_can_read(cid)
         q = request.query
         limit = max(1, min(100, int(q.get("limit", 50))))
         before = int(q["before"]) if "before" in q else None
@@ -966,6 +1064,7 @@ class DiscordEmulator:
         return _json(200, self.world.history(cid, limit=limit, before=before, after=after))
 
     async def _get_message(self, request: web.Request, body: Any) -> web.Response:
+        self._check_can_read(self._channel(request))
         return _json(200, self._message(request)[1])
 
     async def _edit_message(self, request: web.Request, body: Any) -> web.Response:
@@ -1104,6 +1203,10 @@ class DiscordEmulator:
         if int(request.match_info["app_id"]) != self.application_id:
             raise ApiError(404, "Unknown Webhook", 10015)
         record = self._interaction(request.match_info["token"])
+        if time.monotonic() - record.created >= self.interaction_token_lifetime:
+            # the token has expired (see INTERACTION_TOKEN_LIFETIME_SECONDS): follow-ups, and
+            # getting, editing or deleting the original or a follow-up, are all refused
+            raise ApiError(401, "Invalid Webhook Token", 50027)
         if not record.acknowledged:
             raise ApiError(404, "Unknown Webhook", 10015)  # Discord has no webhook until the callback
         return record

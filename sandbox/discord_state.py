@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +19,9 @@ DISCORD_EPOCH_MS = 1420070400000
 # Permission bits (https://discord.com/developers/docs/topics/permissions).
 ADMINISTRATOR = 1 << 3
 MANAGE_GUILD = 1 << 5
+VIEW_CHANNEL = 1 << 10
 MANAGE_MESSAGES = 1 << 13
+READ_MESSAGE_HISTORY = 1 << 16
 ALL_PERMISSIONS = (1 << 51) - 1
 EVERYONE_PERMISSIONS = (
     (1 << 6)  # add reactions
@@ -122,7 +125,10 @@ class World:
     gives it to a team, as ``GET /oauth2/applications/@me`` reports.
     """
 
-    def __init__(self, *, bot_name: str = "gembot") -> None:
+    def __init__(self, *, bot_name: str = "gembot", clock: Callable[[], float] = time.time) -> None:
+        # The world's wall clock (seconds since the epoch): message ids and timestamps carry it.
+        # Tests may set another, to play messages sent an hour ago (real Discord cannot backdate).
+        self.clock = clock
         self._counter = itertools.count()
         self.application_id = self.snowflake()
         self.guild_id = self.snowflake()
@@ -172,13 +178,14 @@ class World:
             },
         }
         self.dm_channels: dict[int, int] = {}  # user id -> DM channel id
+        self.closed_dms: set[int] = set()  # users who accept no direct messages from the bot
         self.messages: dict[int, list[dict[str, Any]]] = {cid: [] for cid in self.channel_data}
         self.reactions: dict[int, dict[str, set[int]]] = {}  # message id -> emoji -> user ids
         self.joined_at = now_iso()
 
     def snowflake(self) -> int:
         """A fresh id whose timestamp part is now, like Discord's."""
-        ms = int(time.time() * 1000) - DISCORD_EPOCH_MS
+        ms = int(self.clock() * 1000) - DISCORD_EPOCH_MS
         return (ms << 22) | (next(self._counter) & 0x3FFFFF)
 
     def _add_user(
@@ -280,6 +287,18 @@ class World:
             self.messages[cid] = []
         return self.dm_channels[user.id]
 
+    def close_dms(self, who: str | int) -> None:
+        """The user accepts no DMs from the bot (privacy setting, or blocked it): the DM channel
+        can still be opened, but the bot's messages there are refused (403, code 50007)."""
+        self.closed_dms.add(self.user(who).id)
+
+    def dm_recipient(self, channel_id: int) -> int | None:
+        """The user of a DM channel; None for any other channel."""
+        channel = self.channel_data.get(channel_id, {})
+        if channel.get("type") != CHANNEL_DM:
+            return None
+        return int(channel["recipients"][0]["id"])
+
     def is_guild_channel(self, channel_id: int) -> bool:
         return "guild_id" in self.channel_data.get(channel_id, {})
 
@@ -297,6 +316,47 @@ class World:
             if role.name == "@everyone" or role.id in user.role_ids:
                 perms |= role.permissions
         return ALL_PERMISSIONS if perms & ADMINISTRATOR else perms
+
+    def set_overwrite(self, channel_id: int, target_id: int, *, allow: int = 0, deny: int = 0) -> None:
+        """Put a permission overwrite on a guild channel for a role (its id) or a member (a user
+        id), replacing that target's earlier one; sent in GUILD_CREATE like Discord's."""
+        channel = self.channel_data[channel_id]
+        gid = self.channel_guild(channel_id)
+        if gid is None or channel.get("type") == CHANNEL_PUBLIC_THREAD:
+            raise ValueError("overwrites belong to guild channels (threads use their parent's)")
+        kind = 0 if any(r.id == target_id for r in self.guilds[gid].roles) else 1  # 0 role, 1 member
+        kept = [o for o in channel["permission_overwrites"] if o["id"] != str(target_id)]
+        overwrite = {"id": str(target_id), "type": kind, "allow": str(allow), "deny": str(deny)}
+        channel["permission_overwrites"] = [*kept, overwrite]
+
+    def channel_permissions(self, user: UserRecord, channel_id: int) -> int:
+        """A member's permissions in a guild channel or thread: the guild's, then the channel's
+        overwrites in Discord's order (@everyone, the member's roles together, the member), as in
+        discord-api-docs ``docs/topics/Permissions.md`` "Permission Overwrites". A thread uses its
+        parent's overwrites."""
+        gid = self.channel_guild(channel_id)
+        if gid is None:
+            raise ValueError(f"channel {channel_id} is not a guild channel")
+        perms = self.permissions(user, gid)
+        if perms & ADMINISTRATOR:
+            return ALL_PERMISSIONS
+        channel = self.channel_data[channel_id]
+        if channel.get("type") == CHANNEL_PUBLIC_THREAD:
+            channel = self.channel_data[int(channel["parent_id"])]
+        overwrites = {int(o["id"]): o for o in channel.get("permission_overwrites") or []}
+        everyone = overwrites.get(gid)
+        if everyone is not None:
+            perms = (perms & ~int(everyone["deny"])) | int(everyone["allow"])
+        allow = deny = 0
+        for role_id in user.role_ids:
+            o = overwrites.get(role_id)
+            if o is not None and o["type"] == 0:
+                allow, deny = allow | int(o["allow"]), deny | int(o["deny"])
+        perms = (perms & ~deny) | allow
+        member = overwrites.get(user.id)
+        if member is not None and member["type"] == 1:
+            perms = (perms & ~int(member["deny"])) | int(member["allow"])
+        return perms
 
     def roles(self, guild_id: int | None = None) -> list[dict[str, Any]]:
         return [r.payload() for r in self.guilds[guild_id if guild_id is not None else self.guild_id].roles]
@@ -437,7 +497,7 @@ class World:
             "channel_id": str(channel_id),
             "author": author.payload(),
             "content": content,
-            "timestamp": now_iso(),
+            "timestamp": datetime.fromtimestamp(self.clock(), UTC).isoformat(),
             "edited_timestamp": None,
             "tts": False,
             "mention_everyone": False,

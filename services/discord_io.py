@@ -267,6 +267,16 @@ class DiscordIO:
 
         return await self._guard("read", _channel_id(channel), scan)
 
+    async def history(
+        self, channel: discord.abc.Messageable, *, after: discord.abc.Snowflake, limit: int
+    ) -> list[discord.Message]:
+        """At most ``limit`` messages after ``after``, oldest first: one guarded read (``discord.read``)."""
+
+        async def read() -> list[discord.Message]:
+            return [message async for message in channel.history(limit=limit, after=after)]
+
+        return await self._guard("read", _channel_id(channel), read)
+
     async def react(self, message: discord.Message | discord.PartialMessage, emoji: str) -> bool:
         """Add a reaction through ``discord.react``; True if it was added.
 

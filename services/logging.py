@@ -183,10 +183,12 @@ def configure_logging(
 
 
 def _quiet_reconnects(record: logging.LogRecord) -> bool:
-    """discord.py logs every gateway reconnect attempt with a full traceback; keep one line.
+    """discord.py logs every gateway reconnect attempt at ERROR with a full traceback; keep one
+    warning line.
 
-    The exception stays in the line as ``error`` (type and message), so nothing is hidden,
-    but a flapping network does not fill the log (or an operator's terminal) with stacks.
+    The exception stays in the line (type and message), so nothing is hidden, but a flapping
+    network does not fill the log (or an operator's terminal) with stacks, and a gateway that is
+    unreachable for a while (an outage discord.py rides out by retrying) is no error to page for.
     """
     if record.exc_info and record.name.startswith("discord.") and record.getMessage().startswith(
         "Attempting a reconnect"
@@ -196,6 +198,7 @@ def _quiet_reconnects(record: logging.LogRecord) -> bool:
         record.args = None
         record.exc_info = None
         record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
     return True
 
 

@@ -13,12 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
-from bot import texts
+from bot import marks, texts
+from bot.answering import Answerer
+from bot.app import build_application
+from bot.commands import ASK_TOKEN_MARGIN, INTERACTION_TOKEN_SECONDS, SlashCommands
+from bot.routing import FailureRouter
 from bot.texts import ACK_MARK
 from resilience.degradation import ItemKind, ItemState, Mode
 from sandbox.discord_emu import InteractionRecord
 from sandbox.discord_state import MANAGE_MESSAGES
+from sandbox.responder import words_of_length
+from services.config import load_config
 from tests.integration.harness import running_emulators
 from tests.integration.test_pipeline import Live, live_bot
 
@@ -237,6 +244,126 @@ async def test_help_says_who_may_use_server_admin_and_reset(live: Live) -> None:
     assert "`/server` for this server only" in text and "Manage Server" in text
     assert "**The bot's owners**: `/admin` for what affects every server" in text
     assert "Manage Messages" in text
+
+
+# -- /ask past the interaction token's lifetime, and private answers that cannot be DMed --------------
+
+
+async def wait_item_state(live: Live, state: ItemState) -> None:
+    """Wait until the /ask's queue item (inbound, or outbound once staged) reaches ``state``."""
+    async with asyncio.timeout(10):
+        while True:
+            depth = (await live.app.storage.stats(now=live.app.clock.time())).depth
+            if depth.get((ItemKind.INBOUND, state), 0) + depth.get((ItemKind.OUTBOUND, state), 0):
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_an_answer_ready_after_the_token_expired_is_posted_in_the_channel_mentioning_the_asker(
+    live: Live,
+) -> None:
+    """Discord refuses follow-ups once the interaction token has expired (401 50027; 15 minutes,
+    here 0.5 s). The answer is not lost: it goes to the channel as a message that is no reply,
+    mentions the asker (and pings only them) and says what was asked; the turn is remembered."""
+    live.discord.interaction_token_lifetime = 0.5
+    live.gemini.faults.add("latency", value=1.0, count=1)
+    record = await live.discord.send_interaction("ask", {"prompt": "a slow public question"})
+    [answer] = await live.discord.wait_for_bot_message(live.general, timeout=10)
+    user = live.discord.users["normal"]
+    assert answer.content.startswith(f"<@{user}> You asked earlier")
+    assert "> a slow public question" in answer.content and "«a slow public question»" in answer.content
+    assert answer.message_reference is None and answer.pings == {f"user:{user}"}
+    assert record.followups == []
+    assert [r.status for r in live.discord.requests_for("followup")] == [401]
+    await wait_item_state(live, ItemState.DONE)
+    assert [t.role for t in await live.app.storage.history(str(live.general))] == ["user", "model"]
+
+
+async def test_a_long_answer_after_the_token_expired_keeps_every_chunk_within_discords_limit(
+    live: Live,
+) -> None:
+    """When the first chunk has no room for the mention and the question, they go first, on their
+    own; then every chunk of the answer, in order, none over 2,000 characters, nothing lost."""
+    live.discord.interaction_token_lifetime = 0.5
+    live.gemini.faults.add("latency", value=1.0, count=1)
+    await live.discord.send_interaction("ask", {"prompt": "reply with 2500 characters"})
+    sent = await live.discord.wait_for_bot_message(live.general, count=3, timeout=10)
+    intro, *chunks = sent
+    user = live.discord.users["normal"]
+    assert intro.content == f"<@{user}> You asked earlier: > reply with 2500 characters"
+    assert intro.pings == {f"user:{user}"}
+    text = " ".join(marks.strip(c.content) for c in chunks)  # without the answers' invisible marks
+    assert text.split() == words_of_length(2500).split()
+    assert all(len(m.content) <= 2000 and m.message_reference is None for m in sent)
+    await wait_item_state(live, ItemState.DONE)
+    assert len(live.sent()) == 3
+
+
+async def test_a_private_answer_ready_after_the_token_expired_is_sent_by_dm(live: Live) -> None:
+    live.discord.interaction_token_lifetime = 0.5
+    live.gemini.faults.add("latency", value=1.0, count=1)
+    await live.discord.send_interaction("ask", {"prompt": "a slow secret", "private": True})
+    dm = live.discord.dm_channel("normal")
+    [answer] = await live.discord.wait_for_bot_message(dm, timeout=10)
+    assert "> a slow secret" in answer.content and "«a slow secret»" in answer.content
+    assert live.sent() == []
+    await wait_item_state(live, ItemState.DONE)
+    assert await live.app.storage.history(str(live.general)) == []
+
+
+async def test_a_private_answer_the_user_does_not_accept_by_dm_is_dead_lettered_with_a_notice(
+    live: Live,
+) -> None:
+    """The token expired and the asker accepts no DMs (403 50007): the answer cannot reach them
+    anywhere private. It is dead-lettered with a log line saying why, and since the question came
+    from a server channel, a short notice there tells the asker (pinging only them) without the
+    question or the answer."""
+    live.discord.world.close_dms("normal")
+    live.discord.interaction_token_lifetime = 0.5
+    live.gemini.faults.add("latency", value=1.0, count=1)
+    with capture_logs() as logs:
+        await live.discord.send_interaction("ask", {"prompt": "a slow secret", "private": True})
+        [notice] = await live.discord.wait_for_bot_message(live.general, timeout=10)
+        await wait_item_state(live, ItemState.DEAD)
+    assert_private_answer_refused(live, notice, logs)
+
+
+async def test_a_late_private_answer_the_user_does_not_accept_by_dm_is_dead_lettered_with_a_notice(
+    live: Live,
+) -> None:
+    """Gemini was down: the private /ask was queued (ephemeral acknowledgement), and the drain's
+    late answer goes by DM, which the asker does not accept: the same dead letter and notice."""
+    live.discord.world.close_dms("normal")
+    live.gemini.faults.add("429", count=1, retry_delay="0.1s")
+    live.app.gemini_retry.max_attempts = 1
+    with capture_logs() as logs:
+        record = await run(live, "ask", {"prompt": "a queued secret", "private": True})
+        [ack] = record.followups
+        assert ack.ephemeral and ack.content.startswith(ACK_MARK)
+        [notice] = await live.discord.wait_for_bot_message(live.general, timeout=10)
+        await wait_item_state(live, ItemState.DEAD)
+    assert_private_answer_refused(live, notice, logs)
+
+
+def assert_private_answer_refused(live: Live, notice: Any, logs: list[dict[str, Any]]) -> None:
+    user = live.discord.users["normal"]
+    assert notice.content == f"<@{user}> {texts.private_answer_undeliverable()}"
+    assert "secret" not in notice.content and notice.pings == {f"user:{user}"}
+    assert live.discord.sent_messages(live.discord.dm_channel("normal")) == []
+    [line] = [e for e in logs if e["event"] == "pipeline.undeliverable"]
+    assert (line["reason"], line["user_id"], line["private"]) == ("dm_closed", user, True)
+    assert live.app.board["discord.send"].state.value == "closed"
+
+
+async def test_ask_never_runs_past_the_interaction_tokens_lifetime(tmp_path: Path) -> None:
+    """However long the processing timeout is set, /ask stops a minute before Discord's 15-minute
+    token lifetime, so its "took too long" sentence can still be shown."""
+    longest = {"PROCESSING_TIMEOUT_SECONDS": "3600", "MUTEX_ACQUIRE_TIMEOUT_SECONDS": "300"}
+    config = load_config(environ={**longest, "DATA_DIR": str(tmp_path / "data")}, env_file=None)
+    app = build_application(config)
+    router = FailureRouter(app)
+    commands = SlashCommands(app, Answerer(app, router), router)
+    assert commands.ask_timeout == INTERACTION_TOKEN_SECONDS - ASK_TOKEN_MARGIN == 840.0
 
 
 # -- errors ----------------------------------------------------------------------------------------

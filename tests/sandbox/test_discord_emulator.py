@@ -11,7 +11,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -20,6 +20,7 @@ import pytest
 from discord.ext import commands
 
 from sandbox.discord_emu import DiscordEmulator
+from sandbox.discord_state import READ_MESSAGE_HISTORY, VIEW_CHANNEL
 from sandbox.faults import FaultPlan
 from tests.integration.harness import pointed_at
 
@@ -435,6 +436,7 @@ async def test_resume_replays_only_missed_events_and_fails_beyond_the_buffer() -
             assert (ready["t"], ready["s"], guild["t"], guild["s"]) == ("READY", 1, "GUILD_CREATE", 2)
             session_id = ready["d"]["session_id"]
             assert ready["d"]["resume_gateway_url"] == emu.gateway_url
+            await ws.close(code=4000)  # not 1000/1001, which would end the session (Discord's rule)
         await emu.wait_until(lambda: not emu.connected)
         for n in range(2):
             await emu.send_user_message(emu.channels["general"], content=f"missed {n}")
@@ -446,6 +448,7 @@ async def test_resume_replays_only_missed_events_and_fails_beyond_the_buffer() -
                 frames = [await ws.receive_json(timeout=2)]
                 while frames[-1].get("t") not in ("RESUMED", None):
                     frames.append(await ws.receive_json(timeout=2))
+                await ws.close(code=4000)  # keep the session resumable
                 return frames
 
         frames = await resume(2)
@@ -645,3 +648,224 @@ async def test_a_reply_to_a_deleted_message_without_fail_if_not_exists_is_posted
         sent = await channel.send("late answer", reference=gone)
         [fetched] = [m async for m in channel.history(limit=1)]
     assert sent.reference is None and fetched.reference is None and fetched.content == "late answer"
+
+
+# -- gateway sessions expire (Discord: a dropped session times out "after a few minutes") ---------
+
+
+async def raw_identify(http: aiohttp.ClientSession, emu: DiscordEmulator) -> tuple[str, int]:
+    """IDENTIFY on a raw connection, read READY and the GUILD_CREATE, close without a close frame
+    of our own (the emulator cuts the TCP); returns the session id and the last sequence number."""
+    async with http.ws_connect(emu.gateway_url) as ws:
+        await ws.receive_json(timeout=2)  # HELLO
+        await ws.send_json({"op": 2, "d": {"token": emu.token, "intents": 0, "properties": {}}})
+        ready = await ws.receive_json(timeout=2)
+        guild = await ws.receive_json(timeout=2)
+        emu.cut_gateway()  # a network failure: the session stays resumable for a while
+    await emu.wait_until(lambda: not emu.connected)
+    return ready["d"]["session_id"], guild["s"]
+
+
+async def raw_resume(
+    http: aiohttp.ClientSession, emu: DiscordEmulator, session_id: str, seq: int
+) -> list[Any]:
+    """RESUME on a new raw connection; the frames up to RESUMED or op 9."""
+    async with http.ws_connect(emu.gateway_url) as ws:
+        await ws.receive_json(timeout=2)  # HELLO
+        await ws.send_json({"op": 6, "d": {"token": emu.token, "session_id": session_id, "seq": seq}})
+        frames = [await ws.receive_json(timeout=2)]
+        while frames[-1].get("t") not in ("RESUMED", None):
+            frames.append(await ws.receive_json(timeout=2))
+        return frames
+
+
+async def test_a_resume_within_the_session_lifetime_replays_what_was_missed() -> None:
+    """Within ``session_lifetime`` of the drop, a RESUME replays the missed MESSAGE_CREATE."""
+    emulator = DiscordEmulator(heartbeat_interval=10.0, session_lifetime=30.0)
+    async with emulator as emu, aiohttp.ClientSession() as http:
+        session_id, seq = await raw_identify(http, emu)
+        await emu.send_user_message(emu.channels["general"], content="while away")
+        frames = await raw_resume(http, emu, session_id, seq)
+    assert [f["t"] for f in frames] == ["MESSAGE_CREATE", "RESUMED"]
+    assert emu.expired_sessions == 0
+
+
+async def test_a_resume_after_the_session_expired_gets_op9_and_nothing_is_replayed() -> None:
+    """Past ``session_lifetime`` the dropped session is gone with what it buffered: a RESUME gets
+    op 9 Invalid Session with ``d: false``, and a message sent before or after the expiry is
+    never delivered to that client (only a fresh IDENTIFY gets new events)."""
+    emulator = DiscordEmulator(heartbeat_interval=10.0, session_lifetime=0.2)
+    async with emulator as emu, aiohttp.ClientSession() as http:
+        session_id, seq = await raw_identify(http, emu)
+        await emu.send_user_message(emu.channels["general"], content="buffered, then lost")
+        await emu.wait_until(lambda: emu.live_sessions == 0, timeout=2)
+        await emu.send_user_message(emu.channels["general"], content="after the expiry")
+        frames = await raw_resume(http, emu, session_id, seq)
+        assert frames == [{"op": 9, "d": False}]
+        assert emu.expired_sessions == 1 and emu.resume_count == 0
+        async with http.ws_connect(emu.gateway_url) as ws:  # a fresh session sees only what comes next
+            await ws.receive_json(timeout=2)
+            await ws.send_json({"op": 2, "d": {"token": emu.token, "intents": 0, "properties": {}}})
+            assert [(await ws.receive_json(timeout=2))["t"] for _ in range(2)] == ["READY", "GUILD_CREATE"]
+            await emu.send_user_message(emu.channels["general"], content="new")
+            event = await ws.receive_json(timeout=2)
+    assert (event["t"], event["s"]) == ("MESSAGE_CREATE", 3)
+
+
+async def test_a_client_that_closes_with_1000_ends_its_session_at_once() -> None:
+    """Close code 1000 (or 1001) from the client ends the session: no RESUME afterwards (op 9)."""
+    emulator = DiscordEmulator(heartbeat_interval=10.0, session_lifetime=60.0)
+    async with emulator as emu, aiohttp.ClientSession() as http:
+        async with http.ws_connect(emu.gateway_url) as ws:
+            await ws.receive_json(timeout=2)
+            await ws.send_json({"op": 2, "d": {"token": emu.token, "intents": 0, "properties": {}}})
+            ready = await ws.receive_json(timeout=2)
+            guild = await ws.receive_json(timeout=2)
+            await ws.close(code=1000)
+        await emu.wait_until(lambda: emu.live_sessions == 0, timeout=2)
+        frames = await raw_resume(http, emu, ready["d"]["session_id"], guild["s"])
+    assert frames == [{"op": 9, "d": False}]
+
+
+async def test_an_unavailable_gateway_refuses_connections_until_the_fault_ends(emu: DiscordEmulator) -> None:
+    """Fault ``unavailable`` on ``gateway``: the websocket upgrade gets a 503 while it lasts."""
+    fault = emu.faults.add("unavailable", "gateway")
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await http.ws_connect(emu.gateway_url)
+        assert info.value.status == 503
+        emu.faults.remove(fault.id)
+        async with http.ws_connect(emu.gateway_url) as ws:
+            assert (await ws.receive_json(timeout=2))["op"] == 10
+
+
+async def test_discord_py_identifies_afresh_after_an_expired_session_and_dispatches_ready_not_resumed(
+    emu: DiscordEmulator,
+) -> None:
+    """The connection drops and stays down past the session's lifetime. discord.py tries to RESUME,
+    gets op 9, waits its 5 s and IDENTIFIEs: ``on_connect`` and ``on_ready`` fire again and
+    ``on_resumed`` never does (discord.py 2.7 ``state.py``: ``parse_ready`` dispatches ``connect``
+    and, once the guilds arrived, ``ready``; only ``parse_resumed`` dispatches ``resumed``). The
+    message sent while it was away never reaches it."""
+    emu.session_lifetime = 0.2
+    bot = make_bot(heartbeat_timeout=60.0)  # nobody reads the socket during the 5 s before IDENTIFY
+    events: list[str] = []
+    seen: list[str] = []
+
+    def record(name: str) -> Callable[[], Awaitable[None]]:
+        async def listener() -> None:
+            events.append(name)
+
+        return listener
+
+    for name in ("connect", "ready", "resumed"):
+        bot.add_listener(record(name), f"on_{name}")
+
+    async def on_message(message: discord.Message) -> None:
+        seen.append(message.content)
+
+    bot.add_listener(on_message)
+    general = emu.channels["general"]
+    async with running(emu, bot):
+        await emu.wait_until(lambda: events == ["connect", "ready"])
+        outage = emu.faults.add("unavailable", "gateway")
+        emu.cut_gateway()
+        await emu.wait_until(lambda: emu.live_sessions == 0, timeout=2)
+        await emu.send_user_message(general, content="while away")
+        emu.faults.remove(outage.id)
+        await emu.wait_until(lambda: emu.identify_count == 2 and emu.connected, timeout=20)
+        await emu.wait_until(lambda: len(events) == 4, timeout=5)
+        await emu.send_user_message(general, content="back")
+        await emu.wait_until(lambda: seen == ["back"], timeout=5)
+    assert events == ["connect", "ready", "connect", "ready"]
+    assert emu.resume_count == 0 and emu.expired_sessions == 1
+
+
+# -- interaction tokens expire; DMs can be closed; Read Message History can be missing ----------
+
+
+async def test_an_interaction_token_works_for_its_lifetime_then_every_webhook_call_gets_401_50027(
+    emu: DiscordEmulator,
+) -> None:
+    """Discord's interaction tokens last 15 minutes (``interaction_token_lifetime`` here): a
+    follow-up in time is posted; after that a follow-up, and an edit of the original response,
+    raise discord.py's HTTPException 401 with code 50027 (Invalid Webhook Token)."""
+    bot = make_bot()
+    errors: list[discord.HTTPException] = []
+    done = asyncio.Event()
+
+    @bot.tree.command(name="slow", description="Answers late")
+    async def slow(interaction: discord.Interaction) -> None:
+        try:
+            await interaction.response.defer(thinking=True)
+            await interaction.followup.send("in time")
+            emu.interaction_token_lifetime = 0.0  # as if 15 minutes had passed
+            for late in (interaction.followup.send("too late"),
+                         interaction.edit_original_response(content="too late")):
+                try:
+                    await late
+                except discord.HTTPException as exc:
+                    errors.append(exc)
+        finally:
+            done.set()
+
+    async with running(emu, bot):
+        record = await emu.send_interaction("slow")
+        async with asyncio.timeout(5):
+            await done.wait()
+    assert [(e.status, e.code, e.text) for e in errors] == [(401, 50027, "Invalid Webhook Token")] * 2
+    assert [f.content for f in record.followups] == ["in time"]
+    assert [r.status for r in emu.requests_for("followup")] == [200, 401, 401]
+
+
+async def test_a_user_who_accepts_no_dms_gets_none_the_dm_channel_still_opens(emu: DiscordEmulator) -> None:
+    """``world.close_dms``: opening the DM works, sending there raises Forbidden 50007 (Cannot send
+    messages to this user); other users' DMs are unaffected."""
+    emu.world.close_dms("normal")
+    async with running(emu) as run:
+        normal, admin = run.bot.get_user(emu.users["normal"]), run.bot.get_user(emu.users["admin"])
+        assert normal is not None and admin is not None
+        closed, open_ = await normal.create_dm(), await admin.create_dm()
+        with pytest.raises(discord.Forbidden) as info:
+            await closed.send("hello?")
+        await open_.send("hello")
+    refused = (info.value.status, info.value.code, info.value.text)
+    assert refused == (403, 50007, "Cannot send messages to this user")
+    assert emu.sent_messages(closed.id) == []
+    assert [m.content for m in emu.sent_messages(open_.id)] == ["hello"]
+
+
+async def test_without_read_message_history_reading_a_channel_is_refused_with_50001(
+    emu: DiscordEmulator,
+) -> None:
+    """A member overwrite denies the bot Read Message History in #random: discord.py sees the
+    permission missing, ``history()`` and ``fetch_message`` raise Forbidden 50001 (Missing
+    Access), sending there still works, and #general (where @everyone loses View Channel but the
+    bot's role gets it back) reads fine."""
+    random_id, general_id = emu.channels["random"], emu.channels["general"]
+    emu.world.set_overwrite(random_id, emu.bot_user_id, deny=READ_MESSAGE_HISTORY)
+    emu.world.set_overwrite(general_id, emu.guild_id, deny=VIEW_CHANNEL)
+    emu.world.set_overwrite(general_id, emu.world.bot_role_id, allow=VIEW_CHANNEL)
+    async with running(emu) as run:
+        random_ = run.bot.get_channel(random_id)
+        general = run.bot.get_channel(general_id)
+        assert isinstance(random_, discord.TextChannel) and isinstance(general, discord.TextChannel)
+        assert not random_.permissions_for(random_.guild.me).read_message_history
+        posted = await random_.send("I can still talk here")
+        with pytest.raises(discord.Forbidden) as listing:
+            [m async for m in random_.history(limit=5)]
+        with pytest.raises(discord.Forbidden) as one:
+            await random_.fetch_message(posted.id)
+        await general.send("readable")
+        assert [m.content async for m in general.history(limit=5)] == ["readable"]
+    assert [(e.value.status, e.value.code) for e in (listing, one)] == [(403, 50001)] * 2
+
+
+async def test_fetch_user_gets_any_user_of_the_world_and_404_10013_otherwise(emu: DiscordEmulator) -> None:
+    """``GET /users/{id}``: how a bot without the members intent learns a user it must DM."""
+    async with running(emu) as run:
+        user = await run.bot.fetch_user(emu.users["normal"])
+        with pytest.raises(discord.NotFound) as info:
+            await run.bot.fetch_user(1)
+    assert (user.id, user.name) == (emu.users["normal"], "bob")
+    assert info.value.code == 10013

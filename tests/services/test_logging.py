@@ -291,3 +291,16 @@ def test_a_lone_dict_argument_is_hidden_and_other_loggers_and_levels_are_left_al
         "kept {'note': 'info'}",
         "kept {'note': 'other library'}",
     ]
+
+
+def test_discord_pys_reconnect_attempts_are_one_warning_line_without_a_stack(json_lines: Lines) -> None:
+    """discord.py logs each attempt to reach an unreachable gateway with ``_log.exception``: one
+    warning line naming the error, not an error with a traceback (an outage is no bug)."""
+    try:
+        raise ConnectionResetError("503 from the gateway")
+    except ConnectionResetError:
+        logging.getLogger("discord.client").exception("Attempting a reconnect in %.2fs", 1.5)
+    [line] = json_lines()
+    assert line["level"] == "warning" and "exception" not in line
+    assert line["event"] == "Attempting a reconnect in 1.50s (ConnectionResetError: 503 from the gateway)"
+
