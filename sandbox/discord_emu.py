@@ -1166,10 +1166,20 @@ def _pings(content: str, allowed: dict[str, Any] | None, replied_to: dict[str, A
 
 
 def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None:
+    """Refuse what Discord refuses: over 2,000 characters (50035), or nothing to show (50006).
+
+    A message needs content, an embed or a file (Discord's create-message docs: at least one of
+    content, embeds, sticker_ids, components, files or poll). Content that is only whitespace
+    counts as none: Discord answers 400 "Cannot send an empty message" (code 50006) to a bare
+    "\n" (NITKC-DEV/Kisarazu-Multi-Manager#32) and to spaces (Together-Java/JShellBot#28). A
+    zero-width space (U+200B) is not whitespace: bridges send it to make a blank line postable
+    (qaisjp/go-discord-irc#133), so it is accepted here too. Whitespace is Unicode's White_Space
+    as ``str.strip`` removes it.
+    """
     if len(content) > 2000:
         raise ApiError(400, "Invalid Form Body", 50035, {"content": {"_errors": [
             {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}})
-    if not content and not embeds and not files:
+    if not content.strip() and not embeds and not files:
         raise ApiError(400, "Cannot send an empty message", 50006)
 
 

@@ -348,6 +348,29 @@ async def test_too_long_and_empty_messages_are_rejected_like_discord(emu: Discor
     assert (empty.value.status, empty.value.code) == (400, 50006)
 
 
+@pytest.mark.parametrize("blank", [" " * 1999 + "\n", "\n" * 2000, " \t\r\n\u3000\u00a0"])
+async def test_whitespace_only_content_is_an_empty_message_like_discord(
+    emu: DiscordEmulator, blank: str
+) -> None:
+    """Discord refuses content that is only whitespace (400, 50006), on create and on edit, unless an
+    embed carries the message; a zero-width space is no whitespace and is posted."""
+    random_id = emu.channels["random"]
+    async with running(emu) as run:
+        channel = run.bot.get_channel(random_id)
+        assert isinstance(channel, discord.TextChannel)
+        with pytest.raises(discord.HTTPException) as refused:
+            await channel.send(blank)
+        posted = await channel.send("first")
+        with pytest.raises(discord.HTTPException) as edit_refused:
+            await posted.edit(content=blank)
+        with_embed = await channel.send(blank, embed=discord.Embed(description="shown"))
+        zero_width = await channel.send("\u200b")
+    assert (refused.value.status, refused.value.code) == (400, 50006)
+    assert (edit_refused.value.status, edit_refused.value.code) == (400, 50006)
+    assert [m.id for m in emu.sent_messages(random_id)] == [posted.id, with_embed.id, zero_width.id]
+    assert emu.sent_messages(random_id)[0].content == "first"
+
+
 async def test_without_message_content_intent_guild_content_is_blanked(emu: DiscordEmulator) -> None:
     """Like Discord: without the intent a bot sees guild content only when mentioned (and in DMs)."""
     intents = discord.Intents.default()
