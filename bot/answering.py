@@ -143,7 +143,7 @@ class Answerer:
         except Exception as exc:
             if isinstance(exc, PartialDeliveryError):
                 remaining, verdict = exc.remaining, classify(exc.cause)
-                first += len(exc.sent)
+                first += len(chunks) - len(remaining)  # blank chunks were skipped, not sent
             else:
                 remaining, verdict = chunks, classify(exc)
             if verdict.retryable:

@@ -74,6 +74,11 @@ def is_permanent(exc: BaseException) -> bool:
     return not classify(exc).retryable
 
 
+class EmptyMessageError(ValueError):
+    """Content that is only whitespace, with no embed: Discord refuses it (400, code 50006), so it is
+    never sent. A caller's bug (an answer with nothing to show gets a sentence instead)."""
+
+
 class PartialDeliveryError(Exception):
     """Some chunks of an answer reached Discord and the rest did not.
 
@@ -165,8 +170,11 @@ class DiscordIO:
         With ``reply_to`` the message is a reply that still goes out if the original was
         deleted meanwhile. Only ``mention_user`` can be pinged. Raises discord.py's
         exception (``HTTPException`` family, ``aiohttp.ClientError``), ``CallTimeoutError``
-        or ``CircuitOpenError``; the caller classifies and queues.
+        or ``CircuitOpenError``; the caller classifies and queues. Blank ``content`` without an
+        ``embed`` raises ``EmptyMessageError`` before any request (Discord would refuse it).
         """
+        if embed is None and not content.strip():
+            raise EmptyMessageError("a message of only whitespace: Discord refuses it (50006)")
         kwargs: dict[str, Any] = {"allowed_mentions": allowed_mentions_for(mention_user)}
         if reply_to is not None:
             kwargs["reference"] = _lenient(reply_to)
@@ -191,19 +199,28 @@ class DiscordIO:
         """Send an answer split into chunks, in order; the first replies to ``reply_to``.
 
         ``chunks`` are the answer's chunks from number ``first_index`` on (a resumed delivery);
-        only chunk 0 replies and may ping ``mention_user``. With ``nonce``, chunk ``i`` is sent
-        with the nonce ``f"{nonce}.{i}"`` (at most 25 characters), so resending a chunk Discord
-        already posted does not post it twice. If the first chunk fails, its exception
-        propagates unchanged (nothing was delivered). If a later one fails, raises
+        only the first chunk of the answer replies and may ping ``mention_user``. With ``nonce``,
+        chunk ``i`` is sent with the nonce ``f"{nonce}.{i}"`` (at most 25 characters), so
+        resending a chunk Discord already posted does not post it twice. A chunk of only
+        whitespace is skipped: it shows nothing, and Discord would refuse it (50006) and stop the
+        rest of the answer (an outbound item an older version queued can hold one); an answer
+        with no chunk to show raises ``EmptyMessageError``. If the first chunk fails, its
+        exception propagates unchanged (nothing was delivered). If a later one fails, raises
         ``PartialDeliveryError`` (chained to the cause) with what was sent and what remains.
         Do not cancel a delivery part-way: a cancellation carries no progress.
         """
+        if first_index == 0 and not any(chunk.strip() for chunk in chunks):
+            raise EmptyMessageError("no chunk of the answer shows anything")
         sent: list[discord.Message] = []
+        replied = first_index > 0  # a resumed delivery sent the reply before
         for offset, chunk in enumerate(chunks):
             index = first_index + offset
+            if not chunk.strip():
+                continue
             chunk_nonce = None if nonce is None else f"{nonce}.{index}"[-25:]
             try:
-                if index == 0:
+                if not replied:
+                    replied = True
                     message = await self.send(
                         channel, chunk, reply_to=reply_to, mention_user=mention_user, nonce=chunk_nonce
                     )

@@ -26,6 +26,7 @@ from sandbox.discord_emu import DiscordEmulator
 from services.discord_io import (
     TYPING_DELAY,
     DiscordIO,
+    EmptyMessageError,
     PartialDeliveryError,
     allowed_mentions_for,
     is_permanent,
@@ -140,6 +141,44 @@ async def test_send_chunks_replies_with_the_first_and_sends_the_rest_in_order(en
     # only the first chunk may ping the asker
     assert [m.pings for m in sent] == [{f"user:{env.emu.users['normal']}"}, set(), set()]
     assert env.io.errors == {}
+
+
+async def test_a_blank_chunk_is_skipped_and_the_rest_of_the_answer_delivered(env: Env) -> None:
+    """An answer an older splitter cut into [text, only newlines, text] (still in the outbound
+    queue after an upgrade): Discord refuses the blank chunk (50006), which used to stop the
+    delivery and lose the rest. The blank chunk is skipped; both chunks with text arrive, each
+    with its own index's nonce, and no request with blank content reaches Discord."""
+    question = await env.user_message()
+    chunks = ["first part", "\n" * 1500 + "  ", "last part"]
+    messages = await env.io.send_chunks(env.channel(), chunks, reply_to=question, nonce="q1")
+    sent = env.emu.sent_messages(env.emu.channels["general"])
+    assert [m.content for m in sent] == ["first part", "last part"]
+    assert [m.id for m in messages] == [m.id for m in sent]
+    assert [r.json["nonce"] for r in env.emu.requests_for("send")] == ["q1.0", "q1.2"]
+    assert env.send_statuses() == [200, 200]
+
+
+async def test_a_blank_first_chunk_leaves_the_reply_to_the_first_chunk_with_text(env: Env) -> None:
+    question = await env.user_message()
+    await env.io.send_chunks(env.channel(), [" ", "answer"], reply_to=question, mention_user=question.author)
+    [sent] = env.emu.sent_messages(env.emu.channels["general"])
+    assert sent.content == "answer" and sent.message_reference is not None
+    assert sent.pings == {f"user:{env.emu.users['normal']}"}
+
+
+async def test_blank_content_is_refused_before_it_reaches_discord(env: Env) -> None:
+    """send() with only whitespace (and no embed) raises EmptyMessageError without a request, and
+    without counting against the breaker; an answer whose every chunk is blank likewise. A resumed
+    delivery whose remaining chunks are blank has nothing left to send: it is done."""
+    with pytest.raises(EmptyMessageError):
+        await env.io.send(env.channel(), " \n\t ")
+    with pytest.raises(EmptyMessageError):
+        await env.io.send_chunks(env.channel(), ["\n\n", "   "])
+    assert await env.io.send_chunks(env.channel(), ["\n"], first_index=2) == []
+    assert env.emu.requests_for("send") == []
+    assert env.board["discord.send"].failures == 0
+    embedded = await env.io.send(env.channel(), " ", embed=discord.Embed(description="an embed"))
+    assert embedded.embeds[0].description == "an embed"
 
 
 async def test_a_reply_to_a_deleted_message_is_still_delivered(env: Env) -> None:
