@@ -19,7 +19,8 @@ route name  requests
 ==========  ==================================================================
 me          ``GET /users/@me``
 application ``GET /oauth2/applications/@me``
-send        ``POST /channels/{id}/messages`` (``nonce`` + ``enforce_nonce`` dedup like Discord)
+send        ``POST /channels/{id}/messages`` (``nonce`` + ``enforce_nonce`` dedup like Discord;
+            a resend whose first copy was deleted gets 404 Unknown Message, 10008)
 edit        ``PATCH /channels/{id}/messages/{mid}``
 delete      ``DELETE /channels/{id}/messages/{mid}``
 history     ``GET /channels/{id}/messages``
@@ -245,7 +246,8 @@ class DiscordEmulator:
     - world: ``guild_id``, ``channels[name]``, ``thread_id``, ``users[key]`` (ids),
       ``bot_user_id``, ``dm_channel(user)``, ``world`` (the :class:`World`).
     - users act: ``send_user_message(...)``, ``send_interaction(...)`` (nested options for
-      subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE).
+      subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE),
+      ``delete_message(channel_id, message_id)`` (an author or a moderator deletes a message).
     - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
       ``invalidate_session()``, ``set_silent(bool)``, ``connected``, ``identify_count``,
       ``resume_count``.
@@ -480,6 +482,14 @@ class DiscordEmulator:
         await self._dispatch("MESSAGE_CREATE", data)
         await self._notify()
         return data
+
+    async def delete_message(self, channel_id: int, message_id: int) -> None:
+        """Someone deletes a message (its author, or a moderator deleting the bot's): it leaves the
+        channel's history (the bot's record is flagged ``deleted``) and MESSAGE_DELETE is dispatched."""
+        message = self.world.find_message(channel_id, message_id)
+        if message is None:
+            raise KeyError(f"no message {message_id} in channel {channel_id}")
+        await self._remove(channel_id, message)
 
     async def send_interaction(
         self,
@@ -888,8 +898,14 @@ class DiscordEmulator:
             earlier = self._nonces.get((cid, nonce))
             if earlier is not None and time.monotonic() - earlier[1] < NONCE_WINDOW_SECONDS:
                 message = self._sent_by_id.get(earlier[0])
-                if message is not None and not message.deleted:
+                if message is not None and not message.deleted and self.world.find_message(cid, message.id):
                     return _json(200, message.payload)
+                # The message created with this nonce was deleted since: Discord does not post
+                # it again and answers Unknown Message (Discord's engineer on enforce_nonce,
+                # discord/discord-api-docs#6647: "That we don't try to recreate the message if it
+                # was created then subsequently deleted is intentional"; discord.py documents the
+                # resulting NotFound on Messageable.send).
+                raise ApiError(404, "Unknown Message", 10008)
         sent = self._new_bot_message(cid, body, {"nonce": nonce} if nonce is not None else None)
         if nonce is not None:
             now = time.monotonic()
@@ -974,16 +990,21 @@ class DiscordEmulator:
 
     async def _delete_message(self, request: web.Request, body: Any) -> web.Response:
         cid, message = self._message(request)
+        await self._remove(cid, message, echo=self.echo_bot_messages)
+        return web.Response(status=204)
+
+    async def _remove(self, cid: int, message: dict[str, Any], *, echo: bool = True) -> None:
+        """Delete a stored message (flagging the bot's record) and, with ``echo``, dispatch MESSAGE_DELETE."""
         self.world.delete_message(cid, int(message["id"]))
         sent = self._sent_by_id.get(int(message["id"]))
         if sent is not None:
             sent.deleted = True
-        if self.echo_bot_messages:
+        if echo:
             event = {"id": message["id"], "channel_id": message["channel_id"]}
             if "guild_id" in message:
                 event["guild_id"] = message["guild_id"]
             await self._dispatch("MESSAGE_DELETE", event)
-        return web.Response(status=204)
+        await self._notify()
 
     async def _add_reaction(self, request: web.Request, body: Any) -> web.Response:
         _, message = self._message(request)

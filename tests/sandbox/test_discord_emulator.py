@@ -650,3 +650,27 @@ async def test_a_resend_with_the_same_enforced_nonce_returns_the_first_message(e
     assert again.id == first.id and other.id != first.id
     assert [m.id for m in emu.sent_messages(general)] == [first.id, other.id]
     assert emu.sent_messages(general)[0].payload["nonce"] == "item-7-0"
+
+
+@pytest.mark.parametrize("deleted_by", ["moderator", "bot"])
+async def test_a_resend_with_the_nonce_of_a_deleted_message_is_unknown_message(
+    emu: DiscordEmulator, deleted_by: str
+) -> None:
+    """Discord does not re-create a message whose nonce it saw if that message was deleted since:
+    the resend within the window gets 404 Unknown Message (10008) and posts nothing."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        first = await channel.send("answer", nonce="item-8-0")
+        if deleted_by == "moderator":
+            await emu.delete_message(general, first.id)
+        else:
+            await first.delete()
+        with pytest.raises(discord.NotFound) as info:
+            await channel.send("answer", nonce="item-8-0")
+        other = await channel.send("answer", nonce="item-8-1")
+    assert (info.value.status, info.value.code) == (404, 10008)
+    assert [m.id for m in emu.sent_messages(general)] == [first.id, other.id]
+    assert emu.sent_messages(general)[0].deleted
+    assert [m["id"] for m in emu.history(general)] == [str(other.id)]
