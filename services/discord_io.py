@@ -69,6 +69,10 @@ def allowed_mentions_for(user: discord.abc.Snowflake | None = None) -> discord.A
     )
 
 
+UNKNOWN_MESSAGE = 10008
+"""Discord's JSON error code for "Unknown Message"."""
+
+
 def is_permanent(exc: BaseException) -> bool:
     """Breaker exclusion: True for failures that retrying cannot fix (``classify`` says not retryable)."""
     return not classify(exc).retryable
@@ -80,10 +84,11 @@ class EmptyMessageError(ValueError):
 
 
 class PartialDeliveryError(Exception):
-    """Some chunks of an answer reached Discord and the rest did not.
+    """Some chunks of an answer were delivered and the rest were not.
 
-    ``sent`` holds the delivered messages in order, ``remaining`` the chunks still to send
-    (queue only these), ``cause`` the exception that stopped delivery (also ``__cause__``;
+    ``sent`` holds the messages posted in order, ``remaining`` the chunks still to send (queue
+    only these; the chunks before them are done, also those skipped as blank or whose earlier
+    copy was deleted), ``cause`` the exception that stopped delivery (also ``__cause__``;
     classify ``cause``, not this error, to decide between queueing and giving up).
     """
 
@@ -201,7 +206,10 @@ class DiscordIO:
         ``chunks`` are the answer's chunks from number ``first_index`` on (a resumed delivery);
         only the first chunk of the answer replies and may ping ``mention_user``. With ``nonce``,
         chunk ``i`` is sent with the nonce ``f"{nonce}.{i}"`` (at most 25 characters), so
-        resending a chunk Discord already posted does not post it twice. A chunk of only
+        resending a chunk Discord already posted does not post it twice. A resend whose first
+        copy was deleted meanwhile gets Unknown Message (10008) from Discord, which does not post
+        it again: that chunk counts as delivered (someone removed it, and re-posting it without
+        the nonce would undo a moderator), and the rest of the answer goes on. A chunk of only
         whitespace is skipped: it shows nothing, and Discord would refuse it (50006) and stop the
         rest of the answer (an outbound item an older version queued can hold one); an answer
         with no chunk to show raises ``EmptyMessageError``. If the first chunk fails, its
@@ -227,7 +235,10 @@ class DiscordIO:
                 else:
                     message = await self.send(channel, chunk, nonce=chunk_nonce)
             except Exception as exc:
-                if not sent:
+                if chunk_nonce is not None and _unknown_message(exc):
+                    log.info("discord.chunk_copy_deleted", channel_id=_channel_id(channel), chunk=index)
+                    continue
+                if offset == 0:
                     raise
                 raise PartialDeliveryError(sent, list(chunks[offset:]), exc) from exc
             sent.append(message)
@@ -368,6 +379,13 @@ class DiscordIO:
             log.warning("discord.unexpected_failure", **fields)
         else:
             log.warning("discord.permanent_failure", **fields)
+
+
+def _unknown_message(exc: BaseException) -> bool:
+    """A send answered 404 Unknown Message: with an enforced nonce, the copy posted earlier under
+    it was deleted since (discord.py, ``Messageable.send``: NotFound "You sent a message with the
+    same nonce as one that has been explicitly deleted shortly earlier")."""
+    return isinstance(exc, discord.NotFound) and exc.code == UNKNOWN_MESSAGE
 
 
 async def _send_typing(channel: discord.abc.Messageable) -> None:

@@ -181,6 +181,30 @@ async def test_blank_content_is_refused_before_it_reaches_discord(env: Env) -> N
     assert embedded.embeds[0].description == "an embed"
 
 
+async def test_a_resent_chunk_whose_first_copy_was_deleted_counts_as_delivered(env: Env) -> None:
+    """Chunk 0 was posted (its response lost, say) and then deleted by a moderator: the resend with
+    the same nonce gets 10008 from Discord, nothing is posted again, and the other chunks go out."""
+    general = env.emu.channels["general"]
+    question = await env.user_message()
+    [first] = await env.io.send_chunks(env.channel(), ["one"], reply_to=question, nonce="q2")
+    await env.emu.delete_message(general, first.id)
+    messages = await env.io.send_chunks(env.channel(), ["one", "two", "three"], reply_to=question, nonce="q2")
+    assert [m.content for m in messages] == ["two", "three"]
+    assert [(m.content, m.deleted) for m in env.emu.sent_messages(general)] == [
+        ("one", True), ("two", False), ("three", False)
+    ]
+    assert env.send_statuses() == [200, 404, 200, 200]
+    assert env.board["discord.send"].failures == 0
+
+
+async def test_unknown_message_on_a_send_without_a_nonce_is_an_error(env: Env) -> None:
+    """Only an enforced nonce makes a 10008 mean "your earlier copy was deleted"."""
+    env.emu.faults.add("error", "send", count=1, status=404, code=10008, message="Unknown Message")
+    with pytest.raises(discord.NotFound):
+        await env.io.send_chunks(env.channel(), ["one", "two"])
+    assert env.emu.sent_messages(env.emu.channels["general"]) == []
+
+
 async def test_a_reply_to_a_deleted_message_is_still_delivered(env: Env) -> None:
     """The user deleted the question while we generated: the answer goes out without failing."""
     question = await env.user_message()
