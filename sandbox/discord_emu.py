@@ -47,6 +47,14 @@ Gateway fault kinds, checked when a session goes live and before each dispatch: 
 ``"invalid_session"`` (op 9, ``resumable=False``) and
 ``"silent"`` (no more heartbeat ACKs or dispatches on that connection, so the client times out
 and RESUMEs). Events are buffered per session, so a RESUME replays what the client missed.
+
+Rate limits (``rate_limits``, a :class:`sandbox.discord_state.RateLimits` on the emulator's
+``clock``): every request Discord serves counts against its route's bucket for its channel (or
+guild, webhook), and every answer carries ``X-RateLimit-Limit``/``-Remaining``/``-Reset``/
+``-Reset-After``/``-Bucket`` like Discord's. By default each route allows 50 requests a second per
+channel; ``rate_limits.set("send", 2, 40.0, resource=f"channel_id:{id}")`` throttles one channel's
+sends to two per 40 s (429 with ``retry_after`` the rest of the window), ``set_global(50)`` adds
+the global limit. A fault answers before the bucket is counted (Discord's edge failing first).
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import secrets
 import time
@@ -68,6 +77,8 @@ from aiohttp import WSMsgType, web
 from sandbox.discord_state import (
     CHANNEL_DM,
     INTENT_MESSAGE_CONTENT,
+    RateLimits,
+    RateVerdict,
     UserRecord,
     World,
     now_iso,
@@ -120,6 +131,7 @@ class RecordedRequest:
     query: dict[str, str] = field(default_factory=dict)
     status: int | None = None
     fault: str | None = None
+    rate_limited: str | None = None  # "user" or "global" when a bucket (not a fault) answered 429
 
 
 @dataclass
@@ -269,6 +281,7 @@ class DiscordEmulator:
         echo_bot_messages: bool = True,
         interaction_deadline: float = 3.0,
         max_recorded_requests: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.token = token
         self.host = host
@@ -279,6 +292,8 @@ class DiscordEmulator:
         self.echo_bot_messages = echo_bot_messages
         self.interaction_deadline = interaction_deadline
         self.world = World()
+        # Discord's REST rate limits, on ``clock`` (a test can move it with the client's loop time)
+        self.rate_limits = RateLimits(clock)
         # bounded: a long sandbox or chaos session must not grow without limit
         self.requests: deque[RecordedRequest] = deque(maxlen=max_recorded_requests)
         self.commands: dict[int | None, list[dict[str, Any]]] = {}  # guild id (None = global) -> commands
@@ -737,6 +752,7 @@ class DiscordEmulator:
             record = RecordedRequest(request.method, name, request.path, body, time.monotonic(),
                                      dict(request.query))
             self.requests.append(record)
+            verdict: RateVerdict | None = None
             try:
                 if auth and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, "401: Unauthorized", 0)
@@ -745,7 +761,14 @@ class DiscordEmulator:
                 late = after and fault is not None and fault.kind in ("latency", "drop")
                 response = await self._rest_fault(request, fault, record) if fault and not late else None
                 if response is None:
-                    response = await handler(request, body)
+                    # Served by Discord itself (a fault above stands for its edge failing first):
+                    # the request counts against its bucket, and every answer carries the headers.
+                    verdict = self.rate_limits.hit(name, _resource(request))
+                    if verdict.limited:
+                        record.rate_limited = verdict.scope
+                        response = _rate_limited(verdict)
+                    else:
+                        response = await handler(request, body)
                 if late:
                     assert fault is not None
                     record.fault = fault.kind
@@ -758,6 +781,8 @@ class DiscordEmulator:
             except ApiError as exc:
                 response = _json(exc.status, {"message": exc.message, "code": exc.code}
                                  | ({"errors": exc.errors} if exc.errors else {}))
+            if verdict is not None:
+                response.headers.update(verdict.headers)
             record.status = response.status if not record.fault == "drop" else None
             await self._notify()
             return response
@@ -780,21 +805,22 @@ class DiscordEmulator:
             retry_after = float(params.get("retry_after", 0.05))
             is_global = bool(params.get("global", params.get("global_", False)))
             headers = {
-                "Content-Type": "application/json",
-                "Retry-After": str(max(1, round(retry_after))),
-                "X-RateLimit-Limit": "5",
-                "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset-After": f"{retry_after:.3f}",
-                "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
-                "X-RateLimit-Bucket": f"emu-{fault.target}",
+                "Retry-After": str(math.ceil(retry_after)),
                 "X-RateLimit-Scope": "global" if is_global else "user",
             }
             if is_global:
                 headers["X-RateLimit-Global"] = "true"
-            if params.get("via", True):
-                headers["Via"] = "1.1 google"
-            body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": is_global}
-            return web.Response(status=429, body=json.dumps(body).encode(), headers=headers)
+            else:
+                headers |= {
+                    "X-RateLimit-Limit": "5",
+                    "X-RateLimit-Remaining": "0",
+                    "X-RateLimit-Reset-After": f"{retry_after:.3f}",
+                    "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
+                    # the route's own hash: another would make discord.py re-key the route's bucket
+                    "X-RateLimit-Bucket": self.rate_limits.bucket_hash(record.route),
+                }
+            verdict = RateVerdict(headers, retry_after, "global" if is_global else "user")
+            return _rate_limited(verdict, via=bool(params.get("via", True)))
         status = int(params.get("status", 500)) if kind == "error" else int(kind)
         if "code" in params or "message" in params or status not in _ERROR_BODIES:
             # Discord's own JSON error body: discord.py reads code/message into HTTPException.
@@ -1158,6 +1184,30 @@ class DiscordEmulator:
         if message is record.original:
             record.original = None
         return web.Response(status=204)
+
+
+def _resource(request: web.Request) -> str:
+    """The top-level resource a route's bucket is counted per: the channel, guild or webhook."""
+    info = request.match_info
+    for key in ("channel_id", "guild_id", "token", "interaction_id"):
+        if key in info:
+            return f"{key}:{info[key]}"
+    return ""
+
+
+def _rate_limited(verdict: RateVerdict, *, via: bool = True) -> web.Response:
+    """Discord's 429: the JSON body discord.py reads ``retry_after`` from, and the headers.
+
+    ``Via`` marks an answer from Discord's API (discord.py takes a 429 without it, or with a
+    non-JSON body, for a Cloudflare ban and raises instead of waiting).
+    """
+    is_global = verdict.scope == "global"
+    body = {"message": "You are being rate limited.", "retry_after": round(verdict.retry_after, 3),
+            "global": is_global}
+    headers = {"Content-Type": "application/json", **verdict.headers}
+    if via:
+        headers["Via"] = "1.1 google"
+    return web.Response(status=429, body=json.dumps(body).encode(), headers=headers)
 
 
 def _json(status: int, data: Any) -> web.Response:
