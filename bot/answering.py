@@ -19,8 +19,8 @@ from bot import texts
 from bot.inbound import Inbound, Snowflake
 from bot.routing import Explanation, FailureRouter, Original
 from bot.splitting import has_visible_text, split_message
-from resilience.degradation import ItemKind, QueueItem
-from resilience.errors import classify
+from resilience.degradation import ItemKind, ItemState, QueueItem
+from resilience.errors import Category, classify
 from services.discord_io import PartialDeliveryError
 from services.storage import Turn
 
@@ -149,11 +149,15 @@ class Answerer:
             if verdict.retryable:
                 if turns:
                     await app.storage.append_turns(inbound.key, turns)
-                # the first failure of a fresh answer is no attempt at delivering a queued one
-                counted = item.kind is ItemKind.OUTBOUND and self.router.counts_against(
-                    verdict, "discord.send"
+                # the first failure of a fresh answer is no attempt at delivering a queued one, nor
+                # is a rate limit (Discord asked for a slower pace, one says nothing of the answer)
+                rate_limited = verdict.category is Category.RATE_LIMITED
+                counted = (
+                    item.kind is ItemKind.OUTBOUND
+                    and not rate_limited
+                    and self.router.counts_against(verdict, "discord.send")
                 )
-                await self.router.requeue(
+                requeued = await self.router.requeue(
                     item,
                     f"delivery: {verdict.category.value}",
                     kind=ItemKind.OUTBOUND,
@@ -166,6 +170,13 @@ class Answerer:
                     retry_after=verdict.retry_after,
                     count_attempt=counted,
                 )
+                if rate_limited and first == 0 and not item.payload.get("acked"):
+                    # The answer waits out Discord's limit (tens of seconds): say so, where Discord
+                    # lets us (the acknowledgement may be refused by the same bucket).
+                    if requeued.state is not ItemState.DEAD:
+                        position = await self.router.position(requeued)
+                        text = texts.queued(verdict, position)
+                        await self.router.acknowledge(channel, original, text, requeued)
                 return "queued"
             log.warning("pipeline.undeliverable", category=verdict.category.value, item=item.id)
             await app.storage.dead_letter(item.id, f"undeliverable: {verdict.category.value}")

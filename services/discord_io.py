@@ -7,14 +7,26 @@
 fails them separately, a reaction outage must not stop answers, and a read that hangs must
 not hold a queued item until its lease runs out.
 
-Only transient failures (5xx, 429, timeouts, dropped connections) count towards opening a
-breaker. Permanent ones (403 Missing Permissions, 404 Unknown Channel, 400 too long) are a
-fact about one channel or one message, not about Discord: a bot muted in one channel must
-keep answering in all the others, so those are excluded and count neither way.
+Only Discord's failures (5xx, timeouts, dropped connections) count towards opening a breaker.
+Permanent ones (403 Missing Permissions, 404 Unknown Channel, 400 too long) are a fact about
+one channel or one message, not about Discord: a bot muted in one channel must keep answering
+in all the others, so those are excluded and count neither way. So are rate limits: a 429 is
+Discord asking for a slower pace on one route (one channel's bucket, say), not a failure, and
+one throttled channel must not open ``discord.send`` for every other (a Cloudflare ban of the
+whole IP is the exception: see ``not_discords_fault``).
 
 There is no retry loop here. discord.py already retries 429s (with ``Via``) and one 500;
 the durable outbound queue is the bot's retry for everything else, so a failed send raises
 the original discord.py exception for the pipeline to classify and queue.
+
+Rate limits and the call timeout: discord.py waits out a rate limit of up to
+``MAX_RATELIMIT_WAIT`` seconds itself (the client is built with that ``max_ratelimit_timeout``;
+``client_options()``) and raises ``discord.RateLimited`` for a longer one, which the caller
+queues with its ``retry_after``. The call timeout bounds Discord's answer, not those waits: it
+restarts with every request discord.py puts on the wire (aiohttp's trace, the client's
+``http_trace``), and while discord.py holds the call for a rate limit (before its request, or
+sleeping out a 429) the call has ``MAX_RATELIMIT_WAIT`` more. A call held past that raises
+``RateLimitWaitError`` (a ``discord.RateLimited``, not counted), never a breaker-counted timeout.
 
 Every message goes out with ``allowed_mentions_for(mention_user)``: "@everyone", "@here" and
 role mentions in Gemini's text never ping anyone, and a user is pinged only when we reply
@@ -27,14 +39,17 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiohttp
 import discord
 import structlog
 
 from resilience.breakers import Breaker, BreakerBoard
 from resilience.clock import Clock, SystemClock
-from resilience.errors import Category, classify
+from resilience.errors import CallTimeoutError, Category, classify, parse_duration
 
 if TYPE_CHECKING:
     from services.metrics import Metrics
@@ -49,6 +64,10 @@ TYPING_DELAY = 0.5
 
 Not a setting: below half a second nobody waits for a sign of life, and sparing the request
 spares Discord's rate limit and the bot a REST round trip on every quick answer."""
+
+MAX_RATELIMIT_WAIT = 30.0
+"""The longest rate-limit wait discord.py takes on itself (its ``max_ratelimit_timeout``; 30 s is the
+smallest it accepts); a longer one raises ``discord.RateLimited`` and the item is queued instead."""
 
 log = structlog.get_logger(__name__)
 
@@ -74,8 +93,22 @@ UNKNOWN_MESSAGE = 10008
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """Breaker exclusion: True for failures that retrying cannot fix (``classify`` says not retryable)."""
+    """True for failures that retrying cannot fix (``classify`` says not retryable)."""
     return not classify(exc).retryable
+
+
+def not_discords_fault(exc: BaseException) -> bool:
+    """Breaker exclusion: a permanent failure, or a rate limit Discord announced (the breakers count
+    neither). A 429 discord.py could not wait out itself, without ``Via`` or with an HTML body, is
+    Cloudflare refusing this IP every request for a while: that one counts, so the breaker pauses
+    the calls that would only prolong the ban."""
+    return isinstance(exc, discord.RateLimited) or not classify(exc).retryable
+
+
+class RateLimitWaitError(discord.RateLimited):
+    """discord.py held a call for Discord's rate limits (before sending it, or sleeping out a 429)
+    past the call's deadline: no failure of Discord. ``retry_after`` is Discord's last hint of the
+    wait left, or ``MAX_RATELIMIT_WAIT`` when it gave none."""
 
 
 class EmptyMessageError(ValueError):
@@ -104,12 +137,16 @@ class DiscordIO:
     """Discord writes behind per-operation breakers, with safe mentions; a registry service.
 
     ``board`` gets the breakers ``discord.send``/``edit``/``react``/``typing`` if it does not
-    have them yet (created with ``is_permanent`` excluded; breakers made beforehand are used
-    as they are). ``timeout`` (seconds, None for none) bounds each call inside its breaker,
-    so a hung request counts as a failure (a send that timed out may still have been posted:
-    the price of never holding a conversation for ever). ``typing_delay`` is how long a block
-    runs before the typing indicator is first sent, ``typing_interval`` how often it is renewed
-    (Discord shows it for 10 s); ``clock`` times both (a ``FakeClock`` makes them back-to-back).
+    have them yet (created with ``not_discords_fault`` excluded; breakers made beforehand are
+    used as they are). ``timeout`` (seconds, None for none) bounds Discord's answer to each
+    request of a call, inside its breaker, so a hung request counts as a failure (a send that
+    timed out may still have been posted: the price of never holding a conversation for ever);
+    rate-limit waits do not count against it (see the module's docstring). Build the discord.py
+    client with ``client_options()``: without its trace, a call's timeout covers the waits too.
+    ``typing_delay`` is how long a block runs before the typing indicator is first sent,
+    ``typing_interval`` how often it is renewed (Discord shows it for 10 s); ``clock`` times
+    both (a ``FakeClock`` makes them back-to-back). ``rate_limit_wait`` is how long a call may
+    be held for rate limits on top of the timeout (``MAX_RATELIMIT_WAIT``; tests shorten it).
     """
 
     name = "discord_io"
@@ -124,6 +161,7 @@ class DiscordIO:
         timeout: float | None = 15.0,
         typing_delay: float = TYPING_DELAY,
         typing_interval: float = 7.0,
+        rate_limit_wait: float = MAX_RATELIMIT_WAIT,
     ) -> None:
         self._board = board
         self._metrics = metrics
@@ -131,16 +169,27 @@ class DiscordIO:
         self._timeout = timeout
         self._typing_delay = typing_delay
         self._typing_interval = typing_interval
+        self._rate_limit_wait = rate_limit_wait
         self._breakers: dict[str, Breaker] = {}
+        self._traced = False  # whether the client reports its requests (client_options())
+        self.http_trace = aiohttp.TraceConfig()
+        self.http_trace.on_request_start.append(self._request_started)
+        self.http_trace.on_request_end.append(self._request_answered)
         for operation in OPERATIONS:
             name = f"discord.{operation}"
             if name not in board:
-                board.add(name, exclude=[is_permanent])
+                board.add(name, exclude=[not_discords_fault])
                 if metrics is not None:
                     metrics.set_breaker_state(name, board[name].state)
             self._breakers[operation] = board[name]
         self.errors: Counter[tuple[str, str]] = Counter()
         """Failures by ``(operation, category)``, for health views and tests."""
+
+    def client_options(self) -> dict[str, Any]:
+        """The discord.py client options this service relies on: ``max_ratelimit_timeout`` (longer
+        rate limits raise ``discord.RateLimited``) and ``http_trace`` (requests restart the timeout)."""
+        wait = max(MAX_RATELIMIT_WAIT, self._rate_limit_wait)
+        return {"max_ratelimit_timeout": wait, "http_trace": self.http_trace}
 
     # -- service protocol --------------------------------------------------------------
 
@@ -351,10 +400,53 @@ class DiscordIO:
     ) -> T:
         """Run ``fn`` through the operation's breaker and timeout; record any failure, then re-raise."""
         try:
-            return await self._breakers[operation].call(fn, *args, timeout=self._timeout, **kwargs)
+            return await self._breakers[operation].call(self._timed, operation, fn, args, kwargs)
         except Exception as exc:
             self._record_failure(operation, channel_id, exc)
             raise
+
+    async def _timed(
+        self, operation: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
+        """Await ``fn`` under the call's deadline, which the trace moves as requests go out."""
+        if self._timeout is None:
+            return await fn(*args, **kwargs)
+        call = _Call(self._timeout, self._rate_limit_wait if self._traced else 0.0)
+        token = _CALL.set(call)
+        try:
+            async with asyncio.timeout(None) as scope:
+                call.start(scope)
+                return await fn(*args, **kwargs)
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise  # the callee's own TimeoutError
+            raise call.expired(f"discord.{operation}") from exc
+        finally:
+            call.scope = None
+            _CALL.reset(token)
+
+    async def _request_started(
+        self,
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestStartParams,
+    ) -> None:
+        """aiohttp trace: a request of the current call goes on the wire."""
+        self._traced = True
+        call = _CALL.get()
+        if call is not None:
+            call.sending()
+
+    async def _request_answered(
+        self,
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestEndParams,
+    ) -> None:
+        """aiohttp trace: Discord answered a request of the current call (headers read)."""
+        call = _CALL.get()
+        if call is not None:
+            call.answered(params.response)
 
     def _record_failure(self, operation: str, channel_id: int | None, exc: Exception) -> None:
         """Count by operation and category; log without message content."""
@@ -386,6 +478,59 @@ def _unknown_message(exc: BaseException) -> bool:
     it was deleted since (discord.py, ``Messageable.send``: NotFound "You sent a message with the
     same nonce as one that has been explicitly deleted shortly earlier")."""
     return isinstance(exc, discord.NotFound) and exc.code == UNKNOWN_MESSAGE
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("discord_io_call", default=None)
+"""The guarded call the current task is in (aiohttp runs trace callbacks in the caller's task)."""
+
+
+class _Call:
+    """One guarded call's deadline: ``timeout`` for Discord to answer each request, and ``wait``
+    more whenever discord.py holds the call for a rate limit: before its request (a bucket with
+    nothing left, the global limit), sleeping out a 429's ``retry_after`` before it sends again,
+    or sleeping out the rest of a window its request used up (``X-RateLimit-Remaining: 0``)
+    before it returns. discord.py never sleeps longer than its ``max_ratelimit_timeout``."""
+
+    __slots__ = ("held", "hint_until", "scope", "timeout", "wait")
+
+    def __init__(self, timeout: float, wait: float) -> None:
+        self.timeout = timeout
+        self.wait = wait
+        self.scope: asyncio.Timeout | None = None
+        self.held = True  # until the first request goes out, discord.py may be holding it back
+        self.hint_until: float | None = None  # loop time at which Discord said the wait ends
+
+    def start(self, scope: asyncio.Timeout) -> None:
+        self.scope = scope
+        self._move(self.wait + self.timeout)
+
+    def sending(self) -> None:
+        self.held = False
+        self._move(self.timeout)
+
+    def answered(self, response: aiohttp.ClientResponse) -> None:
+        headers = response.headers
+        if response.status != 429 and headers.get("X-RateLimit-Remaining") != "0":
+            return
+        self.held = True
+        hint = parse_duration(headers.get("X-RateLimit-Reset-After") or headers.get("Retry-After") or "")
+        now = asyncio.get_running_loop().time()
+        self.hint_until = None if hint is None else now + hint
+        self._move(self.wait + self.timeout)
+
+    def expired(self, operation: str) -> Exception:
+        """The error for a deadline that passed: held for rate limits, or Discord too slow."""
+        if not self.held or self.wait == 0.0:
+            return CallTimeoutError(operation, self.timeout)
+        left = self.wait
+        if self.hint_until is not None:
+            left = max(0.0, self.hint_until - asyncio.get_running_loop().time())
+        return RateLimitWaitError(left)
+
+    def _move(self, seconds: float) -> None:
+        scope = self.scope
+        if scope is not None and not scope.expired():
+            scope.reschedule(asyncio.get_running_loop().time() + seconds)
 
 
 async def _send_typing(channel: discord.abc.Messageable) -> None:
