@@ -7,6 +7,7 @@ them over REST and the gateway.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -492,6 +493,7 @@ class RateLimits:
         return self._resources.get((route, resource)) or self._routes.get(route) or self.default
 
     @staticmethod
+    @functools.cache
     def bucket_hash(route: str) -> str:
         """The route's X-RateLimit-Bucket: opaque, stable, the same for every resource."""
         return hashlib.sha1(f"emulated-bucket:{route}".encode()).hexdigest()[:16]
