@@ -52,7 +52,7 @@ Rate limits (``rate_limits``, a :class:`sandbox.discord_state.RateLimits` on the
 ``clock``): every request Discord serves counts against its route's bucket for its channel (or
 guild, webhook), and every answer carries ``X-RateLimit-Limit``/``-Remaining``/``-Reset``/
 ``-Reset-After``/``-Bucket`` like Discord's. By default each route allows 50 requests a second per
-channel; ``rate_limits.set("send", 2, 40.0, resource=f"channel_id:{id}")`` throttles one channel's
+channel; ``rate_limits.set("send", 2, 40.0, channel_id=id)`` throttles one channel's
 sends to two per 40 s (429 with ``retry_after`` the rest of the window), ``set_global(50)`` adds
 the global limit. A fault answers before the bucket is counted (Discord's edge failing first).
 """
@@ -1191,7 +1191,7 @@ def _resource(request: web.Request) -> str:
     info = request.match_info
     for key in ("channel_id", "guild_id", "token", "interaction_id"):
         if key in info:
-            return f"{key}:{info[key]}"
+            return info[key]
     return ""
 
 

@@ -443,9 +443,10 @@ class RateLimits:
     """Discord's REST rate limits: a fixed-window bucket per route and top-level resource, and an
     optional global limit, on an injected monotonic ``clock`` (``wall`` stamps X-RateLimit-Reset).
 
-    ``set(route, limit, per, resource=None)`` gives a route a rule for every resource (channel)
-    or for one; ``set_global(limit, per)`` turns the global limit on (``None`` turns it off).
-    ``hit(route, resource)`` counts one request and returns its verdict.
+    ``set(route, limit, per, channel_id=None)`` gives a route a rule for every channel (every
+    top-level resource: guild, webhook) or for one channel; ``set_global(limit, per)`` turns the
+    global limit on (``None`` turns it off). ``hit(route, resource)`` counts one request and
+    returns its verdict (``resource``: the id of the channel, guild or webhook in its path).
     """
 
     PRUNE_FLOOR = 1024
@@ -467,15 +468,14 @@ class RateLimits:
         self._windows: dict[tuple[str, str], _Window] = {}
         self._next_prune = self.PRUNE_FLOOR
 
-    def set(self, route: str, limit: int, per: float, *, resource: int | str | None = None) -> None:
+    def set(self, route: str, limit: int, per: float, *, channel_id: int | str | None = None) -> None:
         """Give ``route`` (an emulator route name, e.g. ``"send"``) ``limit`` requests per ``per``
-        seconds, for every resource or only for ``resource`` (a channel id, say); a running window
-        keeps its count."""
+        seconds, everywhere or only in ``channel_id``; a running window keeps its count."""
         rule = Limit(limit, per)
-        if resource is None:
+        if channel_id is None:
             self._routes[route] = rule
         else:
-            self._resources[(route, str(resource))] = rule
+            self._resources[(route, str(channel_id))] = rule
 
     def set_global(self, limit: int | None, per: float = 1.0) -> None:
         """Turn the global limit on (``limit`` requests per ``per`` seconds, any route) or off (None)."""

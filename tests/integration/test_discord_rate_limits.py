@@ -88,7 +88,7 @@ async def throttled_channel(tmp_path: Path) -> None:
         discord = emus.discord
         discord.rate_limits = RateLimits(loop.time)
         general = discord.channels["general"]
-        discord.rate_limits.set("send", 1, WINDOW, resource=f"channel_id:{general}")
+        discord.rate_limits.set("send", 1, WINDOW, channel_id=general)
         async with live_bot(emus, tmp_path / "data", clock=LoopClock(loop), QUEUE_MAX_ATTEMPTS="1") as live:
             transitions: list[tuple[str, BreakerState, BreakerState]] = []
             live.app.board.add_listener(lambda name, old, new: transitions.append((name, old, new)))

@@ -735,7 +735,7 @@ async def test_a_channel_over_its_bucket_gets_429_until_the_window_ends_and_othe
     clock = StepClock()
     async with DiscordEmulator(clock=clock) as emu:
         general, random_id = emu.channels["general"], emu.channels["random"]
-        emu.rate_limits.set("send", 2, 40.0, resource=f"channel_id:{general}")
+        emu.rate_limits.set("send", 2, 40.0, channel_id=general)
         path = f"/channels/{general}/messages"
         assert [(await raw(emu, "POST", path, {"content": "ok"}))[0] for _ in range(2)] == [200, 200]
         clock.now += 10.0
@@ -794,7 +794,7 @@ async def test_with_max_ratelimit_timeout_a_long_bucket_raises_rate_limited_with
     (discord.py checks the window, not the count left); a 429 whose retry_after is over 30 s
     raises it too instead of sleeping. Other channels are not held."""
     general, random_id = emu.channels["general"], emu.channels["random"]
-    emu.rate_limits.set("send", 5, 40.0, resource=f"channel_id:{general}")
+    emu.rate_limits.set("send", 5, 40.0, channel_id=general)
     async with running(emu, make_bot(max_ratelimit_timeout=30.0)) as run:
         channel, other = run.bot.get_channel(general), run.bot.get_channel(random_id)
         assert isinstance(channel, discord.TextChannel) and isinstance(other, discord.TextChannel)

@@ -545,7 +545,7 @@ async def test_a_channel_throttled_for_40_s_raises_rate_limited_at_once_and_neve
     neither way, so after many of them ``discord.send`` is still closed and #random's sends go out."""
     async with make_env(timeout=0.3) as env:
         general = env.emu.channels["general"]
-        env.emu.rate_limits.set("send", 1, 40.0, resource=f"channel_id:{general}")
+        env.emu.rate_limits.set("send", 1, 40.0, channel_id=general)
         await env.io.send(env.channel(), "the one send of the window")
         for _ in range(FAIL_MAX + 2):
             with pytest.raises(discord.RateLimited) as info:
