@@ -1244,8 +1244,9 @@ def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None
     counts as none: Discord answers 400 "Cannot send an empty message" (code 50006) to a bare
     "\n" (NITKC-DEV/Kisarazu-Multi-Manager#32) and to spaces (Together-Java/JShellBot#28). A
     zero-width space (U+200B) is not whitespace: bridges send it to make a blank line postable
-    (qaisjp/go-discord-irc#133), so it is accepted here too. Whitespace is Unicode's White_Space
-    as ``str.strip`` removes it.
+    (qaisjp/go-discord-irc#133), so it is accepted here too. Whitespace is what ``str.strip``
+    removes (Unicode White_Space): Discord does not document its check, and its API is Python
+    (discord.com/blog/cost-attribution-in-discords-api), so that is the likeliest rule.
     """
     if len(content) > 2000:
         raise ApiError(400, "Invalid Form Body", 50035, {"content": {"_errors": [
