@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import unicodedata
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -258,21 +259,22 @@ class DiscordIO:
         resending a chunk Discord already posted does not post it twice. A resend whose first
         copy was deleted meanwhile gets Unknown Message (10008) from Discord, which does not post
         it again: that chunk counts as delivered (someone removed it, and re-posting it without
-        the nonce would undo a moderator), and the rest of the answer goes on. A chunk of only
-        whitespace is skipped: it shows nothing, and Discord would refuse it (50006) and stop the
-        rest of the answer (an outbound item an older version queued can hold one); an answer
-        with no chunk to show raises ``EmptyMessageError``. If the first chunk fails, its
+        the nonce would undo a moderator), and the rest of the answer goes on. A chunk that shows
+        nothing (whitespace, and invisible format characters such as zero-width ones) is skipped:
+        Discord would refuse one of only whitespace (50006) and stop the rest of the answer, or
+        post an invisible message (an outbound item an older version queued can hold such a
+        chunk); an answer with no chunk to show raises ``EmptyMessageError``. If the first chunk fails, its
         exception propagates unchanged (nothing was delivered). If a later one fails, raises
         ``PartialDeliveryError`` (chained to the cause) with what was sent and what remains.
         Do not cancel a delivery part-way: a cancellation carries no progress.
         """
-        if first_index == 0 and not any(chunk.strip() for chunk in chunks):
+        if first_index == 0 and not any(_shows_something(chunk) for chunk in chunks):
             raise EmptyMessageError("no chunk of the answer shows anything")
         sent: list[discord.Message] = []
         replied = first_index > 0  # a resumed delivery sent the reply before
         for offset, chunk in enumerate(chunks):
             index = first_index + offset
-            if not chunk.strip():
+            if not _shows_something(chunk):
                 continue
             chunk_nonce = None if nonce is None else f"{nonce}.{index}"[-25:]
             try:
@@ -471,6 +473,12 @@ class DiscordIO:
             log.warning("discord.unexpected_failure", **fields)
         else:
             log.warning("discord.permanent_failure", **fields)
+
+
+def _shows_something(text: str) -> bool:
+    """Whether ``text`` has a character that is neither whitespace nor an invisible format character
+    (Unicode category Cf: zero-width spaces and joiners, invisible separators)."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
 
 
 def _unknown_message(exc: BaseException) -> bool:

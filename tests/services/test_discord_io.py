@@ -153,12 +153,14 @@ async def test_a_blank_chunk_is_skipped_and_the_rest_of_the_answer_delivered(env
     delivery and lose the rest. The blank chunk is skipped; both chunks with text arrive, each
     with its own index's nonce, and no request with blank content reaches Discord."""
     question = await env.user_message()
-    chunks = ["first part", "\n" * 1500 + "  ", "last part"]
+    # a blank chunk, and one that also ends with invisible zero-width characters (Discord would post
+    # that one, as a message showing nothing)
+    chunks = ["first part", "\n" * 1500 + "  ", "\n \u200b\u200d\u2063", "last part"]
     messages = await env.io.send_chunks(env.channel(), chunks, reply_to=question, nonce="q1")
     sent = env.emu.sent_messages(env.emu.channels["general"])
     assert [m.content for m in sent] == ["first part", "last part"]
     assert [m.id for m in messages] == [m.id for m in sent]
-    assert [r.json["nonce"] for r in env.emu.requests_for("send")] == ["q1.0", "q1.2"]
+    assert [r.json["nonce"] for r in env.emu.requests_for("send")] == ["q1.0", "q1.3"]
     assert env.send_statuses() == [200, 200]
 
 
