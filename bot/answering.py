@@ -19,8 +19,8 @@ from bot import marks, texts
 from bot.inbound import Inbound, Snowflake
 from bot.routing import Explanation, FailureRouter, Original
 from bot.splitting import has_visible_text, split_message
-from resilience.degradation import ItemKind, QueueItem
-from resilience.errors import classify
+from resilience.degradation import ItemKind, ItemState, QueueItem
+from resilience.errors import Category, classify
 from services.discord_io import PartialDeliveryError
 from services.storage import Turn
 
@@ -121,6 +121,9 @@ class Answerer:
             # Nothing to send is no answer: finishing the item would record silence as answered.
             log.warning("pipeline.nothing_to_deliver", item=item.id, outcome=outcome)
             chunks, outcome, turns = [texts.no_answer()], "refused", ()
+        if any(len(chunk) > marks.ROOM for chunk in chunks):
+            # Queued by a version without marks (chunks of up to 2,000): re-split to leave room.
+            chunks = [piece for chunk in chunks for piece in _fit(chunk)]
         first = int(item.payload.get("chunk_offset", 0))
         if len(chunks) > 1 and item.kind is ItemKind.INBOUND:
             item = await app.storage.update_payload(
@@ -144,18 +147,23 @@ class Answerer:
             raise
         except Exception as exc:
             if isinstance(exc, PartialDeliveryError):
-                remaining, verdict = chunks[len(exc.sent) :], classify(exc.cause)  # unmarked
-                first += len(exc.sent)
+                done = len(chunks) - len(exc.remaining)  # sent, or skipped as blank or deleted
+                remaining, verdict = chunks[done:], classify(exc.cause)  # unmarked
+                first += done
             else:
                 remaining, verdict = chunks, classify(exc)
             if verdict.retryable:
                 if turns:
                     await app.storage.append_turns(inbound.key, turns)
-                # the first failure of a fresh answer is no attempt at delivering a queued one
-                counted = item.kind is ItemKind.OUTBOUND and self.router.counts_against(
-                    verdict, "discord.send"
+                # the first failure of a fresh answer is no attempt at delivering a queued one, nor
+                # is a rate limit (Discord asked for a slower pace, one says nothing of the answer)
+                rate_limited = verdict.category is Category.RATE_LIMITED
+                counted = (
+                    item.kind is ItemKind.OUTBOUND
+                    and not rate_limited
+                    and self.router.counts_against(verdict, "discord.send")
                 )
-                await self.router.requeue(
+                requeued = await self.router.requeue(
                     item,
                     f"delivery: {verdict.category.value}",
                     kind=ItemKind.OUTBOUND,
@@ -168,6 +176,13 @@ class Answerer:
                     retry_after=verdict.retry_after,
                     count_attempt=counted,
                 )
+                if rate_limited and first == 0 and not item.payload.get("acked"):
+                    # The answer waits out Discord's limit (tens of seconds): say so, where Discord
+                    # lets us (the acknowledgement may be refused by the same bucket).
+                    if requeued.state is not ItemState.DEAD:
+                        position = await self.router.position(requeued)
+                        text = texts.queued(verdict, position)
+                        await self.router.acknowledge(channel, original, text, requeued)
                 return "queued"
             await self.router.undeliverable(item, exc.cause if isinstance(exc, PartialDeliveryError) else exc)
             return "error"
@@ -180,3 +195,11 @@ class Answerer:
             # nonce and completes the item (the exchange stays out of the history).
             log.warning("pipeline.finish_failed", item=item.id, category=classify(exc).category.value)
         return outcome
+
+
+def _fit(chunk: str) -> list[str]:
+    """``chunk`` in pieces that leave room for a mark; one with nothing to show stays as it is
+    (``send_chunks`` skips it)."""
+    if len(chunk) <= marks.ROOM or not has_visible_text(chunk):
+        return [chunk]
+    return split_message(chunk, limit=marks.ROOM)

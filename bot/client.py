@@ -101,7 +101,9 @@ class GeminiBot(commands.Bot):
             # A default that pings nobody: each send states who may be pinged (discord_io).
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
-            **options,  # type: ignore[arg-type]
+            # Rate limits: discord.py waits out at most MAX_RATELIMIT_WAIT and raises RateLimited
+            # beyond; its requests, traced, restart DiscordIO's call timeout (discord_io).
+            **{**app.discord_io.client_options(), **options},  # type: ignore[arg-type]
         )
         self.app = app
         app.client = self

@@ -228,7 +228,8 @@ class Drain:
                     item,
                     verdict.category.value,
                     retry_after=verdict.retry_after,
-                    count_attempt=verdict.category is not Category.CIRCUIT_OPEN,
+                    # an open breaker or a rate limit says nothing about the item
+                    count_attempt=verdict.category not in (Category.CIRCUIT_OPEN, Category.RATE_LIMITED),
                 )
 
     async def _process_item(self, item: QueueItem, inbound: Inbound) -> None:

@@ -21,7 +21,8 @@ route name  requests
 me          ``GET /users/@me``
 user        ``GET /users/{id}`` (any user of the world; 404 10013 Unknown User otherwise)
 application ``GET /oauth2/applications/@me``
-send        ``POST /channels/{id}/messages`` (``nonce`` + ``enforce_nonce`` dedup like Discord)
+send        ``POST /channels/{id}/messages`` (``nonce`` + ``enforce_nonce`` dedup like Discord;
+            a resend whose first copy was deleted gets 404 Unknown Message, 10008)
 edit        ``PATCH /channels/{id}/messages/{mid}``
 delete      ``DELETE /channels/{id}/messages/{mid}``
 history     ``GET /channels/{id}/messages``
@@ -58,6 +59,14 @@ that comes too late gets op 9 Invalid Session with ``d: false``: nothing is repl
 must IDENTIFY afresh (discord-api-docs ``docs/topics/Gateway.md``, "Initiating a Disconnect" and
 "Resuming"; Discord publishes no exact figure). What happened meanwhile is lost to that session.
 A client that closes with 1000 or 1001 ends its session at once (same page).
+
+Rate limits (``rate_limits``, a :class:`sandbox.discord_state.RateLimits` on the emulator's
+``clock``): every request Discord serves counts against its route's bucket for its channel (or
+guild, webhook), and every answer carries ``X-RateLimit-Limit``/``-Remaining``/``-Reset``/
+``-Reset-After``/``-Bucket`` like Discord's. By default each route allows 50 requests a second per
+channel; ``rate_limits.set("send", 2, 40.0, channel_id=id)`` throttles one channel's
+sends to two per 40 s (429 with ``retry_after`` the rest of the window), ``set_global(50)`` adds
+the global limit. A fault answers before the bucket is counted (Discord's edge failing first).
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import secrets
 import time
@@ -80,6 +90,8 @@ from sandbox.discord_state import (
     INTENT_MESSAGE_CONTENT,
     READ_MESSAGE_HISTORY,
     VIEW_CHANNEL,
+    RateLimits,
+    RateVerdict,
     UserRecord,
     World,
     now_iso,
@@ -144,6 +156,7 @@ class RecordedRequest:
     query: dict[str, str] = field(default_factory=dict)
     status: int | None = None
     fault: str | None = None
+    rate_limited: str | None = None  # "user" or "global" when a bucket (not a fault) answered 429
 
 
 @dataclass
@@ -281,7 +294,8 @@ class DiscordEmulator:
       ``world.set_overwrite(channel, role_or_user, allow=, deny=)``, which the REST API enforces:
       no Read Message History there means 403 50001 on reading messages).
     - users act: ``send_user_message(...)``, ``send_interaction(...)`` (nested options for
-      subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE).
+      subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE),
+      ``delete_message(channel_id, message_id)`` (an author or a moderator deletes a message).
       An interaction must be acknowledged within ``interaction_deadline`` (3 s) and its token
       works for ``interaction_token_lifetime`` (15 min), then 401 50027 Invalid Webhook Token.
     - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
@@ -307,6 +321,7 @@ class DiscordEmulator:
         max_recorded_requests: int = 10_000,
         session_lifetime: float = SESSION_LIFETIME_SECONDS,
         interaction_token_lifetime: float = INTERACTION_TOKEN_LIFETIME_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.token = token
         self.host = host
@@ -319,6 +334,8 @@ class DiscordEmulator:
         self.session_lifetime = session_lifetime
         self.interaction_token_lifetime = interaction_token_lifetime
         self.world = World()
+        # Discord's REST rate limits, on ``clock`` (a test can move it with the client's loop time)
+        self.rate_limits = RateLimits(clock)
         # bounded: a long sandbox or chaos session must not grow without limit
         self.requests: deque[RecordedRequest] = deque(maxlen=max_recorded_requests)
         self.commands: dict[int | None, list[dict[str, Any]]] = {}  # guild id (None = global) -> commands
@@ -530,15 +547,13 @@ class DiscordEmulator:
         await self._notify()
         return data
 
-    async def delete_user_message(self, channel_id: int, message_id: int) -> None:
-        """A user deletes their message: gone from history, and MESSAGE_DELETE is dispatched."""
+    async def delete_message(self, channel_id: int, message_id: int) -> None:
+        """Someone deletes a message (its author, or a moderator deleting the bot's): it leaves the
+        channel's history (the bot's record is flagged ``deleted``) and MESSAGE_DELETE is dispatched."""
         message = self.world.find_message(channel_id, message_id)
-        if message is None or not self.world.delete_message(channel_id, message_id):
+        if message is None:
             raise KeyError(f"no message {message_id} in channel {channel_id}")
-        event = {"id": str(message_id), "channel_id": str(channel_id)}
-        if "guild_id" in message:
-            event["guild_id"] = message["guild_id"]
-        await self._dispatch("MESSAGE_DELETE", event)
+        await self._remove(channel_id, message)
 
     async def send_interaction(
         self,
@@ -815,6 +830,7 @@ class DiscordEmulator:
             record = RecordedRequest(request.method, name, request.path, body, time.monotonic(),
                                      dict(request.query))
             self.requests.append(record)
+            verdict: RateVerdict | None = None
             try:
                 if auth and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, "401: Unauthorized", 0)
@@ -823,7 +839,14 @@ class DiscordEmulator:
                 late = after and fault is not None and fault.kind in ("latency", "drop")
                 response = await self._rest_fault(request, fault, record) if fault and not late else None
                 if response is None:
-                    response = await handler(request, body)
+                    # Served by Discord itself (a fault above stands for its edge failing first):
+                    # the request counts against its bucket, and every answer carries the headers.
+                    verdict = self.rate_limits.hit(name, _resource(request))
+                    if verdict.limited:
+                        record.rate_limited = verdict.scope
+                        response = _rate_limited(verdict)
+                    else:
+                        response = await handler(request, body)
                 if late:
                     assert fault is not None
                     record.fault = fault.kind
@@ -836,6 +859,8 @@ class DiscordEmulator:
             except ApiError as exc:
                 response = _json(exc.status, {"message": exc.message, "code": exc.code}
                                  | ({"errors": exc.errors} if exc.errors else {}))
+            if verdict is not None:
+                response.headers.update(verdict.headers)
             record.status = response.status if not record.fault == "drop" else None
             await self._notify()
             return response
@@ -858,21 +883,22 @@ class DiscordEmulator:
             retry_after = float(params.get("retry_after", 0.05))
             is_global = bool(params.get("global", params.get("global_", False)))
             headers = {
-                "Content-Type": "application/json",
-                "Retry-After": str(max(1, round(retry_after))),
-                "X-RateLimit-Limit": "5",
-                "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset-After": f"{retry_after:.3f}",
-                "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
-                "X-RateLimit-Bucket": f"emu-{fault.target}",
+                "Retry-After": str(math.ceil(retry_after)),
                 "X-RateLimit-Scope": "global" if is_global else "user",
             }
             if is_global:
                 headers["X-RateLimit-Global"] = "true"
-            if params.get("via", True):
-                headers["Via"] = "1.1 google"
-            body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": is_global}
-            return web.Response(status=429, body=json.dumps(body).encode(), headers=headers)
+            else:
+                headers |= {
+                    "X-RateLimit-Limit": "5",
+                    "X-RateLimit-Remaining": "0",
+                    "X-RateLimit-Reset-After": f"{retry_after:.3f}",
+                    "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
+                    # the route's own hash: another would make discord.py re-key the route's bucket
+                    "X-RateLimit-Bucket": self.rate_limits.bucket_hash(record.route),
+                }
+            verdict = RateVerdict(headers, retry_after, "global" if is_global else "user")
+            return _rate_limited(verdict, via=bool(params.get("via", True)))
         status = int(params.get("status", 500)) if kind == "error" else int(kind)
         if "code" in params or "message" in params or status not in _ERROR_BODIES:
             # Discord's own JSON error body: discord.py reads code/message into HTTPException.
@@ -972,8 +998,14 @@ class DiscordEmulator:
             earlier = self._nonces.get((cid, nonce))
             if earlier is not None and time.monotonic() - earlier[1] < NONCE_WINDOW_SECONDS:
                 message = self._sent_by_id.get(earlier[0])
-                if message is not None and not message.deleted:
+                if message is not None and not message.deleted and self.world.find_message(cid, message.id):
                     return _json(200, {**message.payload, "nonce": nonce})
+                # The message created with this nonce was deleted since: Discord does not post
+                # it again and answers Unknown Message (Discord's engineer on enforce_nonce,
+                # discord/discord-api-docs#6647: "That we don't try to recreate the message if it
+                # was created then subsequently deleted is intentional"; discord.py documents the
+                # resulting NotFound on Messageable.send).
+                raise ApiError(404, "Unknown Message", 10008)
         sent = self._new_bot_message(cid, body)
         if nonce is not None:
             now = time.monotonic()
@@ -1092,16 +1124,21 @@ class DiscordEmulator:
 
     async def _delete_message(self, request: web.Request, body: Any) -> web.Response:
         cid, message = self._message(request)
+        await self._remove(cid, message, echo=self.echo_bot_messages)
+        return web.Response(status=204)
+
+    async def _remove(self, cid: int, message: dict[str, Any], *, echo: bool = True) -> None:
+        """Delete a stored message (flagging the bot's record) and, with ``echo``, dispatch MESSAGE_DELETE."""
         self.world.delete_message(cid, int(message["id"]))
         sent = self._sent_by_id.get(int(message["id"]))
         if sent is not None:
             sent.deleted = True
-        if self.echo_bot_messages:
+        if echo:
             event = {"id": message["id"], "channel_id": message["channel_id"]}
             if "guild_id" in message:
                 event["guild_id"] = message["guild_id"]
             await self._dispatch("MESSAGE_DELETE", event)
-        return web.Response(status=204)
+        await self._notify()
 
     async def _add_reaction(self, request: web.Request, body: Any) -> web.Response:
         _, message = self._message(request)
@@ -1261,6 +1298,30 @@ class DiscordEmulator:
         return web.Response(status=204)
 
 
+def _resource(request: web.Request) -> str:
+    """The top-level resource a route's bucket is counted per: the channel, guild or webhook."""
+    info = request.match_info
+    for key in ("channel_id", "guild_id", "token", "interaction_id"):
+        if key in info:
+            return info[key]
+    return ""
+
+
+def _rate_limited(verdict: RateVerdict, *, via: bool = True) -> web.Response:
+    """Discord's 429: the JSON body discord.py reads ``retry_after`` from, and the headers.
+
+    ``Via`` marks an answer from Discord's API (discord.py takes a 429 without it, or with a
+    non-JSON body, for a Cloudflare ban and raises instead of waiting).
+    """
+    is_global = verdict.scope == "global"
+    body = {"message": "You are being rate limited.", "retry_after": round(verdict.retry_after, 3),
+            "global": is_global}
+    headers = {"Content-Type": "application/json", **verdict.headers}
+    if via:
+        headers["Via"] = "1.1 google"
+    return web.Response(status=429, body=json.dumps(body).encode(), headers=headers)
+
+
 def _json(status: int, data: Any) -> web.Response:
     # discord.py parses JSON only when Content-Type is exactly "application/json" (no charset)
     headers = {"Content-Type": "application/json"}
@@ -1288,10 +1349,21 @@ def _pings(content: str, allowed: dict[str, Any] | None, replied_to: dict[str, A
 
 
 def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None:
+    """Refuse what Discord refuses: over 2,000 characters (50035), or nothing to show (50006).
+
+    A message needs content, an embed or a file (Discord's create-message docs: at least one of
+    content, embeds, sticker_ids, components, files or poll). Content that is only whitespace
+    counts as none: Discord answers 400 "Cannot send an empty message" (code 50006) to a bare
+    "\n" (NITKC-DEV/Kisarazu-Multi-Manager#32) and to spaces (Together-Java/JShellBot#28). A
+    zero-width space (U+200B) is not whitespace: bridges send it to make a blank line postable
+    (qaisjp/go-discord-irc#133), so it is accepted here too. Whitespace is what ``str.strip``
+    removes (Unicode White_Space): Discord does not document its check, and its API is Python
+    (discord.com/blog/cost-attribution-in-discords-api), so that is the likeliest rule.
+    """
     if len(content) > 2000:
         raise ApiError(400, "Invalid Form Body", 50035, {"content": {"_errors": [
             {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}})
-    if not content and not embeds and not files:
+    if not content.strip() and not embeds and not files:
         raise ApiError(400, "Cannot send an empty message", 50006)
 
 

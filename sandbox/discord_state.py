@@ -2,12 +2,16 @@
 and the application (its owner, or the team that owns it).
 
 Pure data and payload builders (no I/O), shaped like the Discord API v10 JSON that discord.py
-parses. ``sandbox.discord_emu`` serves it over REST and the gateway.
+parses, and Discord's REST rate limits (:class:`RateLimits`). ``sandbox.discord_emu`` serves
+them over REST and the gateway.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -581,3 +585,161 @@ class World:
             found = found[:limit]  # the oldest ones just after ``after``
             return list(reversed(found))
         return list(reversed(found))[:limit]
+
+
+# --- rate limits -----------------------------------------------------------------------------------
+#
+# Modelled on https://discord.com/developers/docs/topics/rate-limits: every REST response carries
+# X-RateLimit-Limit (requests per window), -Remaining, -Reset (epoch seconds), -Reset-After
+# (seconds) and -Bucket (one hash per route, "non-inclusive of top-level resources": each channel,
+# guild or webhook in the path has its own count under the same hash). Exceeding a bucket is 429
+# with a JSON body {"message", "retry_after" (seconds, float), "global": false}, Retry-After and
+# X-RateLimit-Scope: user; the global limit (50 requests a second for a bot) answers 429 with
+# "global": true, X-RateLimit-Global: true and X-RateLimit-Scope: global.
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A bucket's rule: at most ``limit`` requests in a window of ``per`` seconds."""
+
+    limit: int
+    per: float
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.per <= 0:
+            raise ValueError("a rate limit needs limit >= 1 and per > 0")
+
+
+DEFAULT_LIMIT = Limit(50, 1.0)
+"""Every route's bucket unless set otherwise: as many a second as Discord's global limit allows
+(generous: a scenario sets a route's real limit with ``RateLimits.set``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateVerdict:
+    """What the rate limits say about one request: served (``retry_after`` 0) or 429.
+
+    ``headers`` go on the response either way; ``scope`` is ``"user"`` (a route's bucket) or
+    ``"global"`` when limited.
+    """
+
+    headers: dict[str, str]
+    retry_after: float = 0.0
+    scope: str | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.scope is not None
+
+
+@dataclass(slots=True)
+class _Window:
+    start: float
+    used: int = 0
+
+
+class RateLimits:
+    """Discord's REST rate limits: a fixed-window bucket per route and top-level resource, and an
+    optional global limit, on an injected monotonic ``clock`` (``wall`` stamps X-RateLimit-Reset).
+
+    ``set(route, limit, per, channel_id=None)`` gives a route a rule for every channel (every
+    top-level resource: guild, webhook) or for one channel; ``set_global(limit, per)`` turns the
+    global limit on (``None`` turns it off). ``hit(route, resource)`` counts one request and
+    returns its verdict (``resource``: the id of the channel, guild or webhook in its path).
+    """
+
+    PRUNE_FLOOR = 1024
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        wall: Callable[[], float] = time.time,
+        default: Limit = DEFAULT_LIMIT,
+    ) -> None:
+        self._clock = clock
+        self._wall = wall
+        self.default = default
+        self._routes: dict[str, Limit] = {}
+        self._resources: dict[tuple[str, str], Limit] = {}
+        self._global: Limit | None = None
+        self._global_window: _Window | None = None
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._next_prune = self.PRUNE_FLOOR
+
+    def set(self, route: str, limit: int, per: float, *, channel_id: int | str | None = None) -> None:
+        """Give ``route`` (an emulator route name, e.g. ``"send"``) ``limit`` requests per ``per``
+        seconds, everywhere or only in ``channel_id``; a running window keeps its count."""
+        rule = Limit(limit, per)
+        if channel_id is None:
+            self._routes[route] = rule
+        else:
+            self._resources[(route, str(channel_id))] = rule
+
+    def set_global(self, limit: int | None, per: float = 1.0) -> None:
+        """Turn the global limit on (``limit`` requests per ``per`` seconds, any route) or off (None)."""
+        self._global = None if limit is None else Limit(limit, per)
+        self._global_window = None
+
+    def clear(self) -> None:
+        """Back to the default rule everywhere, no global limit, every window forgotten."""
+        self._routes.clear()
+        self._resources.clear()
+        self._windows.clear()
+        self._global = self._global_window = None
+
+    def rule(self, route: str, resource: str) -> Limit:
+        return self._resources.get((route, resource)) or self._routes.get(route) or self.default
+
+    @staticmethod
+    @functools.cache
+    def bucket_hash(route: str) -> str:
+        """The route's X-RateLimit-Bucket: opaque, stable, the same for every resource."""
+        return hashlib.sha1(f"emulated-bucket:{route}".encode()).hexdigest()[:16]
+
+    def hit(self, route: str, resource: str = "") -> RateVerdict:
+        """Count a request to ``route`` on ``resource``; its headers, and whether it is limited."""
+        now = self._clock()
+        if self._global is not None:
+            window = self._global_window
+            if window is None or now >= window.start + self._global.per:
+                window = self._global_window = _Window(now)
+            if window.used >= self._global.limit:
+                retry_after = window.start + self._global.per - now
+                headers = {
+                    "Retry-After": str(math.ceil(retry_after)),
+                    "X-RateLimit-Global": "true",
+                    "X-RateLimit-Scope": "global",
+                }
+                return RateVerdict(headers, retry_after, "global")
+            window.used += 1
+        rule = self.rule(route, resource)
+        key = (route, resource)
+        window = self._windows.get(key)
+        if window is None or now >= window.start + rule.per:
+            window = self._windows[key] = _Window(now)
+            self._prune(now)
+        reset_after = window.start + rule.per - now
+        limited = window.used >= rule.limit
+        if not limited:
+            window.used += 1
+        headers = {
+            "X-RateLimit-Limit": str(rule.limit),
+            "X-RateLimit-Remaining": str(rule.limit - window.used),
+            "X-RateLimit-Reset": f"{self._wall() + reset_after:.3f}",
+            "X-RateLimit-Reset-After": f"{reset_after:.3f}",
+            "X-RateLimit-Bucket": self.bucket_hash(route),
+        }
+        if not limited:
+            return RateVerdict(headers)
+        headers["Retry-After"] = str(math.ceil(reset_after))
+        headers["X-RateLimit-Scope"] = "user"
+        return RateVerdict(headers, reset_after, "user")
+
+    def _prune(self, now: float) -> None:
+        """Forget ended windows once the map has doubled (bounded memory, O(1) amortized)."""
+        if len(self._windows) < self._next_prune:
+            return
+        for key in [k for k, w in self._windows.items() if now >= w.start + self.rule(*k).per]:
+            del self._windows[key]
+        self._next_prune = max(self.PRUNE_FLOOR, 2 * len(self._windows))

@@ -7,14 +7,26 @@
 fails them separately, a reaction outage must not stop answers, and a read that hangs must
 not hold a queued item until its lease runs out.
 
-Only transient failures (5xx, 429, timeouts, dropped connections) count towards opening a
-breaker. Permanent ones (403 Missing Permissions, 404 Unknown Channel, 400 too long) are a
-fact about one channel or one message, not about Discord: a bot muted in one channel must
-keep answering in all the others, so those are excluded and count neither way.
+Only Discord's failures (5xx, timeouts, dropped connections) count towards opening a breaker.
+Permanent ones (403 Missing Permissions, 404 Unknown Channel, 400 too long) are a fact about
+one channel or one message, not about Discord: a bot muted in one channel must keep answering
+in all the others, so those are excluded and count neither way. So are rate limits: a 429 is
+Discord asking for a slower pace on one route (one channel's bucket, say), not a failure, and
+one throttled channel must not open ``discord.send`` for every other (a Cloudflare ban of the
+whole IP is the exception: see ``not_discords_fault``).
 
 There is no retry loop here. discord.py already retries 429s (with ``Via``) and one 500;
 the durable outbound queue is the bot's retry for everything else, so a failed send raises
 the original discord.py exception for the pipeline to classify and queue.
+
+Rate limits and the call timeout: discord.py waits out a rate limit of up to
+``MAX_RATELIMIT_WAIT`` seconds itself (the client is built with that ``max_ratelimit_timeout``;
+``client_options()``) and raises ``discord.RateLimited`` for a longer one, which the caller
+queues with its ``retry_after``. The call timeout bounds Discord's answer, not those waits: it
+restarts with every request discord.py puts on the wire (aiohttp's trace, the client's
+``http_trace``), and while discord.py holds the call for a rate limit (before its request, or
+sleeping out a 429) the call has ``MAX_RATELIMIT_WAIT`` more. A call held past that raises
+``RateLimitWaitError`` (a ``discord.RateLimited``, not counted), never a breaker-counted timeout.
 
 Every message goes out with ``allowed_mentions_for(mention_user)``: "@everyone", "@here" and
 role mentions in Gemini's text never ping anyone, and a user is pinged only when we reply
@@ -25,16 +37,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import unicodedata
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiohttp
 import discord
 import structlog
 
 from resilience.breakers import Breaker, BreakerBoard
 from resilience.clock import Clock, SystemClock
-from resilience.errors import Category, classify
+from resilience.errors import CallTimeoutError, Category, classify, parse_duration
 
 if TYPE_CHECKING:
     from services.metrics import Metrics
@@ -49,6 +65,10 @@ TYPING_DELAY = 0.5
 
 Not a setting: below half a second nobody waits for a sign of life, and sparing the request
 spares Discord's rate limit and the bot a REST round trip on every quick answer."""
+
+MAX_RATELIMIT_WAIT = 30.0
+"""The longest rate-limit wait discord.py takes on itself (its ``max_ratelimit_timeout``; 30 s is the
+smallest it accepts); a longer one raises ``discord.RateLimited`` and the item is queued instead."""
 
 log = structlog.get_logger(__name__)
 
@@ -69,16 +89,40 @@ def allowed_mentions_for(user: discord.abc.Snowflake | None = None) -> discord.A
     )
 
 
+UNKNOWN_MESSAGE = 10008
+"""Discord's JSON error code for "Unknown Message"."""
+
+
 def is_permanent(exc: BaseException) -> bool:
-    """Breaker exclusion: True for failures that retrying cannot fix (``classify`` says not retryable)."""
+    """True for failures that retrying cannot fix (``classify`` says not retryable)."""
     return not classify(exc).retryable
 
 
-class PartialDeliveryError(Exception):
-    """Some chunks of an answer reached Discord and the rest did not.
+def not_discords_fault(exc: BaseException) -> bool:
+    """Breaker exclusion: a permanent failure, or a rate limit Discord announced (the breakers count
+    neither). A 429 discord.py could not wait out itself, without ``Via`` or with an HTML body, is
+    Cloudflare refusing this IP every request for a while: that one counts, so the breaker pauses
+    the calls that would only prolong the ban."""
+    return isinstance(exc, discord.RateLimited) or not classify(exc).retryable
 
-    ``sent`` holds the delivered messages in order, ``remaining`` the chunks still to send
-    (queue only these), ``cause`` the exception that stopped delivery (also ``__cause__``;
+
+class RateLimitWaitError(discord.RateLimited):
+    """discord.py held a call for Discord's rate limits (before sending it, or sleeping out a 429)
+    past the call's deadline: no failure of Discord. ``retry_after`` is Discord's last hint of the
+    wait left, or ``MAX_RATELIMIT_WAIT`` when it gave none."""
+
+
+class EmptyMessageError(ValueError):
+    """Content that is only whitespace, with no embed: Discord refuses it (400, code 50006), so it is
+    never sent. A caller's bug (an answer with nothing to show gets a sentence instead)."""
+
+
+class PartialDeliveryError(Exception):
+    """Some chunks of an answer were delivered and the rest were not.
+
+    ``sent`` holds the messages posted in order, ``remaining`` the chunks still to send (queue
+    only these; the chunks before them are done, also those skipped as blank or whose earlier
+    copy was deleted), ``cause`` the exception that stopped delivery (also ``__cause__``;
     classify ``cause``, not this error, to decide between queueing and giving up).
     """
 
@@ -94,12 +138,16 @@ class DiscordIO:
     """Discord writes behind per-operation breakers, with safe mentions; a registry service.
 
     ``board`` gets the breakers ``discord.send``/``edit``/``react``/``typing`` if it does not
-    have them yet (created with ``is_permanent`` excluded; breakers made beforehand are used
-    as they are). ``timeout`` (seconds, None for none) bounds each call inside its breaker,
-    so a hung request counts as a failure (a send that timed out may still have been posted:
-    the price of never holding a conversation for ever). ``typing_delay`` is how long a block
-    runs before the typing indicator is first sent, ``typing_interval`` how often it is renewed
-    (Discord shows it for 10 s); ``clock`` times both (a ``FakeClock`` makes them back-to-back).
+    have them yet (created with ``not_discords_fault`` excluded; breakers made beforehand are
+    used as they are). ``timeout`` (seconds, None for none) bounds Discord's answer to each
+    request of a call, inside its breaker, so a hung request counts as a failure (a send that
+    timed out may still have been posted: the price of never holding a conversation for ever);
+    rate-limit waits do not count against it (see the module's docstring). Build the discord.py
+    client with ``client_options()``: without its trace, a call's timeout covers the waits too.
+    ``typing_delay`` is how long a block runs before the typing indicator is first sent,
+    ``typing_interval`` how often it is renewed (Discord shows it for 10 s); ``clock`` times
+    both (a ``FakeClock`` makes them back-to-back). ``rate_limit_wait`` is how long a call may
+    be held for rate limits on top of the timeout (``MAX_RATELIMIT_WAIT``; tests shorten it).
     """
 
     name = "discord_io"
@@ -114,6 +162,7 @@ class DiscordIO:
         timeout: float | None = 15.0,
         typing_delay: float = TYPING_DELAY,
         typing_interval: float = 7.0,
+        rate_limit_wait: float = MAX_RATELIMIT_WAIT,
     ) -> None:
         self._board = board
         self._metrics = metrics
@@ -121,16 +170,27 @@ class DiscordIO:
         self._timeout = timeout
         self._typing_delay = typing_delay
         self._typing_interval = typing_interval
+        self._rate_limit_wait = rate_limit_wait
         self._breakers: dict[str, Breaker] = {}
+        self._traced = False  # whether the client reports its requests (client_options())
+        self.http_trace = aiohttp.TraceConfig()
+        self.http_trace.on_request_start.append(self._request_started)
+        self.http_trace.on_request_end.append(self._request_answered)
         for operation in OPERATIONS:
             name = f"discord.{operation}"
             if name not in board:
-                board.add(name, exclude=[is_permanent])
+                board.add(name, exclude=[not_discords_fault])
                 if metrics is not None:
                     metrics.set_breaker_state(name, board[name].state)
             self._breakers[operation] = board[name]
         self.errors: Counter[tuple[str, str]] = Counter()
         """Failures by ``(operation, category)``, for health views and tests."""
+
+    def client_options(self) -> dict[str, Any]:
+        """The discord.py client options this service relies on: ``max_ratelimit_timeout`` (longer
+        rate limits raise ``discord.RateLimited``) and ``http_trace`` (requests restart the timeout)."""
+        wait = max(MAX_RATELIMIT_WAIT, self._rate_limit_wait)
+        return {"max_ratelimit_timeout": wait, "http_trace": self.http_trace}
 
     # -- service protocol --------------------------------------------------------------
 
@@ -165,8 +225,11 @@ class DiscordIO:
         With ``reply_to`` the message is a reply that still goes out if the original was
         deleted meanwhile. Only ``mention_user`` can be pinged. Raises discord.py's
         exception (``HTTPException`` family, ``aiohttp.ClientError``), ``CallTimeoutError``
-        or ``CircuitOpenError``; the caller classifies and queues.
+        or ``CircuitOpenError``; the caller classifies and queues. Blank ``content`` without an
+        ``embed`` raises ``EmptyMessageError`` before any request (Discord would refuse it).
         """
+        if embed is None and not content.strip():
+            raise EmptyMessageError("a message of only whitespace: Discord refuses it (50006)")
         kwargs: dict[str, Any] = {"allowed_mentions": allowed_mentions_for(mention_user)}
         if reply_to is not None:
             kwargs["reference"] = _lenient(reply_to)
@@ -191,26 +254,42 @@ class DiscordIO:
         """Send an answer split into chunks, in order; the first replies to ``reply_to``.
 
         ``chunks`` are the answer's chunks from number ``first_index`` on (a resumed delivery);
-        only chunk 0 replies and may ping ``mention_user``. With ``nonce``, chunk ``i`` is sent
-        with the nonce ``f"{nonce}.{i}"`` (at most 25 characters), so resending a chunk Discord
-        already posted does not post it twice. If the first chunk fails, its exception
-        propagates unchanged (nothing was delivered). If a later one fails, raises
+        only the first chunk of the answer replies and may ping ``mention_user``. With ``nonce``,
+        chunk ``i`` is sent with the nonce ``f"{nonce}.{i}"`` (at most 25 characters), so
+        resending a chunk Discord already posted does not post it twice. A resend whose first
+        copy was deleted meanwhile gets Unknown Message (10008) from Discord, which does not post
+        it again: that chunk counts as delivered (someone removed it, and re-posting it without
+        the nonce would undo a moderator), and the rest of the answer goes on. A chunk that shows
+        nothing (whitespace, and invisible format characters such as zero-width ones) is skipped:
+        Discord would refuse one of only whitespace (50006) and stop the rest of the answer, or
+        post an invisible message (an outbound item an older version queued can hold such a
+        chunk); an answer with no chunk to show raises ``EmptyMessageError``. If the first chunk fails, its
+        exception propagates unchanged (nothing was delivered). If a later one fails, raises
         ``PartialDeliveryError`` (chained to the cause) with what was sent and what remains.
         Do not cancel a delivery part-way: a cancellation carries no progress.
         """
+        if first_index == 0 and not any(_shows_something(chunk) for chunk in chunks):
+            raise EmptyMessageError("no chunk of the answer shows anything")
         sent: list[discord.Message] = []
+        replied = first_index > 0  # a resumed delivery sent the reply before
         for offset, chunk in enumerate(chunks):
             index = first_index + offset
+            if not _shows_something(chunk):
+                continue
             chunk_nonce = None if nonce is None else f"{nonce}.{index}"[-25:]
             try:
-                if index == 0:
+                if not replied:
+                    replied = True
                     message = await self.send(
                         channel, chunk, reply_to=reply_to, mention_user=mention_user, nonce=chunk_nonce
                     )
                 else:
                     message = await self.send(channel, chunk, nonce=chunk_nonce)
             except Exception as exc:
-                if not sent:
+                if chunk_nonce is not None and _unknown_message(exc):
+                    log.info("discord.chunk_copy_deleted", channel_id=_channel_id(channel), chunk=index)
+                    continue
+                if offset == 0:
                     raise
                 raise PartialDeliveryError(sent, list(chunks[offset:]), exc) from exc
             sent.append(message)
@@ -333,10 +412,53 @@ class DiscordIO:
     ) -> T:
         """Run ``fn`` through the operation's breaker and timeout; record any failure, then re-raise."""
         try:
-            return await self._breakers[operation].call(fn, *args, timeout=self._timeout, **kwargs)
+            return await self._breakers[operation].call(self._timed, operation, fn, args, kwargs)
         except Exception as exc:
             self._record_failure(operation, channel_id, exc)
             raise
+
+    async def _timed(
+        self, operation: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
+        """Await ``fn`` under the call's deadline, which the trace moves as requests go out."""
+        if self._timeout is None:
+            return await fn(*args, **kwargs)
+        call = _Call(self._timeout, self._rate_limit_wait if self._traced else 0.0)
+        token = _CALL.set(call)
+        try:
+            async with asyncio.timeout(None) as scope:
+                call.start(scope)
+                return await fn(*args, **kwargs)
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise  # the callee's own TimeoutError
+            raise call.expired(f"discord.{operation}") from exc
+        finally:
+            call.scope = None
+            _CALL.reset(token)
+
+    async def _request_started(
+        self,
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestStartParams,
+    ) -> None:
+        """aiohttp trace: a request of the current call goes on the wire."""
+        self._traced = True
+        call = _CALL.get()
+        if call is not None:
+            call.sending()
+
+    async def _request_answered(
+        self,
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestEndParams,
+    ) -> None:
+        """aiohttp trace: Discord answered a request of the current call (headers read)."""
+        call = _CALL.get()
+        if call is not None:
+            call.answered(params.response)
 
     def _record_failure(self, operation: str, channel_id: int | None, exc: Exception) -> None:
         """Count by operation and category; log without message content."""
@@ -361,6 +483,72 @@ class DiscordIO:
             log.warning("discord.unexpected_failure", **fields)
         else:
             log.warning("discord.permanent_failure", **fields)
+
+
+def _shows_something(text: str) -> bool:
+    """Whether ``text`` has a character that is neither whitespace nor an invisible format character
+    (Unicode category Cf: zero-width spaces and joiners, invisible separators)."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
+
+
+def _unknown_message(exc: BaseException) -> bool:
+    """A send answered 404 Unknown Message: with an enforced nonce, the copy posted earlier under
+    it was deleted since (discord.py, ``Messageable.send``: NotFound "You sent a message with the
+    same nonce as one that has been explicitly deleted shortly earlier")."""
+    return isinstance(exc, discord.NotFound) and exc.code == UNKNOWN_MESSAGE
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("discord_io_call", default=None)
+"""The guarded call the current task is in (aiohttp runs trace callbacks in the caller's task)."""
+
+
+class _Call:
+    """One guarded call's deadline: ``timeout`` for Discord to answer each request, and ``wait``
+    more whenever discord.py holds the call for a rate limit: before its request (a bucket with
+    nothing left, the global limit), sleeping out a 429's ``retry_after`` before it sends again,
+    or sleeping out the rest of a window its request used up (``X-RateLimit-Remaining: 0``)
+    before it returns. discord.py never sleeps longer than its ``max_ratelimit_timeout``."""
+
+    __slots__ = ("held", "hint_until", "scope", "timeout", "wait")
+
+    def __init__(self, timeout: float, wait: float) -> None:
+        self.timeout = timeout
+        self.wait = wait
+        self.scope: asyncio.Timeout | None = None
+        self.held = True  # until the first request goes out, discord.py may be holding it back
+        self.hint_until: float | None = None  # loop time at which Discord said the wait ends
+
+    def start(self, scope: asyncio.Timeout) -> None:
+        self.scope = scope
+        self._move(self.wait + self.timeout)
+
+    def sending(self) -> None:
+        self.held = False
+        self._move(self.timeout)
+
+    def answered(self, response: aiohttp.ClientResponse) -> None:
+        headers = response.headers
+        if response.status != 429 and headers.get("X-RateLimit-Remaining") != "0":
+            return
+        self.held = True
+        hint = parse_duration(headers.get("X-RateLimit-Reset-After") or headers.get("Retry-After") or "")
+        now = asyncio.get_running_loop().time()
+        self.hint_until = None if hint is None else now + hint
+        self._move(self.wait + self.timeout)
+
+    def expired(self, operation: str) -> Exception:
+        """The error for a deadline that passed: held for rate limits, or Discord too slow."""
+        if not self.held or self.wait == 0.0:
+            return CallTimeoutError(operation, self.timeout)
+        left = self.wait
+        if self.hint_until is not None:
+            left = max(0.0, self.hint_until - asyncio.get_running_loop().time())
+        return RateLimitWaitError(left)
+
+    def _move(self, seconds: float) -> None:
+        scope = self.scope
+        if scope is not None and not scope.expired():
+            scope.reschedule(asyncio.get_running_loop().time() + seconds)
 
 
 async def _send_typing(channel: discord.abc.Messageable) -> None:

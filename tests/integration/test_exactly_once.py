@@ -65,7 +65,7 @@ async def test_an_answer_to_a_question_deleted_meanwhile_is_posted_once_across_a
         gemini.faults.add("503")
         question = await discord.send_user_message(general, "normal", text, mentions_bot=True)
         await discord.wait_until(lambda: bool(discord.sent_messages(general)), timeout=10)  # the ack
-        await discord.delete_user_message(general, int(question["id"]))
+        await discord.delete_message(general, int(question["id"]))
         await post_then_kill(emulators, first, lambda: bool(answers_to(discord, general, text)))
     [answer] = answers_to(discord, general, text)
     [stored] = [m for m in discord.world.messages[general] if m["id"] == str(answer.id)]

@@ -33,13 +33,14 @@ async def emu() -> AsyncIterator[DiscordEmulator]:
             yield emulator
 
 
-def make_bot(heartbeat_timeout: float = 5.0) -> commands.Bot:
+def make_bot(heartbeat_timeout: float = 5.0, **options: Any) -> commands.Bot:
     intents = discord.Intents.default()
     intents.members = True
     intents.message_content = True
     # heartbeat_timeout bounds how long a silent gateway goes unnoticed
     return commands.Bot(
-        command_prefix="!", intents=intents, guild_ready_timeout=0.05, heartbeat_timeout=heartbeat_timeout
+        command_prefix="!", intents=intents, guild_ready_timeout=0.05, heartbeat_timeout=heartbeat_timeout,
+        **options,
     )
 
 
@@ -347,6 +348,29 @@ async def test_too_long_and_empty_messages_are_rejected_like_discord(emu: Discor
             await channel.send("")
     assert (too_long.value.status, too_long.value.code) == (400, 50035)
     assert (empty.value.status, empty.value.code) == (400, 50006)
+
+
+@pytest.mark.parametrize("blank", [" " * 1999 + "\n", "\n" * 2000, " \t\r\n\u3000\u00a0"])
+async def test_whitespace_only_content_is_an_empty_message_like_discord(
+    emu: DiscordEmulator, blank: str
+) -> None:
+    """Discord refuses content that is only whitespace (400, 50006), on create and on edit, unless an
+    embed carries the message; a zero-width space is no whitespace and is posted."""
+    random_id = emu.channels["random"]
+    async with running(emu) as run:
+        channel = run.bot.get_channel(random_id)
+        assert isinstance(channel, discord.TextChannel)
+        with pytest.raises(discord.HTTPException) as refused:
+            await channel.send(blank)
+        posted = await channel.send("first")
+        with pytest.raises(discord.HTTPException) as edit_refused:
+            await posted.edit(content=blank)
+        with_embed = await channel.send(blank, embed=discord.Embed(description="shown"))
+        zero_width = await channel.send("\u200b")
+    assert (refused.value.status, refused.value.code) == (400, 50006)
+    assert (edit_refused.value.status, edit_refused.value.code) == (400, 50006)
+    assert [m.id for m in emu.sent_messages(random_id)] == [posted.id, with_embed.id, zero_width.id]
+    assert emu.sent_messages(random_id)[0].content == "first"
 
 
 async def test_without_message_content_intent_guild_content_is_blanked(emu: DiscordEmulator) -> None:
@@ -869,3 +893,162 @@ async def test_fetch_user_gets_any_user_of_the_world_and_404_10013_otherwise(emu
             await run.bot.fetch_user(1)
     assert (user.id, user.name) == (emu.users["normal"], "bob")
     assert info.value.code == 10013
+
+
+@pytest.mark.parametrize("deleted_by", ["moderator", "bot"])
+async def test_a_resend_with_the_nonce_of_a_deleted_message_is_unknown_message(
+    emu: DiscordEmulator, deleted_by: str
+) -> None:
+    """Discord does not re-create a message whose nonce it saw if that message was deleted since:
+    the resend within the window gets 404 Unknown Message (10008) and posts nothing."""
+    general = emu.channels["general"]
+    async with running(emu) as run:
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        first = await channel.send("answer", nonce="item-8-0")
+        if deleted_by == "moderator":
+            await emu.delete_message(general, first.id)
+        else:
+            await first.delete()
+        with pytest.raises(discord.NotFound) as info:
+            await channel.send("answer", nonce="item-8-0")
+        other = await channel.send("answer", nonce="item-8-1")
+    assert (info.value.status, info.value.code) == (404, 10008)
+    assert [m.id for m in emu.sent_messages(general)] == [first.id, other.id]
+    assert emu.sent_messages(general)[0].deleted
+    assert [m["id"] for m in emu.history(general)] == [str(other.id)]
+
+
+# --- rate limits ---------------------------------------------------------------------------------
+
+
+class StepClock:
+    """A monotonic clock for the emulator's buckets that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def raw(emu: DiscordEmulator, method: str, path: str, body: Any = None) -> tuple[int, Any, Any]:
+    """One REST call with the bot's token from a plain aiohttp client: (status, JSON, headers)."""
+    headers = {"Authorization": f"Bot {emu.token}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, emu.api_base + path, json=body, headers=headers) as response:
+            return response.status, await response.json(content_type=None), response.headers
+
+
+RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "X-RateLimit-Reset-After",
+                "X-RateLimit-Bucket")
+
+
+async def test_every_answer_carries_the_rate_limit_headers_of_its_route_and_channel() -> None:
+    """Like Discord: limit, remaining, reset (epoch), reset-after and the bucket on every answer, also
+    an error; one bucket hash per route whatever the channel, a count per channel."""
+    async with DiscordEmulator(clock=StepClock()) as emu:
+        general, random_id = emu.channels["general"], emu.channels["random"]
+        emu.rate_limits.set("send", 5, 5.0)
+        answers = [
+            await raw(emu, "POST", f"/channels/{general}/messages", {"content": "one"}),
+            await raw(emu, "POST", f"/channels/{general}/messages", {"content": "two"}),
+            await raw(emu, "POST", f"/channels/{random_id}/messages", {"content": "three"}),
+            await raw(emu, "POST", f"/channels/{general}/messages", {"content": " "}),  # 400 50006
+            await raw(emu, "POST", f"/channels/{general}/typing"),
+            await raw(emu, "GET", f"/channels/{general}"),
+        ]
+        started = time.time()
+    for _, _, headers in answers:
+        assert all(name in headers for name in RATE_HEADERS), dict(headers)
+    sends = [headers for _, _, headers in answers[:4]]
+    assert [h["X-RateLimit-Limit"] for h in sends] == ["5"] * 4
+    assert [h["X-RateLimit-Remaining"] for h in sends] == ["4", "3", "4", "2"]  # the error counts too
+    assert [float(h["X-RateLimit-Reset-After"]) for h in sends] == [5.0] * 4
+    assert abs(float(sends[0]["X-RateLimit-Reset"]) - (started + 5.0)) < 2.0
+    assert len({h["X-RateLimit-Bucket"] for h in sends}) == 1
+    assert answers[4][2]["X-RateLimit-Bucket"] != sends[0]["X-RateLimit-Bucket"]
+    assert answers[3][:2] == (400, {"message": "Cannot send an empty message", "code": 50006})
+
+
+async def test_a_channel_over_its_bucket_gets_429_until_the_window_ends_and_others_go_on() -> None:
+    """Two sends per 40 s in #general: the third is 429 with retry_after the rest of the window, scope
+    user, Via, nothing posted; #random is served meanwhile; once the window is over, #general is too."""
+    clock = StepClock()
+    async with DiscordEmulator(clock=clock) as emu:
+        general, random_id = emu.channels["general"], emu.channels["random"]
+        emu.rate_limits.set("send", 2, 40.0, channel_id=general)
+        path = f"/channels/{general}/messages"
+        assert [(await raw(emu, "POST", path, {"content": "ok"}))[0] for _ in range(2)] == [200, 200]
+        clock.now += 10.0
+        status, body, headers = await raw(emu, "POST", path, {"content": "over the limit"})
+        other = await raw(emu, "POST", f"/channels/{random_id}/messages", {"content": "elsewhere"})
+        clock.now += 30.0
+        after = await raw(emu, "POST", path, {"content": "next window"})
+    assert status == 429
+    assert body == {"message": "You are being rate limited.", "retry_after": 30.0, "global": False}
+    assert (headers["Retry-After"], headers["X-RateLimit-Scope"]) == ("30", "user")
+    assert headers["Via"] == "1.1 google"
+    assert (headers["X-RateLimit-Remaining"], headers["X-RateLimit-Reset-After"]) == ("0", "30.000")
+    assert other[0] == 200 and other[2]["X-RateLimit-Limit"] == "50"
+    assert after[0] == 200 and after[2]["X-RateLimit-Remaining"] == "1"
+    assert [m.content for m in emu.sent_messages(general)] == ["ok", "ok", "next window"]
+    assert [r.rate_limited for r in emu.requests_for("send")] == [None, None, "user", None, None]
+
+
+async def test_the_global_limit_counts_every_route_and_answers_a_global_429() -> None:
+    clock = StepClock()
+    async with DiscordEmulator(clock=clock) as emu:
+        general = emu.channels["general"]
+        emu.rate_limits.set_global(3, 1.0)
+        statuses = [(await raw(emu, "GET", f"/channels/{general}"))[0] for _ in range(2)]
+        statuses.append((await raw(emu, "POST", f"/channels/{general}/typing"))[0])
+        status, body, headers = await raw(emu, "POST", f"/channels/{general}/messages", {"content": "x"})
+        clock.now += 1.0
+        later = await raw(emu, "POST", f"/channels/{general}/messages", {"content": "x"})
+    assert statuses == [200, 200, 204]
+    assert (status, body["global"], body["retry_after"]) == (429, True, 1.0)
+    assert (headers["X-RateLimit-Global"], headers["X-RateLimit-Scope"]) == ("true", "global")
+    assert later[0] == 200
+    assert [r.rate_limited for r in emu.requests if r.rate_limited] == ["global"]
+
+
+async def test_discord_py_waits_out_a_short_bucket_it_learned_from_the_headers(emu: DiscordEmulator) -> None:
+    """Two sends per 0.3 s: discord.py reads the headers and holds the third send until the window
+    ends, so Discord never has to answer 429."""
+    general = emu.channels["general"]
+    emu.rate_limits.set("send", 2, 0.3)
+    async with running(emu) as run:
+        channel = run.bot.get_channel(general)
+        assert isinstance(channel, discord.TextChannel)
+        for n in range(4):
+            await channel.send(f"message {n}")
+    sends = emu.requests_for("send")
+    assert [r.status for r in sends] == [200] * 4
+    assert sends[2].time - sends[0].time >= 0.3 - 0.01
+
+
+async def test_with_max_ratelimit_timeout_a_long_bucket_raises_rate_limited_without_a_request(
+    emu: DiscordEmulator,
+) -> None:
+    """discord.py with ``max_ratelimit_timeout=30`` (its smallest): once a response has said the
+    channel's window lasts 40 s, the next send raises ``RateLimited`` at once, before any request
+    (discord.py checks the window, not the count left); a 429 whose retry_after is over 30 s
+    raises it too instead of sleeping. Other channels are not held."""
+    general, random_id = emu.channels["general"], emu.channels["random"]
+    emu.rate_limits.set("send", 5, 40.0, channel_id=general)
+    async with running(emu, make_bot(max_ratelimit_timeout=30.0)) as run:
+        channel, other = run.bot.get_channel(general), run.bot.get_channel(random_id)
+        assert isinstance(channel, discord.TextChannel) and isinstance(other, discord.TextChannel)
+        await channel.send("first")
+        started = time.monotonic()
+        with pytest.raises(discord.RateLimited) as held:
+            await channel.send("second")
+        await other.send("elsewhere")
+        emu.faults.add("429", "send", count=1, retry_after=45.0)
+        with pytest.raises(discord.RateLimited) as told:
+            await other.send("told to wait 45 s")
+        assert time.monotonic() - started < 5.0
+    assert 39.0 < held.value.retry_after <= 40.0
+    assert told.value.retry_after == 45.0
+    assert [r.status for r in emu.requests_for("send")] == [200, 200, 429]

@@ -24,11 +24,15 @@ from resilience.clock import FakeClock
 from resilience.errors import CallTimeoutError, CircuitOpenError
 from sandbox.discord_emu import DiscordEmulator
 from services.discord_io import (
+    MAX_RATELIMIT_WAIT,
     TYPING_DELAY,
     DiscordIO,
+    EmptyMessageError,
     PartialDeliveryError,
+    RateLimitWaitError,
     allowed_mentions_for,
     is_permanent,
+    not_discords_fault,
 )
 from services.metrics import Metrics
 from tests.integration.harness import pointed_at
@@ -67,26 +71,27 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def make_env(board: BreakerBoard | None = None, **io_kwargs: Any) -> AsyncIterator[Env]:
-    """Emulator + logged-in bot (the client default pings nobody) + DiscordIO (fail_max 3)."""
+    """Emulator + DiscordIO (fail_max 3) + a bot logged in with its ``client_options()`` (the
+    client default pings nobody)."""
     # A long heartbeat: with a short one, discord.py's keep-alive thread can wake after the test's
     # loop has closed and warn; these tests do not exercise gateway liveness.
     async with DiscordEmulator(heartbeat_interval=30.0) as emu:
         with pointed_at(emu):
+            board = board or BreakerBoard(FakeClock(), fail_max=FAIL_MAX, reset_timeout=30.0)
+            metrics = Metrics(process_metrics=False)
+            io = DiscordIO(board, metrics=metrics, **io_kwargs)
             intents = discord.Intents.default()
             intents.members = True
             intents.message_content = True
             bot = commands.Bot(
                 command_prefix="!", intents=intents, guild_ready_timeout=0.05,
-                allowed_mentions=allowed_mentions_for(None),
+                allowed_mentions=allowed_mentions_for(None), **io.client_options(),
             )
             await bot.login(emu.token)
             task = asyncio.create_task(bot.connect())
             try:
                 async with asyncio.timeout(5):
                     await bot.wait_until_ready()
-                board = board or BreakerBoard(FakeClock(), fail_max=FAIL_MAX, reset_timeout=30.0)
-                metrics = Metrics(process_metrics=False)
-                io = DiscordIO(board, metrics=metrics, **io_kwargs)
                 yield Env(emu, bot, board, io, metrics)
             finally:
                 await bot.close()
@@ -140,6 +145,70 @@ async def test_send_chunks_replies_with_the_first_and_sends_the_rest_in_order(en
     # only the first chunk may ping the asker
     assert [m.pings for m in sent] == [{f"user:{env.emu.users['normal']}"}, set(), set()]
     assert env.io.errors == {}
+
+
+async def test_a_blank_chunk_is_skipped_and_the_rest_of_the_answer_delivered(env: Env) -> None:
+    """An answer an older splitter cut into [text, only newlines, text] (still in the outbound
+    queue after an upgrade): Discord refuses the blank chunk (50006), which used to stop the
+    delivery and lose the rest. The blank chunk is skipped; both chunks with text arrive, each
+    with its own index's nonce, and no request with blank content reaches Discord."""
+    question = await env.user_message()
+    # a blank chunk, and one that also ends with invisible zero-width characters (Discord would post
+    # that one, as a message showing nothing)
+    chunks = ["first part", "\n" * 1500 + "  ", "\n \u200b\u200d\u2063", "last part"]
+    messages = await env.io.send_chunks(env.channel(), chunks, reply_to=question, nonce="q1")
+    sent = env.emu.sent_messages(env.emu.channels["general"])
+    assert [m.content for m in sent] == ["first part", "last part"]
+    assert [m.id for m in messages] == [m.id for m in sent]
+    assert [r.json["nonce"] for r in env.emu.requests_for("send")] == ["q1.0", "q1.3"]
+    assert env.send_statuses() == [200, 200]
+
+
+async def test_a_blank_first_chunk_leaves_the_reply_to_the_first_chunk_with_text(env: Env) -> None:
+    question = await env.user_message()
+    await env.io.send_chunks(env.channel(), [" ", "answer"], reply_to=question, mention_user=question.author)
+    [sent] = env.emu.sent_messages(env.emu.channels["general"])
+    assert sent.content == "answer" and sent.message_reference is not None
+    assert sent.pings == {f"user:{env.emu.users['normal']}"}
+
+
+async def test_blank_content_is_refused_before_it_reaches_discord(env: Env) -> None:
+    """send() with only whitespace (and no embed) raises EmptyMessageError without a request, and
+    without counting against the breaker; an answer whose every chunk is blank likewise. A resumed
+    delivery whose remaining chunks are blank has nothing left to send: it is done."""
+    with pytest.raises(EmptyMessageError):
+        await env.io.send(env.channel(), " \n\t ")
+    with pytest.raises(EmptyMessageError):
+        await env.io.send_chunks(env.channel(), ["\n\n", "   "])
+    assert await env.io.send_chunks(env.channel(), ["\n"], first_index=2) == []
+    assert env.emu.requests_for("send") == []
+    assert env.board["discord.send"].failures == 0
+    embedded = await env.io.send(env.channel(), " ", embed=discord.Embed(description="an embed"))
+    assert embedded.embeds[0].description == "an embed"
+
+
+async def test_a_resent_chunk_whose_first_copy_was_deleted_counts_as_delivered(env: Env) -> None:
+    """Chunk 0 was posted (its response lost, say) and then deleted by a moderator: the resend with
+    the same nonce gets 10008 from Discord, nothing is posted again, and the other chunks go out."""
+    general = env.emu.channels["general"]
+    question = await env.user_message()
+    [first] = await env.io.send_chunks(env.channel(), ["one"], reply_to=question, nonce="q2")
+    await env.emu.delete_message(general, first.id)
+    messages = await env.io.send_chunks(env.channel(), ["one", "two", "three"], reply_to=question, nonce="q2")
+    assert [m.content for m in messages] == ["two", "three"]
+    assert [(m.content, m.deleted) for m in env.emu.sent_messages(general)] == [
+        ("one", True), ("two", False), ("three", False)
+    ]
+    assert env.send_statuses() == [200, 404, 200, 200]
+    assert env.board["discord.send"].failures == 0
+
+
+async def test_unknown_message_on_a_send_without_a_nonce_is_an_error(env: Env) -> None:
+    """Only an enforced nonce makes a 10008 mean "your earlier copy was deleted"."""
+    env.emu.faults.add("error", "send", count=1, status=404, code=10008, message="Unknown Message")
+    with pytest.raises(discord.NotFound):
+        await env.io.send_chunks(env.channel(), ["one", "two"])
+    assert env.emu.sent_messages(env.emu.channels["general"]) == []
 
 
 async def test_a_reply_to_a_deleted_message_is_still_delivered(env: Env) -> None:
@@ -215,6 +284,15 @@ async def test_permission_errors_do_not_count_towards_opening_the_breaker(env: E
     assert info.value.code == 50005
     assert env.board["discord.edit"].failures == 0
     assert env.board["discord.edit"].state is BreakerState.CLOSED
+
+
+def test_rate_limits_and_permanent_failures_are_no_fault_of_discord() -> None:
+    """The breakers' exclusion: rate limits and permanent failures; 5xx-type failures count."""
+    assert not_discords_fault(discord.RateLimited(45.0))
+    assert not_discords_fault(RateLimitWaitError(3.0))
+    assert not_discords_fault(ValueError("bug"))
+    assert not not_discords_fault(CallTimeoutError("discord.send", 1.0))
+    assert not not_discords_fault(ConnectionResetError())
 
 
 def test_is_permanent_follows_classify() -> None:
@@ -457,3 +535,96 @@ async def test_find_message_returns_the_first_match_after_a_message_and_a_cached
     before = len(env.emu.requests_for("channel"))
     assert await env.io.fetch_channel(env.bot, env.emu.channels["general"]) is env.channel()
     assert len(env.emu.requests_for("channel")) == before
+
+
+# -- rate limits ------------------------------------------------------------------------------
+
+
+async def test_a_channel_throttled_for_40_s_raises_rate_limited_at_once_and_never_opens_the_breaker() -> None:
+    """#general may send once per 40 s. Every later send there raises ``discord.RateLimited`` at
+    once, with the wait left (Discord's 429 says 40 s, more than discord.py's
+    ``max_ratelimit_timeout``), instead of hanging until the call timeout; rate limits count
+    neither way, so after many of them ``discord.send`` is still closed and #random's sends go out."""
+    async with make_env(timeout=1.0) as env:
+        general = env.emu.channels["general"]
+        env.emu.rate_limits.set("send", 1, 40.0, channel_id=general)
+        await env.io.send(env.channel(), "the one send of the window")
+        for _ in range(FAIL_MAX + 2):
+            with pytest.raises(discord.RateLimited) as info:
+                await env.io.send(env.channel(), "held")
+            assert 35.0 < info.value.retry_after <= 40.0
+        await env.io.send(env.channel("random"), "another channel")
+        breaker = env.board["discord.send"]
+        assert breaker.state is BreakerState.CLOSED and breaker.failures == 0
+        assert env.send_statuses() == [200] + [429] * (FAIL_MAX + 2) + [200]
+        assert env.io.errors == {("send", "rate_limited"): FAIL_MAX + 2}
+
+
+async def test_a_429_longer_than_discord_py_waits_raises_rate_limited_with_its_retry_after(env: Env) -> None:
+    env.emu.faults.add("429", "send", count=FAIL_MAX, retry_after=45.0)
+    for _ in range(FAIL_MAX):
+        with pytest.raises(discord.RateLimited) as info:
+            await env.io.send(env.channel(), "hello")
+        assert info.value.retry_after == 45.0
+    assert env.board["discord.send"].state is BreakerState.CLOSED
+    assert env.board["discord.send"].failures == 0
+
+
+async def test_a_429_without_via_a_cloudflare_ban_counts_towards_the_breaker(env: Env) -> None:
+    """No ``Via``: not Discord's API but Cloudflare refusing the IP, every route, for a while; the
+    breaker opens so that the bot stops prolonging the ban."""
+    env.emu.faults.add("429", "send", count=FAIL_MAX, retry_after=5.0, via=False)
+    for _ in range(FAIL_MAX):
+        with pytest.raises(discord.HTTPException) as info:
+            await env.io.send(env.channel(), "hello")
+        assert info.value.status == 429
+    assert env.board["discord.send"].state is BreakerState.OPEN
+
+
+async def test_a_rate_limit_wait_longer_than_the_call_timeout_is_waited_out_not_timed_out() -> None:
+    """A 429 with retry_after 1.2 s and a 0.5 s call timeout: discord.py sleeps the 1.2 s and sends
+    again; the timeout bounds Discord's answers, not that wait, so the send succeeds, counted as
+    nothing but a success."""
+    async with make_env(timeout=0.5) as env:
+        env.emu.faults.add("429", "send", count=1, retry_after=1.2)
+        message = await env.io.send(env.channel(), "after the wait")
+        assert message.content == "after the wait"
+        sends = env.emu.requests_for("send")
+        assert [r.status for r in sends] == [429, 200]
+        assert sends[1].time - sends[0].time >= 1.2 - 0.01
+        assert env.io.errors == {}
+
+
+async def test_the_send_that_uses_up_a_bucket_waits_for_the_window_with_discord_py() -> None:
+    """Two sends per 1.2 s and a 0.5 s call timeout: discord.py sleeps out the rest of the window
+    after the request that left nothing (before it returns), which is no timeout of Discord's."""
+    async with make_env(timeout=0.5) as env:
+        env.emu.rate_limits.set("send", 2, 1.2)
+        for n in range(3):
+            await env.io.send(env.channel(), f"message {n}")
+        assert env.send_statuses() == [200, 200, 200]
+        assert env.io.errors == {}
+
+
+async def test_a_call_held_for_rate_limits_past_its_deadline_is_a_rate_limit_not_a_timeout() -> None:
+    """A 429 with retry_after 2 s, a 0.5 s timeout and only 0.5 s of rate-limit wait allowed:
+    discord.py is still sleeping when the deadline passes, which raises ``RateLimitWaitError``
+    (counted neither way, with the wait left); a send that Discord is slow to answer is a
+    counted timeout."""
+    async with make_env(timeout=0.5, rate_limit_wait=0.5) as env:
+        env.emu.faults.add("429", "send", count=1, retry_after=2.0)
+        with pytest.raises(RateLimitWaitError) as info:
+            await env.io.send(env.channel(), "held")
+        assert 0.0 <= info.value.retry_after < 2.0
+        assert env.board["discord.send"].failures == 0
+        env.emu.faults.add("latency", "send", count=1, seconds=1.5)
+        with pytest.raises(CallTimeoutError):
+            await env.io.send(env.channel("random"), "slow")
+        assert env.board["discord.send"].failures == 1
+        assert env.io.errors == {("send", "rate_limited"): 1, ("send", "timeout"): 1}
+
+
+def test_the_client_options_wait_out_at_most_max_ratelimit_wait_and_trace_requests() -> None:
+    options = DiscordIO(BreakerBoard(FakeClock())).client_options()
+    assert options["max_ratelimit_timeout"] == MAX_RATELIMIT_WAIT == 30.0
+    assert isinstance(options["http_trace"], aiohttp.TraceConfig)
