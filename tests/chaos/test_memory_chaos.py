@@ -354,6 +354,7 @@ async def test_emulator_forgets_nonces_past_the_window_and_then_posts_a_resend_a
 
     emu = emulators.discord
     general = emu.channels["general"]
+    emu.rate_limits.set("send", 1000, 1.0, channel_id=general)  # 51 quick sends: nonces, not limits
     url = f"{emu.api_base}/channels/{general}/messages"
     headers = {"Authorization": f"Bot {emu.token}"}
 
