@@ -112,7 +112,7 @@ class Config:
     breaker_reset_seconds: float = 30.0
     queue_max_attempts: int = 5
     queue_max_age_seconds: float = 86400.0
-    queue_drain_per_second: float = 10.0
+    queue_drain_per_second: float = 20.0
     maintenance_queue_messages: bool = True
     shutdown_grace_seconds: float = 10.0
     # Storage
