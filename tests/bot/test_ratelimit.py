@@ -203,6 +203,11 @@ def test_matches_a_brute_force_model(
                 waits.append(guild_hits[-per_guild] + window - now)
         expected = max(waits) if waits else None
         got = rl.check(user, guild)
+        if expected is not None and abs(expected) < 1e-9 and got is None:
+            # The hit expires at this very instant: ``now - window`` and the hit's time differ only
+            # in floating-point rounding, so either verdict is right (hypothesis found 1.0385 +
+            # 30 + 30 with a 60 s window).
+            expected = None
         if expected is None:
             assert got is None
             accepted.append((now, user, guild))
