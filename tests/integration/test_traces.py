@@ -37,9 +37,8 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
     one of its owners (ADMIN_USER_IDS)."""
     async with running_emulators(heartbeat_interval=1.0) as emus:
         owner = emus.discord.world.add_member("owner", "carol")
-        async with live_bot(
-            emus, tmp_path / "data", ADMIN_API_TOKEN=TOKEN, TRACE_SLOW_SECONDS="0.2", ADMIN_USER_IDS=str(owner)
-        ) as bot:
+        settings = {"ADMIN_API_TOKEN": TOKEN, "TRACE_SLOW_SECONDS": "0.2", "ADMIN_USER_IDS": str(owner)}
+        async with live_bot(emus, tmp_path / "data", **settings) as bot:
             bot.bot.install_commands()
             await bot.bot.tree.sync()
             yield bot
@@ -67,10 +66,14 @@ async def apology_trace_id(live: Live, monkeypatch: pytest.MonkeyPatch) -> str:
     match = APOLOGY_ID.search(reply.content)
     assert match is not None, reply.content
     monkeypatch.undo()
+    # The trace is kept when the request ends, just after the apology went out.
+    await live.discord.wait_until(lambda: live.app.traces.get(match.group(1)) is not None, 5)
     return match.group(1)
 
 
-async def test_the_trace_id_in_a_bug_apology_shows_its_spans(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_trace_id_in_a_bug_apology_shows_its_spans(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The apology's trace id finds the request at GET /api/traces/{id} (admin token): its steps
     from acceptance through the lock, Gemini and its attempt to the apology's send, marked failed,
     with no word of the question or the bug's message. Without the token: 401; an unknown id: 404."""
@@ -116,6 +119,7 @@ async def test_failures_are_grouped_by_fingerprint_with_their_users_and_traces(
     other = live.discord.channels["random"]  # the bugged question still holds its conversation
     msg = await live.say("hello again", channel=other)
     await live.wait_replies(msg["id"], channel=other, answers_only=True)
+    await live.discord.wait_until(lambda: len(live.app.traces.recent()) >= 2, 5)
 
     status, body = await get(live, "/api/health/errors", token=None)
     assert status == 200, body
@@ -130,7 +134,9 @@ async def test_failures_are_grouped_by_fingerprint_with_their_users_and_traces(
     assert SECRET_QUESTION not in str(body) and "exploded" not in str(body)
 
 
-async def test_admin_trace_and_admin_errors_for_owners_only(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_admin_trace_and_admin_errors_for_owners_only(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``/admin trace <id>`` shows the steps of the apology's request; ``/admin errors`` the groups,
     each with a trace to look at; a member who is not an owner is refused both."""
     trace_id = await apology_trace_id(live, monkeypatch)
@@ -163,6 +169,7 @@ async def test_with_opentelemetry_the_spans_of_one_message_form_one_trace(live: 
     msg = await live.say("hello")
     await live.wait_replies(msg["id"], answers_only=True)
     await live.discord.wait_until(lambda: any(s.name == "message" for s in memory.get_finished_spans()), 5)
+    await live.discord.wait_until(lambda: any(r.name == "message" for r in live.app.traces.recent()), 5)
 
     record = next(r for r in live.app.traces.recent() if r.name == "message")
     spans = memory.get_finished_spans()
