@@ -383,7 +383,7 @@ class ErrorsView(TypedDict):
 class LoadStatus(TypedDict):
     """The rate limits in force (messages per minute) and whether new messages are queued instead
     of answered live; ``configured_*`` the limits of the configuration; ``shedding`` whether
-    anything differs from it."""
+    anything differs from it; ``changed_at`` when an operator last shed or restored (wall clock)."""
 
     user_per_minute: int
     guild_per_minute: int
@@ -391,6 +391,7 @@ class LoadStatus(TypedDict):
     configured_user_per_minute: int
     configured_guild_per_minute: int
     shedding: bool
+    changed_at: float | None
 
 
 class LoadTest(TypedDict):
@@ -422,6 +423,7 @@ class Operations:
 
     def __init__(self, app: Application) -> None:
         self.app = app
+        self._load_changed_at: float | None = None
 
     # -- circuit breakers ---------------------------------------------------------------------
 
@@ -820,20 +822,26 @@ class Operations:
         slow: bool = False,
         limit: int = 50,
         window: float | None = None,
+        since: float | None = None,
         route: str | None = None,
         by: str | None = None,
     ) -> TraceList:
-        """Kept traces, newest first: the slow ones with ``slow``; only those that ended in the last
-        ``window`` seconds, of ``route`` (message, drain, /ask), when given; ``latency`` over them."""
+        """Kept traces, newest first: the slow ones with ``slow``; when given, only those that started
+        in the last ``window`` seconds, at or after ``since`` (wall clock, e.g. a ``load_shed``'s
+        ``changed_at``), of ``route`` (message, drain, /ask); ``latency`` over all of them."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIST:
             raise InvalidRequestError(f"limit must be an integer from 0 to {MAX_LIST}")
         if window is not None and (not math.isfinite(window) or window <= 0):
             raise InvalidRequestError("window must be a positive number of seconds")
+        if since is not None and not math.isfinite(since):
+            raise InvalidRequestError("since must be a time in seconds since the epoch")
         collector = self.app.traces
         now = self.app.clock.time()
         records = collector.slow() if slow else collector.recent()
         if window is not None:
-            records = [r for r in records if r.started_at + r.duration >= now - window]
+            records = [r for r in records if r.started_at >= now - window]
+        if since is not None:
+            records = [r for r in records if r.started_at >= since]
         if route is not None:
             records = [r for r in records if r.name == route]
         result = TraceList(
@@ -888,8 +896,10 @@ class Operations:
         limiter.set_limits(per_user, per_guild)
         if queue_new_messages is not None:
             self.app.queue_new_messages = queue_new_messages
+        self._load_changed_at = self.app.clock.time()
         result = self._load_status()
-        _log("load_shed", by, **{k: v for k, v in result.items() if not k.startswith("configured")})
+        _log("load_shed", by, user_per_minute=result["user_per_minute"],
+             guild_per_minute=result["guild_per_minute"], queue_new_messages=result["queue_new_messages"])
         return result
 
     async def load_restore(self, *, by: str | None = None) -> LoadStatus:
@@ -897,6 +907,7 @@ class Operations:
         cfg = self.app.config
         self.app.ratelimiter.set_limits(cfg.user_rate_limit_per_minute, cfg.guild_rate_limit_per_minute)
         self.app.queue_new_messages = False
+        self._load_changed_at = self.app.clock.time()
         result = self._load_status()
         _log("load_restore", by, user_per_minute=result["user_per_minute"],
              guild_per_minute=result["guild_per_minute"])
@@ -915,6 +926,7 @@ class Operations:
             shedding=queue_new
             or status["per_user"] != cfg.user_rate_limit_per_minute
             or status["per_guild"] != cfg.guild_rate_limit_per_minute,
+            changed_at=self._load_changed_at,
         )
 
     async def load_test(

@@ -114,6 +114,7 @@ class AdminOperations(Protocol):
         slow: bool = False,
         limit: int = 50,
         window: float | None = None,
+        since: float | None = None,
         route: str | None = None,
         by: str | None = None,
     ) -> Any: ...
@@ -127,6 +128,7 @@ class AdminOperations(Protocol):
         by: str | None = None,
     ) -> Any: ...
     async def load_restore(self, *, by: str | None = None) -> Any: ...
+    async def load_status(self, *, by: str | None = None) -> Any: ...
     async def load_test(
         self, requests: int = 20, concurrency: int = 4, *, confirm: bool = False, by: str | None = None
     ) -> Any: ...
@@ -517,6 +519,7 @@ class HttpApi:
                 get("/api/traces", admin(self._traces)),
                 get("/api/traces/{trace_id}", admin(self._trace)),
                 get("/api/health/errors", self._view(self._errors)),
+                get("/api/admin/load", admin(self._load_status)),
                 post("/api/admin/load/shed", admin(self._load_shed)),
                 post("/api/admin/load/restore", admin(self._load_restore)),
                 post("/api/test/load", admin(self._load_test, timeout=LOAD_TEST_TIMEOUT)),
@@ -975,6 +978,7 @@ class HttpApi:
             slow=_flag(query, "slow"),
             limit=_query_number(query, "limit", int, 50),
             window=_query_number(query, "window", float, None),
+            since=_query_number(query, "since", float, None),
             route=query.get("route") or None,
             by=ACTOR,
         )
@@ -997,6 +1001,9 @@ class HttpApi:
             queue_new_messages=body.get("queue_new_messages"),
             by=ACTOR,
         )
+
+    async def _load_status(self, request: web.Request, ops: AdminOperations) -> Any:
+        return await ops.load_status(by=ACTOR)
 
     async def _load_restore(self, request: web.Request, ops: AdminOperations) -> Any:
         await _body(request, {})
