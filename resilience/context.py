@@ -204,11 +204,15 @@ class Trace:
 
     @property
     def route(self) -> str:
-        fields = self.fields
-        route = fields.get("route")
-        if route is None and fields.get("command") is not None:
-            route = f"/{fields['command']}"
-        return str(route) if route is not None else self.name
+        return _route_of(self.fields) or self.name
+
+
+def _route_of(fields: Mapping[str, Any]) -> str | None:
+    """What a request serves: its ``route`` field, or ``/<command>`` for a slash command."""
+    route = fields.get("route")
+    if route is None and fields.get("command") is not None:
+        route = f"/{fields['command']}"
+    return None if route is None else str(route)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +338,8 @@ class request_context:  # lower case: it reads like contextlib's managers at the
 
     ``with request_context(guild=1, channel=2, user=3, collector=traces) as trace:`` starts a
     new trace (a fresh ``trace_id`` unless one is given; the exporter's when the collector has
-    one). ``name`` names the trace (default: the ``route`` field, else ``"request"``). Nested
+    one). ``name`` names the trace (default: the ``route`` field, ``/<command>`` for a ``command``
+    field, else ``"request"``). Nested
     inside another request context without a ``trace_id`` it joins the outer trace and
     adds/overrides fields; only the context that started a trace hands it to the collector.
     ``None`` field values are skipped. An exception leaving the block is the trace's error.
@@ -385,7 +390,7 @@ class request_context:  # lower case: it reads like contextlib's managers at the
             clock = self._clock or (collector.clock if collector is not None else None)
             if clock is None:
                 clock = parent.trace.clock if parent is not None else SystemClock()
-            name = self._name or str(fields.get("route") or "request")
+            name = self._name or _route_of(fields) or "request"
             trace_id = self._trace_id
             exported = None
             exporter = collector.exporter if collector is not None else None

@@ -317,3 +317,13 @@ def test_a_failing_exporter_never_fails_the_request(fake_clock: FakeClock) -> No
     assert len(trace.trace_id) == 12
     assert [s.name for s in collector.recent()[0].spans] == ["step"]
     assert collector.export_failures == 1
+
+
+def test_a_slash_commands_trace_is_named_for_its_command(fake_clock: FakeClock) -> None:
+    """Without a route, a ``command`` field names the trace (``/ask``), and its failures' route."""
+    errors = ErrorAggregator(clock=fake_clock)
+    collector = TraceCollector(clock=fake_clock, errors=errors)
+    with request_context(collector=collector, command="ask"):
+        record_error(RuntimeError("x"))
+    assert collector.recent()[0].name == "/ask"
+    assert errors.snapshot()[0]["route"] == "/ask"
