@@ -15,7 +15,7 @@ Discord's UI. The formatters turn an operation's result into the sentence the op
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import discord
 from discord import app_commands
@@ -24,6 +24,7 @@ from bot.commands import SlashCommands, followup, human
 from bot.operations import (
     ChatChannels,
     CircuitStatus,
+    ErrorsView,
     GuildMaintenanceStatus,
     InvalidRequestError,
     MaintenanceStatus,
@@ -54,7 +55,7 @@ def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
     """
     group = app_commands.Group(
         name="admin",
-        description="The bot's owners: breakers, maintenance, queue, data, locks (every server)",
+        description="The bot's owners: breakers, maintenance, queue, data, locks, traces (every server)",
         default_permissions=discord.Permissions(administrator=True),  # UI metadata only
     )
 
@@ -198,7 +199,31 @@ def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
 
         await admin(interaction, act)
 
+    _observability_commands(group, ops, admin)
     return group
+
+
+def _observability_commands(
+    group: app_commands.Group,
+    ops: Operations,
+    admin: Callable[[discord.Interaction, Action], Awaitable[None]],
+) -> None:
+    """``/admin trace <id>`` and ``/admin errors``: what one request did, and what keeps failing."""
+
+    @group.command(name="trace", description="The steps of one request, by the trace id of an apology or log")
+    @app_commands.describe(trace_id="The trace id (from a bug apology, a log line, /admin errors)")
+    async def trace(interaction: discord.Interaction, trace_id: str) -> None:
+        async def act(by: str) -> str:
+            return format_trace(await ops.trace(trace_id, by=by))
+
+        await admin(interaction, act)
+
+    @group.command(name="errors", description="Failures grouped by cause, busiest in the last hour first")
+    async def errors(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            return format_errors(await ops.errors(limit=10, by=by))
+
+        await admin(interaction, act)
 
 
 def server_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
@@ -370,6 +395,51 @@ def format_queue_status(status: QueueStatus) -> str:
             f"{human(row['age'])} old" + (f", last error {row['last_error']}" if row["last_error"] else "")
         )
     return "\n".join(lines)
+
+
+def format_trace(trace: dict[str, Any]) -> str:
+    """A trace as its steps, indented by nesting, with offsets and durations in milliseconds."""
+    fields = trace["fields"]
+    who = ", ".join(f"{k} {fields[k]}" for k in ("guild", "channel", "user", "command") if k in fields)
+    head = f"Trace `{trace['trace_id']}`: {trace['name']}, {_ms(trace['duration'])}"
+    if trace["error"]:
+        head += f", failed: {trace['error']}"
+    lines = [head + (f" ({who})" if who else "")]
+    for step in trace["spans"]:
+        facts = ", ".join(f"{k}={v}" for k, v in step["attributes"].items() if k != "dependency")
+        line = f"{'  ' * step['depth']}• `{step['name']}` +{_ms(step['offset'])} {_ms(step['duration'])}"
+        if step["error"]:
+            line += f" ✗ {step['error']}"
+        lines.append(line + (f" ({facts})" if facts else ""))
+    if trace["dropped_spans"]:
+        lines.append(f"… and {trace['dropped_spans']} more steps not kept")
+    if trace["slow_spans"]:
+        lines.append(f"Slow: {', '.join(trace['slow_spans'])}")
+    return "\n".join(lines)
+
+
+def format_errors(view: ErrorsView) -> str:
+    """One line per failure group: counts over 5 min / 1 h / 24 h, who it hit, a trace to look at."""
+    if not view["groups"]:
+        return "No failures recorded."
+    lines = []
+    for row in view["groups"]:
+        w = row["windows"]
+        users = f"{row['users']}{'+' if row['users_capped'] else ''}"
+        guilds = f"{row['guilds']}{'+' if row['guilds_capped'] else ''}"
+        sample = row["sample_trace_ids"][-1] if row["sample_trace_ids"] else None
+        lines.append(
+            f"`{row['id']}` {row['category']} {row['error']} in {row['dependency']} ({row['route']}): "
+            f"{w['5m']} / {w['1h']} / {w['24h']} in 5 min / 1 h / 24 h, {row['count']} in all; "
+            f"{users} users, {guilds} servers" + (f"; e.g. `/admin trace {sample}`" if sample else "")
+        )
+    if view["evicted"]:
+        lines.append(f"({view['evicted']} older groups forgotten; at most {view['max_groups']} are kept)")
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
 def _clip(text: str, limit: int = 2000) -> str:

@@ -19,6 +19,7 @@ from bot import marks, texts
 from bot.inbound import Inbound, Snowflake
 from bot.routing import Explanation, FailureRouter, Original
 from bot.splitting import has_visible_text, split_message
+from resilience.context import span
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, classify
 from services.discord_io import PartialDeliveryError
@@ -135,14 +136,15 @@ class Answerer:
                 await app.storage.append_turns(inbound.key, turns)
                 turns = ()
         try:
-            await app.discord_io.send_chunks(
-                channel,
-                [marks.mark(chunk, inbound.message_id, first + i) for i, chunk in enumerate(chunks)],
-                reply_to=original,
-                mention_user=Snowflake(inbound.author_id),
-                nonce=str(item.payload.get("nonce", inbound.message_id)),
-                first_index=first,
-            )
+            with span("deliver", dependency="discord.send", chunks=len(chunks), outcome=outcome):
+                await app.discord_io.send_chunks(
+                    channel,
+                    [marks.mark(chunk, inbound.message_id, first + i) for i, chunk in enumerate(chunks)],
+                    reply_to=original,
+                    mention_user=Snowflake(inbound.author_id),
+                    nonce=str(item.payload.get("nonce", inbound.message_id)),
+                    first_index=first,
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -20,8 +20,9 @@ from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
 from resilience.context import TraceCollector
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, DegradationState, Mode, QueueCaps, QueueItem
+from resilience.fingerprints import ErrorAggregator
 from resilience.mutex import KeyedMutex
-from resilience.registry import ServiceRegistry
+from resilience.registry import Service, ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.config import Config
@@ -30,6 +31,7 @@ from services.discord_io import DiscordIO
 from services.gemini import GeminiService
 from services.http_api import BoundedCache, HealthSources, HttpApi, LatencyWindow
 from services.metrics import Metrics
+from services.otel import OtelTracing
 from services.storage import SqliteStore
 
 SANDBOX_GEMINI_KEY = "sandbox-key"
@@ -59,6 +61,9 @@ class Application:
     queue_caps: QueueCaps
     client: discord.Client | None = None
     drain_waker: Callable[[], None] | None = None
+    # Set by an operator shedding load (Operations.load_shed): new messages are saved and
+    # acknowledged at once, and the drain answers them at its pace, instead of live.
+    queue_new_messages: bool = False
     _chat_channels: dict[int, frozenset[int]] = field(default_factory=dict)
     _guild_maintenance: dict[int, str] = field(default_factory=dict)
 
@@ -149,7 +154,13 @@ def build_application(
     mutex = KeyedMutex(clock=clock)
     degradation = DegradationState(clock)
     degradation.add_listener(metrics.mode_listener)
-    traces = TraceCollector(clock=clock)
+    # Spans go to an OpenTelemetry collector too when one is configured (services.otel).
+    endpoint = config.otel_exporter_otlp_endpoint
+    otel = OtelTracing.otlp(endpoint) if endpoint else None
+    errors = ErrorAggregator(clock=clock)
+    traces = TraceCollector(
+        clock=clock, slow_threshold=config.trace_slow_seconds, errors=errors, exporter=otel
+    )
 
     data_dir = config.data_dir
     store = DataStore(
@@ -213,6 +224,8 @@ def build_application(
             caches={
                 "mutex_keys": BoundedCache(lambda: len(mutex), mutex.max_idle_keys),
                 "traces": BoundedCache(lambda: len(traces.recent()), traces.max_traces),
+                "slow_traces": BoundedCache(lambda: len(traces.slow()), traces.max_traces),
+                "error_groups": BoundedCache(lambda: len(errors), errors.max_groups),
                 "message_latency": BoundedCache(lambda: len(message_latency), message_latency.maxlen),
                 "rate_limit_users": BoundedCache(lambda: ratelimiter.status()["users_tracked"], max_keys),
                 "rate_limit_guilds": BoundedCache(lambda: ratelimiter.status()["guilds_tracked"], max_keys),
@@ -223,7 +236,10 @@ def build_application(
         admin_token=config.admin_api_token,
     )
     # Right after metrics: it answers /live and /ready while the others start, and stops last.
-    registry = ServiceRegistry([metrics, http_api, datastore, storage, gemini, discord_io])
+    services: list[Service] = [metrics, http_api, datastore, storage, gemini, discord_io]
+    if otel is not None:
+        services.append(otel)  # last: the bot has stopped taking work when it flushes and stops
+    registry = ServiceRegistry(services)
     app = Application(
         config=config,
         clock=clock,

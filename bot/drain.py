@@ -29,7 +29,7 @@ from bot.inbound import Inbound
 from bot.ratelimit import TokenBucket
 from bot.routing import FailureRouter
 from resilience.breakers import BreakerState
-from resilience.context import request_context
+from resilience.context import request_context, span
 from resilience.degradation import ItemKind, QueueItem
 from resilience.errors import CallTimeoutError, Category, CircuitOpenError, MutexTimeoutError, classify
 from resilience.tasks import SupervisedTask, exponential_backoff
@@ -211,11 +211,15 @@ class Drain:
 
     async def _process(self, item: QueueItem) -> None:
         inbound = Inbound.from_payload(item.payload)
-        with request_context(
-            collector=self.app.traces,
-            guild=inbound.guild_id,
-            channel=inbound.channel_id,
-            user=inbound.author_id,
+        with (
+            request_context(
+                collector=self.app.traces,
+                route="drain",
+                guild=inbound.guild_id,
+                channel=inbound.channel_id,
+                user=inbound.author_id,
+            ),
+            span("drain.item", item=item.id, kind=item.kind.value, attempts=item.attempts),
         ):
             try:
                 await self._process_item(item, inbound)

@@ -33,7 +33,7 @@ from bot.inbound import Inbound, accept, lease_seconds
 from bot.ratelimit import Feedback, NoticeLimiter
 from bot.routing import FailureRouter
 from bot.splitting import has_visible_text, split_message
-from resilience.context import request_context
+from resilience.context import request_context, span
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, QueueFullError, classify, user_message_for
 from services.storage import StorageError, Turn
@@ -112,6 +112,7 @@ class Intake:
         try:
             with request_context(
                 collector=self.app.traces,
+                route="message",
                 guild=message.guild.id if message.guild else None,
                 channel=message.channel.id,
                 user=message.author.id,
@@ -120,7 +121,8 @@ class Intake:
                     outcome = await self._handle(message)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as exc:
+                    trace.fail(exc, "bot")  # the apology's trace id shows this trace, failed
                     log.exception("pipeline.bug", message_id=message.id)
                     self.app.metrics.errors.labels(category=Category.INTERNAL.value).inc()
                     await self._say(message, texts.bug(trace.trace_id))
@@ -186,19 +188,25 @@ class Intake:
                     position = await self.router.position(item)
             await self._say(message, texts.maintenance(maintenance, queued_position=position))
             return "maintenance"
+        if app.queue_new_messages:
+            queued = await self._queue_new(message, inbound)
+            if queued is not None:
+                return queued
 
         arrival = self._arrivals.enter(inbound.key)
         try:
             try:
-                accepted = await app.storage.accept_with_history(
-                    inbound.message_id,
-                    ItemKind.INBOUND,
-                    inbound.key,
-                    inbound.payload(attachments=bool(message.attachments)),
-                    now=app.clock.time(),
-                    lease_seconds=lease_seconds(cfg),
-                    caps=app.queue_caps,
-                )
+                with span("accept", dependency="storage") as step:
+                    accepted = await app.storage.accept_with_history(
+                        inbound.message_id,
+                        ItemKind.INBOUND,
+                        inbound.key,
+                        inbound.payload(attachments=bool(message.attachments)),
+                        now=app.clock.time(),
+                        lease_seconds=lease_seconds(cfg),
+                        caps=app.queue_caps,
+                    )
+                    step.set(accepted=accepted is not None)
             except asyncio.CancelledError:
                 raise
             except QueueFullError as exc:
@@ -230,6 +238,26 @@ class Intake:
                 return "queued"
         finally:
             self._arrivals.leave(inbound.key, arrival)
+
+    async def _queue_new(self, message: discord.Message, inbound: Inbound) -> str | None:
+        """Shedding load: save the message for the drain and acknowledge it at once; None (answer
+        live) when it cannot be saved."""
+        try:
+            with span("accept", dependency="storage", queued=True):
+                item = await accept(self.app, inbound, claim=False, extra={"acked": True})
+        except asyncio.CancelledError:
+            raise
+        except QueueFullError as exc:
+            await self._refuse(message, texts.QUEUE_FULL, texts.queue_full(exc.scope, exc.limit))
+            return "refused"
+        except Exception as exc:
+            log.warning("pipeline.accept_failed", category=classify(exc).category.value)
+            return None
+        if item is None:
+            return "ignored_duplicate"
+        self.app.drain_wake()
+        await self._say(message, texts.queued_load(await self.router.position(item)))
+        return "queued"
 
     async def _answer_accepted(
         self,

@@ -29,18 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import math
 import os
 from typing import TYPE_CHECKING, Any, TypedDict
+from urllib.parse import urlsplit
 
 import structlog
 
+from resilience.context import TraceRecord
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode, QueueItem
 from resilience.errors import classify
 from resilience.mutex import LockStatus
 
 if TYPE_CHECKING:
     from bot.app import Application
+    from services.config import Config
 
 log = structlog.get_logger("bot.operations")
 
@@ -62,6 +66,11 @@ WAITS_ON = {"gemini": ItemKind.INBOUND, "discord.send": ItemKind.OUTBOUND}
 # and the drain may claim those at any moment (a claimed item must never be requeued under it).
 RESCHEDULE_MARGIN = 60.0
 RESCHEDULE_LIMIT = 10_000
+MAX_TRACE_ID = 64  # characters: ours are 12, OpenTelemetry's 32
+MAX_LIST = 200  # traces or error groups one view lists at most
+LOAD_TEST_MAX_REQUESTS = 500
+LOAD_TEST_MAX_CONCURRENCY = 20
+LOAD_TEST_MAX_SECONDS = 60.0  # then whatever is still running is cancelled and counted unfinished
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -88,6 +97,22 @@ class InvalidRequestError(OperationError, ValueError):
 
 class OperationUnavailableError(OperationError):
     """The action cannot run in this process now, e.g. the Discord client is not connected (HTTP 503)."""
+
+
+class TraceNotFoundError(UnknownNameError):
+    """No kept trace has this id (HTTP 404): it is older than what the collector keeps, or wrong."""
+
+    def __init__(self, trace_id: str, kept: int) -> None:
+        super().__init__("trace", trace_id, [])
+        self.args = (
+            f"no trace {trace_id!r} is kept: the bot keeps the last {kept} requests and the last {kept}"
+            " slow ones; an older trace is only in the logs (search for its trace_id)",
+        )
+
+
+class ConfirmationRequiredError(OperationError):
+    """The action would cost real resources (a load test against the real Gemini API): it needs an
+    explicit confirmation (HTTP 409)."""
 
 
 # --- result shapes ----------------------------------------------------------------------------
@@ -286,6 +311,106 @@ class GeminiTest(TypedDict):
     breaker: str
 
 
+class TraceSummary(TypedDict):
+    """One kept trace in a list: ``name`` its route (message, drain, /ask), ``started_at`` wall clock,
+    ``duration`` seconds, ``error`` the exception type (and status) it failed with, ``slow_spans``
+    the steps over the slow threshold, ``spans`` how many steps it has; ``fields`` guild, channel,
+    user ids."""
+
+    trace_id: str
+    name: str
+    started_at: float
+    duration: float
+    error: str | None
+    slow_spans: list[str]
+    spans: int
+    fields: dict[str, Any]
+
+
+class Latency(TypedDict):
+    """Nearest-rank percentiles in seconds (None without samples)."""
+
+    count: int
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+class TraceList(TypedDict):
+    """``traces`` newest first; ``latency`` over their durations; ``slow_threshold`` seconds;
+    ``kept`` how many the collector holds (``max_traces`` recent and as many slow)."""
+
+    slow: bool
+    traces: list[TraceSummary]
+    latency: Latency
+    slow_threshold: float
+    kept: int
+    max_traces: int
+
+
+class ErrorGroup(TypedDict):
+    """One fingerprint (category, error type, dependency, route): counts since ``first_seen`` and
+    over the windows ``5m``/``1h``/``24h``, distinct ``users``/``guilds`` (at least, when capped),
+    the newest ``sample_trace_ids``."""
+
+    id: str
+    category: str
+    error: str
+    dependency: str
+    route: str
+    count: int
+    windows: dict[str, int]
+    first_seen: float
+    last_seen: float
+    users: int
+    users_capped: bool
+    guilds: int
+    guilds_capped: bool
+    sample_trace_ids: list[str]
+
+
+class ErrorsView(TypedDict):
+    """``groups`` busiest in the last hour first; ``recorded`` failures counted since start;
+    ``evicted`` groups forgotten to stay within ``max_groups``."""
+
+    groups: list[ErrorGroup]
+    recorded: int
+    evicted: int
+    max_groups: int
+
+
+class LoadStatus(TypedDict):
+    """The rate limits in force (messages per minute) and whether new messages are queued instead
+    of answered live; ``configured_*`` the limits of the configuration; ``shedding`` whether
+    anything differs from it; ``changed_at`` when an operator last shed or restored (wall clock)."""
+
+    user_per_minute: int
+    guild_per_minute: int
+    queue_new_messages: bool
+    configured_user_per_minute: int
+    configured_guild_per_minute: int
+    shedding: bool
+    changed_at: float | None
+
+
+class LoadTest(TypedDict):
+    """A synthetic load of Gemini test prompts: ``ok`` answered, ``errors`` not (by category in
+    ``errors_by_category``; ``unfinished`` still running at ``max_seconds``), ``latency`` seconds,
+    ``live`` whether the bot talks to real services (``talks_to_real_services``)."""
+
+    requests: int
+    concurrency: int
+    ok: int
+    errors: int
+    errors_by_category: dict[str, int]
+    unfinished: int
+    duration: float
+    per_second: float
+    latency: Latency
+    live: bool
+
+
 # --- the operations ---------------------------------------------------------------------------
 
 
@@ -298,6 +423,7 @@ class Operations:
 
     def __init__(self, app: Application) -> None:
         self.app = app
+        self._load_changed_at: float | None = None
 
     # -- circuit breakers ---------------------------------------------------------------------
 
@@ -676,6 +802,207 @@ class Operations:
             key=key, released=released, holder=row["holder"], held_for=row["held_for"], waiters=row["waiters"]
         )
 
+    # -- traces, errors and load (what the response-time and load-test scripts use) ---------------
+
+    async def trace(self, trace_id: str, *, by: str | None = None) -> dict[str, Any]:
+        """One kept trace with every span (``resilience.context.TraceRecord.as_dict``)."""
+        if not isinstance(trace_id, str) or not 0 < len(trace_id) <= MAX_TRACE_ID:
+            raise InvalidRequestError(f"a trace id is 1 to {MAX_TRACE_ID} characters")
+        wanted = trace_id.strip().strip("`").lower()
+        traces = self.app.traces
+        record = traces.get(wanted)
+        if record is None:
+            raise TraceNotFoundError(wanted, traces.max_traces)
+        _log("trace", by, trace_id=wanted, found=True)
+        return record.as_dict()
+
+    async def traces(
+        self,
+        *,
+        slow: bool = False,
+        limit: int = 50,
+        window: float | None = None,
+        since: float | None = None,
+        route: str | None = None,
+        by: str | None = None,
+    ) -> TraceList:
+        """Kept traces, newest first: the slow ones with ``slow``; when given, only those that started
+        in the last ``window`` seconds, at or after ``since`` (wall clock, e.g. a ``load_shed``'s
+        ``changed_at``), of ``route`` (message, drain, /ask); ``latency`` over all of them."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIST:
+            raise InvalidRequestError(f"limit must be an integer from 0 to {MAX_LIST}")
+        if window is not None and (not math.isfinite(window) or window <= 0):
+            raise InvalidRequestError("window must be a positive number of seconds")
+        if since is not None and not math.isfinite(since):
+            raise InvalidRequestError("since must be a time in seconds since the epoch")
+        collector = self.app.traces
+        now = self.app.clock.time()
+        records = collector.slow() if slow else collector.recent()
+        if window is not None:
+            records = [r for r in records if r.started_at >= now - window]
+        if since is not None:
+            records = [r for r in records if r.started_at >= since]
+        if route is not None:
+            records = [r for r in records if r.name == route]
+        result = TraceList(
+            slow=slow,
+            traces=[_trace_row(r) for r in records[:limit]],
+            latency=_latency([r.duration for r in records]),
+            slow_threshold=collector.slow_threshold,
+            kept=len(collector),
+            max_traces=collector.max_traces,
+        )
+        _log("traces", by, slow=slow, listed=len(result["traces"]))
+        return result
+
+    async def errors(self, *, limit: int = 20, by: str | None = None) -> ErrorsView:
+        """Failures grouped by fingerprint (``resilience.fingerprints``), busiest in the last hour first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIST:
+            raise InvalidRequestError(f"limit must be an integer from 0 to {MAX_LIST}")
+        aggregator = self.app.traces.errors
+        if aggregator is None:
+            return ErrorsView(groups=[], recorded=0, evicted=0, max_groups=0)
+        status = aggregator.status()
+        groups = [ErrorGroup(**row) for row in aggregator.snapshot(limit=limit)]  # type: ignore[typeddict-item]
+        _log("errors", by, listed=len(groups))
+        return ErrorsView(
+            groups=groups,
+            recorded=status["recorded"],
+            evicted=status["evicted"],
+            max_groups=status["max_groups"],
+        )
+
+    async def load_status(self, *, by: str | None = None) -> LoadStatus:
+        """The rate limits in force and whether new messages are queued (see ``load_shed``)."""
+        return self._load_status()
+
+    async def load_shed(
+        self,
+        *,
+        user_per_minute: int | None = None,
+        guild_per_minute: int | None = None,
+        queue_new_messages: bool | None = None,
+        by: str | None = None,
+    ) -> LoadStatus:
+        """Shed load until ``load_restore`` (or a restart): tighten the per-user and per-guild rate
+        limits, and/or queue new messages (acknowledged at once, answered by the drain at
+        ``QUEUE_DRAIN_PER_SECOND``) instead of answering them live. Unset arguments stay as they are."""
+        limiter = self.app.ratelimiter
+        current = limiter.status()
+        per_user = _per_minute("user_per_minute", user_per_minute, current["per_user"], 10_000)
+        per_guild = _per_minute("guild_per_minute", guild_per_minute, current["per_guild"], 100_000)
+        if queue_new_messages is not None and not isinstance(queue_new_messages, bool):
+            raise InvalidRequestError("queue_new_messages must be true or false")
+        limiter.set_limits(per_user, per_guild)
+        if queue_new_messages is not None:
+            self.app.queue_new_messages = queue_new_messages
+        self._load_changed_at = self.app.clock.time()
+        result = self._load_status()
+        _log("load_shed", by, user_per_minute=result["user_per_minute"],
+             guild_per_minute=result["guild_per_minute"], queue_new_messages=result["queue_new_messages"])
+        return result
+
+    async def load_restore(self, *, by: str | None = None) -> LoadStatus:
+        """Back to the configured rate limits, answering new messages live."""
+        cfg = self.app.config
+        self.app.ratelimiter.set_limits(cfg.user_rate_limit_per_minute, cfg.guild_rate_limit_per_minute)
+        self.app.queue_new_messages = False
+        self._load_changed_at = self.app.clock.time()
+        result = self._load_status()
+        _log("load_restore", by, user_per_minute=result["user_per_minute"],
+             guild_per_minute=result["guild_per_minute"])
+        return result
+
+    def _load_status(self) -> LoadStatus:
+        cfg = self.app.config
+        status = self.app.ratelimiter.status()
+        queue_new = self.app.queue_new_messages
+        return LoadStatus(
+            user_per_minute=status["per_user"],
+            guild_per_minute=status["per_guild"],
+            queue_new_messages=queue_new,
+            configured_user_per_minute=cfg.user_rate_limit_per_minute,
+            configured_guild_per_minute=cfg.guild_rate_limit_per_minute,
+            shedding=queue_new
+            or status["per_user"] != cfg.user_rate_limit_per_minute
+            or status["per_guild"] != cfg.guild_rate_limit_per_minute,
+            changed_at=self._load_changed_at,
+        )
+
+    async def load_test(
+        self,
+        requests: int = 20,
+        concurrency: int = 4,
+        *,
+        confirm: bool = False,
+        by: str | None = None,
+    ) -> LoadTest:
+        """A bounded synthetic load: ``requests`` Gemini test prompts (``test_gemini``'s, through the
+        same retry, breaker and timeout as messages), ``concurrency`` at a time, for at most
+        ``LOAD_TEST_MAX_SECONDS``. On a live bot (``talks_to_real_services``: it costs Gemini quota
+        and, if Gemini fails, can open the breaker for users) it runs only with ``confirm``."""
+        for name, value, most in (
+            ("requests", requests, LOAD_TEST_MAX_REQUESTS),
+            ("concurrency", concurrency, LOAD_TEST_MAX_CONCURRENCY),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise InvalidRequestError(f"{name} must be an integer from 1 to {most}")
+        app = self.app
+        live = talks_to_real_services(app.config)
+        if live and confirm is not True:
+            raise ConfirmationRequiredError(
+                "this is a live bot (Gemini or Discord beyond this machine): a load test costs Gemini"
+                " quota and can open the Gemini breaker for users; confirm to run it anyway"
+            )
+        clock = app.clock
+        latencies: list[float] = []
+        failures: dict[str, int] = {}
+        ok = 0
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            nonlocal ok
+            async with slots:
+                started = clock.monotonic()
+                try:
+                    reply = await app.gemini.ping()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    category = classify(exc).category.value
+                    failures[category] = failures.get(category, 0) + 1
+                else:
+                    if reply.ok:
+                        ok += 1
+                    else:
+                        failures[reply.kind.value] = failures.get(reply.kind.value, 0) + 1
+                latencies.append(clock.monotonic() - started)
+
+        started = clock.monotonic()
+        tasks = [asyncio.ensure_future(one()) for _ in range(requests)]
+        _, pending = await asyncio.wait(tasks, timeout=LOAD_TEST_MAX_SECONDS)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        duration = clock.monotonic() - started
+        errors = sum(failures.values())
+        result = LoadTest(
+            requests=requests,
+            concurrency=concurrency,
+            ok=ok,
+            errors=errors,
+            errors_by_category=failures,
+            unfinished=len(pending),
+            duration=round(duration, 3),
+            per_second=round((ok + errors) / duration, 2) if duration > 0 else 0.0,
+            latency=_latency(latencies),
+            live=live,
+        )
+        _log("load_test", by, requests=requests, concurrency=concurrency, ok=ok, errors=errors,
+             unfinished=len(pending), p95=result["latency"]["p95"], live=live)
+        return result
+
     # -- the process ---------------------------------------------------------------------------------
 
     async def gc(self, *, by: str | None = None) -> GcResult:
@@ -771,7 +1098,13 @@ def serve_operations(app: Application) -> Operations:
     """The operations of ``app``, attached to its HTTP admin API (with their refusals' statuses)."""
     operations = Operations(app)
     app.http_api.attach_operations(
-        operations, {UnknownNameError: 404, InvalidRequestError: 400, OperationUnavailableError: 503}
+        operations,
+        {
+            UnknownNameError: 404,
+            InvalidRequestError: 400,
+            OperationUnavailableError: 503,
+            ConfirmationRequiredError: 409,
+        },
     )
     return operations
 
@@ -872,6 +1205,59 @@ def _lock_row(status: LockStatus) -> LockRow:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+def talks_to_real_services(config: Config) -> bool:
+    """Whether Gemini or Discord is reached beyond this machine (the real services, or a proxy to
+    them): not a sandbox whose emulators both listen on loopback."""
+    return not (_on_loopback(config.gemini_base_url) and _on_loopback(config.discord_api_base))
+
+
+def _on_loopback(url: str | None) -> bool:
+    host = urlsplit(url).hostname if url else None  # no URL: the real service's endpoint
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _trace_row(record: TraceRecord) -> TraceSummary:
+    return TraceSummary(
+        trace_id=record.trace_id,
+        name=record.name,
+        started_at=record.started_at,
+        duration=round(record.duration, 6),
+        error=record.error,
+        slow_spans=list(record.slow_spans),
+        spans=len(record.spans),
+        fields={k: v for k, v in record.fields.items() if k in ("guild", "channel", "user", "command")},
+    )
+
+
+def _latency(durations: list[float]) -> Latency:
+    """Nearest-rank percentiles of ``durations`` (seconds)."""
+    ordered = sorted(durations)
+    if not ordered:
+        return Latency(count=0, p50=None, p95=None, p99=None, max=None)
+
+    def rank(q: float) -> float:
+        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 6)
+
+    return Latency(
+        count=len(ordered), p50=rank(0.5), p95=rank(0.95), p99=rank(0.99), max=round(ordered[-1], 6)
+    )
+
+
+def _per_minute(name: str, value: Any, current: int, most: int) -> int:
+    if value is None:
+        return current
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidRequestError(f"{name} must be an integer from 1 to {most}")
+    return value
 
 
 def _ms(seconds: float) -> float:

@@ -143,6 +143,13 @@ class RateLimiter:
         self.allowed += 1
         return None
 
+    def set_limits(self, per_user: int, per_guild: int) -> None:
+        """Change the limits at run time (an operator shedding load); the hits already counted stay."""
+        if per_user < 0 or per_guild < 0:
+            raise ValueError("per_user and per_guild must not be negative (0 disables a limit)")
+        self._users.limit = per_user
+        self._guilds.limit = per_guild
+
     def reset(self, user_id: int | None = None) -> None:
         """Forget one user's hits (an admin lifting a cooldown), or every hit when ``user_id`` is None."""
         if user_id is None:

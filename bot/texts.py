@@ -57,6 +57,15 @@ def maintenance(message: str, *, queued_position: int | None) -> str:
     return f"{ACK_MARK} \U0001f6e0 {message} I saved your message{where} and will answer it when I'm back."
 
 
+def queued_load(position: int) -> str:
+    """New messages are queued while the bot sheds load (an operator's ``load_shed``)."""
+    where = f" (position {position} in the queue)" if position > 0 else ""
+    return (
+        f"{ACK_MARK} I'm answering a lot of messages right now. I saved yours{where} and will answer it"
+        " here shortly."
+    )
+
+
 def queue_full(scope: str, limit: int) -> str:
     """Why a message was not saved: a cap on waiting messages (``QueueFullError.scope``) is reached."""
     if scope == "user":

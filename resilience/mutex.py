@@ -11,10 +11,12 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import structlog
 
 from resilience.clock import Clock, SystemClock
+from resilience.context import span
 from resilience.errors import MutexTimeoutError
 
 log = structlog.get_logger(__name__)
@@ -154,6 +156,16 @@ class KeyedMutex:
         return True
 
     async def _acquire(self, key: str, limit: float, holder: str) -> tuple[_Slot, int]:
+        with span("mutex.wait", key=key, dependency="mutex") as step:
+            slot = await self._take(key, limit, step)
+        slot.generation += 1
+        slot.holder = holder
+        slot.held_since = self._clock.monotonic()
+        self.acquisitions += 1
+        return slot, slot.generation
+
+    async def _take(self, key: str, limit: float, step: Any) -> _Slot:
+        """Wait for ``key``'s lock (``step`` is the trace's span of the wait)."""
         slot = self._slots.get(key)
         if slot is None:
             if len(self._slots) >= self._max_idle_keys:
@@ -166,6 +178,7 @@ class KeyedMutex:
             # Fast path: Lock.acquire returns without suspending, so no timeout is needed.
             await lock.acquire()
         else:
+            step.set(waited=True)
             self.waits += 1
             slot.waiters += 1
             try:
@@ -178,11 +191,7 @@ class KeyedMutex:
                 raise MutexTimeoutError(key, limit) from None
             finally:
                 slot.waiters -= 1
-        slot.generation += 1
-        slot.holder = holder
-        slot.held_since = self._clock.monotonic()
-        self.acquisitions += 1
-        return slot, slot.generation
+        return slot
 
     def _release(self, key: str, slot: _Slot, token: int) -> None:
         if slot.generation != token or not slot.lock.locked():

@@ -69,7 +69,8 @@ need_number() {
     [[ $2 =~ ^[0-9]+([.][0-9]+)?$ ]] || usage_error "$1 needs a number, got '$2'"
 }
 
-# api METHOD PATH [JSON]: call the bot's HTTP API; POSTs carry the admin token.
+# api METHOD PATH [JSON]: call the bot's HTTP API; POSTs carry the admin token (GETs too when
+# API_AUTH=1: `API_AUTH=1 api_ok GET /api/traces`).
 # Sets API_CODE (HTTP status, 000 when nothing answered) and API_BODY (the response text).
 # Returns 0 when the bot answered (whatever the status), 1 when it did not.
 api() {
@@ -81,7 +82,7 @@ api() {
         args+=(-H 'Content-Type: application/json' --data-binary "$body")
     fi
     : >"$_WORK/body"
-    if [[ $method == POST && -n ${BOT_ADMIN_TOKEN:-} ]]; then
+    if [[ ($method == POST || ${API_AUTH:-0} == 1) && -n ${BOT_ADMIN_TOKEN:-} ]]; then
         # printf is a builtin: the token goes through a pipe, never an argument list.
         API_CODE=$(printf 'Authorization: Bearer %s\n' "$BOT_ADMIN_TOKEN" |
             curl "${args[@]}" -H @- -- "$BOT_API_URL$path" 2>"$_WORK/curl.err") || rc=$?

@@ -7,6 +7,7 @@ the first. Secrets never appear in an error message, a ``repr`` or ``redacted()`
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -131,6 +132,10 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "console"
     log_payloads: bool = False
+    # Tracing: a request (or one of its steps) this slow is kept among the slow traces; spans also
+    # go to an OpenTelemetry collector at this OTLP/HTTP endpoint when it is set (the [otel] extra).
+    trace_slow_seconds: float = 5.0
+    otel_exporter_otlp_endpoint: str | None = None
     # Risky but valid settings (a non-loopback HTTP_HOST, an .env or DATA_DIR other users can
     # read); shown by `check` and logged at start.
     warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False)
@@ -382,6 +387,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _choice(LOG_LEVELS, str.upper),
     "log_format": _choice(LOG_FORMATS, str.lower),
     "log_payloads": _bool,
+    "trace_slow_seconds": _Number(float, 0.01, 3600),
+    "otel_exporter_otlp_endpoint": _url("http", "https"),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)
@@ -433,6 +440,17 @@ def _permission_warnings(env_file: Path | None, data_dir: Path) -> list[ConfigPr
             )
         )
     return found
+
+
+def _otel_installed() -> bool:
+    """Whether the [otel] extra's packages can be imported (without importing them)."""
+    try:
+        return all(
+            importlib.util.find_spec(name) is not None
+            for name in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+        )
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def _read_env_file(path: Path) -> dict[str, str | None]:
@@ -505,6 +523,16 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
                     "keep 127.0.0.1 unless a reverse proxy with TLS and access control sits in front",
                 )
             )
+
+    if values.get("otel_exporter_otlp_endpoint") and not _otel_installed():
+        problems.append(
+            ConfigProblem(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "is set but OpenTelemetry (the [otel] extra) is not installed",
+                "pip install -e '.[otel]' (opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http), "
+                "or leave it empty",
+            )
+        )
 
     if problems:
         raise ConfigError(problems)

@@ -50,6 +50,7 @@ import structlog
 
 from resilience.breakers import Breaker, BreakerBoard
 from resilience.clock import Clock, SystemClock
+from resilience.context import span
 from resilience.errors import CallTimeoutError, Category, classify, parse_duration
 
 if TYPE_CHECKING:
@@ -411,8 +412,10 @@ class DiscordIO:
         **kwargs: Any,
     ) -> T:
         """Run ``fn`` through the operation's breaker and timeout; record any failure, then re-raise."""
+        name = f"discord.{operation}"
         try:
-            return await self._breakers[operation].call(self._timed, operation, fn, args, kwargs)
+            with span(name, dependency=name, channel=channel_id):
+                return await self._breakers[operation].call(self._timed, operation, fn, args, kwargs)
         except Exception as exc:
             self._record_failure(operation, channel_id, exc)
             raise

@@ -36,6 +36,7 @@ from google.genai import errors, types
 
 from resilience.breakers import Breaker, BreakerState, Lease, describe_error
 from resilience.clock import Clock
+from resilience.context import span
 from resilience.errors import Category, CircuitOpenError, Classification, RetryHintTooLongError, classify
 from resilience.retries import RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
@@ -273,7 +274,11 @@ class GeminiService:
             config["system_instruction"] = persona or self.persona
         if self.max_output_tokens is not None:
             config["max_output_tokens"] = self.max_output_tokens
-        return await self.retry.call(lambda: self._attempt(contents, config))
+        # The whole call, retries included; each request to Gemini is a "gemini.attempt" inside it.
+        with span("gemini.generate", dependency="gemini", turns=len(contents)) as step:
+            reply = await self.retry.call(lambda: self._attempt(contents, config))
+            step.set(model=reply.model, outcome=reply.kind.value)
+        return reply
 
     async def ping(self) -> Reply:
         """A tiny generation through the same guards (for the HTTP API's Gemini test)."""
@@ -361,10 +366,11 @@ class GeminiService:
         lease = self._admit()
         started = self._clock.monotonic()
         try:
-            response = await self.timeout.call(
-                lambda: client.aio.models.generate_content(model=model, contents=contents, config=config),
-                OPERATION,
-            )
+            with span("gemini.attempt", dependency="gemini", model=model):
+                response = await self.timeout.call(
+                    lambda: client.aio.models.generate_content(model=model, contents=contents, config=config),
+                    OPERATION,
+                )
         except Exception as exc:
             verdict = classify(exc, now=self._clock.time())
             # A 404 from generateContent: Gemini does not have this model (unknown, retired, an alias

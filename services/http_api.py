@@ -1,6 +1,9 @@
 """The HTTP health, admin and metrics API (aiohttp, loopback by default); a registry service.
 
-Read-only views: ``GET /live``, ``GET /ready``, ``GET /metrics`` and ``GET /api/health/...``.
+Read-only views: ``GET /live``, ``GET /ready``, ``GET /metrics`` and ``GET /api/health/...``
+(``/api/health/errors``: the failure groups, through the operations). The trace views
+``GET /api/traces`` and ``GET /api/traces/{trace_id}`` and ``GET /api/admin/load`` read only,
+but need the admin token like the admin actions: a trace says who asked when.
 Admin actions: ``POST /api/admin/...`` and ``POST /api/test/gemini``, each a thin view over the
 injected operations object (``bot.operations.Operations``: this module never imports ``bot/``),
 each requiring ``Authorization: Bearer <ADMIN_API_TOKEN>``:
@@ -73,6 +76,9 @@ DEGRADED_QUEUE_AGE = 60.0  # a pending item older than this makes the status deg
 QUEUE_READ_TTL = 1.0  # seconds a health route reuses its SQLite queue reading
 # Open connections the API admits at once; LimitNOFILE in deploy/gemini-bot.service leaves room for them.
 DEFAULT_MAX_CONNECTIONS = 64
+# The load test stops starting requests after 60 s (bot.operations.LOAD_TEST_MAX_SECONDS) and
+# cancels what still runs; this leaves it time to answer.
+LOAD_TEST_TIMEOUT = 75.0
 _CATEGORIES = frozenset(c.value for c in Category)
 # An absolute path inside any text: a "/" that follows no word character, dot, colon, slash or
 # tilde (so URLs, relative paths and keys such as "thread:5/a" do not match), then components.
@@ -104,6 +110,31 @@ class AdminOperations(Protocol):
     async def gc(self, *, by: str | None = None) -> Any: ...
     async def discord_reconnect(self, *, by: str | None = None) -> Any: ...
     async def test_gemini(self, *, by: str | None = None) -> Any: ...
+    async def trace(self, trace_id: str, *, by: str | None = None) -> Any: ...
+    async def traces(
+        self,
+        *,
+        slow: bool = False,
+        limit: int = 50,
+        window: float | None = None,
+        since: float | None = None,
+        route: str | None = None,
+        by: str | None = None,
+    ) -> Any: ...
+    async def errors(self, *, limit: int = 20, by: str | None = None) -> Any: ...
+    async def load_shed(
+        self,
+        *,
+        user_per_minute: int | None = None,
+        guild_per_minute: int | None = None,
+        queue_new_messages: bool | None = None,
+        by: str | None = None,
+    ) -> Any: ...
+    async def load_restore(self, *, by: str | None = None) -> Any: ...
+    async def load_status(self, *, by: str | None = None) -> Any: ...
+    async def load_test(
+        self, requests: int = 20, concurrency: int = 4, *, confirm: bool = False, by: str | None = None
+    ) -> Any: ...
 
 
 class LatencyWindow:
@@ -486,6 +517,15 @@ class HttpApi:
                 post("/api/admin/gc", admin(self._gc)),
                 post("/api/admin/discord/reconnect", admin(self._discord_reconnect)),
                 post("/api/test/gemini", admin(self._test_gemini, timeout=self._gemini_test_timeout)),
+                # Traces, errors and load: the trace views need the token (they show who asked what
+                # when); the error groups are counts, read like the health views.
+                get("/api/traces", admin(self._traces)),
+                get("/api/traces/{trace_id}", admin(self._trace)),
+                get("/api/health/errors", self._view(self._errors)),
+                get("/api/admin/load", admin(self._load_status)),
+                post("/api/admin/load/shed", admin(self._load_shed)),
+                post("/api/admin/load/restore", admin(self._load_restore)),
+                post("/api/test/load", admin(self._load_test, timeout=LOAD_TEST_TIMEOUT)),
             ]
         )
         return app
@@ -556,6 +596,17 @@ class HttpApi:
                 raise _HttpError(503, "unavailable", "the admin operations are not attached yet; try again")
             result = await self._bounded(action(request, operations), limit)
             return _json(result)
+
+        return handler
+
+    def _view(self, action: Action) -> Handler:
+        """A read-only view over the operations, without the token (like the health views)."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            operations = self._operations
+            if operations is None:
+                raise _HttpError(503, "unavailable", "the operations are not attached yet; try again")
+            return _json(await self._bounded(action(request, operations), self._timeout))
 
         return handler
 
@@ -919,6 +970,60 @@ class HttpApi:
         await _body(request, {})
         return await ops.test_gemini(by=ACTOR)
 
+    # -- traces, errors, load --------------------------------------------------------------------
+
+    async def _trace(self, request: web.Request, ops: AdminOperations) -> Any:
+        return await ops.trace(request.match_info["trace_id"], by=ACTOR)
+
+    async def _traces(self, request: web.Request, ops: AdminOperations) -> Any:
+        query = request.query
+        return await ops.traces(
+            slow=_flag(query, "slow"),
+            limit=_query_number(query, "limit", int, 50),
+            window=_query_number(query, "window", float, None),
+            since=_query_number(query, "since", float, None),
+            route=query.get("route") or None,
+            by=ACTOR,
+        )
+
+    async def _errors(self, request: web.Request, ops: AdminOperations) -> Any:
+        return await ops.errors(limit=_query_number(request.query, "limit", int, 20))
+
+    async def _load_shed(self, request: web.Request, ops: AdminOperations) -> Any:
+        body = await _body(
+            request,
+            {
+                "user_per_minute": (int, type(None)),
+                "guild_per_minute": (int, type(None)),
+                "queue_new_messages": (bool, type(None)),
+            },
+        )
+        return await ops.load_shed(
+            user_per_minute=body.get("user_per_minute"),
+            guild_per_minute=body.get("guild_per_minute"),
+            queue_new_messages=body.get("queue_new_messages"),
+            by=ACTOR,
+        )
+
+    async def _load_status(self, request: web.Request, ops: AdminOperations) -> Any:
+        return await ops.load_status(by=ACTOR)
+
+    async def _load_restore(self, request: web.Request, ops: AdminOperations) -> Any:
+        await _body(request, {})
+        return await ops.load_restore(by=ACTOR)
+
+    async def _load_test(self, request: web.Request, ops: AdminOperations) -> Any:
+        body = await _body(
+            request,
+            {"requests": (int, type(None)), "concurrency": (int, type(None)), "confirm": (bool, type(None))},
+        )
+        return await ops.load_test(
+            body.get("requests") or 20,
+            body.get("concurrency") or 4,
+            confirm=body.get("confirm") is True,
+            by=ACTOR,
+        )
+
 
 # --- helpers ----------------------------------------------------------------------------------------
 
@@ -949,6 +1054,28 @@ async def _body(request: web.Request, allowed: Mapping[str, tuple[type, ...]]) -
                                 for t in dict.fromkeys(float if t is int else t for t in types))
             raise _HttpError(400, "invalid_body", f"field {name!r} must be {kinds}")
     return data
+
+
+def _flag(query: Mapping[str, str], name: str) -> bool:
+    """A query flag: ``?slow=1`` / ``true`` / ``yes`` (absent: False)."""
+    value = query.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise _HttpError(400, "invalid_request", f"query parameter {name!r} must be 1 or 0")
+
+
+def _query_number(query: Mapping[str, str], name: str, kind: type[int] | type[float], default: Any) -> Any:
+    """A numeric query parameter (absent: ``default``), else 400."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise _HttpError(400, "invalid_request", f"query parameter {name!r} must be {noun}") from None
 
 
 def _without_paths(value: Any) -> Any:

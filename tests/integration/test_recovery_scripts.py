@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.integration.conftest import SpawnBot
 from tests.integration.harness import REPO_ROOT, BotProcess, Emulators
@@ -33,6 +34,8 @@ SCRIPTS = (
     "memory-recovery.sh",
     "collect-recovery-metrics.sh",
     "config-recovery.sh",
+    "response-time-recovery.sh",
+    "load-test-recovery.sh",
 )
 SCRIPT_TIMEOUT = 60.0
 EXIT_FAILING, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_USAGE, EXIT_DEFAULTS, EXIT_IN_USE = 1, 2, 3, 4, 5, 6
@@ -130,6 +133,12 @@ class LiveBot:
         async with self.session.get(self.url + path) as resp:
             return await resp.json()
 
+    async def get_auth(self, path: str) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with self.session.get(self.url + path, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
     async def post(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {self.token}"}
         async with self.session.post(self.url + path, json=body or {}, headers=headers) as resp:
@@ -197,7 +206,15 @@ def test_unknown_option_is_bad_usage(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["gemini-recovery.sh", "discord-recovery.sh", "memory-recovery.sh", "validate-recovery.sh"]
+    "name",
+    [
+        "gemini-recovery.sh",
+        "discord-recovery.sh",
+        "memory-recovery.sh",
+        "validate-recovery.sh",
+        "response-time-recovery.sh",
+        "load-test-recovery.sh",
+    ],
 )
 def test_unreachable_bot_exits_2_with_the_reason(name: str, dead_url: str) -> None:
     """With nothing listening at BOT_API_URL the script says so in one line and exits 2."""
@@ -207,7 +224,16 @@ def test_unreachable_bot_exits_2_with_the_reason(name: str, dead_url: str) -> No
     assert line.startswith(f"{name}: bot unreachable at {dead_url}"), result
 
 
-@pytest.mark.parametrize("name", ["gemini-recovery.sh", "discord-recovery.sh", "memory-recovery.sh"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gemini-recovery.sh",
+        "discord-recovery.sh",
+        "memory-recovery.sh",
+        "response-time-recovery.sh",
+        "load-test-recovery.sh",
+    ],
+)
 def test_admin_scripts_without_a_token_exit_3(name: str, dead_url: str) -> None:
     """Scripts that act need BOT_ADMIN_TOKEN and say so before calling anything."""
     result = run_sync(name, env=script_env(dead_url))
@@ -513,3 +539,134 @@ async def test_memory_recovery_and_collect_metrics(live: LiveBot, tmp_path: Path
     assert json.loads((folder / "circuits.json").read_text())["breakers"]
     assert "# TYPE" in (folder / "metrics.txt").read_text()
     assert not (folder / "MISSING.txt").exists()
+
+
+# --- response time and load ---------------------------------------------------------------------------
+
+
+async def say_until(live: LiveBot, done: asyncio.Future[Any], *, every: float = 0.3, most: int = 100) -> int:
+    """A user writes to the bot (a DM: no guild limit) every ``every`` s until ``done`` (at most ``most``
+    messages); return how many were sent."""
+    discord = live.emulators.discord
+    dm = discord.dm_channel("normal")
+    sent = 0
+    while not done.done() and sent < most:
+        await discord.send_user_message(dm, author="normal", content=f"question {sent}")
+        sent += 1
+        await asyncio.wait({done}, timeout=every)
+    return sent
+
+
+async def test_response_time_recovery_finds_slow_gemini_sheds_load_and_validates(live: LiveBot) -> None:
+    """Gemini answers in 1.5 s: message p95 is over a 1,000 ms threshold. The script names the
+    slow step (gemini.attempt), tightens the rate limits to half and queues new messages; the
+    messages after that are acknowledged at once, so their p95 is under the threshold: exit 0.
+    --restore puts the configured limits back. With nothing slow, it changes nothing."""
+    env = live.env()
+    result = await run("response-time-recovery.sh", "--threshold-ms", "1000", "--min-samples", "3", env=env)
+    assert result.returncode == EXIT_FAILING and "no messages handled yet" in result.stderr, result
+
+    live.emulators.gemini.faults.add("latency", seconds=1.5)
+    discord = live.emulators.discord
+    # Four conversations at once (one conversation would queue behind its own lock).
+    for channel in (discord.channels["general"], discord.channels["random"], discord.thread_id):
+        await discord.send_user_message(channel, author="normal", content="slow one", mentions_bot=True)
+    await discord.send_user_message(discord.dm_channel("admin"), author="admin", content="slow one")
+    async with asyncio.timeout(20):  # the four slow answers
+        while (await live.get_auth("/api/traces?route=message&limit=0"))["latency"]["count"] < 4:
+            await asyncio.sleep(0.1)
+
+    script = asyncio.ensure_future(
+        run(
+            "response-time-recovery.sh",
+            "--threshold-ms", "1000", "--queue-new", "--min-samples", "3", "--wait", "20",
+            env=env,
+        )
+    )
+    sent = await say_until(live, script, every=0.3, most=60)
+    result = await script
+    assert result.returncode == 0, result
+    out = result.stdout
+    assert "check: message p95 " in out and "threshold 1000 ms" in out
+    lead = "cause: time in the 3 slowest messages: "
+    [where] = [line for line in out.splitlines() if line.startswith(lead)]
+    assert "gemini.generate " in where and "gemini.attempt " in where, out
+    assert "act: load shed: rate limits 500/user, 5000/server a minute (configured 1000, 10000);" in out
+    assert "new messages queued" in out
+    assert "OK: message p95 " in out and sent >= 3
+    assert live.token not in out + result.stderr
+    status = await live.get_auth("/api/admin/load")
+    assert status["shedding"] and status["queue_new_messages"] and status["user_per_minute"] == 500
+
+    result = await run("response-time-recovery.sh", "--restore", env=env)
+    assert result.returncode == 0, result
+    assert "OK: load restored: rate limits 1000/user, 10000/server a minute" in result.stdout
+    assert "new messages answered live" in result.stdout
+    assert not (await live.get_auth("/api/admin/load"))["shedding"]
+
+    live.emulators.gemini.faults.clear()
+    result = await run("response-time-recovery.sh", "--threshold-ms", "60000", "--min-samples", "3", env=env)
+    assert result.returncode == 0, result
+    assert "nothing to do" in result.stdout and "act:" not in result.stdout
+
+
+async def test_load_test_recovery_reports_percentiles_and_fails_on_errors(live: LiveBot) -> None:
+    """20 requests, 4 at a time, against the sandbox: p50/p95/p99 and no error: exit 0. With Gemini
+    answering 503: the errors by category and exit 1."""
+    result = await run("load-test-recovery.sh", "--requests", "20", "--concurrency", "4", env=live.env())
+    assert result.returncode == 0, result
+    out = result.stdout
+    assert "check: gemini breaker is closed" in out
+    assert "report: 20 requests in " in out and "20 answered, 0 errors, 0 unfinished" in out
+    assert "report: latency p50 " in out and ", p95 " in out and ", p99 " in out
+    assert out.strip().splitlines()[-1].startswith("OK: 20 requests, p95 ")
+    assert live.token not in out + result.stderr
+
+    live.emulators.gemini.faults.add("503", count=3)  # every attempt of one request (3 by default)
+    result = await run("load-test-recovery.sh", "--requests", "1", "--max-error-rate", "0.1", env=live.env())
+    assert result.returncode == EXIT_FAILING, result
+    assert "report: errors unavailable: 1" in result.stdout
+    assert result.stderr.strip().endswith("1 of 1 requests failed (allowed: a share of 0.1)")
+
+
+async def test_load_test_recovery_refuses_a_live_bot_without_yes(dead_url: str) -> None:
+    """A bot that talks to the real services answers the load test 409 unless confirmed: the
+    script exits 4 and says to rerun with --yes (the refusal itself is the bot's: see
+    tests/bot/test_load_operations.py). The peer here stands in for such a bot."""
+    seen: list[dict[str, Any]] = []
+
+    async def circuits(request: web.Request) -> web.Response:
+        return web.json_response({"breakers": [{"name": "gemini", "state": "closed"}]})
+
+    async def load(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        if body.get("confirm") is not True:
+            return web.json_response(
+                {"error": "refused", "message": "this is a live bot (Gemini or Discord beyond this machine)"},
+                status=409,
+            )
+        return web.json_response(
+            {"requests": 1, "concurrency": 1, "ok": 1, "errors": 0, "errors_by_category": {}, "unfinished": 0,
+             "duration": 0.1, "per_second": 10.0, "live": True,
+             "latency": {"count": 1, "p50": 0.1, "p95": 0.1, "p99": 0.1, "max": 0.1}}
+        )
+
+    app = web.Application()
+    app.router.add_get("/api/health/circuits", circuits)
+    app.router.add_post("/api/test/load", load)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        result = await run("load-test-recovery.sh", "--requests", "1", env=script_env(url, "t"))
+        assert result.returncode == EXIT_USAGE, result
+        assert "refused: this is a live bot" in result.stderr and "rerun with --yes" in result.stderr
+        result = await run("load-test-recovery.sh", "--requests", "1", "--yes", env=script_env(url, "t"))
+        assert result.returncode == 0, result
+        assert "(live bot)" in result.stdout
+    finally:
+        await runner.cleanup()
+    assert [b["confirm"] for b in seen] == [False, True]

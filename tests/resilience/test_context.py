@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 import structlog
@@ -15,9 +15,11 @@ from resilience.context import (
     current_fields,
     current_trace,
     current_trace_id,
+    record_error,
     request_context,
     span,
 )
+from resilience.fingerprints import ErrorAggregator
 
 
 @pytest.fixture(autouse=True)
@@ -116,10 +118,10 @@ async def test_spans_are_timed_on_the_clock_and_errors_recorded(fake_clock: Fake
     assert record.trace_id == trace.trace_id
     assert record.fields == {"channel": 42}
     assert record.duration == 3.25
-    assert record.error == "ValueError: bug"
+    assert record.error == "ValueError"  # the type, never the message (it may hold a user's text)
     assert [(s.name, s.offset, s.duration, s.error) for s in record.spans] == [
         ("gemini", 0.5, 2.5, None),
-        ("store", 3.0, 0.25, "KeyError: 'missing'"),
+        ("store", 3.0, 0.25, "KeyError"),
     ]
     assert record.slow_spans == ("gemini",)
     assert collector.slow() == [record]
@@ -178,3 +180,150 @@ def test_spans_per_trace_are_bounded(fake_clock: FakeClock) -> None:
     assert len(record.spans) == MAX_SPANS_PER_TRACE
     assert record.dropped_spans == 5
 
+
+
+# --- spans with attributes, nesting, errors, the aggregator, an exporter ------------------------------
+
+USER_TEXT = "my secret plan is to buy 3 llamas"
+
+
+def test_nested_spans_know_their_depth_and_keep_only_scalar_attributes(fake_clock: FakeClock) -> None:
+    """A span inside a span is one level deeper; attributes are scalars (an object or a list is
+    dropped, long text cut), bounded in number, and ``set`` adds them while the step runs."""
+    collector = TraceCollector(clock=fake_clock)
+    with request_context(collector=collector, route="message"):
+        with span("gemini.generate", model="m1") as outer:
+            with span("gemini.attempt", attempt=1, junk=object(), items=[1, 2]) as inner:
+                inner.set(outcome="answer", code=200, long="x" * 500)
+            outer.set(attempts=1)
+        with span("discord.send", **{f"a{i}": i for i in range(40)}):
+            pass
+    [record] = collector.recent()
+    assert record.name == "message"
+    assert [(s.name, s.depth) for s in record.spans] == [
+        ("gemini.attempt", 1),
+        ("gemini.generate", 0),
+        ("discord.send", 0),
+    ]
+    attempt = record.spans[0]
+    assert attempt.attributes == {"attempt": 1, "outcome": "answer", "code": 200, "long": "x" * 200}
+    assert record.spans[1].attributes == {"model": "m1", "attempts": 1}
+    assert len(record.spans[2].attributes) == 16
+    assert record.as_dict()["spans"][0]["attributes"]["outcome"] == "answer"
+
+
+def test_no_users_text_reaches_a_span_a_trace_or_the_error_groups(fake_clock: FakeClock) -> None:
+    """An exception whose message holds what a user wrote is recorded by its type only, everywhere."""
+    errors = ErrorAggregator(clock=fake_clock)
+    collector = TraceCollector(clock=fake_clock, errors=errors)
+    with pytest.raises(ValueError):
+        with request_context(collector=collector, route="message", user=7, guild=8):
+            with span("gemini.generate"):
+                raise ValueError(USER_TEXT)
+    [record] = collector.recent()
+    assert record.error == "ValueError"
+    assert USER_TEXT not in repr(record.as_dict())
+    assert USER_TEXT not in repr(errors.snapshot())
+
+
+def test_a_failure_is_counted_once_with_the_innermost_spans_dependency(fake_clock: FakeClock) -> None:
+    """An exception passing out through nested spans and the request is one failure, charged to the
+    dependency of the innermost span (its ``dependency`` attribute, else its name's first part),
+    with the request's route, user, guild and trace id. A handled failure marked with
+    ``record_error`` is the trace's error and is counted too; cancellation is no error."""
+    errors = ErrorAggregator(clock=fake_clock)
+    collector = TraceCollector(clock=fake_clock, errors=errors)
+    with pytest.raises(TimeoutError):
+        with request_context(collector=collector, route="message", user=7, guild=8) as first:
+            with span("answer"), span("discord.send", dependency="discord.send"):
+                raise TimeoutError
+    with request_context(collector=collector, route="drain", user=9) as second:
+        with pytest.raises(KeyError), span("gemini.attempt"):
+            raise KeyError("k")
+        record_error(RuntimeError("handled"), "bot")
+    with pytest.raises(asyncio.CancelledError), request_context(collector=collector, route="drain"):
+        with span("gemini.attempt"):
+            raise asyncio.CancelledError
+    rows = {(r["dependency"], r["error"]): r for r in errors.snapshot()}
+    assert set(rows) == {("discord.send", "TimeoutError"), ("gemini", "KeyError"), ("bot", "RuntimeError")}
+    timeout = rows[("discord.send", "TimeoutError")]
+    assert (timeout["count"], timeout["category"], timeout["route"]) == (1, "timeout", "message")
+    assert (timeout["users"], timeout["guilds"], timeout["sample_trace_ids"]) == (1, 1, [first.trace_id])
+    assert rows[("bot", "RuntimeError")]["sample_trace_ids"] == [second.trace_id]
+    assert collector.get(second.trace_id).error == "RuntimeError"  # type: ignore[union-attr]
+    assert errors.total == 3
+
+
+class RecordingExporter:
+    """A ``TraceExporter`` that keeps what it was handed (the real one is services.otel's)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.started: list[tuple[str, str | None, dict[str, object]]] = []  # (name, parent, attributes)
+        self.ended: dict[str, tuple[dict[str, object], BaseException | None]] = {}
+        self.count = 0
+
+    def start_trace(self, name: str, attributes: Mapping[str, object]) -> tuple[str, str]:
+        if self.fail:
+            raise OSError("exporter down")
+        self.started.append((name, None, dict(attributes)))
+        return "0af7651916cd43dd8448eb211c80319c", name
+
+    def start_span(self, parent: str, name: str, attributes: Mapping[str, object]) -> str:
+        self.count += 1
+        handle = f"{name}#{self.count}"
+        self.started.append((handle, parent, dict(attributes)))
+        return handle
+
+    def end_span(self, handle: str, attributes: Mapping[str, object], error: BaseException | None) -> None:
+        self.ended[handle] = (dict(attributes), error)
+
+
+def test_an_exporter_gets_every_span_under_its_parent_and_its_trace_id_is_the_one_logged(
+    fake_clock: FakeClock,
+) -> None:
+    """With an exporter the trace id is the exporter's; each span goes to it under the span that
+    encloses it (the root for top-level ones) with the same attributes the collector keeps, and
+    the root ends with the request's fields and error."""
+    exporter = RecordingExporter()
+    collector = TraceCollector(clock=fake_clock, exporter=exporter)
+    with pytest.raises(KeyError):
+        with request_context(collector=collector, route="message", user=5) as trace:
+            assert _log_fields()["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+            with span("gemini.generate", model="m"):
+                with span("gemini.attempt", attempt=1):
+                    pass
+            with span("discord.send"):
+                raise KeyError("x")
+    assert trace.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert collector.get(trace.trace_id) is not None
+    assert exporter.started == [
+        ("message", None, {"route": "message", "user": 5}),
+        ("gemini.generate#1", "message", {"model": "m"}),
+        ("gemini.attempt#2", "gemini.generate#1", {"attempt": 1}),
+        ("discord.send#3", "message", {}),
+    ]
+    assert exporter.ended["gemini.attempt#2"] == ({"attempt": 1}, None)
+    attributes, error = exporter.ended["message"]
+    assert attributes == {"route": "message", "user": 5, "error": "KeyError"}
+    assert isinstance(error, KeyError) and isinstance(exporter.ended["discord.send#3"][1], KeyError)
+
+
+def test_a_failing_exporter_never_fails_the_request(fake_clock: FakeClock) -> None:
+    """An exporter that raises is counted and skipped: the request, its id and its spans go on."""
+    collector = TraceCollector(clock=fake_clock, exporter=RecordingExporter(fail=True))
+    with request_context(collector=collector) as trace, span("step"):
+        pass
+    assert len(trace.trace_id) == 12
+    assert [s.name for s in collector.recent()[0].spans] == ["step"]
+    assert collector.export_failures == 1
+
+
+def test_a_slash_commands_trace_is_named_for_its_command(fake_clock: FakeClock) -> None:
+    """Without a route, a ``command`` field names the trace (``/ask``), and its failures' route."""
+    errors = ErrorAggregator(clock=fake_clock)
+    collector = TraceCollector(clock=fake_clock, errors=errors)
+    with request_context(collector=collector, command="ask"):
+        record_error(RuntimeError("x"))
+    assert collector.recent()[0].name == "/ask"
+    assert errors.snapshot()[0]["route"] == "/ask"
