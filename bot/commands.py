@@ -138,6 +138,9 @@ class SlashCommands:
     ) -> None:
         """Defer, check, run ``body`` under a timeout; turn any failure into one ephemeral sentence."""
         name = interaction.command.qualified_name if interaction.command else "?"
+        clock = self.app.clock
+        started = clock.monotonic()
+        outcome = "error"
         with request_context(
             collector=self.app.traces,
             guild=interaction.guild_id,
@@ -146,20 +149,27 @@ class SlashCommands:
             command=name,
         ) as trace:
             try:
-                await interaction.response.defer(ephemeral=ephemeral, thinking=True)
-            except discord.HTTPException as exc:
-                # Past Discord's 3 s (or a duplicate delivery): nobody is listening any more.
-                log.warning("command.defer_failed", command=name, status=exc.status, code=exc.code)
-                return
-            try:
-                if check is not None:
-                    check(interaction, name)
-                async with asyncio.timeout(self.timeout if limit is None else limit):
-                    await body()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self.fail(interaction, name, exc, trace.trace_id, public=not ephemeral)
+                try:
+                    await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+                except discord.HTTPException as exc:
+                    # Past Discord's 3 s (or a duplicate delivery): nobody is listening any more.
+                    log.warning("command.defer_failed", command=name, status=exc.status, code=exc.code)
+                    outcome = "not_acknowledged"
+                    return
+                try:
+                    if check is not None:
+                        check(interaction, name)
+                    async with asyncio.timeout(self.timeout if limit is None else limit):
+                        await body()
+                    outcome = "ok"
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    outcome = _command_outcome(exc)
+                    await self.fail(interaction, name, exc, trace.trace_id, public=not ephemeral)
+            finally:
+                # The command's name comes from the tree (a fixed set): Metrics bounds the label.
+                self.app.metrics.observe_command(name, outcome, clock.monotonic() - started)
 
     # -- who may run what ----------------------------------------------------------------
 
@@ -543,6 +553,27 @@ async def followup(interaction: discord.Interaction, text: str) -> None:
     await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
 
+def _command_outcome(exc: BaseException) -> str:
+    """The ``bot_commands_total`` outcome of a command that raised ``exc``."""
+    if isinstance(exc, RefusedError):
+        return "refused"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "error"
+
+
+def command_names(tree: app_commands.CommandTree[Any]) -> list[str]:
+    """The qualified name of every command on ``tree`` (``ask``, ``admin circuit reset``, ...)."""
+    names: list[str] = []
+    for command in tree.get_commands():
+        if isinstance(command, app_commands.Group):
+            names.extend(sub.qualified_name for sub in command.walk_commands()
+                         if isinstance(sub, app_commands.Command))
+        else:
+            names.append(command.qualified_name)
+    return names
+
+
 def _is_operations_error(exc: BaseException) -> bool:
     """Errors of the admin operations carry a sentence written for the operator."""
     return isinstance(exc, OperationError)
@@ -618,6 +649,7 @@ def setup_commands(
         # The test guild gets its own copies (synced there at once); refresh them too, or they
         # would shadow the commands just added for interactions from that guild.
         tree.copy_global_to(guild=discord.Object(id=guild_id))
+    commands.app.metrics.set_commands(command_names(tree))
 
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await _on_tree_error(commands, interaction, error)
