@@ -40,6 +40,7 @@ from discord import app_commands
 
 from bot import texts
 from bot.answering import Answerer
+from bot.health import AVAILABILITY_DAYS, Availability
 from bot.inbound import Inbound, Snowflake, accept
 from bot.operations import OperationError
 from bot.routing import FailureRouter
@@ -384,9 +385,10 @@ class SlashCommands:
             "We start afresh.",
         )
 
-    async def status_embed(self, guild_id: int | None = None) -> discord.Embed:
+    async def status_embed(self, guild_id: int | None = None, *, availability: bool = False) -> discord.Embed:
         """Mode (and guild ``guild_id``'s own maintenance), each breaker's state and time in it, queue
-        depth and oldest age, recent latency."""
+        depth and oldest age, recent latency; with ``availability`` (for the bot's owners) the share of
+        messages answered within 30 s against the objective and the error budget left."""
         app = self.app
         now = app.clock.time()
         mode = app.degradation.snapshot()
@@ -425,7 +427,36 @@ class SlashCommands:
             queue += f"; {dead} dead-lettered"
         embed.add_field(name="Queue", value=queue, inline=False)
         embed.add_field(name="Latency", value=self._latency(), inline=False)
+        if availability:
+            embed.add_field(name="Availability (owners)", value=await self._availability(now), inline=False)
         return embed
+
+    async def _availability(self, now: float) -> str:
+        slo = self.app.config.availability_slo
+        try:
+            days = await self.app.storage.availability(now=now, days=AVAILABILITY_DAYS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return f"unknown: storage unreadable ({classify(exc).category.value})"
+        report = Availability(slo, tuple(days))
+        today_number = int(now // 86400)
+        today = report.today if report.today is not None and report.today.day == today_number else None
+        ratio = report.ratio_of(today)
+        text = f"Objective: {_percent(slo)} of messages answered within 30 s, per day (UTC).\n"
+        if ratio is None or today is None:
+            text += "Today: no message settled yet; error budget untouched."
+        else:
+            text += (
+                f"Today: {_percent(ratio)} of {today.settled} answered within 30 s; error budget left "
+                f"{_percent(report.budget_left_of(today))}."
+            )
+        week = [d for d in days if d.settled]
+        if week:
+            settled = sum(d.settled for d in week)
+            in_time = sum(d.answered_in_time for d in week)
+            text += f"\nLast {AVAILABILITY_DAYS} days: {_percent(in_time / settled)} of {settled}."
+        return text
 
     def _latency(self) -> str:
         durations = sorted(r.duration for r in self.app.traces.recent()[:LATENCY_WINDOW])
@@ -442,7 +473,8 @@ class SlashCommands:
         return "; ".join(parts) or "no requests yet"
 
     async def status(self, interaction: discord.Interaction) -> None:
-        embed = await self.status_embed(interaction.guild_id)
+        owner = self.is_owner(interaction.user.id)
+        embed = await self.status_embed(interaction.guild_id, availability=owner)
         await interaction.followup.send(embed=embed, ephemeral=True)
 
     async def help(self, interaction: discord.Interaction) -> None:
@@ -581,6 +613,11 @@ def _is_operations_error(exc: BaseException) -> bool:
 
 def _rank(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage with the digits an objective like 99.9% needs."""
+    return f"{share * 100:.2f}".rstrip("0").rstrip(".") + "%"
 
 
 def _ms(seconds: float) -> str:

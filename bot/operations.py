@@ -31,6 +31,7 @@ import asyncio
 import gc
 import math
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import structlog
@@ -296,8 +297,11 @@ class Operations:
     ``"discord:<user id>"`` or ``"http"``.
     """
 
-    def __init__(self, app: Application) -> None:
+    def __init__(
+        self, app: Application, *, incidents: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    ) -> None:
         self.app = app
+        self._incidents = incidents
 
     # -- circuit breakers ---------------------------------------------------------------------
 
@@ -747,6 +751,17 @@ class Operations:
         )
         return result
 
+    # -- incidents ------------------------------------------------------------------------------------
+
+    async def incidents(self, *, by: str | None = None) -> dict[str, Any]:
+        """Incidents per dependency (count, open, MTTR, MTBF, queued, answered after, dead-lettered)
+        and the latest ones (``bot.incidents.IncidentTracker.report``)."""
+        if self._incidents is None:
+            raise OperationUnavailableError("incident records are not kept in this process")
+        report = await self._incidents()
+        _log("incidents", by, open=len(report.get("open", [])), stored=report.get("stored"))
+        return report
+
     # -- helpers --------------------------------------------------------------------------------------
 
     def _breaker_name(self, name: str, *, allow_all: bool) -> str:
@@ -767,9 +782,11 @@ class Operations:
         return self.app.store.cached(name) or {}
 
 
-def serve_operations(app: Application) -> Operations:
+def serve_operations(
+    app: Application, *, incidents: Callable[[], Awaitable[dict[str, Any]]] | None = None
+) -> Operations:
     """The operations of ``app``, attached to its HTTP admin API (with their refusals' statuses)."""
-    operations = Operations(app)
+    operations = Operations(app, incidents=incidents)
     app.http_api.attach_operations(
         operations, {UnknownNameError: 404, InvalidRequestError: 400, OperationUnavailableError: 503}
     )

@@ -46,6 +46,9 @@ MESSAGE_OUTCOMES = (
 
 RETRY_OUTCOMES = ("retried", "denied_by_budget", "hint_too_long")
 
+ALERT_DESTINATIONS = ("channel", "webhook", "dm")
+ALERT_RESULTS = ("sent", "queued", "failed")
+
 COMMAND_OUTCOMES = ("ok", "refused", "timeout", "error", "not_acknowledged")
 """How a slash command ended: done; refused (who may not run it); took too long; failed (a
 dependency or a bug, the user got a sentence); its interaction could not even be deferred."""
@@ -172,6 +175,41 @@ class Metrics:
                                    namespace=ns, registry=r)
         self.http_requests = Counter("http_requests", "HTTP API requests by route template and status.",
                                      ["route", "status"], namespace=ns, registry=r)
+        # health, alerts, incidents, availability (bot.health, bot.alerts, bot.incidents)
+        self.supervised_task_disabled = Gauge(
+            "supervised_task_disabled", "1 while a supervised background task has disabled itself.",
+            ["task"], namespace=ns, registry=r,
+        )
+        self.storage_consecutive_failures = Gauge(
+            "storage_consecutive_failures", "SQLite operations failed in a row (0 when the last one worked).",
+            namespace=ns, registry=r,
+        )
+        self.datastore_defaults_files = Gauge(
+            "datastore_defaults_files", "DataStore files serving defaults because no valid copy was left.",
+            namespace=ns, registry=r,
+        )
+        self.alerts_firing = Gauge("alerts_firing", "Alerts firing now, by rule.", ["rule"],
+                                   namespace=ns, registry=r)
+        self.alert_notifications = Counter(
+            "alert_notifications", "Alert messages by destination and result: sent, queued (durable queue, "
+            "sent when Discord takes it), failed (kept and tried again).",
+            ["destination", "result"], namespace=ns, registry=r,
+        )
+        self.incidents = Counter("incidents", "Incidents started (a breaker opened, degraded mode began).",
+                                 ["dependency"], namespace=ns, registry=r)
+        self.incident_mttr = Gauge("incident_mttr_seconds", "Mean time to recover of the recorded incidents.",
+                                   ["dependency"], namespace=ns, registry=r)
+        self.availability = Gauge(
+            "availability_ratio", "Share of today's (UTC) accepted messages answered within 30 s.",
+            namespace=ns, registry=r,
+        )
+        self.availability_slo = Gauge("availability_slo_ratio", "The objective (AVAILABILITY_SLO).",
+                                      namespace=ns, registry=r)
+        self.error_budget_remaining = Gauge(
+            "error_budget_remaining_ratio",
+            "Share of today's error budget left (1 untouched, 0 spent, below 0 overspent).",
+            namespace=ns, registry=r,
+        )
         # slash commands
         self.commands = Counter("commands", "Slash commands run, by command and outcome.",
                                 ["command", "outcome"], namespace=ns, registry=r)
@@ -189,6 +227,9 @@ class Metrics:
             self.datastore_recoveries.labels(source)
         for category in Category:
             self.errors.labels(category)
+        for destination in ALERT_DESTINATIONS:
+            for result in ALERT_RESULTS:
+                self.alert_notifications.labels(destination, result)
         for item_kind in ItemKind:
             self.queue_dead_letters.labels(item_kind)
             self.queue_expired.labels(item_kind)
@@ -236,6 +277,16 @@ class Metrics:
         for mutex, seen in self._mutex_sources:
             self._add_delta(self.mutex_waits, seen, "waits", mutex.waits)
             self._add_delta(self.mutex_timeouts, seen, "timeouts", mutex.timeouts)
+
+    @staticmethod
+    def total(counter: Counter, **labels: str) -> float:
+        """A counter's value summed over its children, or over those whose labels include ``labels``."""
+        found = 0.0
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and labels.items() <= sample.labels.items():
+                    found += sample.value
+        return found
 
     @staticmethod
     def _add_delta(counter: Counter, seen: dict[str, int], key: str, value: int) -> None:
