@@ -37,7 +37,7 @@ import structlog
 
 from bot.health import Facts, duration
 from resilience.breakers import Breaker
-from resilience.degradation import ItemKind
+from resilience.degradation import ItemKind, ItemState
 from resilience.errors import classify
 from services.config import Config, webhook_parts
 from services.storage import AlertRecord
@@ -169,55 +169,128 @@ class Destination(Protocol):
     async def deliver(self, text: str) -> bool: ...
 
 
-class ChannelDestination:
-    """The alert channel, through ``discord.send`` (and ``discord.read`` to find it); queued when refused."""
+class _DiscordDestination:
+    """A destination the bot posts to with its own token, through ``DiscordIO`` and its breakers.
+
+    What Discord does not take now goes to the durable queue (conversation ``alerts:<key>``, in
+    order), and while an earlier message of it waits there, later ones queue behind it rather than
+    overtake it (a "resolved" never arrives before its "alert").
+    """
+
+    kind = "channel"
+    key = ""
+
+    def __init__(self, app: Application) -> None:
+        self.app = app
+        self._queued: int | None = None  # the id of the last message queued, while it may wait
+
+    async def _target(self) -> discord.abc.Messageable:
+        raise NotImplementedError
+
+    def _payload(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def deliver(self, text: str) -> bool:
+        try:
+            if await self._behind_queue():
+                return await self._queue(text, "behind queued alerts")
+            await self.app.discord_io.send(await self._target(), text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = classify(exc)
+            if not verdict.retryable:
+                log.error("alert.undeliverable", destination=self.key, category=verdict.category.value)
+                self.app.metrics.alert_notifications.labels(self.kind, "failed").inc()
+                return True  # no such channel, no permission: only an operator can mend it
+            return await self._queue(text, verdict.category.value)
+        self.app.metrics.alert_notifications.labels(self.kind, "sent").inc()
+        return True
+
+    async def _behind_queue(self) -> bool:
+        if self._queued is None:
+            return False
+        item = await self.app.storage.get(self._queued)
+        if item is not None and item.state in (ItemState.PENDING, ItemState.CLAIMED):
+            return True
+        self._queued = None
+        return False
+
+    async def _queue(self, text: str, reason: str) -> bool:
+        """Put ``text`` in the durable queue as an outbound item; True once stored."""
+        app = self.app
+        message_id = discord.utils.time_snowflake(discord.utils.utcnow())
+        payload: dict[str, Any] = {
+            # An outbound item like the router's notices: the drain sends its chunks once Discord
+            # takes them. The id is a snowflake of now: no message has it, so the "reply" goes out
+            # as a plain message (fail_if_not_exists is off) and a look back for it starts from now.
+            "message_id": message_id,
+            "guild_id": None,
+            "content": "",
+            "chunks": [text],
+            "chunk_offset": 0,
+            "outcome": "refused",
+            "notice": True,
+            "alert": True,
+            "nonce": f"a{message_id}",
+            **self._payload(),
+        }
+        try:
+            item = await app.storage.enqueue(
+                ItemKind.OUTBOUND, ALERT_KEY_PREFIX + self.key, payload, now=app.clock.time(),
+                dedup_key=f"alert:{self.key}:{message_id}",
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as failure:
+            category = classify(failure).category.value
+            log.warning("alert.not_queued", destination=self.key, category=category)
+            app.metrics.alert_notifications.labels(self.kind, "failed").inc()
+            return False
+        self._queued = item.id
+        log.info("alert.queued", destination=self.key, reason=reason)
+        app.metrics.alert_notifications.labels(self.kind, "queued").inc()
+        app.drain_wake()
+        return True
+
+
+class ChannelDestination(_DiscordDestination):
+    """The alert channel (``discord.read`` to find it, ``discord.send`` to post)."""
 
     kind = "channel"
 
     def __init__(self, app: Application, channel_id: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.channel_id = channel_id
         self.key = f"channel:{channel_id}"
 
-    async def deliver(self, text: str) -> bool:
-        try:
-            channel = await self.app.channel(self.channel_id)
-            await self.app.discord_io.send(channel, text)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return await _queue_or_give_up(
-                self.app, self, text, exc, channel_id=self.channel_id, private=False,
-                author_id=self.app.bot_user_id() or 0,
-            )
-        self.app.metrics.alert_notifications.labels(self.kind, "sent").inc()
-        return True
+    async def _target(self) -> discord.abc.Messageable:
+        channel: discord.abc.Messageable = await self.app.channel(self.channel_id)
+        return channel
+
+    def _payload(self) -> dict[str, Any]:
+        return {"channel_id": self.channel_id, "author_id": self.app.bot_user_id() or 0, "private": False}
 
 
-class DmDestination:
-    """One owner's DMs, via ``discord.read`` (to open the DM) and ``discord.send``; queued when refused."""
+class DmDestination(_DiscordDestination):
+    """One owner's DMs (``discord.read`` to open the DM, ``discord.send`` to post)."""
 
     kind = "dm"
 
     def __init__(self, app: Application, user_id: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.user_id = user_id
         self.key = f"dm:{user_id}"
 
-    async def deliver(self, text: str) -> bool:
+    async def _target(self) -> discord.abc.Messageable:
         client = self.app.client
-        try:
-            if client is None:
-                raise ConnectionError("the Discord client is not attached")
-            channel = await self.app.discord_io.dm_channel(client, self.user_id)
-            await self.app.discord_io.send(channel, text)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return await _queue_or_give_up(self.app, self, text, exc, channel_id=self.user_id, private=True,
-                                           author_id=self.user_id)
-        self.app.metrics.alert_notifications.labels(self.kind, "sent").inc()
-        return True
+        if client is None:
+            raise ConnectionError("the Discord client is not attached")
+        return await self.app.discord_io.dm_channel(client, self.user_id)
+
+    def _payload(self) -> dict[str, Any]:
+        # private: the drain opens the DM with author_id (the owner) to deliver it.
+        return {"channel_id": self.user_id, "author_id": self.user_id, "private": True}
 
 
 class WebhookDestination:
@@ -265,54 +338,6 @@ class WebhookDestination:
             await session.close()
 
 
-async def _queue_or_give_up(
-    app: Application, destination: Destination, text: str, exc: BaseException, *, channel_id: int,
-    private: bool, author_id: int,
-) -> bool:
-    """After a refused send: a retryable failure puts the message in the durable queue (True once
-    stored); a permanent one (no such channel, no permission) is logged and given up (True)."""
-    verdict = classify(exc)
-    if not verdict.retryable:
-        log.error("alert.undeliverable", destination=destination.key, category=verdict.category.value)
-        app.metrics.alert_notifications.labels(destination.kind, "failed").inc()
-        return True
-    now = app.clock.time()
-    message_id = discord.utils.time_snowflake(discord.utils.utcnow())
-    payload: dict[str, Any] = {
-        # An outbound item like the router's notices: the drain sends its chunks once Discord takes
-        # them. The id is a snowflake of now: no message has it, so the "reply" goes out as a plain
-        # message (fail_if_not_exists is off) and a look back for it starts from now.
-        "message_id": message_id,
-        "channel_id": channel_id,
-        "guild_id": None,
-        "author_id": author_id,
-        "content": "",
-        "chunks": [text],
-        "chunk_offset": 0,
-        "outcome": "refused",
-        "notice": True,
-        "alert": True,
-        "private": private,
-        "nonce": f"a{message_id}",
-    }
-    try:
-        await app.storage.enqueue(
-            ItemKind.OUTBOUND, ALERT_KEY_PREFIX + destination.key, payload, now=now,
-            dedup_key=f"alert:{destination.key}:{message_id}",
-        )
-    except asyncio.CancelledError:
-        raise
-    except Exception as failure:
-        category = classify(failure).category.value
-        log.warning("alert.not_queued", destination=destination.key, category=category)
-        app.metrics.alert_notifications.labels(destination.kind, "failed").inc()
-        return False
-    log.info("alert.queued", destination=destination.key, reason=verdict.category.value)
-    app.metrics.alert_notifications.labels(destination.kind, "queued").inc()
-    app.drain_wake()
-    return True
-
-
 # --- the alerter ----------------------------------------------------------------------------------
 
 
@@ -350,6 +375,7 @@ class Alerter:
         if cfg.alert_webhook_url:
             breaker = webhook_breaker or app.board.add(WEBHOOK_BREAKER, fail_max=3)
             self.webhook = WebhookDestination(app, cfg.alert_webhook_url, breaker)
+        self._dms: dict[int, DmDestination] = {}
         self._states: dict[str, _State] = {}
         self._outboxes: dict[str, list[str]] = {}
         self._unsaved = False
@@ -363,7 +389,10 @@ class Alerter:
         if self.webhook is not None:
             found.append(self.webhook)
         if self.app.config.alert_dm_owners:
-            found.extend(DmDestination(self.app, user) for user in sorted(self._owners()))
+            for user in sorted(self._owners()):
+                if user not in self._dms:
+                    self._dms[user] = DmDestination(self.app, user)
+                found.append(self._dms[user])
         return found
 
     async def load(self) -> None:

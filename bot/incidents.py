@@ -3,9 +3,11 @@
 ``IncidentTracker`` hears breaker transitions (``BreakerBoard.add_listener``) and mode changes
 (``DegradationState.add_listener``) as they happen, and keeps each episode in memory: a breaker
 leaving closed starts one (half-open and open again stay in it), closing ends it; degraded mode
-starts one, leaving it ends it. Its figures come from the bot's own counters, taken at the start:
-``queued`` (messages queued until it ended), ``answered_after`` (queued messages answered from
-its start until it settled) and ``dead_lettered`` (items given up on in that time). An ended
+starts one, leaving it ends it. Its figures: ``queued``, the messages queued while it lasted (or,
+if more, the most items waiting at once at an assessment during it: those queued just before the
+breaker opened wait for it too); and from the bot's counters taken at its start, ``answered_after``
+(queued messages answered from its start until it settled) and ``dead_lettered`` (items given up
+on in that time). An ended
 episode settles when the queue has nothing pending, or ``SETTLE_SECONDS`` after it ended.
 
 Each health assessment calls ``update``: it refreshes the figures and writes every changed
@@ -47,6 +49,7 @@ class _Episode:
     queued_at_start: float
     late_at_start: float
     dead_at_start: float
+    peak_pending: int = 0
     dirty: bool = True
 
 
@@ -118,9 +121,10 @@ class IncidentTracker:
     def _refresh(self, episode: _Episode, *, ended: bool = False) -> None:
         queued, late, dead = self._counters()
         record = episode.record
+        during = max(int(queued - episode.queued_at_start), episode.peak_pending)
         updated = replace(
             record,
-            queued=record.queued if record.ended_at is not None else int(queued - episode.queued_at_start),
+            queued=record.queued if record.ended_at is not None else during,
             answered_after=int(late - episode.late_at_start),
             dead_lettered=int(dead - episode.dead_at_start),
         )
@@ -133,6 +137,8 @@ class IncidentTracker:
         now = facts.at
         pending = facts.queue.pending() if facts.queue is not None else None
         for episode in self._open.values():
+            if pending is not None:
+                episode.peak_pending = max(episode.peak_pending, pending)
             self._refresh(episode)
         for episode in self._settling:
             self._refresh(episode)
