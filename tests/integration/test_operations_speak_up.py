@@ -11,6 +11,8 @@ into Discord) and waits in the durable queue for the channel, which gets it once
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 from bot.texts import ACK_MARK
@@ -18,6 +20,7 @@ from sandbox.discord_emu import DiscordEmulator, SentMessage
 from tests.chaos.support import BotApi, started_bot
 from tests.integration.conftest import SpawnBot
 from tests.integration.harness import Emulators
+from tests.integration.test_recovery_scripts import run, script_env
 
 ALERT = "Alert: breaker gemini open"
 RESOLVED = "Resolved: breaker gemini open"
@@ -85,7 +88,7 @@ async def degraded(api: BotApi) -> dict[str, Any]:
 
 
 async def test_a_gemini_outage_alerts_once_degrades_shows_presence_resolves_and_records_the_incident(
-    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
+    spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str], tmp_path: Path
 ) -> None:
     discord = emulators.discord
     alerts = discord.world.add_text_channel("ops-alerts")
@@ -144,6 +147,13 @@ async def test_a_gemini_outage_alerts_once_degrades_shows_presence_resolves_and_
         assert degraded_row["mttr_seconds"] is not None
         metrics = await api.metrics()
         assert any(v >= 1 for labels, v in metrics["bot_incidents_total"] if labels["dependency"] == "gemini")
+
+        # The evidence script keeps the incidents too.
+        result = await run("collect-recovery-metrics.sh", "--out", str(tmp_path), env=script_env(api.base))
+        assert result.returncode == 0, result
+        folder = Path(result.stdout.strip().splitlines()[-1])
+        kept = json.loads((folder / "incidents.json").read_text())
+        assert any(d["dependency"] == "gemini" and d["mttr_seconds"] for d in kept["dependencies"])
         api.proc.assert_clean_logs()
 
 
