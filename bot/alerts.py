@@ -150,6 +150,26 @@ def error_rate(facts: Facts, limits: Thresholds) -> Iterable[Firing]:
                      f"{facts.recent_errors:.0f} failures for {messages:.0f} messages in the last 5 min")
 
 
+TITLES = {
+    "queue_age": "queue backing up",
+    "dead_letters": "messages given up on",
+    "datastore_defaults": "settings reset to defaults",
+    "storage_errors": "storage failing",
+    "memory": "memory high",
+    "error_rate": "error rate high",
+}
+
+
+def title_of(key: str) -> str:
+    """The title of the alert ``key`` (for states taken up after a restart, which keep no title)."""
+    rule, _, subject = key.partition(":")
+    if rule == "breaker_open":
+        return f"breaker {subject} open"
+    if rule == "task_disabled":
+        return f"background task {subject} stopped"
+    return TITLES.get(rule, key)
+
+
 RULES: tuple[Rule, ...] = (
     breaker_open, queue_age, dead_letters, datastore_defaults, task_disabled, storage_errors, memory,
     error_rate,
@@ -406,7 +426,7 @@ class Alerter:
             return
         for record in stored:
             rule = record.key.split(":", 1)[0]
-            state = _State(record.key, rule, record.key, record.detail, record.since,
+            state = _State(record.key, rule, title_of(record.key), record.detail, record.since,
                            record.notified_at, record.resolved_at)
             self._states[record.key] = state
             if record.resolved_at is not None:  # its resolution was never confirmed: tell it again
