@@ -200,6 +200,13 @@ def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
         await admin(interaction, act)
 
     _observability_commands(group, ops, admin)
+    @group.command(name="incidents", description="Outages recorded: per dependency MTTR and MTBF, the latest")
+    async def incidents(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            return format_incidents(await ops.incidents(by=by), commands.app.clock.time())
+
+        await admin(interaction, act)
+
     return group
 
 
@@ -371,6 +378,34 @@ def format_circuit_status(status: CircuitStatus, now: float) -> str:
             line += f"; last error {row['last_error']}"
         lines.append(line)
     return "\n".join(lines) or "No breakers."
+
+
+def format_incidents(report: dict[str, Any], now: float) -> str:
+    """Per dependency: incidents, MTTR, MTBF and what they cost; then the latest five."""
+    lines = []
+    for row in report["dependencies"]:
+        line = f"`{row['dependency']}`: {row['incidents']} incident{'s' if row['incidents'] != 1 else ''}"
+        if row["open"]:
+            line += f" ({row['open']} going on)"
+        if row["mttr_seconds"] is not None:
+            line += f", MTTR {human(row['mttr_seconds'])}"
+        if row["mtbf_seconds"] is not None:
+            line += f", MTBF {human(row['mtbf_seconds'])}"
+        line += (
+            f"; {row['queued']} queued, {row['answered_after']} answered after,"
+            f" {row['dead_lettered']} dead-lettered"
+        )
+        lines.append(line)
+    if not lines:
+        return "No incidents recorded."
+    lines.append("Latest:")
+    for row in report["incidents"][:5]:
+        when = f"{human(now - row['started_at'])} ago"
+        lasted = "going on" if row["seconds"] is None else f"lasted {human(row['seconds'])}"
+        lines.append(f"- `{row['dependency']}` {when}, {lasted}: {row['cause']}")
+    if not report.get("stored", True):
+        lines.append("(storage is unreadable: only the incidents this process holds in memory)")
+    return "\n".join(lines)
 
 
 def format_maintenance(status: MaintenanceStatus) -> str:

@@ -16,11 +16,14 @@ import structlog
 from discord.ext import commands
 
 from bot.admin import admin_group, server_group
+from bot.alerts import Alerter
 from bot.answering import Answerer
 from bot.app import Application
 from bot.catchup import MAX_CHANNELS, Catchup
 from bot.commands import DEFAULT_TIMEOUT, SlashCommands, application_owners, setup_commands
 from bot.drain import Drain
+from bot.health import HealthMonitor
+from bot.incidents import IncidentTracker
 from bot.intake import RECENT_IDS, Intake
 from bot.operations import apply_breaker_overrides, serve_operations
 from bot.routing import FailureRouter
@@ -117,10 +120,24 @@ class GeminiBot(commands.Bot):
         self.catchup = Catchup(app, self.intake.on_message, self.intake.is_for_me)
         self.drain = Drain(app, self.answerer, self.router, interval=drain_interval)
         app.drain_waker = self.drain.wake
-        self.operations = serve_operations(app)
         # The application's owner (or its team's admins and developers): owners of the bot, like
         # ADMIN_USER_IDS. Learned once in setup_hook (from application_info); empty until then.
         self.application_owners: frozenset[int] = frozenset()
+        # Operations that speak up: incidents as breakers open and the mode changes, the periodic
+        # health assessment (degraded mode, the presence), and alerts from its facts.
+        self.incidents = IncidentTracker(app)
+        app.board.add_listener(self.incidents.breaker_listener)
+        app.degradation.add_listener(self.incidents.mode_listener)
+        self.health = HealthMonitor(
+            app, presence=self.show_presence, tasks=lambda: (self.drain.task, self.health.task)
+        )
+        self.alerter = Alerter(app, owners=self.owners)
+        self.health.add_consumer(self.incidents.update)
+        self.health.add_consumer(self.alerter.evaluate)
+        self._presence: str | None = None
+        app.http_api.sources.incidents = self.incidents.report
+        app.http_api.sources.assessment = self.assessment
+        self.operations = serve_operations(app, incidents=self.incidents.report)
         self._check_models = check_models
         self._closed = False
         # Set while setup_hook runs: a close() meanwhile waits for it, so that every service
@@ -166,6 +183,7 @@ class GeminiBot(commands.Bot):
             await self.app.gemini.check_models()
         self.install_commands()
         await self._sync_commands()
+        await self._take_up_operations_state()
         reopened = await apply_breaker_overrides(self.app)
         if reopened:
             log.info("breakers.overrides_applied", breakers=reopened)
@@ -173,7 +191,48 @@ class GeminiBot(commands.Bot):
         if released:
             log.info("queue.resumed", items=released)
         self.drain.start()
+        self.health.start()
         log.info("bot.services_started", services=self.app.registry.order)
+
+    async def _take_up_operations_state(self) -> None:
+        """End the incidents a dead process left open and take up its alert states (before the
+        breaker overrides re-open anything, so those start incidents of this process)."""
+        try:
+            await self.incidents.recover()
+        except Exception as exc:  # storage down at start: the records stay open, the bot starts
+            log.warning("incident.recover_failed", error=type(exc).__name__)
+        await self.alerter.load()
+
+    def owners(self) -> frozenset[int]:
+        """The bot's owners: ``ADMIN_USER_IDS``, the ``admins`` file, the application's owners."""
+        stored = (self.app.store.cached("admins") or {}).get("user_ids") or []
+        return self.app.config.admin_user_ids | {int(i) for i in stored} | self.application_owners
+
+    def assessment(self) -> dict[str, object] | None:
+        """The last health assessment, for the degradation view."""
+        facts = self.health.last
+        if facts is None:
+            return None
+        return {
+            "at": facts.at,
+            "reasons": list(facts.problems),
+            "presence": self._presence,
+            "alerts": self.alerter.firing(),
+            "alert_lines_waiting": self.alerter.pending(),
+            "availability": None if facts.availability is None
+            else facts.availability.as_dict(int(facts.at // 86400)),
+        }
+
+    async def show_presence(self, text: str | None) -> None:
+        """Show ``text`` as the bot's status (idle while degraded), or clear it; raises without a
+        gateway session (the health monitor tries again)."""
+        if not self.is_ready() or self.is_closed():
+            raise ConnectionError("no gateway session")
+        if text is None:
+            await self.change_presence(activity=None, status=discord.Status.online)
+        else:
+            await self.change_presence(activity=discord.CustomActivity(name=text), status=discord.Status.idle)
+        self._presence = text
 
     async def _learn_owners(self) -> None:
         """Keep who owns the application (its owner, or its team's admins and developers) for ``/admin``.
@@ -235,6 +294,7 @@ class GeminiBot(commands.Bot):
             "bot.ready", user_id=user.id if user else None, guilds=len(self.guilds), invite=self.invite_url()
         )
         self.catchup.ready()  # after a fresh IDENTIFY: read what the lost session never delivered
+        self.health.presence_lost()  # a new session starts with the presence given at IDENTIFY
 
     async def on_message(self, message: discord.Message) -> None:
         watch = self.catchup.watch
@@ -269,7 +329,9 @@ class GeminiBot(commands.Bot):
         if left:
             log.warning("bot.shutdown_unfinished", messages=left, note="their queue items resume on restart")
         await self.catchup.close()
+        await self.health.stop()
         await self.drain.stop()
+        await self.alerter.close()
         try:
             await super().close()
         finally:

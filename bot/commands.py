@@ -40,6 +40,7 @@ from discord import app_commands
 
 from bot import texts
 from bot.answering import Answerer
+from bot.health import AVAILABILITY_DAYS, Availability
 from bot.inbound import Inbound, Snowflake, accept
 from bot.operations import OperationError
 from bot.routing import FailureRouter
@@ -138,6 +139,9 @@ class SlashCommands:
     ) -> None:
         """Defer, check, run ``body`` under a timeout; turn any failure into one ephemeral sentence."""
         name = interaction.command.qualified_name if interaction.command else "?"
+        clock = self.app.clock
+        started = clock.monotonic()
+        outcome = "error"
         with request_context(
             collector=self.app.traces,
             guild=interaction.guild_id,
@@ -146,20 +150,27 @@ class SlashCommands:
             command=name,
         ) as trace:
             try:
-                await interaction.response.defer(ephemeral=ephemeral, thinking=True)
-            except discord.HTTPException as exc:
-                # Past Discord's 3 s (or a duplicate delivery): nobody is listening any more.
-                log.warning("command.defer_failed", command=name, status=exc.status, code=exc.code)
-                return
-            try:
-                if check is not None:
-                    check(interaction, name)
-                async with asyncio.timeout(self.timeout if limit is None else limit):
-                    await body()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self.fail(interaction, name, exc, trace.trace_id, public=not ephemeral)
+                try:
+                    await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+                except discord.HTTPException as exc:
+                    # Past Discord's 3 s (or a duplicate delivery): nobody is listening any more.
+                    log.warning("command.defer_failed", command=name, status=exc.status, code=exc.code)
+                    outcome = "not_acknowledged"
+                    return
+                try:
+                    if check is not None:
+                        check(interaction, name)
+                    async with asyncio.timeout(self.timeout if limit is None else limit):
+                        await body()
+                    outcome = "ok"
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    outcome = _command_outcome(exc)
+                    await self.fail(interaction, name, exc, trace.trace_id, public=not ephemeral)
+            finally:
+                # The command's name comes from the tree (a fixed set): Metrics bounds the label.
+                self.app.metrics.observe_command(name, outcome, clock.monotonic() - started)
 
     # -- who may run what ----------------------------------------------------------------
 
@@ -374,9 +385,10 @@ class SlashCommands:
             "We start afresh.",
         )
 
-    async def status_embed(self, guild_id: int | None = None) -> discord.Embed:
+    async def status_embed(self, guild_id: int | None = None, *, availability: bool = False) -> discord.Embed:
         """Mode (and guild ``guild_id``'s own maintenance), each breaker's state and time in it, queue
-        depth and oldest age, recent latency."""
+        depth and oldest age, recent latency; with ``availability`` (for the bot's owners) the share of
+        messages answered within 30 s against the objective and the error budget left."""
         app = self.app
         now = app.clock.time()
         mode = app.degradation.snapshot()
@@ -415,7 +427,36 @@ class SlashCommands:
             queue += f"; {dead} dead-lettered"
         embed.add_field(name="Queue", value=queue, inline=False)
         embed.add_field(name="Latency", value=self._latency(), inline=False)
+        if availability:
+            embed.add_field(name="Availability (owners)", value=await self._availability(now), inline=False)
         return embed
+
+    async def _availability(self, now: float) -> str:
+        slo = self.app.config.availability_slo
+        try:
+            days = await self.app.storage.availability(now=now, days=AVAILABILITY_DAYS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return f"unknown: storage unreadable ({classify(exc).category.value})"
+        report = Availability(slo, tuple(days))
+        today_number = int(now // 86400)
+        today = report.today if report.today is not None and report.today.day == today_number else None
+        ratio = report.ratio_of(today)
+        text = f"Objective: {_percent(slo)} of messages answered within 30 s, per day (UTC).\n"
+        if ratio is None or today is None:
+            text += "Today: no message settled yet; error budget untouched."
+        else:
+            text += (
+                f"Today: {_percent(ratio)} of {today.settled} answered within 30 s; error budget left "
+                f"{_percent(report.budget_left_of(today))}."
+            )
+        week = [d for d in days if d.settled]
+        if week:
+            settled = sum(d.settled for d in week)
+            in_time = sum(d.answered_in_time for d in week)
+            text += f"\nLast {AVAILABILITY_DAYS} days: {_percent(in_time / settled)} of {settled}."
+        return text
 
     def _latency(self) -> str:
         durations = sorted(r.duration for r in self.app.traces.recent()[:LATENCY_WINDOW])
@@ -432,7 +473,8 @@ class SlashCommands:
         return "; ".join(parts) or "no requests yet"
 
     async def status(self, interaction: discord.Interaction) -> None:
-        embed = await self.status_embed(interaction.guild_id)
+        owner = self.is_owner(interaction.user.id)
+        embed = await self.status_embed(interaction.guild_id, availability=owner)
         await interaction.followup.send(embed=embed, ephemeral=True)
 
     async def help(self, interaction: discord.Interaction) -> None:
@@ -543,6 +585,27 @@ async def followup(interaction: discord.Interaction, text: str) -> None:
     await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
 
+def _command_outcome(exc: BaseException) -> str:
+    """The ``bot_commands_total`` outcome of a command that raised ``exc``."""
+    if isinstance(exc, RefusedError):
+        return "refused"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "error"
+
+
+def command_names(tree: app_commands.CommandTree[Any]) -> list[str]:
+    """The qualified name of every command on ``tree`` (``ask``, ``admin circuit reset``, ...)."""
+    names: list[str] = []
+    for command in tree.get_commands():
+        if isinstance(command, app_commands.Group):
+            names.extend(sub.qualified_name for sub in command.walk_commands()
+                         if isinstance(sub, app_commands.Command))
+        else:
+            names.append(command.qualified_name)
+    return names
+
+
 def _is_operations_error(exc: BaseException) -> bool:
     """Errors of the admin operations carry a sentence written for the operator."""
     return isinstance(exc, OperationError)
@@ -550,6 +613,11 @@ def _is_operations_error(exc: BaseException) -> bool:
 
 def _rank(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage with the digits an objective like 99.9% needs."""
+    return f"{share * 100:.2f}".rstrip("0").rstrip(".") + "%"
 
 
 def _ms(seconds: float) -> str:
@@ -618,6 +686,7 @@ def setup_commands(
         # The test guild gets its own copies (synced there at once); refresh them too, or they
         # would shadow the commands just added for interactions from that guild.
         tree.copy_global_to(guild=discord.Object(id=guild_id))
+    commands.app.metrics.set_commands(command_names(tree))
 
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await _on_tree_error(commands, interaction, error)

@@ -254,7 +254,7 @@ class Drain:
                 if not chunks:
                     await app.storage.complete(item.id)
                     return
-            await self.answerer.deliver(
+            outcome = await self.answerer.deliver(
                 item,
                 inbound,
                 chunks,
@@ -262,6 +262,7 @@ class Drain:
                 channel=channel,
                 outcome=str(item.payload.get("outcome", "answered_late")),
             )
+            self._count_answered(item, outcome)
             return
         if claim_abandoned(item) and await self._already_answered(channel, inbound.message_id):
             # A previous process answered and died before it could record that.
@@ -271,9 +272,18 @@ class Drain:
             async with app.mutex.acquire(
                 inbound.key, app.config.mutex_acquire_timeout_seconds, holder="drain"
             ):
-                await self.answerer.answer(item, inbound, channel=channel, original=original, live=False)
+                outcome = await self.answerer.answer(
+                    item, inbound, channel=channel, original=original, live=False
+                )
         except MutexTimeoutError:
             await self.router.requeue(item, "conversation busy", count_attempt=False)
+            return
+        self._count_answered(item, outcome)
+
+    def _count_answered(self, item: QueueItem, outcome: str) -> None:
+        """A queued message answered now counts as ``answered_late`` (notices and alerts do not)."""
+        if outcome in ("answered", "answered_late") and not item.payload.get("notice"):
+            self.app.metrics.observe_message("answered_late", self.app.clock.time() - item.created_at)
 
     async def _already_answered(self, channel: discord.abc.Messageable, message_id: int) -> bool:
         me = self.app.bot_user_id()

@@ -32,6 +32,7 @@ import gc
 import ipaddress
 import math
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
 
@@ -421,9 +422,12 @@ class Operations:
     ``"discord:<user id>"`` or ``"http"``.
     """
 
-    def __init__(self, app: Application) -> None:
+    def __init__(
+        self, app: Application, *, incidents: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    ) -> None:
         self.app = app
         self._load_changed_at: float | None = None
+        self._incidents = incidents
 
     # -- circuit breakers ---------------------------------------------------------------------
 
@@ -1074,6 +1078,17 @@ class Operations:
         )
         return result
 
+    # -- incidents ------------------------------------------------------------------------------------
+
+    async def incidents(self, *, by: str | None = None) -> dict[str, Any]:
+        """Incidents per dependency (count, open, MTTR, MTBF, queued, answered after, dead-lettered)
+        and the latest ones (``bot.incidents.IncidentTracker.report``)."""
+        if self._incidents is None:
+            raise OperationUnavailableError("incident records are not kept in this process")
+        report = await self._incidents()
+        _log("incidents", by, open=len(report.get("open", [])), stored=report.get("stored"))
+        return report
+
     # -- helpers --------------------------------------------------------------------------------------
 
     def _breaker_name(self, name: str, *, allow_all: bool) -> str:
@@ -1094,9 +1109,11 @@ class Operations:
         return self.app.store.cached(name) or {}
 
 
-def serve_operations(app: Application) -> Operations:
+def serve_operations(
+    app: Application, *, incidents: Callable[[], Awaitable[dict[str, Any]]] | None = None
+) -> Operations:
     """The operations of ``app``, attached to its HTTP admin API (with their refusals' statuses)."""
-    operations = Operations(app)
+    operations = Operations(app, incidents=incidents)
     app.http_api.attach_operations(
         operations,
         {

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import pybreaker
+import structlog
 
 from resilience.clock import Clock
 from resilience.errors import CallTimeoutError, CircuitOpenError
@@ -41,6 +42,7 @@ StateListener = Callable[[str, "BreakerState", "BreakerState"], None]
 """``callback(breaker_name, old_state, new_state)``, called once per transition."""
 
 _log = logging.getLogger(__name__)
+_events = structlog.get_logger(__name__)
 
 
 class BreakerState(StrEnum):
@@ -174,16 +176,19 @@ class Breaker:
     """
 
     __slots__ = (
+        "_cause",
         "_cb",
         "_clock",
         "_describe",
         "_epoch",
         "_forced_reason",
+        "_last_cause",
         "_last_error",
         "_name",
         "_open_until",
         "_probe_out",
         "_since",
+        "_since_mono",
         "_state",
         "_storage",
     )
@@ -221,6 +226,9 @@ class Breaker:
         self._state = _CLOSED
         self._epoch = 0
         self._since = clock.time()
+        self._since_mono = clock.monotonic()
+        self._cause = "start"
+        self._last_cause = "start"
         self._open_until = 0.0
         self._probe_out = False
         self._forced_reason: str | None = None
@@ -257,6 +265,12 @@ class Breaker:
     def circuit(self) -> pybreaker.CircuitBreaker:
         """The underlying pybreaker breaker (for its listeners; do not call through it)."""
         return self._cb
+
+    @property
+    def transition_cause(self) -> str:
+        """Why the last transition happened: the error or count that opened it, a failed or
+        successful probe, an operator's reset or forced opening (as logged with it)."""
+        return self._last_cause
 
     def remaining_open(self) -> float:
         """Seconds until a probe is allowed: positive only while open."""
@@ -321,6 +335,7 @@ class Breaker:
     def reset(self) -> None:
         """Close the breaker and clear its counters and last error (an operator action)."""
         if self._state is not _CLOSED:
+            self._cause = "reset"
             self._cb.close()
         self._storage.reset_counter()
         self._storage.reset_success_counter()
@@ -366,6 +381,7 @@ class Breaker:
             remaining = self._open_until - self._clock.monotonic()
             if remaining > 0:
                 raise CircuitOpenError(self._name, remaining)
+            self._cause = "reset timeout passed: probing"
             self._cb.half_open()
         elif self._probe_out:
             raise CircuitOpenError(self._name, 0.0)
@@ -382,6 +398,7 @@ class Breaker:
         self._storage.reset_counter()
         self._storage.increment_success_counter()
         if self._storage.success_counter >= self._cb.success_threshold:
+            self._cause = "probe succeeded"
             self._cb.close()
         else:
             self._probe_out = False
@@ -394,7 +411,11 @@ class Breaker:
             return
         self._last_error = self._describe(exc)
         self._storage.increment_counter()
-        if self._state is _HALF_OPEN or self._storage.counter >= self._cb.fail_max:
+        if self._state is _HALF_OPEN:
+            self._cause = f"probe failed: {self._last_error}"
+            self._trip(self._clock.monotonic() + self._cb.reset_timeout, None)
+        elif self._storage.counter >= self._cb.fail_max:
+            self._cause = f"{self._storage.counter} failures in a row, the last {self._last_error}"
             self._trip(self._clock.monotonic() + self._cb.reset_timeout, None)
 
     def _released(self, epoch: int) -> None:
@@ -404,16 +425,34 @@ class Breaker:
     def _trip(self, until: float, reason: str | None) -> None:
         self._open_until = until
         if self._state is not _OPEN:
+            if reason is not None:
+                self._cause = f"forced open: {reason}"
             self._cb.open()
         self._forced_reason = reason
 
     def _on_transition(self, old: BreakerState, new: BreakerState) -> None:
+        now = self._clock.monotonic()
+        lasted = now - self._since_mono
+        cause, self._cause = self._cause, "unknown"
+        self._last_cause = cause
         self._state = new
         self._epoch += 1
         self._since = self._clock.time()
+        self._since_mono = now
         self._probe_out = False
         if new is not _OPEN:
             self._forced_reason = None
+        # Every transition, with why and how long the state it leaves lasted: the log says what a
+        # metric cannot (which error opened it, how long an outage was).
+        log = _events.warning if new is _OPEN else _events.info
+        log(
+            "breaker.transition",
+            breaker=self._name,
+            from_state=str(old),
+            to_state=str(new),
+            cause=cause,
+            previous_state_seconds=round(lasted, 3),
+        )
 
     async def _call_with_timeout(
         self, epoch: int, seconds: float, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any

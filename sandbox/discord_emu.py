@@ -34,6 +34,8 @@ channel     ``GET /channels/{id}``
 commands    application command sync (global and guild)
 interaction ``POST /interactions/{id}/{token}/callback`` and every ``/webhooks/{app}/{token}`` call
 followup    ``/webhooks/{app}/{token}...`` only (follow-ups, ``@original`` get/edit/delete)
+webhook     ``POST /webhooks/{id}/{token}`` of an incoming webhook (``add_webhook(channel_id)``):
+            a message in its channel authored by the webhook, without the bot's token
 gateway     gateway faults (``close``, ``disconnect``, ``reconnect``, ``invalid_session``, ``silent``,
             ``unavailable``)
 ==========  ==================================================================
@@ -59,6 +61,8 @@ that comes too late gets op 9 Invalid Session with ``d: false``: nothing is repl
 must IDENTIFY afresh (discord-api-docs ``docs/topics/Gateway.md``, "Initiating a Disconnect" and
 "Resuming"; Discord publishes no exact figure). What happened meanwhile is lost to that session.
 A client that closes with 1000 or 1001 ends its session at once (same page).
+
+The gateway records presence updates (op 3) in ``presences`` (the last one: ``presence``).
 
 Rate limits (``rate_limits``, a :class:`sandbox.discord_state.RateLimits` on the emulator's
 ``clock``): every request Discord serves counts against its route's bucket for its channel (or
@@ -117,7 +121,7 @@ SESSION_ENDING_CLOSE_CODES = frozenset({1000, 1001})
 # "code": 50027} (discord/discord-api-docs#6851, germanoeich/nirn-proxy#23).
 INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60.0
 
-OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
+OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_PRESENCE_UPDATE, OP_RESUME = 0, 1, 2, 3, 6
 OP_RECONNECT, OP_REQUEST_MEMBERS, OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 7, 8, 9, 10, 11
 
 _ERROR_BODIES: dict[int, tuple[str, str]] = {
@@ -188,6 +192,18 @@ class SentMessage:
         mention in the text pings and a reply pings its author; with it, only what it allows.
         """
         return _pings(self.content, self.allowed_mentions, self.payload.get("referenced_message"))
+
+
+@dataclass
+class IncomingWebhook:
+    """A channel's incoming webhook (channel settings > Integrations > Webhooks): anyone holding its
+    URL posts to the channel with ``POST /webhooks/{id}/{token}``, without the bot's token."""
+
+    id: int
+    token: str
+    channel_id: int
+    name: str
+    messages: list[SentMessage] = field(default_factory=list)
 
 
 @dataclass
@@ -343,6 +359,9 @@ class DiscordEmulator:
         self.identify_count = 0
         self.resume_count = 0
         self.expired_sessions = 0  # sessions forgotten because nobody resumed them in time
+        # Presence updates (gateway op 3) as the client sent them, oldest first.
+        self.presences: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.webhooks: dict[int, IncomingWebhook] = {}
         self._sent: dict[int, list[SentMessage]] = {}
         self._sent_by_id: dict[int, SentMessage] = {}
         self._sent_log: list[SentMessage] = []  # every channel message, in the order created
@@ -463,6 +482,22 @@ class DiscordEmulator:
 
     def requests_for(self, route: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.route == route]
+
+    def add_webhook(self, channel_id: int, name: str = "alerts") -> IncomingWebhook:
+        """Create an incoming webhook of ``channel_id``; its URL is :meth:`webhook_url`."""
+        webhook = IncomingWebhook(self.world.snowflake(), secrets.token_urlsafe(48), channel_id, name)
+        self.webhooks[webhook.id] = webhook
+        return webhook
+
+    def webhook_url(self, webhook: IncomingWebhook) -> str:
+        """The URL Discord shows for the webhook (``https://discord.com/api/webhooks/<id>/<token>``),
+        here on the emulator's own API base."""
+        return f"{self.api_base}/webhooks/{webhook.id}/{webhook.token}"
+
+    @property
+    def presence(self) -> dict[str, Any] | None:
+        """The last presence the client set (gateway op 3's ``d``), or None."""
+        return self.presences[-1] if self.presences else None
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -703,6 +738,11 @@ class DiscordEmulator:
             await self._identify(conn, data or {})
         elif op == OP_RESUME:
             await self._resume(conn, data or {})
+        elif op == OP_PRESENCE_UPDATE and conn.session is not None:
+            # Discord takes the bot's status and activities (a custom status: type 4 with "state")
+            # and shows them to users; it sends the bot no answer (Gateway Events, Update Presence).
+            self.presences.append(dict(data or {}))
+            await self._notify()
         elif op == OP_REQUEST_MEMBERS and conn.session is not None:
             gid = int((data or {}).get("guild_id") or self.guild_id)
             if gid not in self.world.guilds:
@@ -823,11 +863,11 @@ class DiscordEmulator:
     # --- REST plumbing --------------------------------------------------------------------------------
 
     def _wrap(self, name: str, handler: Handler, *, auth: bool) -> Callable[[web.Request], Awaitable[Any]]:
-        targets = (name, "interaction") if name == "followup" else (name,)
-
         async def wrapped(request: web.Request) -> web.StreamResponse:
+            route = self._route_name(name, request)
+            targets = (route, "interaction") if route == "followup" else (route,)
             body = await _read_body(request)
-            record = RecordedRequest(request.method, name, request.path, body, time.monotonic(),
+            record = RecordedRequest(request.method, route, request.path, body, time.monotonic(),
                                      dict(request.query))
             self.requests.append(record)
             verdict: RateVerdict | None = None
@@ -841,7 +881,7 @@ class DiscordEmulator:
                 if response is None:
                     # Served by Discord itself (a fault above stands for its edge failing first):
                     # the request counts against its bucket, and every answer carries the headers.
-                    verdict = self.rate_limits.hit(name, _resource(request))
+                    verdict = self.rate_limits.hit(route, _resource(request))
                     if verdict.limited:
                         record.rate_limited = verdict.scope
                         response = _rate_limited(verdict)
@@ -866,6 +906,15 @@ class DiscordEmulator:
             return response
 
         return wrapped
+
+    def _route_name(self, name: str, request: web.Request) -> str:
+        """``webhook`` for a call to an incoming webhook: the interaction follow-up routes have the same
+        path (``/webhooks/{id}/{token}``), told apart, as by Discord, by whose id it is."""
+        if name == "followup" and request.method == "POST" and "message_id" not in request.match_info:
+            with contextlib.suppress(ValueError):
+                if int(request.match_info["app_id"]) in self.webhooks:
+                    return "webhook"
+        return name
 
     async def _rest_fault(
         self, request: web.Request, fault: Fault, record: RecordedRequest
@@ -1248,7 +1297,33 @@ class DiscordEmulator:
             raise ApiError(404, "Unknown Webhook", 10015)  # Discord has no webhook until the callback
         return record
 
+    async def _execute_webhook(self, request: web.Request, body: Any) -> web.Response:
+        """Execute Webhook: a message in the webhook's channel, authored by the webhook (a bot user
+        named after it, with ``webhook_id``). 204 unless ``?wait=true``, then the message (Discord's
+        Execute Webhook). A wrong token: 401 50027 Invalid Webhook Token."""
+        webhook = self.webhooks[int(request.match_info["app_id"])]
+        if not secrets.compare_digest(request.match_info["token"], webhook.token):
+            raise ApiError(401, "Invalid Webhook Token", 50027)
+        body = body or {}
+        content = body.get("content") or ""
+        embeds = body.get("embeds") or []
+        _validate_content(content, embeds, body.get("__files__", []))
+        author = UserRecord(webhook.id, str(body.get("username") or webhook.name), bot=True)
+        payload = self.world.message_payload(
+            webhook.channel_id, author, content, embeds=embeds, extra={"webhook_id": str(webhook.id)}
+        )
+        sent = SentMessage(int(payload["id"]), webhook.channel_id, content, embeds,
+                           body.get("allowed_mentions"), None, int(body.get("flags") or 0), payload)
+        webhook.messages.append(sent)
+        self.world.store(payload)
+        await self._dispatch("MESSAGE_CREATE", payload)
+        if request.query.get("wait", "").lower() in ("true", "1"):  # discord.py sends wait=1
+            return _json(200, payload)
+        return web.Response(status=204)
+
     async def _followup(self, request: web.Request, body: Any) -> web.Response:
+        if self._route_name("followup", request) == "webhook":
+            return await self._execute_webhook(request, body)
         record = self._hook_record(request)
         body = body or {}
         extra = {"webhook_id": str(self.application_id), "application_id": str(self.application_id)}

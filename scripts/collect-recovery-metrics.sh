@@ -16,6 +16,7 @@ Write a snapshot of the bot's state to DIR/recovery-<UTC timestamp>/:
   performance.json  GET /api/health/performance
   gemini.json       GET /api/health/external/gemini
   discord.json      GET /api/health/external/discord
+  incidents.json    GET /api/health/incidents (incidents, MTTR and MTBF per dependency)
   metrics.txt       GET /metrics
   log-tail.txt      the last N lines of --log FILE
   MISSING.txt       what could not be collected, and why
@@ -90,6 +91,7 @@ fetch /api/health/memory memory.json
 fetch /api/health/performance performance.json
 fetch /api/health/external/gemini gemini.json
 fetch /api/health/external/discord discord.json
+fetch /api/health/incidents incidents.json
 fetch /metrics metrics.txt
 if [[ -n $LOG ]]; then
     tail -n "$LINES" -- "$LOG" >"$DIR/log-tail.txt"
@@ -105,7 +107,7 @@ if [[ ${#MISSING[@]} -gt 0 ]]; then
 fi
 note "Snapshot written to:"
 note "$DIR"
-if [[ $UNREACHABLE == yes && ${#MISSING[@]} -ge 9 ]]; then
+if [[ $UNREACHABLE == yes && ${#MISSING[@]} -ge 10 ]]; then
     die "$EXIT_UNREACHABLE" "bot unreachable at $BOT_API_URL: collected only ${LOG:+the log tail and }README.txt in $DIR"
 fi
 if [[ ${#MISSING[@]} -gt 0 ]]; then

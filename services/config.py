@@ -136,6 +136,19 @@ class Config:
     # go to an OpenTelemetry collector at this OTLP/HTTP endpoint when it is set (the [otel] extra).
     trace_slow_seconds: float = 5.0
     otel_exporter_otlp_endpoint: str | None = None
+    # Health, alerts, availability (bot.health, bot.alerts)
+    health_interval_seconds: float = 30.0
+    degraded_queue_age_seconds: float = 60.0
+    alert_channel_id: int | None = None
+    alert_webhook_url: str | None = field(default=None, repr=False)
+    alert_dm_owners: bool = False
+    alert_repeat_seconds: float = 3600.0
+    alert_breaker_open_seconds: float = 60.0
+    alert_queue_age_seconds: float = 300.0
+    alert_dead_letters_per_hour: int = 1
+    alert_memory_mb: int = 1024
+    alert_error_rate: float = 0.25
+    availability_slo: float = 0.999
     # Risky but valid settings (a non-loopback HTTP_HOST, an .env or DATA_DIR other users can
     # read); shown by `check` and logged at start.
     warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False)
@@ -179,7 +192,19 @@ class Config:
         return out
 
 
-SECRET_FIELDS = frozenset({"discord_token", "gemini_api_key", "admin_api_token"})
+SECRET_FIELDS = frozenset({"discord_token", "gemini_api_key", "admin_api_token", "alert_webhook_url"})
+
+# An incoming webhook's URL: .../api[/v10]/webhooks/<id>/<token> (Discord > channel settings >
+# Integrations > Webhooks > Copy Webhook URL). The token is a secret.
+_WEBHOOK_PATH = re.compile(r"/webhooks/(?P<id>[0-9]{1,20})/(?P<token>[A-Za-z0-9._-]+)/?")
+
+
+def webhook_parts(url: str) -> tuple[int, str]:
+    """The id and token of an incoming webhook URL (validated by the ``ALERT_WEBHOOK_URL`` parser)."""
+    found = _WEBHOOK_PATH.search(urlsplit(url).path)
+    if found is None:
+        raise ValueError("not a webhook URL")
+    return int(found["id"]), found["token"]
 
 
 def _show(value: object) -> str:
@@ -332,6 +357,18 @@ def _text(text: str) -> str:
     return text
 
 
+def _webhook_url(text: str) -> str:
+    # The message never shows the value: the token in it is a secret.
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or not _WEBHOOK_PATH.search(parts.path):
+        raise _Invalid(
+            "is not a Discord webhook URL (https://discord.com/api/webhooks/<id>/<token>)",
+            "copy it from the channel's settings > Integrations > Webhooks > Copy Webhook URL, "
+            "or leave it empty",
+        )
+    return text
+
+
 def _path(text: str) -> Path:
     return Path(text)
 
@@ -389,6 +426,18 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_payloads": _bool,
     "trace_slow_seconds": _Number(float, 0.01, 3600),
     "otel_exporter_otlp_endpoint": _url("http", "https"),
+    "health_interval_seconds": _Number(float, 0.1, 3600),
+    "degraded_queue_age_seconds": _Number(float, 1, 7 * 86400),
+    "alert_channel_id": _snowflake,
+    "alert_webhook_url": _webhook_url,
+    "alert_dm_owners": _bool,
+    "alert_repeat_seconds": _Number(float, 60, 7 * 86400),
+    "alert_breaker_open_seconds": _Number(float, 0, 86400),
+    "alert_queue_age_seconds": _Number(float, 1, 7 * 86400),
+    "alert_dead_letters_per_hour": _Number(int, 1, 1_000_000),
+    "alert_memory_mb": _Number(int, 16, 1_000_000),
+    "alert_error_rate": _Number(float, 0.001, 1),
+    "availability_slo": _Number(float, 0.5, 0.99999),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)

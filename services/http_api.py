@@ -210,6 +210,10 @@ class HealthSources:
     message_latency: LatencyWindow = field(default_factory=LatencyWindow)
     gemini_latency: LatencyWindow = field(default_factory=LatencyWindow)
     caches: dict[str, Callable[[], int]] = field(default_factory=dict)
+    # Set by the bot once built (bot.incidents, bot.health): the incident report, and the last
+    # health assessment (reasons, alerts firing, availability) shown in the degradation view.
+    incidents: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    assessment: Callable[[], dict[str, Any] | None] | None = None
 
 
 @dataclass
@@ -499,6 +503,7 @@ class HttpApi:
                 get("/api/health/status", health(self._status)),
                 get("/api/health/circuits", health(self._circuits)),
                 get("/api/health/degradation", health(self._degradation)),
+                get("/api/health/incidents", health(self._incidents)),
                 get("/api/health/services", health(self._services)),
                 get("/api/health/memory", health(self._memory)),
                 get("/api/health/performance", health(self._performance)),
@@ -746,9 +751,12 @@ class HttpApi:
         return {"breakers": [_breaker_row(s) for s in self.sources.board.snapshot()]}, 200
 
     async def _degradation(self, request: web.Request) -> tuple[Any, int]:
-        """The mode and the durable queue's depth; ``queue`` is null with ``queue_error`` if unreadable."""
+        """The mode and the durable queue's depth; ``queue`` is null with ``queue_error`` if unreadable.
+        ``assessment``: the last health assessment (its reasons, the alerts firing, availability)."""
         snap = self.sources.degradation.snapshot()
+        assessment = self.sources.assessment() if self.sources.assessment is not None else None
         body: dict[str, Any] = {**snap.as_dict(), "queue": None, "queue_error": None}
+        body["assessment"] = assessment
         try:
             stats = await self._queue_stats("degradation")
         except Exception as exc:
@@ -763,6 +771,14 @@ class HttpApi:
                 "depth": depth,
             }
         return body, 200
+
+    async def _incidents(self, request: web.Request) -> tuple[Any, int]:
+        """Incidents per dependency (count, open, MTTR, MTBF) and the latest ones; 503 before the bot
+        attached its tracker."""
+        report = self.sources.incidents
+        if report is None:
+            raise _HttpError(503, "unavailable", "incident records are not attached yet; try again")
+        return await self._bounded(report(), self._timeout), 200
 
     async def _services(self, request: web.Request) -> tuple[Any, int]:
         registry = self.sources.registry

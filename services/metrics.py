@@ -14,6 +14,7 @@ templates): never a user id, message id or conversation key.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from prometheus_client import (
@@ -45,6 +46,15 @@ MESSAGE_OUTCOMES = (
 
 RETRY_OUTCOMES = ("retried", "denied_by_budget", "hint_too_long")
 
+ALERT_DESTINATIONS = ("channel", "webhook", "dm")
+ALERT_RESULTS = ("sent", "queued", "failed")
+
+COMMAND_OUTCOMES = ("ok", "refused", "timeout", "error", "not_acknowledged")
+"""How a slash command ended: done; refused (who may not run it); took too long; failed (a
+dependency or a bug, the user got a sentence); its interaction could not even be deferred."""
+OTHER_COMMAND = "other"
+"""The ``command`` label of a name not registered with ``set_commands`` (the label set stays bounded)."""
+
 DATASTORE_SOURCES = ("file", "bak", "memory", "backup", "defaults")
 
 # 10 ms .. 60 s: a refusal takes milliseconds, an answer seconds, the processing timeout is 30 s.
@@ -72,6 +82,7 @@ class MutexSource(Protocol):
 
     waits: int
     timeouts: int
+    wait_observer: Callable[[float], None] | None
 
 
 def breaker_state_name(state: object) -> str:
@@ -160,8 +171,52 @@ class Metrics:
         self.errors = Counter("errors", "Failures by category.", ["category"], namespace=ns, registry=r)
         self.maintenance_mode = Gauge("maintenance_mode", "1 while in maintenance mode.",
                                       namespace=ns, registry=r)
+        self.degraded_mode = Gauge("degraded_mode", "1 while the health assessment finds the bot degraded.",
+                                   namespace=ns, registry=r)
         self.http_requests = Counter("http_requests", "HTTP API requests by route template and status.",
                                      ["route", "status"], namespace=ns, registry=r)
+        # health, alerts, incidents, availability (bot.health, bot.alerts, bot.incidents)
+        self.supervised_task_disabled = Gauge(
+            "supervised_task_disabled", "1 while a supervised background task has disabled itself.",
+            ["task"], namespace=ns, registry=r,
+        )
+        self.storage_consecutive_failures = Gauge(
+            "storage_consecutive_failures", "SQLite operations failed in a row (0 when the last one worked).",
+            namespace=ns, registry=r,
+        )
+        self.datastore_defaults_files = Gauge(
+            "datastore_defaults_files", "DataStore files serving defaults because no valid copy was left.",
+            namespace=ns, registry=r,
+        )
+        self.alerts_firing = Gauge("alerts_firing", "Alerts firing now, by rule.", ["rule"],
+                                   namespace=ns, registry=r)
+        self.alert_notifications = Counter(
+            "alert_notifications", "Alert messages by destination and result: sent, queued (durable queue, "
+            "sent when Discord takes it), failed (kept and tried again).",
+            ["destination", "result"], namespace=ns, registry=r,
+        )
+        self.incidents = Counter("incidents", "Incidents started (a breaker opened, degraded mode began).",
+                                 ["dependency"], namespace=ns, registry=r)
+        self.incident_mttr = Gauge("incident_mttr_seconds", "Mean time to recover of the recorded incidents.",
+                                   ["dependency"], namespace=ns, registry=r)
+        self.availability = Gauge(
+            "availability_ratio", "Share of today's (UTC) accepted messages answered within 30 s.",
+            namespace=ns, registry=r,
+        )
+        self.availability_slo = Gauge("availability_slo_ratio", "The objective (AVAILABILITY_SLO).",
+                                      namespace=ns, registry=r)
+        self.error_budget_remaining = Gauge(
+            "error_budget_remaining_ratio",
+            "Share of today's error budget left (1 untouched, 0 spent, below 0 overspent).",
+            namespace=ns, registry=r,
+        )
+        # slash commands
+        self.commands = Counter("commands", "Slash commands run, by command and outcome.",
+                                ["command", "outcome"], namespace=ns, registry=r)
+        self.command_latency = Histogram(
+            "command_latency_seconds", "Time a slash command took, from receipt to its reply.",
+            ["command"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
 
         # Series that exist from the start, so a dashboard shows 0 rather than nothing.
         for outcome in MESSAGE_OUTCOMES:
@@ -172,6 +227,9 @@ class Metrics:
             self.datastore_recoveries.labels(source)
         for category in Category:
             self.errors.labels(category)
+        for destination in ALERT_DESTINATIONS:
+            for result in ALERT_RESULTS:
+                self.alert_notifications.labels(destination, result)
         for item_kind in ItemKind:
             self.queue_dead_letters.labels(item_kind)
             self.queue_expired.labels(item_kind)
@@ -180,6 +238,7 @@ class Metrics:
             self.queue_depth.labels(kind_name, state_name)
 
         self._message_children: dict[str, tuple[Counter, Histogram]] = {}
+        self._command_names: frozenset[str] = frozenset()
         self._retry_sources: dict[str, tuple[RetrySource, dict[str, int]]] = {}
         self._mutex_sources: list[tuple[MutexSource, dict[str, int]]] = []
 
@@ -220,6 +279,16 @@ class Metrics:
             self._add_delta(self.mutex_timeouts, seen, "timeouts", mutex.timeouts)
 
     @staticmethod
+    def total(counter: Counter, **labels: str) -> float:
+        """A counter's value summed over its children, or over those whose labels include ``labels``."""
+        found = 0.0
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and labels.items() <= sample.labels.items():
+                    found += sample.value
+        return found
+
+    @staticmethod
     def _add_delta(counter: Counter, seen: dict[str, int], key: str, value: int) -> None:
         """Add what ``value`` grew by since the last refresh (a reset source restarts from 0)."""
         last = seen.get(key, 0)
@@ -252,6 +321,28 @@ class Metrics:
         if completion_tokens:
             self.gemini_tokens.labels("completion").inc(completion_tokens)
 
+    # slash commands
+    def set_commands(self, names: Iterable[str]) -> None:
+        """The slash commands' qualified names (``ask``, ``admin circuit reset``): the only values
+        of the ``command`` label besides ``other``. Their series start at zero."""
+        self._command_names = frozenset(names)
+        for name in (*self._command_names, OTHER_COMMAND):
+            self.command_latency.labels(name)
+            for outcome in COMMAND_OUTCOMES:
+                self.commands.labels(name, outcome)
+
+    def observe_command(self, name: str, outcome: str, seconds: float) -> None:
+        """Count one slash command run under ``outcome`` (one of ``COMMAND_OUTCOMES``) and its duration.
+
+        A name not given to ``set_commands`` counts as ``other``, so no caller can grow the label set.
+        """
+        if name not in self._command_names:
+            name = OTHER_COMMAND
+        if outcome not in COMMAND_OUTCOMES:
+            raise ValueError(f"unknown command outcome {outcome!r}; expected one of {COMMAND_OUTCOMES}")
+        self.commands.labels(name, outcome).inc()
+        self.command_latency.labels(name).observe(seconds)
+
     # breakers
     def set_breaker_state(self, name: str, state: object) -> None:
         """Set breaker ``name``'s gauge (for breakers that have not transitioned yet)."""
@@ -276,8 +367,10 @@ class Metrics:
             self.retries.labels(dependency, outcome)
 
     def watch_mutex(self, mutex: MutexSource) -> None:
-        """Report ``mutex``'s waits and timeouts (add wait times with ``mutex_wait.observe``)."""
+        """Report ``mutex``'s waits and timeouts, and observe each wait's duration in
+        ``mutex_wait_seconds`` (the mutex calls its ``wait_observer`` only when it had to wait)."""
         self._mutex_sources.append((mutex, {}))
+        mutex.wait_observer = self.mutex_wait.observe
 
     # queue
     def set_queue_stats(self, stats: QueueStats) -> None:
@@ -307,8 +400,9 @@ class Metrics:
 
     # degradation mode
     def mode_listener(self, old: DegradationSnapshot, new: DegradationSnapshot) -> None:
-        """``DegradationState.add_listener`` hook: keep the maintenance gauge in step."""
+        """``DegradationState.add_listener`` hook: keep the maintenance and degraded gauges in step."""
         self.set_maintenance(new.mode is Mode.MAINTENANCE)
+        self.degraded_mode.set(1 if new.mode is Mode.DEGRADED else 0)
 
     def set_maintenance(self, on: bool) -> None:
         """Set the maintenance gauge to 1 (on) or 0."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -132,8 +133,61 @@ MIGRATIONS: list[list[str]] = [
         "WHERE state IN ('done', 'dead', 'expired')",
         "CREATE INDEX turns_by_time ON turns (created_at)",
     ],
+    [
+        # Operations (bot.incidents, bot.health, bot.alerts). Incidents: one row per episode of an
+        # open breaker or of degraded mode, with what it did to the queue (IncidentRecord).
+        """CREATE TABLE incidents (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            dependency TEXT NOT NULL,
+            cause TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            settled_at REAL,
+            queued INTEGER NOT NULL DEFAULT 0,
+            answered_after INTEGER NOT NULL DEFAULT 0,
+            dead_lettered INTEGER NOT NULL DEFAULT 0,
+            note TEXT
+        )""",
+        "CREATE INDEX incidents_by_dependency ON incidents (dependency, started_at)",
+        # Availability per UTC day of acceptance: accepted messages (inbound items inserted), and
+        # those finished (done: answered, or told why in place of an answer) at all and within
+        # AVAILABILITY_WITHIN seconds. Kept by triggers in the transaction of each change, so no
+        # write path fills it and housekeeping (which deletes done items) loses nothing. Notices
+        # (an outbound item of its own, payload "notice") are no accepted message.
+        """CREATE TABLE availability (
+            day INTEGER PRIMARY KEY,
+            accepted INTEGER NOT NULL DEFAULT 0,
+            answered INTEGER NOT NULL DEFAULT 0,
+            answered_in_time INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TRIGGER availability_accepted AFTER INSERT ON queue WHEN NEW.kind = 'inbound'
+            BEGIN INSERT INTO availability (day, accepted) VALUES (CAST(NEW.created_at / 86400 AS INTEGER), 1)
+                ON CONFLICT (day) DO UPDATE SET accepted = accepted + 1; END""",
+        """CREATE TRIGGER availability_answered AFTER UPDATE OF state ON queue
+            WHEN NEW.state = 'done' AND OLD.state != 'done'
+                AND (CASE WHEN json_valid(NEW.payload) THEN json_extract(NEW.payload, '$.notice') END) IS NULL
+            BEGIN INSERT INTO availability (day, answered, answered_in_time)
+                VALUES (CAST(NEW.created_at / 86400 AS INTEGER), 1,
+                        CASE WHEN NEW.finished_at - NEW.created_at <= 30 THEN 1 ELSE 0 END)
+                ON CONFLICT (day) DO UPDATE SET answered = answered + 1,
+                    answered_in_time = answered_in_time + excluded.answered_in_time; END""",
+        # Alerts that fire (or whose resolution is still to be told), so a restart neither repeats
+        # a notification early nor forgets to say an alert is over (bot.alerts).
+        """CREATE TABLE alerts (
+            key TEXT PRIMARY KEY,
+            detail TEXT NOT NULL,
+            since REAL NOT NULL,
+            notified_at REAL,
+            resolved_at REAL
+        ) WITHOUT ROWID""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+AVAILABILITY_WITHIN = 30.0
+"""Seconds from acceptance within which an answer counts for availability (fixed in migration 3)."""
+DAY = 86400.0
+INCIDENTS_MAX = 1000  # incident rows kept; older ones are deleted as new ones come
 
 _QUEUE_COLUMNS = (
     "id, kind, conversation_key, payload, state, attempts, created_at, next_attempt_at, "
@@ -255,6 +309,51 @@ class Event:
     kind: str
     data: dict[str, Any]
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentRecord:
+    """One episode of an open breaker (``kind`` "breaker", ``dependency`` its name) or of degraded
+    mode (``kind`` "degraded"). Times are wall-clock seconds; ``ended_at`` is None while it lasts,
+    ``settled_at`` None until the queue it left was worked off. ``queued``: messages queued during
+    it; ``answered_after``: queued messages answered from its start until it settled;
+    ``dead_lettered``: items given up on in that time. ``id`` is None until stored."""
+
+    kind: str
+    dependency: str
+    cause: str
+    started_at: float
+    ended_at: float | None = None
+    settled_at: float | None = None
+    queued: int = 0
+    answered_after: int = 0
+    dead_lettered: int = 0
+    note: str | None = None
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AvailabilityDay:
+    """One UTC day (``day``: days since the epoch) of accepted messages: ``settled`` are those whose
+    verdict is known (answered, or not answered within the limit by now)."""
+
+    day: int
+    accepted: int
+    answered: int
+    answered_in_time: int
+    settled: int
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """An alert's stored state: firing since ``since``, last told at ``notified_at``; with
+    ``resolved_at`` it is over but its resolution is still to be told."""
+
+    key: str
+    detail: str
+    since: float
+    notified_at: float | None
+    resolved_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1323,6 +1422,128 @@ class SqliteStore:
             return [Event(r[0], r[1], json.loads(r[2]), r[3]) for r in await _all(db, sql, args)]
 
         return await self._run("recent_events", body, write=False)
+
+    # -- incidents, availability, alerts (bot.incidents, bot.health, bot.alerts) --------
+
+    async def save_incident(self, incident: IncidentRecord) -> int:
+        """Insert ``incident`` (``id`` None) or update the row ``incident.id``; return its id.
+
+        Only the newest ``INCIDENTS_MAX`` rows are kept.
+        """
+        fields = (
+            incident.kind, incident.dependency, incident.cause, incident.started_at, incident.ended_at,
+            incident.settled_at, incident.queued, incident.answered_after, incident.dead_lettered,
+            incident.note,
+        )
+
+        def body(conn: sqlite3.Connection) -> int:
+            if incident.id is None:
+                cur = conn.execute(
+                    "INSERT INTO incidents (kind, dependency, cause, started_at, ended_at, settled_at, "
+                    "queued, answered_after, dead_lettered, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    fields,
+                )
+                new_id = cur.lastrowid
+                assert new_id is not None
+                conn.execute("DELETE FROM incidents WHERE id <= ?", (new_id - INCIDENTS_MAX,))
+                return int(new_id)
+            conn.execute(
+                "UPDATE incidents SET kind = ?, dependency = ?, cause = ?, started_at = ?, ended_at = ?, "
+                "settled_at = ?, queued = ?, answered_after = ?, dead_lettered = ?, note = ? WHERE id = ?",
+                (*fields, incident.id),
+            )
+            return incident.id
+
+        return await self._run("save_incident", self._in_thread(body), write=False)
+
+    async def incidents(
+        self, *, limit: int = 50, since: float | None = None
+    ) -> builtins.list[IncidentRecord]:
+        """Incidents newest first, at most ``limit``, optionally only those started at or after ``since``."""
+        sql = (
+            "SELECT kind, dependency, cause, started_at, ended_at, settled_at, queued, answered_after, "
+            "dead_lettered, note, id FROM incidents WHERE started_at >= ? ORDER BY started_at DESC, id DESC "
+            "LIMIT ?"
+        )
+
+        async def body(db: aiosqlite.Connection) -> list[IncidentRecord]:
+            rows = await _all(db, sql, (-math.inf if since is None else since, limit))
+            return [IncidentRecord(*row) for row in rows]
+
+        return await self._run("incidents", body, write=False)
+
+    async def close_open_incidents(self, *, now: float, note: str) -> int:
+        """End (and settle) every incident still open: its process died. Return how many."""
+
+        async def body(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "UPDATE incidents SET ended_at = COALESCE(ended_at, ?), settled_at = ?, "
+                "note = COALESCE(note, ?) WHERE settled_at IS NULL",
+                (now, now, note),
+            )
+            return cur.rowcount
+
+        return await self._run("close_open_incidents", body)
+
+    async def availability(self, *, now: float, days: int = 7) -> builtins.list[AvailabilityDay]:
+        """The last ``days`` UTC days (today last) with messages accepted, from the triggers' counts.
+
+        A message accepted less than ``AVAILABILITY_WITHIN`` seconds ago and not finished yet is not
+        settled: it may still be answered in time. One accepted earlier and still waiting is a miss.
+        """
+        today = int(now // DAY)
+        first = today - days + 1
+        young = now - AVAILABILITY_WITHIN
+
+        async def body(db: aiosqlite.Connection) -> list[AvailabilityDay]:
+            rows = await _all(
+                db,
+                "SELECT day, accepted, answered, answered_in_time FROM availability WHERE day >= ? "
+                "ORDER BY day",
+                (first,),
+            )
+            pending = await _all(
+                db,
+                "SELECT CAST(created_at / 86400 AS INTEGER) AS d, COUNT(*) FROM queue "
+                "WHERE state IN ('pending', 'claimed') AND created_at > ? AND (CASE WHEN json_valid(payload) "
+                "THEN json_extract(payload, '$.notice') END) IS NULL GROUP BY d",
+                (young,),
+            )
+            unsettled = {int(r[0]): int(r[1]) for r in pending}
+            return [
+                AvailabilityDay(int(r[0]), int(r[1]), int(r[2]), int(r[3]),
+                                max(0, int(r[1]) - unsettled.get(int(r[0]), 0)))
+                for r in rows
+            ]
+
+        return await self._run("availability", body, write=False)
+
+    async def alert_states(self) -> builtins.list[AlertRecord]:
+        """Every stored alert state (firing, or resolved and not yet told)."""
+
+        async def body(db: aiosqlite.Connection) -> list[AlertRecord]:
+            sql = "SELECT key, detail, since, notified_at, resolved_at FROM alerts ORDER BY key"
+            rows = await _all(db, sql)
+            return [AlertRecord(*row) for row in rows]
+
+        return await self._run("alert_states", body, write=False)
+
+    async def save_alert_states(
+        self, states: Sequence[AlertRecord], *, delete: Sequence[str] = ()
+    ) -> None:
+        """Write ``states`` (replacing rows of the same key) and delete the keys in ``delete``, in one
+        transaction."""
+        rows = [(a.key, a.detail, a.since, a.notified_at, a.resolved_at) for a in states]
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR REPLACE INTO alerts (key, detail, since, notified_at, resolved_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.executemany("DELETE FROM alerts WHERE key = ?", [(k,) for k in delete])
+
+        await self._run("save_alert_states", self._in_thread(body), write=False)
 
     # -- operators (last: the method name shadows the builtin in the class body) --------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.alerts import RULE_NAMES
 from services.config import Config
 from services.http_api import DEFAULT_MAX_CONNECTIONS
 from services.metrics import Metrics
@@ -56,6 +58,11 @@ def exported_metrics() -> dict[str, set[str]]:
     metrics.retries.labels("gemini", "retried").inc()
     metrics.retry_budget_tokens.labels("gemini").set(5)
     metrics.http_requests.labels("/live", "200").inc()
+    metrics.set_commands(["ask"])
+    metrics.supervised_task_disabled.labels("drain").set(0)
+    metrics.alerts_firing.labels("breaker_open").set(0)
+    metrics.incidents.labels("gemini").inc()
+    metrics.incident_mttr.labels("gemini").set(1)
     text = metrics.render()[0].decode()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: dict[str, set[str]] = {}
@@ -439,3 +446,94 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     result = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=20)
     complaints = [line for line in result.stderr.splitlines() if UNIT.name in line]
     assert result.returncode == 0 and not complaints, result.stderr
+
+
+# --- Prometheus alerting rules ---------------------------------------------------------------
+
+ALERT_RULES = ROOT / "deploy" / "alerts.yml"
+RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
+# Each of the bot's own alert rules (bot/alerts.py RULE_NAMES) and its Prometheus twin.
+PROMETHEUS_TWINS = {
+    "breaker_open": "BotBreakerOpen",
+    "queue_age": "BotQueueBacklog",
+    "dead_letters": "BotDeadLetters",
+    "datastore_defaults": "BotDataStoreDefaults",
+    "task_disabled": "BotSupervisedTaskDisabled",
+    "storage_errors": "BotStorageErrors",
+    "memory": "BotMemoryHigh",
+    "error_rate": "BotErrorRateHigh",
+}
+
+
+def _deeper(line: str, indent: int) -> bool:
+    """A blank line, or one indented more than ``indent``: part of a folded block."""
+    return not line.strip() or len(line) - len(line.lstrip()) > indent
+
+
+def alert_rules() -> list[dict[str, str]]:
+    """The rules of deploy/alerts.yml as ``{alert, expr, for, ...}``.
+
+    PyYAML is not a dependency: the file keeps to a plain layout (a list of mappings under
+    ``rules:``, scalars on one line or a ``>-`` folded block) that this reads; promtool, where it
+    is installed, checks the real YAML and PromQL.
+    """
+    rules: list[dict[str, str]] = []
+    lines = ALERT_RULES.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        i += 1
+        if not stripped or stripped.startswith("#"):
+            continue
+        found = re.match(r"^(\s*)(- )?([a-z_]+):\s*(.*)$", line)
+        assert found, f"deploy/alerts.yml: unexpected line {line!r}"
+        indent, item, key, value = len(found.group(1)), found.group(2), found.group(3), found.group(4)
+        if item and key == "alert":
+            rules.append({})
+        if value in (">-", ">", "|"):
+            block = []
+            while i < len(lines) and _deeper(lines[i], indent):
+                block.append(lines[i].strip())
+                i += 1
+            value = " ".join(part for part in block if part)
+        if rules and key in ("alert", "expr", "for", "severity", "summary", "description"):
+            rules[-1][key] = value.strip().strip('"')
+    return rules
+
+
+def test_alert_rules_cover_every_rule_the_bot_evaluates_and_nothing_else() -> None:
+    names = [rule["alert"] for rule in alert_rules()]
+    assert len(names) == len(set(names))
+    assert set(PROMETHEUS_TWINS) == set(RULE_NAMES)
+    assert set(PROMETHEUS_TWINS.values()) <= set(names)
+    for rule in alert_rules():
+        assert rule.get("expr") and rule.get("severity") and rule.get("summary"), rule
+
+
+def test_alert_rules_query_only_metrics_and_labels_the_bot_exports() -> None:
+    exported = exported_metrics()
+    for rule in alert_rules():
+        metrics, labels = promql_parts(rule["expr"])
+        assert metrics, rule
+        for metric in metrics:
+            assert metric in exported, f"{rule['alert']}: {metric} is not exported"
+        allowed = set().union(*(exported[m] for m in metrics)) | SCRAPE_LABELS
+        assert labels <= allowed, f"{rule['alert']}: labels {labels - allowed} do not exist"
+
+
+def test_every_alert_has_a_runbook_entry() -> None:
+    text = RUNBOOK.read_text()
+    for rule in alert_rules():
+        assert f"`{rule['alert']}`" in text, f"docs/RUNBOOK.md does not explain {rule['alert']}"
+
+
+def test_alert_rules_pass_promtool_where_it_is_installed() -> None:
+    """``promtool`` comes with Debian's ``prometheus`` package; ``PROMTOOL`` may name it."""
+    promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus); the rules were parsed above")
+    done = subprocess.run([promtool, "check", "rules", str(ALERT_RULES)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in done.stdout

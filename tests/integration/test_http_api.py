@@ -264,10 +264,27 @@ async def test_degradation_shows_the_mode_and_the_queue_depth(served: Served, fa
     status, body = await served.get("/api/health/degradation")
     assert status == 200
     assert body["mode"] == "normal" and body["queue_error"] is None
-    assert set(body) == {"mode", "reason", "since", "message", "queue", "queue_error"}
+    assert set(body) == {"mode", "reason", "since", "message", "queue", "queue_error", "assessment"}
+    assert body["assessment"] is None  # no health assessment attached to this bare application
     assert body["queue"]["pending"] == 1
     assert body["queue"]["oldest_pending_age"] == pytest.approx(5)
     assert body["queue"]["depth"]["inbound"]["pending"] == 1
+
+
+async def test_degradation_shows_the_assessment_and_incidents_answer_once_attached(served: Served) -> None:
+    """Before the bot attaches its tracker, /api/health/incidents is 503; then it is the report."""
+    status, body = await served.get("/api/health/incidents")
+    assert status == 503 and body["error"] == "unavailable"
+
+    async def report() -> dict[str, Any]:
+        return {"stored": True, "dependencies": [], "open": [], "incidents": []}
+
+    served.app.http_api.sources.incidents = report
+    served.app.http_api.sources.assessment = lambda: {"reasons": ["Gemini unavailable"]}
+    status, body = await served.get("/api/health/incidents")
+    assert status == 200 and body["stored"] is True
+    status, body = await served.get("/api/health/degradation")
+    assert body["assessment"] == {"reasons": ["Gemini unavailable"]}
 
 
 async def test_services_lists_registry_states_in_start_order(served: Served) -> None:
