@@ -101,8 +101,8 @@ async def test_a_tampered_signature_and_a_deleted_messages_file_are_404(emu, htt
 async def test_a_voice_message_has_its_flag_and_its_recordings_duration_and_waveform(emu) -> None:
     msg = await emu.send_user_message(
         emu.dm_channel("normal"),
-        attachments=[{"filename": "voice-message.ogg", "content_type": "audio/ogg", "data": b"OggS" + bytes(60),
-                      "voice": True, "duration": 2.5}],
+        attachments=[{"filename": "voice-message.ogg", "content_type": "audio/ogg",
+                      "data": b"OggS" + bytes(60), "voice": True, "duration": 2.5}],
     )
     assert msg["flags"] & IS_VOICE_MESSAGE
     [attachment] = msg["attachments"]
@@ -184,7 +184,8 @@ async def test_the_resumable_upload_then_processing_then_active_then_usable_in_g
         {"role": "user", "parts": [types.Part.from_uri(file_uri=file.uri, mime_type="video/mp4"),
                                    {"text": "describe"}]}])
     assert response.text is not None
-    assert response.text.startswith(f"I see a video of {len(video)} bytes, type video/mp4, from the Files API.")
+    expected = f"I see a video of {len(video)} bytes, type video/mp4, from the Files API."
+    assert response.text.startswith(expected)
 
 
 async def test_an_upload_fault_is_one_500_with_no_hidden_retry(gemini, client) -> None:
