@@ -131,7 +131,7 @@ def reply(body: dict[str, Any], files: FileFacts | None = None) -> str:
     contents = [c for c in body.get("contents", []) if isinstance(c, dict)]
     user_turns = [c for c in contents if c.get("role", "user") == "user"]
     parts = [p for p in (user_turns[-1].get("parts") or []) if isinstance(p, dict)] if user_turns else []
-    if len(parts) > 1 and any("text" not in p for p in parts):
+    if any("text" not in p for p in parts):
         texts = [i for i, p in enumerate(parts) if "text" in p]
         question = texts[-1] if texts else None
         about = [describe_part(p, files) for i, p in enumerate(parts) if i != question]
