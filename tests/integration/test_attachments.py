@@ -368,3 +368,24 @@ async def test_an_embeds_image_and_a_sticker_are_read(tmp_path: Path) -> None:
         assert parts[0] == {"text": "[The user sent the sticker(s): wave]"}
         assert parts[1]["sha256"] == sha(PNG)
 
+
+
+async def test_an_earlier_gemini_file_that_vanished_before_its_expiry_is_sent_again_from_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """Gemini answers 403 for a file URI it no longer has: the bot sends that file again, once,
+    from its bytes (re-uploaded), and the question is answered."""
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(3000)
+    async with running_emulators() as emus, live_bot(
+        emus, tmp_path / "data", GEMINI_INLINE_MAX_BYTES="1000"
+    ) as live:
+        first = await live.say("keep this clip", attachments=[
+            {"filename": "clip.mp4", "content_type": "video/mp4", "data": video}])
+        await live.wait_replies(first["id"], timeout=15)
+        live.gemini.expire_files()
+        second = await live.say("what happened in it?")
+        [answer] = await live.wait_replies(second["id"], timeout=15)
+        outcomes = [r.outcome for r in generate_requests(live.gemini)]
+        assert outcomes == ["ok", "file_refused:403", "ok"]
+        assert sum(1 for r in live.gemini.requests if r.action == "upload_start") == 2
+        assert "saw 2 earlier turns" in answer.content
