@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,6 +327,7 @@ class Spool:
         self.directory = directory
         self.max_bytes = max_bytes
         self._sizes: dict[str, int] | None = None  # key -> size, oldest first (loaded lazily)
+        self._lock = threading.Lock()  # get and put run in worker threads (asyncio.to_thread)
 
     def _path(self, key: str) -> Path:
         if not re.fullmatch(r"[0-9][0-9A-Za-z.]*", key):
@@ -347,20 +349,28 @@ class Spool:
 
     @property
     def used(self) -> int:
-        return sum(self._index().values())
+        with self._lock:
+            return sum(self._index().values())
 
     def get(self, key: str) -> bytes | None:
-        if self.max_bytes <= 0 or key not in self._index():
+        if self.max_bytes <= 0:
             return None
-        try:
-            return self._path(key).read_bytes()
-        except OSError:
-            self._index().pop(key, None)
-            return None
+        with self._lock:
+            if key not in self._index():
+                return None
+            try:
+                return self._path(key).read_bytes()
+            except OSError:
+                self._index().pop(key, None)
+                return None
 
     def put(self, key: str, data: bytes) -> None:
         if len(data) > self.max_bytes:
             return
+        with self._lock:
+            self._put(key, data)
+
+    def _put(self, key: str, data: bytes) -> None:
         sizes = self._index()
         path = self._path(key)
         sizes.pop(key, None)
@@ -445,10 +455,17 @@ class Attachments:
                 content, prepared.parts, history, history_parts=prepared.history_parts
             )
         except errors.ClientError as exc:
-            if exc.code != 403 or not prepared.uses_uris:
+            if exc.code == 403 and prepared.uses_uris:
+                log.info("attachments.file_uri_gone")
+                prepared = await self.prepare(payload, key, history, reuse_uris=False)
+            elif exc.code == 400 and (media := _media_names(prepared)):
+                # Gemini could not read a file that looked right (damaged inside): answer the rest.
+                log.info("attachments.files_refused_by_gemini", files=len(media))
+                prepared = _without_media(prepared, texts.attachments_unreadable(media))
+                if prepared.empty and not content:
+                    return Reply(ReplyKind.EMPTY, "", "", user_message=" ".join(prepared.notes)), prepared
+            else:
                 raise
-            log.info("attachments.file_uri_gone")
-            prepared = await self.prepare(payload, key, history, reuse_uris=False)
             reply = await gemini.generate_with_parts(
                 content, prepared.parts, history, history_parts=prepared.history_parts
             )
@@ -466,7 +483,8 @@ class Attachments:
         if payload.get("stickers"):
             names = ", ".join(str(s) for s in payload["stickers"])
             prepared.parts.append({"text": f"[The user sent the sticker(s): {names}]"})
-        refs = await self._history_refs(key, history)
+        current = {f.key for f in files}
+        refs = [r for r in await self._history_refs(key, history) if r[1][1].key not in current]
         if not files and not refs:
             return prepared
         now = self.app.clock.time()
@@ -653,6 +671,30 @@ class Attachments:
         except Exception as exc:
             log.warning("attachments.remember_failed", error=type(exc).__name__)
 
+
+
+def _is_media(part: PartLike) -> bool:
+    return not (isinstance(part, dict) and "text" in part)
+
+
+def _media_names(prepared: Prepared) -> list[str]:
+    """The files sent as media (not text), by the names the user knows; [] when there is none."""
+    earlier = any(_is_media(p) for ps in prepared.history_parts.values() for p in ps)
+    if not earlier and not any(_is_media(p) for p in prepared.parts):
+        return []
+    names = [f.label for f in prepared.sent if f.kind != "text"]
+    return [*names, "the earlier files"] if earlier else names
+
+
+def _without_media(prepared: Prepared, note: str) -> Prepared:
+    """``prepared`` with only its text parts (its files' and its history's), and ``note`` added."""
+    return Prepared(
+        parts=[p for p in prepared.parts if not _is_media(p)],
+        history_parts={i: kept for i, ps in prepared.history_parts.items() if (kept := [
+            p for p in ps if not _is_media(p)])},
+        notes=[*prepared.notes, note],
+        sent=[f for f in prepared.sent if f.kind == "text"],
+    )
 
 
 def url_expired(url: str, now: float) -> bool:

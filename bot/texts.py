@@ -126,6 +126,11 @@ def attachment_rejected(name: str) -> str:
     return f"I left out {name}: Gemini could not process it."
 
 
+def attachments_unreadable(names: list[str]) -> str:
+    them = "it" if len(names) == 1 and names[0] != "the earlier files" else "them"
+    return f"Gemini could not read {', '.join(names)}, so I answered without {them}."
+
+
 def attachment_gone(name: str) -> str:
     return f"I couldn't get {name} from Discord any more (it was deleted), so I answered without it."
 

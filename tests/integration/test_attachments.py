@@ -389,3 +389,19 @@ async def test_an_earlier_gemini_file_that_vanished_before_its_expiry_is_sent_ag
         assert outcomes == ["ok", "file_refused:403", "ok"]
         assert sum(1 for r in live.gemini.requests if r.action == "upload_start") == 2
         assert "saw 2 earlier turns" in answer.content
+
+
+async def test_a_file_gemini_cannot_read_is_named_and_the_question_answered_without_it(
+    tmp_path: Path,
+) -> None:
+    """Gemini refuses the request with the file (400 INVALID_ARGUMENT: a PNG damaged inside): the
+    question is asked again without it, once, and the answer says which file was left out."""
+    async with running_emulators() as emus, live_bot(emus, tmp_path / "data") as live:
+        live.gemini.faults.add("400", count=1)
+        msg = await live.say("what about this?", attachments=[image()])
+        [answer] = await live.wait_replies(msg["id"])
+        assert texts.attachments_unreadable(["cat.png"]) in answer.content
+        assert "«what about this?»" in answer.content
+        requests = generate_requests(live.gemini)
+        assert [r.outcome for r in requests] == ["fault:400", "ok"]
+        assert request_parts(requests[-1])[-1] == [{"text": "what about this?"}]
