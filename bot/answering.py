@@ -16,6 +16,7 @@ import discord
 import structlog
 
 from bot import marks, texts
+from bot.attachments import Attachments, describe
 from bot.inbound import Inbound, Snowflake
 from bot.routing import Explanation, FailureRouter, Original
 from bot.splitting import has_visible_text, split_message
@@ -39,6 +40,7 @@ class Answerer:
     def __init__(self, app: Application, router: FailureRouter) -> None:
         self.app = app
         self.router = router
+        self.attachments = Attachments(app)
 
     async def answer(
         self,
@@ -57,7 +59,10 @@ class Answerer:
                 history = await app.storage.history(inbound.key)
             async with app.discord_io.typing(channel):
                 async with asyncio.timeout(app.config.processing_timeout_seconds):
-                    reply = await app.gemini.generate(inbound.content, history)
+                    # Files (bot.attachments): read, then sent with the question; none: generate.
+                    reply, files = await self.attachments.generate(
+                        item.payload, inbound.content, inbound.key, history
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -76,23 +81,27 @@ class Answerer:
             outcome = "refused"
         elif reply.ok:
             body = reply.text or ""
+            asked = inbound.content or f"({describe(item.payload)})"
             if not live:
-                body = texts.late_answer_prefix(inbound.content) + body
+                body = texts.late_answer_prefix(asked) + body
                 if item.payload.get("interaction"):
                     # A slash command has no message to reply to: ping the asker by name instead.
                     body = f"<@{inbound.author_id}> {body}"
-            if item.payload.get("attachments"):
-                body = f"{body}\n\n{texts.attachments_ignored()}"
+            if files.notes:  # files left out: one sentence each, after the answer
+                body = f"{body}\n\n{' '.join(files.notes)}"
             chunks = split_message(body, limit=marks.ROOM)
             if not item.payload.get("private"):  # a private /ask stays out of the channel's history
-                turns = [("user", inbound.content, inbound.message_id), ("model", reply.text or "", None)]
+                turns = [("user", asked, inbound.message_id), ("model", reply.text or "", None)]
             outcome = "answered" if live else "answered_late"
         else:
             chunks = [reply.user_message or texts.no_answer()]
             outcome = "refused"
-        return await self.deliver(
+        delivered = await self.deliver(
             item, inbound, chunks, original=original, channel=channel, outcome=outcome, turns=turns
         )
+        if turns and delivered != "error":
+            await self.attachments.remember(inbound.key, inbound.message_id, files)
+        return delivered
 
     async def deliver(
         self,

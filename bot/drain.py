@@ -347,9 +347,11 @@ class Drain:
             history_retention=cfg.history_retention_seconds,
             processed_retention=PROCESSED_RETENTION,
         )
+        # The history's file references (bot.attachments) go after the history's retention too.
+        refs = await self.app.storage.prune_attachment_refs(cfg.history_retention_seconds, now=now)
         self._next_housekeeping = now + (HOUSEKEEPING_SOON if done.more else HOUSEKEEPING_EVERY)
-        if done.total:
-            log.info("queue.housekeeping", **done.as_dict())
+        if done.total or refs:
+            log.info("queue.housekeeping", **done.as_dict(), attachment_refs=refs)
 
     async def _publish_stats(self) -> None:
         try:

@@ -29,6 +29,7 @@ import structlog
 
 from bot import marks, texts
 from bot.answering import Answerer
+from bot.attachments import Collected, collect
 from bot.inbound import Inbound, accept, lease_seconds
 from bot.ratelimit import Feedback, NoticeLimiter
 from bot.routing import FailureRouter
@@ -150,9 +151,11 @@ class Intake:
         if len(text) > cfg.max_input_chars:
             await self._refuse(message, texts.TOO_LONG, texts.too_long(len(text), cfg.max_input_chars))
             return "refused"
-        if not text:
-            if message.attachments:
-                await self._refuse(message, texts.ATTACHMENTS_ONLY, texts.attachments_only())
+        files = collect(message, cfg)  # no I/O: limits and re-fetch plans (bot.attachments)
+        if not text and not files.files and not files.stickers:
+            if files.refused:
+                refused = texts.attachments_refused(files.refused)
+                await self._refuse(message, texts.ATTACHMENTS_REFUSED, refused)
             else:
                 await self._refuse(message, texts.EMPTY_MENTION, texts.empty_mention())
             return "refused"
@@ -174,7 +177,7 @@ class Intake:
             position: int | None = None
             if cfg.maintenance_queue_messages:
                 try:
-                    item = await accept(app, inbound, claim=False, extra={"acked": True})
+                    item = await accept(app, inbound, claim=False, extra={"acked": True, **files.payload()})
                 except asyncio.CancelledError:
                     raise
                 except QueueFullError as exc:
@@ -201,7 +204,7 @@ class Intake:
                         inbound.message_id,
                         ItemKind.INBOUND,
                         inbound.key,
-                        inbound.payload(attachments=bool(message.attachments)),
+                        inbound.payload(**files.payload()),
                         now=app.clock.time(),
                         lease_seconds=lease_seconds(cfg),
                         caps=app.queue_caps,
@@ -216,7 +219,7 @@ class Intake:
                 # Storage is down: we cannot promise a later answer, so answer live or say why now.
                 verdict = classify(exc)
                 log.warning("pipeline.accept_failed", category=verdict.category.value)
-                return await self._answer_unsaved(message, inbound, arrival)
+                return await self._answer_unsaved(message, inbound, arrival, files)
             if accepted is None:
                 return "ignored_duplicate"
             item, history = accepted
@@ -303,7 +306,7 @@ class Intake:
             return "queued"
 
     async def _answer_unsaved(
-        self, message: discord.Message, inbound: Inbound, arrival: asyncio.Future[None]
+        self, message: discord.Message, inbound: Inbound, arrival: asyncio.Future[None], files: Collected
     ) -> str:
         """Storage is down: try to answer live without a durable record, or say clearly why not.
 
@@ -316,10 +319,13 @@ class Intake:
         try:
             async with app.discord_io.typing(message.channel):
                 async with asyncio.timeout(cfg.processing_timeout_seconds):
-                    reply = await app.gemini.generate(inbound.content, ())
+                    reply, read = await self.answerer.attachments.generate(
+                        files.payload(), inbound.content, inbound.key, []
+                    )
             answered = reply.ok and has_visible_text(reply.text)
+            notes = f"\n\n{' '.join(read.notes)}" if read.notes else ""
             chunks = (
-                split_message(reply.text, limit=marks.ROOM)
+                split_message(reply.text + notes, limit=marks.ROOM)
                 if answered
                 else [reply.user_message or texts.no_answer()]
             )

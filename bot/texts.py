@@ -13,14 +13,14 @@ ACK_MARK = "\u23f3"  # hourglass
 # few get this reaction instead (the reason was just given), the rest nothing (ratelimit.NoticeLimiter).
 COOLDOWN = "cooldown"
 TOO_LONG = "too_long"
-ATTACHMENTS_ONLY = "attachments_only"
+ATTACHMENTS_REFUSED = "attachments_refused"
 EMPTY_MENTION = "empty_mention"
 QUEUE_FULL = "queue_full"
 _REFUSAL_REACTIONS = {
     QUEUE_FULL: "\U0001f6a7",  # construction: the queue is full
     COOLDOWN: "\U0001f422",  # turtle: slow down
     TOO_LONG: "\U0001f4cf",  # ruler: too long
-    ATTACHMENTS_ONLY: "\u2753",  # question mark: nothing I can read
+    ATTACHMENTS_REFUSED: "\U0001f4ce",  # paperclip: files I did not read
     EMPTY_MENTION: "\u2753",
 }
 
@@ -93,12 +93,69 @@ def too_long(length: int, limit: int) -> str:
     )
 
 
-def attachments_only() -> str:
-    return "I can only read text for now, not attachments. Please type your question as a message."
+# Attachments (bot/attachments.py): one sentence per file left out, naming it and the limit.
 
 
-def attachments_ignored() -> str:
-    return "(I can't read attachments yet, so I answered your text only.)"
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}".replace(".0 ", " ")
+        n /= 1024
+    return f"{n} GB"
+
+
+def attachment_too_large(name: str, size: int, limit: int) -> str:
+    return f"I left out {name}: it is {_size(size)} and I read files of at most {_size(limit)}."
+
+
+def attachment_total_too_large(name: str, limit: int) -> str:
+    return f"I left out {name}: with the files before it, it goes past the {_size(limit)} I read per message."
+
+
+def attachment_too_many(name: str, limit: int) -> str:
+    return f"I left out {name}: I read at most {limit} file{'s' if limit != 1 else ''} per message."
+
+
+def attachment_unknown_type(name: str) -> str:
+    return (
+        f"I left out {name}: I can't read that type of file (I read images, text and code files, PDFs, "
+        "audio and short videos)."
+    )
+
+
+def attachment_kind_off(name: str, kind: str) -> str:
+    return f"I left out {name}: I'm set up not to read {kind}s here."
+
+
+def attachment_damaged(name: str, kind: str) -> str:
+    return f"I left out {name}: it doesn't look like a valid {kind} (the file may be damaged)."
+
+
+def attachment_rejected(name: str) -> str:
+    return f"I left out {name}: Gemini could not process it."
+
+
+def attachments_unreadable(names: list[str]) -> str:
+    them = "it" if len(names) == 1 and names[0] != "the earlier files" else "them"
+    return f"Gemini could not read {', '.join(names)}, so I answered without {them}."
+
+
+def attachment_gone(name: str) -> str:
+    return f"I couldn't get {name} from Discord any more (it was deleted), so I answered without it."
+
+
+def attachment_text_cut(name: str, limit: int) -> str:
+    return f"I read only the first {limit:,} characters of {name}."
+
+
+def attachments_refused(sentences: list[str] | tuple[str, ...]) -> str:
+    """The reply to a message with nothing to read but files left out."""
+    return " ".join(sentences)
+
+
+def file_no_longer_available(kind: str, name: str) -> str:
+    """What Gemini is told in place of an earlier turn's file that cannot be had any more."""
+    return f"[{kind} {name} is no longer available]"
 
 
 def empty_mention() -> str:

@@ -92,6 +92,7 @@ from aiohttp import WSMsgType, web
 
 from sandbox.discord_state import (
     INTENT_MESSAGE_CONTENT,
+    IS_VOICE_MESSAGE,
     READ_MESSAGE_HISTORY,
     VIEW_CHANNEL,
     RateLimits,
@@ -383,10 +384,14 @@ class DiscordEmulator:
         app.router.add_get("/gateway", self._gateway)
         for method, path, name, handler, auth in self._routes():
             app.router.add_route(method, "/api/v10" + path, self._wrap(name, handler, auth=auth))
+        # The CDN (cdn.discordapp.com and the media proxy) on the same loopback origin.
+        app.router.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", self._cdn)
+        app.router.add_get("/external/{key}/{filename}", self._cdn)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
         self.port = int(self._runner.addresses[0][1])  # the real port when asked for port 0
+        self.world.cdn_base = f"http://{self.host}:{self.port}"
 
     async def stop(self) -> None:
         """Close every websocket, stop background sends and the server. Safe to call twice."""
@@ -538,12 +543,19 @@ class DiscordEmulator:
         reference_message_id: int | None = None,
         mentions_bot: bool = False,
         attachments: list[dict[str, Any]] | None = None,
+        embeds: list[dict[str, Any]] | None = None,
+        stickers: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """A user posts a message: it is stored and dispatched as MESSAGE_CREATE; returns the payload.
 
         ``mentions_bot`` puts ``<@bot>`` in the content and the bot in ``mentions``; a reply
         (``reference_message_id``) carries ``message_reference`` and ``referenced_message``, and
-        mentions the replied-to author like Discord's default reply ping.
+        mentions the replied-to author like Discord's default reply ping. ``attachments`` are
+        specs: ``{"filename", "content_type", "data": bytes}`` uploads a file to the CDN (a signed
+        URL that expires; re-reading the message gives a fresh one), ``"voice": True`` makes the
+        message a voice message; a spec without ``data`` only describes one (``size``, ``url``).
+        ``embeds`` are embed objects (``media_proxy_url`` puts an image behind one), ``stickers``
+        sticker items (``{"id", "name", "format_type"}``).
         """
         user = self.world.user(author)
         if channel_id not in self.world.channel_data:
@@ -560,9 +572,12 @@ class DiscordEmulator:
                 ref_author = self.world.user(int(ref["author"]["id"]))
                 if ref_author not in mentions and ref_author.id != user.id:
                     mentions.append(ref_author)
+        voice = any(spec.get("voice") for spec in attachments or [])
         data = self.world.message_payload(
             channel_id, user, content, mentions=mentions,
-            reference_message_id=reference_message_id, attachments=attachments,
+            reference_message_id=reference_message_id, attachments=attachments, embeds=embeds,
+            flags=IS_VOICE_MESSAGE if voice else 0,
+            extra={"sticker_items": [dict(s) for s in stickers]} if stickers else None,
         )
         self.world.store(data)
         await self._dispatch("MESSAGE_CREATE", data)
@@ -1142,11 +1157,35 @@ class DiscordEmulator:
         limit = max(1, min(100, int(q.get("limit", 50))))
         before = int(q["before"]) if "before" in q else None
         after = int(q["after"]) if "after" in q else None
-        return _json(200, self.world.history(cid, limit=limit, before=before, after=after))
+        found = self.world.history(cid, limit=limit, before=before, after=after)
+        return _json(200, [self.world.refreshed(m) for m in found])
 
     async def _get_message(self, request: web.Request, body: Any) -> web.Response:
         self._check_can_read(self._channel(request))
-        return _json(200, self._message(request)[1])
+        return _json(200, self.world.refreshed(self._message(request)[1]))
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        """``GET`` of an attachment (signed: 404 once ``ex`` has passed or the message was deleted)
+        or of a media-proxied embed image; faults target ``"cdn"`` (5xx, ``latency``, ``drop``)."""
+        record = RecordedRequest("GET", "cdn", request.path, None, time.monotonic(), dict(request.query))
+        self.requests.append(record)
+        fault = self.faults.pick("cdn", kinds=REST_FAULT_KINDS - {"429"})
+        response = await self._rest_fault(request, fault, record) if fault else None
+        if response is None:
+            if request.path.startswith("/external/"):
+                blob = self.world.blobs.get(int(request.match_info["key"]))
+            else:
+                blob = self.world.cdn_blob(request.path, dict(request.query))
+            if blob is None:
+                # What Discord's CDN answers for an expired, unsigned or deleted attachment.
+                response = web.Response(status=404, text="This content is no longer available.")
+            else:
+                response = web.Response(
+                    status=200, body=blob.data, headers={"Content-Type": blob.content_type}
+                )
+        record.status = response.status if record.fault != "drop" else None
+        await self._notify()
+        return response
 
     async def _edit_message(self, request: web.Request, body: Any) -> web.Response:
         _, message = self._message(request)

@@ -8,10 +8,13 @@ them over REST and the gateway.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
+import hmac
 import itertools
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +52,27 @@ CHANNEL_PUBLIC_THREAD = 11
 
 MESSAGE_DEFAULT = 0
 MESSAGE_REPLY = 19
+
+# Message flag of a voice message (discord-api-docs Message.md, "Message Flags": IS_VOICE_MESSAGE
+# 1 << 13); its one attachment is audio/ogg with ``duration_secs`` and a base64 ``waveform``.
+IS_VOICE_MESSAGE = 1 << 13
+
+# Signed attachment CDN URLs (discord-api-docs docs/Reference.md, "Signed Attachment CDN URLs",
+# discord/discord-api-docs#6650): ``ex`` is the hex unix time the URL expires, ``is`` the hex time it
+# was issued, ``hm`` the signature. Discord does not document the lifetime; links seen in the wild
+# expire about 24 hours after they were issued, and an expired link answers 404 ("This content is no
+# longer available."). Fetching the message again returns fresh URLs.
+CDN_URL_LIFETIME_SECONDS = 24 * 3600.0
+
+
+@dataclass
+class Blob:
+    """The bytes behind an attachment (or a media-proxied embed image) on the emulated CDN."""
+
+    data: bytes
+    content_type: str
+    filename: str
+    channel_id: int
 
 
 # Team member roles (https://discord.com/developers/docs/topics/teams#team-member-roles).
@@ -186,6 +210,13 @@ class World:
         self.messages: dict[int, list[dict[str, Any]]] = {cid: [] for cid in self.channel_data}
         self.reactions: dict[int, dict[str, set[int]]] = {}  # message id -> emoji -> user ids
         self.joined_at = now_iso()
+        # The CDN: attachment id -> bytes; URLs signed with a secret of this world, on the wall clock
+        # ``cdn_clock`` (a test moves it to expire every URL handed out so far).
+        self.blobs: dict[int, Blob] = {}
+        self.cdn_base = "https://cdn.discordapp.com"  # the emulator sets its own origin when it starts
+        self.cdn_clock: Callable[[], float] = time.time
+        self.cdn_url_lifetime = CDN_URL_LIFETIME_SECONDS
+        self._cdn_secret = secrets.token_bytes(16)
 
     def snowflake(self) -> int:
         """A fresh id whose timestamp part is now, like Discord's."""
@@ -507,7 +538,7 @@ class World:
             "mention_everyone": False,
             "mentions": [],
             "mention_roles": [],
-            "attachments": [self._attachment(a) for a in attachments or []],
+            "attachments": [self._attachment(a, channel_id) for a in attachments or []],
             "embeds": list(embeds or []),
             "pinned": False,
             "type": MESSAGE_DEFAULT,
@@ -536,18 +567,81 @@ class World:
             data.update(extra)
         return data
 
-    def _attachment(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def _attachment(self, spec: dict[str, Any], channel_id: int) -> dict[str, Any]:
+        """An attachment object; with ``data`` (bytes) it is on the CDN, behind a signed URL.
+
+        ``voice=True`` makes it a voice message's recording (``duration_secs``, ``waveform``).
+        """
         aid = self.snowflake()
         filename = spec.get("filename", "file.txt")
-        url = spec.get("url", f"https://cdn.discordapp.com/attachments/0/{aid}/{filename}")
-        return {
+        content_type = spec.get("content_type", "text/plain")
+        data = spec.get("data")
+        if data is not None:
+            self.blobs[aid] = Blob(bytes(data), content_type, filename, channel_id)
+            url = self.signed_url(channel_id, aid, filename)
+        else:
+            url = spec.get("url", f"https://cdn.discordapp.com/attachments/0/{aid}/{filename}")
+        attachment: dict[str, Any] = {
             "id": str(aid),
             "filename": filename,
-            "size": int(spec.get("size", 0)),
+            "size": int(spec.get("size", len(data) if data is not None else 0)),
             "url": url,
             "proxy_url": spec.get("proxy_url", url),
-            "content_type": spec.get("content_type", "text/plain"),
+            "content_type": content_type,
         }
+        if spec.get("voice"):
+            attachment["duration_secs"] = float(spec.get("duration", 3.5))
+            attachment["waveform"] = base64.b64encode(bytes(range(0, 256, 4))).decode()
+            attachment["flags"] = 0
+        return attachment
+
+    # --- the CDN -----------------------------------------------------------------------------------
+
+    def _signature(self, path: str, ex: str, issued: str) -> str:
+        return hmac.new(self._cdn_secret, f"{path}|{ex}|{issued}".encode(), hashlib.sha256).hexdigest()
+
+    def signed_url(self, channel_id: int, attachment_id: int, filename: str) -> str:
+        """A fresh signed CDN URL for an attachment, valid ``cdn_url_lifetime`` seconds from now."""
+        path = f"/attachments/{channel_id}/{attachment_id}/{filename}"
+        now = self.cdn_clock()
+        ex, issued = f"{int(now + self.cdn_url_lifetime):x}", f"{int(now):x}"
+        return f"{self.cdn_base}{path}?ex={ex}&is={issued}&hm={self._signature(path, ex, issued)}&"
+
+    def cdn_blob(self, path: str, query: dict[str, str]) -> Blob | None:
+        """The blob a CDN request may have: a valid, unexpired signature on an existing attachment."""
+        ex, issued, hm = query.get("ex", ""), query.get("is", ""), query.get("hm", "")
+        if not hmac.compare_digest(hm, self._signature(path, ex, issued)):
+            return None
+        try:
+            if int(ex, 16) <= self.cdn_clock():
+                return None
+            attachment_id = int(path.split("/")[3])
+        except (ValueError, IndexError):
+            return None
+        return self.blobs.get(attachment_id)
+
+    def media_proxy_url(self, data: bytes, content_type: str, filename: str) -> str:
+        """Put an image on the media proxy (as Discord does for an embed's image: ``proxy_url``,
+        unsigned); returns its URL."""
+        key = self.snowflake()
+        self.blobs[key] = Blob(bytes(data), content_type, filename, 0)
+        return f"{self.cdn_base}/external/{key}/{filename}"
+
+    def refreshed(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``message`` as the API returns it when it is read: its attachments with fresh signed URLs
+        (Discord "will automatically return valid, non-expired URLs when you access resources that
+        contain an attachment CDN URL, like when retrieving a message")."""
+        attachments = message.get("attachments") or []
+        if not any(int(a["id"]) in self.blobs for a in attachments):
+            return message
+        fresh = []
+        for a in attachments:
+            aid = int(a["id"])
+            if aid in self.blobs:
+                url = self.signed_url(int(message["channel_id"]), aid, a["filename"])
+                a = {**a, "url": url, "proxy_url": url}
+            fresh.append(a)
+        return {**message, "attachments": fresh}
 
     def store(self, data: dict[str, Any]) -> None:
         """Append a message to its channel's history."""
@@ -569,6 +663,8 @@ class World:
             if int(message["id"]) == message_id:
                 del history[index]
                 self.reactions.pop(message_id, None)
+                for attachment in message.get("attachments") or []:
+                    self.blobs.pop(int(attachment["id"]), None)  # a deleted message's files leave the CDN
                 return True
         return False
 

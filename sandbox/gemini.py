@@ -13,10 +13,13 @@ that speed would (a long answer is slow, as with the real API).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import random
+import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +51,16 @@ FAULT_KINDS = (
     "429", "quota_daily", "500", "502", "503", "504", "400", "403", "hang", "latency",
     "malformed_json", "stream_error", "safety", "prompt_block", "empty", "max_tokens", "drop",
 )
+
+# Files API faults (target "files"): the upload's start answers 500; the file never leaves PROCESSING;
+# the file vanishes once ACTIVE (as a file past its 48 hours does: generateContent then answers 403).
+FILE_FAULT_KINDS = frozenset({"upload_500", "stuck_processing", "file_expired"})
+# Uploaded files live 48 hours (https://ai.google.dev/gemini-api/docs/files: "Files are stored for
+# 48 hours"); the documented endpoints are /upload/v1beta/files, /v1beta/files/{id}
+# (https://ai.google.dev/api/files). Whether v1 serves them too is not documented: v1beta only here.
+FILE_LIFETIME_SECONDS = 48 * 3600.0
+FILES_VERSIONS = frozenset({"v1beta"})
+MAX_FILES = 1000  # files remembered (their sizes and first bytes, not their content), newest kept
 
 _STATUS_TEXT = {
     400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
@@ -145,6 +158,82 @@ def quota_body(model: str, *, daily: bool, retry_delay: str | None, limit: str |
     return error_body(429, "RESOURCE_EXHAUSTED", message, details)
 
 
+@dataclass
+class EmulatedFile:
+    """A file uploaded through the Files API: what ``files.get`` shows, and what answers need."""
+
+    name: str                # "files/abc123"
+    mime_type: str
+    size: int
+    sha256: str
+    head: bytes              # the first bytes (a text file's first words)
+    display_name: str
+    created: float           # wall clock
+    expires: float           # wall clock
+    gets_left: int           # files.get calls that still see PROCESSING (-1: for ever)
+    vanish: bool = False     # gone as soon as it is ACTIVE (the file_expired fault)
+
+    @property
+    def state(self) -> str:
+        return "ACTIVE" if self.gets_left == 0 else "PROCESSING"
+
+
+def _rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1e6):06d}Z"
+
+
+def summarised(body: Any) -> Any:
+    """A request body for the log: each ``inlineData``'s bytes replaced by their size and digest
+    (``{"mimeType", "bytes", "sha256"}``), so a log of image requests stays small."""
+    if not isinstance(body, dict) or not isinstance(body.get("contents"), list):
+        return body
+    contents = []
+    for content in body["contents"]:
+        if not isinstance(content, dict) or not isinstance(content.get("parts"), list):
+            contents.append(content)
+            continue
+        parts = []
+        for part in content["parts"]:
+            inline = part.get("inlineData") if isinstance(part, dict) else None
+            if isinstance(inline, dict) and isinstance(inline.get("data"), str):
+                raw = _b64(inline["data"])
+                part = {"inlineData": {"mimeType": inline.get("mimeType"), "bytes": len(raw),
+                                       "sha256": hashlib.sha256(raw).hexdigest()}}
+            parts.append(part)
+        contents.append({**content, "parts": parts})
+    return {**body, "contents": contents}
+
+
+def _b64(text: str) -> bytes:
+    """Bytes of a JSON ``bytes`` field: google-genai sends URL-safe base64 (``_common.py``,
+    ``urlsafe_b64encode``), the API documents standard base64; both are read."""
+    try:
+        return base64.urlsafe_b64decode(text.replace("+", "-").replace("/", "_") + "=" * (-len(text) % 4))
+    except ValueError:
+        return b""
+
+
+def request_parts(rec: RecordedRequest) -> list[list[dict[str, Any]]]:
+    """The parts of each content of a recorded generateContent request, as a test reads them:
+    ``{"text": ...}``, ``{"inline": mime, "bytes": n, "sha256": ...}``, ``{"file": uri, "mime": ...}``."""
+    out: list[list[dict[str, Any]]] = []
+    body = rec.body if isinstance(rec.body, dict) else {}
+    for content in body.get("contents") or []:
+        row: list[dict[str, Any]] = []
+        for part in content.get("parts") or []:
+            if "inlineData" in part:
+                inline = part["inlineData"]
+                row.append({"inline": inline.get("mimeType"), "bytes": inline.get("bytes"),
+                            "sha256": inline.get("sha256")})
+            elif "fileData" in part:
+                data = part["fileData"]
+                row.append({"file": data.get("fileUri"), "mime": data.get("mimeType")})
+            else:
+                row.append({"text": part.get("text", "")})
+        out.append(row)
+    return out
+
+
 def last_user_text(body: Any) -> str:
     """The text of the last user turn of a ``generateContent`` body ("" for anything else)."""
     if not isinstance(body, dict):
@@ -202,7 +291,202 @@ def model_not_found_body(model: str, version: str, action: str) -> dict:
     return error_body(404, "NOT_FOUND", message)
 
 
-class GeminiEmulator:
+
+# --- the Files API -----------------------------------------------------------------------------
+#
+# Modelled on google-genai 3.x (google/genai/files.py ``AsyncFiles.upload`` and
+# google/genai/_api_client.py ``_async_upload_fd``) and https://ai.google.dev/api/files:
+# 1. ``POST /upload/v1beta/files`` with ``X-Goog-Upload-Protocol: resumable``,
+#    ``X-Goog-Upload-Command: start`` and ``X-Goog-Upload-Header-Content-Length``/``-Type``, a JSON
+#    body ``{"file": {...}}``: the answer's ``X-Goog-Upload-URL`` header is where the bytes go.
+# 2. ``POST <upload URL>`` with ``X-Goog-Upload-Command: upload`` (8 MiB chunks) and
+#    ``upload, finalize`` for the last, ``X-Goog-Upload-Offset``: ``X-Goog-Upload-Status: active``
+#    until the last chunk, then ``final`` with ``{"file": File}``. (The SDK sleeps and resends a chunk
+#    whose answer has no ``X-Goog-Upload-Status``, so every answer here carries one.)
+# 3. ``GET /v1beta/files/{id}``: the ``File`` with ``state`` PROCESSING, then ACTIVE; an unknown or
+#    expired file is 403 PERMISSION_DENIED "You do not have permission to access the File {id} or it
+#    may not exist." (google-gemini/deprecated-generative-ai-python#692,
+#    google-gemini/deprecated-generative-ai-js#236), also when generateContent names it.
+
+
+def _file_not_found(name: str) -> web.Response:
+    file_id = name.removeprefix("files/")
+    message = f"You do not have permission to access the File {file_id} or it may not exist."
+    return web.json_response(error_body(403, "PERMISSION_DENIED", message), status=403)
+
+
+class FilesApi:
+    """The Files API half of :class:`GeminiEmulator` (its state is set up there)."""
+
+    api_key: str
+    files: OrderedDict[str, EmulatedFile]
+    files_clock: Callable[[], float]
+    file_lifetime: float
+    processing_gets: dict[str, int]
+    faults: FaultPlan
+    requests: deque[RecordedRequest]
+    _uploads: dict[str, dict[str, Any]]
+    _clock: Callable[[], float]
+
+    @property
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    def _file_resource(self, f: EmulatedFile) -> dict[str, Any]:
+        return {
+            "name": f.name, "displayName": f.display_name, "mimeType": f.mime_type,
+            "sizeBytes": str(f.size), "createTime": _rfc3339(f.created), "updateTime": _rfc3339(f.created),
+            "expirationTime": _rfc3339(f.expires), "sha256Hash": base64.b64encode(
+                bytes.fromhex(f.sha256)).decode(),
+            "uri": f"{self.base_url}/v1beta/{f.name}", "state": f.state, "source": "UPLOADED",
+        }
+
+    def _live_file(self, name: str) -> EmulatedFile | None:
+        f = self.files.get(name)
+        if f is None or f.expires <= self.files_clock() or (f.vanish and f.state == "ACTIVE"):
+            return None
+        return f
+
+    def expire_files(self) -> None:
+        """Every file uploaded so far expires now (as 48 hours later)."""
+        now = self.files_clock()
+        for f in self.files.values():
+            f.expires = min(f.expires, now)
+
+    async def _files(self, request: web.Request) -> web.StreamResponse:
+        upload = request.path.startswith("/upload/")
+        raw = await request.read()
+        headers = {k: ("***" if k.lower() == API_KEY_HEADER else v) for k, v in request.headers.items()}
+        parts = request.path.strip("/").split("/")
+        version = parts[1] if upload and len(parts) > 1 else (parts[0] if parts else None)
+        body: Any = {"bytes": len(raw)}
+        if not (upload and "upload_id" in request.query):
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = {"bytes": len(raw)}
+        action = ("upload" if "upload_id" in request.query else "upload_start") if upload else \
+            ("files.get" if request.method == "GET" else "files.delete")
+        rec = RecordedRequest(request.method, request.path, None, version, action, headers, body,
+                              self._clock())
+        self.requests.append(rec)
+        if action == "upload":  # the upload URL is itself the credential, as Google's is
+            session = self._uploads.get(request.query["upload_id"])
+            if session is None:
+                rec.outcome = "not_found"
+                return web.Response(status=404, headers={"X-Goog-Upload-Status": "final"})
+            return self._upload_chunk(request, rec, session, raw)
+        key = request.headers.get(API_KEY_HEADER) or request.query.get("key")
+        if key != self.api_key:
+            rec.outcome = "invalid_key"
+            return web.json_response(invalid_key_body(), status=400)
+        if version not in FILES_VERSIONS or (upload and parts[2:] != ["files"]) or \
+                (not upload and (len(parts) != 3 or parts[1] != "files")):
+            rec.outcome = "not_found"
+            return web.json_response(
+                error_body(404, "NOT_FOUND", f"Method not found: {request.method} {request.path}"),
+                status=404)
+        if upload:
+            return self._upload_start(request, rec, body)
+        name = f"files/{parts[2]}"
+        f = self._live_file(name)
+        if f is None:
+            rec.outcome = "file_not_found"
+            return _file_not_found(name)
+        if action == "files.delete":
+            self.files.pop(name, None)
+            rec.outcome = "ok"
+            return web.json_response({})
+        if f.gets_left > 0:
+            f.gets_left -= 1
+        rec.outcome = "ok"
+        return web.json_response(self._file_resource(f))
+
+    def _upload_start(
+        self, request: web.Request, rec: RecordedRequest, body: Any
+    ) -> web.Response:
+        fault = self.faults.pick("files", kinds=FILE_FAULT_KINDS)
+        if fault is not None and fault.kind == "upload_500":
+            rec.outcome = "fault:upload_500"
+            status, message = _STATUS_TEXT[500]
+            return web.json_response(error_body(500, status, message), status=500)
+        if request.headers.get("X-Goog-Upload-Protocol") != "resumable" or \
+                request.headers.get("X-Goog-Upload-Command") != "start":
+            rec.outcome = "bad_request"
+            return web.json_response(error_body(400, "INVALID_ARGUMENT", "Upload protocol not supported."),
+                                     status=400)
+        meta = (body or {}).get("file") or {} if isinstance(body, dict) else {}
+        upload_id = secrets.token_hex(12)
+        self._uploads[upload_id] = {
+            "size": int(request.headers.get("X-Goog-Upload-Header-Content-Length", "0")),
+            "mime": request.headers.get("X-Goog-Upload-Header-Content-Type") or meta.get("mimeType") or
+            "application/octet-stream",
+            "display_name": meta.get("displayName") or "",
+            "data": bytearray(),
+            "fault": fault.kind if fault is not None else None,
+        }
+        while len(self._uploads) > MAX_FILES:  # abandoned sessions
+            self._uploads.pop(next(iter(self._uploads)))
+        rec.outcome = f"fault:{fault.kind}" if fault is not None else "ok"
+        url = f"{self.base_url}{request.path}?upload_id={upload_id}&upload_protocol=resumable"
+        return web.Response(status=200, text="", headers={
+            "X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active",
+            "X-Goog-Upload-Chunk-Granularity": str(8 * 1024 * 1024)})
+
+    def _upload_chunk(
+        self, request: web.Request, rec: RecordedRequest, session: dict[str, Any], raw: bytes
+    ) -> web.Response:
+        command = request.headers.get("X-Goog-Upload-Command", "")
+        offset = int(request.headers.get("X-Goog-Upload-Offset", "-1"))
+        if offset != len(session["data"]):
+            rec.outcome = "bad_offset"
+            return web.json_response(error_body(400, "INVALID_ARGUMENT", "Invalid upload offset."),
+                                     status=400, headers={"X-Goog-Upload-Status": "final"})
+        session["data"] += raw
+        if "finalize" not in command:
+            rec.outcome = "ok"
+            return web.Response(status=200, text="", headers={"X-Goog-Upload-Status": "active"})
+        self._uploads.pop(request.query["upload_id"], None)
+        data = bytes(session["data"])
+        kind = session["mime"].split("/")[0]
+        gets = -1 if session["fault"] == "stuck_processing" else self.processing_gets.get(kind, 0)
+        now = self.files_clock()
+        name = f"files/{secrets.token_hex(6)}"
+        f = EmulatedFile(name, session["mime"], len(data), hashlib.sha256(data).hexdigest(), data[:200],
+                         session["display_name"], now, now + self.file_lifetime, gets,
+                         vanish=session["fault"] == "file_expired")
+        self.files[name] = f
+        while len(self.files) > MAX_FILES:
+            self.files.popitem(last=False)
+        rec.outcome = "ok"
+        return web.json_response({"file": self._file_resource(f)}, headers={"X-Goog-Upload-Status": "final"})
+
+    def _check_file_parts(self, body: dict[str, Any]) -> web.Response | None:
+        """A generateContent naming a file that is gone (403) or still PROCESSING (400)."""
+        for content in body.get("contents") or []:
+            for part in (content.get("parts") or []) if isinstance(content, dict) else []:
+                data = part.get("fileData") if isinstance(part, dict) else None
+                if not isinstance(data, dict):
+                    continue
+                uri = str(data.get("fileUri", ""))
+                name = "files/" + uri.rsplit("/files/", 1)[-1]
+                f = self._live_file(name)
+                if f is None:
+                    return _file_not_found(name)
+                if f.state != "ACTIVE":
+                    # The docs say to wait for ACTIVE before use; the exact refusal is an inference.
+                    message = (f"The File {name.removeprefix('files/')} is not in an ACTIVE state and usage "
+                               "is not allowed.")
+                    return web.json_response(error_body(400, "FAILED_PRECONDITION", message), status=400)
+        return None
+
+    def _file_facts(self, uri: str) -> tuple[str, int, bytes] | None:
+        """(MIME type, size, first bytes) of the file a ``fileUri`` names, for the responder."""
+        f = self.files.get("files/" + uri.rsplit("/files/", 1)[-1])
+        return None if f is None else (f.mime_type, f.size, f.head)
+
+
+class GeminiEmulator(FilesApi):
     """An aiohttp server on loopback that answers like the Gemini API.
 
     ``requests`` records every request (key masked) with its outcome, the newest
@@ -240,6 +524,15 @@ class GeminiEmulator:
         self._clock = clock
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
+        # The Files API: uploaded files by name (bounded, newest kept) and open upload sessions.
+        # ``files_clock`` is the wall clock of their expiry (a test moves it past 48 hours);
+        # ``processing_gets`` is how many files.get calls a file of a kind (the MIME type's first
+        # part) answers PROCESSING before ACTIVE: video takes a while, as with the real API.
+        self.files: OrderedDict[str, EmulatedFile] = OrderedDict()
+        self.files_clock: Callable[[], float] = time.time
+        self.file_lifetime = FILE_LIFETIME_SECONDS
+        self.processing_gets: dict[str, int] = {"video": 2}
+        self._uploads: dict[str, dict[str, Any]] = {}
 
     # lifecycle
 
@@ -285,16 +578,19 @@ class GeminiEmulator:
     # request handling
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/upload/") or "/files" in request.path:
+            return await self._files(request)
         raw = await request.read()
         try:
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode("utf-8", "replace")
+        body = responder.normalised(body)
         parsed = parse_model_path(request.path)
         version, model, action = parsed if parsed else (None, None, None)
         headers = {k: ("***" if k.lower() == API_KEY_HEADER else v) for k, v in request.headers.items()}
-        rec = RecordedRequest(request.method, request.path, model, version, action, headers, body,
-                              self._clock())
+        rec = RecordedRequest(request.method, request.path, model, version, action, headers,
+                              summarised(body), self._clock())
         self.requests.append(rec)
 
         key = request.headers.get(API_KEY_HEADER) or request.query.get("key")
@@ -320,7 +616,8 @@ class GeminiEmulator:
         prompt = last_user_text(body).lower()
         fault = self.faults.pick(
             *(model, f"models/{model}") if model else ("models",),
-            accept=lambda f: str(f.params.get("prompt", "")).lower() in prompt,
+            accept=lambda f: f.kind not in FILE_FAULT_KINDS
+            and str(f.params.get("prompt", "")).lower() in prompt,
         )
         rec.fault = fault
         rec.outcome = f"fault:{fault.kind}" if fault else "ok"
@@ -342,6 +639,10 @@ class GeminiEmulator:
             return web.json_response({"totalTokens": self._usage(body, "")["promptTokenCount"]})
         if action == "batchEmbedContents":
             return web.json_response(self._embeddings(body))
+        refused = self._check_file_parts(body)
+        if refused is not None:
+            rec.outcome = f"file_refused:{refused.status}"
+            return refused
         if action == "streamGenerateContent":
             return await self._stream(request, model, body, fault)
         answer = self._generate(model, body, fault)
@@ -454,7 +755,7 @@ class GeminiEmulator:
             usage["totalTokenCount"] += 1024
             return {"candidates": [{"content": {"role": "model"}, "finishReason": "MAX_TOKENS", "index": 0}],
                     "usageMetadata": usage, "modelVersion": version}
-        text = responder.reply(body)
+        text = responder.reply(body, self._file_facts)
         finish = "STOP"
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
         if isinstance(limit, int) and responder.count_tokens(text) > limit:
@@ -519,3 +820,4 @@ class GeminiEmulator:
             rng = random.Random(text)
             out.append({"values": [round(rng.uniform(-1, 1), 6) for _ in range(8)]})
         return {"embeddings": out}
+

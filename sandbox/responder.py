@@ -8,7 +8,9 @@ otherwise an echo that shows how much context the emulator received.
 
 from __future__ import annotations
 
+import base64
 import re
+from collections.abc import Callable
 from typing import Any
 
 _LENGTH_RE = re.compile(r"reply with (\d+) char", re.IGNORECASE)
@@ -55,8 +57,92 @@ def words_of_length(n: int) -> str:
     return text.ljust(n, ".")
 
 
-def reply(body: dict[str, Any]) -> str:
-    """Return the emulator's answer to a ``generateContent`` request body."""
+# What the responder knows of an uploaded file from its fileUri: (MIME type, size, first bytes).
+FileFacts = Callable[[str], "tuple[str, int, bytes] | None"]
+
+_KIND_WORDS = {"image": "an image", "audio": "audio", "video": "a video", "text": "a text file"}
+
+
+# Part fields the API accepts under either name: protobuf's JSON mapping reads the original
+# (snake_case) name as well as the lowerCamelCase one, and google-genai sends some parts either way.
+_PART_FIELDS = {"inline_data": "inlineData", "file_data": "fileData", "mime_type": "mimeType",
+                "file_uri": "fileUri", "display_name": "displayName"}
+
+
+def normalised(body: Any) -> Any:
+    """``body`` with the parts' snake_case field names in lowerCamelCase (see ``_PART_FIELDS``)."""
+    if not isinstance(body, dict) or not isinstance(body.get("contents"), list):
+        return body
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {_PART_FIELDS.get(k, k): fix(v) for k, v in value.items()}
+        return value
+
+    contents = [
+        {**c, "parts": [fix(p) for p in c["parts"]]}
+        if isinstance(c, dict) and isinstance(c.get("parts"), list) else c
+        for c in body["contents"]
+    ]
+    return {**body, "contents": contents}
+
+
+def first_words(data: bytes | str, n: int = 6) -> str:
+    """The first ``n`` words of a text (bytes decoded as UTF-8)."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return " ".join(text.split()[:n])
+
+
+def describe_part(part: dict[str, Any], files: FileFacts | None = None) -> str:
+    """One sentence about a part: "I see an image of N bytes, type T" for bytes sent inline,
+    "I see an image of N bytes, type T, from the Files API" for a file, the first words of a text."""
+    inline = part.get("inlineData")
+    if isinstance(inline, dict):
+        mime = str(inline.get("mimeType", "application/octet-stream"))
+        data = str(inline.get("data", ""))
+        raw = base64.urlsafe_b64decode(data.replace("+", "-").replace("/", "_") + "=" * (-len(data) % 4))
+        return _sentence(mime, len(raw), raw[:200], "")
+    file_data = part.get("fileData")
+    if isinstance(file_data, dict):
+        uri = str(file_data.get("fileUri", ""))
+        facts = files(uri) if files is not None else None
+        mime = str(file_data.get("mimeType") or (facts[0] if facts else "application/octet-stream"))
+        size, head = (facts[1], facts[2]) if facts else (0, b"")
+        return _sentence(mime, size, head, ", from the Files API")
+    return f"I read a text that begins «{first_words(str(part.get('text', '')))}»."
+
+
+def _sentence(mime: str, size: int, head: bytes, where: str) -> str:
+    if mime == "application/pdf":
+        return f"I see a PDF document of {size} bytes{where}."
+    kind = _KIND_WORDS.get(mime.split("/")[0], "a file")
+    sentence = f"I see {kind} of {size} bytes, type {mime}{where}."
+    if mime.startswith("text/"):
+        sentence += f" It begins «{first_words(head)}»."
+    return sentence
+
+
+def reply(body: dict[str, Any], files: FileFacts | None = None) -> str:
+    """Return the emulator's answer to a ``generateContent`` request body.
+
+    A last user turn of several parts (files, then the question) is answered with one sentence
+    about each part but the last text, then the answer to that text.
+    """
+    contents = [c for c in body.get("contents", []) if isinstance(c, dict)]
+    user_turns = [c for c in contents if c.get("role", "user") == "user"]
+    parts = [p for p in (user_turns[-1].get("parts") or []) if isinstance(p, dict)] if user_turns else []
+    if any("text" not in p for p in parts):
+        texts = [i for i, p in enumerate(parts) if "text" in p]
+        question = texts[-1] if texts else None
+        about = [describe_part(p, files) for i, p in enumerate(parts) if i != question]
+        asked = {**body, "contents": [*contents[:-1], {"role": "user", "parts": [parts[question]]}]} \
+            if question is not None else None
+        answer = _reply(asked) if asked is not None else "That is all you sent."
+        return "\n".join([*about, answer])
+    return _reply(body)
+
+
+def _reply(body: dict[str, Any]) -> str:
     contents = [c for c in body.get("contents", []) if isinstance(c, dict)]
     user_turns = [c for c in contents if c.get("role", "user") == "user"]
     last = text_of(user_turns[-1]) if user_turns else ""

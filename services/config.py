@@ -29,6 +29,9 @@ DEFAULT_PERSONA = (
 GEMINI_FIRST_TOKEN_SECONDS = 2.0
 """What a Gemini answer's timeout allows before the first token, on top of the tokens' time."""
 
+# What the bot can pass to Gemini (ATTACHMENT_TYPES): bot/attachments.py maps files to these kinds.
+ATTACHMENT_KINDS = frozenset({"image", "text", "pdf", "audio", "video"})
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("console", "json")
 
@@ -124,6 +127,13 @@ class Config:
     queue_max_pending_per_guild: int = 50
     queue_retention_seconds: float = 7 * 86400.0
     history_retention_seconds: float = 30 * 86400.0
+    # Attachments (bot/attachments.py)
+    attachment_max_file_bytes: int = 8 * 1024 * 1024
+    attachment_max_message_bytes: int = 20 * 1024 * 1024
+    attachment_max_count: int = 10
+    attachment_types: frozenset[str] = ATTACHMENT_KINDS
+    attachment_spool_max_bytes: int = 256 * 1024 * 1024
+    gemini_inline_max_bytes: int = 10 * 1024 * 1024
     # Operations
     http_host: str = "127.0.0.1"
     http_port: int = 3000
@@ -306,6 +316,17 @@ def _user_ids(text: str) -> frozenset[int]:
     return frozenset(int(item) for item in items)
 
 
+def _attachment_kinds(text: str) -> frozenset[str]:
+    items = {item.strip().lower() for item in text.split(",") if item.strip()} - {"none"}
+    unknown = sorted(items - ATTACHMENT_KINDS)
+    if unknown:
+        raise _Invalid(
+            f"unknown attachment kinds: {', '.join(unknown)}",
+            f"use a comma-separated subset of {', '.join(sorted(ATTACHMENT_KINDS))} (or 'none')",
+        )
+    return frozenset(items)
+
+
 def _models(text: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in text.split(",") if item.strip())
     bad = [item for item in items if any(c.isspace() for c in item)]
@@ -417,6 +438,14 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_max_pending_per_guild": _Number(int, 1, 1_000_000),
     "queue_retention_seconds": _Number(float, 0, 3650 * 86400),
     "history_retention_seconds": _Number(float, 3600, 3650 * 86400),
+    # Discord's own upload limit is 10 MiB (500 MiB with Nitro); Gemini takes up to 2 GB per file.
+    "attachment_max_file_bytes": _Number(int, 1, 2 * 1024**3),
+    "attachment_max_message_bytes": _Number(int, 1, 20 * 1024**3),
+    "attachment_max_count": _Number(int, 0, 10),
+    "attachment_types": _attachment_kinds,
+    "attachment_spool_max_bytes": _Number(int, 0, 1024**4),
+    # Gemini refuses a request over 20 MB, and inline bytes travel base64-encoded (4/3 of their size).
+    "gemini_inline_max_bytes": _Number(int, 0, 14 * 1024 * 1024),
     "http_host": _host,
     "http_port": _Number(int, 0, 65535),
     "admin_api_token": _admin_token,

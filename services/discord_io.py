@@ -135,6 +135,14 @@ class PartialDeliveryError(Exception):
         self.cause = cause
 
 
+class DownloadTooLargeError(ValueError):
+    """A CDN file was larger than the download allowed (``limit`` bytes): nothing was kept."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the file is larger than {limit} bytes")
+        self.limit = limit
+
+
 class DiscordIO:
     """Discord writes behind per-operation breakers, with safe mentions; a registry service.
 
@@ -173,6 +181,7 @@ class DiscordIO:
         self._typing_interval = typing_interval
         self._rate_limit_wait = rate_limit_wait
         self._breakers: dict[str, Breaker] = {}
+        self._cdn: aiohttp.ClientSession | None = None  # for attachments; opened on first download
         self._traced = False  # whether the client reports its requests (client_options())
         self.http_trace = aiohttp.TraceConfig()
         self.http_trace.on_request_start.append(self._request_started)
@@ -199,7 +208,10 @@ class DiscordIO:
         """Nothing to open: discord.py owns the HTTP session."""
 
     async def stop(self) -> None:
-        """Nothing to close."""
+        """Close the CDN session, if a download opened one; safe to call twice."""
+        session, self._cdn = self._cdn, None
+        if session is not None:
+            await session.close()
 
     def health(self) -> dict[str, Any]:
         """Not ok while ``discord.send`` is open; every breaker's state and the failure counts."""
@@ -346,6 +358,43 @@ class DiscordIO:
             return None
 
         return await self._guard("read", _channel_id(channel), scan)
+
+    async def fetch_message(self, channel: discord.abc.Messageable, message_id: int) -> discord.Message:
+        """One message read again through ``discord.read`` (fresh attachment URLs among the rest)."""
+        return await self._guard("read", _channel_id(channel), channel.fetch_message, message_id)
+
+    async def download(self, url: str, *, max_bytes: int) -> bytes:
+        """The file at a Discord CDN ``url`` (an attachment, a media-proxied image), through
+        ``discord.read`` under the call timeout, read in pieces and given up past ``max_bytes``.
+
+        Raises discord.py's ``NotFound`` (an expired signed URL, a deleted file: not Discord's
+        fault) or ``Forbidden`` or ``HTTPException`` like ``Attachment.read`` does,
+        ``DownloadTooLargeError`` (permanent), or the connection's errors.
+        """
+
+        async def get() -> bytes:
+            if self._cdn is None or self._cdn.closed:
+                # Its own session, traced like discord.py's: each request restarts the call timeout.
+                self._cdn = aiohttp.ClientSession(trace_configs=[self.http_trace])
+            async with self._cdn.get(url) as response:
+                if response.status == 404:
+                    raise discord.NotFound(response, "file not found (expired or deleted)")
+                if response.status == 403:
+                    raise discord.Forbidden(response, "cannot retrieve file")
+                if response.status >= 500:
+                    raise discord.DiscordServerError(response, "the CDN failed")
+                if response.status != 200:
+                    raise discord.HTTPException(response, "failed to get file")
+                if (response.content_length or 0) > max_bytes:
+                    raise DownloadTooLargeError(max_bytes)
+                data = bytearray()
+                async for piece in response.content.iter_chunked(64 * 1024):
+                    data += piece
+                    if len(data) > max_bytes:
+                        raise DownloadTooLargeError(max_bytes)
+                return bytes(data)
+
+        return await self._guard("read", None, get)
 
     async def history(
         self, channel: discord.abc.Messageable, *, after: discord.abc.Snowflake, limit: int

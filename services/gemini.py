@@ -24,8 +24,9 @@ configured model once (``python -m bot check`` and start-up).
 from __future__ import annotations
 
 import asyncio
+import io
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -279,6 +280,36 @@ class GeminiService:
             reply = await self.retry.call(lambda: self._attempt(contents, config))
             step.set(model=reply.model, outcome=reply.kind.value)
         return reply
+
+    async def generate_with_parts(
+        self,
+        prompt: str,
+        parts: Sequence[PartLike],
+        history: Sequence[Turn] = (),
+        *,
+        history_parts: Mapping[int, Sequence[PartLike]] | None = None,
+        persona: str | None = None,
+    ) -> Reply:
+        """``generate`` with files: ``parts`` (images, audio, PDFs as ``types.Part``, texts as
+        ``{"text": ...}``) go before ``prompt`` in the last user turn, and ``history_parts[i]``
+        before the text of ``history[i]`` (files an earlier turn referred to). Same guards, same
+        errors; a 400 about a file (Gemini could not read it) is not counted by the breaker."""
+        contents = build_multimodal_contents(history, prompt, parts, history_parts or {})
+        if not contents:
+            raise ValueError("nothing to send: the prompt, the files and the history are empty")
+        config: types.GenerateContentConfigDict = {}
+        if persona or self.persona:
+            config["system_instruction"] = persona or self.persona
+        if self.max_output_tokens is not None:
+            config["max_output_tokens"] = self.max_output_tokens
+        return await self.retry.call(lambda: self._attempt(contents, config))
+
+    @property
+    def sdk_client(self) -> genai.Client:
+        """The running google-genai client (for the Files API, ``GeminiFiles``)."""
+        if self._client is None:
+            raise GeminiStoppedError("the Gemini service is not running")
+        return self._client
 
     async def ping(self) -> Reply:
         """A tiny generation through the same guards (for the HTTP API's Gemini test)."""
@@ -606,6 +637,122 @@ def build_contents(history: Sequence[Turn], prompt: str) -> list[types.ContentDi
         else:
             contents.append({"role": role, "parts": [{"text": text}]})
     return contents
+
+
+PartLike = types.Part | dict[str, Any]
+
+
+def build_multimodal_contents(
+    history: Sequence[Turn],
+    prompt: str,
+    parts: Sequence[PartLike],
+    history_parts: Mapping[int, Sequence[PartLike]],
+) -> list[types.ContentDict]:
+    """``build_contents`` with files: each turn's files go before its text (as Gemini's docs advise:
+    the media first, then the question); a turn with files and no text is kept."""
+    rows = [(t.role, t.text, history_parts.get(i, ())) for i, t in enumerate(history)]
+    rows.append(("user", prompt, parts))
+    contents: list[types.ContentDict] = []
+    for role, text, extra in rows:
+        role = "model" if role == "model" else "user"
+        items: list[Any] = [*extra, {"text": text}] if text else [*extra]
+        if not items or (role == "model" and not contents):
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(items)  # type: ignore[union-attr]
+        else:
+            contents.append({"role": role, "parts": items})
+    return contents
+
+
+# --- the Files API -------------------------------------------------------------------------------
+
+FILES_BREAKER = "gemini.files"
+# The Files API's documented endpoints are on v1beta (https://ai.google.dev/api/files: "POST
+# https://generativelanguage.googleapis.com/upload/v1beta/files", "GET .../v1beta/{name=files/*}");
+# the URI it returns is used in generateContent on the bot's API version.
+FILES_API_VERSION = "v1beta"
+FILE_POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedFile:
+    """A file Gemini holds for us: ``uri`` goes into a request until ``expires_at`` (POSIX seconds)."""
+
+    name: str
+    uri: str
+    mime_type: str
+    expires_at: float | None
+
+
+class FileNotReadyError(TimeoutError):
+    """An uploaded file was still PROCESSING when the wait for it ran out (transient: a later try
+    may find it ACTIVE)."""
+
+
+class FileRejectedError(Exception):
+    """Gemini could not process an uploaded file (state FAILED): it will not work later either."""
+
+
+class GeminiFiles:
+    """Uploads through the Files API, behind a breaker of its own (``gemini.files``) and a timeout.
+
+    ``upload`` sends the bytes with google-genai's resumable upload (``client.aio.files.upload``),
+    then asks ``files.get`` every ``poll`` seconds (on ``clock``) until the file is ACTIVE, at most
+    ``max_wait`` seconds in all; each request is one breaker call under ``timeout``. A file upload
+    failing says nothing about generation, so it never counts against the ``gemini`` breaker.
+    """
+
+    def __init__(
+        self,
+        gemini: GeminiService,
+        breaker: Breaker,
+        *,
+        clock: Clock,
+        timeout: float,
+        max_wait: float,
+        poll: float = FILE_POLL_SECONDS,
+    ) -> None:
+        self._gemini = gemini
+        self.breaker = breaker
+        self._clock = clock
+        self.timeout = timeout
+        self.max_wait = max_wait
+        self.poll = poll
+
+    async def upload(self, data: bytes, mime_type: str, display_name: str) -> UploadedFile:
+        """Upload ``data`` and wait until Gemini can use it; raises ``FileNotReadyError`` (still
+        processing after ``max_wait``), ``FileRejectedError``, or what the SDK raised."""
+        client = self._gemini.sdk_client
+        # A fresh options object per call: the SDK writes the upload's headers into it.
+        config = types.UploadFileConfig(
+            mime_type=mime_type,
+            display_name=display_name[:512],
+            http_options=types.HttpOptions(api_version=FILES_API_VERSION),
+        )
+        file = await self.breaker.call(
+            client.aio.files.upload, file=io.BytesIO(data), config=config, timeout=self.timeout
+        )
+        deadline = self._clock.monotonic() + self.max_wait
+        for _ in range(max(1, int(self.max_wait / self.poll) + 1)):
+            state = _name(file.state)
+            if state == "ACTIVE":
+                break
+            if state == "FAILED":
+                raise FileRejectedError(f"Gemini could not process the uploaded {mime_type} file")
+            if self._clock.monotonic() + self.poll > deadline:
+                raise FileNotReadyError(f"the uploaded file was still {state} after {self.max_wait:g} s")
+            await self._clock.sleep(self.poll)
+            file = await self.breaker.call(
+                client.aio.files.get,
+                name=file.name or "",
+                config=types.GetFileConfig(http_options=types.HttpOptions(api_version=FILES_API_VERSION)),
+                timeout=self.timeout,
+            )
+        else:
+            raise FileNotReadyError(f"the uploaded file was not ACTIVE after {self.max_wait:g} s")
+        expires = file.expiration_time.timestamp() if file.expiration_time is not None else None
+        return UploadedFile(file.name or "", file.uri or "", file.mime_type or mime_type, expires)
 
 
 def to_reply(response: types.GenerateContentResponse, model: str) -> Reply:

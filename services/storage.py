@@ -182,6 +182,20 @@ MIGRATIONS: list[list[str]] = [
             resolved_at REAL
         ) WITHOUT ROWID""",
     ],
+    [
+        # Files a conversation's turns referred to (bot/attachments.py): a reference (name, type,
+        # where to fetch it again, a Gemini file URI while valid), never the bytes; the newest few
+        # per conversation are kept, so a later question can still see an earlier image.
+        """CREATE TABLE attachment_refs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_key TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX attachment_refs_by_key ON attachment_refs (conversation_key, id)",
+        "CREATE INDEX attachment_refs_by_time ON attachment_refs (created_at)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 AVAILABILITY_WITHIN = 30.0
@@ -874,13 +888,101 @@ class SqliteStore:
         return kept
 
     async def forget(self, key: str) -> int:
-        """Delete a conversation's history (``/reset``); return how many turns went."""
+        """Delete a conversation's history (``/reset``), its file references included; return how
+        many turns went."""
 
         async def body(db: aiosqlite.Connection) -> int:
             cur = await db.execute("DELETE FROM turns WHERE conversation_key = ?", (key,))
+            await db.execute("DELETE FROM attachment_refs WHERE conversation_key = ?", (key,))
             return cur.rowcount
 
         return await self._run("forget", body)
+
+    # -- file references of the history (bot/attachments.py) --------------------------------
+
+    async def record_attachment_refs(
+        self,
+        key: str,
+        message_id: str | int,
+        refs: Sequence[dict[str, Any]],
+        *,
+        keep: int,
+        now: float | None = None,
+    ) -> None:
+        """Store the file references of one message of conversation ``key`` and keep only the
+        conversation's newest ``keep``, in one transaction."""
+        stamp = self._now(now)
+        rows = [(key, str(message_id), json.dumps(ref, separators=(",", ":")), stamp) for ref in refs]
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO attachment_refs (conversation_key, message_id, data, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            conn.execute(
+                "DELETE FROM attachment_refs WHERE conversation_key = ? AND id NOT IN "
+                "(SELECT id FROM attachment_refs WHERE conversation_key = ? ORDER BY id DESC LIMIT ?)",
+                (key, key, keep),
+            )
+
+        await self._run("record_attachment_refs", self._in_thread(body), write=False)
+
+    async def attachment_refs(
+        self, key: str, *, limit: int
+    ) -> builtins.list[tuple[int, str, dict[str, Any]]]:
+        """The newest ``limit`` file references of conversation ``key``, oldest first:
+        ``(ref id, message id, reference)``."""
+
+        async def body(db: aiosqlite.Connection) -> list[tuple[int, str, dict[str, Any]]]:
+            rows = await _all(
+                db,
+                "SELECT id, message_id, data FROM attachment_refs WHERE conversation_key = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (key, limit),
+            )
+            found = []
+            for row in reversed(rows):
+                try:
+                    found.append((int(row[0]), str(row[1]), json.loads(row[2])))
+                except ValueError:
+                    continue  # one damaged row must not cost the conversation its answer
+            return found
+
+        return await self._run("attachment_refs", body, write=False)
+
+    async def update_attachment_ref(self, ref_id: int, ref: dict[str, Any]) -> None:
+        """Replace one file reference (a new Gemini file URI after an upload)."""
+
+        async def body(db: aiosqlite.Connection) -> None:
+            data = json.dumps(ref, separators=(",", ":"))
+            await db.execute("UPDATE attachment_refs SET data = ? WHERE id = ?", (data, ref_id))
+
+        await self._run("update_attachment_ref", body)
+
+    async def attachment_ref_keys(self) -> set[str]:
+        """The conversations that have file references (so others skip the read)."""
+
+        async def body(db: aiosqlite.Connection) -> set[str]:
+            rows = await _all(db, "SELECT DISTINCT conversation_key FROM attachment_refs")
+            return {str(row[0]) for row in rows}
+
+        return await self._run("attachment_ref_keys", body, write=False)
+
+    async def prune_attachment_refs(self, older_than_seconds: float, *, now: float | None = None) -> int:
+        """Delete file references older than the history's retention, at most
+        ``HOUSEKEEPING_BATCH_ROWS``; return how many went."""
+        cutoff = self._now(now) - older_than_seconds
+
+        async def body(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "DELETE FROM attachment_refs WHERE id IN (SELECT id FROM attachment_refs "
+                "WHERE created_at < ? LIMIT ?)",
+                (cutoff, HOUSEKEEPING_BATCH_ROWS),
+            )
+            return cur.rowcount
+
+        return await self._run("prune_attachment_refs", body)
 
     async def prune_history(self, older_than_seconds: float, *, now: float | None = None) -> int:
         """Delete turns older than the given age (idle conversations); return how many."""

@@ -1,5 +1,5 @@
 """The queue's edges, in-process: dead-lettering, expiry, maintenance, cooldown, a busy
-conversation, attachments and a replayed gateway event.
+conversation and a replayed gateway event (attachments: test_attachments.py).
 
 Each test starts the real ``GeminiBot`` (``live_bot`` from ``test_pipeline``) against fresh
 emulators with the few settings it is about, plays a user through the Discord emulator, and
@@ -286,14 +286,6 @@ async def test_a_mutex_timeout_queues_the_message_and_it_is_answered_in_order_af
         assert len(done) == 2, done
         assert "first question" in done[0] and "second question" in done[1]
         assert await states(live) == [ItemState.DONE, ItemState.DONE]
-
-
-async def test_a_message_with_only_an_attachment_gets_the_only_read_text_sentence(tmp_path: Path) -> None:
-    async with start(tmp_path) as live:
-        msg = await live.say("", attachments=[{"filename": "cat.png", "content_type": "image/png"}])
-        [reply] = await live.wait_replies(msg["id"])
-        assert reply.content.startswith("I can only read text"), reply.content
-        assert len(live.gemini.requests) == 0
 
 
 async def test_a_replayed_message_create_is_answered_once_also_after_a_restart(tmp_path: Path) -> None:
