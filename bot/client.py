@@ -29,7 +29,8 @@ from services.http_api import BoundedCache
 log = structlog.get_logger("bot.client")
 
 
-# What the bot does in a channel: read it, answer (also in threads), quote history, react, embed.
+# What the bot does in a channel: read it, answer (also in threads), quote history, react, embed,
+# and attach long answers and big code blocks as files (bot/long_answers.py).
 PERMISSIONS = discord.Permissions(
     view_channel=True,
     send_messages=True,
@@ -37,6 +38,7 @@ PERMISSIONS = discord.Permissions(
     read_message_history=True,
     add_reactions=True,
     embed_links=True,
+    attach_files=True,
 )
 
 

@@ -993,6 +993,7 @@ class DiscordEmulator:
         cid = self._channel(request)
         self._check_can_post(cid)
         body = body or {}
+        self._check_can_attach(cid, body)
         nonce = str(body["nonce"]) if body.get("nonce") is not None else None
         if nonce is not None and body.get("enforce_nonce"):
             # Discord: a repeated nonce from the same author within a few minutes returns the
@@ -1090,6 +1091,15 @@ class DiscordEmulator:
         recipient = self.world.dm_recipient(cid)
         if recipient is not None and recipient in self.world.closed_dms:
             raise ApiError(403, "Cannot send messages to this user", 50007)
+
+    def _check_can_attach(self, cid: int, body: dict[str, Any]) -> None:
+        """Uploading files to a guild channel needs Attach Files ("Allows for uploading images and
+        files", discord-api-docs ``docs/topics/Permissions.md``); without it Discord answers 403
+        {"message": "Missing Permissions", "code": 50013}."""
+        if not body.get("__uploads__") or not self.world.is_guild_channel(cid):
+            return
+        if not self.world.channel_permissions(self.world.bot, cid) & ATTACH_FILES:
+            raise ApiError(403, "Missing Permissions", 50013)
 
     async def _get_history(self, request: web.Request, body: Any) -> web.Response:
         cid = self._channel(request)
@@ -1372,6 +1382,7 @@ def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None
         raise ApiError(400, "Cannot send an empty message", 50006)
 
 
+ATTACH_FILES = 1 << 15  # the permission to upload files (discord-api-docs, Permissions)
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 """Discord's upload limit per file for a bot without boosts (10 MiB since 2024); a larger one gets
 413 with JSON error code 40005, "Request entity too large" (discord-api-docs, JSON Error Codes)."""

@@ -72,3 +72,19 @@ async def test_a_file_over_the_upload_limit_gets_413_request_entity_too_large(
         await channel.send("fits", files=[file("small.bin", b"\0" * 1024)])
     assert info.value.status == 413 and info.value.code == 40005
     assert [m.content for m in emu.sent_messages(channel_id)] == ["fits"]
+
+
+async def test_an_upload_without_attach_files_is_refused_with_missing_permissions(
+    emu: DiscordEmulator,
+) -> None:
+    random_id = emu.channels["random"]
+    emu.world.set_overwrite(random_id, emu.bot_user_id, deny=discord_emu.ATTACH_FILES)
+    async with running(emu) as run:
+        channel = run.bot.get_channel(random_id)
+        assert isinstance(channel, discord.TextChannel)
+        assert not channel.permissions_for(channel.guild.me).attach_files  # discord.py sees it too
+        with pytest.raises(discord.Forbidden) as info:
+            await channel.send("with a file", files=[file("answer.md", b"x")])
+        await channel.send("text only")
+    assert info.value.code == 50013
+    assert [m.content for m in emu.sent_messages(random_id)] == ["text only"]
