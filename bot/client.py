@@ -21,6 +21,7 @@ from bot.app import Application
 from bot.catchup import MAX_CHANNELS, Catchup
 from bot.commands import DEFAULT_TIMEOUT, SlashCommands, application_owners, setup_commands
 from bot.drain import Drain
+from bot.history import MAX_CONVERSATIONS_TOLD
 from bot.intake import RECENT_IDS, Intake
 from bot.operations import apply_breaker_overrides, serve_operations
 from bot.routing import FailureRouter
@@ -140,6 +141,9 @@ class GeminiBot(commands.Bot):
                 "refusal_notices": BoundedCache(
                     lambda: len(self.intake.refusals), self.intake.refusals.status()["max_keys"]
                 ),
+                "history_notes": BoundedCache(lambda: len(self.answerer.left_out), MAX_CONVERSATIONS_TOLD),
+                # Today's users and servers with a quota (none when quotas are off); emptied at midnight UTC.
+                "quota_owners": lambda: self.app.usage.tracked,
                 "discord_messages": BoundedCache(lambda: len(self.cached_messages), state.max_messages or 0),
                 # discord.py keeps at most 128 DM channels (ConnectionState._add_private_channel).
                 "discord_dm_channels": BoundedCache(lambda: len(self.private_channels), 128),

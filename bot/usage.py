@@ -73,6 +73,11 @@ class UsageLedger:
         self.loaded = False
 
     @property
+    def tracked(self) -> int:
+        """How many users and guilds today's totals hold (for the memory view)."""
+        return len(self._users) + len(self._guilds)
+
+    @property
     def enabled(self) -> bool:
         """Whether any quota is set (otherwise the ledger tracks nothing)."""
         return bool(self.user_daily or self.guild_daily)

@@ -186,6 +186,7 @@ class Metrics:
             self.queue_depth.labels(kind_name, state_name)
 
         self._message_children: dict[str, tuple[Counter, Histogram]] = {}
+        self._token_children: dict[tuple[str, str], Counter] = {}
         self._retry_sources: dict[str, tuple[RetrySource, dict[str, int]]] = {}
         self._mutex_sources: list[tuple[MutexSource, dict[str, int]]] = []
 
@@ -264,7 +265,10 @@ class Metrics:
         of it served from Gemini's cache), ``output`` (candidates) and ``thought`` tokens."""
         for kind, count in (("prompt", prompt), ("output", output), ("thought", thought), ("cached", cached)):
             if count:
-                self.gemini_tokens.labels(kind, model).inc(count)
+                child = self._token_children.get((kind, model))
+                if child is None:  # labels() takes a lock and rebuilds the tuple: once per series
+                    child = self._token_children[(kind, model)] = self.gemini_tokens.labels(kind, model)
+                child.inc(count)
 
     # breakers
     def set_breaker_state(self, name: str, state: object) -> None:

@@ -196,3 +196,22 @@ async def test_usage_for_me_my_server_and_the_bot(slash: Live) -> None:
     assert f"- `gemini-2.5-flash`: **{total:,} tokens**" in report
     assert f"Top servers: `{live.discord.world.channel_guild(live.general)}` {total:,}" in report
     assert "Quotas: users 100,000 tokens a day; servers unlimited" in report
+
+
+async def test_ask_over_the_quota_gets_the_sentence_and_the_memory_view_counts_the_ledger(
+    tmp_path: Path,
+) -> None:
+    async with (
+        running_emulators() as emus,
+        live_bot(emus, tmp_path / "data", QUOTA_USER_TOKENS_PER_DAY="50") as live,
+    ):
+        live.bot.install_commands()
+        await live.bot.tree.sync()
+        first = await run(live, "ask", {"prompt": "hello"})
+        assert first.followups[0].content.startswith("Hello! I am the sandbox Gemini")
+        await settled(live)
+        over = await run(live, "ask", {"prompt": "hello again"})
+        assert only_text(over).startswith("You have used today's allowance of 50 Gemini tokens")
+        caches = live.app.http_api.sources.caches
+        assert caches["quota_owners"]() == 1  # the one user (no server quota is set)
+        assert len([r for r in live.gemini.requests if r.action == "generateContent"]) == 1
