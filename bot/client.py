@@ -143,7 +143,7 @@ class GeminiBot(commands.Bot):
                 ),
                 "history_notes": BoundedCache(lambda: len(self.answerer.left_out), MAX_CONVERSATIONS_TOLD),
                 # Today's users and servers with a quota (none when quotas are off); emptied at midnight UTC.
-                "quota_owners": lambda: self.app.usage.tracked,
+                "quota_owners": BoundedCache(lambda: self.app.usage.tracked, 2 * self.app.usage.max_owners),
                 "discord_messages": BoundedCache(lambda: len(self.cached_messages), state.max_messages or 0),
                 # discord.py keeps at most 128 DM channels (ConnectionState._add_private_channel).
                 "discord_dm_channels": BoundedCache(lambda: len(self.private_channels), 128),

@@ -10,9 +10,10 @@ Quotas (``QUOTA_USER_TOKENS_PER_DAY``, ``QUOTA_GUILD_TOKENS_PER_DAY``; 0 = unlim
 day's prompt, output and thought tokens. ``UsageLedger.check`` decides from memory (no I/O): the
 ledger keeps today's totals of the users and guilds it has seen, read once from SQLite when the
 service starts (``usage_by_owner``) and reset at midnight UTC. Only a scope with a quota is kept in
-memory, so with quotas off the ledger holds nothing. A message is checked at the door (intake,
-``/ask``): one already accepted is answered even if an earlier answer used the rest of the quota,
-so a quota can be overrun by the answers in flight when it ran out (one per conversation at most).
+memory, so with quotas off the ledger holds nothing; at most ``MAX_OWNERS`` users and guilds each.
+A message is checked at the door (intake, ``/ask``): one already accepted is answered even if an
+earlier answer used the rest of the quota, so a quota can be overrun by the answers in flight
+when it ran out (one per conversation at most).
 What a user uses never counts against another user (a guild's quota is shared by its members by
 design).
 """
@@ -33,6 +34,11 @@ from services.storage import SECONDS_PER_DAY, SqliteStore, UsageRecord, usage_da
 log = structlog.get_logger("bot.usage")
 
 Scope = Literal["user", "guild"]
+
+MAX_OWNERS = 100_000
+"""Users (and, apart, guilds) whose totals of the day the ledger keeps at most. Past it, the tenth
+that used least is forgotten (their next answers count from zero): memory stays bounded under a
+flood of distinct users, and those nearest their quota are the ones kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +65,20 @@ class UsageLedger:
     depends_on: tuple[str, ...] = ("storage",)
 
     def __init__(
-        self, storage: SqliteStore, *, user_daily: int, guild_daily: int, clock: Clock
+        self,
+        storage: SqliteStore,
+        *,
+        user_daily: int,
+        guild_daily: int,
+        clock: Clock,
+        max_owners: int = MAX_OWNERS,
     ) -> None:
         if user_daily < 0 or guild_daily < 0:
             raise ValueError("daily quotas must be 0 (unlimited) or positive")
+        if max_owners < 10:
+            raise ValueError("max_owners must be at least 10")
+        self.max_owners = max_owners
+        self.forgotten = 0
         self._storage = storage
         self.user_daily = user_daily
         self.guild_daily = guild_daily
@@ -99,10 +115,10 @@ class UsageLedger:
             return
         self._roll(day)
         for user_id, tokens in users.items():
-            self._users[user_id] = self._users.get(user_id, 0) + tokens
+            self._add(self._users, user_id, tokens)
         for guild_id, tokens in guilds.items():
             if guild_id:
-                self._guilds[guild_id] = self._guilds.get(guild_id, 0) + tokens
+                self._add(self._guilds, guild_id, tokens)
         self.loaded = True
 
     async def stop(self) -> None:
@@ -115,6 +131,7 @@ class UsageLedger:
             "day": self._day,
             "users_tracked": len(self._users),
             "guilds_tracked": len(self._guilds),
+            "forgotten": self.forgotten,
             "loaded": self.loaded or not self.enabled,
         }
 
@@ -166,9 +183,9 @@ class UsageLedger:
         if record.day != self._day:
             return
         if self.user_daily:
-            self._users[record.user_id] = self._users.get(record.user_id, 0) + record.counted
+            self._add(self._users, record.user_id, record.counted)
         if self.guild_daily and record.guild_id is not None:
-            self._guilds[record.guild_id] = self._guilds.get(record.guild_id, 0) + record.counted
+            self._add(self._guilds, record.guild_id, record.counted)
 
     def used_today(self, user_id: int | None = None, guild_id: int | None = None) -> int | None:
         """Today's counted tokens of a user or guild as the ledger knows them (None: not tracked)."""
@@ -177,6 +194,15 @@ class UsageLedger:
         if guild_id is not None:
             return self._guilds.get(guild_id, 0) if self.guild_daily else None
         return None
+
+    def _add(self, totals: dict[int, int], owner: int, tokens: int) -> None:
+        totals[owner] = totals.get(owner, 0) + tokens
+        if len(totals) > self.max_owners:
+            # Forget the tenth that used least: O(n log n) once per max_owners / 10 new owners.
+            least = sorted(totals, key=totals.__getitem__)[: max(1, self.max_owners // 10)]
+            for key in least:
+                del totals[key]
+            self.forgotten += len(least)
 
     def _roll(self, day: int) -> None:
         """A new UTC day: every quota starts afresh."""

@@ -316,7 +316,7 @@ class GeminiService:
         if self.max_output_tokens is not None:
             config["max_output_tokens"] = self.max_output_tokens
         if tools:
-            config["tools"] = list(tool_config(tools))
+            config["tools"] = tool_config(tools)
         return await self.retry.call(lambda: self._attempt(contents, config))
 
     async def ping(self) -> Reply:

@@ -116,3 +116,16 @@ def test_quotas_cannot_be_negative() -> None:
 
 def _fields(record: object) -> dict[str, object]:
     return {name: getattr(record, name) for name in record.__slots__}  # type: ignore[attr-defined]
+
+
+async def test_the_ledger_is_bounded_and_forgets_those_who_used_least(tmp_path: Path) -> None:
+    clock = FakeClock(wall_start=T0)
+    async with SqliteStore(tmp_path / "bot.sqlite3") as store:
+        books = UsageLedger(store, user_daily=10_000, guild_daily=0, clock=clock, max_owners=10)
+        books.record(99, None, reply(prompt=9_000, output=1_000, thought=0))  # at the quota
+        for user in range(1, 11):
+            books.record(user, None, reply(prompt=user, output=0, thought=0))
+        assert books.tracked == 10 and books.forgotten == 1
+        assert books.used_today(user_id=1) == 0  # the one that used least was forgotten
+        assert books.check(99, None) is not None  # the one at its quota was kept
+        assert books.used_today(user_id=10) == 10
