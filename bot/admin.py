@@ -5,7 +5,8 @@ Two scopes, two groups, so the split is plain to see:
 - ``/admin`` acts on the whole bot (breakers, bot-wide maintenance, the queue, the data files,
   the locks): only the bot's owners (``SlashCommands.require_owner``), wherever they ask.
 - ``/server`` acts on the guild it is run in and no other (its own maintenance mode, its chat
-  channels): only that guild's managers (``SlashCommands.require_guild_manager``).
+  channels, the tools Google runs for its answers): only that guild's managers
+  (``SlashCommands.require_guild_manager``).
 
 Each subcommand runs in the ``SlashCommands`` frame with its check: the caller is checked on
 every invocation and every reply is ephemeral. ``default_permissions`` only hides a group in
@@ -20,22 +21,28 @@ from typing import Any, Literal
 import discord
 from discord import app_commands
 
-from bot.commands import SlashCommands, followup, human
+from bot.commands import SlashCommands, followup, human, tokens
+from bot.grounding import TOOL_LABELS
 from bot.operations import (
     ChatChannels,
     CircuitStatus,
     ErrorsView,
     GuildMaintenanceStatus,
+    GuildTools,
     InvalidRequestError,
     MaintenanceStatus,
     Operations,
     QueueStatus,
+    UsageReport,
 )
 
 Action = Callable[[str], Awaitable[str]]
 """An operator's action: given who asks (``by``), the text to show them."""
 GuildAction = Callable[[int, str], Awaitable[str]]
 """A guild manager's action: given the guild and who asks, the text to show them."""
+
+ToolName = Literal["google_search", "url_context", "code_execution"]
+"""The choices of ``/server tools on|off`` (``bot.grounding.TOOL_NAMES``)."""
 
 # Where the bot can answer every message: text and announcement channels and their threads.
 CHAT_CHANNEL_TYPES = frozenset({
@@ -55,7 +62,7 @@ def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
     """
     group = app_commands.Group(
         name="admin",
-        description="The bot's owners: breakers, maintenance, queue, data, locks, traces (every server)",
+        description="The bot's owners: breakers, maintenance, queue, data, locks, traces, usage",
         default_permissions=discord.Permissions(administrator=True),  # UI metadata only
     )
 
@@ -175,6 +182,14 @@ def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
 
         await admin(interaction, act)
 
+    @group.command(name="usage", description="Gemini tokens: the total, by model, top users and servers")
+    @app_commands.describe(days="Over how many days, today included (default 1: today, UTC)")
+    async def usage(interaction: discord.Interaction, days: app_commands.Range[int, 1, 366] = 1) -> None:
+        async def act(by: str) -> str:
+            return format_usage_report(await ops.usage_report(days=days, by=by))
+
+        await admin(interaction, act)
+
     mutex = app_commands.Group(name="mutex", description="Conversation locks", parent=group)
 
     @mutex.command(name="status", description="Held conversation locks")
@@ -241,7 +256,7 @@ def server_group(commands: SlashCommands, ops: Operations) -> app_commands.Group
     """
     group = app_commands.Group(
         name="server",
-        description="This server's managers: its maintenance mode and chat channels",
+        description="This server's managers: its maintenance mode, chat channels and tools",
         guild_only=True,  # Discord does not offer it in DMs (dm_permission, and contexts below)
         allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False),
         default_permissions=discord.Permissions(manage_guild=True),  # UI metadata only
@@ -324,6 +339,33 @@ def server_group(commands: SlashCommands, ops: Operations) -> app_commands.Group
 
         await manage(interaction, act)
 
+    tools = app_commands.Group(
+        name="tools", description="Tools Google runs for my answers here (all off by default)", parent=group
+    )
+
+    @tools.command(name="status", description="Which tools are on in this server")
+    async def tools_status(interaction: discord.Interaction) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            return format_guild_tools(await ops.guild_tools(guild_id, by=by))
+
+        await manage(interaction, act)
+
+    @tools.command(name="on", description="Turn a tool on for this server (it costs Gemini quota)")
+    @app_commands.describe(tool="Which tool")
+    async def tools_on(interaction: discord.Interaction, tool: ToolName) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            return format_guild_tools(await ops.guild_tool_set(guild_id, tool, True, by=by))
+
+        await manage(interaction, act)
+
+    @tools.command(name="off", description="Turn a tool off for this server")
+    @app_commands.describe(tool="Which tool")
+    async def tools_off(interaction: discord.Interaction, tool: ToolName) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            return format_guild_tools(await ops.guild_tool_set(guild_id, tool, False, by=by))
+
+        await manage(interaction, act)
+
     return group
 
 
@@ -364,6 +406,37 @@ def format_chat_channels(status: ChatChannels) -> str:
         return "No chat channels: in this server I answer mentions and replies to me."
     listed = ", ".join(f"<#{c}>" for c in status["channels"])
     return f"Chat channels (I answer every message there): {listed}."
+
+
+def format_guild_tools(status: GuildTools) -> str:
+    lines = [f"- {TOOL_LABELS[name]}: {'on' if on else 'off'}" for name, on in status["tools"].items()]
+    head = "Tools Google runs for my answers in this server"
+    if not any(status["tools"].values()):
+        head += " (all off; each costs Gemini quota when on)"
+    return head + ":\n" + "\n".join(lines)
+
+
+def format_usage_report(report: UsageReport) -> str:
+    days = report["last_day"] - report["first_day"] + 1
+    when = "today (UTC)" if days == 1 else f"the last {days} days"
+    lines = [f"The bot used, {when}: {tokens(report['total'])}."]
+    for model, figures in report["by_model"].items():
+        lines.append(f"- `{model}`: {tokens(figures)}")
+    if report["users"]:
+        top = ", ".join(f"<@{u['id']}> {u['usage']['counted']:,}" for u in report["users"])
+        lines.append(f"Top users: {top}")
+    if report["guilds"]:
+        names = [
+            f"`{g['id']}` {g['usage']['counted']:,}" if g["id"] else f"DMs {g['usage']['counted']:,}"
+            for g in report["guilds"]
+        ]
+        lines.append("Top servers: " + ", ".join(names))
+    quotas = [
+        f"{label} {value:,} tokens a day" if value else f"{label} unlimited"
+        for label, value in (("users", report["user_quota"]), ("servers", report["guild_quota"]))
+    ]
+    lines.append(f"Quotas: {'; '.join(quotas)}; they reset at midnight UTC, in {human(report['resets_in'])}.")
+    return "\n".join(lines)
 
 
 def format_circuit_status(status: CircuitStatus, now: float) -> str:

@@ -1,8 +1,11 @@
 """Answering: a claimed inbound item through Gemini, split into chunks, delivered as a reply.
 
 ``Answerer.answer`` runs the processing timeout and the typing indicator around
-``GeminiService.generate`` and hands a failure to the ``FailureRouter``; ``deliver`` sends the
-chunks with per-chunk nonces and moves what Discord does not take now to the outbound queue.
+``GeminiService.generate`` (with the guild's tools and the history bounded in tokens,
+``bot.history``) and hands a failure to the ``FailureRouter``; the answer gets its sources
+(``bot.grounding``), long ones and big code blocks go as files (``bot.long_answers``), and its
+tokens are charged (``bot.usage``). ``deliver`` sends the chunks with per-chunk nonces and moves
+what Discord does not take now to the outbound queue.
 The live path (``bot.intake``), ``/ask`` and the drain all answer through here.
 """
 
@@ -15,16 +18,19 @@ from typing import TYPE_CHECKING
 import discord
 import structlog
 
-from bot import marks, texts
+from bot import grounding, long_answers, marks, texts
 from bot.attachments import Attachments, describe
+from bot.history import LeftOutNotes, fit
 from bot.inbound import Inbound, Snowflake
+from bot.long_answers import AnswerFiles
 from bot.routing import Explanation, FailureRouter, Original
 from bot.splitting import has_visible_text, split_message
 from resilience.context import span
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, classify
 from services.discord_io import PartialDeliveryError
-from services.storage import Turn
+from services.gemini import Reply
+from services.storage import Turn, UsageRecord
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -41,6 +47,7 @@ class Answerer:
         self.app = app
         self.router = router
         self.attachments = Attachments(app)
+        self.left_out = LeftOutNotes()
 
     async def answer(
         self,
@@ -54,14 +61,17 @@ class Answerer:
     ) -> str:
         """Generate and deliver the answer to a claimed inbound item; route any failure."""
         app = self.app
+        left_out = 0
         try:
             if history is None:
                 history = await app.storage.history(inbound.key)
+            history, left_out = fit(history, app.config.history_max_tokens)
             async with app.discord_io.typing(channel):
                 async with asyncio.timeout(app.config.processing_timeout_seconds):
                     # Files (bot.attachments): read, then sent with the question; none: generate.
-                    reply, files = await self.attachments.generate(
-                        item.payload, inbound.content, inbound.key, history
+                    reply, attached = await self.attachments.generate(
+                        item.payload, inbound.content, inbound.key, history,
+                        tools=app.guild_tools(inbound.guild_id),
                     )
         except asyncio.CancelledError:
             raise
@@ -72,24 +82,30 @@ class Answerer:
                     item, inbound, [routed.text], original=original, channel=channel, outcome="refused"
                 )
             return routed
+        usage = app.usage.record(inbound.author_id, inbound.guild_id, reply)
 
         turns: list[TurnRow] = []
+        files: AnswerFiles | None = None
         if reply.ok and not has_visible_text(reply.text):
             # Text with nothing to show (only a code fence, say): no answer, and no turn for the history.
             log.warning("pipeline.blank_answer", item=item.id, length=len(reply.text))
             chunks = [texts.no_answer()]
             outcome = "refused"
         elif reply.ok:
-            body = reply.text or ""
+            shaped = self._shape(
+                reply, inbound, kept=len(history), left_out=left_out, files=long_answers.can_attach(channel)
+            )
+            body = shaped.text
             asked = inbound.content or f"({describe(item.payload)})"
             if not live:
                 body = texts.late_answer_prefix(asked) + body
                 if item.payload.get("interaction"):
                     # A slash command has no message to reply to: ping the asker by name instead.
                     body = f"<@{inbound.author_id}> {body}"
-            if files.notes:  # files left out: one sentence each, after the answer
-                body = f"{body}\n\n{' '.join(files.notes)}"
+            if attached.notes:  # files left out: one sentence each, after the answer
+                body = f"{body}\n\n{' '.join(attached.notes)}"
             chunks = split_message(body, limit=marks.ROOM)
+            files = long_answers.attach(shaped, chunks)
             if not item.payload.get("private"):  # a private /ask stays out of the channel's history
                 turns = [("user", asked, inbound.message_id), ("model", reply.text or "", None)]
             outcome = "answered" if live else "answered_late"
@@ -97,11 +113,38 @@ class Answerer:
             chunks = [reply.user_message or texts.no_answer()]
             outcome = "refused"
         delivered = await self.deliver(
-            item, inbound, chunks, original=original, channel=channel, outcome=outcome, turns=turns
+            item,
+            inbound,
+            chunks,
+            original=original,
+            channel=channel,
+            outcome=outcome,
+            turns=turns,
+            files=files,
+            usage=usage,
         )
         if turns and delivered != "error":
-            await self.attachments.remember(inbound.key, inbound.message_id, files)
+            await self.attachments.remember(inbound.key, inbound.message_id, attached)
         return delivered
+
+    def _shape(
+        self, reply: Reply, inbound: Inbound, *, kept: int, left_out: int, files: bool
+    ) -> long_answers.Shaped:
+        """The answer for chat: its sources (``bot.grounding``), a note when older turns were left out
+        (once per conversation, ``bot.history``), and, where the bot may upload (``files``), long
+        answers or big code blocks as files (``bot.long_answers``)."""
+        cfg = self.app.config
+        notes = [grounding.sources_line(reply.sources)]
+        if left_out and self.left_out.first_time(inbound.key):
+            notes.append(texts.history_left_out(kept))
+        never = len(reply.text) + 1
+        return long_answers.shape(
+            reply.text,
+            long_chars=cfg.long_answer_chars if files else never,
+            code_chars=cfg.code_file_chars if files else never,
+            appendix="\n".join(note for note in notes if note),
+            file_appendix=grounding.sources_markdown(reply.sources),
+        )
 
     async def deliver(
         self,
@@ -113,13 +156,18 @@ class Answerer:
         channel: discord.abc.Messageable,
         outcome: str,
         turns: Sequence[TurnRow] = (),
+        files: AnswerFiles | None = None,
+        usage: UsageRecord | None = None,
     ) -> str:
         """Send ``chunks`` as a reply; what Discord does not take now goes to the outbound queue.
 
         Chunks with nothing in them are never recorded as an answer: the user gets
         ``texts.no_answer()`` instead (outcome ``"refused"``, no turns).
         ``turns`` (the question and the answer) join the conversation history when the item is
-        finished, in the same transaction, or as soon as the answer is queued for delivery.
+        finished, in the same transaction, or as soon as the answer is queued for delivery;
+        ``usage`` (the Gemini call's tokens) is written with them, or with the finish when there
+        are no turns. ``files`` go with the chunk they name (``bot.long_answers``), and are kept in
+        the item's payload while the answer waits; an outbound item's are read from there.
         Chunk ``i`` carries the nonce ``<message id>.<i>``, so a chunk resent after a timeout
         within Discord's nonce window is not posted twice, and ends with the invisible mark of
         (question, ``i``) (``bot.marks``), by which a restarted bot recognises in the channel's
@@ -127,23 +175,26 @@ class Answerer:
         its first chunk goes out, so a crash between chunks resumes the delivery.
         """
         app = self.app
+        if files is None and item.kind is ItemKind.OUTBOUND:
+            files = AnswerFiles.from_payload(item.payload.get("files"))
         if not any(chunk.strip() for chunk in chunks):
             # Nothing to send is no answer: finishing the item would record silence as answered.
             log.warning("pipeline.nothing_to_deliver", item=item.id, outcome=outcome)
-            chunks, outcome, turns = [texts.no_answer()], "refused", ()
+            chunks, outcome, turns, files = [texts.no_answer()], "refused", (), None
         if any(len(chunk) > marks.ROOM for chunk in chunks):
             # Queued by a version without marks (chunks of up to 2,000): re-split to leave room.
             chunks = [piece for chunk in chunks for piece in _fit(chunk)]
         first = int(item.payload.get("chunk_offset", 0))
+        kept = {"files": files.payload()} if files is not None else {}
         if len(chunks) > 1 and item.kind is ItemKind.INBOUND:
             item = await app.storage.update_payload(
                 item.id,
-                {**item.payload, "chunks": list(chunks), "outcome": outcome, "chunk_offset": first},
+                {**item.payload, "chunks": list(chunks), "outcome": outcome, "chunk_offset": first, **kept},
                 kind=ItemKind.OUTBOUND,
             )
-            if turns:
-                await app.storage.append_turns(inbound.key, turns)
-                turns = ()
+            if turns or usage is not None:
+                await app.storage.append_turns(inbound.key, turns, usage=usage)
+                turns, usage = (), None
         try:
             with span("deliver", dependency="discord.send", chunks=len(chunks), outcome=outcome):
                 await app.discord_io.send_chunks(
@@ -153,6 +204,7 @@ class Answerer:
                     mention_user=Snowflake(inbound.author_id),
                     nonce=str(item.payload.get("nonce", inbound.message_id)),
                     first_index=first,
+                    files=files.uploads() if files is not None else None,
                 )
         except asyncio.CancelledError:
             raise
@@ -164,8 +216,8 @@ class Answerer:
             else:
                 remaining, verdict = chunks, classify(exc)
             if verdict.retryable:
-                if turns:
-                    await app.storage.append_turns(inbound.key, turns)
+                if turns or usage is not None:
+                    await app.storage.append_turns(inbound.key, turns, usage=usage)
                 # the first failure of a fresh answer is no attempt at delivering a queued one, nor
                 # is a rate limit (Discord asked for a slower pace, one says nothing of the answer)
                 rate_limited = verdict.category is Category.RATE_LIMITED
@@ -183,6 +235,7 @@ class Answerer:
                         "chunks": list(remaining),
                         "outcome": outcome,
                         "chunk_offset": first,
+                        **kept,
                     },
                     retry_after=verdict.retry_after,
                     count_attempt=counted,
@@ -195,10 +248,11 @@ class Answerer:
                         text = texts.queued(verdict, position)
                         await self.router.acknowledge(channel, original, text, requeued)
                 return "queued"
+            await self._record_usage(usage)
             await self.router.undeliverable(item, exc.cause if isinstance(exc, PartialDeliveryError) else exc)
             return "error"
         try:
-            await app.storage.finish(item.id, key=inbound.key, turns=turns)
+            await app.storage.finish(item.id, key=inbound.key, turns=turns, usage=usage)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -206,6 +260,17 @@ class Answerer:
             # nonce and completes the item (the exchange stays out of the history).
             log.warning("pipeline.finish_failed", item=item.id, category=classify(exc).category.value)
         return outcome
+
+    async def _record_usage(self, usage: UsageRecord | None) -> None:
+        """Store a Gemini call's usage on its own (no transaction finishes its item); never raises."""
+        if usage is None:
+            return
+        try:
+            await self.app.storage.record_usage(usage)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("usage.not_recorded", category=classify(exc).category.value)
 
 
 def _fit(chunk: str) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import discord
 
 from bot.ratelimit import RateLimiter
+from bot.usage import UsageLedger
 from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
 from resilience.context import TraceCollector
@@ -59,6 +60,7 @@ class Application:
     http_api: HttpApi
     message_latency: LatencyWindow
     queue_caps: QueueCaps
+    usage: UsageLedger
     client: discord.Client | None = None
     drain_waker: Callable[[], None] | None = None
     # Set by an operator shedding load (Operations.load_shed): new messages are saved and
@@ -66,6 +68,7 @@ class Application:
     queue_new_messages: bool = False
     _chat_channels: dict[int, frozenset[int]] = field(default_factory=dict)
     _guild_maintenance: dict[int, str] = field(default_factory=dict)
+    _guild_tools: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     # -- state the hot path reads without I/O ---------------------------------------------
 
@@ -84,6 +87,10 @@ class Application:
             return snap.message
         return self.guild_maintenance(guild_id)
 
+    def guild_tools(self, guild_id: int | None) -> tuple[str, ...]:
+        """The Google-run tools guild ``guild_id``'s managers turned on (``bot.grounding``); none in DMs."""
+        return () if guild_id is None else self._guild_tools.get(guild_id, ())
+
     def guild_maintenance(self, guild_id: int | None) -> str | None:
         """The notice of guild ``guild_id``'s own maintenance (its managers'), else None."""
         return None if guild_id is None else self._guild_maintenance.get(guild_id)
@@ -94,6 +101,11 @@ class Application:
         self._chat_channels = {
             int(gid): frozenset(int(c) for c in (settings.get("chat_channels") or ()))
             for gid, settings in guilds.items()
+        }
+        self._guild_tools = {
+            int(gid): tuple(name for name, on in (settings.get("tools") or {}).items() if on)
+            for gid, settings in guilds.items()
+            if any((settings.get("tools") or {}).values())
         }
         self._guild_maintenance = {
             int(gid): (settings["maintenance"].get("message") or DEFAULT_MAINTENANCE_MESSAGE)
@@ -235,8 +247,14 @@ def build_application(
         port=config.http_port,
         admin_token=config.admin_api_token,
     )
+    usage = UsageLedger(
+        storage,
+        user_daily=config.quota_user_tokens_per_day,
+        guild_daily=config.quota_guild_tokens_per_day,
+        clock=clock,
+    )
     # Right after metrics: it answers /live and /ready while the others start, and stops last.
-    services: list[Service] = [metrics, http_api, datastore, storage, gemini, discord_io]
+    services: list[Service] = [metrics, http_api, datastore, storage, usage, gemini, discord_io]
     if otel is not None:
         services.append(otel)  # last: the bot has stopped taking work when it flushes and stops
     registry = ServiceRegistry(services)
@@ -263,6 +281,7 @@ def build_application(
             max_pending_per_user=config.queue_max_pending_per_user,
             max_pending_per_guild=config.queue_max_pending_per_guild,
         ),
+        usage=usage,
     )
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected

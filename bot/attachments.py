@@ -31,6 +31,7 @@ import asyncio
 import os
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -435,9 +436,16 @@ class Attachments:
     # -- generation -------------------------------------------------------------------------
 
     async def generate(
-        self, payload: dict[str, Any], content: str, key: str, history: list[Turn]
+        self,
+        payload: dict[str, Any],
+        content: str,
+        key: str,
+        history: list[Turn],
+        *,
+        tools: Sequence[str] = (),
     ) -> tuple[Reply, Prepared]:
-        """Gemini's reply to ``content`` with the payload's files and those of earlier turns.
+        """Gemini's reply to ``content`` with the payload's files and those of earlier turns, and
+        the Google-run ``tools`` the guild turned on.
 
         Without any file (the usual case) this is ``gemini.generate`` and costs nothing more.
         A Gemini file that vanished before its expiry (403) is replaced by its bytes, once.
@@ -449,10 +457,10 @@ class Attachments:
             notes = " ".join(prepared.notes) or texts.no_answer()
             return Reply(ReplyKind.EMPTY, "", "", user_message=notes), Prepared()
         if prepared.empty:
-            return await gemini.generate(content, history), prepared
+            return await gemini.generate(content, history, tools=tools), prepared
         try:
             reply = await gemini.generate_with_parts(
-                content, prepared.parts, history, history_parts=prepared.history_parts
+                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools
             )
         except errors.ClientError as exc:
             if exc.code == 403 and prepared.uses_uris:
@@ -467,7 +475,7 @@ class Attachments:
             else:
                 raise
             reply = await gemini.generate_with_parts(
-                content, prepared.parts, history, history_parts=prepared.history_parts
+                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools
             )
         return reply, prepared
 

@@ -23,6 +23,7 @@ from bot.catchup import MAX_CHANNELS, Catchup
 from bot.commands import DEFAULT_TIMEOUT, SlashCommands, application_owners, setup_commands
 from bot.drain import Drain
 from bot.health import HealthMonitor
+from bot.history import MAX_CONVERSATIONS_TOLD
 from bot.incidents import IncidentTracker
 from bot.intake import RECENT_IDS, Intake
 from bot.operations import apply_breaker_overrides, serve_operations
@@ -32,7 +33,8 @@ from services.http_api import BoundedCache
 log = structlog.get_logger("bot.client")
 
 
-# What the bot does in a channel: read it, answer (also in threads), quote history, react, embed.
+# What the bot does in a channel: read it, answer (also in threads), quote history, react, embed,
+# and attach long answers and big code blocks as files (bot/long_answers.py).
 PERMISSIONS = discord.Permissions(
     view_channel=True,
     send_messages=True,
@@ -40,6 +42,7 @@ PERMISSIONS = discord.Permissions(
     read_message_history=True,
     add_reactions=True,
     embed_links=True,
+    attach_files=True,
 )
 
 
@@ -155,6 +158,9 @@ class GeminiBot(commands.Bot):
                 "refusal_notices": BoundedCache(
                     lambda: len(self.intake.refusals), self.intake.refusals.status()["max_keys"]
                 ),
+                "history_notes": BoundedCache(lambda: len(self.answerer.left_out), MAX_CONVERSATIONS_TOLD),
+                # Today's users and servers with a quota (none when quotas are off); emptied at midnight UTC.
+                "quota_owners": BoundedCache(lambda: self.app.usage.tracked, 2 * self.app.usage.max_owners),
                 "discord_messages": BoundedCache(lambda: len(self.cached_messages), state.max_messages or 0),
                 # discord.py keeps at most 128 DM channels (ConnectionState._add_private_channel).
                 "discord_dm_channels": BoundedCache(lambda: len(self.private_channels), 128),

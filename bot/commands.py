@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import discord
@@ -42,13 +42,13 @@ from bot import texts
 from bot.answering import Answerer
 from bot.health import AVAILABILITY_DAYS, Availability
 from bot.inbound import Inbound, Snowflake, accept
-from bot.operations import OperationError
+from bot.operations import OperationError, Operations, UsageFigures, UsageReport
 from bot.routing import FailureRouter
 from bot.splitting import DISCORD_LIMIT
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, QueueFullError, classify
-from services.discord_io import allowed_mentions_for
+from services.discord_io import Upload, allowed_mentions_for
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -301,6 +301,10 @@ class SlashCommands:
         if wait is not None:
             await reply_to.say(texts.cooldown(wait))
             return "rate_limited"
+        over = app.usage.check(inbound.author_id, inbound.guild_id)
+        if over is not None:
+            await reply_to.say(texts.quota_exhausted(over.scope, over.limit, over.resets_in))
+            return "refused"
 
         maintenance = app.maintenance(inbound.guild_id)
         try:
@@ -480,6 +484,64 @@ class SlashCommands:
     async def help(self, interaction: discord.Interaction) -> None:
         await followup(interaction, help_text())
 
+    def usage_check(self, server: bool) -> Check:
+        """``/usage``: one's own for anyone; ``server:True`` for the guild's managers only."""
+
+        def check(interaction: discord.Interaction, command: str) -> None:
+            if server:
+                self.require_guild_manager(interaction, command)
+
+        return check
+
+    async def usage(self, interaction: discord.Interaction, server: bool) -> None:
+        """The caller's Gemini tokens today and this week, or (``server``) this guild's today with its
+        top users; with the daily quotas and when they reset."""
+        ops = Operations(self.app)
+        by = f"discord:{interaction.user.id}"
+        if server and interaction.guild_id is not None:
+            today = await ops.usage_report(days=1, guild_id=interaction.guild_id, by=by)
+            week = await ops.usage_report(days=7, guild_id=interaction.guild_id, top=0, by=by)
+            text = format_usage(today, week, whose="This server", quota=today["guild_quota"])
+        else:
+            today = await ops.usage_report(days=1, user_id=interaction.user.id, by=by)
+            week = await ops.usage_report(days=7, user_id=interaction.user.id, by=by)
+            text = format_usage(today, week, whose="You", quota=today["user_quota"])
+        await followup(interaction, text[:DISCORD_LIMIT])
+
+
+def tokens(figures: UsageFigures) -> str:
+    """One line of usage: counted tokens, then what they are made of."""
+    parts = [f"{figures['prompt']:,} read"]
+    if figures["cached"]:
+        parts[0] += f" ({figures['cached']:,} from Gemini's cache)"
+    parts.append(f"{figures['output']:,} written")
+    if figures["thought"]:
+        parts.append(f"{figures['thought']:,} thinking")
+    answers = figures["calls"]
+    return (
+        f"**{figures['counted']:,} tokens** in {answers:,} answer{'s' if answers != 1 else ''}"
+        f" ({', '.join(parts)})"
+    )
+
+
+def format_usage(today: UsageReport, week: UsageReport, *, whose: str, quota: int) -> str:
+    """``/usage``: today's and the week's tokens, the daily quota and its reset, the top users."""
+    verb = "have" if whose == "You" else "has"
+    lines = [f"{whose} {verb} used, today (UTC): {tokens(today['total'])}."]
+    if quota:
+        left = max(0, quota - today["total"]["counted"])
+        lines.append(
+            f"Daily allowance: {quota:,} tokens, {left:,} left; it resets at midnight UTC, in "
+            f"{human(today['resets_in'])}."
+        )
+    else:
+        lines.append("No daily allowance is set: usage is not limited.")
+    lines.append(f"Last 7 days: {tokens(week['total'])}.")
+    if today["users"] and today["guild_id"] is not None:
+        top = ", ".join(f"<@{u['id']}> {u['usage']['counted']:,}" for u in today["users"])
+        lines.append(f"Top users today: {top}.")
+    return "\n".join(lines)
+
 
 def help_text() -> str:
     """What the bot does and how to talk to it."""
@@ -491,9 +553,11 @@ def help_text() -> str:
         "(in a server that needs the Manage Messages permission; your DM with me you can always reset).\n"
         "**When Gemini or Discord has trouble** I save your message, tell you it is queued, and answer it "
         "here as soon as I can; nothing you sent is lost.\n"
-        "`/status` shows how I'm doing.\n"
-        "**Server managers** (Manage Server): `/server` for this server only: its maintenance mode and "
-        "the channels where I answer every message.\n"
+        "`/status` shows how I'm doing; `/usage` the Gemini tokens you used today (and your daily "
+        "allowance, if there is one).\n"
+        "**Server managers** (Manage Server): `/server` for this server only: its maintenance mode, "
+        "the channels where I answer every message, and the tools Google runs for my answers (search "
+        "grounding with sources, reading links, running code); `/usage server:True` for its usage.\n"
         "**The bot's owners**: `/admin` for what affects every server: breakers, maintenance, the queue, "
         "data and locks."
     )
@@ -525,8 +589,13 @@ class _FollowupChannel:
         reference: object = None,  # a follow-up is tied to its interaction, not a message
         embed: discord.Embed | None = None,
         nonce: str | None = None,  # webhooks have no nonce; a follow-up is sent once per token anyway
+        files: Sequence[discord.File] = (),
     ) -> discord.Message:
         kwargs: dict[str, Any] = {"embed": embed} if embed is not None else {}
+        # discord.py closes a File once it is sent: keep the bytes for a second attempt elsewhere.
+        uploads = [Upload(f.filename or "file", f.fp.read()) for f in files]
+        if uploads:
+            kwargs["files"] = [u.file() for u in uploads]
         if not self._expired:
             try:
                 return await self.interaction.followup.send(
@@ -546,6 +615,8 @@ class _FollowupChannel:
                     user_id=self.interaction.user.id,
                     instead="dm" if self.private else "channel",
                 )
+        if uploads:
+            kwargs["files"] = [u.file() for u in uploads]
         return await self._post_instead(content, nonce=nonce, **kwargs)
 
     async def _post_instead(self, content: str, *, nonce: str | None, **kwargs: Any) -> discord.Message:
@@ -677,8 +748,15 @@ def setup_commands(
     async def help_(interaction: discord.Interaction) -> None:
         await commands.run(interaction, lambda: commands.help(interaction))
 
+    @app_commands.command(name="usage", description="Gemini tokens you used today (server: this server's)")
+    @app_commands.describe(server="This server's usage instead (needs Manage Server)")
+    async def usage(interaction: discord.Interaction, server: bool = False) -> None:
+        await commands.run(
+            interaction, lambda: commands.usage(interaction, server), check=commands.usage_check(server)
+        )
+
     command: app_commands.Command[Any, Any, None]
-    for command in (ask, reset, status, help_):
+    for command in (ask, reset, status, help_, usage):
         tree.add_command(command, override=True)
     for group in groups:
         tree.add_command(group, override=True)

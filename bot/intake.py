@@ -1,7 +1,8 @@
 """Intake: one gateway message from ``on_message`` to acceptance and its place in its conversation.
 
-Order: fast exit -> in-memory dedup -> input checks -> rate limits -> maintenance -> durable
-acceptance (dedup across restarts) -> per-conversation mutex -> the ``Answerer``. The rate
+Order: fast exit -> in-memory dedup -> input checks -> rate limits -> daily token quotas
+(``bot.usage``) -> maintenance -> durable acceptance (dedup across restarts) -> per-conversation
+mutex -> the ``Answerer``. The rate
 limits come before maintenance, so a message saved during maintenance is one the user was
 allowed to send: the backlog maintenance leaves is bounded per user and per guild. A refused
 message (too long, empty, over the rate limit) is answered as ``NoticeLimiter`` decides: one
@@ -171,6 +172,11 @@ class Intake:
         if wait is not None:
             await self._refuse(message, texts.COOLDOWN, texts.cooldown(wait))
             return "rate_limited"
+        over = app.usage.check(message.author.id, inbound.guild_id)  # daily token quotas (bot.usage)
+        if over is not None:
+            sentence = texts.quota_exhausted(over.scope, over.limit, over.resets_in)
+            await self._refuse(message, texts.QUOTA, sentence)
+            return "refused"
 
         maintenance = app.maintenance(inbound.guild_id)
         if maintenance is not None:

@@ -20,9 +20,10 @@ Breakers an operator opens are written to the DataStore ``breakers`` file so the
 across a restart; ``apply_breaker_overrides(app)`` re-applies them at start-up.
 
 Most actions are bot-wide (the bot's owners run them). The ``guild_*`` actions change one
-guild only, named by ``guild_id``: its own maintenance mode and its chat channels, both kept
-in the DataStore ``guild_settings`` file. Who may run which is the caller's check (the slash
-commands check the member; the HTTP API's token is an owner's).
+guild only, named by ``guild_id``: its own maintenance mode, its chat channels and the tools
+Google runs for its answers, all kept in the DataStore ``guild_settings`` file. ``usage_report``
+reads the Gemini token usage of the bot, one guild or one user. Who may run which is the
+caller's check (the slash commands check the member; the HTTP API's token is an owner's).
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from bot.grounding import TOOL_NAMES
+from bot.usage import seconds_to_reset
 from resilience.context import TraceRecord
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode, QueueItem
 from resilience.errors import classify
 from resilience.mutex import LockStatus
+from services.storage import UsageRow, UsageTotals, usage_day
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -188,6 +192,52 @@ class ChatChannels(TypedDict):
     guild_id: int
     channels: list[int]
     changed: bool
+
+
+class GuildTools(TypedDict):
+    """The Google-run tools of guild ``guild_id``: each tool's name -> on; ``changed``: whether the
+    action changed it."""
+
+    guild_id: int
+    tools: dict[str, bool]
+    changed: bool
+
+
+class UsageFigures(TypedDict):
+    """Gemini tokens: ``calls`` answers, ``prompt`` read (``cached`` of them from Gemini's cache),
+    ``output`` and ``thought`` written; ``counted`` = prompt + output + thought (what quotas count)."""
+
+    calls: int
+    prompt: int
+    output: int
+    thought: int
+    cached: int
+    counted: int
+
+
+class UsageOwner(TypedDict):
+    """One user's or guild's (``id``; guild 0 is DMs) usage."""
+
+    id: int
+    usage: UsageFigures
+
+
+class UsageReport(TypedDict):
+    """Usage over ``days`` UTC days up to today (``first_day``..``last_day``, days since the epoch):
+    ``total`` (of the bot, or of one guild or user), ``by_model``, the top ``users`` and ``guilds``
+    (one guild's report has no ``guilds``), today's quotas (0 = unlimited) and seconds to their reset."""
+
+    first_day: int
+    last_day: int
+    guild_id: int | None
+    user_id: int | None
+    total: UsageFigures
+    by_model: dict[str, UsageFigures]
+    users: list[UsageOwner]
+    guilds: list[UsageOwner]
+    user_quota: int
+    guild_quota: int
+    resets_in: float
 
 
 class QueueItemRow(TypedDict):
@@ -699,6 +749,85 @@ class Operations:
              channel_id=cid, changed=changed)
         return ChatChannels(guild_id=gid, channels=channels, changed=changed)
 
+    # -- one guild: the tools Google runs (bot/grounding.py) ----------------------------------
+
+    async def guild_tools(self, guild_id: int, *, by: str | None = None) -> GuildTools:
+        """Which Google-run tools guild ``guild_id`` has on (Search grounding, URL context, code)."""
+        gid = _guild_id(guild_id)
+        on = set(self.app.guild_tools(gid))
+        _log("guild_tools", by, guild_id=gid, on=sorted(on))
+        return GuildTools(guild_id=gid, tools={n: n in on for n in TOOL_NAMES}, changed=False)
+
+    async def guild_tool_set(
+        self, guild_id: int, tool: str, enabled: bool, *, by: str | None = None
+    ) -> GuildTools:
+        """Turn one Google-run ``tool`` on or off for guild ``guild_id`` (persisted in guild_settings)."""
+        gid = _guild_id(guild_id)
+        if tool not in TOOL_NAMES:
+            raise UnknownNameError("tool", str(tool), list(TOOL_NAMES))
+        if not isinstance(enabled, bool):
+            raise InvalidRequestError("enabled must be true or false")
+        changed = False
+
+        def change(data: dict[str, Any]) -> None:
+            nonlocal changed
+            entry = data["guilds"].setdefault(str(gid), {})
+            tools = dict(entry.get("tools") or {})
+            changed = bool(tools.get(tool)) != enabled
+            tools[tool] = enabled
+            entry["tools"] = tools
+
+        await self.app.datastore.update("guild_settings", change)
+        self.app.reload_settings()
+        on = set(self.app.guild_tools(gid))
+        _log("guild_tool_set", by, guild_id=gid, tool=tool, enabled=enabled, changed=changed)
+        return GuildTools(guild_id=gid, tools={n: n in on for n in TOOL_NAMES}, changed=changed)
+
+    # -- Gemini usage (bot/usage.py) ------------------------------------------------------------
+
+    async def usage_report(
+        self,
+        *,
+        days: int = 1,
+        guild_id: int | None = None,
+        user_id: int | None = None,
+        top: int = 5,
+        by: str | None = None,
+    ) -> UsageReport:
+        """Tokens over the last ``days`` UTC days (today included): the bot's (owners), one guild's
+        (its managers: with its top users) or one user's; by model, and the top users and guilds."""
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 366:
+            raise InvalidRequestError("days must be a whole number from 1 to 366")
+        gid = None if guild_id is None else _guild_id(guild_id)
+        uid = None if user_id is None else _user_id(user_id)
+        storage = self.app.storage
+        now = self.app.clock.time()
+        last = usage_day(now)
+        first = last - days + 1
+        total = await storage.usage_totals(first, last, user_id=uid, guild_id=gid)
+        models = await storage.usage_by_model(first, last, user_id=uid, guild_id=gid)
+        users: list[UsageRow] = []
+        guilds: list[UsageRow] = []
+        if uid is None:
+            users = await storage.usage_top(first, last, by="user", limit=top, guild_id=gid)
+            if gid is None:
+                guilds = await storage.usage_top(first, last, by="guild", limit=top)
+        _log("usage_report", by, days=days, guild_id=gid, user_id=uid)
+        ledger = self.app.usage
+        return UsageReport(
+            first_day=first,
+            last_day=last,
+            guild_id=gid,
+            user_id=uid,
+            total=_figures(total),
+            by_model={model: _figures(t) for model, t in models.items()},
+            users=[UsageOwner(id=r.owner_id, usage=_figures(r.totals)) for r in users],
+            guilds=[UsageOwner(id=r.owner_id, usage=_figures(r.totals)) for r in guilds],
+            user_quota=ledger.user_daily,
+            guild_quota=ledger.guild_daily,
+            resets_in=round(seconds_to_reset(now), 3),
+        )
+
     # -- the degradation queue ------------------------------------------------------------------
 
     async def queue_status(self, *, limit: int = 10, by: str | None = None) -> QueueStatus:
@@ -1186,6 +1315,12 @@ def _guild_id(value: Any) -> int:
     return value
 
 
+def _user_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidRequestError("a user id must be a positive integer")
+    return value
+
+
 def _channel_id(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidRequestError("a channel id must be a positive integer")
@@ -1211,6 +1346,17 @@ def _item_row(item: QueueItem, now: float) -> QueueItemRow:
         next_attempt_in=round(max(0.0, item.next_attempt_at - now), 3),
         last_error=item.last_error,
         preview=preview,
+    )
+
+
+def _figures(totals: UsageTotals) -> UsageFigures:
+    return UsageFigures(
+        calls=totals.calls,
+        prompt=totals.prompt,
+        output=totals.output,
+        thought=totals.thought,
+        cached=totals.cached,
+        counted=totals.counted,
     )
 
 

@@ -16,7 +16,9 @@ TOO_LONG = "too_long"
 ATTACHMENTS_REFUSED = "attachments_refused"
 EMPTY_MENTION = "empty_mention"
 QUEUE_FULL = "queue_full"
+QUOTA = "quota"
 _REFUSAL_REACTIONS = {
+    QUOTA: "\U0001faab",  # low battery: today's allowance is used up
     QUEUE_FULL: "\U0001f6a7",  # construction: the queue is full
     COOLDOWN: "\U0001f422",  # turtle: slow down
     TOO_LONG: "\U0001f4cf",  # ruler: too long
@@ -78,6 +80,25 @@ def queue_full(scope: str, limit: int) -> str:
         why = "Too many messages are waiting for an answer right now"
         then = "in a little while"
     return f"{why}, so I didn't save this one. Please send it again {then}."
+
+
+def quota_exhausted(scope: str, limit: int, resets_in: float) -> str:
+    """Why a message was not answered: a daily token quota (``bot.usage.QuotaExceeded``) is used up."""
+    whose = "You have" if scope == "user" else "This server has"
+    return (
+        f"{whose} used today's allowance of {limit:,} Gemini tokens, so I can't answer more today; "
+        f"it resets at midnight UTC, in {_human(resets_in)}."
+    )
+
+
+def history_left_out(kept: int) -> str:
+    """Said once per conversation when older turns no longer fit what is sent to Gemini."""
+    if kept == 0:
+        return (
+            "-# This conversation is long, so I answered this message on its own; earlier ones no longer fit."
+        )
+    what = "message" if kept == 1 else f"{kept} messages"
+    return f"-# This conversation is long, so I'm using the last {what} of it; older ones I no longer see."
 
 
 def cooldown(wait: float) -> str:

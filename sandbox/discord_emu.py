@@ -79,6 +79,7 @@ import asyncio
 import contextlib
 import json
 import math
+import mimetypes
 import re
 import secrets
 import time
@@ -179,6 +180,7 @@ class SentMessage:
     edits: list[dict[str, Any]] = field(default_factory=list)
     deleted: bool = False
     attachments: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)  # uploaded files by name, as sent
     at: float = field(default_factory=time.monotonic)  # when the emulator recorded it
 
     @property
@@ -1055,6 +1057,7 @@ class DiscordEmulator:
         cid = self._channel(request)
         self._check_can_post(cid)
         body = body or {}
+        self._check_can_attach(cid, body)
         nonce = str(body["nonce"]) if body.get("nonce") is not None else None
         if nonce is not None and body.get("enforce_nonce"):
             # Discord: a repeated nonce from the same author within a few minutes returns the
@@ -1098,6 +1101,7 @@ class DiscordEmulator:
         embeds = body.get("embeds") or []
         files = body.get("__files__", [])
         _validate_content(content, embeds, files)
+        uploads = _uploads(body)
         ref = body.get("message_reference")
         ref_id = int(ref["message_id"]) if ref and ref.get("message_id") else None
         unknown_ref = ref is not None and ref_id is not None and self.world.find_message(cid, ref_id) is None
@@ -1110,11 +1114,13 @@ class DiscordEmulator:
         # exist instead of sending as a normal (non-reply) message").
         payload = self.world.message_payload(
             cid, self.world.bot, content, embeds=embeds, reference_message_id=None if unknown_ref else ref_id,
-            attachments=[{"filename": f} for f in files], flags=int(body.get("flags") or 0), extra=extra,
+            attachments=[{"filename": name, "size": len(data), "content_type": _content_type(name)}
+                         for name, data in uploads] or [{"filename": f} for f in files],
+            flags=int(body.get("flags") or 0), extra=extra,
         )
         sent = SentMessage(
             int(payload["id"]), cid, content, embeds, body.get("allowed_mentions"), ref,
-            int(body.get("flags") or 0), payload, attachments=list(files),
+            int(body.get("flags") or 0), payload, attachments=list(files), files=dict(uploads),
         )
         pings = sent.pings
         payload["mention_everyone"] = "everyone" in pings
@@ -1149,6 +1155,15 @@ class DiscordEmulator:
         recipient = self.world.dm_recipient(cid)
         if recipient is not None and recipient in self.world.closed_dms:
             raise ApiError(403, "Cannot send messages to this user", 50007)
+
+    def _check_can_attach(self, cid: int, body: dict[str, Any]) -> None:
+        """Uploading files to a guild channel needs Attach Files ("Allows for uploading images and
+        files", discord-api-docs ``docs/topics/Permissions.md``); without it Discord answers 403
+        {"message": "Missing Permissions", "code": 50013}."""
+        if not body.get("__uploads__") or not self.world.is_guild_channel(cid):
+            return
+        if not self.world.channel_permissions(self.world.bot, cid) & ATTACH_FILES:
+            raise ApiError(403, "Missing Permissions", 50013)
 
     async def _get_history(self, request: web.Request, body: Any) -> web.Response:
         cid = self._channel(request)
@@ -1481,6 +1496,37 @@ def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None
         raise ApiError(400, "Cannot send an empty message", 50006)
 
 
+ATTACH_FILES = 1 << 15  # the permission to upload files (discord-api-docs, Permissions)
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+"""Discord's upload limit per file for a bot without boosts (10 MiB since 2024); a larger one gets
+413 with JSON error code 40005, "Request entity too large" (discord-api-docs, JSON Error Codes)."""
+
+
+def _uploads(body: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The files of a multipart create-message body, as Discord reads them: each ``files[n]`` part is
+    the attachment whose ``id`` is ``n`` in ``payload_json.attachments``, named by that entry's
+    ``filename`` ("Attachment id, for new attachments this must match the n in files[n]":
+    discord-api-docs, Message resource, Attachment request structure; discord.py's
+    ``handle_message_parameters`` sends exactly that). Raises 413/40005 over ``MAX_UPLOAD_BYTES``."""
+    entries = [a for a in body.get("attachments") or [] if isinstance(a, dict)]
+    named = {str(a.get("id")): a.get("filename") for a in entries}
+    out = []
+    for upload in body.get("__uploads__", []):
+        field_name, data = str(upload["field"]), bytes(upload["data"])
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ApiError(413, "Request entity too large", 40005)
+        index = field_name[len("files["):-1] if field_name.startswith("files[") else field_name
+        out.append((str(named.get(index) or upload["filename"]), data))
+    return out
+
+
+def _content_type(filename: str) -> str:
+    """The content type Discord reports for an uploaded file: from its extension, text with its charset."""
+    guessed = mimetypes.guess_type(filename)[0] or ("text/markdown" if filename.endswith(".md") else None)
+    kind = guessed or "application/octet-stream"
+    return f"{kind}; charset=utf-8" if kind.startswith("text/") else kind
+
+
 def _latency_seconds(params: dict[str, Any]) -> float:
     return float(params.get("seconds", params.get("delay", 1.0)))
 
@@ -1527,13 +1573,19 @@ def _option(name: str, value: Any) -> dict[str, Any]:
 
 
 async def _read_body(request: web.Request) -> Any:
-    """The JSON body, or ``payload_json`` of a multipart body (file names under ``__files__``)."""
+    """The JSON body, or ``payload_json`` of a multipart body: the uploaded files' names under
+    ``__files__``, and the files themselves (form field, name, bytes) under ``__uploads__``."""
     if not request.can_read_body:
         return None
     if request.content_type.startswith("multipart/"):
         form = await request.post()
         body = json.loads(str(form.get("payload_json", "{}")))
-        body["__files__"] = [getattr(v, "filename", k) for k, v in form.items() if k != "payload_json"]
+        fields = [(k, v) for k, v in form.items() if k != "payload_json"]
+        body["__files__"] = [getattr(v, "filename", k) for k, v in fields]
+        body["__uploads__"] = [
+            {"field": k, "filename": getattr(v, "filename", k), "data": v.file.read()}
+            for k, v in fields if isinstance(v, web.FileField)
+        ]
         return body
     raw = await request.read()
     if not raw:

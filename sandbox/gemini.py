@@ -232,6 +232,41 @@ def request_parts(rec: RecordedRequest) -> list[list[dict[str, Any]]]:
                 row.append({"text": part.get("text", "")})
         out.append(row)
     return out
+TOOL_TYPES = frozenset({"googleSearch", "urlContext", "codeExecution", "functionDeclarations",
+                        "googleSearchRetrieval", "googleMaps", "fileSearch", "computerUse"})
+THOUGHT_TOKENS = 64
+IMPLICIT_CACHE_MIN_TOKENS = {"flash": 1024, "pro": 4096}
+MAX_CACHED_PREFIXES = 10_000
+
+
+def requested_tools(body: Any) -> set[str]:
+    """The tool types a request asks for (``tools[].googleSearch``, ...)."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    return {key for tool in tools or [] if isinstance(tool, dict) for key in tool}
+
+
+def tools_problem(body: Any) -> str | None:
+    """What the real API says about a request's ``tools`` it refuses, or None.
+
+    One ``Tool`` may set one tool type only: "The GenerateContentRequest proto is invalid: *
+    tools[0].tool_type: one_of 'tool_type' has more than one initialized field: ..."
+    (googleapis/js-genai#1383, googleSearch with urlContext in one Tool); a name it does not know
+    gets "Invalid JSON payload received. Unknown name ... at 'tools[0]': Cannot find field."
+    (AAClause/nvda-OpenAI#123).
+    """
+    tools = body.get("tools") if isinstance(body, dict) else None
+    for n, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            return f"Invalid value at 'tools[{n}]'"
+        unknown = sorted(set(tool) - TOOL_TYPES)
+        if unknown:
+            return (f"Invalid JSON payload received. Unknown name \"{unknown[0]}\" at 'tools[{n}]': "
+                    "Cannot find field.")
+        if len(tool) > 1:
+            names = ", ".join(sorted(tool))
+            return ("The GenerateContentRequest proto is invalid:\n  * tools[{n}].tool_type: one_of "
+                    f"'tool_type' has more than one initialized field: {names}").replace("{n}", str(n))
+    return None
 
 
 def last_user_text(body: Any) -> str:
@@ -522,6 +557,8 @@ class GeminiEmulator(FilesApi):
         self.requests: deque[RecordedRequest] = deque(maxlen=max_requests)
         self._rng = random.Random(seed)
         self._clock = clock
+        # Request prefixes seen (implicit caching; see _spent), oldest first, bounded.
+        self._prefixes: OrderedDict[str, None] = OrderedDict()
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         # The Files API: uploaded files by name (bounded, newest kept) and open upload sessions.
@@ -613,6 +650,10 @@ class GeminiEmulator(FilesApi):
         if model is not None and served is None:
             rec.outcome = "not_found"
             return web.json_response(model_not_found_body(model, version, action), status=404)
+        problem = tools_problem(body) if action in _GENERATION_ACTIONS else None
+        if problem is not None:
+            rec.outcome = "bad_request"
+            return web.json_response(error_body(400, "INVALID_ARGUMENT", problem), status=400)
         prompt = last_user_text(body).lower()
         fault = self.faults.pick(
             *(model, f"models/{model}") if model else ("models",),
@@ -760,12 +801,68 @@ class GeminiEmulator(FilesApi):
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
         if isinstance(limit, int) and responder.count_tokens(text) > limit:
             text, finish = text[: max(0, limit) * 4], "MAX_TOKENS"
-        return {
-            "candidates": [{"content": {"parts": [{"text": text}], "role": "model"},
-                            "finishReason": finish, "index": 0}],
-            "usageMetadata": self._usage(body, text),
-            "modelVersion": version,
-        }
+        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"},
+                                     "finishReason": finish, "index": 0}
+        written = self._use_tools(body, candidate)
+        usage = self._usage(body, written) | self._spent(model, body)
+        usage["totalTokenCount"] += usage.get("thoughtsTokenCount", 0)  # thoughts are billed as output
+        return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": version}
+
+    def _use_tools(self, body: dict[str, Any], candidate: dict[str, Any]) -> str:
+        """Apply the request's tools to an answer ``candidate`` (in place); return all it wrote.
+
+        ``codeExecution``: a "calculate" question is answered with code, its result and text parts;
+        ``googleSearch``: the answer is grounded (``groundingMetadata`` with three example sources)
+        unless the prompt says "no search"; ``urlContext``: the URLs in the prompt are "read"
+        (``urlContextMetadata``). Without tools the candidate is left as it is.
+        """
+        parts = candidate["content"]["parts"]
+        tools = requested_tools(body)
+        if not tools:
+            return str(parts[0]["text"])
+        prompt = last_user_text(body)
+        if "codeExecution" in tools and responder.wants_code_execution(prompt):
+            parts[:] = responder.code_execution_parts(prompt)
+        written = responder.parts_text(parts)
+        if "googleSearch" in tools and responder.wants_search(prompt):
+            candidate["groundingMetadata"] = responder.search_grounding(prompt, written)
+        context = responder.url_context(prompt) if "urlContext" in tools else None
+        if context is not None:
+            candidate["urlContextMetadata"] = context
+        return written
+
+    def _spent(self, model: str, body: dict[str, Any]) -> dict[str, int]:
+        """Usage beyond prompt and answer: a thinking model's ``thoughtsTokenCount`` ("think step by
+        step" in the prompt: 64 tokens) and implicit caching's ``cachedContentTokenCount``.
+
+        Implicit caching (https://ai.google.dev/gemini-api/docs/caching): Gemini 2.5 and newer models
+        reuse the longest prefix of the request (system instruction, then whole turns) already seen
+        in an earlier request, when that prefix holds at least the model's minimum (1,024 tokens for
+        Flash, 4,096 for Pro); the cached tokens are part of ``promptTokenCount``.
+        """
+        spent: dict[str, int] = {}
+        if "think step by step" in last_user_text(body).lower():
+            spent["thoughtsTokenCount"] = THOUGHT_TOKENS
+        contents = [c for c in body.get("contents", []) if isinstance(c, dict)]
+        system = responder.text_of(body.get("systemInstruction"))
+        prefix = hashlib.sha256(f"{model}\0{system}".encode())
+        tokens = responder.count_tokens(system)
+        cached = 0
+        for content in contents:
+            prefix.update(json.dumps(content, sort_keys=True).encode())
+            tokens += responder.count_tokens(responder.text_of(content))
+            key = prefix.hexdigest()
+            if key in self._prefixes:
+                self._prefixes.move_to_end(key)
+                cached = tokens
+            else:
+                self._prefixes[key] = None
+                if len(self._prefixes) > MAX_CACHED_PREFIXES:
+                    self._prefixes.popitem(last=False)
+        minimum = IMPLICIT_CACHE_MIN_TOKENS["pro" if "-pro" in model else "flash"]
+        if model.startswith("gemini-2.0") or cached < minimum:
+            return spent
+        return spent | {"cachedContentTokenCount": cached}
 
     async def _stream(
         self, request: web.Request, model: str, body: dict[str, Any], fault: Fault | None

@@ -185,3 +185,105 @@ def prose_and_code(n: int) -> str:
 def count_tokens(text: str) -> int:
     """Approximate tokens like the real API's rule of thumb (about four characters each)."""
     return max(1, (len(text) + 3) // 4) if text else 0
+
+
+# -- tools Google runs (googleSearch, urlContext, codeExecution) ---------------------------------
+
+_URL_RE = re.compile(r"https?://[^\s<>\"')\]]+")
+_SLUG_RE = re.compile(r"[^a-z0-9]+")
+# Hosts the emulated URL context tool cannot fetch (the real one reports ERROR, PAYWALL or UNSAFE).
+UNREACHABLE_HOSTS = ("unreachable.example",)
+SEARCH_SOURCES = (("example.com", "https://example.com"), ("example.org", "https://example.org"),
+                  ("example.net", "https://example.net"))
+
+
+def wants_search(prompt: str) -> bool:
+    """Whether the emulated model chooses to search (the real one decides per prompt; "no search"
+    in the prompt stands for a question it answers from what it knows)."""
+    return "no search" not in prompt.lower()
+
+
+def search_grounding(prompt: str, answer: str) -> dict[str, Any]:
+    """A ``groundingMetadata`` like the Gemini API's for a Google-Search-grounded answer, with three
+    deterministic sources on example domains.
+
+    The shape is the REST reference's (GroundingMetadata: webSearchQueries, searchEntryPoint,
+    groundingChunks[].web {uri, title}, groundingSupports[] {segment, groundingChunkIndices,
+    confidenceScores}; https://ai.google.dev/api/generate-content#GroundingMetadata and
+    google-genai's types.GroundingMetadata). The real chunks' ``uri`` is a long
+    vertexaisearch.cloud.google.com/grounding-api-redirect/... link and its ``title`` the site's
+    domain; here the link goes to the example domain itself.
+    """
+    query = " ".join(prompt.split())[:200]
+    slug = _SLUG_RE.sub("-", query.lower()).strip("-")[:60] or "query"
+    chunks = [{"web": {"uri": f"{base}/search/{slug}/{n}", "title": title}}
+              for n, (title, base) in enumerate(SEARCH_SOURCES, start=1)]
+    end = len(answer.encode())
+    return {
+        "webSearchQueries": [query],
+        "searchEntryPoint": {"renderedContent": f"<div class=\"container\">{query}</div>"},
+        "groundingChunks": chunks,
+        "groundingSupports": [{
+            "segment": {"startIndex": 0, "endIndex": end, "text": answer},
+            "groundingChunkIndices": list(range(len(chunks))),
+            "confidenceScores": [0.9] * len(chunks),
+        }],
+    }
+
+
+def url_context(prompt: str) -> dict[str, Any] | None:
+    """``urlContextMetadata`` for the URLs in the prompt (https://ai.google.dev/gemini-api/docs/url-context:
+    ``url_metadata`` with ``retrieved_url`` and ``url_retrieval_status``), or None without a URL."""
+    urls = list(dict.fromkeys(_URL_RE.findall(prompt)))[:20]
+    if not urls:
+        return None
+    return {"urlMetadata": [{
+        "retrievedUrl": url,
+        "urlRetrievalStatus": "URL_RETRIEVAL_STATUS_ERROR" if any(h in url for h in UNREACHABLE_HOSTS)
+        else "URL_RETRIEVAL_STATUS_SUCCESS",
+    } for url in urls]}
+
+
+_SUM_RE = re.compile(r"sum of (?:the numbers )?(\d+) (?:to|through) (\d+)", re.IGNORECASE)
+
+
+def wants_code_execution(prompt: str) -> bool:
+    """Whether the emulated model runs code: for "calculate"/"compute"/"run code" prompts."""
+    lowered = prompt.lower()
+    return any(word in lowered for word in ("calculate", "compute", "run code", "run some code"))
+
+
+def code_execution_parts(prompt: str) -> list[dict[str, Any]]:
+    """The parts of an answer that used the code execution tool, in the API's order: text, the
+    ``executableCode`` the model wrote, the ``codeExecutionResult`` of running it, text
+    (https://ai.google.dev/gemini-api/docs/code-execution; google-genai types.ExecutableCode,
+    types.CodeExecutionResult). "sum of A to B" is computed; "fail" in the prompt makes the code raise.
+    """
+    match = _SUM_RE.search(prompt)
+    low, high = (int(match.group(1)), int(match.group(2))) if match else (1, 100)
+    if "fail" in prompt.lower():
+        code = "print(1 / 0)\n"
+        result = {"outcome": "OUTCOME_FAILED",
+                  "output": "Traceback (most recent call last):\nZeroDivisionError: division by zero\n"}
+        closing = "The code failed: it divided by zero."
+    else:
+        code = f"total = sum(range({low}, {high} + 1))\nprint(total)\n"
+        total = sum(range(low, high + 1))
+        result = {"outcome": "OUTCOME_OK", "output": f"{total}\n"}
+        closing = f"The sum of {low} to {high} is {total}."
+    return [
+        {"text": "I'll calculate that with code."},
+        {"executableCode": {"language": "PYTHON", "code": code}},
+        {"codeExecutionResult": result},
+        {"text": closing},
+    ]
+
+
+def parts_text(parts: list[dict[str, Any]]) -> str:
+    """All the text of an answer's parts (text, code and output), for its token count."""
+    out = []
+    for part in parts:
+        out.append(str(part.get("text") or ""))
+        out.append(str((part.get("executableCode") or {}).get("code") or ""))
+        out.append(str((part.get("codeExecutionResult") or {}).get("output") or ""))
+    return "".join(out)

@@ -110,6 +110,11 @@ class Config:
     max_input_chars: int = 4000
     history_max_messages: int = 20
     history_max_chars: int = 12000
+    history_max_tokens: int = 4000
+    long_answer_chars: int = 6000
+    code_file_chars: int = 1500
+    quota_user_tokens_per_day: int = 0
+    quota_guild_tokens_per_day: int = 0
     retry_max_attempts: int = 3
     retry_hint_cap_seconds: float = 20.0
     breaker_fail_max: int = 5
@@ -421,6 +426,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_input_chars": _Number(int, 1, 1_000_000),
     "history_max_messages": _Number(int, 0, 1000),
     "history_max_chars": _Number(int, 0, 10_000_000),
+    "history_max_tokens": _Number(int, 0, 2_000_000),
+    # An answer over this many characters goes as its opening plus answer.md; at least one message.
+    "long_answer_chars": _Number(int, 2000, 1_000_000),
+    "code_file_chars": _Number(int, 200, 1_000_000),
+    # 0 = unlimited.
+    "quota_user_tokens_per_day": _Number(int, 0, 10**12),
+    "quota_guild_tokens_per_day": _Number(int, 0, 10**12),
     "retry_max_attempts": _Number(int, 1, 20),
     "retry_hint_cap_seconds": _Number(float, 0, 3600),
     "breaker_fail_max": _Number(int, 1, 1000),

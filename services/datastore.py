@@ -135,15 +135,18 @@ def validate_maintenance(data: Any) -> list[str]:
     return problems
 
 
-_GUILD_KEYS = frozenset({"chat_channels", "persona", "user_rate_per_minute"})
+_GUILD_KEYS = frozenset({"chat_channels", "persona", "user_rate_per_minute", "tools"})
+GUILD_TOOLS = frozenset({"google_search", "url_context", "code_execution"})
+"""The Google-run tools a guild may turn on (``tools``: name -> bool; bot/grounding.py)."""
 
 
 def validate_guild_settings(data: Any) -> list[str]:
     """``{"guilds": {id: {"chat_channels": [int], "persona": str|None, "user_rate_per_minute": int|None,
-    "maintenance": {...}}}}``.
+    "tools": {name: bool}, "maintenance": {...}}}}``.
 
     A guild entry may leave keys out (unset); present keys are typed precisely. ``maintenance``
-    is the guild's own maintenance mode, shaped like the ``maintenance`` file.
+    is the guild's own maintenance mode, shaped like the ``maintenance`` file; ``tools`` turns
+    the tools of ``GUILD_TOOLS`` on or off (absent: off).
     """
     problems = _check_keys(data, "guild_settings", {"guilds"})
     if problems:
@@ -168,6 +171,15 @@ def validate_guild_settings(data: Any) -> list[str]:
         rate = entry.get("user_rate_per_minute")
         if rate is not None and not (_is_int(rate) and rate >= 0):
             problems.append(f"{where}.user_rate_per_minute: expected an int >= 0 or null")
+        problems += _check_tools(entry.get("tools", {}), f"{where}.tools")
+    return problems
+
+
+def _check_tools(tools: Any, where: str) -> list[str]:
+    if not isinstance(tools, dict):
+        return [f"{where}: expected an object, got {type(tools).__name__}"]
+    problems = [f"{where}: unknown tool {name!r}" for name in sorted(set(tools) - GUILD_TOOLS, key=str)]
+    problems += [f"{where}.{name}: expected bool" for name, on in tools.items() if not isinstance(on, bool)]
     return problems
 
 

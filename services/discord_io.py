@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import unicodedata
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -116,6 +118,22 @@ class RateLimitWaitError(discord.RateLimited):
 class EmptyMessageError(ValueError):
     """Content that is only whitespace, with no embed: Discord refuses it (400, code 50006), so it is
     never sent. A caller's bug (an answer with nothing to show gets a sentence instead)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A file to attach to a message: its name (the extension sets Discord's preview) and bytes."""
+
+    filename: str
+    data: bytes
+
+    def file(self) -> discord.File:
+        """A fresh ``discord.File`` (one is consumed by each send)."""
+        return discord.File(io.BytesIO(self.data), filename=self.filename)
+
+
+MAX_FILES_PER_MESSAGE = 10
+"""Discord takes at most ten attachments per message ("files[n]", Create Message, discord-api-docs)."""
 
 
 class PartialDeliveryError(Exception):
@@ -232,22 +250,28 @@ class DiscordIO:
         mention_user: discord.abc.Snowflake | None = None,
         embed: discord.Embed | None = None,
         nonce: str | None = None,
+        files: Sequence[Upload] = (),
     ) -> discord.Message:
         """Send ``content`` to ``channel`` through ``discord.send`` and return the message.
 
         With ``reply_to`` the message is a reply that still goes out if the original was
-        deleted meanwhile. Only ``mention_user`` can be pinged. Raises discord.py's
+        deleted meanwhile. Only ``mention_user`` can be pinged. ``files`` (at most
+        ``MAX_FILES_PER_MESSAGE``) are attached, as a multipart upload. Raises discord.py's
         exception (``HTTPException`` family, ``aiohttp.ClientError``), ``CallTimeoutError``
         or ``CircuitOpenError``; the caller classifies and queues. Blank ``content`` without an
-        ``embed`` raises ``EmptyMessageError`` before any request (Discord would refuse it).
+        ``embed`` or a file raises ``EmptyMessageError`` before any request (Discord would refuse it).
         """
-        if embed is None and not content.strip():
+        if embed is None and not files and not content.strip():
             raise EmptyMessageError("a message of only whitespace: Discord refuses it (50006)")
+        if len(files) > MAX_FILES_PER_MESSAGE:
+            raise ValueError(f"{len(files)} files: Discord takes at most {MAX_FILES_PER_MESSAGE} per message")
         kwargs: dict[str, Any] = {"allowed_mentions": allowed_mentions_for(mention_user)}
         if reply_to is not None:
             kwargs["reference"] = _lenient(reply_to)
         if embed is not None:
             kwargs["embed"] = embed
+        if files:
+            kwargs["files"] = [upload.file() for upload in files]
         if nonce is not None:
             # discord.py then sets enforce_nonce: a resend with the same nonce within Discord's
             # window returns the message already posted instead of posting it twice.
@@ -263,8 +287,13 @@ class DiscordIO:
         mention_user: discord.abc.Snowflake | None = None,
         nonce: str | None = None,
         first_index: int = 0,
+        files: Mapping[int, Sequence[Upload]] | None = None,
     ) -> list[discord.Message]:
         """Send an answer split into chunks, in order; the first replies to ``reply_to``.
+
+        ``files`` maps a chunk's number (counted from the answer's first chunk, like the nonces) to
+        the files attached to that chunk's message: a resent chunk carries its files again, under
+        the same nonce, so Discord does not post it (nor its files) twice.
 
         ``chunks`` are the answer's chunks from number ``first_index`` on (a resumed delivery);
         only the first chunk of the answer replies and may ping ``mention_user``. With ``nonce``,
@@ -290,14 +319,20 @@ class DiscordIO:
             if not _shows_something(chunk):
                 continue
             chunk_nonce = None if nonce is None else f"{nonce}.{index}"[-25:]
+            attached = (files or {}).get(index, ())
             try:
                 if not replied:
                     replied = True
                     message = await self.send(
-                        channel, chunk, reply_to=reply_to, mention_user=mention_user, nonce=chunk_nonce
+                        channel,
+                        chunk,
+                        reply_to=reply_to,
+                        mention_user=mention_user,
+                        nonce=chunk_nonce,
+                        files=attached,
                     )
                 else:
-                    message = await self.send(channel, chunk, nonce=chunk_nonce)
+                    message = await self.send(channel, chunk, nonce=chunk_nonce, files=attached)
             except Exception as exc:
                 if chunk_nonce is not None and _unknown_message(exc):
                     log.info("discord.chunk_copy_deleted", channel_id=_channel_id(channel), chunk=index)

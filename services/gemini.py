@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import structlog
 from google import genai
@@ -102,6 +104,33 @@ _RECITATION_MESSAGE = (
 _NO_ROOM_MESSAGE = "Gemini ran out of room before it could answer; try a shorter or simpler question."
 
 
+TOOLS: dict[str, types.ToolDict] = {
+    "google_search": {"google_search": {}},
+    "url_context": {"url_context": {}},
+    "code_execution": {"code_execution": {}},
+}
+"""The tools Google runs for a request, by the names guild settings use. Each is a ``Tool`` of its
+own: Gemini refuses one ``Tool`` with several tool types ("one_of 'tool_type' has more than one
+initialized field", googleapis/js-genai#1383)."""
+
+
+def tool_config(names: Sequence[str]) -> list[types.ToolUnionDict]:
+    """The ``tools`` of a request for tool ``names`` (in ``TOOLS``' order; unknown names raise)."""
+    unknown = [n for n in names if n not in TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tools {unknown}; known: {sorted(TOOLS)}")
+    return [tool for name, tool in TOOLS.items() if name in names]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A web page a grounded answer drew on: ``grounding_metadata.grounding_chunks[].web``, or a page
+    the URL context tool read (``url_context_metadata``)."""
+
+    title: str
+    uri: str
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """The outcome of one generation that reached Gemini and came back.
@@ -109,7 +138,9 @@ class Reply:
     ``ok`` is True for an answer: post ``text``. Otherwise ``text`` is empty and
     ``user_message`` is the sentence to show instead. ``model`` is the model that answered
     (a fallback when the primary's daily quota is used up); ``finish_reason`` and
-    ``block_reason`` are Gemini's enum names (``"STOP"``, ``"SAFETY"``, ...) or None.
+    ``block_reason`` are Gemini's enum names (``"STOP"``, ``"SAFETY"``, ...) or None. The token
+    counts are Gemini's ``usage_metadata`` (prompt, candidates, thoughts, cached content);
+    ``sources`` the web pages a grounded answer drew on (``grounding_sources``).
     """
 
     kind: ReplyKind
@@ -120,6 +151,9 @@ class Reply:
     completion_tokens: int = 0
     block_reason: str | None = None
     user_message: str | None = None
+    thought_tokens: int = 0
+    cached_tokens: int = 0
+    sources: tuple[Source, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -215,6 +249,8 @@ class GeminiService:
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        if metrics is not None:
+            metrics.watch_models(self.models())
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -254,9 +290,15 @@ class GeminiService:
     # -- generation -------------------------------------------------------------------
 
     async def generate(
-        self, prompt: str, history: Sequence[Turn] = (), *, persona: str | None = None
+        self,
+        prompt: str,
+        history: Sequence[Turn] = (),
+        *,
+        persona: str | None = None,
+        tools: Sequence[str] = (),
     ) -> Reply:
-        """Answer ``prompt`` in the context of ``history`` (oldest first), as ``persona``.
+        """Answer ``prompt`` in the context of ``history`` (oldest first), as ``persona``, with the
+        Google-run ``tools`` (names of ``TOOLS``: search grounding, URL context, code execution).
 
         Returns a ``Reply`` whenever Gemini answered, even with a refusal (``reply.ok``
         False, ``reply.user_message`` set). Raises what the last attempt raised once the
@@ -270,16 +312,7 @@ class GeminiService:
         contents = build_contents(history, prompt)
         if not contents:
             raise ValueError("nothing to send: the prompt and the history are empty")
-        config: types.GenerateContentConfigDict = {}
-        if persona or self.persona:
-            config["system_instruction"] = persona or self.persona
-        if self.max_output_tokens is not None:
-            config["max_output_tokens"] = self.max_output_tokens
-        # The whole call, retries included; each request to Gemini is a "gemini.attempt" inside it.
-        with span("gemini.generate", dependency="gemini", turns=len(contents)) as step:
-            reply = await self.retry.call(lambda: self._attempt(contents, config))
-            step.set(model=reply.model, outcome=reply.kind.value)
-        return reply
+        return await self._generate(contents, self._config(persona, tools))
 
     async def generate_with_parts(
         self,
@@ -289,6 +322,7 @@ class GeminiService:
         *,
         history_parts: Mapping[int, Sequence[PartLike]] | None = None,
         persona: str | None = None,
+        tools: Sequence[str] = (),
     ) -> Reply:
         """``generate`` with files: ``parts`` (images, audio, PDFs as ``types.Part``, texts as
         ``{"text": ...}``) go before ``prompt`` in the last user turn, and ``history_parts[i]``
@@ -297,12 +331,26 @@ class GeminiService:
         contents = build_multimodal_contents(history, prompt, parts, history_parts or {})
         if not contents:
             raise ValueError("nothing to send: the prompt, the files and the history are empty")
+        return await self._generate(contents, self._config(persona, tools))
+
+    def _config(self, persona: str | None, tools: Sequence[str]) -> types.GenerateContentConfigDict:
         config: types.GenerateContentConfigDict = {}
         if persona or self.persona:
             config["system_instruction"] = persona or self.persona
         if self.max_output_tokens is not None:
             config["max_output_tokens"] = self.max_output_tokens
-        return await self.retry.call(lambda: self._attempt(contents, config))
+        if tools:
+            config["tools"] = tool_config(tools)
+        return config
+
+    async def _generate(
+        self, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
+    ) -> Reply:
+        # The whole call, retries included; each request to Gemini is a "gemini.attempt" inside it.
+        with span("gemini.generate", dependency="gemini", turns=len(contents)) as step:
+            reply = await self.retry.call(lambda: self._attempt(contents, config))
+            step.set(model=reply.model, outcome=reply.kind.value)
+        return reply
 
     @property
     def sdk_client(self) -> genai.Client:
@@ -429,7 +477,8 @@ class GeminiService:
             raise
         lease.record_success()
         reply = to_reply(response, model)
-        self._observe(reply.kind.value, started, 200, reply.prompt_tokens, reply.completion_tokens)
+        self._observe(reply.kind.value, started, 200)
+        self._count_tokens(reply)
         self.last_success = self._clock.time()
         return reply
 
@@ -469,18 +518,22 @@ class GeminiService:
             retry_in=MISSING_MODEL_RECHECK_SECONDS,
         )
 
-    def _observe(
-        self,
-        outcome: str,
-        started: float,
-        code: int | None,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-    ) -> None:
+    def _observe(self, outcome: str, started: float, code: int | None) -> None:
         """Count one attempt in the metrics, when there are metrics."""
         if self._metrics is not None:
             seconds = max(0.0, self._clock.monotonic() - started)
-            self._metrics.observe_gemini(outcome, seconds, code, prompt_tokens, completion_tokens)
+            self._metrics.observe_gemini(outcome, seconds, code)
+
+    def _count_tokens(self, reply: Reply) -> None:
+        """Add an answer's usage_metadata to ``bot_gemini_tokens_total{kind,model}``."""
+        if self._metrics is not None:
+            self._metrics.observe_tokens(
+                reply.model,
+                prompt=reply.prompt_tokens,
+                output=reply.completion_tokens,
+                thought=reply.thought_tokens,
+                cached=reply.cached_tokens,
+            )
 
     def _note_error(self, exc: BaseException) -> None:
         # describe_error keeps the type and status code only: SDK messages may carry URLs.
@@ -760,6 +813,8 @@ def to_reply(response: types.GenerateContentResponse, model: str) -> Reply:
     usage = response.usage_metadata
     prompt_tokens = (usage.prompt_token_count or 0) if usage else 0
     completion_tokens = (usage.candidates_token_count or 0) if usage else 0
+    thought_tokens = (usage.thoughts_token_count or 0) if usage else 0
+    cached_tokens = (usage.cached_content_token_count or 0) if usage else 0
     feedback = response.prompt_feedback
     block = _name(feedback.block_reason) if feedback else None
     candidate = response.candidates[0] if response.candidates else None
@@ -767,14 +822,19 @@ def to_reply(response: types.GenerateContentResponse, model: str) -> Reply:
 
     def refusal(kind: ReplyKind, message: str | None = None) -> Reply:
         return Reply(
-            kind, "", model, finish, prompt_tokens, completion_tokens, block, message or USER_MESSAGES[kind]
+            kind, "", model, finish, prompt_tokens, completion_tokens, block, message or USER_MESSAGES[kind],
+            thought_tokens, cached_tokens,
         )
 
     if block is not None and block != "BLOCKED_REASON_UNSPECIFIED":
         return refusal(ReplyKind.PROMPT_BLOCKED)
-    text = response.text if candidate is not None else None
+    text = answer_text(candidate) if candidate is not None else None
     if text and text.strip():
-        return Reply(ReplyKind.ANSWER, text, model, finish, prompt_tokens, completion_tokens, block)
+        sources = grounding_sources(candidate) if candidate is not None else ()
+        return Reply(
+            ReplyKind.ANSWER, text, model, finish, prompt_tokens, completion_tokens, block, None,
+            thought_tokens, cached_tokens, sources,
+        )
     if finish == "RECITATION":
         return refusal(ReplyKind.SAFETY_BLOCKED, _RECITATION_MESSAGE)
     if finish in _REFUSALS:
@@ -782,6 +842,78 @@ def to_reply(response: types.GenerateContentResponse, model: str) -> Reply:
     if finish == "MAX_TOKENS":  # thinking models can spend the whole budget before the answer
         return refusal(ReplyKind.EMPTY, _NO_ROOM_MESSAGE)
     return refusal(ReplyKind.EMPTY)
+
+
+def answer_text(candidate: types.Candidate) -> str | None:
+    """The answer a candidate shows: its text parts (thoughts left out, as ``response.text`` does),
+    with code the code execution tool ran, and that code's output, as fenced blocks in between.
+
+    Without code parts it is exactly ``response.text``, without the SDK's per-part ``model_dump``
+    (and its warning about non-text parts).
+    """
+    parts = candidate.content.parts if candidate.content is not None else None
+    if not parts:
+        return None
+    pieces: list[str] = []
+    for part in parts:
+        if isinstance(part.text, str):
+            if not part.thought:
+                pieces.append(part.text)
+        elif part.executable_code is not None and part.executable_code.code:
+            language = (_name(part.executable_code.language) or "").lower()
+            pieces.append(_fenced(part.executable_code.code, "" if "unspecified" in language else language))
+        elif part.code_execution_result is not None:
+            result = part.code_execution_result
+            outcome = _name(result.outcome)
+            label = "Output:" if outcome in (None, "OUTCOME_OK") else f"The code failed ({outcome}):"
+            pieces.append(f"{label}\n{_fenced(result.output or '(no output)', '')}")
+    if not pieces:
+        return None
+    if len(pieces) == 1:
+        return pieces[0]
+    text = pieces[0]
+    for piece in pieces[1:]:
+        fence = piece.startswith(("```", "Output:", "The code failed"))
+        if (fence or text.endswith("```")) and not text.endswith("\n"):
+            text += "\n"
+        text += piece
+    return text
+
+
+def _fenced(code: str, language: str) -> str:
+    """``code`` as a fenced block whose fence no line of the code can close early."""
+    longest = max((len(run) for run in re.findall(r"`{3,}", code)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{code.rstrip()}\n{fence}\n"
+
+
+MAX_SOURCES = 10
+"""Sources kept of one answer (Gemini can return dozens of chunks)."""
+
+
+def grounding_sources(candidate: types.Candidate) -> tuple[Source, ...]:
+    """The web pages a grounded answer drew on, deduplicated, at most ``MAX_SOURCES``: the web chunks of
+    ``grounding_metadata`` (Google Search), then the pages ``url_context_metadata`` says the URL
+    context tool retrieved. Only http(s) addresses; the title falls back to the address's host."""
+    found: dict[str, Source] = {}
+
+    def add(uri: str | None, title: str | None) -> None:
+        if not uri or uri in found or len(found) >= MAX_SOURCES:
+            return
+        parts = urlsplit(uri)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return
+        found[uri] = Source((title or "").strip() or parts.netloc, uri)
+
+    grounding = candidate.grounding_metadata
+    for chunk in (grounding.grounding_chunks or []) if grounding is not None else []:
+        if chunk.web is not None:
+            add(chunk.web.uri, chunk.web.title)
+    context = candidate.url_context_metadata
+    for entry in (context.url_metadata or []) if context is not None else []:
+        if _name(entry.url_retrieval_status) == "URL_RETRIEVAL_STATUS_SUCCESS":
+            add(entry.retrieved_url, None)
+    return tuple(found.values())
 
 
 def _name(value: object) -> str | None:

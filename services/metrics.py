@@ -3,13 +3,13 @@
 ``Metrics`` owns its own ``CollectorRegistry`` (never the global default), so two instances
 (two tests, two bots in one process) never share a value. Metric objects are plain
 attributes; callers use them directly (``metrics.errors.labels(category).inc()``), plus a
-few helpers where they save real work: ``observe_message``, ``observe_gemini``,
+few helpers where they save real work: ``observe_message``, ``observe_gemini``, ``observe_tokens``,
 ``set_queue_stats``, the listener hooks for breakers, the DataStore and the degradation
 mode, and ``watch_retry_policy`` / ``watch_mutex``, which read the plain-int counters those
 runtime objects keep when ``render()`` runs, so their hot paths pay nothing.
 
 Every label value comes from a small fixed set (outcomes, categories, breaker names, route
-templates): never a user id, message id or conversation key.
+templates, the configured models): never a user id, message id or conversation key.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ COMMAND_OUTCOMES = ("ok", "refused", "timeout", "error", "not_acknowledged")
 dependency or a bug, the user got a sentence); its interaction could not even be deferred."""
 OTHER_COMMAND = "other"
 """The ``command`` label of a name not registered with ``set_commands`` (the label set stays bounded)."""
+TOKEN_KINDS = ("prompt", "output", "thought", "cached")
+"""Kinds of ``bot_gemini_tokens_total``: Gemini's usage_metadata prompt, candidates, thoughts and
+cached-content token counts."""
 
 DATASTORE_SOURCES = ("file", "bak", "memory", "backup", "defaults")
 
@@ -126,8 +129,11 @@ class Metrics:
             "gemini_latency_seconds", "Gemini call duration (one attempt).",
             ["outcome"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
         )
-        self.gemini_tokens = Counter("gemini_tokens", "Gemini tokens used, by kind (prompt, completion).",
-                                     ["kind"], namespace=ns, registry=r)
+        self.gemini_tokens = Counter(
+            "gemini_tokens",
+            "Gemini tokens used (usage_metadata), by kind (prompt, output, thought, cached) and model.",
+            ["kind", "model"], namespace=ns, registry=r,
+        )
         # breakers
         self.breaker_state = Gauge("breaker_state", "Breaker state: 0 closed, 1 half-open, 2 open.",
                                    ["breaker"], namespace=ns, registry=r)
@@ -221,8 +227,6 @@ class Metrics:
         # Series that exist from the start, so a dashboard shows 0 rather than nothing.
         for outcome in MESSAGE_OUTCOMES:
             self.messages.labels(outcome)
-        for kind in ("prompt", "completion"):
-            self.gemini_tokens.labels(kind)
         for source in DATASTORE_SOURCES:
             self.datastore_recoveries.labels(source)
         for category in Category:
@@ -239,6 +243,7 @@ class Metrics:
 
         self._message_children: dict[str, tuple[Counter, Histogram]] = {}
         self._command_names: frozenset[str] = frozenset()
+        self._token_children: dict[tuple[str, str], Counter] = {}
         self._retry_sources: dict[str, tuple[RetrySource, dict[str, int]]] = {}
         self._mutex_sources: list[tuple[MutexSource, dict[str, int]]] = []
 
@@ -309,17 +314,28 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_gemini(
-        self, outcome: str, seconds: float, code: int | None = None,
-        prompt_tokens: int = 0, completion_tokens: int = 0,
-    ) -> None:
-        """Count one Gemini attempt with its HTTP ``code`` (None: no HTTP answer), latency and tokens."""
+    def observe_gemini(self, outcome: str, seconds: float, code: int | None = None) -> None:
+        """Count one Gemini attempt with its HTTP ``code`` (None: no HTTP answer) and latency."""
         self.gemini_requests.labels(outcome, "none" if code is None else str(code)).inc()
         self.gemini_latency.labels(outcome).observe(seconds)
-        if prompt_tokens:
-            self.gemini_tokens.labels("prompt").inc(prompt_tokens)
-        if completion_tokens:
-            self.gemini_tokens.labels("completion").inc(completion_tokens)
+
+    def watch_models(self, models: Iterable[str]) -> None:
+        """Create the token series of ``models`` at 0 (the configured ones: a fixed, small set)."""
+        for model in models:
+            for kind in TOKEN_KINDS:
+                self.gemini_tokens.labels(kind, model)
+
+    def observe_tokens(
+        self, model: str, *, prompt: int = 0, output: int = 0, thought: int = 0, cached: int = 0
+    ) -> None:
+        """Add one Gemini answer's ``usage_metadata`` under ``model``: ``prompt`` (input, ``cached``
+        of it served from Gemini's cache), ``output`` (candidates) and ``thought`` tokens."""
+        for kind, count in (("prompt", prompt), ("output", output), ("thought", thought), ("cached", cached)):
+            if count:
+                child = self._token_children.get((kind, model))
+                if child is None:  # labels() takes a lock and rebuilds the tuple: once per series
+                    child = self._token_children[(kind, model)] = self.gemini_tokens.labels(kind, model)
+                child.inc(count)
 
     # slash commands
     def set_commands(self, names: Iterable[str]) -> None:

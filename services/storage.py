@@ -196,6 +196,23 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX attachment_refs_by_key ON attachment_refs (conversation_key, id)",
         "CREATE INDEX attachment_refs_by_time ON attachment_refs (created_at)",
     ],
+    [
+        # Gemini's usage_metadata per UTC day, user, guild (0: a DM) and model (bot/usage.py): one
+        # row each, added to in the transaction that finishes the answer (no extra write per message).
+        """CREATE TABLE token_usage (
+            day INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            guild_id INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            calls INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            thought_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, user_id, guild_id, model)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX token_usage_by_guild ON token_usage (day, guild_id)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 AVAILABILITY_WITHIN = 30.0
@@ -251,6 +268,24 @@ _PRUNE_PROCESSED_SQL = (
     "DELETE FROM processed WHERE message_id IN "
     "(SELECT message_id FROM processed WHERE processed_at < :cutoff LIMIT :limit)"
 )
+_PRUNE_USAGE_SQL = (
+    "DELETE FROM token_usage WHERE (day, user_id, guild_id, model) IN (SELECT day, user_id, guild_id, "
+    "model FROM token_usage WHERE day < :cutoff_day LIMIT :limit)"
+)
+
+# One Gemini call's tokens added to its (day, user, guild, model) row.
+_ADD_USAGE_SQL = """INSERT INTO token_usage (day, user_id, guild_id, model, calls, prompt_tokens,
+        output_tokens, thought_tokens, cached_tokens) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)
+    ON CONFLICT (day, user_id, guild_id, model) DO UPDATE SET calls = calls + 1,
+        prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+        output_tokens = output_tokens + excluded.output_tokens,
+        thought_tokens = thought_tokens + excluded.thought_tokens,
+        cached_tokens = cached_tokens + excluded.cached_tokens"""
+# What counts against a quota: tokens Gemini read (cached ones included) and wrote (thoughts too).
+_COUNTED = "prompt_tokens + output_tokens + thought_tokens"
+USAGE_RETENTION_SECONDS = 400 * 86400.0
+"""How long daily usage rows are kept (a year and a bit: a month-on-month comparison still works)."""
+SECONDS_PER_DAY = 86400
 
 
 class StorageError(Exception):
@@ -325,6 +360,73 @@ class Event:
     created_at: float
 
 
+def usage_day(timestamp: float) -> int:
+    """The UTC day (days since the epoch) a wall-clock ``timestamp`` falls in: the quota's window."""
+    return int(timestamp // SECONDS_PER_DAY)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One Gemini call's ``usage_metadata``, charged to a user (and guild; None in a DM) on a UTC day.
+
+    ``prompt`` counts every input token (``cached`` of them came from Gemini's cache), ``output``
+    the answer's (candidates) tokens and ``thought`` a thinking model's reasoning tokens.
+    """
+
+    day: int
+    user_id: int
+    guild_id: int | None
+    model: str
+    prompt: int = 0
+    output: int = 0
+    thought: int = 0
+    cached: int = 0
+
+    @property
+    def counted(self) -> int:
+        """What counts against a quota: read and written tokens (thoughts included)."""
+        return self.prompt + self.output + self.thought
+
+    def row(self) -> tuple[int, int, int, str, int, int, int, int]:
+        return (
+            self.day, self.user_id, self.guild_id or 0, self.model,
+            self.prompt, self.output, self.thought, self.cached,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Summed usage (of a user, a guild, a model, or the bot) over some days."""
+
+    calls: int = 0
+    prompt: int = 0
+    output: int = 0
+    thought: int = 0
+    cached: int = 0
+
+    @property
+    def counted(self) -> int:
+        """Tokens that count against a quota (``UsageRecord.counted``)."""
+        return self.prompt + self.output + self.thought
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One user's or guild's (``owner_id``; 0 is DMs) usage in a report."""
+
+    owner_id: int
+    totals: UsageTotals
+
+
+def _totals(row: Sequence[Any] | None) -> UsageTotals:
+    if row is None or row[0] is None:
+        return UsageTotals()
+    return UsageTotals(*(int(v or 0) for v in row[:5]))
+
+
+_SUM_USAGE = "SUM(calls), SUM(prompt_tokens), SUM(output_tokens), SUM(thought_tokens), SUM(cached_tokens)"
+
+
 @dataclass(frozen=True, slots=True)
 class IncidentRecord:
     """One episode of an open breaker (``kind`` "breaker", ``dependency`` its name) or of degraded
@@ -380,11 +482,15 @@ class Housekeeping:
     expired_items: int = 0
     turns: int = 0
     processed_ids: int = 0
+    usage_rows: int = 0
     more: bool = False
 
     @property
     def total(self) -> int:
-        return self.done_items + self.dead_items + self.expired_items + self.turns + self.processed_ids
+        return (
+            self.done_items + self.dead_items + self.expired_items + self.turns + self.processed_ids
+            + self.usage_rows
+        )
 
     def as_dict(self) -> dict[str, int]:
         """The counts by name (for a log line)."""
@@ -394,6 +500,7 @@ class Housekeeping:
             "expired_items": self.expired_items,
             "turns": self.turns,
             "processed_ids": self.processed_ids,
+            "usage_rows": self.usage_rows,
         }
 
 
@@ -808,12 +915,17 @@ class SqliteStore:
         turns: Sequence[tuple[str, str, str | int | None]],
         *,
         now: float | None = None,
+        usage: UsageRecord | None = None,
     ) -> None:
-        """Store ``(role, text, message_id)`` turns in one transaction (a question and its answer)."""
+        """Store ``(role, text, message_id)`` turns in one transaction (a question and its answer),
+        and ``usage`` (the Gemini call that answered it) in the same one."""
         rows = self._turn_rows(key, turns, now)
 
         def body(conn: sqlite3.Connection) -> None:
-            self._insert_turns(conn, key, rows)
+            if rows:
+                self._insert_turns(conn, key, rows)
+            if usage is not None:
+                conn.execute(_ADD_USAGE_SQL, usage.row())
 
         await self._run("append_turns", self._in_thread(body), write=False)
 
@@ -1322,8 +1434,10 @@ class SqliteStore:
         key: str | None = None,
         turns: Sequence[tuple[str, str, str | int | None]] = (),
         now: float | None = None,
+        usage: UsageRecord | None = None,
     ) -> None:
-        """Mark an item done and store the exchange it produced, in one transaction."""
+        """Mark an item done and store the exchange it produced (and the tokens its Gemini call
+        used, ``usage``), in one transaction."""
         if turns and key is None:
             raise ValueError("turns need the conversation key")
         rows = self._turn_rows(key or "", turns, now)
@@ -1338,6 +1452,8 @@ class SqliteStore:
                 raise QueueItemNotFoundError(item_id)
             if rows:
                 self._insert_turns(conn, key or "", rows)
+            if usage is not None:
+                conn.execute(_ADD_USAGE_SQL, usage.row())
 
         await self._run("finish", self._in_thread(body), write=False)
 
@@ -1435,6 +1551,7 @@ class SqliteStore:
         history_retention: float,
         processed_retention: float,
         done_retention: float = 0.0,
+        usage_retention: float = USAGE_RETENTION_SECONDS,
         batch_rows: int = HOUSEKEEPING_BATCH_ROWS,
         max_batches: int = 50,
     ) -> Housekeeping:
@@ -1444,7 +1561,8 @@ class SqliteStore:
         for operators), done items after ``done_retention`` (default 0: at the next call; they
         hold the user's message and nobody needs them once answered), conversation turns
         ``history_retention`` seconds after they were said, processed message ids (the replay
-        guard) after ``processed_retention``. Live items (pending, claimed) are never touched.
+        guard) after ``processed_retention``, daily token usage after ``usage_retention``. Live
+        items (pending, claimed) are never touched.
 
         Each transaction deletes at most ``batch_rows`` rows, through indexes, so the write lock
         is held only briefly and other writers go between transactions; a call runs at most
@@ -1455,6 +1573,7 @@ class SqliteStore:
             ("history_retention", history_retention),
             ("processed_retention", processed_retention),
             ("done_retention", done_retention),
+            ("usage_retention", usage_retention),
         ):
             if not value >= 0:
                 raise ValueError(f"{name} must be at least 0 seconds, not {value!r}")
@@ -1466,6 +1585,7 @@ class SqliteStore:
             ("expired_items", _PRUNE_FINISHED_SQL, {"state": "expired", "cutoff": now - queue_retention}),
             ("turns", _PRUNE_TURNS_SQL, {"cutoff": now - history_retention}),
             ("processed_ids", _PRUNE_PROCESSED_SQL, {"cutoff": now - processed_retention}),
+            ("usage_rows", _PRUNE_USAGE_SQL, {"cutoff_day": usage_day(now - usage_retention)}),
         )
 
         def batch(conn: sqlite3.Connection) -> dict[str, int]:
@@ -1493,8 +1613,104 @@ class SqliteStore:
             expired_items=totals["expired_items"],
             turns=totals["turns"],
             processed_ids=totals["processed_ids"],
+            usage_rows=totals["usage_rows"],
             more=more,
         )
+
+    # -- token usage (bot/usage.py) ----------------------------------------------------------
+
+    async def record_usage(self, usage: UsageRecord) -> None:
+        """Add one Gemini call's tokens on its own, where no transaction finishes the item (a
+        delivery Discord refuses for good); the answer path folds it into ``finish``."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(_ADD_USAGE_SQL, usage.row())
+
+        await self._run("record_usage", self._in_thread(body), write=False)
+
+    async def usage_by_owner(self, day: int) -> tuple[dict[int, int], dict[int, int]]:
+        """Tokens counted against quotas on UTC ``day``: ``({user_id: n}, {guild_id: n})`` (guild 0:
+        DMs). One read, for the quota ledger's start of day."""
+
+        async def body(db: aiosqlite.Connection) -> tuple[dict[int, int], dict[int, int]]:
+            by_user, by_guild = (
+                f"SELECT {column}, SUM({_COUNTED}) FROM token_usage WHERE day = ? GROUP BY {column}"
+                for column in ("user_id", "guild_id")
+            )
+            users = await _all(db, by_user, (day,))
+            guilds = await _all(db, by_guild, (day,))
+            return {int(u): int(n) for u, n in users}, {int(g): int(n) for g, n in guilds}
+
+        return await self._run("usage_by_owner", body, write=False)
+
+    async def usage_totals(
+        self, first_day: int, last_day: int, *, user_id: int | None = None, guild_id: int | None = None
+    ) -> UsageTotals:
+        """Usage from ``first_day`` to ``last_day`` (UTC days, inclusive): of one user, one guild
+        (0: DMs), both, or the whole bot."""
+        where, args = self._usage_filter(first_day, last_day, user_id, guild_id)
+
+        async def body(db: aiosqlite.Connection) -> UsageTotals:
+            return _totals(await _one(db, f"SELECT {_SUM_USAGE} FROM token_usage WHERE {where}", args))
+
+        return await self._run("usage_totals", body, write=False)
+
+    async def usage_by_model(
+        self, first_day: int, last_day: int, *, user_id: int | None = None, guild_id: int | None = None
+    ) -> dict[str, UsageTotals]:
+        """``usage_totals`` per model, most tokens first."""
+        where, args = self._usage_filter(first_day, last_day, user_id, guild_id)
+
+        async def body(db: aiosqlite.Connection) -> dict[str, UsageTotals]:
+            rows = await _all(
+                db,
+                f"SELECT {_SUM_USAGE}, model FROM token_usage WHERE {where} GROUP BY model "
+                f"ORDER BY SUM({_COUNTED}) DESC, model",
+                args,
+            )
+            return {str(r[5]): _totals(r) for r in rows}
+
+        return await self._run("usage_by_model", body, write=False)
+
+    async def usage_top(
+        self,
+        first_day: int,
+        last_day: int,
+        *,
+        by: str,
+        limit: int = 10,
+        guild_id: int | None = None,
+    ) -> builtins.list[UsageRow]:
+        """The ``limit`` users (``by="user"``, optionally within one guild) or guilds (``by="guild"``)
+        that used the most tokens from ``first_day`` to ``last_day``."""
+        if by not in ("user", "guild"):
+            raise ValueError(f"by must be 'user' or 'guild', not {by!r}")
+        column = f"{by}_id"
+        where, args = self._usage_filter(first_day, last_day, None, guild_id)
+
+        async def body(db: aiosqlite.Connection) -> list[UsageRow]:
+            rows = await _all(
+                db,
+                f"SELECT {_SUM_USAGE}, {column} FROM token_usage WHERE {where} GROUP BY {column} "
+                f"ORDER BY SUM({_COUNTED}) DESC, {column} LIMIT ?",
+                (*args, limit),
+            )
+            return [UsageRow(int(r[5]), _totals(r)) for r in rows]
+
+        return await self._run("usage_top", body, write=False)
+
+    @staticmethod
+    def _usage_filter(
+        first_day: int, last_day: int, user_id: int | None, guild_id: int | None
+    ) -> tuple[str, tuple[int, ...]]:
+        terms, args = ["day BETWEEN ? AND ?"], [first_day, last_day]
+        if user_id is not None:
+            terms.append("user_id = ?")
+            args.append(user_id)
+        if guild_id is not None:
+            terms.append("guild_id = ?")
+            args.append(guild_id)
+        return " AND ".join(terms), tuple(args)
 
     # -- events ----------------------------------------------------------------------------
 

@@ -53,7 +53,8 @@ def exported_metrics() -> dict[str, set[str]]:
     """
     metrics = Metrics()
     metrics.observe_message("answered", 0.1)
-    metrics.observe_gemini("answer", 0.2, 200, prompt_tokens=3, completion_tokens=4)
+    metrics.observe_gemini("answer", 0.2, 200)
+    metrics.observe_tokens("gemini-2.5-flash", prompt=3, output=4)
     metrics.breaker_listener("gemini", "closed", "open")
     metrics.retries.labels("gemini", "retried").inc()
     metrics.retry_budget_tokens.labels("gemini").set(5)

@@ -294,9 +294,10 @@ async def test_kill_9_between_the_chunks_of_a_long_answer_then_restart_delivers_
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot
 ) -> None:
     """A 6000-character answer goes out in several messages; Discord posts the first and the bot is
-    killed before it hears back. After the restart the user has the whole answer."""
+    killed before it hears back. After the restart the user has the whole answer. (Under
+    LONG_ANSWER_CHARS, so it goes as chat messages, not as a file.)"""
     discord = emulators.discord
-    env = child_env(bot_env)
+    env = {**child_env(bot_env), "LONG_ANSWER_CHARS": "100000"}
     first = await start_bot(spawn_bot, emulators, env)
     discord.faults.add("latency", "send", count=1, seconds=3.0, after=True)
     general = discord.channels["general"]

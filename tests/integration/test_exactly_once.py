@@ -115,10 +115,11 @@ async def test_a_long_answer_cut_by_a_kill_resumes_after_the_posted_chunks_after
 ) -> None:
     """A 6,000-character answer goes out in several chunks; Discord posts the first and the bot is
     killed before it hears back. The restart comes after the nonce window: the drain reads the
-    first chunk's mark, skips it, and delivers the rest, each chunk once."""
+    first chunk's mark, skips it, and delivers the rest, each chunk once. (Under LONG_ANSWER_CHARS, so
+    it goes as chat messages, not as a file: tests/integration/test_answer_files.py.)"""
     discord = emulators.discord
     general = discord.channels["general"]
-    env = outage_env(bot_env)
+    env = {**outage_env(bot_env), "LONG_ANSWER_CHARS": "100000"}
     async with started_bot(spawn_bot, emulators, env) as first:
         discord.faults.add("latency", "send", count=1, seconds=3.0, after=True)
         question = await discord.send_user_message(

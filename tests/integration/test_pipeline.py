@@ -175,7 +175,17 @@ async def test_a_quick_answer_shows_no_typing_indicator_and_a_slow_one_shows_it_
     assert "sandbox Gemini" in answer.content
 
 
-async def test_a_long_answer_with_code_arrives_as_valid_messages_with_fences_intact(live: Live) -> None:
+async def test_a_long_answer_with_code_arrives_as_valid_messages_with_fences_intact(tmp_path: Path) -> None:
+    """Split into chat messages when it is under LONG_ANSWER_CHARS (over it, it goes as a file:
+    tests/integration/test_answer_files.py)."""
+    async with (
+        running_emulators() as emus,
+        live_bot(emus, tmp_path / "data", LONG_ANSWER_CHARS="100000") as live,
+    ):
+        await _long_code_answer_is_split_with_fences_intact(live)
+
+
+async def _long_code_answer_is_split_with_fences_intact(live: Live) -> None:
     msg = await live.say("reply with 6000 characters of code")
     await live.wait_replies(msg["id"])
     expected = prose_and_code(6000)

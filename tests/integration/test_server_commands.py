@@ -63,6 +63,9 @@ SERVER_COMMANDS: list[dict[str, Any]] = [
     {"channels": {"list": {}}},
     {"channels": {"add": {"channel": "random"}}},
     {"channels": {"remove": {"channel": "random"}}},
+    {"tools": {"status": {}}},
+    {"tools": {"on": {"tool": "google_search"}}},
+    {"tools": {"off": {"tool": "code_execution"}}},
 ]
 
 

@@ -78,7 +78,7 @@ async def test_a_live_start_syncs_the_commands_and_prints_the_invite_banner(
     await proc.terminate()
     out = proc.output("stdout")
     assert f"client_id={discord.application_id}" in out
-    assert "permissions=274877992000" in out and "applications.commands" in out
+    assert "permissions=274878024768" in out and "applications.commands" in out
 
 
 async def test_a_second_bot_on_the_same_data_dir_names_the_directory_and_the_first_bots_pid(

@@ -576,8 +576,8 @@ async def test_every_attempt_is_observed_in_metrics_with_outcome_code_and_tokens
 
     assert sample("bot_gemini_requests_total", outcome="unavailable", code="503") == 1
     assert sample("bot_gemini_requests_total", outcome="answer", code="200") == 1
-    assert sample("bot_gemini_tokens_total", kind="prompt") == reply.prompt_tokens
-    assert sample("bot_gemini_tokens_total", kind="completion") == reply.completion_tokens
+    assert sample("bot_gemini_tokens_total", kind="prompt", model=MODEL) == reply.prompt_tokens
+    assert sample("bot_gemini_tokens_total", kind="output", model=MODEL) == reply.completion_tokens
 
 
 async def test_health_reports_breaker_model_and_last_success_and_error(emu, harness):

@@ -82,7 +82,8 @@ def test_two_instances_do_not_share_values() -> None:
 
 def test_every_family_is_exposed_with_its_type_and_parses(metrics: Metrics) -> None:
     """render() returns the text format with every family, each of the expected type."""
-    metrics.observe_gemini("ok", 1.2, 200, prompt_tokens=10, completion_tokens=5)
+    metrics.observe_gemini("ok", 1.2, 200)
+    metrics.observe_tokens("gemini-2.5-flash", prompt=10, output=5)
     metrics.breaker_listener("gemini", "closed", "open")
     metrics.http_requests.labels("/health", "200").inc()
     metrics.errors.labels(Category.TIMEOUT).inc()
@@ -138,15 +139,22 @@ def test_message_latency_lands_in_the_right_buckets(metrics: Metrics) -> None:
 
 
 def test_gemini_observation_counts_code_latency_and_tokens(metrics: Metrics) -> None:
-    """observe_gemini labels the HTTP code ('none' without one) and adds tokens by kind."""
-    metrics.observe_gemini("ok", 0.8, 200, prompt_tokens=12, completion_tokens=30)
+    """observe_gemini labels the HTTP code ('none' without one); observe_tokens adds usage_metadata's
+    tokens by kind and model, and watch_models creates the configured models' series at 0."""
+    metrics.observe_gemini("ok", 0.8, 200)
     metrics.observe_gemini("timeout", 30.0)
     metrics.observe_gemini("rate_limited", 0.05, 429)
+    metrics.watch_models(["gemini-2.5-flash", "gemini-2.0-flash"])
+    metrics.observe_tokens("gemini-2.5-flash", prompt=12, output=30, thought=7, cached=5)
     assert value(metrics, "bot_gemini_requests_total", outcome="ok", code="200") == 1
     assert value(metrics, "bot_gemini_requests_total", outcome="timeout", code="none") == 1
     assert value(metrics, "bot_gemini_requests_total", outcome="rate_limited", code="429") == 1
-    assert value(metrics, "bot_gemini_tokens_total", kind="prompt") == 12
-    assert value(metrics, "bot_gemini_tokens_total", kind="completion") == 30
+    flash = {"model": "gemini-2.5-flash"}
+    assert value(metrics, "bot_gemini_tokens_total", kind="prompt", **flash) == 12
+    assert value(metrics, "bot_gemini_tokens_total", kind="output", **flash) == 30
+    assert value(metrics, "bot_gemini_tokens_total", kind="thought", **flash) == 7
+    assert value(metrics, "bot_gemini_tokens_total", kind="cached", **flash) == 5
+    assert value(metrics, "bot_gemini_tokens_total", kind="output", model="gemini-2.0-flash") == 0
     assert value(metrics, "bot_gemini_latency_seconds_count", outcome="timeout") == 1
 
 
