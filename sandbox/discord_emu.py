@@ -54,6 +54,15 @@ Gateway fault kinds, checked when a session goes live and before each dispatch: 
 and RESUMEs); ``"unavailable"`` is checked when a client opens a gateway connection instead: the
 upgrade is refused with a 503 (an outage), so the client stays away while the fault lasts.
 
+Message components, like Discord's (discord-api-docs ``docs/components/reference.mdx``,
+``docs/interactions/receiving-and-responding.mdx``): a message created or edited with
+``components`` keeps them (action rows of at most five buttons, at most five rows, each button
+with a ``custom_id`` of at most 100 characters unique in its message, or a link; anything else is
+400 50035); ``click_button`` dispatches the INTERACTION_CREATE of type 3 (MESSAGE_COMPONENT) that
+a member's click sends, carrying the message, and only for a button the message has now. Its
+callback may be 6 (DEFERRED_UPDATE_MESSAGE: nothing changes yet), 7 (UPDATE_MESSAGE: the message
+is edited with the callback's data), 4 or 5; after 6 or 7, ``@original`` is the message itself.
+
 Sessions, like Discord's: events are buffered per session, so a RESUME replays what the client
 missed, but only for ``session_lifetime`` seconds (default 180) after its connection dropped.
 Discord keeps a dropped session "active" and lets it "timeout after a few minutes", and a RESUME
@@ -188,6 +197,17 @@ class SentMessage:
         return bool(self.flags & EPHEMERAL)
 
     @property
+    def components(self) -> list[dict[str, Any]]:
+        """The message's components as Discord keeps them now (after the last edit)."""
+        return list(self.payload.get("components") or [])
+
+    @property
+    def custom_ids(self) -> list[str]:
+        """The ``custom_id`` of every button the message shows now, in order."""
+        return [str(c["custom_id"]) for row in self.components for c in row.get("components", [])
+                if "custom_id" in c]
+
+    @property
     def pings(self) -> set[str]:
         """Who Discord would notify: ``"everyone"``, ``"user:<id>"``, ``"role:<id>"``.
 
@@ -226,6 +246,7 @@ class InteractionRecord:
     callback_data: dict[str, Any] | None = None
     original: dict[str, Any] | None = None
     followups: list[SentMessage] = field(default_factory=list)
+    message_id: int | None = None  # the message whose button was clicked (a component interaction)
 
     @property
     def acknowledged(self) -> bool:
@@ -313,7 +334,9 @@ class DiscordEmulator:
       ``world.set_overwrite(channel, role_or_user, allow=, deny=)``, which the REST API enforces:
       no Read Message History there means 403 50001 on reading messages).
     - users act: ``send_user_message(...)``, ``send_interaction(...)`` (nested options for
-      subcommands), ``redeliver_message(channel_id, message_id)`` (a repeated MESSAGE_CREATE),
+      subcommands), ``click_button(channel_id, message_id, custom_id)`` (a button on a message:
+      a MESSAGE_COMPONENT interaction), ``redeliver_message(channel_id, message_id)`` (a repeated
+      MESSAGE_CREATE),
       ``delete_message(channel_id, message_id)`` (an author or a moderator deletes a message).
       An interaction must be acknowledged within ``interaction_deadline`` (3 s) and its token
       works for ``interaction_token_lifetime`` (15 min), then 401 50027 Invalid Webhook Token.
@@ -671,6 +694,60 @@ class DiscordEmulator:
             data["context"] = 0
             data["data"]["guild_id"] = str(guild_id)
         record = InteractionRecord(iid, token, name, dict(options or {}), who.id, channel_id, data)
+        self._interactions[iid] = record
+        self._by_token[token] = record
+        await self._dispatch("INTERACTION_CREATE", data)
+        return record
+
+    async def click_button(
+        self, channel_id: int, message_id: int, custom_id: str, *, user: str | int = "normal"
+    ) -> InteractionRecord:
+        """``user`` clicks the button ``custom_id`` on a message: dispatches the MESSAGE_COMPONENT
+        interaction (type 3) Discord sends, with the message as it is now; returns its record.
+
+        Raises ``KeyError`` when the message is gone or shows no such button (nobody can click it).
+        """
+        message = self.world.find_message(channel_id, message_id)
+        if message is None:
+            raise KeyError(f"no message {message_id} in channel {channel_id}")
+        buttons = [c for row in message.get("components") or [] for c in row.get("components", [])]
+        if not any(c.get("custom_id") == custom_id for c in buttons):
+            raise KeyError(f"message {message_id} has no button {custom_id!r}")
+        who = self.world.user(user)
+        channel = self.world.channel_data[channel_id]
+        guild_id = self.world.channel_guild(channel_id)
+        iid = self.world.snowflake()
+        token = "itok-" + secrets.token_hex(16)
+        data: dict[str, Any] = {
+            "id": str(iid),
+            "application_id": str(self.application_id),
+            "type": 3,
+            "token": token,
+            "version": 1,
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "message": self.world.refreshed(message),
+            "channel_id": str(channel_id),
+            "channel": dict(channel),
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(guild_id or self.guild_id)},
+            "attachment_size_limit": 8 * 1024 * 1024,
+            "app_permissions": str(self.world.permissions(self.world.bot, guild_id)),
+        }
+        if guild_id is None:
+            data["user"] = who.payload()
+            data["context"] = 1
+        else:
+            data["guild_id"] = str(guild_id)
+            data["guild_locale"] = "en-US"
+            data["guild"] = {"id": str(guild_id), "locale": "en-US", "features": []}
+            # Discord sends the member's permissions in the channel, overwrites included.
+            data["member"] = self.world.member_payload(who, guild_id=guild_id) | {
+                "permissions": str(self.world.channel_permissions(who, channel_id))
+            }
+            data["context"] = 0
+        record = InteractionRecord(iid, token, custom_id, {}, who.id, channel_id, data)
+        record.message_id = message_id
         self._interactions[iid] = record
         self._by_token[token] = record
         await self._dispatch("INTERACTION_CREATE", data)
@@ -1100,7 +1177,8 @@ class DiscordEmulator:
         content = body.get("content") or ""
         embeds = body.get("embeds") or []
         files = body.get("__files__", [])
-        _validate_content(content, embeds, files)
+        components = _validate_components(body.get("components"))
+        _validate_content(content, embeds, files, components)
         uploads = _uploads(body)
         ref = body.get("message_reference")
         ref_id = int(ref["message_id"]) if ref and ref.get("message_id") else None
@@ -1116,7 +1194,7 @@ class DiscordEmulator:
             cid, self.world.bot, content, embeds=embeds, reference_message_id=None if unknown_ref else ref_id,
             attachments=[{"filename": name, "size": len(data), "content_type": _content_type(name)}
                          for name, data in uploads] or [{"filename": f} for f in files],
-            flags=int(body.get("flags") or 0), extra=extra,
+            flags=int(body.get("flags") or 0), extra={**(extra or {}), "components": components},
         )
         sent = SentMessage(
             int(payload["id"]), cid, content, embeds, body.get("allowed_mentions"), ref,
@@ -1203,23 +1281,54 @@ class DiscordEmulator:
         return response
 
     async def _edit_message(self, request: web.Request, body: Any) -> web.Response:
-        _, message = self._message(request)
+        cid, message = self._message(request)
         if message["author"]["id"] != str(self.bot_user_id):
             raise ApiError(403, "Cannot edit a message authored by another user", 50005)
         body = body or {}
-        if "content" in body:
-            _validate_content(body["content"] or "", body.get("embeds", message["embeds"]), [])
-        self._apply_edit(message, body)
+        if body.get("__uploads__"):
+            self._check_can_attach(cid, body)
+        self._check_edit(message, body)
+        self._apply_edit(message, body, cid)
         if self.echo_bot_messages:
             await self._dispatch("MESSAGE_UPDATE", message)
         return _json(200, message)
 
-    def _apply_edit(self, message: dict[str, Any], body: dict[str, Any]) -> None:
+    @staticmethod
+    def _check_edit(message: dict[str, Any], body: dict[str, Any]) -> None:
+        """Refuse an edit that leaves what Discord refuses (too long, nothing to show, bad components)."""
+        if "components" in body:
+            _validate_components(body["components"])
+        if "content" in body or "attachments" in body:
+            content = body["content"] if "content" in body else message.get("content")
+            kept = body["attachments"] if "attachments" in body else message.get("attachments")
+            components = body["components"] if "components" in body else message.get("components")
+            _validate_content(content or "", body.get("embeds", message["embeds"]),
+                              [a for a in kept or [] if isinstance(a, dict)], components or [])
+
+    def _apply_edit(self, message: dict[str, Any], body: dict[str, Any], cid: int | None = None) -> None:
         for key in ("content", "embeds", "flags", "components"):
             if key in body and body[key] is not None:
                 message[key] = body[key]
-        message["edited_timestamp"] = now_iso()
         sent = self._sent_by_id.get(int(message["id"]))
+        if "attachments" in body and cid is not None:
+            # The attachments become those listed: earlier ones named by their id stay, new ones
+            # ("id": n for the upload files[n]) are added (Edit Message, "attachments").
+            earlier = {str(a["id"]): a for a in message.get("attachments") or []}
+            uploads = dict(_uploads(body))
+            kept: list[dict[str, Any]] = []
+            for entry in body["attachments"] or []:
+                if str(entry.get("id")) in earlier:
+                    kept.append(earlier[str(entry["id"])])
+                elif entry.get("filename") in uploads:
+                    name = str(entry["filename"])
+                    spec = {"filename": name, "data": uploads[name], "content_type": _content_type(name)}
+                    kept.append(self.world._attachment(spec, cid))
+            message["attachments"] = kept
+            if sent is not None:
+                names = {a["filename"] for a in kept}
+                sent.files = {n: d for n, d in {**sent.files, **uploads}.items() if n in names}
+                sent.attachments = [a["filename"] for a in kept]
+        message["edited_timestamp"] = now_iso()
         if sent is not None:
             sent.edits.append(body)
             sent.content = message["content"]
@@ -1311,6 +1420,22 @@ class DiscordEmulator:
         record.callback_type = kind
         record.callback_data = data
         resource: dict[str, Any] = {"type": kind}
+        component = record.message_id is not None
+        if kind in (6, 7) and not component:
+            raise ApiError(400, "Invalid Form Body", 50035, {"type": {"_errors": [
+                {"code": "INTERACTION_RESPONSE_TYPE_INVALID", "message": "Only components can update"}]}})
+        if kind in (6, 7):
+            assert record.message_id is not None
+            message = self.world.find_message(record.channel_id, record.message_id)
+            if message is None:
+                raise ApiError(404, "Unknown Message", 10008)
+            if kind == 7:
+                self._check_edit(message, data)
+                self._apply_edit(message, data, record.channel_id)
+                if self.echo_bot_messages:
+                    await self._dispatch("MESSAGE_UPDATE", message)
+            record.original = message
+            resource["message"] = message
         if kind in (4, 5):
             # Discord creates the original response now: the answer (4) or a "thinking" message (5)
             content = data.get("content", "") if kind == 4 else ""
@@ -1477,7 +1602,9 @@ def _pings(content: str, allowed: dict[str, Any] | None, replied_to: dict[str, A
     return found
 
 
-def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None:
+def _validate_content(
+    content: str, embeds: list[Any], files: list[Any], components: list[Any] | None = None
+) -> None:
     """Refuse what Discord refuses: over 2,000 characters (50035), or nothing to show (50006).
 
     A message needs content, an embed or a file (Discord's create-message docs: at least one of
@@ -1492,8 +1619,47 @@ def _validate_content(content: str, embeds: list[Any], files: list[str]) -> None
     if len(content) > 2000:
         raise ApiError(400, "Invalid Form Body", 50035, {"content": {"_errors": [
             {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}})
-    if not content.strip() and not embeds and not files:
+    if not content.strip() and not embeds and not files and not components:
         raise ApiError(400, "Cannot send an empty message", 50006)
+
+
+BUTTON = 2
+ACTION_ROW = 1
+LINK_STYLE = 5
+
+
+def _validate_components(components: Any) -> list[dict[str, Any]]:
+    """Refuse components Discord refuses (400 50035): top-level action rows only, at most five, each
+    with one to five buttons; a button of styles 1-4 needs a ``custom_id`` (at most 100 characters,
+    unique in the message), a link button (style 5) a ``url`` and no ``custom_id``. Returns them."""
+    if components is None:
+        return []
+
+    def invalid(why: str) -> ApiError:
+        return ApiError(400, "Invalid Form Body", 50035, {"components": {"_errors": [
+            {"code": "COMPONENT_INVALID", "message": why}]}})
+
+    if not isinstance(components, list) or len(components) > 5:
+        raise invalid("at most 5 action rows")
+    seen: set[str] = set()
+    for row in components:
+        if not isinstance(row, dict) or row.get("type") != ACTION_ROW:
+            raise invalid("top-level components must be action rows")
+        items = row.get("components")
+        if not isinstance(items, list) or not 1 <= len(items) <= 5:
+            raise invalid("an action row holds 1 to 5 components")
+        for item in items:
+            if not isinstance(item, dict) or item.get("type") != BUTTON:
+                raise invalid("only buttons are emulated")
+            if item.get("style") == LINK_STYLE:
+                if "custom_id" in item or not item.get("url"):
+                    raise invalid("a link button has a url and no custom_id")
+                continue
+            custom_id = item.get("custom_id")
+            if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 100 or custom_id in seen:
+                raise invalid("a button needs a unique custom_id of 1 to 100 characters")
+            seen.add(custom_id)
+    return components
 
 
 ATTACH_FILES = 1 << 15  # the permission to upload files (discord-api-docs, Permissions)

@@ -873,23 +873,34 @@ class GeminiEmulator(FilesApi):
         full = self._generate(model, body, None if fault and fault.kind == "stream_error" else fault)
         candidates = full.get("candidates") or []
         parts = candidates[0].get("content", {}).get("parts", []) if candidates else []
-        text = parts[0]["text"] if parts else ""
-        if not text:
+        if not responder.parts_text(parts):
             await response.write(self._event(full))
             await response.write_eof()
             return response
         size = max(1, int(fault.params.get("chunk", 40)) if fault else 40)
-        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        # Text in pieces of ``size`` characters; a code part or its result (code execution) in a chunk
+        # of its own; the last chunk carries the finish reason, the usage and the tools' metadata.
+        pieces: list[dict[str, Any]] = []
+        for part in parts:
+            text = part.get("text")
+            if isinstance(text, str):
+                pieces += [{"text": text[i:i + size]} for i in range(0, len(text), size)]
+            else:
+                pieces.append(part)
         cut = len(pieces) + 1
         if fault is not None and fault.kind == "stream_error":
             cut = min(int(fault.params.get("after", 1)), len(pieces))
         for n, piece in enumerate(pieces[:cut]):
-            if await self._write(responder.count_tokens(piece)):
+            if await self._write(responder.count_tokens(responder.parts_text([piece]))):
                 return self._drop(request)
-            chunk: dict[str, Any] = {"candidates": [{"content": {"parts": [{"text": piece}], "role": "model"},
+            chunk: dict[str, Any] = {"candidates": [{"content": {"parts": [piece], "role": "model"},
                                                      "index": 0}], "modelVersion": full["modelVersion"]}
             if n == len(pieces) - 1:
-                chunk["candidates"][0]["finishReason"] = candidates[0]["finishReason"]
+                last = chunk["candidates"][0]
+                last["finishReason"] = candidates[0]["finishReason"]
+                for key in ("groundingMetadata", "urlContextMetadata"):
+                    if key in candidates[0]:
+                        last[key] = candidates[0][key]
                 chunk["usageMetadata"] = full["usageMetadata"]
             await response.write(self._event(chunk))
         if cut <= len(pieces):

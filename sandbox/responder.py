@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 _LENGTH_RE = re.compile(r"reply with (\d+) char", re.IGNORECASE)
+_EXACT_CODE_RE = re.compile(r"reply with exactly (\d+) characters of code", re.IGNORECASE)
 _WORDS = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut "
           "labore et dolore magna aliqua").split()
 # Cap requested lengths so a typo cannot make the emulator build a gigabyte string.
@@ -151,6 +152,8 @@ def _reply(body: dict[str, Any]) -> str:
 
     if prompt in CANNED:
         return CANNED[prompt]
+    if match := _EXACT_CODE_RE.search(last):
+        return code_of_length(int(match.group(1)))
     if match := _LENGTH_RE.search(last):
         if "code" in prompt:
             return prose_and_code(int(match.group(1)))
@@ -180,6 +183,23 @@ def prose_and_code(n: int) -> str:
         size += len(part) + 1
         block += 1
     return "\n".join(parts)
+
+
+def code_of_length(n: int) -> str:
+    """Exactly ``n`` characters: prose and fenced Python blocks (as ``prose_and_code``), then prose."""
+    n = max(0, min(n, MAX_LENGTH))
+    parts: list[str] = []
+    size = 0  # the characters of the parts, each with the newline after it
+    block = 0
+    while True:
+        code = "\n".join(f"value_{block}_{i} = {i} * 2  # line {i} of block {block}" for i in range(30))
+        part = f"{words_of_length(300)}\n```python\n{code}\n```"
+        if size + len(part) + 1 > n - 20:  # keep room for the closing prose
+            break
+        parts.append(part)
+        size += len(part) + 1
+        block += 1
+    return "".join(f"{p}\n" for p in parts) + words_of_length(n - size)
 
 
 def count_tokens(text: str) -> int:

@@ -113,6 +113,10 @@ class Config:
     history_max_tokens: int = 4000
     long_answer_chars: int = 6000
     code_file_chars: int = 1500
+    # Streaming (bot/streaming.py): answers appear as Gemini writes them, edited in place.
+    streaming: bool = True
+    stream_edit_interval_seconds: float = 1.0
+    stream_silence_seconds: float = 10.0
     quota_user_tokens_per_day: int = 0
     quota_guild_tokens_per_day: int = 0
     retry_max_attempts: int = 3
@@ -430,6 +434,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     # An answer over this many characters goes as its opening plus answer.md; at least one message.
     "long_answer_chars": _Number(int, 2000, 1_000_000),
     "code_file_chars": _Number(int, 200, 1_000_000),
+    "streaming": _bool,
+    # Discord lets a channel's messages be edited about 5 times in 5 s: one edit a second per
+    # streaming message is the ceiling (DESIGN.md, "Facts for the second wave").
+    "stream_edit_interval_seconds": _Number(float, 1, 60),
+    "stream_silence_seconds": _Number(float, 1, 600),
     # 0 = unlimited.
     "quota_user_tokens_per_day": _Number(int, 0, 10**12),
     "quota_guild_tokens_per_day": _Number(int, 0, 10**12),

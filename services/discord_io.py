@@ -1,8 +1,8 @@
 """Everything the bot asks of Discord's REST API, behind one circuit breaker per operation.
 
-``DiscordIO`` sends, edits, reacts and shows the typing indicator through the breakers
-``discord.send``, ``discord.edit``, ``discord.react`` and ``discord.typing``, and reads
-(fetch a channel or a user, open a DM, look through a channel's history) through
+``DiscordIO`` sends, edits (and deletes its own messages), reacts and shows the typing indicator
+through the breakers ``discord.send``, ``discord.edit``, ``discord.react`` and ``discord.typing``,
+and reads (fetch a channel or a user, open a DM, look through a channel's history) through
 ``discord.read``, each call under a timeout. Why one per operation: Discord rate-limits and
 fails them separately, a reaction outage must not stop answers, and a read that hangs must
 not hold a queued item until its lease runs out.
@@ -251,12 +251,15 @@ class DiscordIO:
         embed: discord.Embed | None = None,
         nonce: str | None = None,
         files: Sequence[Upload] = (),
+        view: discord.ui.View | None = None,
     ) -> discord.Message:
         """Send ``content`` to ``channel`` through ``discord.send`` and return the message.
 
         With ``reply_to`` the message is a reply that still goes out if the original was
         deleted meanwhile. Only ``mention_user`` can be pinged. ``files`` (at most
-        ``MAX_FILES_PER_MESSAGE``) are attached, as a multipart upload. Raises discord.py's
+        ``MAX_FILES_PER_MESSAGE``) are attached, as a multipart upload. ``view`` puts its
+        components (buttons) on the message; a stopped view is only drawn, its clicks are handled
+        by the persistent view with the same ``custom_id`` (``bot.views``). Raises discord.py's
         exception (``HTTPException`` family, ``aiohttp.ClientError``), ``CallTimeoutError``
         or ``CircuitOpenError``; the caller classifies and queues. Blank ``content`` without an
         ``embed`` or a file raises ``EmptyMessageError`` before any request (Discord would refuse it).
@@ -272,6 +275,8 @@ class DiscordIO:
             kwargs["embed"] = embed
         if files:
             kwargs["files"] = [upload.file() for upload in files]
+        if view is not None:
+            kwargs["view"] = view
         if nonce is not None:
             # discord.py then sets enforce_nonce: a resend with the same nonce within Discord's
             # window returns the message already posted instead of posting it twice.
@@ -349,15 +354,37 @@ class DiscordIO:
         content: str,
         *,
         mention_user: discord.abc.Snowflake | None = None,
+        view: Any = discord.utils.MISSING,
+        files: Sequence[Upload] | None = None,
     ) -> discord.Message:
-        """Replace ``message``'s content through ``discord.edit``; raises like ``send``."""
-        return await self._guard(
-            "edit",
-            message.channel.id,
-            message.edit,
-            content=content,
-            allowed_mentions=allowed_mentions_for(mention_user),
-        )
+        """Replace ``message``'s content through ``discord.edit``; raises like ``send``.
+
+        ``view``: its components replace the message's (None removes them; left out, they stay).
+        ``files``: the message's attachments become exactly these (``()`` removes every one; None
+        leaves them), so an edit resent after a lost response attaches its files once. Content
+        that is only whitespace raises ``EmptyMessageError`` before any request.
+        """
+        if not content.strip():
+            raise EmptyMessageError("a message of only whitespace: Discord refuses it (50006)")
+        kwargs: dict[str, Any] = {"content": content, "allowed_mentions": allowed_mentions_for(mention_user)}
+        if view is not discord.utils.MISSING:
+            kwargs["view"] = view
+        if files is not None:
+            if len(files) > MAX_FILES_PER_MESSAGE:
+                raise ValueError(f"{len(files)} files: Discord takes at most {MAX_FILES_PER_MESSAGE}")
+            kwargs["attachments"] = [upload.file() for upload in files]
+        return await self._guard("edit", message.channel.id, message.edit, **kwargs)
+
+    async def delete(self, message: discord.Message | discord.PartialMessage) -> bool:
+        """Delete one of the bot's messages through ``discord.edit`` (a change to a posted message);
+        False when it was gone already (404 Unknown Message), else True; raises like ``send``."""
+        try:
+            await self._guard("edit", message.channel.id, message.delete)
+        except discord.NotFound as exc:
+            if exc.code != UNKNOWN_MESSAGE:
+                raise
+            return False
+        return True
 
     async def fetch_channel(self, client: discord.Client, channel_id: int) -> Any:
         """A channel (or thread, or DM) by id: from discord.py's cache, else fetched via ``discord.read``."""

@@ -19,18 +19,27 @@ next model answers, and never counted by the breaker (it says nothing about Gemi
 When every model is missing, ``ModelNotFoundError`` is raised: permanent, the user gets a
 sentence, the operator a log line naming the models. ``check_models`` asks Gemini about each
 configured model once (``python -m bot check`` and start-up).
+
+Streaming (``stream``, ``stream_with_parts``): the same guards around
+``client.aio.models.generate_content_stream``; each chunk's text goes to a ``StreamObserver`` as it
+arrives. The adaptive timeout (whose floor is the time the longest answer takes) is replaced on this
+path by a silence timeout between chunks (the observer's ``silence_seconds``) under a total cap (the
+adaptive timeout's maximum, ``GEMINI_TIMEOUT_SECONDS``): a long answer that keeps coming is never cut,
+a stalled one is noticed in seconds. A failure after chunks is a failure of the whole attempt (the
+observer hears ``interrupted``); a retry streams the answer again from its start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import structlog
@@ -40,7 +49,14 @@ from google.genai import errors, types
 from resilience.breakers import Breaker, BreakerState, Lease, describe_error
 from resilience.clock import Clock
 from resilience.context import span
-from resilience.errors import Category, CircuitOpenError, Classification, RetryHintTooLongError, classify
+from resilience.errors import (
+    CallTimeoutError,
+    Category,
+    CircuitOpenError,
+    Classification,
+    RetryHintTooLongError,
+    classify,
+)
 from resilience.retries import RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.metrics import Metrics
@@ -333,6 +349,147 @@ class GeminiService:
             raise ValueError("nothing to send: the prompt, the files and the history are empty")
         return await self._generate(contents, self._config(persona, tools))
 
+    async def stream(
+        self,
+        prompt: str,
+        history: Sequence[Turn] = (),
+        *,
+        observer: StreamObserver,
+        persona: str | None = None,
+        tools: Sequence[str] = (),
+    ) -> Reply:
+        """``generate``, streamed: ``observer.text`` gets the answer so far as Gemini writes it.
+
+        Same guards (retry -> breaker -> timeout), same ``Reply`` and errors; the timeout is the
+        observer's silence between chunks under the total cap (see the module's docstring). Each
+        retry starts the answer again: the observer's next ``text`` is the new attempt's, from its
+        start, after an ``interrupted`` if the failed attempt had shown any text.
+        """
+        contents = build_contents(history, prompt)
+        if not contents:
+            raise ValueError("nothing to send: the prompt and the history are empty")
+        return await self._stream(contents, self._config(persona, tools), observer)
+
+    async def stream_with_parts(
+        self,
+        prompt: str,
+        parts: Sequence[PartLike],
+        history: Sequence[Turn] = (),
+        *,
+        observer: StreamObserver,
+        history_parts: Mapping[int, Sequence[PartLike]] | None = None,
+        persona: str | None = None,
+        tools: Sequence[str] = (),
+    ) -> Reply:
+        """``generate_with_parts``, streamed (see ``stream``)."""
+        contents = build_multimodal_contents(history, prompt, parts, history_parts or {})
+        if not contents:
+            raise ValueError("nothing to send: the prompt, the files and the history are empty")
+        return await self._stream(contents, self._config(persona, tools), observer)
+
+    async def _stream(
+        self,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+        observer: StreamObserver,
+    ) -> Reply:
+        with span("gemini.generate", dependency="gemini", turns=len(contents), streamed=True) as step:
+            reply = await self.retry.call(lambda: self._stream_attempt(contents, config, observer))
+            step.set(model=reply.model, outcome=reply.kind.value)
+        return reply
+
+    async def _stream_attempt(
+        self,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+        observer: StreamObserver,
+    ) -> Reply:
+        """One retry attempt of a stream: the models in ``_attempt``'s order."""
+        for model in self._models():
+            try:
+                return await self._stream_call(model, contents, config, observer)
+            except _Unusable:
+                continue
+        raise self._none_usable()
+
+    def _none_usable(self) -> Exception:
+        """Every model is out (its daily quota, or Gemini lacks it): the error to raise, after the
+        breaker is forced open until the first quota resets (as ``_attempt`` does)."""
+        now = self._clock.monotonic()
+        resets = [t for t in self._exhausted.values() if t > now]
+        if resets:
+            quota_error = self._quota_error
+            assert quota_error is not None  # set whenever a model is marked exhausted
+            remaining = max(0.0, min(resets) - now)
+            self.breaker.force_open(remaining, reason=QUOTA_REASON)
+            error: Exception = QuotaExhaustedError(self.breaker.name, remaining, quota_error)
+            error.__cause__ = quota_error
+            return error
+        missing = self._no_model_error()
+        log.error(
+            "gemini.no_model_available",
+            missing=list(missing.models),
+            fix="set GEMINI_MODEL / GEMINI_FALLBACK_MODELS to models Gemini has (python -m bot check)",
+        )
+        return missing
+
+    async def _stream_call(
+        self,
+        model: str,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+        observer: StreamObserver,
+    ) -> Reply:
+        """One streamed request to ``model`` through the breaker, under the silence timeout and the cap."""
+        client = self._client
+        if client is None:
+            raise GeminiStoppedError("the Gemini service is not running")
+        lease = self._admit()
+        started = self._clock.monotonic()
+        merged = StreamedResponse()
+        try:
+            with span("gemini.attempt", dependency="gemini", model=model, streamed=True):
+                await read_stream(
+                    lambda: client.aio.models.generate_content_stream(
+                        model=model, contents=contents, config=config
+                    ),
+                    merged,
+                    observer,
+                    cap=self.timeout.maximum,
+                )
+        except Exception as exc:
+            if merged.shown:
+                observer.interrupted()
+            self._attempt_failed(model, lease, exc, started)
+            raise
+        except BaseException:
+            lease.release()  # cancelled (a Stop, a shutdown): no outcome
+            raise
+        lease.record_success()
+        reply = to_reply(merged.response(), model)
+        self._observe(reply.kind.value, started, 200)
+        self._count_tokens(reply)
+        self.last_success = self._clock.time()
+        return reply
+
+    def _attempt_failed(self, model: str, lease: Lease, exc: Exception, started: float) -> None:
+        """Settle ``lease`` for a failed attempt as ``_call`` does and remember what it says about
+        ``model``; raises ``_Unusable`` when the next model should be tried."""
+        verdict = classify(exc, now=self._clock.time())
+        missing = exc if isinstance(exc, errors.APIError) and verdict.code == 404 else None
+        if verdict.daily_quota or missing is not None or verdict.category in _PER_REQUEST:
+            lease.release()
+        else:
+            lease.record_failure(exc)
+        self._observe(verdict.category.value, started, verdict.code)
+        self._note_error(exc)
+        if verdict.daily_quota:
+            self._mark_exhausted(model, verdict, exc)
+            raise _Unusable(exc) from exc
+        if missing is not None:
+            self._mark_missing(model, missing)
+            raise _Unusable(exc) from exc
+
     def _config(self, persona: str | None, tools: Sequence[str]) -> types.GenerateContentConfigDict:
         config: types.GenerateContentConfigDict = {}
         if persona or self.persona:
@@ -539,6 +696,117 @@ class GeminiService:
         # describe_error keeps the type and status code only: SDK messages may carry URLs.
         self.last_error = describe_error(exc)
         self.last_error_at = self._clock.time()
+
+
+class StreamObserver(Protocol):
+    """Who watches a streamed generation (``GeminiService.stream``): the bot's streaming writer."""
+
+    silence_seconds: float
+    """The longest wait for the next chunk (the first one too) before the attempt times out."""
+
+    def text(self, text: str) -> None:
+        """The answer so far of the current attempt: all of it, not the new piece. Must not block."""
+
+    def interrupted(self) -> None:
+        """The current attempt failed after it had shown text: that text is not the answer."""
+
+
+class StreamedResponse:
+    """The chunks of one streamed attempt, merged into the response ``to_reply`` reads.
+
+    Parts are joined in order (the text of each chunk continues the last); the finish reason, the
+    grounding and URL context metadata, ``usage_metadata`` and ``prompt_feedback`` are the last ones
+    any chunk carried (Gemini sends them with the last chunk). ``shown`` is whether any chunk had
+    text for the observer.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[types.Part] = []
+        self.candidate: bool = False
+        self.finish_reason: Any = None
+        self.grounding: Any = None
+        self.url_context: Any = None
+        self.usage: Any = None
+        self.feedback: Any = None
+        self.version: str | None = None
+        self.shown = False
+
+    def add(self, chunk: types.GenerateContentResponse) -> str | None:
+        """Take one chunk; return the answer's text so far when this chunk added to it."""
+        if chunk.prompt_feedback is not None:
+            self.feedback = chunk.prompt_feedback
+        if chunk.usage_metadata is not None:
+            self.usage = chunk.usage_metadata
+        self.version = chunk.model_version or self.version
+        candidate = chunk.candidates[0] if chunk.candidates else None
+        if candidate is None:
+            return None
+        self.candidate = True
+        self.finish_reason = candidate.finish_reason or self.finish_reason
+        self.grounding = candidate.grounding_metadata or self.grounding
+        self.url_context = candidate.url_context_metadata or self.url_context
+        new = candidate.content.parts if candidate.content is not None and candidate.content.parts else []
+        if not new:
+            return None
+        self.parts.extend(new)
+        text = answer_text(self._candidate())
+        if not text:
+            return None
+        self.shown = True
+        return text
+
+    def _candidate(self) -> types.Candidate:
+        # model_construct: the parts are the SDK's own, validated when their chunk was parsed.
+        content = types.Content.model_construct(role="model", parts=self.parts) if self.parts else None
+        return types.Candidate.model_construct(
+            content=content,
+            finish_reason=self.finish_reason,
+            grounding_metadata=self.grounding,
+            url_context_metadata=self.url_context,
+        )
+
+    def response(self) -> types.GenerateContentResponse:
+        """The whole attempt as one ``GenerateContentResponse``."""
+        return types.GenerateContentResponse.model_construct(
+            candidates=[self._candidate()] if self.candidate else [],
+            usage_metadata=self.usage,
+            prompt_feedback=self.feedback,
+            model_version=self.version,
+        )
+
+
+async def read_stream(
+    open_stream: Callable[[], Awaitable[Any]],
+    merged: StreamedResponse,
+    observer: StreamObserver,
+    *,
+    cap: float,
+) -> None:
+    """Read a stream into ``merged``, telling ``observer`` the text so far after each chunk.
+
+    The deadline is ``observer.silence_seconds`` from the request and from each chunk, never past
+    ``cap`` from the start; when it passes, raises ``CallTimeoutError`` (which the breaker counts).
+    ``open_stream`` is ``generate_content_stream``: awaited, it gives the SDK's async iterator
+    (the request goes out on its first step).
+    """
+    loop = asyncio.get_running_loop()
+    silence = min(observer.silence_seconds, cap)
+    deadline = loop.time() + cap
+    scope = asyncio.timeout(silence)
+    try:
+        async with scope:
+            stream = await open_stream()
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    text = merged.add(chunk)
+                    if text is not None:
+                        observer.text(text)
+                    scope.reschedule(min(loop.time() + silence, deadline))
+    except TimeoutError as exc:
+        if not scope.expired():
+            raise  # the SDK's own (its client-wide total), or another inner timeout
+        waited = cap if loop.time() >= deadline else silence
+        raise CallTimeoutError(OPERATION, waited) from exc
 
 
 class _Unusable(Exception):
