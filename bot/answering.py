@@ -5,7 +5,8 @@
 ``bot.history``) and hands a failure to the ``FailureRouter``; the answer gets its sources
 (``bot.grounding``), long ones and big code blocks go as files (``bot.long_answers``), and its
 tokens are charged (``bot.usage``). ``deliver`` sends the chunks with per-chunk nonces and moves
-what Discord does not take now to the outbound queue.
+what Discord does not take now to the outbound queue. A streamed answer (``bot.streaming``) is
+shown as Gemini writes it, and ``deliver`` then edits its messages to the final text instead.
 The live path (``bot.intake``), ``/ask`` and the drain all answer through here.
 """
 
@@ -18,8 +19,8 @@ from typing import TYPE_CHECKING
 import discord
 import structlog
 
-from bot import grounding, long_answers, marks, texts
-from bot.attachments import Attachments, describe
+from bot import grounding, long_answers, marks, streaming, texts
+from bot.attachments import Attachments, Prepared, describe
 from bot.history import LeftOutNotes, fit
 from bot.inbound import Inbound, Snowflake
 from bot.long_answers import AnswerFiles
@@ -29,7 +30,7 @@ from resilience.context import span
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, classify
 from services.discord_io import PartialDeliveryError
-from services.gemini import Reply
+from services.gemini import Reply, ReplyKind
 from services.storage import Turn, UsageRecord
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Answerer:
         self.router = router
         self.attachments = Attachments(app)
         self.left_out = LeftOutNotes()
+        self.streaming = streaming.Streaming(app)
 
     async def answer(
         self,
@@ -62,6 +64,10 @@ class Answerer:
         """Generate and deliver the answer to a claimed inbound item; route any failure."""
         app = self.app
         left_out = 0
+        prefix = self._prefix(item, inbound, live)
+        stream = self.streaming.open(
+            item, inbound, channel, original=original, prefix=prefix, files=long_answers.can_attach(channel)
+        )
         try:
             if history is None:
                 history = await app.storage.history(inbound.key)
@@ -69,19 +75,32 @@ class Answerer:
             async with app.discord_io.typing(channel):
                 async with asyncio.timeout(app.config.processing_timeout_seconds):
                     # Files (bot.attachments): read, then sent with the question; none: generate.
-                    reply, attached = await self.attachments.generate(
+                    generating = self.attachments.generate(
                         item.payload, inbound.content, inbound.key, history,
-                        tools=app.guild_tools(inbound.guild_id),
+                        tools=app.guild_tools(inbound.guild_id), observer=stream,
                     )
+                    if stream is None:
+                        reply, attached = await generating
+                    else:  # shown as it is written; a Stop ends it with what was written
+                        reply, attached = await stream.run(generating, _stopped)
         except asyncio.CancelledError:
+            if stream is not None:
+                stream.abandon()
             raise
         except Exception as exc:
+            if stream is not None:
+                item = await stream.interrupt()  # what shows says it is not the whole answer
             routed = await self.router.route(item, original, exc, live=live, channel=channel)
             if isinstance(routed, Explanation):
                 return await self.deliver(
-                    item, inbound, [routed.text], original=original, channel=channel, outcome="refused"
+                    item, inbound, [routed.text], original=original, channel=channel, outcome="refused",
+                    stream=stream if stream is not None and stream.started else None,
                 )
             return routed
+        if stream is not None:
+            item = await stream.halt()
+            if not stream.started:
+                stream = None  # nothing was shown yet (a quick answer, a refusal): sent as usual
         usage = app.usage.record(inbound.author_id, inbound.guild_id, reply)
 
         turns: list[TurnRow] = []
@@ -95,16 +114,11 @@ class Answerer:
             shaped = self._shape(
                 reply, inbound, kept=len(history), left_out=left_out, files=long_answers.can_attach(channel)
             )
-            body = shaped.text
+            body = prefix + shaped.text
             asked = inbound.content or f"({describe(item.payload)})"
-            if not live:
-                body = texts.late_answer_prefix(asked) + body
-                if item.payload.get("interaction"):
-                    # A slash command has no message to reply to: ping the asker by name instead.
-                    body = f"<@{inbound.author_id}> {body}"
             if attached.notes:  # files left out: one sentence each, after the answer
                 body = f"{body}\n\n{' '.join(attached.notes)}"
-            chunks = split_message(body, limit=marks.ROOM)
+            chunks = split_message(body, limit=marks.ROOM if stream is None else streaming.ROOM)
             files = long_answers.attach(shaped, chunks)
             if not item.payload.get("private"):  # a private /ask stays out of the channel's history
                 turns = [("user", asked, inbound.message_id), ("model", reply.text or "", None)]
@@ -122,10 +136,20 @@ class Answerer:
             turns=turns,
             files=files,
             usage=usage,
+            stream=stream,
         )
         if turns and delivered != "error":
             await self.attachments.remember(inbound.key, inbound.message_id, attached)
         return delivered
+
+    @staticmethod
+    def _prefix(item: QueueItem, inbound: Inbound, live: bool) -> str:
+        """What goes before a late answer: the question recalled (and the asker of a slash command,
+        which has no message to reply to, pinged by name)."""
+        if live:
+            return ""
+        prefix = texts.late_answer_prefix(inbound.content or f"({describe(item.payload)})")
+        return f"<@{inbound.author_id}> {prefix}" if item.payload.get("interaction") else prefix
 
     def _shape(
         self, reply: Reply, inbound: Inbound, *, kept: int, left_out: int, files: bool
@@ -158,8 +182,13 @@ class Answerer:
         turns: Sequence[TurnRow] = (),
         files: AnswerFiles | None = None,
         usage: UsageRecord | None = None,
+        stream: streaming.StreamWriter | None = None,
     ) -> str:
         """Send ``chunks`` as a reply; what Discord does not take now goes to the outbound queue.
+
+        A streamed answer (``stream``, or an outbound item whose payload keeps its messages) is
+        not sent: its messages are edited to show ``chunks`` (``StreamWriter.finalize``), and what
+        Discord does not take now is queued the same way, messages and all.
 
         Chunks with nothing in them are never recorded as an answer: the user gets
         ``texts.no_answer()`` instead (outcome ``"refused"``, no turns).
@@ -175,15 +204,20 @@ class Answerer:
         its first chunk goes out, so a crash between chunks resumes the delivery.
         """
         app = self.app
+        if stream is None and streaming.streamed(item):
+            stream = self.streaming.resume(item, inbound, channel, original=original)
+        if stream is not None:
+            item = stream.item
+        room = marks.ROOM if stream is None else streaming.ROOM
         if files is None and item.kind is ItemKind.OUTBOUND:
             files = AnswerFiles.from_payload(item.payload.get("files"))
         if not any(chunk.strip() for chunk in chunks):
             # Nothing to send is no answer: finishing the item would record silence as answered.
             log.warning("pipeline.nothing_to_deliver", item=item.id, outcome=outcome)
             chunks, outcome, turns, files = [texts.no_answer()], "refused", (), None
-        if any(len(chunk) > marks.ROOM for chunk in chunks):
+        if any(len(chunk) > room for chunk in chunks):
             # Queued by a version without marks (chunks of up to 2,000): re-split to leave room.
-            chunks = [piece for chunk in chunks for piece in _fit(chunk)]
+            chunks = [piece for chunk in chunks for piece in _fit(chunk, room)]
         first = int(item.payload.get("chunk_offset", 0))
         kept = {"files": files.payload()} if files is not None else {}
         if len(chunks) > 1 and item.kind is ItemKind.INBOUND:
@@ -192,23 +226,31 @@ class Answerer:
                 {**item.payload, "chunks": list(chunks), "outcome": outcome, "chunk_offset": first, **kept},
                 kind=ItemKind.OUTBOUND,
             )
+            if stream is not None:
+                stream.item = item
             if turns or usage is not None:
                 await app.storage.append_turns(inbound.key, turns, usage=usage)
                 turns, usage = (), None
         try:
-            with span("deliver", dependency="discord.send", chunks=len(chunks), outcome=outcome):
-                await app.discord_io.send_chunks(
-                    channel,
-                    [marks.mark(chunk, inbound.message_id, first + i) for i, chunk in enumerate(chunks)],
-                    reply_to=original,
-                    mention_user=Snowflake(inbound.author_id),
-                    nonce=str(item.payload.get("nonce", inbound.message_id)),
-                    first_index=first,
-                    files=files.uploads() if files is not None else None,
-                )
+            if stream is not None:
+                with span("deliver", dependency="discord.edit", chunks=len(chunks), outcome=outcome):
+                    await stream.finalize(chunks, files)  # every message edited to the final text
+            else:
+                with span("deliver", dependency="discord.send", chunks=len(chunks), outcome=outcome):
+                    await app.discord_io.send_chunks(
+                        channel,
+                        [marks.mark(chunk, inbound.message_id, first + i) for i, chunk in enumerate(chunks)],
+                        reply_to=original,
+                        mention_user=Snowflake(inbound.author_id),
+                        nonce=str(item.payload.get("nonce", inbound.message_id)),
+                        first_index=first,
+                        files=files.uploads() if files is not None else None,
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if stream is not None:
+                item = stream.item  # its payload holds the messages posted so far
             if isinstance(exc, PartialDeliveryError):
                 done = len(chunks) - len(exc.remaining)  # sent, or skipped as blank or deleted
                 remaining, verdict = chunks[done:], classify(exc.cause)  # unmarked
@@ -273,9 +315,14 @@ class Answerer:
             log.warning("usage.not_recorded", category=classify(exc).category.value)
 
 
-def _fit(chunk: str) -> list[str]:
+def _fit(chunk: str, room: int = marks.ROOM) -> list[str]:
     """``chunk`` in pieces that leave room for a mark; one with nothing to show stays as it is
     (``send_chunks`` skips it)."""
-    if len(chunk) <= marks.ROOM or not has_visible_text(chunk):
+    if len(chunk) <= room or not has_visible_text(chunk):
         return [chunk]
-    return split_message(chunk, limit=marks.ROOM)
+    return split_message(chunk, limit=room)
+
+
+def _stopped(text: str) -> tuple[Reply, Prepared]:
+    """A streamed answer someone stopped: what was written is the answer (no usage was reported)."""
+    return Reply(ReplyKind.ANSWER, text, ""), Prepared()

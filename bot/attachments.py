@@ -33,6 +33,7 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,15 @@ from bot import gif, texts
 from services.config import Config
 from services.datadir import make_private_dir
 from services.discord_io import DownloadTooLargeError
-from services.gemini import FILES_BREAKER, FileRejectedError, GeminiFiles, PartLike, Reply, ReplyKind
+from services.gemini import (
+    FILES_BREAKER,
+    FileRejectedError,
+    GeminiFiles,
+    PartLike,
+    Reply,
+    ReplyKind,
+    StreamObserver,
+)
 from services.storage import Turn
 
 if TYPE_CHECKING:
@@ -443,23 +452,29 @@ class Attachments:
         history: list[Turn],
         *,
         tools: Sequence[str] = (),
+        observer: StreamObserver | None = None,
     ) -> tuple[Reply, Prepared]:
         """Gemini's reply to ``content`` with the payload's files and those of earlier turns, and
-        the Google-run ``tools`` the guild turned on.
+        the Google-run ``tools`` the guild turned on; streamed to ``observer`` when there is one
+        (``bot.streaming``).
 
         Without any file (the usual case) this is ``gemini.generate`` and costs nothing more.
         A Gemini file that vanished before its expiry (403) is replaced by its bytes, once.
         """
         gemini = self.app.gemini
+        generate, generate_with_parts = (gemini.generate, gemini.generate_with_parts)
+        if observer is not None:
+            generate = partial(gemini.stream, observer=observer)
+            generate_with_parts = partial(gemini.stream_with_parts, observer=observer)
         prepared = await self.prepare(payload, key, history)
         if prepared.empty and not content:
             # Only files, and none could be had: the sentences about them are the answer.
             notes = " ".join(prepared.notes) or texts.no_answer()
             return Reply(ReplyKind.EMPTY, "", "", user_message=notes), Prepared()
         if prepared.empty:
-            return await gemini.generate(content, history, tools=tools), prepared
+            return await generate(content, history, tools=tools), prepared
         try:
-            reply = await gemini.generate_with_parts(
+            reply = await generate_with_parts(
                 content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools
             )
         except errors.ClientError as exc:
@@ -474,7 +489,7 @@ class Attachments:
                     return Reply(ReplyKind.EMPTY, "", "", user_message=" ".join(prepared.notes)), prepared
             else:
                 raise
-            reply = await gemini.generate_with_parts(
+            reply = await generate_with_parts(
                 content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools
             )
         return reply, prepared

@@ -3,8 +3,9 @@
 
 The pieces take what they need by constructor (like discord.py's ``Client`` builds its
 ``ConnectionState``): the application (``bot.app``) at the bottom, then the failure router,
-the answerer, intake, the catch-up after a lost session, the drain, the operations and the slash
-commands. Nothing below imports this module.
+the answerer, intake, the catch-up after a lost session, the drain, the operations, the slash
+commands and the buttons on answers (``bot.views``, added as a persistent view at start-up so that
+clicks on buttons an earlier process drew still work). Nothing below imports this module.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from bot.incidents import IncidentTracker
 from bot.intake import RECENT_IDS, Intake
 from bot.operations import apply_breaker_overrides, serve_operations
 from bot.routing import FailureRouter
+from bot.streaming import Regenerator
+from bot.views import AnswerButtons
 from services.http_api import BoundedCache
 
 log = structlog.get_logger("bot.client")
@@ -117,6 +120,8 @@ class GeminiBot(commands.Bot):
         self.http._try_clear_expired_ratelimits = BucketPruner(self.http)  # type: ignore[method-assign]
         self.router = FailureRouter(app)
         self.answerer = Answerer(app, self.router)
+        # Regenerate on a streamed answer: a new answer to its question, by edit (bot.streaming).
+        self.regenerator = Regenerator(app, self.router, self.answerer.answer)
         self.intake = Intake(app, self.answerer, self.router, bot_user_id=app.bot_user_id)
         # What users said while a session that could not be resumed was down, read back after
         # the new IDENTIFY and handed to intake (bot.catchup).
@@ -159,6 +164,8 @@ class GeminiBot(commands.Bot):
                     lambda: len(self.intake.refusals), self.intake.refusals.status()["max_keys"]
                 ),
                 "history_notes": BoundedCache(lambda: len(self.answerer.left_out), MAX_CONVERSATIONS_TOLD),
+                # Messages of answers being written now (for Stop); emptied as each answer is written.
+                "streaming_messages": lambda: len(self.answerer.streaming),
                 # Today's users and servers with a quota (none when quotas are off); emptied at midnight UTC.
                 "quota_owners": BoundedCache(lambda: self.app.usage.tracked, 2 * self.app.usage.max_owners),
                 "discord_messages": BoundedCache(lambda: len(self.cached_messages), state.max_messages or 0),
@@ -188,6 +195,10 @@ class GeminiBot(commands.Bot):
             # Warnings only, bounded: a missing model or an unreachable Gemini never stops the start.
             await self.app.gemini.check_models()
         self.install_commands()
+        # Fixed custom_ids: a click on a button any earlier process drew lands here (bot.views).
+        self.add_view(
+            AnswerButtons(on_stop=self.answerer.streaming.on_stop, on_regenerate=self.regenerator.on_click)
+        )
         await self._sync_commands()
         await self._take_up_operations_state()
         reopened = await apply_breaker_overrides(self.app)

@@ -11,7 +11,9 @@ as soon as one finishes, so one slow item (a hang, a retried 429) holds up only 
 conversation. The queue hands out at most the head of each conversation and nothing where one
 is claimed, so answers stay in order per conversation. A restarted bot resumes what the
 previous process left: its claims are released at start-up, and only such an item
-(``claim_abandoned``) is looked for in the channel's history.
+(``claim_abandoned``) is looked for in the channel's history. A streamed answer a dead process was
+writing is not an answer (its messages' marks say so, ``bot.streaming``): its messages are taken
+into the item (``Streaming.adopt``) and the answer is written into them again.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import TYPE_CHECKING
 import discord
 import structlog
 
-from bot import marks, texts
+from bot import marks, streaming, texts
 from bot.answering import Answerer
 from bot.inbound import Inbound
 from bot.ratelimit import TokenBucket
 from bot.routing import FailureRouter
+from bot.streaming import Posted, is_partial
 from resilience.breakers import BreakerState
 from resilience.context import request_context, span
 from resilience.degradation import ItemKind, QueueItem
@@ -248,7 +251,11 @@ class Drain:
         original = inbound.reference()
         if item.kind is ItemKind.OUTBOUND:
             chunks = [str(c) for c in item.payload.get("chunks", [])]
-            if claim_abandoned(item):
+            if claim_abandoned(item) and streaming.streamed(item):
+                # Its final edits were cut short: edit the same messages (and those it posted unrecorded).
+                posted = await self._posted(channel, inbound.message_id)
+                item = await self.answerer.streaming.adopt(item, posted)
+            elif claim_abandoned(item):
                 # A dead process may have posted some of these chunks: skip what its marks show.
                 item, chunks = await self._skip_posted(item, inbound, channel, chunks)
                 if not chunks:
@@ -264,10 +271,16 @@ class Drain:
             )
             self._count_answered(item, outcome)
             return
-        if claim_abandoned(item) and await self._already_answered(channel, inbound.message_id):
-            # A previous process answered and died before it could record that.
-            await app.storage.complete(item.id)
-            return
+        if claim_abandoned(item):
+            posted = await self._posted(channel, inbound.message_id)
+            if posted.answered and not posted.partial and not item.payload.get("regenerate"):
+                # A previous process answered and died before it could record that. (A regenerated
+                # answer is looked for in no history: its old messages already answer the question.)
+                await app.storage.complete(item.id)
+                return
+            if posted.partial or streaming.streamed(item):
+                # It was being written when the process died: write it again into the same messages.
+                item = await self.answerer.streaming.adopt(item, posted)
         try:
             async with app.mutex.acquire(
                 inbound.key, app.config.mutex_acquire_timeout_seconds, holder="drain"
@@ -285,16 +298,26 @@ class Drain:
         if outcome in ("answered", "answered_late") and not item.payload.get("notice"):
             self.app.metrics.observe_message("answered_late", self.app.clock.time() - item.created_at)
 
-    async def _already_answered(self, channel: discord.abc.Messageable, message_id: int) -> bool:
+    async def _posted(self, channel: discord.abc.Messageable, message_id: int) -> Posted:
+        """What the bot posted in answer to ``message_id`` after it: whether an answer is there, and
+        every message marked as a chunk of one (written or being written), by chunk index."""
         me = self.app.bot_user_id()
-        if me is None:
-            return False
-        found = await self._look_back(
-            channel,
-            message_id,
-            lambda message: message.author.id == me and is_answer_to(message, message_id),
-        )
-        return found is not None
+        answered = False
+        found: dict[int, tuple[int, bool]] = {}
+
+        def note(message: discord.Message) -> bool:
+            nonlocal answered
+            if me is None or message.author.id != me:
+                return False
+            answered = answered or is_answer_to(message, message_id)
+            mark = marks.read(message.content)
+            if mark is not None and mark[0] == message_id:
+                index = mark[1] - streaming.PARTIAL if is_partial(mark[1]) else mark[1]
+                found.setdefault(index, (message.id, is_partial(mark[1])))
+            return False  # look through the whole window: the chunks may be anywhere in it
+
+        await self._look_back(channel, message_id, note)
+        return Posted(answered, found)
 
     async def _skip_posted(
         self, item: QueueItem, inbound: Inbound, channel: discord.abc.Messageable, chunks: list[str]
@@ -307,7 +330,7 @@ class Drain:
         def note(message: discord.Message) -> bool:
             nonlocal posted
             mark = marks.read(message.content) if message.author.id == me else None
-            if mark is not None and mark[0] == inbound.message_id:
+            if mark is not None and mark[0] == inbound.message_id and not is_partial(mark[1]):
                 posted = max(posted, mark[1])
             return False  # look through the whole window: the chunks may be anywhere in it
 
@@ -368,13 +391,14 @@ def is_answer_to(message: discord.Message, message_id: int) -> bool:
 
     ``deliver`` ends every answer chunk with the mark of its question (``bot.marks``), which
     Discord returns in the history like any content; no other message of the bot (an
-    acknowledgement, a bug apology, a notice) carries one. A message without a mark (posted
-    before marks existed) is the answer when it replies to the question and is neither an
-    acknowledgement nor an apology.
+    acknowledgement, a bug apology, a notice) carries one. A message of a streamed answer still
+    being written carries a partial mark (``bot.streaming``): it is no answer. A message without a
+    mark (posted before marks existed) is the answer when it replies to the question and is neither
+    an acknowledgement nor an apology.
     """
     mark = marks.read(message.content)
     if mark is not None:
-        return mark[0] == message_id
+        return mark[0] == message_id and not is_partial(mark[1])
     ref = message.reference
     if ref is None or ref.message_id != message_id:
         return False

@@ -227,6 +227,45 @@ def private_answer_undeliverable() -> str:
     )
 
 
+# Streamed answers (bot/streaming.py) and their buttons (bot/views.py).
+
+STOP_LABEL = "Stop"
+REGENERATE_LABEL = "Regenerate"
+STREAM_INTERRUPTED = "-# (interrupted, retrying)"
+"""Under a streamed answer whose writing failed part-way: what shows is not the whole answer."""
+STREAM_STOPPED = "-# (stopped)"
+"""Under a streamed answer someone stopped: what shows is all there will be."""
+
+
+def stream_long_answer(chars: int) -> str:
+    """Under a streamed answer that grew past LONG_ANSWER_CHARS: the rest comes as a file."""
+    return f"-# \U0001f4ce A long answer ({chars:,} characters so far): all of it will come as `answer.md`."
+
+
+def stop_refused() -> str:
+    return "Only the person who asked, or someone who can manage messages here, can stop this answer."
+
+
+def stop_not_running() -> str:
+    return "That answer isn't being written right now, so there is nothing to stop."
+
+
+def regenerate_refused() -> str:
+    return "Only the person who asked can get a new answer to this question."
+
+
+def regenerate_unknown() -> str:
+    return "I can't tell which question this message answers, so I can't answer it again."
+
+
+def regenerate_question_gone() -> str:
+    return "The question was deleted, so I can't answer it again."
+
+
+def regenerate_failed() -> str:
+    return "I couldn't read the question again right now; please try again in a little while."
+
+
 def late_answer_prefix(original: str) -> str:
     quoted = original.strip().replace("\n", " ")
     if len(quoted) > 120:

@@ -796,7 +796,7 @@ class GeminiEmulator(FilesApi):
             usage["totalTokenCount"] += 1024
             return {"candidates": [{"content": {"role": "model"}, "finishReason": "MAX_TOKENS", "index": 0}],
                     "usageMetadata": usage, "modelVersion": version}
-        text = responder.reply(body, self._file_facts)
+        text = responder.reply(body, self._file_facts, self._rng)
         finish = "STOP"
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
         if isinstance(limit, int) and responder.count_tokens(text) > limit:

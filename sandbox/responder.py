@@ -9,6 +9,7 @@ otherwise an echo that shows how much context the emulator received.
 from __future__ import annotations
 
 import base64
+import random
 import re
 from collections.abc import Callable
 from typing import Any
@@ -123,11 +124,12 @@ def _sentence(mime: str, size: int, head: bytes, where: str) -> str:
     return sentence
 
 
-def reply(body: dict[str, Any], files: FileFacts | None = None) -> str:
+def reply(body: dict[str, Any], files: FileFacts | None = None, rng: random.Random | None = None) -> str:
     """Return the emulator's answer to a ``generateContent`` request body.
 
     A last user turn of several parts (files, then the question) is answered with one sentence
-    about each part but the last text, then the answer to that text.
+    about each part but the last text, then the answer to that text. "Pick a number" is answered
+    with a number drawn from ``rng`` (a model's sampling: asked twice, it answers differently).
     """
     contents = [c for c in body.get("contents", []) if isinstance(c, dict)]
     user_turns = [c for c in contents if c.get("role", "user") == "user"]
@@ -138,12 +140,12 @@ def reply(body: dict[str, Any], files: FileFacts | None = None) -> str:
         about = [describe_part(p, files) for i, p in enumerate(parts) if i != question]
         asked = {**body, "contents": [*contents[:-1], {"role": "user", "parts": [parts[question]]}]} \
             if question is not None else None
-        answer = _reply(asked) if asked is not None else "That is all you sent."
+        answer = _reply(asked, rng) if asked is not None else "That is all you sent."
         return "\n".join([*about, answer])
-    return _reply(body)
+    return _reply(body, rng)
 
 
-def _reply(body: dict[str, Any]) -> str:
+def _reply(body: dict[str, Any], rng: random.Random | None = None) -> str:
     contents = [c for c in body.get("contents", []) if isinstance(c, dict)]
     user_turns = [c for c in contents if c.get("role", "user") == "user"]
     last = text_of(user_turns[-1]) if user_turns else ""
@@ -152,6 +154,8 @@ def _reply(body: dict[str, Any]) -> str:
 
     if prompt in CANNED:
         return CANNED[prompt]
+    if "pick a number" in prompt:
+        return f"I pick {(rng or random.Random(0)).randint(1, 1_000_000)}."
     if match := _EXACT_CODE_RE.search(last):
         return code_of_length(int(match.group(1)))
     if match := _LENGTH_RE.search(last):

@@ -64,6 +64,10 @@ TEST_SETTINGS: dict[str, str] = {
     "GUILD_RATE_LIMIT_PER_MINUTE": "10000",
     "QUEUE_MAX_PENDING_PER_USER": "1000",
     "QUEUE_MAX_PENDING_PER_GUILD": "10000",
+    # The scenarios written before streaming check answers sent whole (one send per chunk, what a
+    # message shows when it is created); streamed answers have their own, which set it to true
+    # (tests/integration/test_streaming.py).
+    "STREAMING": "false",
 }
 
 # Lines that fail assert_clean_logs whatever their level.
