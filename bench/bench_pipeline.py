@@ -220,6 +220,9 @@ def bench_config(dc: DiscordEmulator, gm: GeminiEmulator, data_dir: Path, **over
         # one user sends every message: the cooldown is not what is measured here
         "USER_RATE_LIMIT_PER_MINUTE": "10000",
         "GUILD_RATE_LIMIT_PER_MINUTE": "100000",
+        # A round trip ends when the reply is recorded: an answer sent whole, as the bare bots send
+        # theirs (a streamed one is posted at its first words: bench/bench_streaming.py).
+        "STREAMING": "false",
         **overrides,
     }
     return load_config(settings, env_file=None)

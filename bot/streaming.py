@@ -152,6 +152,7 @@ class StreamWriter:
         original: Original,
         prefix: str = "",
         long_chars: int | None = None,
+        live: bool = True,
     ) -> None:
         app = streaming.app
         self._streaming = streaming
@@ -174,7 +175,8 @@ class StreamWriter:
         self._lock = asyncio.Lock()  # one Discord write of this answer at a time
         self._task: asyncio.Task[None] | None = None
         self._work: asyncio.Future[Any] | None = None
-        self._halted = False
+        self._halted = not live  # a writer for the final edits only shows no text as it comes
+        self._posting = False  # a post was tried: Discord may have made the message (a lost answer)
         self._refused = False  # Discord refused a write for good (no permission): stop showing
         self._edits: deque[float] = deque(maxlen=WINDOW_EDITS)
         streaming.register(self)
@@ -194,8 +196,9 @@ class StreamWriter:
 
     @property
     def started(self) -> bool:
-        """Whether the answer has messages on Discord (posted now or by an earlier attempt)."""
-        return any(m.id is not None for m in self.messages)
+        """Whether the answer has messages on Discord (posted now or by an earlier attempt), or may
+        have one: a post whose answer was lost is sent again, under its nonce, by ``finalize``."""
+        return self._posting or any(m.id is not None for m in self.messages)
 
     @property
     def generating(self) -> bool:
@@ -399,6 +402,7 @@ class StreamWriter:
         """Post chunk ``index`` (the first one as the reply) and record its id at once."""
         io = self._app.discord_io
         first = index == 0
+        self._posting = True
         message = await io.send(
             self.channel,
             content,
@@ -515,7 +519,7 @@ class Streaming:
         self, item: QueueItem, inbound: Inbound, channel: discord.abc.Messageable, *, original: Original
     ) -> StreamWriter:
         """A writer for the final edits of a streamed answer that waited in the queue."""
-        return StreamWriter(self, item, inbound, channel, original=original)
+        return StreamWriter(self, item, inbound, channel, original=original, live=False)
 
     def register(self, writer: StreamWriter) -> None:
         if not writer._halted:

@@ -485,9 +485,9 @@ async def test_the_drain_takes_only_the_answer_for_an_answer_not_an_apology_or_a
         drain = live.bot.drain
         await live.app.discord_io.send(channel, bug("abc123"), reply_to=ref)
         await live.app.discord_io.send(channel, f"{ACK_MARK} saved", reply_to=ref)
-        assert not await drain._already_answered(channel, int(msg["id"]))
+        assert not (await drain._posted(channel, int(msg["id"]))).answered
         await live.app.discord_io.send_chunks(channel, ["the answer"], reply_to=ref, nonce=str(msg["id"]))
-        assert await drain._already_answered(channel, int(msg["id"]))
+        assert (await drain._posted(channel, int(msg["id"]))).answered
 
 
 # -- throughput: items in flight independently; the history check only where it is needed -----

@@ -17,6 +17,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from bot import marks, texts, views
 from bot.splitting import split_message
 from bot.streaming import PARTIAL, ROOM
@@ -213,11 +215,14 @@ async def test_regenerate_replaces_the_answer_by_edit_for_the_asker_only(tmp_pat
 
 
 async def test_a_stream_cut_mid_answer_says_interrupted_and_the_queued_retry_rewrites_the_same_message(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Gemini's stream fails after three chunks (one attempt per call): the message shown says
-    "(interrupted, retrying)", the user is told the question is queued, and the drain's answer is
-    written into the same message (edited, not posted again): one answer, whole, once."""
+    "(interrupted, retrying)", the user is told the question is queued, and the drain's answer, two
+    seconds later (past Discord's nonce window, shortened here to 0.5 s: only the message id the
+    item keeps can lead it back), is written into the same message (edited, not posted again): one
+    answer, whole, once."""
+    monkeypatch.setattr("sandbox.discord_emu.NONCE_WINDOW_SECONDS", 0.5)
     async with streaming_bot(tmp_path, RETRY_MAX_ATTEMPTS="1") as live:
         live.gemini.tokens_per_second = 200
         live.gemini.faults.add("stream_error", count=1, after=3)

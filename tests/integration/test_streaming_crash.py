@@ -44,11 +44,14 @@ async def test_kill_9_mid_stream_then_a_late_restart_completes_the_same_messages
     emulators: Emulators, bot_env: dict[str, str], spawn_bot: SpawnBot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two messages of a 5,000-character answer are on Discord, still being written, when the bot
-    is killed. After the nonce window a new process finds the item unanswered (its messages' marks
-    say "being written"), writes the answer (late, so it recalls the question) into those same two
-    messages and posts only the third: three messages, each posted once, fences intact, nothing left
-    half-written. Regenerate on the answer, a button the dead process's answer carried, works in the
-    new process: the same three messages are edited to a new answer (live, without the recall)."""
+    is killed; Discord holds back its answer to the second one's post, so the dying process never
+    learnt (nor recorded) that message's id. After the nonce window a new process finds the item
+    unanswered (its messages' marks say "being written"), takes both messages up (the first from
+    the item, the second from its mark in the channel), writes the answer (late, so it recalls the
+    question) into them and posts only the third: three messages, each posted once, fences intact,
+    nothing left half-written. Regenerate on the answer, a button the dead process's answer
+    carried, works in the new process: the same three messages are edited to a new answer (live,
+    without the recall)."""
     discord, gemini = emulators.discord, emulators.gemini
     general = discord.channels["general"]
     env = {**bot_env, "STREAMING": "true", "GEMINI_TIMEOUT_SECONDS": "30", "PROCESSING_TIMEOUT_SECONDS": "40"}
@@ -56,10 +59,13 @@ async def test_kill_9_mid_stream_then_a_late_restart_completes_the_same_messages
     async with started_bot(spawn_bot, emulators, env) as first:
         question = await discord.send_user_message(general, "normal", QUESTION, mentions_bot=True)
         qid = int(question["id"])
+        await discord.wait_until(lambda: len(answer_messages(discord, general, qid)) >= 1, timeout=15)
+        discord.faults.add("latency", "send", count=1, seconds=5.0, after=True)  # posted, answer held
         await discord.wait_until(lambda: len(answer_messages(discord, general, qid)) >= 2, timeout=15)
         shown = answer_messages(discord, general, qid)
         assert all(marks.read(m.content)[1] >= PARTIAL for m in shown)  # type: ignore[index]
         await kill_9(first, emulators)
+        discord.faults.clear()
     before = [m.id for m in answer_messages(discord, general, qid)]
 
     monkeypatch.setattr("sandbox.discord_emu.NONCE_WINDOW_SECONDS", 0.5)
