@@ -264,14 +264,19 @@ async def test_a_streamed_answer_past_long_answer_chars_ends_as_its_opening_and_
     tmp_path: Path,
 ) -> None:
     """7,000 characters with LONG_ANSWER_CHARS=6000: the messages grow to 6,000 characters and say
-    the rest comes as a file; the final edit leaves one message, the opening plus the note, with the
-    whole answer attached as answer.md (the messages after it deleted)."""
-    async with streaming_bot(tmp_path, GEMINI_MAX_OUTPUT_TOKENS="4000") as live:
+    the rest comes as a file (the first attempt stalls at 6,440 characters, so that view stays
+    until the silence timeout; the retry writes it all); the final edit leaves one message, the
+    opening plus the note, with the whole answer attached as answer.md (the others deleted)."""
+    settings = {"GEMINI_MAX_OUTPUT_TOKENS": "4000", "STREAM_SILENCE_SECONDS": "2"}
+    async with streaming_bot(tmp_path, **settings) as live:
         live.gemini.tokens_per_second = 2000
+        live.gemini.faults.add("stream_error", count=1, mode="hang", after=161)
         question = await live.say("reply with 7000 characters")
         await live.discord.wait_until(
             lambda: any("all of it will come as" in m.content for m in live.sent()), timeout=10
         )
+        shown = [marks.strip(m.content) for m in answer_messages(live, question["id"])]
+        assert len(shown) == 4 and sum(len(c) for c in shown[:3]) < 6000  # messages stopped growing
         [message] = await wait_written(live, question["id"])
         assert "is in the attached `answer.md`" in message.content
         assert message.files["answer.md"].decode().rstrip() == words_of_length(7000)
@@ -323,3 +328,23 @@ async def _wait_queued(live: Live, question_id: int) -> None:
             ):
                 return
             await asyncio.sleep(0.05)
+
+
+async def test_a_streamed_answer_never_pings_everyone_or_a_role_in_its_posts_or_its_edits(
+    tmp_path: Path,
+) -> None:
+    """The sandbox Gemini echoes "@everyone" and a role mention: the post and every edit of the
+    streamed answer carry allowed mentions that let nobody but the asker be pinged."""
+    async with streaming_bot(tmp_path) as live:
+        live.gemini.tokens_per_second = 100
+        role = live.discord.world.admin_role_id
+        question = await live.say(f"@everyone and <@&{role}>, {words_of_length(200)}")
+        [message] = await wait_written(live, question["id"])
+        assert "@everyone" in message.content and f"<@&{role}>" in message.content
+        assert message.edits, "the answer was edited as it was written"
+        asker = str(live.discord.users["normal"])
+        for body in [{"allowed_mentions": message.allowed_mentions}, *message.edits]:
+            mentions = body["allowed_mentions"]
+            assert mentions["parse"] == [] and mentions.get("roles", []) == [], body
+            assert [str(u) for u in mentions.get("users", [])] in ([], [asker])
+        assert message.pings <= {f"user:{asker}"}
