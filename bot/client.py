@@ -164,8 +164,6 @@ class GeminiBot(commands.Bot):
                     lambda: len(self.intake.refusals), self.intake.refusals.status()["max_keys"]
                 ),
                 "history_notes": BoundedCache(lambda: len(self.answerer.left_out), MAX_CONVERSATIONS_TOLD),
-                # Messages of answers being written now (for Stop); emptied as each answer is written.
-                "streaming_messages": lambda: len(self.answerer.streaming),
                 # Today's users and servers with a quota (none when quotas are off); emptied at midnight UTC.
                 "quota_owners": BoundedCache(lambda: self.app.usage.tracked, 2 * self.app.usage.max_owners),
                 "discord_messages": BoundedCache(lambda: len(self.cached_messages), state.max_messages or 0),
