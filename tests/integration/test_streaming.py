@@ -348,3 +348,19 @@ async def test_a_streamed_answer_never_pings_everyone_or_a_role_in_its_posts_or_
             assert mentions["parse"] == [] and mentions.get("roles", []) == [], body
             assert [str(u) for u in mentions.get("users", [])] in ([], [asker])
         assert message.pings <= {f"user:{asker}"}
+
+
+async def test_a_late_answer_to_a_slash_command_streams_in_the_channel_without_a_regenerate_button(
+    tmp_path: Path,
+) -> None:
+    """/ask while Gemini fails: the follow-up says it is queued, and the drain streams the answer in
+    the channel, mentioning the asker; there is no question message to ask again, so no Regenerate."""
+    async with streaming_bot(tmp_path, RETRY_MAX_ATTEMPTS="1") as live:
+        live.gemini.faults.add("503", count=1)
+        record = await live.discord.send_interaction("ask", {"prompt": "reply with 300 characters"})
+        await live.discord.wait_until(lambda: bool(record.followups), timeout=5)
+        assert texts.ACK_MARK in record.texts()[-1]
+        [message] = await wait_written(live, record.id, timeout=15)
+        asker = live.discord.users["normal"]
+        assert marks.strip(message.content).startswith(f"<@{asker}> You asked earlier")
+        assert message.custom_ids == [] and message.edits  # streamed, and no button at the end
