@@ -280,7 +280,8 @@ class StreamWriter:
         if self.stopped:
             final[-1] = f"{final[-1]}\n{texts.STREAM_STOPPED}"
         uploads = files.uploads() if files is not None else {}
-        last = len(final) - 1
+        # A slash command's answer has no question message to ask again: no Regenerate on it.
+        last = len(final) - 1 if not self.item.payload.get("interaction") else -1
         wanted = [
             (
                 marks.mark(chunk, self.inbound.message_id, i),
