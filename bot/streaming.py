@@ -260,9 +260,9 @@ class StreamWriter:
         if not self.started or not self._text:
             return item
         self._note = texts.STREAM_INTERRUPTED
-        try:
+        try:  # each message edited at most once more, at its time; a failure gives up (no retry)
             async with self._lock:
-                while (due := await self._write_due(final=False)) is not None:
+                while (due := await self._write_due()) is not None:
                     await self._clock.sleep(max(0.0, due - self._clock.monotonic()))
         except asyncio.CancelledError:
             raise
@@ -327,7 +327,7 @@ class StreamWriter:
                 self._dirty.clear()
                 while not self._refused:
                     async with self._lock:
-                        due = await self._write_due(final=False)
+                        due = await self._show()
                     if due is None:
                         break
                     await self._clock.sleep(max(0.0, due - self._clock.monotonic()))
@@ -355,41 +355,48 @@ class StreamWriter:
             chunks[-1] = f"{chunks[-1]}\n{note}"
         return chunks
 
-    async def _write_due(self, *, final: bool) -> float | None:
-        """Write what may be written now; return the clock time when the rest may be, or None when
-        every message shows what it should. Discord's failures are logged and tried again later."""
-        if self._refused:
-            return None
+    async def _write_due(self) -> float | None:
+        """Write what may be written now (a message not posted yet, an edit whose time has come);
+        return the clock time when the rest may be, or None when every message shows what it
+        should. Raises what Discord raised: the caller decides (the next flush, or giving up)."""
         chunks = self._shown_text()
         now = self._clock.monotonic()
         later: float | None = None
         for i, chunk in enumerate(chunks):
             content = marks.mark(chunk, self.inbound.message_id, PARTIAL + i)
             buttons = STOP if i == len(chunks) - 1 and not self._halted else None
-            try:
-                if i >= len(self.messages):
-                    await self._post(i, content, buttons, ())
-                    continue
-                message = self.messages[i]
-                if message.id is None or (message.content == content and message.buttons == buttons):
-                    continue
-                due = self._edit_due(message, final=final)
-                if due > now:
-                    later = due if later is None else min(later, due)
-                    continue
-                await self._edit(i, content, buttons)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if is_permanent(exc):
-                    # No permission to post or edit here: the answer's delivery will say so.
-                    log.warning("stream.refused", item=self.item.id, category=classify(exc).category.value)
-                    self._refused = True
-                    return None
-                log.info("stream.write_failed", item=self.item.id, category=classify(exc).category.value)
-                return self._clock.monotonic() + self.interval
+            if i >= len(self.messages):
+                await self._post(i, content, buttons, ())
+                continue
+            message = self.messages[i]
+            if message.id is None or (message.content == content and message.buttons == buttons):
+                continue
+            due = self._edit_due(message, final=False)
+            if due > now:
+                later = due if later is None else min(later, due)
+                continue
+            await self._edit(i, content, buttons)
             now = self._clock.monotonic()
         return later
+
+    async def _show(self) -> float | None:
+        """``_write_due`` for the writing task: a write Discord failed is tried at the next flush,
+        an interval later (the breaker in front fails it at once while Discord is down); a refusal
+        for good (no permission here) ends the showing, and the final delivery says why."""
+        if self._refused:
+            return None
+        try:
+            return await self._write_due()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            category = classify(exc).category.value
+            if is_permanent(exc):
+                log.warning("stream.refused", item=self.item.id, category=category)
+                self._refused = True
+                return None
+            log.info("stream.write_failed", item=self.item.id, category=category)
+            return self._clock.monotonic() + self.interval
 
     def _edit_due(self, message: _Message, *, final: bool) -> float:
         """When ``message`` may next be edited: an interval after its last write (its last edit for

@@ -364,3 +364,21 @@ async def test_a_late_answer_to_a_slash_command_streams_in_the_channel_without_a
         asker = live.discord.users["normal"]
         assert marks.strip(message.content).startswith(f"<@{asker}> You asked earlier")
         assert message.custom_ids == [] and message.edits  # streamed, and no button at the end
+
+
+async def test_an_interrupted_answer_is_queued_at_once_even_when_discord_refuses_the_note(
+    tmp_path: Path,
+) -> None:
+    """The stream fails part-way while Discord answers 503 to every edit: the note cannot be shown,
+    which holds nothing up: the user is told the question is queued within seconds (the note is
+    tried once, not in a loop)."""
+    async with streaming_bot(tmp_path, RETRY_MAX_ATTEMPTS="1", BREAKER_FAIL_MAX="50") as live:
+        live.gemini.tokens_per_second = 200
+        live.gemini.faults.add("stream_error", count=1, after=3)
+        question = await live.say("reply with 600 characters")
+        await live.wait_replies(question["id"], timeout=5)  # the first words
+        live.discord.faults.add("503", "edit")
+        await live.discord.wait_until(
+            lambda: any(m.content.startswith(texts.ACK_MARK) for m in live.replies_to(question["id"])),
+            timeout=5,
+        )
