@@ -56,6 +56,7 @@ import structlog
 from bot import marks, texts, views
 from bot.attachments import collect
 from bot.inbound import Inbound, Snowflake, lease_seconds
+from bot.long_answers import AnswerFiles
 from bot.routing import FailureRouter, Original
 from bot.splitting import BlankMessageError, has_visible_text, split_message
 from resilience.context import request_context
@@ -66,7 +67,6 @@ from services.storage import Turn
 
 if TYPE_CHECKING:
     from bot.app import Application
-    from bot.long_answers import AnswerFiles
 
 log = structlog.get_logger("bot.streaming")
 

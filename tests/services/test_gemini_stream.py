@@ -198,8 +198,9 @@ async def test_a_stream_cancelled_part_way_is_no_outcome_for_the_breaker(emu, fa
     assert service.breaker.failures == 1
     watcher = Watcher()
     task = asyncio.create_task(service.stream("reply with 2000 characters", observer=watcher))
-    while not watcher.texts:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(5):
+        while not watcher.texts:
+            await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
