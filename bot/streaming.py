@@ -179,6 +179,7 @@ class StreamWriter:
         self._posting = False  # a post was tried: Discord may have made the message (a lost answer)
         self._refused = False  # Discord refused a write for good (no permission): stop showing
         self._edits: deque[float] = deque(maxlen=WINDOW_EDITS)
+        self._registered: set[int] = set()  # message ids under which Streaming knows this writer
         streaming.register(self)
 
     # -- the StreamObserver side (called by GeminiService.stream, must not block) ---------------
@@ -530,14 +531,17 @@ class Streaming:
         return StreamWriter(self, item, inbound, channel, original=original, live=False)
 
     def register(self, writer: StreamWriter) -> None:
+        """Note the messages ``writer`` shows while it writes (a click on Stop finds it by them)."""
         if not writer._halted:
             for message_id in writer.ids():
                 self._live[message_id] = writer
+                writer._registered.add(message_id)
 
     def unregister(self, writer: StreamWriter) -> None:
-        for message_id in writer.ids():
+        for message_id in writer._registered:
             if self._live.get(message_id) is writer:
                 del self._live[message_id]
+        writer._registered.clear()
 
     def live(self, message_id: int) -> StreamWriter | None:
         """The writer of the answer being written in message ``message_id``, if any (in this process)."""

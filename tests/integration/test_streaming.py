@@ -108,6 +108,7 @@ async def test_a_streamed_answer_shows_its_first_words_at_once_and_is_edited_at_
         assert all(b - a >= 5.0 for a, b in zip(every, every[5:], strict=False)), every
         sends = [r for r in live.discord.requests if r.route == "send"]
         assert len(sends) == len(messages) == 3  # each message posted once
+        assert len(live.bot.answerer.streaming) == 0  # nothing is being written: nothing kept for Stop
 
 
 async def test_a_5000_character_streamed_answer_fills_3_messages_with_its_code_fences_intact(
