@@ -695,16 +695,8 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def human(seconds: float) -> str:
-    """A duration for people: 45 s, 12 min, 3.5 h, 2.0 d."""
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+human = texts.duration
+"""A duration for people (``texts.duration``)."""
 
 
 # -- registration ---------------------------------------------------------------------------
