@@ -40,10 +40,12 @@ from discord import app_commands
 
 from bot import texts
 from bot.answering import Answerer
+from bot.conversations import speaker_label
 from bot.health import AVAILABILITY_DAYS, Availability
 from bot.inbound import Inbound, Snowflake, accept
 from bot.operations import OperationError, Operations, UsageFigures, UsageReport
 from bot.routing import FailureRouter
+from bot.settings import scope_chain
 from bot.splitting import DISCORD_LIMIT
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
@@ -291,6 +293,10 @@ class SlashCommands:
             guild_id=interaction.guild_id,
             author_id=interaction.user.id,
             content=text,
+            speaker=speaker_label(interaction.user.display_name, interaction.user.id)
+            if interaction.guild_id is not None
+            else None,
+            scopes=scope_chain(interaction.channel),
         )
         # The follow-up is the acknowledgement: nothing else may post one for this item. The
         # flags tell the drain the message id is an interaction's, not a message to reply to.
@@ -381,7 +387,7 @@ class SlashCommands:
         async with self.app.mutex.acquire(
             key, self.app.config.mutex_acquire_timeout_seconds, holder=f"reset:{interaction.id}"
         ):
-            forgotten = await self.app.storage.forget(key)
+            forgotten = await self.app.storage.forget(key, branches=True)  # its reply branches too
         log.info("conversation.reset", channel_id=interaction.channel_id, turns=forgotten)
         await followup(
             interaction,
