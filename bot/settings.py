@@ -441,6 +441,14 @@ class SettingsCache:
             return guild.server[name], SERVER
         return self.defaults[name], DEFAULT
 
+    def value_at(self, guild_id: int, scope: int | None, name: str) -> Any:
+        """The value of ``name`` set exactly at ``scope`` (the server when None), or None."""
+        guild = self._guilds.get(guild_id)
+        if guild is None:
+            return None
+        values = guild.server if scope is None else guild.scopes.get(scope, {})
+        return values.get(name)
+
     def scopes(self, guild_id: int) -> dict[int, dict[str, Any]]:
         """The categories, channels, forums and threads of a guild with settings of their own."""
         guild = self._guilds.get(guild_id)
