@@ -103,9 +103,10 @@ class Answerer:
             asked = inbound.content or f"({describe(item.payload)})"
             if not live:
                 body = texts.late_answer_prefix(asked) + body
-                if item.payload.get("interaction"):
-                    # A slash command has no message to reply to: ping the asker by name instead.
-                    body = f"<@{inbound.author_id}> {body}"
+            if (not live and item.payload.get("interaction")) or item.payload.get("threaded"):
+                # A slash command, or a question whose answer opens its own thread (bot.conversations),
+                # has no message to reply to here: ping the asker by name instead.
+                body = f"<@{inbound.author_id}> {body}"
             if attached.notes:  # files left out: one sentence each, after the answer
                 body = f"{body}\n\n{' '.join(attached.notes)}"
             chunks = split_message(body, limit=marks.ROOM)

@@ -208,7 +208,9 @@ class SlashCommands:
         perms = interaction.permissions
         if perms.administrator or perms.manage_guild:
             return
-        self._refuse(interaction, command, "manage_guild", texts.managers_only())
+        root = command.split()[0]
+        sentence = texts.managers_only(root) if root in ("settings", "model") else texts.managers_only()
+        self._refuse(interaction, command, "manage_guild", sentence)
 
     def require_reset(self, interaction: discord.Interaction, command: str) -> None:
         """A shared conversation (guild channel or thread): Manage Messages there; one's own DM: anyone."""

@@ -86,8 +86,8 @@ def for_gemini(inbound: Inbound, history: Sequence[Turn]) -> tuple[str, list[Tur
 
 def thread_name(question: str, fallback: str = "Question") -> str:
     """A thread's name from its question: one line, mentions and markup removed, at most 100 characters."""
-    text = _MENTION.sub(lambda m: "#channel" if m.group(1) == "#" else "", question)
-    text = " ".join(_MARKUP.sub(" ", text).split())
+    text = _MENTION.sub(lambda m: "\x00channel" if m.group(1) == "#" else "", question)
+    text = " ".join(_MARKUP.sub(" ", text).split()).replace("\x00", "#")
     if not text:
         return fallback
     if len(text) > THREAD_NAME_CHARS:

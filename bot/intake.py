@@ -214,14 +214,15 @@ class Intake:
 
         channel: discord.abc.Messageable = message.channel
         original: Original = message
-        threaded = self.conversations.wants_thread(message)
-        if threaded and app.effective(inbound.guild_id, inbound.scopes).auto_thread:
+        threaded: dict[str, bool] = {}
+        wants_thread = self.conversations.wants_thread(message)
+        if wants_thread and app.effective(inbound.guild_id, inbound.scopes).auto_thread:
             thread, missing = await self.conversations.open_thread(message, text)
             if thread is not None:
                 # Answered in the new thread, a conversation of its own; the question stays in the
                 # channel, so the answer refers to it without replying across channels.
                 inbound = replace(inbound, channel_id=thread.id, scopes=scope_chain(thread))
-                channel, original = thread, inbound.reference()
+                channel, original, threaded = thread, inbound.reference(), {"threaded": True}
             elif missing:
                 await self._say(message, NO_THREAD_PERMISSION)
 
@@ -233,7 +234,7 @@ class Intake:
                         inbound.message_id,
                         ItemKind.INBOUND,
                         inbound.key,
-                        inbound.payload(**files.payload()),
+                        inbound.payload(**files.payload(), **threaded),
                         now=app.clock.time(),
                         lease_seconds=lease_seconds(cfg),
                         caps=app.queue_caps,

@@ -204,8 +204,8 @@ def owners_only() -> str:
     )
 
 
-def managers_only() -> str:
-    return "`/server` changes this server's settings, so it needs the Manage Server permission here."
+def managers_only(command: str = "server") -> str:
+    return f"`/{command}` changes this server's settings, so it needs the Manage Server permission here."
 
 
 def server_only() -> str:
