@@ -321,3 +321,19 @@ async def test_an_empty_answer_with_reason_other_and_a_prompt_blocked_for_other_
         "Gemini refused to read that message without giving a reason (it does this for some topics even "
         "with its safety filters off); try rephrasing it."
     )
+
+
+async def test_grounding_in_settings_is_the_server_tools_switch_and_a_channel_can_turn_it_off(
+    live: Live,
+) -> None:
+    await settings(live, "set", setting="grounding", value="on")
+    status = only_text(await run(live, "server", {"tools": {"status": {}}}, user="manager"))
+    assert "- Google Search grounding (answers cite web sources): on" in status
+    await settings(live, "set", setting="grounding", value="off", where="python")
+    await ask(live, "what is new", "general")
+    assert generate_bodies(live)[-1]["tools"] == [{"googleSearch": {}}]
+    await ask(live, "what is new", "python-thread")  # the thread inherits its channel's "off"
+    assert "tools" not in generate_bodies(live)[-1]
+    await run(live, "server", {"tools": {"off": {"tool": "google_search"}}}, user="manager")
+    shown = only_text(await settings(live, "show", where="general"))
+    assert "- **Search grounding**: off (the bot's default)" in shown
