@@ -337,3 +337,25 @@ async def test_grounding_in_settings_is_the_server_tools_switch_and_a_channel_ca
     await run(live, "server", {"tools": {"off": {"tool": "google_search"}}}, user="manager")
     shown = only_text(await settings(live, "show", where="general"))
     assert "- **Search grounding**: off (the bot's default)" in shown
+
+
+async def test_history_length_and_longest_answer_apply_and_streaming_is_kept_for_the_streaming_answers(
+    live: Live,
+) -> None:
+    await settings(live, "set", setting="history", value="2", where="python")
+    await settings(live, "set", setting="max_output_tokens", value="512", where="python")
+    await settings(live, "set", setting="streaming", value="off", where="Study")
+    for n in range(3):
+        await ask(live, f"remember {n}", "python")
+    assert "saw 2 earlier turns" in await ask(live, "what now", "python")  # the last exchange only
+    assert generate_bodies(live)[-1]["generationConfig"]["maxOutputTokens"] == 512
+    for n in range(2):
+        await ask(live, f"remember {n}", "general")
+    assert "saw 4 earlier turns" in await ask(live, "what now", "general")  # elsewhere: all of it
+    assert generate_bodies(live)[-1]["generationConfig"]["maxOutputTokens"] == 2048
+    python = live.discord.channels["python"]
+    study = live.discord.channels["Study"]
+    assert live.app.effective(live.discord.guild_id, (python, study)).streaming is False
+    assert live.app.effective(live.discord.guild_id, (live.general,)).streaming is None  # the bot's default
+    shown = only_text(await settings(live, "show", where="python"))
+    assert f"- **Streaming**: off (set in <#{study}>)" in shown and "- **History**: 2 messages" in shown
