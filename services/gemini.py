@@ -480,13 +480,16 @@ class GeminiService:
         overloaded or rate-limited (``_MODEL_FAILURES``), the next one, in the same attempt.
 
         The ``gemini`` breaker hears one outcome per attempt: success when any model answered, the
-        last failure when none did (so it opens when Gemini fails whatever model is asked); each
-        model's breaker hears its own calls.
+        last failure when none did (so it opens when Gemini fails whatever model is asked). A model's
+        own breaker hears its failures only when another model answered the same attempt: it opens
+        for a model that fails where others work, never for an outage of Gemini as a whole (which
+        the ``gemini`` breaker alone counts, and alerts about once).
         """
         models = self._models(options)
         lease = self._admit()
         failure: BaseException | None = None
         closed: list[Breaker] = []
+        failed: list[tuple[Lease, BaseException]] = []  # model leases, settled once the attempt ends
         try:
             for model in models:
                 breaker = self.model_breakers.get(model)
@@ -494,7 +497,7 @@ class GeminiService:
                     closed.append(breaker)
                     continue
                 try:
-                    reply = await self._call(model, contents, config)
+                    reply = await self._call(model, contents, config, failed)
                 except (_Unusable, CircuitOpenError):
                     continue  # no quota, no such model, or its breaker opened meanwhile: the next one
                 except errors.APIError as exc:
@@ -503,6 +506,9 @@ class GeminiService:
                     failure = exc  # this model is overloaded or rate-limited: the next may answer
                     log.info("gemini.model_fallback", model=model, code=exc.code)
                     continue
+                for model_lease, error in failed:
+                    model_lease.record_failure(error)  # that model failed where this one answered
+                failed.clear()
                 lease.record_success()
                 return reply
         except Exception as exc:
@@ -514,6 +520,9 @@ class GeminiService:
         except BaseException:
             lease.release()  # cancelled: no outcome
             raise
+        finally:
+            for model_lease, _ in failed:
+                model_lease.release()  # no model answered: Gemini's failure, not one model's
         if failure is not None:
             lease.record_failure(failure)
             raise failure
@@ -569,10 +578,15 @@ class GeminiService:
         return ModelNotFoundError(missing, original)
 
     async def _call(
-        self, model: str, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
+        self,
+        model: str,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+        failed: list[tuple[Lease, BaseException]] | None = None,
     ) -> Reply:
         """One request to ``model`` through its own breaker (when it has one) and the timeout; records
-        metrics and health. The ``gemini`` breaker's lease is ``_attempt``'s."""
+        metrics and health. The ``gemini`` breaker's lease is ``_attempt``'s; a failure's model lease
+        goes to ``failed`` for ``_attempt`` to settle (without it, it is recorded at once)."""
         client = self._client
         if client is None:
             raise GeminiStoppedError("the Gemini service is not running")
@@ -596,6 +610,8 @@ class GeminiService:
                 # model that does not exist, a quota that is skipped until it resets).
                 if verdict.daily_quota or missing is not None or verdict.category in _PER_REQUEST:
                     lease.release()
+                elif failed is not None:
+                    failed.append((lease, exc))
                 else:
                     lease.record_failure(exc)
             self._observe(verdict.category.value, started, verdict.code)
