@@ -203,13 +203,14 @@ class SlashCommands:
 
     def require_guild_manager(self, interaction: discord.Interaction, command: str) -> None:
         """One guild's settings: a member with Administrator or Manage Server, in that guild."""
+        root = command.split()[0]
+        named = root if root in ("settings", "model") else "server"  # the sentences name the command
         if interaction.guild_id is None:
-            self._refuse(interaction, command, "a server", texts.server_only())
+            self._refuse(interaction, command, "a server", texts.server_only(named))
         perms = interaction.permissions
         if perms.administrator or perms.manage_guild:
             return
-        root = command.split()[0]
-        sentence = texts.managers_only(root) if root in ("settings", "model") else texts.managers_only()
+        sentence = texts.managers_only(named) if named != "server" else texts.managers_only()
         self._refuse(interaction, command, "manage_guild", sentence)
 
     def require_reset(self, interaction: discord.Interaction, command: str) -> None:

@@ -51,11 +51,13 @@ NO_THREAD_PERMISSION = (
 )
 _MENTION = re.compile(r"<(@[!&]?|#)(\d+)>")
 _MARKUP = re.compile(r"[`*_~|>#\[\]()]+")
+# What a name may not hold inside a label: markup, and what would make it look like another label.
+_NAME_NOISE = re.compile(r"[`*_~|<>#\[\]():@\n]+")
 
 
 def speaker_label(name: str, user_id: int) -> str:
     """How a user is named to Gemini: their display name and their mention, e.g. ``Bob (<@123>)``."""
-    clean = " ".join(_MARKUP.sub(" ", name.replace(":", " ")).split())[:MAX_NAME_CHARS] or "someone"
+    clean = " ".join(_NAME_NOISE.sub(" ", name).split())[:MAX_NAME_CHARS] or "someone"
     return f"{clean} (<@{user_id}>)"
 
 

@@ -20,8 +20,10 @@ Breakers an operator opens are written to the DataStore ``breakers`` file so the
 across a restart; ``apply_breaker_overrides(app)`` re-applies them at start-up.
 
 Most actions are bot-wide (the bot's owners run them). The ``guild_*`` actions change one
-guild only, named by ``guild_id``: its own maintenance mode, its chat channels and the tools
-Google runs for its answers, all kept in the DataStore ``guild_settings`` file. ``usage_report``
+guild only, named by ``guild_id``: its own maintenance mode, its chat channels, the tools
+Google runs for its answers and its settings (``guild_setting_set``/``reset``/``guild_settings_show``,
+``bot/settings.py``: for the server or one category, channel, forum or thread), all kept in the
+DataStore ``guild_settings`` file. ``usage_report``
 reads the Gemini token usage of the bot, one guild or one user. Who may run which is the
 caller's check (the slash commands check the member; the HTTP API's token is an owner's).
 """

@@ -359,3 +359,11 @@ async def test_history_length_and_longest_answer_apply_and_streaming_is_kept_for
     assert live.app.effective(live.discord.guild_id, (live.general,)).streaming is None  # the bot's default
     shown = only_text(await settings(live, "show", where="python"))
     assert f"- **Streaming**: off (set in <#{study}>)" in shown and "- **History**: 2 messages" in shown
+
+
+async def test_in_a_dm_model_shows_the_default_and_choosing_one_is_refused(live: Live) -> None:
+    dm = live.discord.dm_channel("manager")
+    shown = only_text(await run(live, "model", {}, user="manager", channel_id=dm))
+    assert shown.startswith("Gemini model here: `gemini-2.5-flash`.")
+    refused = await run(live, "model", {"model": "gemini-2.5-pro"}, user="manager", channel_id=dm)
+    assert only_text(refused) == texts.server_only("model")
