@@ -26,6 +26,9 @@ from tests.integration.test_slash_commands import only_text, run
 
 DEFAULT_PERSONA = "You are the bot-wide default persona."
 MODELS = {
+    # A model's breaker stays open for the test's span however slow the machine (the default test
+    # setting is 1 s, after which the next question would be the half-open probe).
+    "BREAKER_RESET_SECONDS": "60",
     "GEMINI_MODEL": "gemini-2.5-flash",
     "GEMINI_FALLBACK_MODELS": "gemini-2.5-flash-lite",
     "GEMINI_ALLOWED_MODELS": "gemini-2.5-flash,gemini-2.5-flash-lite,gemini-2.5-pro",
