@@ -193,3 +193,17 @@ async def test_auto_thread_without_the_permission_says_so_without_asking_discord
     notice, reply = await live.wait_replies(asked["id"], 2, channel=closed)
     assert notice.content == NO_THREAD_PERMISSION and "a question" in reply.content
     assert len(live.discord.requests_for("thread")) == before  # decided from discord.py's cache
+
+
+async def test_a_thread_opened_before_for_the_same_message_is_used_again(live: Live) -> None:
+    """A process that opened the thread and died before accepting the message: Discord delivers the
+    message again, refuses a second thread (400 160004), and the answer goes to the first one."""
+    python = live.discord.channels["python"]
+    posted = await live.say("asked once", channel=python, mention=False)
+    live.discord.world.add_thread(python, "asked once", owner="bot", thread_id=int(posted["id"]))
+    channel = live.bot.get_channel(python)
+    assert channel is not None
+    message = await channel.fetch_message(int(posted["id"]))  # type: ignore[union-attr]
+    thread, missing = await live.bot.intake.conversations.open_thread(message, "asked once")
+    assert thread is not None and thread.id == int(posted["id"]) and not missing
+    assert [r.status for r in live.discord.requests_for("thread")] == [400]
