@@ -798,7 +798,7 @@ def _source(source: str | int) -> str:
     return f"set in <#{source}>"
 
 
-def format_settings(view: SettingsView, place: int | None) -> str:
+def format_settings(view: SettingsView) -> str:
     """``/settings show``: each setting's value where it applies, and where it comes from."""
     head = (
         f"Settings that apply in <#{view['chain'][0]}>" if view["chain"] else "Settings for this server"
@@ -895,7 +895,7 @@ def settings_commands(
         async def act(guild_id: int, by: str) -> str:
             place = _place(where)
             view = await ops.guild_settings_show(guild_id, _chain(interaction, place), by=by)
-            return format_settings(view, place)
+            return format_settings(view)
 
         await manage(interaction, act)
 
