@@ -140,8 +140,8 @@ async def test_settings_resolve_thread_then_channel_then_category_then_server_th
     assert "temperature" not in generate_bodies(live)[-1].get("generationConfig", {})
 
 
-async def test_settings_survive_a_restart_in_the_datastore(live: Live, tmp_path: Path) -> None:
-    """Saved in guild_settings (validated, with its backups): read again by a new process."""
+async def test_settings_are_saved_in_the_datastore_file_with_its_backups(live: Live, tmp_path: Path) -> None:
+    """Saved in guild_settings (validated, with its timestamped backups), as a restarted bot reads it."""
     await settings(live, "set", setting="persona", value="You are Kept Bot.", where="python")
     await settings(live, "set", setting="max_output_tokens", value="512")
     stored = json.loads((tmp_path / "data" / "guild_settings.json").read_text())
