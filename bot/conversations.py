@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("bot.conversations")
 
+THREAD_EXISTS = 160004
+"""Discord's JSON error code for "A thread has already been created for this message"."""
 THREAD_NAME_CHARS = 100
 """Discord's longest channel (thread) name."""
 MAX_NAME_CHARS = 40
@@ -162,6 +164,21 @@ class Conversations:
         except discord.Forbidden:
             log.info("conversation.thread_refused", channel_id=channel.id, reason="forbidden")
             return None, True
+        except discord.HTTPException as exc:
+            if exc.code != THREAD_EXISTS:
+                log.warning(
+                    "conversation.thread_failed", channel_id=channel.id, status=exc.status, code=exc.code
+                )
+                return None, False
+            # Opened before (by a process that died before accepting the message, which Discord now
+            # delivers again): the thread has the message's id, so the answer goes there.
+            try:
+                existing = await self.app.channel(message.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                return None, False
+            return (existing, False) if isinstance(existing, discord.Thread) else (None, False)
         except Exception as exc:
             log.warning(
                 "conversation.thread_failed", channel_id=channel.id, category=classify(exc).category.value
