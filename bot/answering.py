@@ -18,26 +18,27 @@ from typing import TYPE_CHECKING
 import discord
 import structlog
 
-from bot import grounding, long_answers, marks, texts
+from bot import conversations, grounding, long_answers, marks, moderation, texts
 from bot.attachments import Attachments, describe
 from bot.history import LeftOutNotes, fit
 from bot.inbound import Inbound, Snowflake
 from bot.long_answers import AnswerFiles
 from bot.routing import Explanation, FailureRouter, Original
+from bot.settings import fallback_note, recent
 from bot.splitting import has_visible_text, split_message
 from resilience.context import span
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, classify
 from services.discord_io import PartialDeliveryError
 from services.gemini import Reply
-from services.storage import Turn, UsageRecord
+from services.storage import Turn, TurnInput, UsageRecord
 
 if TYPE_CHECKING:
     from bot.app import Application
 
 log = structlog.get_logger("bot.answering")
 
-TurnRow = tuple[str, str, str | int | None]
+TurnRow = TurnInput
 
 
 class Answerer:
@@ -62,16 +63,18 @@ class Answerer:
         """Generate and deliver the answer to a claimed inbound item; route any failure."""
         app = self.app
         left_out = 0
+        settings = app.effective(inbound.guild_id, inbound.chain)  # the server's /settings (memory)
         try:
             if history is None:
                 history = await app.storage.history(inbound.key)
-            history, left_out = fit(history, app.config.history_max_tokens)
+            history, left_out = fit(recent(history, settings.history), app.config.history_max_tokens)
+            prompt, earlier = conversations.for_gemini(inbound, history)  # who said what, in a server
             async with app.discord_io.typing(channel):
                 async with asyncio.timeout(app.config.processing_timeout_seconds):
                     # Files (bot.attachments): read, then sent with the question; none: generate.
                     reply, attached = await self.attachments.generate(
-                        item.payload, inbound.content, inbound.key, history,
-                        tools=app.guild_tools(inbound.guild_id),
+                        item.payload, prompt, inbound.key, earlier,
+                        tools=settings.tools, persona=settings.persona, options=settings.options(),
                     )
         except asyncio.CancelledError:
             raise
@@ -93,21 +96,26 @@ class Answerer:
             outcome = "refused"
         elif reply.ok:
             shaped = self._shape(
-                reply, inbound, kept=len(history), left_out=left_out, files=long_answers.can_attach(channel)
+                reply, inbound, kept=len(history), left_out=left_out, files=long_answers.can_attach(channel),
+                chosen=settings.model,
             )
             body = shaped.text
             asked = inbound.content or f"({describe(item.payload)})"
             if not live:
                 body = texts.late_answer_prefix(asked) + body
-                if item.payload.get("interaction"):
-                    # A slash command has no message to reply to: ping the asker by name instead.
-                    body = f"<@{inbound.author_id}> {body}"
+            if (not live and item.payload.get("interaction")) or item.payload.get("threaded"):
+                # A slash command, or a question whose answer opens its own thread (bot.conversations),
+                # has no message to reply to here: ping the asker by name instead.
+                body = f"<@{inbound.author_id}> {body}"
             if attached.notes:  # files left out: one sentence each, after the answer
                 body = f"{body}\n\n{' '.join(attached.notes)}"
             chunks = split_message(body, limit=marks.ROOM)
             files = long_answers.attach(shaped, chunks)
             if not item.payload.get("private"):  # a private /ask stays out of the channel's history
-                turns = [("user", asked, inbound.message_id), ("model", reply.text or "", None)]
+                turns = [
+                    ("user", asked, inbound.message_id, inbound.speaker),
+                    ("model", reply.text or "", None),
+                ]
             outcome = "answered" if live else "answered_late"
         else:
             chunks = [reply.user_message or texts.no_answer()]
@@ -123,18 +131,28 @@ class Answerer:
             files=files,
             usage=usage,
         )
+        if not reply.ok:
+            await moderation.record(app, inbound, reply, settings)  # the server's log of blocks, if any
         if turns and delivered != "error":
             await self.attachments.remember(inbound.key, inbound.message_id, attached)
         return delivered
 
     def _shape(
-        self, reply: Reply, inbound: Inbound, *, kept: int, left_out: int, files: bool
+        self,
+        reply: Reply,
+        inbound: Inbound,
+        *,
+        kept: int,
+        left_out: int,
+        files: bool,
+        chosen: str | None = None,
     ) -> long_answers.Shaped:
-        """The answer for chat: its sources (``bot.grounding``), a note when older turns were left out
-        (once per conversation, ``bot.history``), and, where the bot may upload (``files``), long
-        answers or big code blocks as files (``bot.long_answers``)."""
+        """The answer for chat: its sources (``bot.grounding``), the model that answered when it is not
+        the ``chosen`` one (a fallback), a note when older turns were left out (once per conversation,
+        ``bot.history``), and, where the bot may upload (``files``), long answers or big code blocks as
+        files (``bot.long_answers``)."""
         cfg = self.app.config
-        notes = [grounding.sources_line(reply.sources)]
+        notes = [grounding.sources_line(reply.sources), fallback_note(reply.model, chosen)]
         if left_out and self.left_out.first_time(inbound.key):
             notes.append(texts.history_left_out(kept))
         never = len(reply.text) + 1

@@ -44,7 +44,15 @@ from bot import gif, texts
 from services.config import Config
 from services.datadir import make_private_dir
 from services.discord_io import DownloadTooLargeError
-from services.gemini import FILES_BREAKER, FileRejectedError, GeminiFiles, PartLike, Reply, ReplyKind
+from services.gemini import (
+    FILES_BREAKER,
+    FileRejectedError,
+    GeminiFiles,
+    GenerationOptions,
+    PartLike,
+    Reply,
+    ReplyKind,
+)
 from services.storage import Turn
 
 if TYPE_CHECKING:
@@ -443,9 +451,12 @@ class Attachments:
         history: list[Turn],
         *,
         tools: Sequence[str] = (),
+        persona: str | None = None,
+        options: GenerationOptions | None = None,
     ) -> tuple[Reply, Prepared]:
-        """Gemini's reply to ``content`` with the payload's files and those of earlier turns, and
-        the Google-run ``tools`` the guild turned on.
+        """Gemini's reply to ``content`` with the payload's files and those of earlier turns, the
+        Google-run ``tools`` the guild turned on, and the server's ``persona`` and ``options``
+        (``bot.settings``).
 
         Without any file (the usual case) this is ``gemini.generate`` and costs nothing more.
         A Gemini file that vanished before its expiry (403) is replaced by its bytes, once.
@@ -457,10 +468,12 @@ class Attachments:
             notes = " ".join(prepared.notes) or texts.no_answer()
             return Reply(ReplyKind.EMPTY, "", "", user_message=notes), Prepared()
         if prepared.empty:
-            return await gemini.generate(content, history, tools=tools), prepared
+            reply = await gemini.generate(content, history, tools=tools, persona=persona, options=options)
+            return reply, prepared
         try:
             reply = await gemini.generate_with_parts(
-                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools
+                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools,
+                persona=persona, options=options,
             )
         except errors.ClientError as exc:
             if exc.code == 403 and prepared.uses_uris:
@@ -475,7 +488,8 @@ class Attachments:
             else:
                 raise
             reply = await gemini.generate_with_parts(
-                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools
+                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools,
+                persona=persona, options=options,
             )
         return reply, prepared
 

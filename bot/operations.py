@@ -20,8 +20,10 @@ Breakers an operator opens are written to the DataStore ``breakers`` file so the
 across a restart; ``apply_breaker_overrides(app)`` re-applies them at start-up.
 
 Most actions are bot-wide (the bot's owners run them). The ``guild_*`` actions change one
-guild only, named by ``guild_id``: its own maintenance mode, its chat channels and the tools
-Google runs for its answers, all kept in the DataStore ``guild_settings`` file. ``usage_report``
+guild only, named by ``guild_id``: its own maintenance mode, its chat channels, the tools
+Google runs for its answers and its settings (``guild_setting_set``/``reset``/``guild_settings_show``,
+``bot/settings.py``: for the server or one category, channel, forum or thread), all kept in the
+DataStore ``guild_settings`` file. ``usage_report``
 reads the Gemini token usage of the bot, one guild or one user. Who may run which is the
 caller's check (the slash commands check the member; the HTTP API's token is an owner's).
 """
@@ -40,11 +42,19 @@ from urllib.parse import urlsplit
 import structlog
 
 from bot.grounding import TOOL_NAMES
+from bot.settings import (
+    GROUNDING_TOOL,
+    MAX_SCOPES,
+    InvalidSettingError,
+    Setting,
+    setting,
+)
 from bot.usage import seconds_to_reset
 from resilience.context import TraceRecord
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode, QueueItem
 from resilience.errors import classify
 from resilience.mutex import LockStatus
+from services.datastore import DataStoreValidationError
 from services.storage import UsageRow, UsageTotals, usage_day
 
 if TYPE_CHECKING:
@@ -200,6 +210,42 @@ class GuildTools(TypedDict):
 
     guild_id: int
     tools: dict[str, bool]
+    changed: bool
+
+
+class SettingRow(TypedDict):
+    """One setting as it applies somewhere: its ``value``, the text ``/settings show`` writes for it
+    (``shown``), and where it comes from (``source``: ``"server"``, ``"default"``, or the id of the
+    category, channel, forum or thread that set it)."""
+
+    name: str
+    label: str
+    value: Any
+    shown: str
+    source: str | int
+
+
+class SettingsView(TypedDict):
+    """Every setting of guild ``guild_id`` for the place whose scope chain is ``chain`` (most specific
+    first); ``scopes``: the places of the guild with settings of their own."""
+
+    guild_id: int
+    chain: list[int]
+    settings: list[SettingRow]
+    scopes: list[int]
+
+
+class SettingChange(TypedDict):
+    """A setting set (or reset) for the whole server (``scope`` None) or one place; ``value`` what it
+    is there now (None after a reset: inherited), ``previous`` what it was there, ``changed``."""
+
+    guild_id: int
+    name: str
+    label: str
+    scope: int | None
+    value: Any
+    shown: str | None
+    previous: Any
     changed: bool
 
 
@@ -783,6 +829,122 @@ class Operations:
         _log("guild_tool_set", by, guild_id=gid, tool=tool, enabled=enabled, changed=changed)
         return GuildTools(guild_id=gid, tools={n: n in on for n in TOOL_NAMES}, changed=changed)
 
+    # -- one guild: its settings (bot/settings.py) ---------------------------------------------
+
+    async def guild_settings_show(
+        self, guild_id: int, chain: list[int] | tuple[int, ...] = (), *, by: str | None = None
+    ) -> SettingsView:
+        """Every setting that applies at the place whose scope chain is ``chain`` (the server when
+        empty) in guild ``guild_id``, and where each value comes from."""
+        gid = _guild_id(guild_id)
+        scopes = [_channel_id(c) for c in chain]
+        rows = [
+            SettingRow(
+                name=e.setting.name, label=e.setting.label, value=e.value, shown=e.setting.show(e.value),
+                source=e.source,
+            )
+            for e in self.app.settings.explain(gid, scopes)
+        ]
+        _log("guild_settings_show", by, guild_id=gid, scopes=len(scopes))
+        return SettingsView(
+            guild_id=gid, chain=scopes, settings=rows, scopes=sorted(self.app.settings.scopes(gid))
+        )
+
+    async def guild_setting_set(
+        self, guild_id: int, name: str, text: str, *, scope: int | None = None, by: str | None = None
+    ) -> SettingChange:
+        """Set ``name`` to the value ``text`` says, for the whole server of guild ``guild_id`` or for
+        the category, channel, forum or thread ``scope`` (persisted in guild_settings). A value the
+        bot cannot take raises ``InvalidRequestError`` with one sentence naming the limit."""
+        gid = _guild_id(guild_id)
+        spec = _setting_for(name, scope)
+        try:
+            value = spec.parse(str(text), self.app.settings.limits)
+        except InvalidSettingError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        return await self._change_setting(gid, spec, scope, value, by=by, reset=False)
+
+    async def guild_setting_reset(
+        self, guild_id: int, name: str, *, scope: int | None = None, by: str | None = None
+    ) -> SettingChange:
+        """Remove ``name``'s value for the server (or for ``scope``): the next place out applies again."""
+        gid = _guild_id(guild_id)
+        spec = _setting_for(name, scope)
+        return await self._change_setting(gid, spec, scope, None, by=by, reset=True)
+
+    async def _change_setting(
+        self, gid: int, spec: Setting, scope: int | None, value: Any, *, by: str | None, reset: bool
+    ) -> SettingChange:
+        name = spec.name
+        previous: Any = None
+        changed = False
+
+        def change(data: dict[str, Any]) -> None:
+            nonlocal previous, changed
+            entry = data["guilds"].setdefault(str(gid), {})
+            if name == "chat":
+                assert scope is not None  # _setting_for refused the server
+                channels = [int(c) for c in entry.get("chat_channels") or []]
+                previous = scope in channels
+                if value and not previous:
+                    if len(channels) >= MAX_CHAT_CHANNELS:
+                        raise InvalidRequestError(
+                            f"this server already has {len(channels)} chat channels, the most I keep;"
+                            " turn chat off somewhere first"
+                        )
+                    channels.append(scope)
+                elif not value and previous:
+                    channels.remove(scope)
+                entry["chat_channels"] = sorted(channels)
+                changed = previous != bool(value)
+                return
+            if name == "grounding" and scope is None:  # the server's Search grounding is /server tools'
+                tools = dict(entry.get("tools") or {})
+                previous = bool(tools.get(GROUNDING_TOOL))
+                tools[GROUNDING_TOOL] = bool(value)
+                entry["tools"] = tools
+                changed = previous != bool(value)
+                return
+            stored = entry.setdefault("settings", {})
+            if scope is None:
+                bucket = stored.setdefault("server", {})
+                if name == "persona" and entry.get("persona"):
+                    previous = entry.pop("persona")  # an older version's server persona: superseded
+            else:
+                places = stored.setdefault("channels", {})
+                if str(scope) not in places and not reset and len(places) >= MAX_SCOPES:
+                    raise InvalidRequestError(
+                        f"this server already has settings for {len(places)} channels, categories and "
+                        "threads, the most I keep; reset some first"
+                    )
+                bucket = places.setdefault(str(scope), {})
+            previous = bucket.get(name, previous)
+            if reset:
+                bucket.pop(name, None)
+            else:
+                bucket[name] = value
+            changed = previous != (None if reset else value)
+            if scope is not None and not bucket:
+                del stored["channels"][str(scope)]
+            for part in ("server", "channels"):
+                if not stored.get(part):
+                    stored.pop(part, None)
+            if not stored:
+                entry.pop("settings")
+
+        try:
+            await self.app.datastore.update("guild_settings", change)
+        except DataStoreValidationError as exc:
+            problem = exc.problems[0] if exc.problems else str(exc)
+            raise InvalidRequestError(f"I can't save that: {problem}") from exc
+        self.app.reload_settings()
+        _log("guild_setting_reset" if reset else "guild_setting_set", by, guild_id=gid, setting=name,
+             scope=scope, changed=changed)
+        return SettingChange(
+            guild_id=gid, name=name, label=spec.label, scope=scope, value=None if reset else value,
+            shown=None if reset else spec.show(value), previous=previous, changed=changed,
+        )
+
     # -- Gemini usage (bot/usage.py) ------------------------------------------------------------
 
     async def usage_report(
@@ -1313,6 +1475,23 @@ def _guild_id(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidRequestError("a guild id must be a positive integer")
     return value
+
+
+def _setting_for(name: str, scope: int | None) -> Setting:
+    """The setting ``name``, if it may be set there (the server when ``scope`` is None)."""
+    try:
+        spec = setting(str(name))
+    except InvalidSettingError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    if scope is not None:
+        _channel_id(scope)
+        if spec.server_only:
+            raise InvalidRequestError(f"{spec.name} is set for the whole server, not for one channel")
+    elif spec.channel_only:
+        raise InvalidRequestError(
+            f"{spec.name} is set per channel, forum, category or thread: name the place it applies to"
+        )
+    return spec
 
 
 def _user_id(value: Any) -> int:

@@ -32,6 +32,13 @@ GEMINI_FIRST_TOKEN_SECONDS = 2.0
 # What the bot can pass to Gemini (ATTACHMENT_TYPES): bot/attachments.py maps files to these kinds.
 ATTACHMENT_KINDS = frozenset({"image", "text", "pdf", "audio", "video"})
 
+# Gemini's block thresholds (google-genai ``types.HarmBlockThreshold``), in the lower case the
+# settings use; unset means Gemini's own default (the adjustable filters are off for current models).
+SAFETY_THRESHOLDS = ("off", "block_none", "block_only_high", "block_medium_and_above", "block_low_and_above")
+# Models a server may choose (GEMINI_ALLOWED_MODELS): each has a breaker, and /model lists them all
+# (Discord shows at most 25 autocomplete choices).
+MAX_ALLOWED_MODELS = 20
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("console", "json")
 
@@ -97,6 +104,9 @@ class Config:
     gemini_api_key: str | None = field(default=None, repr=False)
     gemini_model: str = "gemini-2.5-flash"
     gemini_fallback_models: tuple[str, ...] = ()
+    gemini_allowed_models: tuple[str, ...] = ()
+    gemini_temperature: float | None = None
+    gemini_safety_threshold: str | None = None
     gemini_base_url: str | None = None
     gemini_timeout_seconds: float = 30.0
     gemini_max_output_tokens: int = 2048
@@ -172,6 +182,12 @@ class Config:
     def discord_mode(self) -> Literal["live", "sandbox"]:
         """``"live"`` with a bot token, else ``"sandbox"`` (the loopback Discord emulator)."""
         return "live" if self.discord_token else "sandbox"
+
+    def allowed_models(self) -> tuple[str, ...]:
+        """The models a server may choose with ``/model``, the default chain first: ``GEMINI_MODEL``,
+        ``GEMINI_FALLBACK_MODELS``, then the rest of ``GEMINI_ALLOWED_MODELS``."""
+        chain = (self.gemini_model, *self.gemini_fallback_models, *self.gemini_allowed_models)
+        return tuple(dict.fromkeys(chain))
 
     def gemini_timeout_floor(self) -> float:
         """The shortest timeout a Gemini call gets: time for the longest answer allowed
@@ -414,6 +430,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "gemini_api_key": _gemini_key,
     "gemini_model": _model,
     "gemini_fallback_models": _models,
+    "gemini_allowed_models": _models,
+    # Gemini's range for temperature (GenerationConfig: 0.0 to 2.0 for the 2.x models).
+    "gemini_temperature": _Number(float, 0, 2),
+    "gemini_safety_threshold": _choice(SAFETY_THRESHOLDS, str.lower),
     "gemini_base_url": _url("http", "https"),
     "gemini_timeout_seconds": _Number(float, 1, 600),
     "gemini_max_output_tokens": _Number(int, 16, 65_536),
@@ -482,6 +502,32 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)
+
+
+def _model_problems(values: dict[str, Any]) -> list[ConfigProblem]:
+    """GEMINI_ALLOWED_MODELS, when set, must hold the default chain, and the chain stays small."""
+    allowed = values.get("gemini_allowed_models", ())
+    chain = (values.get("gemini_model", Config.gemini_model), *values.get("gemini_fallback_models", ()))
+    found = []
+    missing = [m for m in dict.fromkeys(chain) if allowed and m not in allowed]
+    if missing:
+        found.append(
+            ConfigProblem(
+                "GEMINI_ALLOWED_MODELS",
+                f"does not list {', '.join(missing)} (GEMINI_MODEL / GEMINI_FALLBACK_MODELS), which the bot "
+                "uses by default",
+                f"add {', '.join(missing)} to it, or leave it empty (then only the default chain is allowed)",
+            )
+        )
+    if len(dict.fromkeys((*chain, *allowed))) > MAX_ALLOWED_MODELS:
+        found.append(
+            ConfigProblem(
+                "GEMINI_ALLOWED_MODELS",
+                f"names more than {MAX_ALLOWED_MODELS} models (with GEMINI_MODEL and GEMINI_FALLBACK_MODELS)",
+                f"keep at most {MAX_ALLOWED_MODELS}: each has a breaker, and /model lists them all",
+            )
+        )
+    return found
 
 
 def _is_loopback(host: str) -> bool:
@@ -613,6 +659,8 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
                     "keep 127.0.0.1 unless a reverse proxy with TLS and access control sits in front",
                 )
             )
+
+    problems += _model_problems(values)
 
     if values.get("otel_exporter_otlp_endpoint") and not _otel_installed():
         problems.append(

@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from resilience.clock import Clock, SystemClock
+from services.config import SAFETY_THRESHOLDS
 from services.datadir import DataDirLock, make_private_dir
 
 T = TypeVar("T")
@@ -135,18 +136,58 @@ def validate_maintenance(data: Any) -> list[str]:
     return problems
 
 
-_GUILD_KEYS = frozenset({"chat_channels", "persona", "user_rate_per_minute", "tools"})
+_GUILD_KEYS = frozenset({"chat_channels", "persona", "user_rate_per_minute", "tools", "settings"})
 GUILD_TOOLS = frozenset({"google_search", "url_context", "code_execution"})
 """The Google-run tools a guild may turn on (``tools``: name -> bool; bot/grounding.py)."""
+
+MAX_PERSONA_CHARS = 4000
+"""The longest persona a guild may set: what one Discord text input holds (the ``/settings persona``
+modal; discord-api-docs, Text Input: ``max_length`` at most 4000)."""
+MAX_MODEL_NAME_CHARS = 100
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _within(kind: Callable[[Any], bool], low: float, high: float) -> Callable[[Any], bool]:
+    return lambda value: kind(value) and low <= value <= high
+
+
+# The per-guild settings (bot/settings.py), each with what a stored value must be. The bot checks
+# more when one is set (an allowed model, a ceiling from the configuration) and says why in a
+# sentence; these are the shapes a file must have to be read at all.
+SCOPED_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "persona": (lambda v: isinstance(v, str) and 0 < len(v) <= MAX_PERSONA_CHARS,
+                f"a string of 1 to {MAX_PERSONA_CHARS} characters"),
+    "model": (lambda v: isinstance(v, str) and 0 < len(v) <= MAX_MODEL_NAME_CHARS and not any(
+        c.isspace() for c in v), "a model name"),
+    "temperature": (_within(_is_number, 0, 2), "a number from 0 to 2"),
+    "max_output_tokens": (_within(_is_int, 1, 1_000_000), "a whole number of tokens"),
+    "safety": (lambda v: v in SAFETY_THRESHOLDS, f"one of {', '.join(SAFETY_THRESHOLDS)}"),
+    "history": (_within(_is_int, 0, 1000), "a whole number of messages from 0 to 1000"),
+    "grounding": (_is_bool, "true or false"),
+    "streaming": (_is_bool, "true or false"),
+    "auto_thread": (_is_bool, "true or false"),
+}
+"""Settings a guild may set for itself and override per category, channel, forum or thread."""
+SERVER_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **SCOPED_SETTING_CHECKS,
+    "modlog_channel": (lambda v: _is_int(v) and v > 0, "a channel id"),
+    "modlog_text": (_is_bool, "true or false"),
+}
+"""Settings of the whole guild (the scoped ones, and its moderation log)."""
 
 
 def validate_guild_settings(data: Any) -> list[str]:
     """``{"guilds": {id: {"chat_channels": [int], "persona": str|None, "user_rate_per_minute": int|None,
-    "tools": {name: bool}, "maintenance": {...}}}}``.
+    "tools": {name: bool}, "maintenance": {...}, "settings": {"server": {...}, "channels": {id: {...}}}}}}``.
 
     A guild entry may leave keys out (unset); present keys are typed precisely. ``maintenance``
     is the guild's own maintenance mode, shaped like the ``maintenance`` file; ``tools`` turns
-    the tools of ``GUILD_TOOLS`` on or off (absent: off).
+    the tools of ``GUILD_TOOLS`` on or off (absent: off); ``settings`` holds what ``/settings`` set
+    for the whole guild (``server``) and per category, channel, forum or thread (``channels``), each
+    value shaped as ``SERVER_SETTING_CHECKS`` / ``SCOPED_SETTING_CHECKS`` say.
     """
     problems = _check_keys(data, "guild_settings", {"guilds"})
     if problems:
@@ -172,6 +213,37 @@ def validate_guild_settings(data: Any) -> list[str]:
         if rate is not None and not (_is_int(rate) and rate >= 0):
             problems.append(f"{where}.user_rate_per_minute: expected an int >= 0 or null")
         problems += _check_tools(entry.get("tools", {}), f"{where}.tools")
+        if "settings" in entry:
+            problems += _check_settings(entry["settings"], f"{where}.settings")
+    return problems
+
+
+def _check_settings(settings: Any, where: str) -> list[str]:
+    """``{"server": {name: value}, "channels": {id: {name: value}}}`` (both optional)."""
+    problems = _check_keys(settings, where, set(), frozenset({"server", "channels"}))
+    if not isinstance(settings, dict):
+        return problems
+    problems += _check_values(settings.get("server", {}), f"{where}.server", SERVER_SETTING_CHECKS)
+    channels = settings.get("channels", {})
+    if not isinstance(channels, dict):
+        return [*problems, f"{where}.channels: expected an object, got {type(channels).__name__}"]
+    for cid, values in channels.items():
+        if not (isinstance(cid, str) and cid.isdecimal() and cid.isascii()):
+            problems.append(f"{where}.channels[{cid!r}]: channel id must be a string of digits")
+        problems += _check_values(values, f"{where}.channels[{cid!r}]", SCOPED_SETTING_CHECKS)
+    return problems
+
+
+def _check_values(
+    values: Any, where: str, checks: dict[str, tuple[Callable[[Any], bool], str]]
+) -> list[str]:
+    if not isinstance(values, dict):
+        return [f"{where}: expected an object, got {type(values).__name__}"]
+    problems = [f"{where}: unknown setting {name!r}" for name in sorted(set(values) - set(checks), key=str)]
+    for name, value in values.items():
+        check = checks.get(name)
+        if check is not None and not check[0](value):
+            problems.append(f"{where}.{name}: expected {check[1]}, got {value!r}"[:300])
     return problems
 
 

@@ -47,6 +47,7 @@ from services.datadir import make_private_dir
 T = TypeVar("T")
 
 ROLES = ("user", "model")
+MAX_SPEAKER_CHARS = 120  # a speaker label: a display name (32 characters at most) and a mention
 TERMINAL_STATES = (ItemState.DONE, ItemState.DEAD, ItemState.EXPIRED)
 TRUNCATION_MARK = " […truncated]"
 BUSY_SLICE_MS = 20  # one uninterruptible SQLite busy wait; see SqliteStore._begin
@@ -213,6 +214,14 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID""",
         "CREATE INDEX token_usage_by_guild ON token_usage (day, guild_id)",
     ],
+    [
+        # Conversations (bot/conversations.py): who said a user turn (a label such as "Bob
+        # (<@123>)", so Gemini can tell the people of a channel apart), and the turns by the id of
+        # the message they came from, so a reply to an earlier answer finds that answer's
+        # conversation and continues it as a branch of its own.
+        "ALTER TABLE turns ADD COLUMN speaker TEXT",
+        "CREATE INDEX turns_by_message ON turns (message_id, id) WHERE message_id IS NOT NULL",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 AVAILABILITY_WITHIN = 30.0
@@ -227,7 +236,8 @@ _QUEUE_COLUMNS = (
 
 
 _NEWEST_TURNS_SQL = (
-    "SELECT role, text, created_at, message_id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?"
+    "SELECT role, text, created_at, message_id, speaker FROM turns WHERE conversation_key = ? "
+    "ORDER BY id DESC LIMIT ?"
 )
 
 # Acceptance's insert: claimed (with a lease) when asked and the conversation has nothing
@@ -342,12 +352,18 @@ class Breaker(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One stored message of a conversation."""
+    """One stored message of a conversation; ``speaker`` says who wrote a user turn (None: unknown,
+    or a model turn)."""
 
     role: str
     text: str
     created_at: float
     message_id: str | None = None
+    speaker: str | None = None
+
+
+TurnInput = tuple[str, str, str | int | None] | tuple[str, str, str | int | None, str | None]
+"""A turn to store: ``(role, text, message_id)``, or with its ``speaker`` as a fourth item."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -912,13 +928,13 @@ class SqliteStore:
     async def append_turns(
         self,
         key: str,
-        turns: Sequence[tuple[str, str, str | int | None]],
+        turns: Sequence[TurnInput],
         *,
         now: float | None = None,
         usage: UsageRecord | None = None,
     ) -> None:
-        """Store ``(role, text, message_id)`` turns in one transaction (a question and its answer),
-        and ``usage`` (the Gemini call that answered it) in the same one."""
+        """Store ``(role, text, message_id[, speaker])`` turns in one transaction (a question and its
+        answer), and ``usage`` (the Gemini call that answered it) in the same one."""
         rows = self._turn_rows(key, turns, now)
 
         def body(conn: sqlite3.Connection) -> None:
@@ -930,25 +946,32 @@ class SqliteStore:
         await self._run("append_turns", self._in_thread(body), write=False)
 
     def _turn_rows(
-        self, key: str, turns: Sequence[tuple[str, str, str | int | None]], now: float | None
-    ) -> list[tuple[str, str, str, str | None, float]]:
+        self, key: str, turns: Sequence[TurnInput], now: float | None
+    ) -> list[tuple[str, str, str, str | None, float, str | None]]:
         """Validated, truncated rows for ``_insert_turns``."""
         stamp = self._now(now)
         rows = []
-        for role, text, mid in turns:
+        for turn in turns:
+            role, text, mid = turn[0], turn[1], turn[2]
+            speaker = turn[3] if len(turn) > 3 else None
             if role not in ROLES:
                 raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-            rows.append(
-                (key, role, truncate(text, self.history_max_chars), None if mid is None else str(mid), stamp)
-            )
+            rows.append((
+                key, role, truncate(text, self.history_max_chars), None if mid is None else str(mid), stamp,
+                None if speaker is None else str(speaker)[:MAX_SPEAKER_CHARS],
+            ))
         return rows
 
     def _insert_turns(
-        self, conn: sqlite3.Connection, key: str, rows: list[tuple[str, str, str, str | None, float]]
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        rows: list[tuple[str, str, str, str | None, float, str | None]],
     ) -> None:
         """Insert turns and prune the conversation to its newest ``history_max_messages`` rows."""
         conn.executemany(
-            "INSERT INTO turns (conversation_key, role, text, message_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO turns (conversation_key, role, text, message_id, created_at, speaker) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
             rows,
         )
         conn.execute(
@@ -983,7 +1006,7 @@ class SqliteStore:
 
     async def _newest_turns(self, db: aiosqlite.Connection, key: str) -> list[Turn]:
         rows = await _all(db, _NEWEST_TURNS_SQL, (key, self.history_max_messages))
-        return [Turn(r[0], r[1], r[2], r[3]) for r in rows]
+        return [Turn(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     def _bounded(self, newest_first: list[Turn]) -> list[Turn]:
         kept: list[Turn] = []
@@ -992,23 +1015,73 @@ class SqliteStore:
             if len(turn.text) > budget:
                 if not kept:  # the newest turn alone is too long (bound lowered since it was stored)
                     cut = truncate(turn.text, budget)
-                    kept.append(Turn(turn.role, cut, turn.created_at, turn.message_id))
+                    kept.append(Turn(turn.role, cut, turn.created_at, turn.message_id, turn.speaker))
                 break
             kept.append(turn)
             budget -= len(turn.text)
         kept.reverse()
         return kept
 
-    async def forget(self, key: str) -> int:
+    async def forget(self, key: str, *, branches: bool = False) -> int:
         """Delete a conversation's history (``/reset``), its file references included; return how
-        many turns went."""
+        many turns went. With ``branches``, also the conversations branched off it (keys
+        ``"<key>:<id>"``, ``branch``)."""
+        where = "conversation_key = ?"
+        args: tuple[str, ...] = (key,)
+        if branches:
+            # A range on the key (":" + 1 is ";"), so the deletion goes through the key's index.
+            where = "(conversation_key = ? OR (conversation_key >= ? AND conversation_key < ?))"
+            args = (key, f"{key}:", f"{key};")
 
         async def body(db: aiosqlite.Connection) -> int:
-            cur = await db.execute("DELETE FROM turns WHERE conversation_key = ?", (key,))
-            await db.execute("DELETE FROM attachment_refs WHERE conversation_key = ?", (key,))
+            cur = await db.execute(f"DELETE FROM turns WHERE {where}", args)
+            await db.execute(f"DELETE FROM attachment_refs WHERE {where}", args)
             return cur.rowcount
 
         return await self._run("forget", body)
+
+    async def branch(self, question_id: str | int, new_key: str) -> str | None:
+        """The conversation a reply to the answer of question ``question_id`` continues.
+
+        The answer's own conversation (where the question was first stored) when that exchange is
+        still its latest; otherwise ``new_key``, a branch that starts as that conversation did up to
+        and including the exchange (its turns copied, at most ``history_max_messages``). None when
+        no stored conversation holds the question (forgotten, pruned, never stored). Idempotent: a
+        replayed message finds ``new_key`` already started and does not copy again. One transaction.
+        """
+        qid = str(question_id)
+        limit = self.history_max_messages
+
+        def body(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT conversation_key, id FROM turns WHERE message_id = ? AND role = 'user' "
+                "ORDER BY id LIMIT 1",
+                (qid,),
+            ).fetchone()
+            if row is None:
+                return None
+            key, asked = str(row[0]), int(row[1])
+            latest = conn.execute(
+                "SELECT MAX(id) FROM turns WHERE conversation_key = ? AND role = 'user'", (key,)
+            ).fetchone()
+            if latest is not None and latest[0] == asked:
+                return key
+            if conn.execute("SELECT 1 FROM turns WHERE conversation_key = ? LIMIT 1", (new_key,)).fetchone():
+                return new_key
+            answered = conn.execute(
+                "SELECT MIN(id) FROM turns WHERE conversation_key = ? AND role = 'model' AND id > ?",
+                (key, asked),
+            ).fetchone()
+            end = answered[0] if answered is not None and answered[0] is not None else asked
+            conn.execute(
+                "INSERT INTO turns (conversation_key, role, text, message_id, created_at, speaker) "
+                "SELECT ?, role, text, message_id, created_at, speaker FROM (SELECT * FROM turns "
+                "WHERE conversation_key = ? AND id <= ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+                (new_key, key, end, limit),
+            )
+            return new_key
+
+        return await self._run("branch", self._in_thread(body), write=False)
 
     # -- file references of the history (bot/attachments.py) --------------------------------
 
@@ -1391,7 +1464,7 @@ class SqliteStore:
             if not with_history or item.state is not ItemState.CLAIMED or not row[-1]:
                 return item, None
             turns = conn.execute(_NEWEST_TURNS_SQL, (conversation_key, self.history_max_messages))
-            return item, [Turn(r[0], r[1], r[2], r[3]) for r in turns.fetchall()]
+            return item, [Turn(r[0], r[1], r[2], r[3], r[4]) for r in turns.fetchall()]
 
         accepted = await self._run("accept", self._in_thread(body), write=False)
         if isinstance(accepted, QueueFullError):  # raised outside the breaker: the store is fine
@@ -1432,7 +1505,7 @@ class SqliteStore:
         item_id: int,
         *,
         key: str | None = None,
-        turns: Sequence[tuple[str, str, str | int | None]] = (),
+        turns: Sequence[TurnInput] = (),
         now: float | None = None,
         usage: UsageRecord | None = None,
     ) -> None:
