@@ -238,16 +238,26 @@ def _status_count(status: str) -> int:
         return 0
 
 
+def _unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is not there now, rather than that the statement is wrong."""
+    state = getattr(exc, "sqlstate", None)
+    return (
+        isinstance(exc, OSError | asyncpg.ConnectionDoesNotExistError | asyncpg.PostgresConnectionError)
+        or (isinstance(state, str) and (state.startswith("08") or state in _UNAVAILABLE_STATES))
+    )
+
+
 def _wrap(exc: BaseException) -> StorageError:
-    """The store's error for an asyncpg or socket failure."""
+    """The store's error for an asyncpg or socket failure. A connection that died under the call
+    (asyncpg then also fails the rollback: the first error is the context of the last) is the
+    database being unavailable, whatever the last error says about the half-done call."""
     if isinstance(exc, StorageError):
         return exc
+    unavailable, link, depth = False, exc, 0
+    while link is not None and depth < 5 and not unavailable:
+        unavailable = _unavailable(link)
+        link, depth = link.__cause__ or link.__context__, depth + 1
     state = getattr(exc, "sqlstate", None)
-    unavailable = (
-        isinstance(exc, OSError | asyncpg.exceptions.ConnectionDoesNotExistError)
-        or (isinstance(state, str) and (state.startswith("08") or state in _UNAVAILABLE_STATES))
-        or isinstance(exc, asyncpg.PostgresConnectionError)
-    )
     text = f"{type(exc).__name__}: {exc}"[:500]
     if unavailable:
         return DatabaseUnavailableError(text)
