@@ -253,7 +253,8 @@ def _wrap(exc: BaseException) -> StorageError:
     database being unavailable, whatever the last error says about the half-done call."""
     if isinstance(exc, StorageError):
         return exc
-    unavailable, link, depth = False, exc, 0
+    unavailable, depth = False, 0
+    link: BaseException | None = exc
     while link is not None and depth < 5 and not unavailable:
         unavailable = _unavailable(link)
         link, depth = link.__cause__ or link.__context__, depth + 1
