@@ -1496,8 +1496,13 @@ class PostgresStore:
 
         await self._run("notify", body, write=False)
 
+    async def notify_in(self, conn: asyncpg.Connection, kind: str, payload: dict[str, Any]) -> None:
+        """Tell every other process within the transaction on ``conn``: it goes out with the commit,
+        and not at all if the transaction rolls back."""
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.notification(kind, payload))
+
     def notification(self, kind: str, payload: dict[str, Any]) -> str:
-        """The NOTIFY payload for ``kind`` (for a caller that sends it inside its own transaction)."""
+        """The NOTIFY payload for ``kind``."""
         text = json.dumps({**payload, "kind": kind, "origin": self._process_id}, separators=(",", ":"))
         if len(text.encode()) > MAX_PAYLOAD_BYTES:
             raise ValueError(f"a {kind} notification of {len(text)} bytes is over {MAX_PAYLOAD_BYTES}")

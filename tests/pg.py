@@ -41,6 +41,8 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
+from services.pg_storage import PostgresStore
+
 T = TypeVar("T")
 
 MISSING = (
@@ -267,8 +269,6 @@ class PostgresServer:
 
 async def _migrate(url: str) -> None:
     """Bring the database at ``url`` to the bot's schema with the bot's own migrations."""
-    from services.pg_storage import PostgresStore  # services import asyncpg: only when a server runs
-
     async with PostgresStore(url, register=False):
         pass
 
