@@ -965,6 +965,7 @@ class PgDataStore:
         *,
         keep_history: int = 10,
         clock: Clock | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
         logger: Any = None,
     ) -> None:
         if keep_history < 1:
@@ -975,6 +976,7 @@ class PgDataStore:
         self.keep_history = keep_history
         self._clock: Clock = clock or SystemClock()
         self._log = logger or structlog.get_logger("datastore")
+        self._on_event = on_event
         self._checker = DataStore(self.data_dir, self.specs.values())  # validation only: no file I/O
         self._cache: dict[str, bytes] = {}
         self._versions: dict[str, int] = {}
@@ -1218,11 +1220,17 @@ class PgDataStore:
         await self._write(name, lambda _current: data)
         status = self._status[name]
         status.source, status.alert, status.last_error = source, alert, "; ".join(problems) or None
-        event = {"name": name, "source": source, "alert": alert, "problems": problems}
+        event = {"name": name, "source": source, "alert": alert, "problems": problems, "quarantined": []}
+        kind = "datastore.alert" if alert else "datastore.recovered"
         if alert:
-            self._log.error("datastore.alert", **event)
+            self._log.error(kind, **event)
         else:
-            self._log.warning("datastore.recovered", **event)
+            self._log.warning(kind, **event)
+        if self._on_event is not None:
+            try:
+                self._on_event(kind, event)
+            except Exception as exc:  # a listener's bug must not break loading
+                self._log.error("datastore.listener_failed", kind=kind, error=repr(exc))
         return RecoveryReport(name, source, alert, problems)
 
     def _remember(self, name: str, data: dict[str, Any], version: int, source: str) -> None:
