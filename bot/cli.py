@@ -1,4 +1,4 @@
-"""The command line: ``python -m bot check|run|datastore ...``.
+"""The command line: ``python -m bot check|run|datastore ...|storage ...``.
 
 The sandbox and the load run live above the bot, in ``rehearsal`` (``python -m rehearsal``).
 
@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bot import storage_cli
 from bot.app import SANDBOX_GEMINI_KEY
 from bot.runner import serve
 from services.config import Config, ConfigError, load_config
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.add_parser("check", help="validate and show the configuration").set_defaults(func=check)
     subparsers.add_parser("run", help="run the bot").set_defaults(func=run)
     _register_datastore(subparsers)
+    storage_cli.register(subparsers)
     return parser
 
 

@@ -247,7 +247,7 @@ def _unavailable(exc: BaseException) -> bool:
     )
 
 
-def _wrap(exc: BaseException) -> StorageError:
+def as_storage_error(exc: BaseException) -> StorageError:
     """The store's error for an asyncpg or socket failure. A connection that died under the call
     (asyncpg then also fails the rollback: the first error is the context of the last) is the
     database being unavailable, whatever the last error says about the half-done call."""
@@ -552,7 +552,7 @@ class PostgresStore:
             self._failed(f"{operation}: cancelled by the server")
             raise CallTimeoutError(f"storage.{operation}", self.statement_timeout) from exc
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            wrapped = _wrap(exc)
+            wrapped = as_storage_error(exc)
             self._failed(f"{operation}: {wrapped}")
             raise wrapped from exc
         self._consecutive_failures = 0
