@@ -84,8 +84,9 @@ def free_port() -> int:
 class PostgresServer:
     """One PostgreSQL cluster in a temp dir, on 127.0.0.1:``port``, trusting local connections."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, *, durable: bool = False) -> None:
         self.bin_dir = bin_dir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="bot-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
@@ -125,10 +126,13 @@ class PostgresServer:
             self.port = free_port()
             options = (
                 f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='' "
-                # Durability against the OS crashing is not what the tests check (a killed client
-                # is): no fsync keeps a test's CREATE DATABASE and migrations fast.
-                "-c fsync=off -c full_page_writes=off -c shared_buffers=32MB -c max_connections=300"
+                "-c shared_buffers=32MB -c max_connections=300"
             )
+            if not self.durable:
+                # Durability against the OS crashing is not what the tests check (a killed client
+                # is): no fsync keeps a test's CREATE DATABASE and migrations fast. Benchmarks
+                # measure the real thing (durable=True).
+                options += " -c fsync=off -c full_page_writes=off"
             result = self._run(
                 str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
                 "-t", "30", "-o", options, "start",
