@@ -97,6 +97,10 @@ async def _accept(open_store: OpenStore, n: int, backlog: int, caps: QueueCaps |
                 f"b{i}", ItemKind.INBOUND, f"b{i % 100}", payload, now=now, lease_seconds=60, claim=False
             )
 
+        if isinstance(store, PostgresStore) and backlog:
+            # The statistics autovacuum gathers within a minute of such a backlog building up.
+            await store.transaction("analyze", lambda conn: conn.execute("ANALYZE queue"))
+
         def accept(i: int) -> Awaitable[Any]:
             payload = {"author_id": 1_000_000 + i % users, "guild_id": 100 + i % guilds, "content": "x" * 200}
             return store.accept_with_history(

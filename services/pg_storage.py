@@ -823,12 +823,13 @@ class PostgresStore:
         """
         kind_filter = "" if kind is None else f"AND q.kind = '{ItemKind(kind).value}'"
         order = "q.attempts, q.id" if fewest_attempts_first else "q.id"
-        sql = f"""WITH heads AS (
-                SELECT DISTINCT ON (conversation_key) id, state FROM queue
-                WHERE state IN ('pending', 'claimed') ORDER BY conversation_key, id
-            ), picked AS (
-                SELECT q.id FROM queue AS q JOIN heads AS h ON h.id = q.id
-                WHERE h.state = 'pending' AND q.state = 'pending' AND q.next_attempt_at <= $1 {kind_filter}
+        # A head: a due pending item that is the oldest live item of its conversation (one probe of
+        # the queue_live index each, whatever the statistics say), in order until ``limit`` are found.
+        sql = f"""WITH picked AS (
+                SELECT q.id FROM queue AS q
+                WHERE q.state = 'pending' AND q.next_attempt_at <= $1 {kind_filter}
+                AND q.id = (SELECT o.id FROM queue AS o WHERE o.conversation_key = q.conversation_key
+                            AND o.state IN ('pending', 'claimed') ORDER BY o.id LIMIT 1)
                 ORDER BY {order} LIMIT $2 FOR UPDATE OF q SKIP LOCKED
             )
             UPDATE queue SET state = 'claimed', lease_until = $3, claimed_by = $4
