@@ -27,7 +27,6 @@ from bot.history import MAX_CONVERSATIONS_TOLD
 from bot.incidents import IncidentTracker
 from bot.intake import RECENT_IDS, Intake
 from bot.operations import (
-    HEARTBEAT_SECONDS,
     apply_breaker_overrides,
     follow_other_processes,
     process_state,
@@ -36,6 +35,7 @@ from bot.operations import (
 from bot.routing import FailureRouter
 from resilience.errors import CallTimeoutError, CircuitOpenError
 from resilience.tasks import SupervisedTask, exponential_backoff
+from services.coordination import HEARTBEAT_SECONDS
 from services.http_api import BoundedCache
 from services.storage import StorageError
 
@@ -233,9 +233,13 @@ class GeminiBot(commands.Bot):
         await self.alerter.load()
 
     async def _beat(self) -> None:
-        """Record this process alive, with its mode, breakers and connection (others' /status)."""
+        """Record this process alive, with its mode, breakers and connection (others' /status); the
+        claims of a process that died come back with it, and the drain takes them up at once."""
         running = self.drain.task.state.value in ("running", "sleeping", "backing_off")
-        await self.app.coordination.beat(process_state(self.app, drain_running=running))
+        released = await self.app.coordination.beat(process_state(self.app, drain_running=running))
+        if released:
+            log.info("queue.released_claims_of_gone_process", items=released)
+            self.app.drain_wake()
 
     def owners(self) -> frozenset[int]:
         """The bot's owners: ``ADMIN_USER_IDS``, the ``admins`` file, the application's owners."""

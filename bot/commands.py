@@ -43,7 +43,6 @@ from bot.answering import Answerer
 from bot.health import AVAILABILITY_DAYS, Availability
 from bot.inbound import Inbound, Snowflake, accept
 from bot.operations import (
-    HEARTBEAT_SECONDS,
     OperationError,
     Operations,
     UsageFigures,
@@ -56,6 +55,7 @@ from bot.splitting import DISCORD_LIMIT
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, QueueFullError, classify
+from services.coordination import HEARTBEAT_SECONDS
 from services.discord_io import Upload, allowed_mentions_for
 
 if TYPE_CHECKING:

@@ -88,8 +88,6 @@ LOAD_TEST_MAX_SECONDS = 60.0  # then whatever is still running is cancelled and 
 CIRCUIT_RESET = "circuit_reset"
 QUEUE_DRAIN = "queue_drain"
 LOAD = "load"
-HEARTBEAT_SECONDS = 5.0
-"""How often each process records its state in its row (bot.client); /status reads them."""
 # A process whose heartbeat is older than this many beats is shown as silent in /status.
 SILENT_AFTER_BEATS = 3
 

@@ -21,6 +21,12 @@ from resilience.clock import Clock, SystemClock
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 """Called with a notification's payload (a JSON object; ``origin`` is the sending process's id)."""
 
+HEARTBEAT_SECONDS = 5.0
+"""How often each bot process records itself alive with its state (``beat``)."""
+GONE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
+"""A process that lost its connection and has not beaten for this long is gone: its claims are
+handed to the others (one whose connection merely dropped keeps beating through its pool)."""
+
 MAX_PAYLOAD_BYTES = 7000
 """PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more; notifications carry names and
 versions, never documents, so this is plenty."""
@@ -62,8 +68,9 @@ class Coordination(Protocol):
         """Tell every other process (committed at once, or with the caller's transaction)."""
         ...
 
-    async def beat(self, state: dict[str, Any], *, now: float | None = None) -> None:
-        """Record this process as alive at ``now`` with ``state`` (shown by ``/status``)."""
+    async def beat(self, state: dict[str, Any], *, now: float | None = None) -> int:
+        """Record this process as alive at ``now`` with ``state`` (shown by ``/status``), and hand
+        back to pending the claims of processes that are gone; return how many."""
         ...
 
     async def processes(self) -> list[ProcessRecord]:
@@ -91,9 +98,10 @@ class LocalCoordination:
     async def notify(self, kind: str, payload: dict[str, Any]) -> None:
         """Nobody else to tell."""
 
-    async def beat(self, state: dict[str, Any], *, now: float | None = None) -> None:
+    async def beat(self, state: dict[str, Any], *, now: float | None = None) -> int:
         self._beat_at = self._clock.time() if now is None else now
         self._state = dict(state)
+        return 0  # no other process whose claims could be left
 
     async def processes(self) -> list[ProcessRecord]:
         return [

@@ -13,8 +13,8 @@ means across processes:
 - Claims take due heads of conversations with ``SELECT ... FOR UPDATE SKIP LOCKED`` and a lease:
   two processes never claim one item, and neither waits for the other. A claim whose lease ran out
   (its holder died or hung) goes back to pending at the next claim in any process. A process's
-  claims also name it (``claimed_by``); ``release_claims`` at start-up hands back at once those of
-  processes that are gone, and never those of a live one.
+  claims also name it (``claimed_by``); ``release_claims`` at start-up, and every heartbeat of every
+  process, hand back those of processes that are gone, never those of a live one.
 - A process is alive while its session connection holds the advisory lock (PROCESS_LOCK, its id):
   PostgreSQL releases it when the connection ends, kill -9 included. The same connection LISTENs
   for the other processes' notifications (``services.coordination``).
@@ -50,7 +50,13 @@ import structlog
 from resilience.clock import Clock, SystemClock
 from resilience.degradation import ItemKind, ItemState, QueueCaps, QueueItem, QueueStats
 from resilience.errors import CallTimeoutError, QueueFullError
-from services.coordination import MAX_PAYLOAD_BYTES, Handler, ProcessRecord, default_process_name
+from services.coordination import (
+    GONE_AFTER_SECONDS,
+    MAX_PAYLOAD_BYTES,
+    Handler,
+    ProcessRecord,
+    default_process_name,
+)
 from services.storage import (
     AVAILABILITY_WITHIN,
     CLAIM_RELEASED,
@@ -122,6 +128,16 @@ _ALIVE_SQL = (
 )
 # A process id as the second int4 key of its lock.
 _LOCK_KEY = 2_147_483_647
+# Claims whose holder is gone: none named, a process row since deleted, or a process that no longer
+# holds its lock and either stopped or has not beaten since $2 (a process whose session merely
+# dropped still beats through its pool, and keeps its claims). Their items go back to pending.
+_RELEASE_GONE_SQL = f"""UPDATE queue SET state = 'pending', lease_until = NULL, claimed_by = NULL,
+        last_error = $1
+    WHERE id IN (SELECT q.id FROM queue AS q WHERE q.state = 'claimed' AND (q.claimed_by IS NULL
+        OR NOT EXISTS (SELECT 1 FROM processes AS p WHERE p.id = q.claimed_by)
+        OR q.claimed_by IN (SELECT p.id FROM processes AS p WHERE (p.id % {_LOCK_KEY}) NOT IN ({_ALIVE_SQL})
+            AND (p.stopped_at IS NOT NULL OR p.beat_at < $2)))
+        FOR UPDATE OF q SKIP LOCKED)"""
 
 _ACCEPT_SQL = f"""INSERT INTO queue (kind, conversation_key, payload, author_id, guild_id, notice, state,
         attempts, created_at, next_attempt_at, lease_until, claimed_by, dedup_key)
@@ -1099,18 +1115,14 @@ class PostgresStore:
         return await self._set_state("update_payload", item_id, ", ".join(sets), tuple(args))
 
     async def release_claims(self) -> int:
-        """Return to pending every claim whose holder is gone (no live process holds its lock, or it
-        names none). Claims of live processes, this one included, are left alone: their leases
-        cover them. Each is marked ``CLAIM_RELEASED`` (``claim_abandoned``)."""
+        """Return to pending every claim whose holder is gone: it stopped, or it lost its connection
+        (its lock) and has not beaten for ``GONE_AFTER_SECONDS``. Claims of live processes, this one
+        included, are left alone: their leases cover them. Each is marked ``CLAIM_RELEASED``
+        (``claim_abandoned``). The heartbeat (``beat``) does the same every few seconds."""
 
         async def body(conn: asyncpg.Connection) -> int:
-            status = await conn.execute(
-                "UPDATE queue SET state = 'pending', lease_until = NULL, claimed_by = NULL, last_error = $1 "
-                "WHERE id IN (SELECT id FROM queue WHERE state = 'claimed' AND (claimed_by IS NULL OR "
-                f"(claimed_by % {_LOCK_KEY}) NOT IN ({_ALIVE_SQL})) FOR UPDATE SKIP LOCKED)",
-                CLAIM_RELEASED,
-            )
-            return _status_count(status)
+            cutoff = self._clock.time() - GONE_AFTER_SECONDS
+            return _status_count(await conn.execute(_RELEASE_GONE_SQL, CLAIM_RELEASED, cutoff))
 
         return await self._run("release_claims", body)
 
@@ -1535,25 +1547,29 @@ class PostgresStore:
                     log.error("storage.notification_handler_failed", kind=message.get("kind"),
                               error=repr(exc), exc_info=exc)
 
-    async def beat(self, state: dict[str, Any], *, now: float | None = None) -> None:
-        """Record this process alive at ``now`` with ``state``; forget processes gone for an hour."""
+    async def beat(self, state: dict[str, Any], *, now: float | None = None) -> int:
+        """Record this process alive at ``now`` with ``state``; hand back the claims of processes
+        that are gone (see ``release_claims``) and return how many; forget processes gone for an
+        hour."""
         if self._process_id is None:
-            return
+            return 0
         stamp = self._now(now)
         encoded = json.dumps(state, separators=(",", ":"), default=str)
 
-        async def body(conn: asyncpg.Connection) -> None:
+        async def body(conn: asyncpg.Connection) -> int:
             await conn.execute(
                 "UPDATE processes SET beat_at = $2, state = $3::jsonb WHERE id = $1",
                 self._process_id, stamp, encoded,
             )
+            released = await conn.execute(_RELEASE_GONE_SQL, CLAIM_RELEASED, stamp - GONE_AFTER_SECONDS)
             await conn.execute(
                 f"DELETE FROM processes WHERE beat_at < $1 AND id <> $2 "
                 f"AND (id % {_LOCK_KEY}) NOT IN ({_ALIVE_SQL})",
                 stamp - PROCESS_KEEP_SECONDS, self._process_id,
             )
+            return _status_count(released)
 
-        await self._run("beat", body)
+        return await self._run("beat", body)
 
     async def processes(self) -> list[ProcessRecord]:
         """Every process of the last hour (alive, stopped or dead), oldest first."""

@@ -22,6 +22,7 @@ import pytest
 
 from resilience.degradation import ItemKind, ItemState, QueueCaps
 from resilience.errors import Category, QueueFullError, classify
+from services.coordination import GONE_AFTER_SECONDS
 from services.pg_storage import (
     CONVERSATION_LOCK,
     MIGRATIONS_DIR,
@@ -163,6 +164,52 @@ async def test_a_killed_process_loses_its_lease_and_another_picks_its_item_up_af
     finally:
         if child.is_alive():
             child.kill()
+
+
+async def test_a_killed_process_is_gone_after_three_missed_heartbeats_and_its_item_comes_back(
+    pg_url: str,
+) -> None:
+    """The heartbeat of any live process hands back the claims of one that lost its connection and
+    stopped beating, well before their lease would run out."""
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_claim_and_die, args=(pg_url, ready))
+    child.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, 10)
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        await asyncio.to_thread(child.join, 5)
+        async with PostgresStore(pg_url) as other:
+            now = time.time()
+            assert await other.beat({}, now=now) == 0  # it beat at its start: not gone yet
+            assert await other.beat({}, now=now + GONE_AFTER_SECONDS + 1) == 1
+            [item] = await other.claim(now=T0, lease_seconds=LEASE)  # long before its lease ends
+            assert item.last_error == CLAIM_RELEASED and claim_abandoned(item)
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+async def test_a_process_whose_session_dropped_but_still_beats_keeps_its_claims(pg_url: str) -> None:
+    async with PostgresStore(pg_url) as blip, PostgresStore(pg_url) as other:
+        await accept(blip, 1)
+        watcher = blip._watcher
+        assert watcher is not None and blip._session is not None
+        watcher.cancel()  # it would open the session again at once: hold it lost for the test
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute("SELECT pg_terminate_backend($1)", blip._session.get_server_pid())
+        finally:
+            await conn.close()
+        for _ in range(100):
+            if [p.alive for p in await other.processes()] == [False, True]:
+                break
+            await asyncio.sleep(0.02)
+        now = time.time()
+        await blip.beat({}, now=now + 100)  # it still works and beats, through its pool
+        assert await other.beat({}, now=now + 100 + GONE_AFTER_SECONDS - 1) == 0
+        assert await other.release_claims() == 0
+        assert await other.beat({}, now=now + 100 + GONE_AFTER_SECONDS + 1) == 1  # then it stops beating
 
 
 async def test_one_message_accepted_by_two_processes_at_once_is_accepted_once(pg_url: str) -> None:
