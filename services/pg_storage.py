@@ -387,6 +387,7 @@ class PostgresStore:
         try:
             await self._migrate(pool)
             self._pool = pool
+            self._process_id = None  # a start after a stop is another process, with a row of its own
             if self.register:
                 await self._open_session()
                 self._consumer = asyncio.create_task(self._consume(), name="pg-notifications")

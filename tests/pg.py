@@ -51,6 +51,7 @@ MISSING = (
     "run against a real PostgreSQL and are never skipped"
 )
 USER = "bot"
+ROOT_PREFIX = "bot-pg-"  # then the pid of the test process that started the server
 TEMPLATE = "bot_template"
 SHARED = "bot_test"
 
@@ -87,7 +88,7 @@ class PostgresServer:
     def __init__(self, bin_dir: Path, *, durable: bool = False) -> None:
         self.bin_dir = bin_dir
         self.durable = durable
-        self.root = Path(tempfile.mkdtemp(prefix="bot-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.port = 0
@@ -293,6 +294,29 @@ _server: PostgresServer | None = None
 _server_error: str | None = None
 
 
+def stop_abandoned(bin_dir: Path) -> None:
+    """Stop the servers of test processes that died without stopping them (a killed run), and
+    delete their directories: pg_ctl starts the server as a daemon, so it outlives a SIGKILL."""
+    for root in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*-*"):
+        try:
+            owner = int(root.name[len(ROOT_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(owner, 0)
+            continue  # still running (another xdist worker, another session)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        runner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(
+            [*runner, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+            capture_output=True, timeout=30, check=False,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def server() -> PostgresServer:
     """The session's server, started on first use; ``pytest.fail`` with one sentence if it cannot be."""
     global _server, _server_error
@@ -301,6 +325,7 @@ def server() -> PostgresServer:
         if bin_dir is None:
             _server_error = MISSING
         else:
+            stop_abandoned(bin_dir)
             candidate = PostgresServer(bin_dir)
             try:
                 candidate.start()
