@@ -22,6 +22,7 @@ from bot.runner import serve
 from services.config import Config, ConfigError, load_config
 from services.gemini import MODEL_CHECK_TIMEOUT, check_configured_models
 from services.logging import configure_logging
+from services.pg_storage import DatabaseUnavailableError, describe_url, migration_files, probe
 
 
 def load_or_report(args: argparse.Namespace) -> Config | None:
@@ -47,11 +48,41 @@ def check(args: argparse.Namespace) -> int:
         print(f"  {name.ljust(width)} = {value}")
     for warning in config.warnings:
         print(f"warning: {warning}")
-    if not check_models(config):
+    models_ok = check_models(config)
+    database_ok = check_database(config)
+    if not (models_ok and database_ok):
         print("Configuration has problems: see the errors above.", file=sys.stderr)
         return 1
     print("Configuration OK.")
     return 0
+
+
+def check_database(config: Config) -> bool:
+    """With ``DATABASE_URL``: whether PostgreSQL answers and its schema is one this build can use;
+    False only for a schema of a newer bot. Not reaching it is a warning (it may be down now)."""
+    if not config.database_url:
+        print("Storage: SQLite in DATA_DIR")
+        return True
+    where = describe_url(config.database_url)
+    supported = len(migration_files())
+    try:
+        found = asyncio.run(probe(config.database_url))
+    except DatabaseUnavailableError as exc:
+        print(f"warning: DATABASE_URL: {exc}")
+        return True
+    if found is None:
+        print(f"Storage: PostgreSQL at {where}, empty: the bot creates its tables (schema {supported})")
+    elif found > supported:
+        print(
+            f"error: DATABASE_URL: {where} has schema version {found}, this build supports up to "
+            f"{supported}; upgrade the bot or restore an older database",
+            file=sys.stderr,
+        )
+        return False
+    else:
+        note = "" if found == supported else f" (migrated to {supported} at the next start)"
+        print(f"Storage: PostgreSQL at {where}, schema version {found}{note}")
+    return True
 
 
 def check_models(config: Config) -> bool:

@@ -295,6 +295,25 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
     return found
 
 
+async def probe(url: str, *, within: float = 5.0) -> int | None:
+    """The schema version of the database at ``url`` (None: the bot has not created its tables
+    yet), without changing anything; ``DatabaseUnavailableError`` when it cannot be reached."""
+    try:
+        async with asyncio.timeout(within):
+            conn = await asyncpg.connect(url)
+            try:
+                exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+                if not exists:
+                    return None
+                return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+            finally:
+                await conn.close()
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise DatabaseUnavailableError(
+            f"cannot reach PostgreSQL at {describe_url(url)}: {type(exc).__name__}: {exc}"[:500]
+        ) from exc
+
+
 Body = Callable[[asyncpg.Connection], Awaitable[T]]
 
 
