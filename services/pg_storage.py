@@ -321,7 +321,8 @@ class PostgresStore:
     """The bot's storage on PostgreSQL (see the module docstring); ``Storage`` and ``Coordination``.
 
     A registry service (``name``, ``depends_on``, ``start``, ``stop``, ``health``). ``register``
-    False (the migration tool, benchmarks) takes no process row: its claims name no holder.
+    False (the migration tool, benchmarks) takes no process row and listens to nothing: its claims
+    name no holder, so any process's heartbeat hands them back.
     """
 
     name = "storage"
