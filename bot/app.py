@@ -28,13 +28,16 @@ from resilience.registry import Service, ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.config import Config
-from services.datastore import DataStore, DataStoreService
+from services.coordination import Coordination, LocalCoordination
+from services.datastore import DataStore, DataStoreService, PgDataStore, SharedState, SharedStateService
 from services.discord_io import DiscordIO
 from services.gemini import GeminiService, model_breaker_name
 from services.http_api import BoundedCache, HealthSources, HttpApi, LatencyWindow
 from services.metrics import Metrics
 from services.otel import OtelTracing
+from services.pg_storage import PostgresStore
 from services.storage import SqliteStore
+from services.storage_protocol import Storage
 
 SANDBOX_GEMINI_KEY = "sandbox-key"
 
@@ -50,9 +53,9 @@ class Application:
     mutex: KeyedMutex
     degradation: DegradationState
     traces: TraceCollector
-    store: DataStore
-    datastore: DataStoreService
-    storage: SqliteStore
+    store: SharedState
+    datastore: SharedStateService
+    storage: Storage
     gemini: GeminiService
     discord_io: DiscordIO
     ratelimiter: RateLimiter
@@ -63,6 +66,8 @@ class Application:
     queue_caps: QueueCaps
     usage: UsageLedger
     settings: SettingsCache
+    # Other processes on the same database (PostgreSQL), or none (SQLite: LocalCoordination).
+    coordination: Coordination = field(default_factory=LocalCoordination)
     client: discord.Client | None = None
     drain_waker: Callable[[], None] | None = None
     # Set by an operator shedding load (Operations.load_shed): new messages are saved and
@@ -181,20 +186,41 @@ def build_application(
     )
 
     data_dir = config.data_dir
-    store = DataStore(
-        data_dir, keep_backups=config.backup_keep, clock=clock, on_event=metrics.datastore_event
-    )
-    datastore = DataStoreService(store, breaker=storage_breaker)
-    storage = SqliteStore(
-        data_dir / "bot.sqlite3",
-        history_max_messages=config.history_max_messages,
-        history_max_chars=config.history_max_chars,
-        # WAL + NORMAL: a commit survives kill -9 of the bot (the promise); only an OS crash or
-        # power loss can lose the last commits. FULL costs an fsync per commit on the hot path.
-        synchronous="NORMAL",
-        clock=clock,
-        breaker=storage_breaker,
-    )
+    store: SharedState
+    datastore: SharedStateService
+    storage: Storage
+    coordination: Coordination
+    if config.database_url:
+        # PostgreSQL: the queue, history and shared state of every process on that database; the
+        # processes hear of each other's operator actions and changes (services.coordination).
+        postgres = PostgresStore(
+            config.database_url,
+            history_max_messages=config.history_max_messages,
+            history_max_chars=config.history_max_chars,
+            pool_size=config.database_pool_size,
+            clock=clock,
+            breaker=storage_breaker,
+        )
+        shared = PgDataStore(
+            postgres, data_dir, keep_history=config.backup_keep, clock=clock, on_event=metrics.datastore_event
+        )
+        storage, coordination, store, datastore = postgres, postgres, shared, shared
+    else:
+        files = DataStore(
+            data_dir, keep_backups=config.backup_keep, clock=clock, on_event=metrics.datastore_event
+        )
+        store, datastore = files, DataStoreService(files, breaker=storage_breaker)
+        storage = SqliteStore(
+            data_dir / "bot.sqlite3",
+            history_max_messages=config.history_max_messages,
+            history_max_chars=config.history_max_chars,
+            # WAL + NORMAL: a commit survives kill -9 of the bot (the promise); only an OS crash or
+            # power loss can lose the last commits. FULL costs an fsync per commit on the hot path.
+            synchronous="NORMAL",
+            clock=clock,
+            breaker=storage_breaker,
+        )
+        coordination = LocalCoordination(clock=clock)
     retry = RetryPolicy(
         "gemini",
         max_attempts=config.retry_max_attempts,
@@ -293,6 +319,7 @@ def build_application(
         ),
         usage=usage,
         settings=SettingsCache(config),
+        coordination=coordination,
     )
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected

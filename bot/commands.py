@@ -51,6 +51,8 @@ from bot.operations import (
     SettingsView,
     UsageFigures,
     UsageReport,
+    describe_processes,
+    process_rows,
 )
 from bot.routing import FailureRouter
 from bot.settings import DEFAULT, SERVER, scope_chain
@@ -59,6 +61,7 @@ from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, QueueFullError, classify
 from services.config import SAFETY_THRESHOLDS
+from services.coordination import HEARTBEAT_SECONDS
 from services.datastore import MAX_PERSONA_CHARS
 from services.discord_io import Upload, allowed_mentions_for
 from services.gemini import model_breaker_name
@@ -411,8 +414,9 @@ class SlashCommands:
 
     async def status_embed(self, guild_id: int | None = None, *, availability: bool = False) -> discord.Embed:
         """Mode (and guild ``guild_id``'s own maintenance), each breaker's state and time in it, queue
-        depth and oldest age, recent latency; with ``availability`` (for the bot's owners) the share of
-        messages answered within 30 s against the objective and the error budget left."""
+        depth and oldest age, every process sharing the database (when there are others), recent
+        latency; with ``availability`` (for the bot's owners) the share of messages answered within
+        30 s against the objective and the error budget left."""
         app = self.app
         now = app.clock.time()
         mode = app.degradation.snapshot()
@@ -450,10 +454,25 @@ class SlashCommands:
         if dead:
             queue += f"; {dead} dead-lettered"
         embed.add_field(name="Queue", value=queue, inline=False)
+        processes = await self._processes()
+        if processes is not None:
+            embed.add_field(name="Processes", value=processes[:1024], inline=False)
         embed.add_field(name="Latency", value=self._latency(), inline=False)
         if availability:
             embed.add_field(name="Availability (owners)", value=await self._availability(now), inline=False)
         return embed
+
+    async def _processes(self) -> str | None:
+        """Each process sharing the database, from its heartbeat; None when this one is alone."""
+        try:
+            rows = await process_rows(self.app)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return f"unknown: storage unreadable ({classify(exc).category.value})"
+        if all(row["this"] for row in rows):
+            return None
+        return describe_processes(rows, HEARTBEAT_SECONDS)
 
     async def _availability(self, now: float) -> str:
         slo = self.app.config.availability_slo

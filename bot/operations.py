@@ -19,6 +19,13 @@ message's content.
 Breakers an operator opens are written to the DataStore ``breakers`` file so they stay open
 across a restart; ``apply_breaker_overrides(app)`` re-applies them at start-up.
 
+Several processes on one PostgreSQL database (``DATABASE_URL``) act as one bot: an action taken in
+one reaches the others at once. What is kept in the shared state (maintenance, a guild's settings,
+an opened breaker) travels with the state's own change notification; what is not (a breaker reset,
+a drain wake-up, load shedding) is sent as a notification of its own (``services.coordination``).
+``follow_other_processes(app)`` makes a process act on both; ``processes()`` lists every process
+from its heartbeat (``/status``).
+
 Most actions are bot-wide (the bot's owners run them). The ``guild_*`` actions change one
 guild only, named by ``guild_id``: its own maintenance mode, its chat channels, the tools
 Google runs for its answers and its settings (``guild_setting_set``/``reset``/``guild_settings_show``,
@@ -54,6 +61,7 @@ from resilience.context import TraceRecord
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode, QueueItem
 from resilience.errors import classify
 from resilience.mutex import LockStatus
+from services.coordination import ProcessRecord
 from services.datastore import DataStoreValidationError
 from services.storage import UsageRow, UsageTotals, usage_day
 
@@ -86,6 +94,12 @@ MAX_LIST = 200  # traces or error groups one view lists at most
 LOAD_TEST_MAX_REQUESTS = 500
 LOAD_TEST_MAX_CONCURRENCY = 20
 LOAD_TEST_MAX_SECONDS = 60.0  # then whatever is still running is cancelled and counted unfinished
+# Notifications of actions the shared state does not carry (services.coordination kinds).
+CIRCUIT_RESET = "circuit_reset"
+QUEUE_DRAIN = "queue_drain"
+LOAD = "load"
+# A process whose heartbeat is older than this many beats is shown as silent in /status.
+SILENT_AFTER_BEATS = 3
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -491,6 +505,21 @@ class LoadStatus(TypedDict):
     changed_at: float | None
 
 
+class ProcessRow(TypedDict):
+    """One bot process on the database: ``alive`` it holds its connection (a dead one is shown for an
+    hour); ``this`` the process answering; ``beat_age`` seconds since its last heartbeat; ``state``
+    what that heartbeat said (mode, breakers not closed, Discord connected)."""
+
+    id: int
+    name: str
+    alive: bool
+    this: bool
+    started_at: float
+    beat_age: float
+    stopped_at: float | None
+    state: dict[str, Any]
+
+
 class LoadTest(TypedDict):
     """A synthetic load of Gemini test prompts: ``ok`` answered, ``errors`` not (by category in
     ``errors_by_category``; ``unfinished`` still running at ``max_seconds``), ``latency`` seconds,
@@ -570,6 +599,7 @@ class Operations:
             await self.app.datastore.update("breakers", drop)
         rescheduled = await self._make_due({WAITS_ON[n] for n in names if n in WAITS_ON})
         self.app.drain_wake()
+        await self._tell_others(CIRCUIT_RESET, {"names": names})
         _log("circuit_reset", by, target=name, reset=names, overrides_removed=removed, made_due=rescheduled)
         return CircuitReset(reset=names, overrides_removed=removed)
 
@@ -1019,6 +1049,7 @@ class Operations:
         stats = await app.storage.stats(now=app.clock.time())
         woken = app.drain_waker is not None  # the drain is attached only when a bot runs
         app.drain_wake()
+        await self._tell_others(QUEUE_DRAIN, {})
         blocked = [b.name for b in app.board if b.name in ("gemini", "discord.send") and not b.would_admit()]
         result = QueueDrain(
             woken=woken,
@@ -1193,6 +1224,7 @@ class Operations:
             self.app.queue_new_messages = queue_new_messages
         self._load_changed_at = self.app.clock.time()
         result = self._load_status()
+        await self._tell_load()
         _log("load_shed", by, user_per_minute=result["user_per_minute"],
              guild_per_minute=result["guild_per_minute"], queue_new_messages=result["queue_new_messages"])
         return result
@@ -1204,6 +1236,7 @@ class Operations:
         self.app.queue_new_messages = False
         self._load_changed_at = self.app.clock.time()
         result = self._load_status()
+        await self._tell_load()
         _log("load_restore", by, user_per_minute=result["user_per_minute"],
              guild_per_minute=result["guild_per_minute"])
         return result
@@ -1380,6 +1413,35 @@ class Operations:
         _log("incidents", by, open=len(report.get("open", [])), stored=report.get("stored"))
         return report
 
+    # -- the other processes ---------------------------------------------------------------------------
+
+    async def processes(self, *, by: str | None = None) -> list[ProcessRow]:
+        """Every bot process on the database (this one only, on SQLite), oldest first."""
+        rows = await process_rows(self.app)
+        _log("processes", by, processes=len(rows), alive=sum(r["alive"] for r in rows))
+        return rows
+
+    async def _tell_others(self, kind: str, payload: dict[str, Any]) -> None:
+        """Send ``kind`` to the other processes; the action here is done already, so a failure to
+        tell them is logged, not raised (they act on their own next start, or on the next action)."""
+        try:
+            await self.app.coordination.notify(kind, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("admin.tell_others_failed", kind=kind, category=classify(exc).category.value)
+
+    async def _tell_load(self) -> None:
+        status = self.app.ratelimiter.status()
+        await self._tell_others(
+            LOAD,
+            {
+                "user_per_minute": status["per_user"],
+                "guild_per_minute": status["per_guild"],
+                "queue_new_messages": self.app.queue_new_messages,
+            },
+        )
+
     # -- helpers --------------------------------------------------------------------------------------
 
     def _breaker_name(self, name: str, *, allow_all: bool) -> str:
@@ -1449,6 +1511,120 @@ async def apply_breaker_overrides(app: Application) -> list[str]:
     if opened or expired:
         log.info("admin.breaker_overrides_applied", opened=opened, expired=expired)
     return opened
+
+
+def follow_breaker_overrides(app: Application) -> list[str]:
+    """Open the breakers the shared ``breakers`` state holds open (another process's operator opened
+    them) that are not open here; return their names. Writes nothing."""
+    now = app.clock.time()
+    opened = []
+    overrides = (app.store.cached("breakers") or {}).get("overrides", {})
+    for name, entry in _active_overrides(overrides, now).items():
+        if name not in app.board:
+            continue
+        snap = app.board[name].snapshot()
+        if snap.state.value == "open" and snap.forced_reason == (entry.get("reason") or "forced open"):
+            continue  # held open here already (this process opened it, or heard of it before)
+        until = entry.get("until")
+        app.board[name].force_open(HOLD_SECONDS if until is None else until - now, entry.get("reason", ""))
+        opened.append(name)
+    return opened
+
+
+def follow_other_processes(app: Application) -> None:
+    """Act on what other processes' operators do: their changes to the shared state (maintenance, a
+    guild's settings, owners, opened breakers) and their notifications (a breaker reset, a drain
+    wake-up, load shedding). Nothing happens on SQLite, where no other process exists."""
+
+    async def state_changed(name: str) -> None:
+        if name == "breakers":
+            opened = follow_breaker_overrides(app)
+            log.info("admin.followed", state=name, opened=opened)
+            return
+        app.reload_settings()
+        app.drain_wake()  # maintenance may have ended (bot-wide or a guild's): its queue may go now
+        log.info("admin.followed", state=name, mode=str(app.degradation.mode))
+
+    async def circuit_reset(payload: dict[str, Any]) -> None:
+        names = [n for n in payload.get("names") or [] if isinstance(n, str) and n in app.board]
+        for name in names:
+            app.board[name].reset()
+        app.drain_wake()
+        log.info("admin.followed", action=CIRCUIT_RESET, reset=names, origin=payload.get("origin"))
+
+    async def queue_drain(payload: dict[str, Any]) -> None:
+        app.drain_wake()
+        log.info("admin.followed", action=QUEUE_DRAIN, origin=payload.get("origin"))
+
+    async def load(payload: dict[str, Any]) -> None:
+        limiter = app.ratelimiter
+        current = limiter.status()
+        per_user, per_guild = payload.get("user_per_minute"), payload.get("guild_per_minute")
+        limiter.set_limits(
+            per_user if isinstance(per_user, int) else current["per_user"],
+            per_guild if isinstance(per_guild, int) else current["per_guild"],
+        )
+        if isinstance(payload.get("queue_new_messages"), bool):
+            app.queue_new_messages = payload["queue_new_messages"]
+        log.info("admin.followed", action=LOAD, origin=payload.get("origin"))
+
+    app.datastore.add_listener(state_changed)
+    app.coordination.subscribe(CIRCUIT_RESET, circuit_reset)
+    app.coordination.subscribe(QUEUE_DRAIN, queue_drain)
+    app.coordination.subscribe(LOAD, load)
+
+
+def process_state(app: Application, *, drain_running: bool) -> dict[str, Any]:
+    """What this process's heartbeat records for the others' ``/status``."""
+    snap = app.degradation.snapshot()
+    return {
+        "mode": snap.mode.value,
+        "reason": snap.reason,
+        "breakers": {b.name: b.state.value for b in app.board.snapshot()},
+        "discord": app.discord_connected(),
+        "drain": drain_running,
+        "queue_new_messages": app.queue_new_messages,
+    }
+
+
+async def process_rows(app: Application) -> list[ProcessRow]:
+    """Every process on the database from its heartbeat (this one only, on SQLite), oldest first."""
+    now = app.clock.time()
+    return [_process_row(p, now) for p in await app.coordination.processes()]
+
+
+def _process_row(process: ProcessRecord, now: float) -> ProcessRow:
+    return ProcessRow(
+        id=process.id,
+        name=process.name,
+        alive=process.alive,
+        this=process.this,
+        started_at=process.started_at,
+        beat_age=round(max(0.0, now - process.beat_at), 3),
+        stopped_at=process.stopped_at,
+        state=process.state,
+    )
+
+
+def describe_processes(rows: list[ProcessRow], heartbeat: float) -> str:
+    """One line per process for ``/status``: its name, what its last heartbeat said, how old that is."""
+    lines = []
+    for row in rows:
+        name = row["name"] + (" (this one)" if row["this"] else "")
+        if not row["alive"]:
+            lines.append(f"{name}: gone" + (" (stopped)" if row["stopped_at"] is not None else " (died)"))
+            continue
+        state = row["state"]
+        parts = [str(state.get("mode", "starting"))]
+        not_closed = [f"{n} {s}" for n, s in (state.get("breakers") or {}).items() if s != "closed"]
+        if not_closed:
+            parts.append(", ".join(not_closed))
+        if state.get("discord") is False:
+            parts.append("Discord not connected")
+        age = row["beat_age"]
+        silent = " (silent)" if age > SILENT_AFTER_BEATS * heartbeat else ""
+        lines.append(f"{name}: {'; '.join(parts)}; heartbeat {age:.0f} s ago{silent}")
+    return "\n".join(lines)
 
 
 def _active_overrides(overrides: dict[str, dict[str, Any]], now: float) -> dict[str, dict[str, Any]]:

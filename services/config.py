@@ -142,6 +142,10 @@ class Config:
     queue_max_pending_per_guild: int = 50
     queue_retention_seconds: float = 7 * 86400.0
     history_retention_seconds: float = 30 * 86400.0
+    # PostgreSQL instead of SQLite and the JSON files (several processes on one database); a secret:
+    # the URL may hold a password.
+    database_url: str | None = field(default=None, repr=False)
+    database_pool_size: int = 10
     # Attachments (bot/attachments.py)
     attachment_max_file_bytes: int = 8 * 1024 * 1024
     attachment_max_message_bytes: int = 20 * 1024 * 1024
@@ -204,8 +208,11 @@ class Config:
         return "live" if self.gemini_api_key else "sandbox"
 
     def secrets(self) -> tuple[str, ...]:
-        """The secret values that are set, for the log redactor."""
-        values = (getattr(self, name) for name in SECRET_FIELDS)
+        """The secret values that are set, for the log redactor (a database URL's password also on
+        its own: a driver's message may quote it without the rest of the URL)."""
+        values = [getattr(self, name) for name in SECRET_FIELDS]
+        if self.database_url:
+            values.append(urlsplit(self.database_url).password)
         return tuple(v for v in values if v)
 
     def redacted(self) -> dict[str, str]:
@@ -223,7 +230,9 @@ class Config:
         return out
 
 
-SECRET_FIELDS = frozenset({"discord_token", "gemini_api_key", "admin_api_token", "alert_webhook_url"})
+SECRET_FIELDS = frozenset(
+    {"discord_token", "gemini_api_key", "admin_api_token", "alert_webhook_url", "database_url"}
+)
 
 # An incoming webhook's URL: .../api[/v10]/webhooks/<id>/<token> (Discord > channel settings >
 # Integrations > Webhooks > Copy Webhook URL). The token is a secret.
@@ -415,6 +424,25 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _database_url(text: str) -> str:
+    # The messages never show the value: it may hold a password.
+    parts = urlsplit(text)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise _Invalid(
+            "is not a postgresql:// URL",
+            "write postgresql://USER:PASSWORD@HOST:PORT/DATABASE (leave it empty for SQLite in DATA_DIR)",
+        )
+    if not parts.path.strip("/"):
+        raise _Invalid(
+            "names no database", "end it with the database's name: postgresql://USER@HOST:PORT/DATABASE"
+        )
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        raise _Invalid("has a port that is not a number", "write the port as digits, e.g. :5432") from None
+    return text
+
+
 def _host(text: str) -> str:
     if any(c.isspace() for c in text) or "/" in text:
         raise _Invalid(f"{text!r} is not a host name or IP address", "use e.g. 127.0.0.1")
@@ -470,6 +498,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_max_pending_per_guild": _Number(int, 1, 1_000_000),
     "queue_retention_seconds": _Number(float, 0, 3650 * 86400),
     "history_retention_seconds": _Number(float, 3600, 3650 * 86400),
+    "database_url": _database_url,
+    # Connections each process keeps to PostgreSQL (besides one for notifications): mind the
+    # server's max_connections (100 by default) across all processes.
+    "database_pool_size": _Number(int, 2, 100),
     # Discord's own upload limit is 10 MiB (500 MiB with Nitro); Gemini takes up to 2 GB per file.
     "attachment_max_file_bytes": _Number(int, 1, 2 * 1024**3),
     "attachment_max_message_bytes": _Number(int, 1, 20 * 1024**3),

@@ -1,4 +1,5 @@
-"""SqliteStore: who said each turn, reply branches of a conversation, and forgetting them (migration 6)."""
+"""Both backends: who said each turn, reply branches of a conversation, and forgetting them
+(SQLite's migration 6, PostgreSQL's version 3)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,22 @@ from pathlib import Path
 import pytest
 
 from services.storage import MIGRATIONS, SqliteStore
+from tests.services.conftest import OpenStore, Store
 
 NOW = 1_700_000_000.0
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    """A started store keeping at most 6 turns per conversation."""
-    s = SqliteStore(tmp_path / "bot.sqlite3", history_max_messages=6, history_max_chars=10_000)
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    """A started store (SQLite, then PostgreSQL) keeping at most 6 turns per conversation."""
+    s = open_store(history_max_messages=6, history_max_chars=10_000)
     await s.start()
     yield s
     await s.stop()
 
 
 async def exchange(
-    store: SqliteStore, key: str, question: int, text: str, speaker: str | None = None
+    store: Store, key: str, question: int, text: str, speaker: str | None = None
 ) -> None:
     await store.append_turns(
         key, [("user", text, question, speaker), ("model", f"answer to {text}", None)], now=NOW
@@ -31,7 +33,7 @@ async def exchange(
 
 
 async def test_a_user_turn_keeps_its_speaker_and_older_three_part_turns_still_work(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     await exchange(store, "c", 1, "hi", "Bob (<@2>)")
     await store.append_turns("c", [("user", "plain", 3), ("model", "ok", None)], now=NOW)
@@ -44,7 +46,7 @@ async def test_a_user_turn_keeps_its_speaker_and_older_three_part_turns_still_wo
     ]
 
 
-async def test_a_reply_to_the_latest_answer_continues_its_conversation(store: SqliteStore) -> None:
+async def test_a_reply_to_the_latest_answer_continues_its_conversation(store: Store) -> None:
     await exchange(store, "c", 1, "first")
     await exchange(store, "c", 2, "second")
     assert await store.branch(2, "c:9") == "c"
@@ -52,7 +54,7 @@ async def test_a_reply_to_the_latest_answer_continues_its_conversation(store: Sq
 
 
 async def test_a_reply_to_an_earlier_answer_starts_a_branch_with_the_conversation_up_to_it(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     for n in range(1, 4):
         await exchange(store, "c", n, f"q{n}")
@@ -70,7 +72,7 @@ async def test_a_reply_to_an_earlier_answer_starts_a_branch_with_the_conversatio
     assert [t.text for t in await store.history("c:12")] == ["q1", "answer to q1"]
 
 
-async def test_a_branch_copies_at_most_the_history_bound(store: SqliteStore) -> None:
+async def test_a_branch_copies_at_most_the_history_bound(store: Store) -> None:
     for n in range(1, 6):  # the conversation keeps its newest 6 turns: q3..q5
         await exchange(store, "c", n, f"q{n}")
     assert await store.branch(1, "c:20") is None  # pruned with its turns
@@ -78,7 +80,7 @@ async def test_a_branch_copies_at_most_the_history_bound(store: SqliteStore) -> 
     assert [t.text for t in await store.history("c:20")] == ["q3", "answer to q3", "q4", "answer to q4"]
 
 
-async def test_forgetting_a_channel_with_its_branches_leaves_other_channels_alone(store: SqliteStore) -> None:
+async def test_forgetting_a_channel_with_its_branches_leaves_other_channels_alone(store: Store) -> None:
     for n, key in enumerate(("5", "5:1", "5:2", "50", "50:1", "6")):
         await exchange(store, key, n, "x")
     assert await store.forget("5") == 2
