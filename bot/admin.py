@@ -413,6 +413,8 @@ def format_guild_tools(status: GuildTools) -> str:
     head = "Tools Google runs for my answers in this server"
     if not any(status["tools"].values()):
         head += " (all off; each costs Gemini quota when on)"
+    # Search grounding is also a /settings setting: the same switch for the server, and per place.
+    head += "; Search grounding may differ per channel, forum, category or thread (`/settings set grounding`)"
     return head + ":\n" + "\n".join(lines)
 
 

@@ -35,7 +35,8 @@ import aiohttp
 import discord
 import structlog
 
-from bot.health import Facts, duration
+from bot.health import Facts
+from bot.texts import duration
 from resilience.breakers import Breaker
 from resilience.degradation import ItemKind, ItemState
 from resilience.errors import classify

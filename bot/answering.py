@@ -19,26 +19,27 @@ from typing import TYPE_CHECKING
 import discord
 import structlog
 
-from bot import grounding, long_answers, marks, streaming, texts
+from bot import conversations, grounding, long_answers, marks, moderation, streaming, texts
 from bot.attachments import Attachments, Prepared, describe
 from bot.history import LeftOutNotes, fit
 from bot.inbound import Inbound, Snowflake
 from bot.long_answers import AnswerFiles
 from bot.routing import Explanation, FailureRouter, Original
+from bot.settings import fallback_note, recent
 from bot.splitting import has_visible_text, split_message
 from resilience.context import span
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, classify
 from services.discord_io import PartialDeliveryError
 from services.gemini import Reply, ReplyKind
-from services.storage import Turn, UsageRecord
+from services.storage import Turn, TurnInput, UsageRecord
 
 if TYPE_CHECKING:
     from bot.app import Application
 
 log = structlog.get_logger("bot.answering")
 
-TurnRow = tuple[str, str, str | int | None]
+TurnRow = TurnInput
 
 
 class Answerer:
@@ -64,20 +65,24 @@ class Answerer:
         """Generate and deliver the answer to a claimed inbound item; route any failure."""
         app = self.app
         left_out = 0
+        settings = app.effective(inbound.guild_id, inbound.chain)  # the server's /settings (memory)
         prefix = self._prefix(item, inbound, live)
         stream = self.streaming.open(
-            item, inbound, channel, original=original, prefix=prefix, files=long_answers.can_attach(channel)
+            item, inbound, channel, original=original, prefix=prefix, files=long_answers.can_attach(channel),
+            enabled=settings.streaming,
         )
         try:
             if history is None:
                 history = await app.storage.history(inbound.key)
-            history, left_out = fit(history, app.config.history_max_tokens)
+            history, left_out = fit(recent(history, settings.history), app.config.history_max_tokens)
+            prompt, earlier = conversations.for_gemini(inbound, history)  # who said what, in a server
             async with app.discord_io.typing(channel):
                 async with asyncio.timeout(app.config.processing_timeout_seconds):
                     # Files (bot.attachments): read, then sent with the question; none: generate.
                     generating = self.attachments.generate(
-                        item.payload, inbound.content, inbound.key, history,
-                        tools=app.guild_tools(inbound.guild_id), observer=stream,
+                        item.payload, prompt, inbound.key, earlier,
+                        tools=settings.tools, persona=settings.persona, options=settings.options(),
+                        observer=stream,
                     )
                     if stream is None:
                         reply, attached = await generating
@@ -112,7 +117,8 @@ class Answerer:
             outcome = "refused"
         elif reply.ok:
             shaped = self._shape(
-                reply, inbound, kept=len(history), left_out=left_out, files=long_answers.can_attach(channel)
+                reply, inbound, kept=len(history), left_out=left_out, files=long_answers.can_attach(channel),
+                chosen=settings.model,
             )
             body = prefix + shaped.text
             asked = inbound.content or f"({describe(item.payload)})"
@@ -121,7 +127,10 @@ class Answerer:
             chunks = split_message(body, limit=marks.ROOM if stream is None else streaming.ROOM)
             files = long_answers.attach(shaped, chunks)
             if not item.payload.get("private"):  # a private /ask stays out of the channel's history
-                turns = [("user", asked, inbound.message_id), ("model", reply.text or "", None)]
+                turns = [
+                    ("user", asked, inbound.message_id, inbound.speaker),
+                    ("model", reply.text or "", None),
+                ]
             outcome = "answered" if live else "answered_late"
         else:
             chunks = [reply.user_message or texts.no_answer()]
@@ -138,27 +147,38 @@ class Answerer:
             usage=usage,
             stream=stream,
         )
+        if not reply.ok:
+            await moderation.record(app, inbound, reply, settings)  # the server's log of blocks, if any
         if turns and delivered != "error":
             await self.attachments.remember(inbound.key, inbound.message_id, attached)
         return delivered
 
     @staticmethod
     def _prefix(item: QueueItem, inbound: Inbound, live: bool) -> str:
-        """What goes before a late answer: the question recalled (and the asker of a slash command,
-        which has no message to reply to, pinged by name)."""
-        if live:
-            return ""
-        prefix = texts.late_answer_prefix(inbound.content or f"({describe(item.payload)})")
-        return f"<@{inbound.author_id}> {prefix}" if item.payload.get("interaction") else prefix
+        """What goes before an answer: a late one recalls the question; the asker of a late slash
+        command, or of a question whose answer opens its own thread (bot.conversations), has no
+        message to reply to there and is pinged by name instead."""
+        prefix = "" if live else texts.late_answer_prefix(inbound.content or f"({describe(item.payload)})")
+        if (not live and item.payload.get("interaction")) or item.payload.get("threaded"):
+            prefix = f"<@{inbound.author_id}> {prefix}"
+        return prefix
 
     def _shape(
-        self, reply: Reply, inbound: Inbound, *, kept: int, left_out: int, files: bool
+        self,
+        reply: Reply,
+        inbound: Inbound,
+        *,
+        kept: int,
+        left_out: int,
+        files: bool,
+        chosen: str | None = None,
     ) -> long_answers.Shaped:
-        """The answer for chat: its sources (``bot.grounding``), a note when older turns were left out
-        (once per conversation, ``bot.history``), and, where the bot may upload (``files``), long
-        answers or big code blocks as files (``bot.long_answers``)."""
+        """The answer for chat: its sources (``bot.grounding``), the model that answered when it is not
+        the ``chosen`` one (a fallback), a note when older turns were left out (once per conversation,
+        ``bot.history``), and, where the bot may upload (``files``), long answers or big code blocks as
+        files (``bot.long_answers``)."""
         cfg = self.app.config
-        notes = [grounding.sources_line(reply.sources)]
+        notes = [grounding.sources_line(reply.sources), fallback_note(reply.model, chosen)]
         if left_out and self.left_out.first_time(inbound.key):
             notes.append(texts.history_left_out(kept))
         never = len(reply.text) + 1

@@ -16,6 +16,7 @@ from typing import Any
 import discord
 
 from bot.ratelimit import RateLimiter
+from bot.settings import Effective, SettingsCache
 from bot.usage import UsageLedger
 from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
@@ -27,13 +28,16 @@ from resilience.registry import Service, ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.config import Config
-from services.datastore import DataStore, DataStoreService
+from services.coordination import Coordination, LocalCoordination
+from services.datastore import DataStore, DataStoreService, PgDataStore, SharedState, SharedStateService
 from services.discord_io import DiscordIO
-from services.gemini import GeminiService
+from services.gemini import GeminiService, model_breaker_name
 from services.http_api import BoundedCache, HealthSources, HttpApi, LatencyWindow
 from services.metrics import Metrics
 from services.otel import OtelTracing
+from services.pg_storage import PostgresStore
 from services.storage import SqliteStore
+from services.storage_protocol import Storage
 
 SANDBOX_GEMINI_KEY = "sandbox-key"
 
@@ -49,9 +53,9 @@ class Application:
     mutex: KeyedMutex
     degradation: DegradationState
     traces: TraceCollector
-    store: DataStore
-    datastore: DataStoreService
-    storage: SqliteStore
+    store: SharedState
+    datastore: SharedStateService
+    storage: Storage
     gemini: GeminiService
     discord_io: DiscordIO
     ratelimiter: RateLimiter
@@ -61,20 +65,30 @@ class Application:
     message_latency: LatencyWindow
     queue_caps: QueueCaps
     usage: UsageLedger
+    settings: SettingsCache
+    # Other processes on the same database (PostgreSQL), or none (SQLite: LocalCoordination).
+    coordination: Coordination = field(default_factory=LocalCoordination)
     client: discord.Client | None = None
     drain_waker: Callable[[], None] | None = None
     # Set by an operator shedding load (Operations.load_shed): new messages are saved and
     # acknowledged at once, and the drain answers them at its pace, instead of live.
     queue_new_messages: bool = False
-    _chat_channels: dict[int, frozenset[int]] = field(default_factory=dict)
     _guild_maintenance: dict[int, str] = field(default_factory=dict)
-    _guild_tools: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     # -- state the hot path reads without I/O ---------------------------------------------
 
     def chat_channels(self, guild_id: int) -> frozenset[int]:
-        """Channels of a guild where the bot answers every message (from guild_settings)."""
-        return self._chat_channels.get(guild_id, frozenset())
+        """Channels (threads, forums, categories) of a guild where the bot answers every message."""
+        return self.settings.chat_channels(guild_id)
+
+    def is_chat(self, guild_id: int, channel: Any) -> bool:
+        """Whether the bot answers every message in ``channel`` (``SettingsCache.is_chat``)."""
+        return self.settings.is_chat(guild_id, channel)
+
+    def effective(self, guild_id: int | None, chain: tuple[int, ...] | list[int] = ()) -> Effective:
+        """The settings for a message in ``guild_id`` whose channel's scope chain is ``chain``
+        (``bot.settings``): memory only."""
+        return self.settings.effective(guild_id, chain)
 
     def maintenance(self, guild_id: int | None = None) -> str | None:
         """The maintenance notice while the bot, or guild ``guild_id``, is in maintenance, else None.
@@ -88,8 +102,9 @@ class Application:
         return self.guild_maintenance(guild_id)
 
     def guild_tools(self, guild_id: int | None) -> tuple[str, ...]:
-        """The Google-run tools guild ``guild_id``'s managers turned on (``bot.grounding``); none in DMs."""
-        return () if guild_id is None else self._guild_tools.get(guild_id, ())
+        """The Google-run tools guild ``guild_id``'s managers turned on for the whole server
+        (``bot.grounding``); none in DMs. A channel may override Search grounding (``effective``)."""
+        return () if guild_id is None else self.settings.effective(guild_id).tools
 
     def guild_maintenance(self, guild_id: int | None) -> str | None:
         """The notice of guild ``guild_id``'s own maintenance (its managers'), else None."""
@@ -97,16 +112,9 @@ class Application:
 
     def reload_settings(self) -> None:
         """Refresh the cached DataStore views (after start and after an operator changes them)."""
-        guilds = (self.store.cached("guild_settings") or {}).get("guilds", {})
-        self._chat_channels = {
-            int(gid): frozenset(int(c) for c in (settings.get("chat_channels") or ()))
-            for gid, settings in guilds.items()
-        }
-        self._guild_tools = {
-            int(gid): tuple(name for name, on in (settings.get("tools") or {}).items() if on)
-            for gid, settings in guilds.items()
-            if any((settings.get("tools") or {}).values())
-        }
+        stored = self.store.cached("guild_settings") or {}
+        guilds = stored.get("guilds", {})
+        self.settings.load(stored)
         self._guild_maintenance = {
             int(gid): (settings["maintenance"].get("message") or DEFAULT_MAINTENANCE_MESSAGE)
             for gid, settings in guilds.items()
@@ -162,6 +170,9 @@ def build_application(
     board = BreakerBoard(clock, fail_max=config.breaker_fail_max, reset_timeout=config.breaker_reset_seconds)
     board.add_listener(metrics.breaker_listener)
     gemini_breaker = board.add("gemini")
+    # Each model a server may choose has a breaker of its own: one overloaded model is skipped
+    # while the next of the chain answers (services.gemini).
+    model_breakers = {model: board.add(model_breaker_name(model)) for model in config.allowed_models()}
     storage_breaker = board.add("storage", fail_max=max(3, config.breaker_fail_max), reset_timeout=5.0)
     mutex = KeyedMutex(clock=clock)
     degradation = DegradationState(clock)
@@ -175,20 +186,41 @@ def build_application(
     )
 
     data_dir = config.data_dir
-    store = DataStore(
-        data_dir, keep_backups=config.backup_keep, clock=clock, on_event=metrics.datastore_event
-    )
-    datastore = DataStoreService(store, breaker=storage_breaker)
-    storage = SqliteStore(
-        data_dir / "bot.sqlite3",
-        history_max_messages=config.history_max_messages,
-        history_max_chars=config.history_max_chars,
-        # WAL + NORMAL: a commit survives kill -9 of the bot (the promise); only an OS crash or
-        # power loss can lose the last commits. FULL costs an fsync per commit on the hot path.
-        synchronous="NORMAL",
-        clock=clock,
-        breaker=storage_breaker,
-    )
+    store: SharedState
+    datastore: SharedStateService
+    storage: Storage
+    coordination: Coordination
+    if config.database_url:
+        # PostgreSQL: the queue, history and shared state of every process on that database; the
+        # processes hear of each other's operator actions and changes (services.coordination).
+        postgres = PostgresStore(
+            config.database_url,
+            history_max_messages=config.history_max_messages,
+            history_max_chars=config.history_max_chars,
+            pool_size=config.database_pool_size,
+            clock=clock,
+            breaker=storage_breaker,
+        )
+        shared = PgDataStore(
+            postgres, data_dir, keep_history=config.backup_keep, clock=clock, on_event=metrics.datastore_event
+        )
+        storage, coordination, store, datastore = postgres, postgres, shared, shared
+    else:
+        files = DataStore(
+            data_dir, keep_backups=config.backup_keep, clock=clock, on_event=metrics.datastore_event
+        )
+        store, datastore = files, DataStoreService(files, breaker=storage_breaker)
+        storage = SqliteStore(
+            data_dir / "bot.sqlite3",
+            history_max_messages=config.history_max_messages,
+            history_max_chars=config.history_max_chars,
+            # WAL + NORMAL: a commit survives kill -9 of the bot (the promise); only an OS crash or
+            # power loss can lose the last commits. FULL costs an fsync per commit on the hot path.
+            synchronous="NORMAL",
+            clock=clock,
+            breaker=storage_breaker,
+        )
+        coordination = LocalCoordination(clock=clock)
     retry = RetryPolicy(
         "gemini",
         max_attempts=config.retry_max_attempts,
@@ -213,6 +245,10 @@ def build_application(
         base_url=config.gemini_base_url,
         persona=config.bot_persona,
         max_output_tokens=config.gemini_max_output_tokens,
+        allowed_models=config.allowed_models(),
+        model_breakers=model_breakers,
+        temperature=config.gemini_temperature,
+        safety_threshold=config.gemini_safety_threshold,
         breaker=gemini_breaker,
         retry=retry,
         timeout=timeout,
@@ -282,6 +318,8 @@ def build_application(
             max_pending_per_guild=config.queue_max_pending_per_guild,
         ),
         usage=usage,
+        settings=SettingsCache(config),
+        coordination=coordination,
     )
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected

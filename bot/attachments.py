@@ -49,6 +49,7 @@ from services.gemini import (
     FILES_BREAKER,
     FileRejectedError,
     GeminiFiles,
+    GenerationOptions,
     PartLike,
     Reply,
     ReplyKind,
@@ -452,11 +453,13 @@ class Attachments:
         history: list[Turn],
         *,
         tools: Sequence[str] = (),
+        persona: str | None = None,
+        options: GenerationOptions | None = None,
         observer: StreamObserver | None = None,
     ) -> tuple[Reply, Prepared]:
-        """Gemini's reply to ``content`` with the payload's files and those of earlier turns, and
-        the Google-run ``tools`` the guild turned on; streamed to ``observer`` when there is one
-        (``bot.streaming``).
+        """Gemini's reply to ``content`` with the payload's files and those of earlier turns, the
+        Google-run ``tools`` the guild turned on, and the server's ``persona`` and ``options``
+        (``bot.settings``); streamed to ``observer`` when there is one (``bot.streaming``).
 
         Without any file (the usual case) this is ``gemini.generate`` and costs nothing more.
         A Gemini file that vanished before its expiry (403) is replaced by its bytes, once.
@@ -472,10 +475,12 @@ class Attachments:
             notes = " ".join(prepared.notes) or texts.no_answer()
             return Reply(ReplyKind.EMPTY, "", "", user_message=notes), Prepared()
         if prepared.empty:
-            return await generate(content, history, tools=tools), prepared
+            reply = await generate(content, history, tools=tools, persona=persona, options=options)
+            return reply, prepared
         try:
             reply = await generate_with_parts(
-                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools
+                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools,
+                persona=persona, options=options,
             )
         except errors.ClientError as exc:
             if exc.code == 403 and prepared.uses_uris:
@@ -490,7 +495,8 @@ class Attachments:
             else:
                 raise
             reply = await generate_with_parts(
-                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools
+                content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools,
+                persona=persona, options=options,
             )
         return reply, prepared
 

@@ -1,4 +1,4 @@
-"""The command line: ``python -m bot check|run|datastore ...``.
+"""The command line: ``python -m bot check|run|datastore ...|storage ...``.
 
 The sandbox and the load run live above the bot, in ``rehearsal`` (``python -m rehearsal``).
 
@@ -16,11 +16,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bot import storage_cli
 from bot.app import SANDBOX_GEMINI_KEY
 from bot.runner import serve
 from services.config import Config, ConfigError, load_config
 from services.gemini import MODEL_CHECK_TIMEOUT, check_configured_models
 from services.logging import configure_logging
+from services.pg_storage import DatabaseUnavailableError, describe_url, migration_files, probe
 
 
 def load_or_report(args: argparse.Namespace) -> Config | None:
@@ -46,11 +48,41 @@ def check(args: argparse.Namespace) -> int:
         print(f"  {name.ljust(width)} = {value}")
     for warning in config.warnings:
         print(f"warning: {warning}")
-    if not check_models(config):
+    models_ok = check_models(config)
+    database_ok = check_database(config)
+    if not (models_ok and database_ok):
         print("Configuration has problems: see the errors above.", file=sys.stderr)
         return 1
     print("Configuration OK.")
     return 0
+
+
+def check_database(config: Config) -> bool:
+    """With ``DATABASE_URL``: whether PostgreSQL answers and its schema is one this build can use;
+    False only for a schema of a newer bot. Not reaching it is a warning (it may be down now)."""
+    if not config.database_url:
+        print("Storage: SQLite in DATA_DIR")
+        return True
+    where = describe_url(config.database_url)
+    supported = len(migration_files())
+    try:
+        found = asyncio.run(probe(config.database_url))
+    except DatabaseUnavailableError as exc:
+        print(f"warning: DATABASE_URL: {exc}")
+        return True
+    if found is None:
+        print(f"Storage: PostgreSQL at {where}, empty: the bot creates its tables (schema {supported})")
+    elif found > supported:
+        print(
+            f"error: DATABASE_URL: {where} has schema version {found}, this build supports up to "
+            f"{supported}; upgrade the bot or restore an older database",
+            file=sys.stderr,
+        )
+        return False
+    else:
+        note = "" if found == supported else f" (migrated to {supported} at the next start)"
+        print(f"Storage: PostgreSQL at {where}, schema version {found}{note}")
+    return True
 
 
 def check_models(config: Config) -> bool:
@@ -138,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.add_parser("check", help="validate and show the configuration").set_defaults(func=check)
     subparsers.add_parser("run", help="run the bot").set_defaults(func=run)
     _register_datastore(subparsers)
+    storage_cli.register(subparsers)
     return parser
 
 

@@ -27,11 +27,20 @@ from bot.health import HealthMonitor
 from bot.history import MAX_CONVERSATIONS_TOLD
 from bot.incidents import IncidentTracker
 from bot.intake import RECENT_IDS, Intake
-from bot.operations import apply_breaker_overrides, serve_operations
+from bot.operations import (
+    apply_breaker_overrides,
+    follow_other_processes,
+    process_state,
+    serve_operations,
+)
 from bot.routing import FailureRouter
 from bot.streaming import Regenerator
 from bot.views import AnswerButtons
+from resilience.errors import CallTimeoutError, CircuitOpenError
+from resilience.tasks import SupervisedTask, exponential_backoff
+from services.coordination import HEARTBEAT_SECONDS
 from services.http_api import BoundedCache
+from services.storage import StorageError
 
 log = structlog.get_logger("bot.client")
 
@@ -146,6 +155,19 @@ class GeminiBot(commands.Bot):
         app.http_api.sources.incidents = self.incidents.report
         app.http_api.sources.assessment = self.assessment
         self.operations = serve_operations(app, incidents=self.incidents.report)
+        # Several processes on one database (PostgreSQL): act on the others' operator actions, and
+        # record this one's state in its heartbeat row for their /status.
+        follow_other_processes(app)
+        self.heartbeat = SupervisedTask(
+            "heartbeat",
+            self._beat,
+            interval=HEARTBEAT_SECONDS,
+            run_timeout=HEARTBEAT_SECONDS * 2,
+            backoff=exponential_backoff(base=HEARTBEAT_SECONDS, cap=60.0),
+            max_consecutive_failures=1_000_000,  # storage comes back: keep beating
+            clock=app.clock,
+            expected=(StorageError, CircuitOpenError, CallTimeoutError, ConnectionError),
+        )
         self._check_models = check_models
         self._closed = False
         # Set while setup_hook runs: a close() meanwhile waits for it, so that every service
@@ -207,6 +229,7 @@ class GeminiBot(commands.Bot):
             log.info("queue.resumed", items=released)
         self.drain.start()
         self.health.start()
+        self.heartbeat.start()
         log.info("bot.services_started", services=self.app.registry.order)
 
     async def _take_up_operations_state(self) -> None:
@@ -217,6 +240,15 @@ class GeminiBot(commands.Bot):
         except Exception as exc:  # storage down at start: the records stay open, the bot starts
             log.warning("incident.recover_failed", error=type(exc).__name__)
         await self.alerter.load()
+
+    async def _beat(self) -> None:
+        """Record this process alive, with its mode, breakers and connection (others' /status); the
+        claims of a process that died come back with it, and the drain takes them up at once."""
+        running = self.drain.task.state.value in ("running", "sleeping", "backing_off")
+        released = await self.app.coordination.beat(process_state(self.app, drain_running=running))
+        if released:
+            log.info("queue.released_claims_of_gone_process", items=released)
+            self.app.drain_wake()
 
     def owners(self) -> frozenset[int]:
         """The bot's owners: ``ADMIN_USER_IDS``, the ``admins`` file, the application's owners."""
@@ -344,6 +376,7 @@ class GeminiBot(commands.Bot):
         if left:
             log.warning("bot.shutdown_unfinished", messages=left, note="their queue items resume on restart")
         await self.catchup.close()
+        await self.heartbeat.stop()
         await self.health.stop()
         await self.drain.stop()
         await self.alerter.close()

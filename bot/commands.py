@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import discord
 import structlog
@@ -40,15 +40,31 @@ from discord import app_commands
 
 from bot import texts
 from bot.answering import Answerer
+from bot.conversations import speaker_label
 from bot.health import AVAILABILITY_DAYS, Availability
 from bot.inbound import Inbound, Snowflake, accept
-from bot.operations import OperationError, Operations, UsageFigures, UsageReport
+from bot.operations import (
+    InvalidRequestError,
+    OperationError,
+    Operations,
+    SettingChange,
+    SettingsView,
+    UsageFigures,
+    UsageReport,
+    describe_processes,
+    process_rows,
+)
 from bot.routing import FailureRouter
+from bot.settings import DEFAULT, SERVER, scope_chain
 from bot.splitting import DISCORD_LIMIT
 from resilience.context import request_context
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, MutexTimeoutError, QueueFullError, classify
+from services.config import SAFETY_THRESHOLDS
+from services.coordination import HEARTBEAT_SECONDS
+from services.datastore import MAX_PERSONA_CHARS
 from services.discord_io import Upload, allowed_mentions_for
+from services.gemini import model_breaker_name
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -190,12 +206,15 @@ class SlashCommands:
 
     def require_guild_manager(self, interaction: discord.Interaction, command: str) -> None:
         """One guild's settings: a member with Administrator or Manage Server, in that guild."""
+        root = command.split()[0]
+        named = root if root in ("settings", "model") else "server"  # the sentences name the command
         if interaction.guild_id is None:
-            self._refuse(interaction, command, "a server", texts.server_only())
+            self._refuse(interaction, command, "a server", texts.server_only(named))
         perms = interaction.permissions
         if perms.administrator or perms.manage_guild:
             return
-        self._refuse(interaction, command, "manage_guild", texts.managers_only())
+        sentence = texts.managers_only(named) if named != "server" else texts.managers_only()
+        self._refuse(interaction, command, "manage_guild", sentence)
 
     def require_reset(self, interaction: discord.Interaction, command: str) -> None:
         """A shared conversation (guild channel or thread): Manage Messages there; one's own DM: anyone."""
@@ -291,6 +310,10 @@ class SlashCommands:
             guild_id=interaction.guild_id,
             author_id=interaction.user.id,
             content=text,
+            speaker=speaker_label(interaction.user.display_name, interaction.user.id)
+            if interaction.guild_id is not None
+            else None,
+            scopes=scope_chain(interaction.channel),
         )
         # The follow-up is the acknowledgement: nothing else may post one for this item. The
         # flags tell the drain the message id is an interaction's, not a message to reply to.
@@ -381,7 +404,7 @@ class SlashCommands:
         async with self.app.mutex.acquire(
             key, self.app.config.mutex_acquire_timeout_seconds, holder=f"reset:{interaction.id}"
         ):
-            forgotten = await self.app.storage.forget(key)
+            forgotten = await self.app.storage.forget(key, branches=True)  # its reply branches too
         log.info("conversation.reset", channel_id=interaction.channel_id, turns=forgotten)
         await followup(
             interaction,
@@ -391,8 +414,9 @@ class SlashCommands:
 
     async def status_embed(self, guild_id: int | None = None, *, availability: bool = False) -> discord.Embed:
         """Mode (and guild ``guild_id``'s own maintenance), each breaker's state and time in it, queue
-        depth and oldest age, recent latency; with ``availability`` (for the bot's owners) the share of
-        messages answered within 30 s against the objective and the error budget left."""
+        depth and oldest age, every process sharing the database (when there are others), recent
+        latency; with ``availability`` (for the bot's owners) the share of messages answered within
+        30 s against the objective and the error budget left."""
         app = self.app
         now = app.clock.time()
         mode = app.degradation.snapshot()
@@ -430,10 +454,25 @@ class SlashCommands:
         if dead:
             queue += f"; {dead} dead-lettered"
         embed.add_field(name="Queue", value=queue, inline=False)
+        processes = await self._processes()
+        if processes is not None:
+            embed.add_field(name="Processes", value=processes[:1024], inline=False)
         embed.add_field(name="Latency", value=self._latency(), inline=False)
         if availability:
             embed.add_field(name="Availability (owners)", value=await self._availability(now), inline=False)
         return embed
+
+    async def _processes(self) -> str | None:
+        """Each process sharing the database, from its heartbeat; None when this one is alone."""
+        try:
+            rows = await process_rows(self.app)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return f"unknown: storage unreadable ({classify(exc).category.value})"
+        if all(row["this"] for row in rows):
+            return None
+        return describe_processes(rows, HEARTBEAT_SECONDS)
 
     async def _availability(self, now: float) -> str:
         slo = self.app.config.availability_slo
@@ -557,7 +596,14 @@ def help_text() -> str:
         "allowance, if there is one).\n"
         "**Server managers** (Manage Server): `/server` for this server only: its maintenance mode, "
         "the channels where I answer every message, and the tools Google runs for my answers (search "
-        "grounding with sources, reading links, running code); `/usage server:True` for its usage.\n"
+        "grounding with sources, reading links, running code); `/usage server:True` for its usage; "
+        "`/settings` for how I answer here (persona, model, temperature, answer length, safety filter, "
+        "history, grounding, streaming, chat channels, auto-threads, a moderation log), for the whole "
+        "server or one category, channel, forum or thread; `/settings show` says what applies where. "
+        "`/model` shows (and managers choose) the Gemini model; if it is overloaded, the next answers "
+        "and says so.\n"
+        "In a server I tell people apart, a thread or forum post is a conversation of its own, and a reply "
+        "to one of my earlier answers continues from that answer.\n"
         "**The bot's owners**: `/admin` for what affects every server: breakers, maintenance, the queue, "
         "data and locks."
     )
@@ -695,16 +741,285 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def human(seconds: float) -> str:
-    """A duration for people: 45 s, 12 min, 3.5 h, 2.0 d."""
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+human = texts.duration
+"""A duration for people (``texts.duration``)."""
+
+
+# -- /settings and /model ---------------------------------------------------------------------
+
+SettingName = Literal[
+    "persona", "model", "temperature", "max_output_tokens", "safety", "history", "grounding", "streaming",
+    "chat", "auto_thread", "modlog_channel", "modlog_text",
+]
+"""The choices of ``/settings set|reset setting:`` (``bot.settings.SETTINGS``)."""
+Place = app_commands.AppCommandChannel | app_commands.AppCommandThread
+"""Where a setting applies: a category, a text or announcement channel, a forum, a thread."""
+SETTING_PLACES = frozenset({
+    discord.ChannelType.text,
+    discord.ChannelType.news,
+    discord.ChannelType.forum,
+    discord.ChannelType.category,
+    discord.ChannelType.public_thread,
+    discord.ChannelType.private_thread,
+    discord.ChannelType.news_thread,
+})
+MODAL_TIMEOUT = 600.0
+"""Seconds an open persona modal waits for its submission (then discord.py forgets it: bounded)."""
+_BOOLEAN_SETTINGS = ("grounding", "streaming", "chat", "auto_thread", "modlog_text")
+_EXAMPLES = {
+    "temperature": ("0", "0.2", "0.7", "1", "1.5", "2"),
+    "max_output_tokens": ("256", "512", "1024", "2048", "4096", "8192"),
+    "history": ("0", "5", "10", "20", "50"),
+    "safety": SAFETY_THRESHOLDS,
+    **{name: ("on", "off") for name in _BOOLEAN_SETTINGS},
+}
+
+
+def _place(where: Place | None) -> int | None:
+    """The id of the place a setting is for (None: the whole server), or ``InvalidRequestError``."""
+    if where is None:
+        return None
+    if where.type not in SETTING_PLACES:
+        raise InvalidRequestError(
+            f"settings apply to text channels, forums, categories and threads, not <#{where.id}>"
+        )
+    return where.id
+
+
+def _chain(interaction: discord.Interaction, place: int | None) -> tuple[int, ...]:
+    """The scope chain of ``place``, or of the channel the command was run in (memory only)."""
+    guild = interaction.guild
+    target: Any = interaction.channel
+    if place is not None:
+        target = guild.get_channel_or_thread(place) if guild is not None else None
+        if target is None:
+            return (place,)
+    return scope_chain(target)
+
+
+def _where(scope: int | None) -> str:
+    return "for this server" if scope is None else f"in <#{scope}>"
+
+
+def _source(source: str | int) -> str:
+    if source == SERVER:
+        return "set for this server"
+    if source == DEFAULT:
+        return "the bot's default"
+    return f"set in <#{source}>"
+
+
+def format_settings(view: SettingsView) -> str:
+    """``/settings show``: each setting's value where it applies, and where it comes from."""
+    head = (
+        f"Settings that apply in <#{view['chain'][0]}>" if view["chain"] else "Settings for this server"
+    ) + " (a thread, then its channel or forum, the category, this server, the bot's default):"
+    lines = [head]
+    for row in view["settings"]:
+        lines.append(f"- **{row['label']}**: {row['shown']} ({_source(row['source'])})")
+    if view["scopes"]:
+        places = ", ".join(f"<#{s}>" for s in view["scopes"][:20])
+        more = f" and {len(view['scopes']) - 20} more" if len(view["scopes"]) > 20 else ""
+        lines.append(f"Places with settings of their own: {places}{more}.")
+    return "\n".join(lines)
+
+
+def format_setting_change(done: SettingChange) -> str:
+    """The sentence after ``/settings set|reset`` (and ``/model``, the persona modal)."""
+    where = _where(done["scope"])
+    if done["shown"] is None:
+        if not done["changed"]:
+            return f"{done['label']} had no value of its own {where}: nothing changed."
+        return f"{done['label']} is no longer set {where}: the next place out applies again."
+    if not done["changed"]:
+        return f"{done['label']} was already {done['shown']} {where}."
+    return f"{done['label']} is now {done['shown']} {where}."
+
+
+class PersonaModal(discord.ui.Modal):
+    """``/settings persona``: the persona's text in a modal (it can be long: up to 4,000 characters)."""
+
+    def __init__(
+        self,
+        run: Callable[[discord.Interaction, Callable[[int, str], Awaitable[str]]], Awaitable[None]],
+        ops: Operations,
+        scope: int | None,
+        current: str | None,
+    ) -> None:
+        super().__init__(title="Persona: the instruction I follow", timeout=MODAL_TIMEOUT)
+        self._run = run
+        self._ops = ops
+        self._scope = scope
+        self.text: discord.ui.TextInput[PersonaModal] = discord.ui.TextInput(
+            label="Persona (Gemini's system instruction)",
+            style=discord.TextStyle.paragraph,
+            max_length=MAX_PERSONA_CHARS,
+            default=current,
+            placeholder="You are a patient tutor for this server's Python course...",
+        )
+        self.add_item(self.text)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
+        async def act(guild_id: int, by: str) -> str:
+            done = await self._ops.guild_setting_set(
+                guild_id, "persona", self.text.value, scope=self._scope, by=by
+            )
+            return format_setting_change(done)
+
+        await self._run(interaction, act)
+
+
+def settings_commands(
+    commands: SlashCommands, ops: Operations
+) -> tuple[app_commands.Group, app_commands.Command[Any, Any, None]]:
+    """``/settings show|set|reset|persona`` (a server's managers) and ``/model`` (anyone sees the model;
+    a server's managers choose it). Every change is checked at runtime (Manage Server or
+    Administrator, in that server) and answered privately; a value the bot cannot take gets one
+    sentence naming the limit (``Operations.guild_setting_set``)."""
+    allowed = commands.app.settings.limits.models
+    group = app_commands.Group(
+        name="settings",
+        description="How I answer in this server (Manage Server): persona, model, temperature, ...",
+        guild_only=True,
+        allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False),
+        default_permissions=discord.Permissions(manage_guild=True),  # UI metadata only
+    )
+
+    def manage(
+        interaction: discord.Interaction, action: Callable[[int, str], Awaitable[str]]
+    ) -> Awaitable[None]:
+        """Run ``action(guild_id, by)`` as a manager's command and show its text, privately."""
+
+        async def body() -> None:
+            if interaction.guild_id is None:  # require_guild_manager refuses DMs first
+                raise RuntimeError("a /settings command outside a server")
+            text = await action(interaction.guild_id, f"discord:{interaction.user.id}")
+            if len(text) > DISCORD_LIMIT:
+                text = text[: DISCORD_LIMIT - 1] + "…"
+            await followup(interaction, text)
+
+        return commands.run(interaction, body, check=commands.require_guild_manager)
+
+    @group.command(name="show", description="What applies here (or in a place), and where each value is set")
+    @app_commands.describe(where="A channel, thread, forum or category (default: this channel)")
+    async def show(interaction: discord.Interaction, where: Place | None = None) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            place = _place(where)
+            view = await ops.guild_settings_show(guild_id, _chain(interaction, place), by=by)
+            return format_settings(view)
+
+        await manage(interaction, act)
+
+    @group.command(name="set", description="Set how I answer, for this server or one place")
+    @app_commands.describe(
+        setting="Which setting", value="Its value", where="Only in this channel, thread, forum or category"
+    )
+    async def set_(
+        interaction: discord.Interaction, setting: SettingName, value: str, where: Place | None = None
+    ) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            text = str(_modlog_channel(interaction, value)) if setting == "modlog_channel" else value
+            done = await ops.guild_setting_set(guild_id, setting, text, scope=_place(where), by=by)
+            return format_setting_change(done)
+
+        await manage(interaction, act)
+
+    @set_.autocomplete("value")
+    async def complete_value(
+        interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        name = str(getattr(interaction.namespace, "setting", "") or "")
+        options = allowed if name == "model" else _EXAMPLES.get(name, ())
+        found = [o for o in options if current.lower() in o.lower()] or list(options)
+        return [app_commands.Choice(name=o, value=o) for o in found[:25]]
+
+    @group.command(name="reset", description="Remove a setting's value for this server or one place")
+    @app_commands.describe(setting="Which setting", where="Only in this channel, thread, forum or category")
+    async def reset(
+        interaction: discord.Interaction, setting: SettingName, where: Place | None = None
+    ) -> None:
+        async def act(guild_id: int, by: str) -> str:
+            done = await ops.guild_setting_reset(guild_id, setting, scope=_place(where), by=by)
+            return format_setting_change(done)
+
+        await manage(interaction, act)
+
+    @group.command(name="persona", description="Write the persona (the instruction I follow) in a form")
+    @app_commands.describe(where="Only in this channel, thread, forum or category")
+    async def persona(interaction: discord.Interaction, where: Place | None = None) -> None:
+        # A modal must be the first response, so the manager is checked before it opens (and again
+        # when it is submitted: the submission runs in the same frame as every command).
+        started = commands.app.clock.monotonic()
+        outcome = "ok"
+        try:
+            commands.require_guild_manager(interaction, "settings persona")
+            scope = _place(where)
+            guild_id = interaction.guild_id or 0  # require_guild_manager refused DMs
+            current = commands.app.settings.value_at(guild_id, scope, "persona")
+            await interaction.response.send_modal(PersonaModal(manage, ops, scope, current))
+        except (RefusedError, OperationError) as exc:
+            outcome = "refused"
+            await interaction.response.send_message(commands.sentence(exc, "-"), ephemeral=True)
+        finally:
+            commands.app.metrics.observe_command(
+                "settings persona", outcome, commands.app.clock.monotonic() - started
+            )
+
+    @app_commands.command(name="model", description="Which Gemini model answers here; managers choose it")
+    @app_commands.describe(
+        model="A model this bot allows (empty: show which one answers here)",
+        where="Only in this channel, thread, forum or category",
+    )
+    async def model(
+        interaction: discord.Interaction, model: str | None = None, where: Place | None = None
+    ) -> None:
+        if model is None:
+
+            async def look() -> None:
+                settings = commands.app.settings
+                place = _place(where)
+                chosen = settings.effective(interaction.guild_id, _chain(interaction, place))
+                board = commands.app.board
+                resting = {m for m in allowed if model_breaker_name(m) in board
+                           and not board[model_breaker_name(m)].would_admit()}
+                states = [f"`{m}`" + (" (resting: it failed)" if m in resting else "") for m in allowed]
+                await followup(
+                    interaction,
+                    f"Gemini model {_where(place) if interaction.guild_id else 'here'}: `{chosen.model}`. "
+                    f"If it is overloaded or out of quota, the next of the bot's chain answers and says so. "
+                    f"Allowed: {', '.join(states)}.",
+                )
+
+            await commands.run(interaction, look)
+            return
+
+        async def act(guild_id: int, by: str) -> str:
+            return format_setting_change(
+                await ops.guild_setting_set(guild_id, "model", model, scope=_place(where), by=by)
+            )
+
+        await manage(interaction, act)
+
+    @model.autocomplete("model")
+    async def complete_model(
+        interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        found = [m for m in allowed if current.lower() in m.lower()] or list(allowed)
+        return [app_commands.Choice(name=m, value=m) for m in found[:25]]
+
+    return group, model
+
+
+def _modlog_channel(interaction: discord.Interaction, value: str) -> int:
+    """The moderation log's channel: a text channel of this server (by mention or id)."""
+    digits = "".join(c for c in value if c.isdigit())
+    guild = interaction.guild
+    channel = guild.get_channel(int(digits)) if guild is not None and digits else None
+    if not isinstance(channel, discord.TextChannel):
+        raise InvalidRequestError(
+            "the moderation log must be a text channel of this server: name it as #channel"
+        )
+    return channel.id
 
 
 # -- registration ---------------------------------------------------------------------------
@@ -755,10 +1070,11 @@ def setup_commands(
             interaction, lambda: commands.usage(interaction, server), check=commands.usage_check(server)
         )
 
+    settings_group, model = settings_commands(commands, Operations(commands.app))
     command: app_commands.Command[Any, Any, None]
-    for command in (ask, reset, status, help_, usage):
+    for command in (ask, reset, status, help_, usage, model):
         tree.add_command(command, override=True)
-    for group in groups:
+    for group in (*groups, settings_group):
         tree.add_command(group, override=True)
     if guild_id is not None:
         # The test guild gets its own copies (synced there at once); refresh them too, or they

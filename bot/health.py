@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from bot import texts
 from resilience.breakers import BreakerSnapshot, BreakerState
 from resilience.degradation import DegradationSnapshot, Mode, QueueStats
 from resilience.errors import classify
@@ -62,18 +63,6 @@ BREAKER_EFFECTS = {
 Presence = Callable[[str | None], Awaitable[None]]
 """Shows ``text`` as the bot's status in Discord (None clears it); raises when it cannot now."""
 Consumer = Callable[["Facts"], Awaitable[None]]
-
-
-def duration(seconds: float) -> str:
-    """A duration for people: 45 s, 12 min, 3.5 h, 2.0 d."""
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +360,7 @@ def _with_problems(facts: Facts, queue_age_limit: float) -> Facts:
         problems.append("storage failing")
     age = facts.queue.oldest_pending_age if facts.queue is not None else None
     if age is not None and age >= queue_age_limit:
-        problems.append(f"queue backlog (oldest {duration(age)})")
+        problems.append(f"queue backlog (oldest {texts.duration(age)})")
     if facts.datastore_defaults:
         problems.append(f"settings reset to defaults ({', '.join(facts.datastore_defaults)})")
     return replace(facts, problems=tuple(problems))

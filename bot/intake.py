@@ -31,9 +31,11 @@ import structlog
 from bot import marks, texts
 from bot.answering import Answerer
 from bot.attachments import Collected, collect
+from bot.conversations import NO_THREAD_PERMISSION, Conversations, for_gemini, speaker_label
 from bot.inbound import Inbound, accept, lease_seconds
 from bot.ratelimit import Feedback, NoticeLimiter
-from bot.routing import FailureRouter
+from bot.routing import FailureRouter, Original
+from bot.settings import scope_chain
 from bot.splitting import has_visible_text, split_message
 from resilience.context import request_context, span
 from resilience.degradation import ItemKind, ItemState, QueueItem
@@ -66,6 +68,7 @@ class Intake:
         self.answerer = answerer
         self.router = router
         self._bot_user_id = bot_user_id
+        self.conversations = Conversations(app, bot_user_id=bot_user_id)
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._arrivals = Arrivals()
@@ -98,7 +101,7 @@ class Intake:
             resolved = ref.resolved
             if isinstance(resolved, discord.Message) and resolved.author.id == me:
                 return True
-        return message.channel.id in self.app.chat_channels(message.guild.id)
+        return self.app.is_chat(message.guild.id, message.channel)
 
     async def on_message(self, message: discord.Message) -> None:
         """The ``on_message`` listener."""
@@ -167,6 +170,10 @@ class Intake:
             guild_id=message.guild.id if message.guild else None,
             author_id=message.author.id,
             content=text,
+            # Who said it (Gemini tells the people of a server's channel apart) and where its
+            # settings are looked up (the channel, its parent, its category): memory only.
+            speaker=speaker_label(message.author.display_name, message.author.id) if message.guild else None,
+            scopes=scope_chain(message.channel),
         )
         wait = app.ratelimiter.check(message.author.id, inbound.guild_id)
         if wait is not None:
@@ -177,6 +184,9 @@ class Intake:
             sentence = texts.quota_exhausted(over.scope, over.limit, over.resets_in)
             await self._refuse(message, texts.QUOTA, sentence)
             return "refused"
+        branch = await self.conversations.branch_of(message)  # a reply to an earlier answer
+        if branch is not None:
+            inbound = replace(inbound, conversation=branch)
 
         maintenance = app.maintenance(inbound.guild_id)
         if maintenance is not None:
@@ -202,6 +212,20 @@ class Intake:
             if queued is not None:
                 return queued
 
+        channel: discord.abc.Messageable = message.channel
+        original: Original = message
+        threaded: dict[str, bool] = {}
+        wants_thread = self.conversations.wants_thread(message)
+        if wants_thread and app.effective(inbound.guild_id, inbound.scopes).auto_thread:
+            thread, missing = await self.conversations.open_thread(message, text)
+            if thread is not None:
+                # Answered in the new thread, a conversation of its own; the question stays in the
+                # channel, so the answer refers to it without replying across channels.
+                inbound = replace(inbound, channel_id=thread.id, scopes=scope_chain(thread))
+                channel, original, threaded = thread, inbound.reference(), {"threaded": True}
+            elif missing:
+                await self._say(message, NO_THREAD_PERMISSION)
+
         arrival = self._arrivals.enter(inbound.key)
         try:
             try:
@@ -210,7 +234,7 @@ class Intake:
                         inbound.message_id,
                         ItemKind.INBOUND,
                         inbound.key,
-                        inbound.payload(**files.payload()),
+                        inbound.payload(**files.payload(), **threaded),
                         now=app.clock.time(),
                         lease_seconds=lease_seconds(cfg),
                         caps=app.queue_caps,
@@ -225,12 +249,14 @@ class Intake:
                 # Storage is down: we cannot promise a later answer, so answer live or say why now.
                 verdict = classify(exc)
                 log.warning("pipeline.accept_failed", category=verdict.category.value)
-                return await self._answer_unsaved(message, inbound, arrival, files)
+                return await self._answer_unsaved(message, inbound, arrival, files, channel=channel)
             if accepted is None:
                 return "ignored_duplicate"
             item, history = accepted
             try:
-                return await self._answer_accepted(message, inbound, item, history, arrival)
+                return await self._answer_accepted(
+                    message, inbound, item, history, arrival, channel=channel, original=original
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -243,7 +269,7 @@ class Intake:
                 log.warning("pipeline.storage_failed_after_accept", item=item.id, category=category)
                 if verdict.category is Category.INTERNAL:
                     verdict = replace(verdict, user_message=user_message_for(Category.UNAVAILABLE))
-                await self.router.acknowledge(message.channel, message, texts.queued(verdict, 0), item)
+                await self.router.acknowledge(channel, original, texts.queued(verdict, 0), item)
                 return "queued"
         finally:
             self._arrivals.leave(inbound.key, arrival)
@@ -275,6 +301,9 @@ class Intake:
         item: QueueItem,
         history: list[Turn] | None,
         arrival: asyncio.Future[None],
+        *,
+        channel: discord.abc.Messageable,
+        original: Original,
     ) -> str:
         """Answer a freshly accepted message live, or queue it behind its conversation."""
         app = self.app
@@ -304,7 +333,7 @@ class Intake:
                     await self.router.acknowledge_busy(message, item)
                     return "queued"
                 return await self.answerer.answer(
-                    item, inbound, channel=message.channel, original=message, live=True, history=history
+                    item, inbound, channel=channel, original=original, live=True, history=history
                 )
         except MutexTimeoutError:
             await self.router.requeue(item, "conversation busy", count_attempt=False)
@@ -312,7 +341,13 @@ class Intake:
             return "queued"
 
     async def _answer_unsaved(
-        self, message: discord.Message, inbound: Inbound, arrival: asyncio.Future[None], files: Collected
+        self,
+        message: discord.Message,
+        inbound: Inbound,
+        arrival: asyncio.Future[None],
+        files: Collected,
+        *,
+        channel: discord.abc.Messageable,
     ) -> str:
         """Storage is down: try to answer live without a durable record, or say clearly why not.
 
@@ -322,11 +357,14 @@ class Intake:
         """
         app = self.app
         cfg = app.config
+        settings = app.effective(inbound.guild_id, inbound.scopes)
         try:
-            async with app.discord_io.typing(message.channel):
+            async with app.discord_io.typing(channel):
                 async with asyncio.timeout(cfg.processing_timeout_seconds):
+                    prompt, _ = for_gemini(inbound, [])
                     reply, read = await self.answerer.attachments.generate(
-                        files.payload(), inbound.content, inbound.key, []
+                        files.payload(), prompt, inbound.key, [],
+                        tools=settings.tools, persona=settings.persona, options=settings.options(),
                     )
             answered = reply.ok and has_visible_text(reply.text)
             notes = f"\n\n{' '.join(read.notes)}" if read.notes else ""
@@ -344,9 +382,9 @@ class Intake:
             self._arrivals.leave(inbound.key, arrival)  # nothing awaits from here to the mutex queue
             async with app.mutex.acquire(inbound.key, cfg.mutex_acquire_timeout_seconds):
                 await app.discord_io.send_chunks(
-                    message.channel,
+                    channel,
                     [marks.mark(chunk, message.id, i) for i, chunk in enumerate(chunks)],
-                    reply_to=message,
+                    reply_to=message if channel is message.channel else inbound.reference(),
                     mention_user=message.author,
                 )
             return "answered" if answered else "refused"

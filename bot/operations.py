@@ -19,9 +19,18 @@ message's content.
 Breakers an operator opens are written to the DataStore ``breakers`` file so they stay open
 across a restart; ``apply_breaker_overrides(app)`` re-applies them at start-up.
 
+Several processes on one PostgreSQL database (``DATABASE_URL``) act as one bot: an action taken in
+one reaches the others at once. What is kept in the shared state (maintenance, a guild's settings,
+an opened breaker) travels with the state's own change notification; what is not (a breaker reset,
+a drain wake-up, load shedding) is sent as a notification of its own (``services.coordination``).
+``follow_other_processes(app)`` makes a process act on both; ``processes()`` lists every process
+from its heartbeat (``/status``).
+
 Most actions are bot-wide (the bot's owners run them). The ``guild_*`` actions change one
-guild only, named by ``guild_id``: its own maintenance mode, its chat channels and the tools
-Google runs for its answers, all kept in the DataStore ``guild_settings`` file. ``usage_report``
+guild only, named by ``guild_id``: its own maintenance mode, its chat channels, the tools
+Google runs for its answers and its settings (``guild_setting_set``/``reset``/``guild_settings_show``,
+``bot/settings.py``: for the server or one category, channel, forum or thread), all kept in the
+DataStore ``guild_settings`` file. ``usage_report``
 reads the Gemini token usage of the bot, one guild or one user. Who may run which is the
 caller's check (the slash commands check the member; the HTTP API's token is an owner's).
 """
@@ -40,11 +49,20 @@ from urllib.parse import urlsplit
 import structlog
 
 from bot.grounding import TOOL_NAMES
+from bot.settings import (
+    GROUNDING_TOOL,
+    MAX_SCOPES,
+    InvalidSettingError,
+    Setting,
+    setting,
+)
 from bot.usage import seconds_to_reset
 from resilience.context import TraceRecord
 from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, ItemKind, ItemState, Mode, QueueItem
 from resilience.errors import classify
 from resilience.mutex import LockStatus
+from services.coordination import ProcessRecord
+from services.datastore import DataStoreValidationError
 from services.storage import UsageRow, UsageTotals, usage_day
 
 if TYPE_CHECKING:
@@ -76,6 +94,12 @@ MAX_LIST = 200  # traces or error groups one view lists at most
 LOAD_TEST_MAX_REQUESTS = 500
 LOAD_TEST_MAX_CONCURRENCY = 20
 LOAD_TEST_MAX_SECONDS = 60.0  # then whatever is still running is cancelled and counted unfinished
+# Notifications of actions the shared state does not carry (services.coordination kinds).
+CIRCUIT_RESET = "circuit_reset"
+QUEUE_DRAIN = "queue_drain"
+LOAD = "load"
+# A process whose heartbeat is older than this many beats is shown as silent in /status.
+SILENT_AFTER_BEATS = 3
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -200,6 +224,42 @@ class GuildTools(TypedDict):
 
     guild_id: int
     tools: dict[str, bool]
+    changed: bool
+
+
+class SettingRow(TypedDict):
+    """One setting as it applies somewhere: its ``value``, the text ``/settings show`` writes for it
+    (``shown``), and where it comes from (``source``: ``"server"``, ``"default"``, or the id of the
+    category, channel, forum or thread that set it)."""
+
+    name: str
+    label: str
+    value: Any
+    shown: str
+    source: str | int
+
+
+class SettingsView(TypedDict):
+    """Every setting of guild ``guild_id`` for the place whose scope chain is ``chain`` (most specific
+    first); ``scopes``: the places of the guild with settings of their own."""
+
+    guild_id: int
+    chain: list[int]
+    settings: list[SettingRow]
+    scopes: list[int]
+
+
+class SettingChange(TypedDict):
+    """A setting set (or reset) for the whole server (``scope`` None) or one place; ``value`` what it
+    is there now (None after a reset: inherited), ``previous`` what it was there, ``changed``."""
+
+    guild_id: int
+    name: str
+    label: str
+    scope: int | None
+    value: Any
+    shown: str | None
+    previous: Any
     changed: bool
 
 
@@ -445,6 +505,21 @@ class LoadStatus(TypedDict):
     changed_at: float | None
 
 
+class ProcessRow(TypedDict):
+    """One bot process on the database: ``alive`` it holds its connection (a dead one is shown for an
+    hour); ``this`` the process answering; ``beat_age`` seconds since its last heartbeat; ``state``
+    what that heartbeat said (mode, breakers not closed, Discord connected)."""
+
+    id: int
+    name: str
+    alive: bool
+    this: bool
+    started_at: float
+    beat_age: float
+    stopped_at: float | None
+    state: dict[str, Any]
+
+
 class LoadTest(TypedDict):
     """A synthetic load of Gemini test prompts: ``ok`` answered, ``errors`` not (by category in
     ``errors_by_category``; ``unfinished`` still running at ``max_seconds``), ``latency`` seconds,
@@ -524,6 +599,7 @@ class Operations:
             await self.app.datastore.update("breakers", drop)
         rescheduled = await self._make_due({WAITS_ON[n] for n in names if n in WAITS_ON})
         self.app.drain_wake()
+        await self._tell_others(CIRCUIT_RESET, {"names": names})
         _log("circuit_reset", by, target=name, reset=names, overrides_removed=removed, made_due=rescheduled)
         return CircuitReset(reset=names, overrides_removed=removed)
 
@@ -783,6 +859,122 @@ class Operations:
         _log("guild_tool_set", by, guild_id=gid, tool=tool, enabled=enabled, changed=changed)
         return GuildTools(guild_id=gid, tools={n: n in on for n in TOOL_NAMES}, changed=changed)
 
+    # -- one guild: its settings (bot/settings.py) ---------------------------------------------
+
+    async def guild_settings_show(
+        self, guild_id: int, chain: list[int] | tuple[int, ...] = (), *, by: str | None = None
+    ) -> SettingsView:
+        """Every setting that applies at the place whose scope chain is ``chain`` (the server when
+        empty) in guild ``guild_id``, and where each value comes from."""
+        gid = _guild_id(guild_id)
+        scopes = [_channel_id(c) for c in chain]
+        rows = [
+            SettingRow(
+                name=e.setting.name, label=e.setting.label, value=e.value, shown=e.setting.show(e.value),
+                source=e.source,
+            )
+            for e in self.app.settings.explain(gid, scopes)
+        ]
+        _log("guild_settings_show", by, guild_id=gid, scopes=len(scopes))
+        return SettingsView(
+            guild_id=gid, chain=scopes, settings=rows, scopes=sorted(self.app.settings.scopes(gid))
+        )
+
+    async def guild_setting_set(
+        self, guild_id: int, name: str, text: str, *, scope: int | None = None, by: str | None = None
+    ) -> SettingChange:
+        """Set ``name`` to the value ``text`` says, for the whole server of guild ``guild_id`` or for
+        the category, channel, forum or thread ``scope`` (persisted in guild_settings). A value the
+        bot cannot take raises ``InvalidRequestError`` with one sentence naming the limit."""
+        gid = _guild_id(guild_id)
+        spec = _setting_for(name, scope)
+        try:
+            value = spec.parse(str(text), self.app.settings.limits)
+        except InvalidSettingError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        return await self._change_setting(gid, spec, scope, value, by=by, reset=False)
+
+    async def guild_setting_reset(
+        self, guild_id: int, name: str, *, scope: int | None = None, by: str | None = None
+    ) -> SettingChange:
+        """Remove ``name``'s value for the server (or for ``scope``): the next place out applies again."""
+        gid = _guild_id(guild_id)
+        spec = _setting_for(name, scope)
+        return await self._change_setting(gid, spec, scope, None, by=by, reset=True)
+
+    async def _change_setting(
+        self, gid: int, spec: Setting, scope: int | None, value: Any, *, by: str | None, reset: bool
+    ) -> SettingChange:
+        name = spec.name
+        previous: Any = None
+        changed = False
+
+        def change(data: dict[str, Any]) -> None:
+            nonlocal previous, changed
+            entry = data["guilds"].setdefault(str(gid), {})
+            if name == "chat":
+                assert scope is not None  # _setting_for refused the server
+                channels = [int(c) for c in entry.get("chat_channels") or []]
+                previous = scope in channels
+                if value and not previous:
+                    if len(channels) >= MAX_CHAT_CHANNELS:
+                        raise InvalidRequestError(
+                            f"this server already has {len(channels)} chat channels, the most I keep;"
+                            " turn chat off somewhere first"
+                        )
+                    channels.append(scope)
+                elif not value and previous:
+                    channels.remove(scope)
+                entry["chat_channels"] = sorted(channels)
+                changed = previous != bool(value)
+                return
+            if name == "grounding" and scope is None:  # the server's Search grounding is /server tools'
+                tools = dict(entry.get("tools") or {})
+                previous = bool(tools.get(GROUNDING_TOOL))
+                tools[GROUNDING_TOOL] = bool(value)
+                entry["tools"] = tools
+                changed = previous != bool(value)
+                return
+            stored = entry.setdefault("settings", {})
+            if scope is None:
+                bucket = stored.setdefault("server", {})
+                if name == "persona" and entry.get("persona"):
+                    previous = entry.pop("persona")  # an older version's server persona: superseded
+            else:
+                places = stored.setdefault("channels", {})
+                if str(scope) not in places and not reset and len(places) >= MAX_SCOPES:
+                    raise InvalidRequestError(
+                        f"this server already has settings for {len(places)} channels, categories and "
+                        "threads, the most I keep; reset some first"
+                    )
+                bucket = places.setdefault(str(scope), {})
+            previous = bucket.get(name, previous)
+            if reset:
+                bucket.pop(name, None)
+            else:
+                bucket[name] = value
+            changed = previous != (None if reset else value)
+            if scope is not None and not bucket:
+                del stored["channels"][str(scope)]
+            for part in ("server", "channels"):
+                if not stored.get(part):
+                    stored.pop(part, None)
+            if not stored:
+                entry.pop("settings")
+
+        try:
+            await self.app.datastore.update("guild_settings", change)
+        except DataStoreValidationError as exc:
+            problem = exc.problems[0] if exc.problems else str(exc)
+            raise InvalidRequestError(f"I can't save that: {problem}") from exc
+        self.app.reload_settings()
+        _log("guild_setting_reset" if reset else "guild_setting_set", by, guild_id=gid, setting=name,
+             scope=scope, changed=changed)
+        return SettingChange(
+            guild_id=gid, name=name, label=spec.label, scope=scope, value=None if reset else value,
+            shown=None if reset else spec.show(value), previous=previous, changed=changed,
+        )
+
     # -- Gemini usage (bot/usage.py) ------------------------------------------------------------
 
     async def usage_report(
@@ -857,6 +1049,7 @@ class Operations:
         stats = await app.storage.stats(now=app.clock.time())
         woken = app.drain_waker is not None  # the drain is attached only when a bot runs
         app.drain_wake()
+        await self._tell_others(QUEUE_DRAIN, {})
         blocked = [b.name for b in app.board if b.name in ("gemini", "discord.send") and not b.would_admit()]
         result = QueueDrain(
             woken=woken,
@@ -1031,6 +1224,7 @@ class Operations:
             self.app.queue_new_messages = queue_new_messages
         self._load_changed_at = self.app.clock.time()
         result = self._load_status()
+        await self._tell_load()
         _log("load_shed", by, user_per_minute=result["user_per_minute"],
              guild_per_minute=result["guild_per_minute"], queue_new_messages=result["queue_new_messages"])
         return result
@@ -1042,6 +1236,7 @@ class Operations:
         self.app.queue_new_messages = False
         self._load_changed_at = self.app.clock.time()
         result = self._load_status()
+        await self._tell_load()
         _log("load_restore", by, user_per_minute=result["user_per_minute"],
              guild_per_minute=result["guild_per_minute"])
         return result
@@ -1218,6 +1413,35 @@ class Operations:
         _log("incidents", by, open=len(report.get("open", [])), stored=report.get("stored"))
         return report
 
+    # -- the other processes ---------------------------------------------------------------------------
+
+    async def processes(self, *, by: str | None = None) -> list[ProcessRow]:
+        """Every bot process on the database (this one only, on SQLite), oldest first."""
+        rows = await process_rows(self.app)
+        _log("processes", by, processes=len(rows), alive=sum(r["alive"] for r in rows))
+        return rows
+
+    async def _tell_others(self, kind: str, payload: dict[str, Any]) -> None:
+        """Send ``kind`` to the other processes; the action here is done already, so a failure to
+        tell them is logged, not raised (they act on their own next start, or on the next action)."""
+        try:
+            await self.app.coordination.notify(kind, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("admin.tell_others_failed", kind=kind, category=classify(exc).category.value)
+
+    async def _tell_load(self) -> None:
+        status = self.app.ratelimiter.status()
+        await self._tell_others(
+            LOAD,
+            {
+                "user_per_minute": status["per_user"],
+                "guild_per_minute": status["per_guild"],
+                "queue_new_messages": self.app.queue_new_messages,
+            },
+        )
+
     # -- helpers --------------------------------------------------------------------------------------
 
     def _breaker_name(self, name: str, *, allow_all: bool) -> str:
@@ -1289,6 +1513,120 @@ async def apply_breaker_overrides(app: Application) -> list[str]:
     return opened
 
 
+def follow_breaker_overrides(app: Application) -> list[str]:
+    """Open the breakers the shared ``breakers`` state holds open (another process's operator opened
+    them) that are not open here; return their names. Writes nothing."""
+    now = app.clock.time()
+    opened = []
+    overrides = (app.store.cached("breakers") or {}).get("overrides", {})
+    for name, entry in _active_overrides(overrides, now).items():
+        if name not in app.board:
+            continue
+        snap = app.board[name].snapshot()
+        if snap.state.value == "open" and snap.forced_reason == (entry.get("reason") or "forced open"):
+            continue  # held open here already (this process opened it, or heard of it before)
+        until = entry.get("until")
+        app.board[name].force_open(HOLD_SECONDS if until is None else until - now, entry.get("reason", ""))
+        opened.append(name)
+    return opened
+
+
+def follow_other_processes(app: Application) -> None:
+    """Act on what other processes' operators do: their changes to the shared state (maintenance, a
+    guild's settings, owners, opened breakers) and their notifications (a breaker reset, a drain
+    wake-up, load shedding). Nothing happens on SQLite, where no other process exists."""
+
+    async def state_changed(name: str) -> None:
+        if name == "breakers":
+            opened = follow_breaker_overrides(app)
+            log.info("admin.followed", state=name, opened=opened)
+            return
+        app.reload_settings()
+        app.drain_wake()  # maintenance may have ended (bot-wide or a guild's): its queue may go now
+        log.info("admin.followed", state=name, mode=str(app.degradation.mode))
+
+    async def circuit_reset(payload: dict[str, Any]) -> None:
+        names = [n for n in payload.get("names") or [] if isinstance(n, str) and n in app.board]
+        for name in names:
+            app.board[name].reset()
+        app.drain_wake()
+        log.info("admin.followed", action=CIRCUIT_RESET, reset=names, origin=payload.get("origin"))
+
+    async def queue_drain(payload: dict[str, Any]) -> None:
+        app.drain_wake()
+        log.info("admin.followed", action=QUEUE_DRAIN, origin=payload.get("origin"))
+
+    async def load(payload: dict[str, Any]) -> None:
+        limiter = app.ratelimiter
+        current = limiter.status()
+        per_user, per_guild = payload.get("user_per_minute"), payload.get("guild_per_minute")
+        limiter.set_limits(
+            per_user if isinstance(per_user, int) else current["per_user"],
+            per_guild if isinstance(per_guild, int) else current["per_guild"],
+        )
+        if isinstance(payload.get("queue_new_messages"), bool):
+            app.queue_new_messages = payload["queue_new_messages"]
+        log.info("admin.followed", action=LOAD, origin=payload.get("origin"))
+
+    app.datastore.add_listener(state_changed)
+    app.coordination.subscribe(CIRCUIT_RESET, circuit_reset)
+    app.coordination.subscribe(QUEUE_DRAIN, queue_drain)
+    app.coordination.subscribe(LOAD, load)
+
+
+def process_state(app: Application, *, drain_running: bool) -> dict[str, Any]:
+    """What this process's heartbeat records for the others' ``/status``."""
+    snap = app.degradation.snapshot()
+    return {
+        "mode": snap.mode.value,
+        "reason": snap.reason,
+        "breakers": {b.name: b.state.value for b in app.board.snapshot()},
+        "discord": app.discord_connected(),
+        "drain": drain_running,
+        "queue_new_messages": app.queue_new_messages,
+    }
+
+
+async def process_rows(app: Application) -> list[ProcessRow]:
+    """Every process on the database from its heartbeat (this one only, on SQLite), oldest first."""
+    now = app.clock.time()
+    return [_process_row(p, now) for p in await app.coordination.processes()]
+
+
+def _process_row(process: ProcessRecord, now: float) -> ProcessRow:
+    return ProcessRow(
+        id=process.id,
+        name=process.name,
+        alive=process.alive,
+        this=process.this,
+        started_at=process.started_at,
+        beat_age=round(max(0.0, now - process.beat_at), 3),
+        stopped_at=process.stopped_at,
+        state=process.state,
+    )
+
+
+def describe_processes(rows: list[ProcessRow], heartbeat: float) -> str:
+    """One line per process for ``/status``: its name, what its last heartbeat said, how old that is."""
+    lines = []
+    for row in rows:
+        name = row["name"] + (" (this one)" if row["this"] else "")
+        if not row["alive"]:
+            lines.append(f"{name}: gone" + (" (stopped)" if row["stopped_at"] is not None else " (died)"))
+            continue
+        state = row["state"]
+        parts = [str(state.get("mode", "starting"))]
+        not_closed = [f"{n} {s}" for n, s in (state.get("breakers") or {}).items() if s != "closed"]
+        if not_closed:
+            parts.append(", ".join(not_closed))
+        if state.get("discord") is False:
+            parts.append("Discord not connected")
+        age = row["beat_age"]
+        silent = " (silent)" if age > SILENT_AFTER_BEATS * heartbeat else ""
+        lines.append(f"{name}: {'; '.join(parts)}; heartbeat {age:.0f} s ago{silent}")
+    return "\n".join(lines)
+
+
 def _active_overrides(overrides: dict[str, dict[str, Any]], now: float) -> dict[str, dict[str, Any]]:
     return {
         name: entry
@@ -1313,6 +1651,23 @@ def _guild_id(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidRequestError("a guild id must be a positive integer")
     return value
+
+
+def _setting_for(name: str, scope: int | None) -> Setting:
+    """The setting ``name``, if it may be set there (the server when ``scope`` is None)."""
+    try:
+        spec = setting(str(name))
+    except InvalidSettingError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    if scope is not None:
+        _channel_id(scope)
+        if spec.server_only:
+            raise InvalidRequestError(f"{spec.name} is set for the whole server, not for one channel")
+    elif spec.channel_only:
+        raise InvalidRequestError(
+            f"{spec.name} is set per channel, forum, category or thread: name the place it applies to"
+        )
+    return spec
 
 
 def _user_id(value: Any) -> int:

@@ -493,10 +493,12 @@ class Streaming:
     def __len__(self) -> int:
         return len(self._live)
 
-    def applies(self, item: QueueItem, channel: object) -> bool:
-        """Whether this answer streams: streaming is on (or the item was streamed before, by a
-        process that had it on), and the answer goes to a channel whose messages can be edited."""
-        return (self.app.config.streaming or streamed(item)) and isinstance(channel, STREAMABLE)
+    def applies(self, item: QueueItem, channel: object, enabled: bool | None = None) -> bool:
+        """Whether this answer streams: streaming is on (``enabled``, the server's setting; None: the
+        bot's ``STREAMING``), or the item was streamed before (by a process or a setting that had it
+        on), and the answer goes to a channel whose messages can be edited."""
+        on = self.app.config.streaming if enabled is None else enabled
+        return (on or streamed(item)) and isinstance(channel, STREAMABLE)
 
     def open(
         self,
@@ -507,11 +509,13 @@ class Streaming:
         original: Original,
         prefix: str,
         files: bool,
+        enabled: bool | None = None,
     ) -> StreamWriter | None:
         """A writer for the answer to ``item``, or None when it is not streamed. ``prefix`` goes
         before the text (a late answer's recall of the question); ``files``: whether a long answer
-        may become a file here (the messages then stop growing past LONG_ANSWER_CHARS)."""
-        if not self.applies(item, channel):
+        may become a file here (the messages then stop growing past LONG_ANSWER_CHARS); ``enabled``:
+        the server's streaming setting (None: the bot's default)."""
+        if not self.applies(item, channel, enabled):
             return None
         long_chars = self.app.config.long_answer_chars if files else None
         return StreamWriter(

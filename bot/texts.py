@@ -204,12 +204,12 @@ def owners_only() -> str:
     )
 
 
-def managers_only() -> str:
-    return "`/server` changes this server's settings, so it needs the Manage Server permission here."
+def managers_only(command: str = "server") -> str:
+    return f"`/{command}` changes this server's settings, so it needs the Manage Server permission here."
 
 
-def server_only() -> str:
-    return "`/server` works only in a server, on that server's settings."
+def server_only(command: str = "server") -> str:
+    return f"`/{command}` works only in a server, on that server's settings."
 
 
 def reset_refused() -> str:
@@ -294,3 +294,15 @@ def _human(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{round(seconds / 60)} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def duration(seconds: float) -> str:
+    """A duration for people: 45 s, 12 min, 3.5 h, 2.0 d (status views, alerts, incidents)."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"

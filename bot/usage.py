@@ -29,7 +29,8 @@ import structlog
 from resilience.clock import Clock
 from resilience.errors import classify
 from services.gemini import Reply
-from services.storage import SECONDS_PER_DAY, SqliteStore, UsageRecord, usage_day
+from services.storage import SECONDS_PER_DAY, UsageRecord, usage_day
+from services.storage_protocol import Storage
 
 log = structlog.get_logger("bot.usage")
 
@@ -66,7 +67,7 @@ class UsageLedger:
 
     def __init__(
         self,
-        storage: SqliteStore,
+        storage: Storage,
         *,
         user_daily: int,
         guild_daily: int,

@@ -28,6 +28,9 @@ delete      ``DELETE /channels/{id}/messages/{mid}``
 history     ``GET /channels/{id}/messages``
 message     ``GET /channels/{id}/messages/{mid}``
 react       ``PUT``/``DELETE .../reactions/{emoji}/@me``
+thread      ``POST /channels/{id}/messages/{mid}/threads`` (Start Thread from Message: the thread's
+            id is the message's; 403 50013 without Create Public Threads, 400 160004 for a
+            message that already has one; THREAD_CREATE follows)
 typing      ``POST /channels/{id}/typing``
 dm          ``POST /users/@me/channels``
 channel     ``GET /channels/{id}``
@@ -101,9 +104,13 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from sandbox.discord_state import (
+    CHANNEL_FORUM,
+    CHANNEL_TEXT,
+    CREATE_PUBLIC_THREADS,
     INTENT_MESSAGE_CONTENT,
     IS_VOICE_MESSAGE,
     READ_MESSAGE_HISTORY,
+    THREAD_NAME_MAX,
     VIEW_CHANNEL,
     RateLimits,
     RateVerdict,
@@ -260,6 +267,18 @@ class InteractionRecord:
     def ephemeral(self) -> bool:
         """True when the first response (callback or deferral) was ephemeral."""
         return bool((self.callback_data or {}).get("flags", 0) & EPHEMERAL)
+
+    @property
+    def choices(self) -> list[dict[str, Any]] | None:
+        """The autocomplete choices the bot answered with (callback type 8), else None."""
+        if self.callback_type != AUTOCOMPLETE_RESULT:
+            return None
+        return list((self.callback_data or {}).get("choices") or [])
+
+    @property
+    def modal(self) -> dict[str, Any] | None:
+        """The modal the bot answered with (callback type 9): custom id, title, components."""
+        return self.callback_data if self.callback_type == MODAL else None
 
     def texts(self) -> list[str]:
         """Every text the user saw: the callback message, the original's edits, the follow-ups."""
@@ -637,8 +656,13 @@ class DiscordEmulator:
         *,
         user: str | int = "normal",
         channel_id: int | None = None,
+        focused: str | None = None,
     ) -> InteractionRecord:
         """A user runs slash command ``name``: dispatches INTERACTION_CREATE; returns its record.
+
+        With ``focused`` (an option's name) the user is still typing that option: the interaction is
+        an autocomplete (type 4) with that option ``focused``, and the bot answers with choices
+        (callback type 8, ``record.choices``), as Discord asks while a user types.
 
         ``options`` maps option names to values (str, int, bool, float, or a :class:`ChannelRef`
         for a channel option, sent with its ``resolved`` data). A dict value is a
@@ -658,14 +682,14 @@ class DiscordEmulator:
         data: dict[str, Any] = {
             "id": str(iid),
             "application_id": str(self.application_id),
-            "type": 2,
+            "type": 2 if focused is None else 4,
             "token": token,
             "version": 1,
             "data": {
                 "id": str(command_id),
                 "name": name,
                 "type": 1,
-                "options": _options(options or {}),
+                "options": _focus(_options(options or {}), focused),
             },
             "channel_id": str(channel_id),
             "channel": dict(channel),
@@ -752,6 +776,78 @@ class DiscordEmulator:
         self._by_token[token] = record
         await self._dispatch("INTERACTION_CREATE", data)
         return record
+
+    async def submit_modal(
+        self, record: InteractionRecord, values: dict[str, str], *, user: str | int | None = None
+    ) -> InteractionRecord:
+        """The user fills in and submits the modal the bot answered ``record`` with (callback type
+        9): a MODAL_SUBMIT interaction (type 5) with the text inputs' ``values`` by custom id, in the
+        components' shape the modal was sent in (action rows, or labels). Returns its record."""
+        modal = record.modal
+        if modal is None:
+            raise ValueError(f"interaction {record.id} was not answered with a modal")
+        inputs = _modal_inputs(modal)
+        unknown = set(values) - set(inputs)
+        if unknown:
+            raise KeyError(f"no text input {sorted(unknown)} in the modal")
+        for custom_id, spec in inputs.items():
+            value = values.get(custom_id, "")
+            if spec.get("required", True) and not value:
+                raise ValueError(f"the modal's input {custom_id!r} is required")  # Discord's client stops it
+            if len(value) > int(spec.get("max_length", 4000)):
+                raise ValueError(f"{custom_id!r} is longer than its max_length")  # the client stops that too
+        components = []
+        for n, (cid, spec) in enumerate(inputs.items()):
+            entered = {"type": 4, "id": 2 * n + 2, "custom_id": cid, "value": values.get(cid, "")}
+            if spec["__labelled"]:
+                components.append({"type": 18, "id": 2 * n + 1, "component": entered})
+            else:
+                components.append({"type": 1, "id": 2 * n + 1, "components": [entered]})
+        who = self.world.user(user if user is not None else record.user_id)
+        iid = self.world.snowflake()
+        token = "itok-" + secrets.token_hex(16)
+        data = {**record.payload, "id": str(iid), "token": token, "type": 5,
+                "data": {"custom_id": modal["custom_id"], "components": components}}
+        if "member" in data:
+            data["member"] = {**data["member"], "user": who.payload()}
+        else:
+            data["user"] = who.payload()
+        submitted = InteractionRecord(iid, token, record.name, dict(values), who.id, record.channel_id, data)
+        self._interactions[iid] = submitted
+        self._by_token[token] = submitted
+        await self._dispatch("INTERACTION_CREATE", data)
+        return submitted
+
+    async def create_forum_post(
+        self,
+        forum_id: int,
+        author: str | int = "normal",
+        title: str = "A question",
+        content: str = "",
+        *,
+        mentions_bot: bool = False,
+    ) -> dict[str, Any]:
+        """A user opens a post in a forum: a public thread (type 11, parent the forum) whose first
+        message has the thread's id, as Discord's Start Thread in Forum Channel makes them;
+        THREAD_CREATE, then MESSAGE_CREATE of that message. Returns the message's payload."""
+        if self.world.channel_data.get(forum_id, {}).get("type") != CHANNEL_FORUM:
+            raise ValueError(f"channel {forum_id} is not a forum")
+        mid = self.world.snowflake()
+        thread_id = self.world.add_thread(forum_id, title[:THREAD_NAME_MAX], owner=author, thread_id=mid)
+        self.world.channel_data[forum_id]["last_message_id"] = str(thread_id)
+        await self._dispatch("THREAD_CREATE", {**self.world.channel_data[thread_id], "newly_created": True})
+        user = self.world.user(author)
+        mentions = []
+        if mentions_bot:
+            tag = f"<@{self.bot_user_id}>"
+            content = content if tag in content else f"{tag} {content}".strip()
+            mentions.append(self.world.bot)
+        data = self.world.message_payload(thread_id, user, content, mentions=mentions)
+        data["id"] = str(mid)
+        self.world.store(data)
+        await self._dispatch("MESSAGE_CREATE", data)
+        await self._notify()
+        return data
 
     def _command_id(self, name: str) -> int:
         for commands in self.commands.values():
@@ -1070,6 +1166,7 @@ class DiscordEmulator:
             ("PATCH", msg, "edit", self._edit_message, True),
             ("DELETE", msg, "delete", self._delete_message, True),
             ("PUT", msg + "/reactions/{emoji}/@me", "react", self._add_reaction, True),
+            ("POST", msg + "/threads", "thread", self._start_thread, True),
             ("DELETE", msg + "/reactions/{emoji}/@me", "react", self._remove_reaction, True),
             ("GET", "/applications/{app_id}/commands", "commands", self._get_commands, True),
             ("PUT", "/applications/{app_id}/commands", "commands", self._put_commands, True),
@@ -1125,6 +1222,33 @@ class DiscordEmulator:
 
     async def _get_channel(self, request: web.Request, body: Any) -> web.Response:
         return _json(200, self.world.channel_data[self._channel(request)])
+
+    async def _start_thread(self, request: web.Request, body: Any) -> web.Response:
+        """Start Thread from Message (discord-api-docs, Channel resource): a public thread whose id is
+        the message's, in a text channel. Needs Create Public Threads there (403 50013, "Missing
+        Permissions"); a message can start one thread only (400 160004, "A thread has already been
+        created for this message"); the name is 1 to 100 characters (400 50035)."""
+        cid, message = self._message(request)
+        channel = self.world.channel_data[cid]
+        if channel.get("type") != CHANNEL_TEXT:
+            raise ApiError(400, "Cannot execute action on this channel type", 50024)
+        if not self.world.channel_permissions(self.world.bot, cid) & CREATE_PUBLIC_THREADS:
+            raise ApiError(403, "Missing Permissions", 50013)
+        mid = int(message["id"])
+        if mid in self.world.channel_data:
+            raise ApiError(400, "A thread has already been created for this message", 160004)
+        name = str((body or {}).get("name") or "")
+        if not 1 <= len(name) <= THREAD_NAME_MAX:
+            raise ApiError(400, "Invalid Form Body", 50035, {"name": {"_errors": [
+                {"code": "BASE_TYPE_BAD_LENGTH", "message": "Must be between 1 and 100 in length."}]}})
+        tid = self.world.add_thread(cid, name, owner="bot", thread_id=mid)
+        duration = (body or {}).get("auto_archive_duration")
+        if duration:
+            self.world.channel_data[tid]["thread_metadata"]["auto_archive_duration"] = int(duration)
+        message["thread"] = dict(self.world.channel_data[tid])
+        message["flags"] = int(message.get("flags") or 0) | HAS_THREAD
+        await self._dispatch("THREAD_CREATE", {**self.world.channel_data[tid], "newly_created": True})
+        return _json(201, self.world.channel_data[tid])
 
     async def _typing(self, request: web.Request, body: Any) -> web.Response:
         self.typing.append(self._channel(request))
@@ -1416,6 +1540,10 @@ class DiscordEmulator:
         body = body or {}
         kind = int(body.get("type", 0))
         data = body.get("data") or {}
+        if kind == AUTOCOMPLETE_RESULT:
+            _validate_choices(data)
+        elif kind == MODAL:
+            _validate_modal(data)
         record.events.append(("callback", body))
         record.callback_type = kind
         record.callback_data = data
@@ -1713,6 +1841,81 @@ def _resolved_channels(options: dict[str, Any]) -> list[int]:
         elif isinstance(value, ChannelRef):
             found.append(value.id)
     return found
+
+
+def _focus(options: list[dict[str, Any]], focused: str | None) -> list[dict[str, Any]]:
+    """``options`` with option ``focused`` (at any depth) marked as the one being typed: an
+    autocomplete sends its value as typed so far, always as a string (discord-api-docs,
+    Autocomplete: "the focused option ... value will be the partial user input")."""
+    if focused is None:
+        return options
+    out = []
+    for option in options:
+        if "options" in option:
+            option = {**option, "options": _focus(option["options"], focused)}
+        elif option["name"] == focused:
+            option = {**option, "value": str(option["value"]), "type": option["type"], "focused": True}
+        out.append(option)
+    return out
+
+
+AUTOCOMPLETE_RESULT = 8
+MODAL = 9
+HAS_THREAD = 1 << 5  # message flag: a thread was started from it
+MAX_CHOICES = 25  # autocomplete choices, at most (discord-api-docs, Autocomplete)
+MODAL_TITLE_MAX = 45
+TEXT_INPUT_MAX = 4000
+
+
+def _validate_choices(data: dict[str, Any]) -> None:
+    """Refuse autocomplete results Discord refuses: more than 25 choices, names of 1 to 100
+    characters, string values of at most 100 (400 50035, "Invalid Form Body")."""
+    choices = data.get("choices")
+    bad = not isinstance(choices, list) or len(choices) > MAX_CHOICES or any(
+        not isinstance(c, dict) or not 1 <= len(str(c.get("name", ""))) <= 100
+        or (isinstance(c.get("value"), str) and len(c["value"]) > 100)
+        for c in choices or []
+    )
+    if bad:
+        raise ApiError(400, "Invalid Form Body", 50035, {"data": {"choices": {"_errors": [
+            {"code": "BASE_TYPE_BAD_LENGTH", "message": "Must be between 1 and 25 in length."}]}}})
+
+
+def _modal_inputs(modal: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A modal's text inputs by custom id, each marked ``__labelled`` when sent inside a label
+    (type 18, ``component``) rather than an action row (type 1, ``components``)."""
+    found: dict[str, dict[str, Any]] = {}
+    for top in modal.get("components") or []:
+        if top.get("type") == 18:
+            inner, labelled = [top.get("component") or {}], True
+        else:
+            inner, labelled = top.get("components") or [], False
+        for item in inner:
+            if item.get("type") == 4:
+                found[str(item.get("custom_id"))] = {**item, "__labelled": labelled}
+    return found
+
+
+def _validate_modal(data: dict[str, Any]) -> None:
+    """Refuse a modal Discord refuses (discord-api-docs, Interaction Response "Modal" and Text
+    Input): a title of 1 to 45 characters, 1 to 5 components, each text input with a custom id, a
+    label of at most 45 characters (on the input or its label) and max_length of at most 4000."""
+    inputs = _modal_inputs(data)
+    components = data.get("components") or []
+    title = str(data.get("title") or "")
+    bad = not data.get("custom_id") or not 1 <= len(title) <= MODAL_TITLE_MAX or not 1 <= len(components) <= 5
+    for top in components:
+        label = top.get("label") if top.get("type") == 18 else None
+        for item in ([top.get("component")] if top.get("type") == 18 else top.get("components") or []):
+            if not isinstance(item, dict) or item.get("type") != 4:
+                continue
+            text = label if label is not None else item.get("label")
+            bad = bad or not text or len(str(text)) > MODAL_TITLE_MAX
+            bad = bad or int(item.get("max_length", TEXT_INPUT_MAX)) > TEXT_INPUT_MAX
+            bad = bad or len(str(item.get("value") or "")) > int(item.get("max_length", TEXT_INPUT_MAX))
+    if bad or not inputs:
+        raise ApiError(400, "Invalid Form Body", 50035, {"data": {"_errors": [
+            {"code": "MODAL_INVALID", "message": "Invalid modal."}]}})
 
 
 def _options(options: dict[str, Any]) -> list[dict[str, Any]]:

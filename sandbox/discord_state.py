@@ -29,6 +29,7 @@ MANAGE_GUILD = 1 << 5
 VIEW_CHANNEL = 1 << 10
 MANAGE_MESSAGES = 1 << 13
 READ_MESSAGE_HISTORY = 1 << 16
+CREATE_PUBLIC_THREADS = 1 << 35
 ALL_PERMISSIONS = (1 << 51) - 1
 EVERYONE_PERMISSIONS = (
     (1 << 6)  # add reactions
@@ -38,6 +39,7 @@ EVERYONE_PERMISSIONS = (
     | (1 << 15)  # attach files
     | (1 << 16)  # read message history
     | (1 << 31)  # use application commands
+    | CREATE_PUBLIC_THREADS  # in Discord's defaults for @everyone, as are threads' messages
     | (1 << 38)  # send messages in threads
 )
 BOT_PERMISSIONS = EVERYONE_PERMISSIONS | MANAGE_MESSAGES
@@ -48,7 +50,12 @@ INTENT_MESSAGE_CONTENT = 1 << 15
 
 CHANNEL_TEXT = 0
 CHANNEL_DM = 1
+CHANNEL_CATEGORY = 4
 CHANNEL_PUBLIC_THREAD = 11
+CHANNEL_FORUM = 15
+# Where threads grow: text channels (from a message) and forums (each post is a thread).
+THREAD_PARENTS = frozenset({CHANNEL_TEXT, CHANNEL_FORUM})
+THREAD_NAME_MAX = 100  # a channel name: 1 to 100 characters (discord-api-docs, Channel object)
 
 MESSAGE_DEFAULT = 0
 MESSAGE_REPLY = 19
@@ -271,17 +278,53 @@ class World:
         self.team = TeamRecord(self.snowflake(), name, owner or next(iter(parsed)), parsed)
         return self.team.id
 
-    def add_text_channel(self, name: str, *, position: int | None = None, guild_id: int | None = None) -> int:
-        """Add a text channel to a guild (default: the first); returns its id."""
+    def add_text_channel(
+        self,
+        name: str,
+        *,
+        position: int | None = None,
+        guild_id: int | None = None,
+        category: int | None = None,
+    ) -> int:
+        """Add a text channel to a guild (default: the first), in ``category`` if given; returns its id."""
+        return self._add_channel(name, CHANNEL_TEXT, position=position, guild_id=guild_id, category=category)
+
+    def add_category(self, name: str, *, guild_id: int | None = None) -> int:
+        """Add a category (a channel of type 4 that others name as their ``parent_id``); returns its id."""
+        return self._add_channel(name, CHANNEL_CATEGORY, guild_id=guild_id)
+
+    def add_forum_channel(
+        self, name: str, *, guild_id: int | None = None, category: int | None = None
+    ) -> int:
+        """Add a forum (type 15): it holds no messages of its own, each post is a thread in it."""
+        cid = self._add_channel(name, CHANNEL_FORUM, guild_id=guild_id, category=category)
+        self.channel_data[cid].update({
+            "available_tags": [],
+            "default_reaction_emoji": None,
+            "default_sort_order": None,
+            "default_forum_layout": 0,
+            "default_thread_rate_limit_per_user": 0,
+        })
+        return cid
+
+    def _add_channel(
+        self,
+        name: str,
+        kind: int,
+        *,
+        position: int | None = None,
+        guild_id: int | None = None,
+        category: int | None = None,
+    ) -> int:
         cid = self.snowflake()
         self.channels[name] = cid
         self.channel_data[cid] = {
             "id": str(cid),
-            "type": CHANNEL_TEXT,
+            "type": kind,
             "guild_id": str(guild_id if guild_id is not None else self.guild_id),
             "name": name,
             "position": len(self.channels) - 1 if position is None else position,
-            "parent_id": None,
+            "parent_id": None if category is None else str(category),
             "topic": None,
             "nsfw": False,
             "last_message_id": None,
@@ -292,6 +335,37 @@ class World:
         if hasattr(self, "messages"):
             self.messages[cid] = []
         return cid
+
+    def add_thread(self, parent_id: int, name: str, *, owner: str | int, thread_id: int | None = None) -> int:
+        """Add a public thread (type 11) in a text channel or forum; ``thread_id`` is the id of the
+        message it starts from (a thread from a message, and a forum post, share their first
+        message's id, as on Discord). Returns its id."""
+        parent = self.channel_data[parent_id]
+        if parent.get("type") not in THREAD_PARENTS:
+            raise ValueError(f"channel {parent_id} cannot hold threads")
+        tid = thread_id if thread_id is not None else self.snowflake()
+        self.channel_data[tid] = {
+            "id": str(tid),
+            "type": CHANNEL_PUBLIC_THREAD,
+            "guild_id": parent["guild_id"],
+            "parent_id": str(parent_id),
+            "owner_id": str(self.user(owner).id),
+            "name": name,
+            "last_message_id": None,
+            "message_count": 0,
+            "member_count": 1,
+            "rate_limit_per_user": 0,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 1440,
+                "archive_timestamp": now_iso(),
+                "locked": False,
+                "create_timestamp": now_iso(),
+            },
+        }
+        self.messages[tid] = []
+        return tid
 
     def user(self, who: str | int) -> UserRecord:
         """Look a user up by key (``"admin"``) or id."""
@@ -436,7 +510,7 @@ class World:
         if not intents & INTENT_GUILD_MEMBERS:
             members = [self.bot]  # without the members intent Discord sends only the bot itself
         own = [c for c in self.channel_data.values() if c.get("guild_id") == str(guild.id)]
-        channels = [c for c in own if c.get("type") == CHANNEL_TEXT]
+        channels = [c for c in own if c.get("type") in (CHANNEL_TEXT, CHANNEL_CATEGORY, CHANNEL_FORUM)]
         threads = [c for c in own if c.get("type") == CHANNEL_PUBLIC_THREAD]
         return {
             "id": str(guild.id),

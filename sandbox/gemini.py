@@ -274,7 +274,61 @@ def last_user_text(body: Any) -> str:
     if not isinstance(body, dict):
         return ""
     turns = [c for c in body.get("contents", []) if isinstance(c, dict) and c.get("role", "user") == "user"]
-    return responder.text_of(turns[-1]) if turns else ""
+    return responder.said(turns[-1]) if turns else ""
+
+
+# Safety settings (https://ai.google.dev/gemini-api/docs/safety-settings; REST SafetySetting): the
+# adjustable categories and the thresholds, and which probabilities each threshold blocks. Without a
+# setting a category is not filtered: current models' adjustable filters are off by default.
+HARM_CATEGORIES = frozenset({"HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH",
+                             "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_DANGEROUS_CONTENT",
+                             "HARM_CATEGORY_CIVIC_INTEGRITY"})
+BLOCKS_AT = {
+    "BLOCK_LOW_AND_ABOVE": frozenset({"LOW", "MEDIUM", "HIGH"}),
+    "BLOCK_MEDIUM_AND_ABOVE": frozenset({"MEDIUM", "HIGH"}),
+    "BLOCK_ONLY_HIGH": frozenset({"HIGH"}),
+    "BLOCK_NONE": frozenset(),
+    "OFF": frozenset(),
+    "HARM_BLOCK_THRESHOLD_UNSPECIFIED": frozenset(),
+}
+# The emulated model's deterministic safety ratings: a question asking for an insult gets an answer
+# rated MEDIUM for harassment (blocked as an answer, finishReason SAFETY), a question holding a threat
+# is itself rated HIGH for dangerous content (blocked as a prompt, promptFeedback.blockReason SAFETY).
+RATED_WORDS = {
+    "insult": ("answer", "HARM_CATEGORY_HARASSMENT", "MEDIUM"),
+    "threat": ("prompt", "HARM_CATEGORY_DANGEROUS_CONTENT", "HIGH"),
+}
+
+
+def generation_problem(body: Any) -> str | None:
+    """What the real API says about a ``generationConfig`` or ``safetySettings`` it refuses, or None:
+    a temperature outside 0.0 to 2.0, an unknown harm category or threshold (400 INVALID_ARGUMENT)."""
+    config = body.get("generationConfig") if isinstance(body, dict) else None
+    temperature = (config or {}).get("temperature")
+    if temperature is not None and not (isinstance(temperature, int | float) and 0 <= temperature <= 2):
+        return (f"* GenerateContentRequest.generation_config.temperature: temperature must be in the range "
+                f"[0.0, 2.0], got {temperature}")
+    for n, setting in enumerate((body.get("safetySettings") or []) if isinstance(body, dict) else []):
+        if not isinstance(setting, dict) or setting.get("category") not in HARM_CATEGORIES:
+            return f"Invalid value at 'safety_settings[{n}].category'"
+        if setting.get("threshold") not in BLOCKS_AT:
+            return f"Invalid value at 'safety_settings[{n}].threshold'"
+    return None
+
+
+def safety_block(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]] | None:
+    """``("prompt" | "answer", safetyRatings)`` when the request's safety settings block its question
+    or its answer (``RATED_WORDS``), else None."""
+    thresholds = {s.get("category"): s.get("threshold") for s in body.get("safetySettings") or []
+                  if isinstance(s, dict)}
+    prompt = last_user_text(body).lower()
+    for word, (where, category, probability) in RATED_WORDS.items():
+        if word in prompt and probability in BLOCKS_AT.get(str(thresholds.get(category)), frozenset()):
+            rated = sorted(HARM_CATEGORIES - {"HARM_CATEGORY_CIVIC_INTEGRITY"})
+            ratings = [{"category": c, "probability": probability if c == category else "NEGLIGIBLE",
+                        **({"blocked": True} if c == category else {})} for c in rated]
+            return where, ratings
+    return None
 
 
 def parse_model_path(path: str) -> tuple[str, str | None, str] | None:
@@ -650,7 +704,7 @@ class GeminiEmulator(FilesApi):
         if model is not None and served is None:
             rec.outcome = "not_found"
             return web.json_response(model_not_found_body(model, version, action), status=404)
-        problem = tools_problem(body) if action in _GENERATION_ACTIONS else None
+        problem = (tools_problem(body) or generation_problem(body)) if action in _GENERATION_ACTIONS else None
         if problem is not None:
             rec.outcome = "bad_request"
             return web.json_response(error_body(400, "INVALID_ARGUMENT", problem), status=400)
@@ -783,10 +837,26 @@ class GeminiEmulator(FilesApi):
         version = model + MODEL_VERSION_SUFFIX
         kind = fault.kind if fault else None
         if kind == "prompt_block":
-            return {"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": _SAFETY_RATINGS},
-                    "usageMetadata": self._usage(body, ""), "modelVersion": version}
+            # ``reason``: SAFETY (default), OTHER, BLOCKLIST, PROHIBITED_CONTENT (types.BlockedReason)
+            reason = str(fault.params.get("reason", "SAFETY")) if fault else "SAFETY"
+            feedback: dict[str, Any] = {"blockReason": reason}
+            if reason == "SAFETY":
+                feedback["safetyRatings"] = _SAFETY_RATINGS
+            usage = self._usage(body, "")
+            return {"promptFeedback": feedback, "usageMetadata": usage, "modelVersion": version}
         if kind == "empty":
-            return {"candidates": [], "usageMetadata": self._usage(body, ""), "modelVersion": version}
+            # ``finish``: "OTHER" gives the empty candidate Gemini ends with for some topics even with
+            # its filters off; by default the candidate list is empty.
+            finish = fault.params.get("finish") if fault else None
+            candidates = [{"finishReason": str(finish), "index": 0}] if finish else []
+            return {"candidates": candidates, "usageMetadata": self._usage(body, ""), "modelVersion": version}
+        blocked = safety_block(body)
+        if blocked is not None and blocked[0] == "prompt":
+            return {"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": blocked[1]},
+                    "usageMetadata": self._usage(body, ""), "modelVersion": version}
+        if blocked is not None:
+            return {"candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": blocked[1]}],
+                    "usageMetadata": self._usage(body, ""), "modelVersion": version}
         if kind == "safety":
             return {"candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": _SAFETY_RATINGS}],
                     "usageMetadata": self._usage(body, ""), "modelVersion": version}

@@ -37,6 +37,39 @@ def text_of(content: dict[str, Any] | None) -> str:
     return "".join(str(p.get("text", "")) for p in content.get("parts", []) if isinstance(p, dict))
 
 
+# A turn of a shared conversation may start with who wrote it, "Name (<@id>): " (how a Discord bot
+# tells a model the people of a channel apart); the emulated model reads it as a model would: as
+# who is speaking, not as part of the question.
+SPEAKER = re.compile(r"^(?P<name>[^\n:()<>]{1,60}) \(<@(?P<id>\d{1,20})>\): ")
+
+
+def split_speaker(text: str) -> tuple[str | None, str]:
+    """``("Name (<@id>)", rest)`` for a text that starts with a speaker label, else ``(None, text)``."""
+    found = SPEAKER.match(text)
+    if found is None:
+        return None, text
+    return f"{found['name']} (<@{found['id']}>)", text[found.end():]
+
+
+def said(content: dict[str, Any] | None) -> str:
+    """The text of one ``Content`` without the speaker labels its parts start with."""
+    if not content:
+        return ""
+    return "".join(split_speaker(str(p.get("text", "")))[1]
+                   for p in content.get("parts", []) if isinstance(p, dict))
+
+
+def speakers(content: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """``(speaker, text)`` for each labelled text part of one ``Content``."""
+    found = []
+    for part in (content or {}).get("parts", []):
+        if isinstance(part, dict):
+            who, text = split_speaker(str(part.get("text", "")))
+            if who is not None:
+                found.append((who, text))
+    return found
+
+
 def words_of_length(n: int) -> str:
     """Return exactly ``n`` characters of space-separated words (no leading/trailing space)."""
     n = max(0, min(n, MAX_LENGTH))
@@ -148,7 +181,7 @@ def reply(body: dict[str, Any], files: FileFacts | None = None, rng: random.Rand
 def _reply(body: dict[str, Any], rng: random.Random | None = None) -> str:
     contents = [c for c in body.get("contents", []) if isinstance(c, dict)]
     user_turns = [c for c in contents if c.get("role", "user") == "user"]
-    last = text_of(user_turns[-1]) if user_turns else ""
+    last = said(user_turns[-1]) if user_turns else ""
     earlier = len(contents) - 1 if contents else 0
     prompt = last.strip().lower().rstrip("?!. ")
 
@@ -158,6 +191,11 @@ def _reply(body: dict[str, Any], rng: random.Random | None = None) -> str:
         return f"I pick {(rng or random.Random(0)).randint(1, 1_000_000)}."
     if match := _EXACT_CODE_RE.search(last):
         return code_of_length(int(match.group(1)))
+    if prompt == "who am i":
+        asking = speakers(user_turns[-1]) if user_turns else []
+        return f"You are {asking[-1][0]}." if asking else "I can't tell who you are: nobody is named."
+    if prompt.startswith("who said "):
+        return _who_said(prompt.removeprefix("who said ").strip(), user_turns[:-1])
     if match := _LENGTH_RE.search(last):
         if "code" in prompt:
             return prose_and_code(int(match.group(1)))
@@ -171,6 +209,15 @@ def _reply(body: dict[str, Any], rng: random.Random | None = None) -> str:
             return f"I follow my system instruction: «{system}»"
         return "I am the sandbox Gemini, and I was given no system instruction."
     return f"Echo (saw {earlier} earlier turns): «{last}»"
+
+
+def _who_said(words: str, earlier: list[dict[str, Any]]) -> str:
+    """Which labelled speaker of the earlier user turns wrote ``words`` (the latest one who did)."""
+    for content in reversed(earlier):
+        for who, text in reversed(speakers(content)):
+            if words and words in text.lower():
+                return f"{who} said «{text.strip()}»."
+    return f"Nobody here said «{words}»."
 
 
 def prose_and_code(n: int) -> str:

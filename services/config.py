@@ -32,6 +32,13 @@ GEMINI_FIRST_TOKEN_SECONDS = 2.0
 # What the bot can pass to Gemini (ATTACHMENT_TYPES): bot/attachments.py maps files to these kinds.
 ATTACHMENT_KINDS = frozenset({"image", "text", "pdf", "audio", "video"})
 
+# Gemini's block thresholds (google-genai ``types.HarmBlockThreshold``), in the lower case the
+# settings use; unset means Gemini's own default (the adjustable filters are off for current models).
+SAFETY_THRESHOLDS = ("off", "block_none", "block_only_high", "block_medium_and_above", "block_low_and_above")
+# Models a server may choose (GEMINI_ALLOWED_MODELS): each has a breaker, and /model lists them all
+# (Discord shows at most 25 autocomplete choices).
+MAX_ALLOWED_MODELS = 20
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("console", "json")
 
@@ -97,6 +104,9 @@ class Config:
     gemini_api_key: str | None = field(default=None, repr=False)
     gemini_model: str = "gemini-2.5-flash"
     gemini_fallback_models: tuple[str, ...] = ()
+    gemini_allowed_models: tuple[str, ...] = ()
+    gemini_temperature: float | None = None
+    gemini_safety_threshold: str | None = None
     gemini_base_url: str | None = None
     gemini_timeout_seconds: float = 30.0
     gemini_max_output_tokens: int = 2048
@@ -136,6 +146,10 @@ class Config:
     queue_max_pending_per_guild: int = 50
     queue_retention_seconds: float = 7 * 86400.0
     history_retention_seconds: float = 30 * 86400.0
+    # PostgreSQL instead of SQLite and the JSON files (several processes on one database); a secret:
+    # the URL may hold a password.
+    database_url: str | None = field(default=None, repr=False)
+    database_pool_size: int = 10
     # Attachments (bot/attachments.py)
     attachment_max_file_bytes: int = 8 * 1024 * 1024
     attachment_max_message_bytes: int = 20 * 1024 * 1024
@@ -177,6 +191,12 @@ class Config:
         """``"live"`` with a bot token, else ``"sandbox"`` (the loopback Discord emulator)."""
         return "live" if self.discord_token else "sandbox"
 
+    def allowed_models(self) -> tuple[str, ...]:
+        """The models a server may choose with ``/model``, the default chain first: ``GEMINI_MODEL``,
+        ``GEMINI_FALLBACK_MODELS``, then the rest of ``GEMINI_ALLOWED_MODELS``."""
+        chain = (self.gemini_model, *self.gemini_fallback_models, *self.gemini_allowed_models)
+        return tuple(dict.fromkeys(chain))
+
     def gemini_timeout_floor(self) -> float:
         """The shortest timeout a Gemini call gets: time for the longest answer allowed
         (``gemini_max_output_tokens`` at ``gemini_tokens_per_second``) plus the first token's wait.
@@ -192,8 +212,11 @@ class Config:
         return "live" if self.gemini_api_key else "sandbox"
 
     def secrets(self) -> tuple[str, ...]:
-        """The secret values that are set, for the log redactor."""
-        values = (getattr(self, name) for name in SECRET_FIELDS)
+        """The secret values that are set, for the log redactor (a database URL's password also on
+        its own: a driver's message may quote it without the rest of the URL)."""
+        values = [getattr(self, name) for name in SECRET_FIELDS]
+        if self.database_url:
+            values.append(urlsplit(self.database_url).password)
         return tuple(v for v in values if v)
 
     def redacted(self) -> dict[str, str]:
@@ -211,7 +234,9 @@ class Config:
         return out
 
 
-SECRET_FIELDS = frozenset({"discord_token", "gemini_api_key", "admin_api_token", "alert_webhook_url"})
+SECRET_FIELDS = frozenset(
+    {"discord_token", "gemini_api_key", "admin_api_token", "alert_webhook_url", "database_url"}
+)
 
 # An incoming webhook's URL: .../api[/v10]/webhooks/<id>/<token> (Discord > channel settings >
 # Integrations > Webhooks > Copy Webhook URL). The token is a secret.
@@ -403,6 +428,25 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _database_url(text: str) -> str:
+    # The messages never show the value: it may hold a password.
+    parts = urlsplit(text)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise _Invalid(
+            "is not a postgresql:// URL",
+            "write postgresql://USER:PASSWORD@HOST:PORT/DATABASE (leave it empty for SQLite in DATA_DIR)",
+        )
+    if not parts.path.strip("/"):
+        raise _Invalid(
+            "names no database", "end it with the database's name: postgresql://USER@HOST:PORT/DATABASE"
+        )
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        raise _Invalid("has a port that is not a number", "write the port as digits, e.g. :5432") from None
+    return text
+
+
 def _host(text: str) -> str:
     if any(c.isspace() for c in text) or "/" in text:
         raise _Invalid(f"{text!r} is not a host name or IP address", "use e.g. 127.0.0.1")
@@ -418,6 +462,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "gemini_api_key": _gemini_key,
     "gemini_model": _model,
     "gemini_fallback_models": _models,
+    "gemini_allowed_models": _models,
+    # Gemini's range for temperature (GenerationConfig: 0.0 to 2.0 for the 2.x models).
+    "gemini_temperature": _Number(float, 0, 2),
+    "gemini_safety_threshold": _choice(SAFETY_THRESHOLDS, str.lower),
     "gemini_base_url": _url("http", "https"),
     "gemini_timeout_seconds": _Number(float, 1, 600),
     "gemini_max_output_tokens": _Number(int, 16, 65_536),
@@ -459,6 +507,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_max_pending_per_guild": _Number(int, 1, 1_000_000),
     "queue_retention_seconds": _Number(float, 0, 3650 * 86400),
     "history_retention_seconds": _Number(float, 3600, 3650 * 86400),
+    "database_url": _database_url,
+    # Connections each process keeps to PostgreSQL (besides one for notifications): mind the
+    # server's max_connections (100 by default) across all processes.
+    "database_pool_size": _Number(int, 2, 100),
     # Discord's own upload limit is 10 MiB (500 MiB with Nitro); Gemini takes up to 2 GB per file.
     "attachment_max_file_bytes": _Number(int, 1, 2 * 1024**3),
     "attachment_max_message_bytes": _Number(int, 1, 20 * 1024**3),
@@ -491,6 +543,32 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)
+
+
+def _model_problems(values: dict[str, Any]) -> list[ConfigProblem]:
+    """GEMINI_ALLOWED_MODELS, when set, must hold the default chain, and the chain stays small."""
+    allowed = values.get("gemini_allowed_models", ())
+    chain = (values.get("gemini_model", Config.gemini_model), *values.get("gemini_fallback_models", ()))
+    found = []
+    missing = [m for m in dict.fromkeys(chain) if allowed and m not in allowed]
+    if missing:
+        found.append(
+            ConfigProblem(
+                "GEMINI_ALLOWED_MODELS",
+                f"does not list {', '.join(missing)} (GEMINI_MODEL / GEMINI_FALLBACK_MODELS), which the bot "
+                "uses by default",
+                f"add {', '.join(missing)} to it, or leave it empty (then only the default chain is allowed)",
+            )
+        )
+    if len(dict.fromkeys((*chain, *allowed))) > MAX_ALLOWED_MODELS:
+        found.append(
+            ConfigProblem(
+                "GEMINI_ALLOWED_MODELS",
+                f"names more than {MAX_ALLOWED_MODELS} models (with GEMINI_MODEL and GEMINI_FALLBACK_MODELS)",
+                f"keep at most {MAX_ALLOWED_MODELS}: each has a breaker, and /model lists them all",
+            )
+        )
+    return found
 
 
 def _is_loopback(host: str) -> bool:
@@ -622,6 +700,8 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
                     "keep 127.0.0.1 unless a reverse proxy with TLS and access control sits in front",
                 )
             )
+
+    problems += _model_problems(values)
 
     if values.get("otel_exporter_otlp_endpoint") and not _otel_installed():
         problems.append(

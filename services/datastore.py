@@ -14,6 +14,13 @@ because everything was corrupt is an alert, never silent.
 ``DataStore`` is synchronous (the files are small); ``DataStoreService`` runs it in a thread
 for the asyncio bot and is what the service registry starts. The service holds the data
 directory's lock (``services/datadir.py``) while it runs, so one process owns the directory.
+
+With PostgreSQL (``DATABASE_URL``), several processes share this state: ``PgDataStore`` keeps each
+document as a JSONB row with a version in the store's database (``shared_state``, the versions it
+replaced in ``shared_state_history``), and tells the other processes of every change with a
+notification, so an operator's maintenance or breaker opening reaches all of them at once. Both
+kinds satisfy ``SharedState`` (what the bot reads without I/O) and ``SharedStateService`` (the
+registry service the operations call).
 """
 
 from __future__ import annotations
@@ -30,12 +37,18 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
 from resilience.clock import Clock, SystemClock
+from services.config import SAFETY_THRESHOLDS
 from services.datadir import DataDirLock, make_private_dir
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from services.pg_storage import PostgresStore
 
 T = TypeVar("T")
 
@@ -135,18 +148,58 @@ def validate_maintenance(data: Any) -> list[str]:
     return problems
 
 
-_GUILD_KEYS = frozenset({"chat_channels", "persona", "user_rate_per_minute", "tools"})
+_GUILD_KEYS = frozenset({"chat_channels", "persona", "user_rate_per_minute", "tools", "settings"})
 GUILD_TOOLS = frozenset({"google_search", "url_context", "code_execution"})
 """The Google-run tools a guild may turn on (``tools``: name -> bool; bot/grounding.py)."""
+
+MAX_PERSONA_CHARS = 4000
+"""The longest persona a guild may set: what one Discord text input holds (the ``/settings persona``
+modal; discord-api-docs, Text Input: ``max_length`` at most 4000)."""
+MAX_MODEL_NAME_CHARS = 100
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _within(kind: Callable[[Any], bool], low: float, high: float) -> Callable[[Any], bool]:
+    return lambda value: kind(value) and low <= value <= high
+
+
+# The per-guild settings (bot/settings.py), each with what a stored value must be. The bot checks
+# more when one is set (an allowed model, a ceiling from the configuration) and says why in a
+# sentence; these are the shapes a file must have to be read at all.
+SCOPED_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "persona": (lambda v: isinstance(v, str) and 0 < len(v) <= MAX_PERSONA_CHARS,
+                f"a string of 1 to {MAX_PERSONA_CHARS} characters"),
+    "model": (lambda v: isinstance(v, str) and 0 < len(v) <= MAX_MODEL_NAME_CHARS and not any(
+        c.isspace() for c in v), "a model name"),
+    "temperature": (_within(_is_number, 0, 2), "a number from 0 to 2"),
+    "max_output_tokens": (_within(_is_int, 1, 1_000_000), "a whole number of tokens"),
+    "safety": (lambda v: v in SAFETY_THRESHOLDS, f"one of {', '.join(SAFETY_THRESHOLDS)}"),
+    "history": (_within(_is_int, 0, 1000), "a whole number of messages from 0 to 1000"),
+    "grounding": (_is_bool, "true or false"),
+    "streaming": (_is_bool, "true or false"),
+    "auto_thread": (_is_bool, "true or false"),
+}
+"""Settings a guild may set for itself and override per category, channel, forum or thread."""
+SERVER_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **SCOPED_SETTING_CHECKS,
+    "modlog_channel": (lambda v: _is_int(v) and v > 0, "a channel id"),
+    "modlog_text": (_is_bool, "true or false"),
+}
+"""Settings of the whole guild (the scoped ones, and its moderation log)."""
 
 
 def validate_guild_settings(data: Any) -> list[str]:
     """``{"guilds": {id: {"chat_channels": [int], "persona": str|None, "user_rate_per_minute": int|None,
-    "tools": {name: bool}, "maintenance": {...}}}}``.
+    "tools": {name: bool}, "maintenance": {...}, "settings": {"server": {...}, "channels": {id: {...}}}}}}``.
 
     A guild entry may leave keys out (unset); present keys are typed precisely. ``maintenance``
     is the guild's own maintenance mode, shaped like the ``maintenance`` file; ``tools`` turns
-    the tools of ``GUILD_TOOLS`` on or off (absent: off).
+    the tools of ``GUILD_TOOLS`` on or off (absent: off); ``settings`` holds what ``/settings`` set
+    for the whole guild (``server``) and per category, channel, forum or thread (``channels``), each
+    value shaped as ``SERVER_SETTING_CHECKS`` / ``SCOPED_SETTING_CHECKS`` say.
     """
     problems = _check_keys(data, "guild_settings", {"guilds"})
     if problems:
@@ -172,6 +225,37 @@ def validate_guild_settings(data: Any) -> list[str]:
         if rate is not None and not (_is_int(rate) and rate >= 0):
             problems.append(f"{where}.user_rate_per_minute: expected an int >= 0 or null")
         problems += _check_tools(entry.get("tools", {}), f"{where}.tools")
+        if "settings" in entry:
+            problems += _check_settings(entry["settings"], f"{where}.settings")
+    return problems
+
+
+def _check_settings(settings: Any, where: str) -> list[str]:
+    """``{"server": {name: value}, "channels": {id: {name: value}}}`` (both optional)."""
+    problems = _check_keys(settings, where, set(), frozenset({"server", "channels"}))
+    if not isinstance(settings, dict):
+        return problems
+    problems += _check_values(settings.get("server", {}), f"{where}.server", SERVER_SETTING_CHECKS)
+    channels = settings.get("channels", {})
+    if not isinstance(channels, dict):
+        return [*problems, f"{where}.channels: expected an object, got {type(channels).__name__}"]
+    for cid, values in channels.items():
+        if not (isinstance(cid, str) and cid.isdecimal() and cid.isascii()):
+            problems.append(f"{where}.channels[{cid!r}]: channel id must be a string of digits")
+        problems += _check_values(values, f"{where}.channels[{cid!r}]", SCOPED_SETTING_CHECKS)
+    return problems
+
+
+def _check_values(
+    values: Any, where: str, checks: dict[str, tuple[Callable[[Any], bool], str]]
+) -> list[str]:
+    if not isinstance(values, dict):
+        return [f"{where}: expected an object, got {type(values).__name__}"]
+    problems = [f"{where}: unknown setting {name!r}" for name in sorted(set(values) - set(checks), key=str)]
+    for name, value in values.items():
+        check = checks.get(name)
+        if check is not None and not check[0](value):
+            problems.append(f"{where}.{name}: expected {check[1]}, got {value!r}"[:300])
     return problems
 
 
@@ -853,6 +937,9 @@ class DataStoreService:
     async def list_backups(self, name: str | None = None) -> list[BackupInfo]:
         return await self._run(self.store.list_backups, name)
 
+    def add_listener(self, listener: Callable[[str], Awaitable[None]]) -> None:
+        """Nothing to listen to: nobody else changes these files (one process owns the directory)."""
+
     def _lock(self, name: str) -> asyncio.Lock:
         try:
             return self._locks[name]
@@ -868,3 +955,389 @@ class DataStoreService:
         if self._breaker is None:
             return await asyncio.to_thread(fn, *args)
         return await self._breaker.call(asyncio.to_thread, fn, *args)
+
+
+# --- what the bot uses, whichever backend keeps the state -------------------------------------
+
+ChangeListener = Callable[[str], Awaitable[None]]
+"""Called with a document's name after another process changed it (and this one reloaded it)."""
+
+
+class SharedState(Protocol):
+    """The committed state, read without I/O (per-message checks, status views)."""
+
+    def names(self) -> list[str]: ...
+    def cached(self, name: str) -> dict[str, Any] | None: ...
+    def check(self, name: str, data: Any) -> list[str]: ...
+    def alerts(self) -> list[str]: ...
+    def status(self) -> dict[str, FileStatus]: ...
+
+
+class SharedStateService(Protocol):
+    """The registry service that reads and writes the state (``DataStoreService``, ``PgDataStore``)."""
+
+    name: str
+    depends_on: tuple[str, ...]
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def health(self) -> dict[str, Any]: ...
+    async def get(self, name: str) -> dict[str, Any]: ...
+    def peek(self, name: str) -> dict[str, Any] | None: ...
+    async def save(self, name: str, data: dict[str, Any]) -> None: ...
+    async def update(
+        self, name: str, fn: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> dict[str, Any]: ...
+    async def validate(self, name: str | None = None) -> list[ValidationReport]: ...
+    async def recover(self, name: str) -> RecoveryReport: ...
+    async def list_backups(self, name: str | None = None) -> list[BackupInfo]: ...
+    def add_listener(self, listener: ChangeListener) -> None: ...
+
+
+# --- the state in PostgreSQL, shared by every process on the database ---------------------------
+
+SOURCE_ROW = "row"          # the document's row as it is
+SOURCE_HISTORY = "history"  # a version it replaced ("history:<version>")
+STATE_CHANGED = "state"     # the notification kind: {"name", "version"}
+
+
+class _Refused(Exception):
+    """Internal: an update's function refused (or its result was invalid); nothing was written."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+class PgDataStore:
+    """The DataStore's documents as JSONB rows with a version, in the ``PostgresStore``'s database.
+
+    One object plays both parts the JSON store splits in two: the cached view (``SharedState``:
+    ``cached``, ``names``, ``check``, ``alerts``, ``status``) and the service (``SharedStateService``).
+    Every write is one transaction under the row's lock (``SELECT ... FOR UPDATE``): the version goes
+    up by one, the replaced version is kept in ``shared_state_history`` (the newest ``keep_history``),
+    and a ``state`` notification (name, version) goes to the other processes with the commit. They
+    reload that row and call their listeners (``add_listener``); after their notification session was
+    lost they reload every document. Validation uses the same ``FileSpec`` validators as the files.
+
+    A row that fails validation (edited by hand) is recovered like a damaged file: the newest valid
+    version of its history, else the defaults (an alert), written back as a new version. Backups of
+    the whole database: ``pg_dump`` (README, "Scaling out"). It holds the data directory's lock
+    like ``DataStoreService`` (the directory keeps the attachment spool): one process per DATA_DIR.
+    """
+
+    name = "datastore"
+    depends_on: tuple[str, ...] = ("storage",)
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        data_dir: Path,
+        specs: Iterable[FileSpec] | None = None,
+        *,
+        keep_history: int = 10,
+        clock: Clock | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        logger: Any = None,
+    ) -> None:
+        if keep_history < 1:
+            raise ValueError("keep_history must be at least 1")
+        self._store = store
+        self.data_dir = Path(data_dir)
+        self.specs: dict[str, FileSpec] = {s.name: s for s in (default_specs() if specs is None else specs)}
+        self.keep_history = keep_history
+        self._clock: Clock = clock or SystemClock()
+        self._log = logger or structlog.get_logger("datastore")
+        self._on_event = on_event
+        self._checker = DataStore(self.data_dir, self.specs.values())  # validation only: no file I/O
+        self._cache: dict[str, bytes] = {}
+        self._versions: dict[str, int] = {}
+        self._status = {n: FileStatus(n, self._where(n)) for n in self.specs}
+        self._listeners: list[ChangeListener] = []
+        self._dir_lock = DataDirLock(self.data_dir)
+        self._subscribed = False
+        self._started = False
+
+    @staticmethod
+    def _where(name: str) -> str:
+        return f"postgresql:shared_state/{name}"
+
+    # -- SharedState: the cached view ------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def check(self, name: str, data: Any) -> list[str]:
+        """The problems with ``data`` as document ``name`` (the file validators'), writing nothing."""
+        return self._checker.check(name, data)
+
+    def cached(self, name: str) -> dict[str, Any] | None:
+        """The last committed state (a copy) without I/O; None before it was loaded."""
+        self._spec(name)
+        payload = self._cache.get(name)
+        return None if payload is None else json.loads(payload)  # type: ignore[no-any-return]
+
+    peek = cached
+
+    def alerts(self) -> list[str]:
+        return [n for n, s in self._status.items() if s.alert]
+
+    def status(self) -> dict[str, FileStatus]:
+        return {n: copy.copy(s) for n, s in self._status.items()}
+
+    def versions(self) -> dict[str, int]:
+        """Each document's version as this process last read or wrote it."""
+        return dict(self._versions)
+
+    def _spec(self, name: str) -> FileSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise UnknownFileError(name, self.specs) from None
+
+    # -- the service ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the data directory, create missing documents (their defaults, version 1), load all."""
+        self._dir_lock.acquire()
+        try:
+            now = self._clock.time()
+
+            async def create(conn: asyncpg.Connection) -> None:
+                for name, spec in self.specs.items():
+                    await conn.execute(
+                        "INSERT INTO shared_state (name, data, version, updated_at) "
+                        "VALUES ($1, $2::jsonb, 1, $3) ON CONFLICT (name) DO NOTHING",
+                        name, json.dumps(spec.default()), now,
+                    )
+
+            await self._store.transaction("shared_state.create", create)
+            for name in self.specs:
+                await self._load(name)
+            if not self._subscribed:
+                self._store.subscribe(STATE_CHANGED, self._on_changed)
+                self._store.subscribe("resync", self._on_resync)
+                self._subscribed = True
+        except BaseException:
+            self._dir_lock.release()
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        self._started = False
+        self._dir_lock.release()
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok", "backend", "files": {name: status}, "versions", "alerts"}``."""
+        alerts = self.alerts()
+        return {
+            "ok": self._started and not alerts,
+            "backend": "postgresql",
+            "files": {n: asdict(s) for n, s in self._status.items()},
+            "versions": self.versions(),
+            "alerts": alerts,
+        }
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener(name)`` after another process changed document ``name`` (reloaded here)."""
+        self._listeners.append(listener)
+
+    async def get(self, name: str) -> dict[str, Any]:
+        """The current state of ``name`` (a copy), as last loaded or written here."""
+        self._spec(name)
+        if name not in self._cache:
+            await self._load(name)
+        return self.cached(name) or {}
+
+    async def save(self, name: str, data: dict[str, Any]) -> None:
+        """Validate, then write ``data`` as the next version (one transaction), and tell the others."""
+        self._raise_if_invalid(name, data)
+        await self._write(name, lambda _current: data)
+
+    async def update(
+        self, name: str, fn: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> dict[str, Any]:
+        """Read-modify-write under the row's lock: no other process writes ``name`` in between.
+
+        ``fn`` gets the committed state and returns the new one or mutates it in place; if it
+        raises, or its result is invalid, nothing is written and the error is raised (outside the
+        storage breaker: a refused change is no failure of the database).
+        """
+        self._spec(name)
+        return await self._write(name, fn)
+
+    async def _write(
+        self, name: str, fn: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> dict[str, Any]:
+        now = self._clock.time()
+        origin = self._store.process_name
+
+        async def body(conn: asyncpg.Connection) -> tuple[dict[str, Any], int] | _Refused:
+            row = await conn.fetchrow(
+                "SELECT data::text, version, updated_at FROM shared_state WHERE name = $1 FOR UPDATE", name
+            )
+            current = json.loads(row[0]) if row is not None else self.specs[name].default()
+            version = int(row[1]) if row is not None else 0
+            try:
+                working = copy.deepcopy(current)
+                result = fn(working)
+                new = working if result is None else result
+                self._raise_if_invalid(name, new)
+            except Exception as exc:
+                return _Refused(exc)
+            if row is not None:
+                await conn.execute(
+                    "INSERT INTO shared_state_history (name, version, data, updated_at) "
+                    "VALUES ($1, $2, $3::jsonb, $4) ON CONFLICT DO NOTHING",
+                    name, version, row[0], row[2],
+                )
+                await conn.execute(
+                    "DELETE FROM shared_state_history WHERE name = $1 AND version <= $2", name,
+                    version - self.keep_history,
+                )
+            await conn.execute(
+                "INSERT INTO shared_state (name, data, version, updated_at, updated_by) "
+                "VALUES ($1, $2::jsonb, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET "
+                "data = EXCLUDED.data, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, "
+                "updated_by = EXCLUDED.updated_by",
+                name, json.dumps(new), version + 1, now, origin,
+            )
+            await self._store.notify_in(conn, STATE_CHANGED, {"name": name, "version": version + 1})
+            return new, version + 1
+
+        outcome = await self._store.transaction(f"shared_state.{name}", body)
+        if isinstance(outcome, _Refused):
+            raise outcome.error
+        new, version = outcome
+        self._remember(name, new, version, SOURCE_ROW)
+        return copy.deepcopy(new)
+
+    async def validate(self, name: str | None = None) -> list[ValidationReport]:
+        """Check the rows as they are in the database now, changing nothing."""
+        names = [name] if name is not None else self.names()
+        for n in names:
+            self._spec(n)
+
+        async def body(conn: asyncpg.Connection) -> list[tuple[str, str | None]]:
+            rows = await conn.fetch(
+                "SELECT name, data::text FROM shared_state WHERE name = ANY($1::text[])", names
+            )
+            found = {r[0]: r[1] for r in rows}
+            return [(n, found.get(n)) for n in names]
+
+        reports = []
+        for n, text in await self._store.transaction("shared_state.validate", body):
+            problems = ["missing"] if text is None else self.check(n, json.loads(text))
+            reports.append(
+                ValidationReport(n, Path(self._where(n)), not problems, problems, self._status[n].source)
+            )
+        return reports
+
+    async def recover(self, name: str) -> RecoveryReport:
+        """Reload ``name`` from its row, or its newest valid earlier version, or the defaults."""
+        self._spec(name)
+        return await self._load(name)
+
+    async def list_backups(self, name: str | None = None) -> list[BackupInfo]:
+        """The versions each document replaced, newest first, each checked for validity."""
+        names = [name] if name is not None else self.names()
+        for n in names:
+            self._spec(n)
+
+        async def body(conn: asyncpg.Connection) -> list[Any]:
+            return list(
+                await conn.fetch(
+                    "SELECT name, version, data::text, updated_at FROM shared_state_history "
+                    "WHERE name = ANY($1::text[]) ORDER BY name, version DESC",
+                    names,
+                )
+            )
+
+        infos = []
+        for n, version, text, at in await self._store.transaction("shared_state.history", body):
+            valid = not self.check(n, json.loads(text))
+            infos.append(BackupInfo(n, Path(f"{self._where(n)}@{version}"), at, len(text), valid))
+        return infos
+
+    # -- loading, and other processes' changes ----------------------------------------------------
+
+    async def _load(self, name: str) -> RecoveryReport:
+        """Read ``name``'s row; an invalid one is recovered from its history or the defaults."""
+
+        async def body(conn: asyncpg.Connection) -> tuple[Any, list[Any]]:
+            row = await conn.fetchrow("SELECT data::text, version FROM shared_state WHERE name = $1", name)
+            history = await conn.fetch(
+                "SELECT version, data::text FROM shared_state_history WHERE name = $1 ORDER BY version DESC",
+                name,
+            )
+            return row, list(history)
+
+        row, history = await self._store.transaction(f"shared_state.load.{name}", body)
+        problems: list[str] = []
+        if row is not None:
+            data = json.loads(row[0])
+            problems = [f"row: {p}" for p in self.check(name, data)]
+            if not problems:
+                self._remember(name, data, int(row[1]), SOURCE_ROW)
+                return RecoveryReport(name, SOURCE_ROW, False)
+        chosen: tuple[dict[str, Any], str] | None = None
+        for version, text in history:
+            candidate = json.loads(text)
+            if not self.check(name, candidate):
+                chosen = (candidate, f"{SOURCE_HISTORY}:{version}")
+                break
+            problems.append(f"history {version}: invalid")
+        alert = chosen is None
+        data, source = chosen if chosen is not None else (self.specs[name].default(), SOURCE_DEFAULTS)
+        await self._write(name, lambda _current: data)
+        status = self._status[name]
+        status.source, status.alert, status.last_error = source, alert, "; ".join(problems) or None
+        event = {"name": name, "source": source, "alert": alert, "problems": problems, "quarantined": []}
+        kind = "datastore.alert" if alert else "datastore.recovered"
+        if alert:
+            self._log.error(kind, **event)
+        else:
+            self._log.warning(kind, **event)
+        if self._on_event is not None:
+            try:
+                self._on_event(kind, event)
+            except Exception as exc:  # a listener's bug must not break loading
+                self._log.error("datastore.listener_failed", kind=kind, error=repr(exc))
+        return RecoveryReport(name, source, alert, problems)
+
+    def _remember(self, name: str, data: dict[str, Any], version: int, source: str) -> None:
+        self._cache[name] = json.dumps(data).encode()
+        self._versions[name] = version
+        status = self._status[name]
+        status.loaded, status.loaded_at = True, self._clock.time()
+        if source == SOURCE_ROW and not status.alert:
+            status.source, status.last_error = SOURCE_ROW, None
+
+    async def _on_changed(self, message: dict[str, Any]) -> None:
+        name, version = message.get("name"), message.get("version")
+        if name not in self.specs or not isinstance(version, int):
+            return
+        if version <= self._versions.get(name, 0):
+            return  # this process wrote it, or already read it
+        await self._load(name)
+        await self._tell(name)
+
+    async def _on_resync(self, message: dict[str, Any]) -> None:
+        before = dict(self._versions)
+        for name in self.specs:
+            await self._load(name)
+        for name in self.specs:
+            if self._versions.get(name) != before.get(name):
+                await self._tell(name)
+
+    async def _tell(self, name: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                await listener(name)
+            except Exception as exc:  # one listener's bug must not stop the others
+                self._log.error("datastore.listener_failed", file=name, error=repr(exc), exc_info=exc)
+
+    def _raise_if_invalid(self, name: str, data: Any) -> None:
+        problems = self.check(name, data)
+        if problems:
+            raise DataStoreValidationError(name, problems)

@@ -386,6 +386,13 @@ class DiscordIO:
             return False
         return True
 
+    async def create_thread(self, message: discord.Message, name: str) -> discord.Thread:
+        """A public thread started from ``message`` (Discord's Start Thread from Message), through
+        ``discord.send``; raises like ``send`` (403 without Create Public Threads, never counted)."""
+        return await self._guard(
+            "send", message.channel.id, message.create_thread, name=name, auto_archive_duration=1440
+        )
+
     async def fetch_channel(self, client: discord.Client, channel_id: int) -> Any:
         """A channel (or thread, or DM) by id: from discord.py's cache, else fetched via ``discord.read``."""
         channel = client.get_channel(channel_id)

@@ -114,10 +114,61 @@ USER_MESSAGES = {
     "try rephrasing it.",
     ReplyKind.EMPTY: "Gemini came back with an empty answer; try asking again or rephrasing.",
 }
+# A blocked prompt, per ``prompt_feedback.block_reason`` (types.BlockedReason); others get USER_MESSAGES.
+_PROMPT_BLOCK_MESSAGES = {
+    "BLOCKLIST": "Gemini refused to read that message because it contains terms it blocks; "
+    "try rephrasing it.",
+    "PROHIBITED_CONTENT": "Gemini refused to read that message because it may hold prohibited content, "
+    "so I can't answer it.",
+    "OTHER": "Gemini refused to read that message without giving a reason (it does this for some topics "
+    "even with its safety filters off); try rephrasing it.",
+}
+# An empty answer that Gemini ended with finish_reason OTHER: no safety rating says why.
+_OTHER_MESSAGE = (
+    "Gemini stopped without an answer and gave no reason (it does this for some topics even with its "
+    "safety filters off); try rephrasing the question."
+)
 _RECITATION_MESSAGE = (
     "Gemini stopped because its answer would have quoted protected text; try asking differently."
 )
 _NO_ROOM_MESSAGE = "Gemini ran out of room before it could answer; try a shorter or simpler question."
+
+
+HARM_CATEGORIES = (
+    "HARM_CATEGORY_HARASSMENT",
+    "HARM_CATEGORY_HATE_SPEECH",
+    "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+    "HARM_CATEGORY_DANGEROUS_CONTENT",
+)
+"""The harm categories whose filter a request can adjust (Gemini's safety settings guide: harassment,
+hate speech, sexually explicit, dangerous); a server's safety threshold applies to all four."""
+MODEL_BREAKER_PREFIX = "gemini:"
+"""Each allowed model has a breaker of its own, named ``gemini:<model>`` (``model_breaker_name``)."""
+# A model's own trouble, which the next model may not share: overloaded (503 UNAVAILABLE, "The model
+# is overloaded") or its per-minute quota used up (429). The next model of the chain answers in the
+# same attempt; other failures (a 500, a timeout, a refused connection) are retried as before.
+_MODEL_FAILURES = frozenset({503, 429})
+
+
+def model_breaker_name(model: str) -> str:
+    """The name of ``model``'s breaker on the board."""
+    return f"{MODEL_BREAKER_PREFIX}{model}"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOptions:
+    """One request's choices (a server's ``/settings``); None leaves the service's default.
+
+    ``model`` is tried first, then the service's default chain (``GEMINI_MODEL``, then
+    ``GEMINI_FALLBACK_MODELS``); a model outside ``allowed_models`` is ignored. ``temperature`` is
+    Gemini's sampling temperature (0 to 2), ``max_output_tokens`` at most the service's ceiling,
+    ``safety_threshold`` a lower-case ``HarmBlockThreshold`` name applied to every ``HARM_CATEGORIES``.
+    """
+
+    model: str | None = None
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+    safety_threshold: str | None = None
 
 
 TOOLS: dict[str, types.ToolDict] = {
@@ -242,9 +293,17 @@ class GeminiService:
         metrics: Metrics | None = None,
         max_output_tokens: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        allowed_models: Sequence[str] = (),
+        model_breakers: Mapping[str, Breaker] | None = None,
+        temperature: float | None = None,
+        safety_threshold: str | None = None,
     ) -> None:
         self.model = model
         self.fallback_models = tuple(m for m in fallback_models if m != model)
+        self.allowed_models = tuple(dict.fromkeys((model, *self.fallback_models, *allowed_models)))
+        self.model_breakers = dict(model_breakers or {})
+        self.temperature = temperature
+        self.safety_threshold = safety_threshold
         self.base_url = base_url
         self.persona = persona
         self.breaker = breaker
@@ -266,7 +325,7 @@ class GeminiService:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         if metrics is not None:
-            metrics.watch_models(self.models())
+            metrics.watch_models(self.allowed_models)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -296,6 +355,8 @@ class GeminiService:
             "breaker_remaining": round(self.breaker.remaining_open(), 3),
             "model": self.model,
             "fallback_models": list(self.fallback_models),
+            "allowed_models": list(self.allowed_models),
+            "model_breakers": {m: str(b.state) for m, b in self.model_breakers.items()},
             "exhausted_models": {m: round(t - now, 3) for m, t in self._exhausted.items() if t > now},
             "missing_models": {m: round(t - now, 3) for m, t in self._missing.items() if t > now},
             "last_success": self.last_success,
@@ -312,9 +373,11 @@ class GeminiService:
         *,
         persona: str | None = None,
         tools: Sequence[str] = (),
+        options: GenerationOptions | None = None,
     ) -> Reply:
         """Answer ``prompt`` in the context of ``history`` (oldest first), as ``persona``, with the
-        Google-run ``tools`` (names of ``TOOLS``: search grounding, URL context, code execution).
+        Google-run ``tools`` (names of ``TOOLS``: search grounding, URL context, code execution) and a
+        server's ``options`` (model, temperature, output ceiling, safety threshold).
 
         Returns a ``Reply`` whenever Gemini answered, even with a refusal (``reply.ok``
         False, ``reply.user_message`` set). Raises what the last attempt raised once the
@@ -328,7 +391,7 @@ class GeminiService:
         contents = build_contents(history, prompt)
         if not contents:
             raise ValueError("nothing to send: the prompt and the history are empty")
-        return await self._generate(contents, self._config(persona, tools))
+        return await self._generate(contents, self._config(persona, tools, options), options)
 
     async def generate_with_parts(
         self,
@@ -339,6 +402,7 @@ class GeminiService:
         history_parts: Mapping[int, Sequence[PartLike]] | None = None,
         persona: str | None = None,
         tools: Sequence[str] = (),
+        options: GenerationOptions | None = None,
     ) -> Reply:
         """``generate`` with files: ``parts`` (images, audio, PDFs as ``types.Part``, texts as
         ``{"text": ...}``) go before ``prompt`` in the last user turn, and ``history_parts[i]``
@@ -347,7 +411,7 @@ class GeminiService:
         contents = build_multimodal_contents(history, prompt, parts, history_parts or {})
         if not contents:
             raise ValueError("nothing to send: the prompt, the files and the history are empty")
-        return await self._generate(contents, self._config(persona, tools))
+        return await self._generate(contents, self._config(persona, tools, options), options)
 
     async def stream(
         self,
@@ -357,18 +421,20 @@ class GeminiService:
         observer: StreamObserver,
         persona: str | None = None,
         tools: Sequence[str] = (),
+        options: GenerationOptions | None = None,
     ) -> Reply:
         """``generate``, streamed: ``observer.text`` gets the answer so far as Gemini writes it.
 
-        Same guards (retry -> breaker -> timeout), same ``Reply`` and errors; the timeout is the
-        observer's silence between chunks under the total cap (see the module's docstring). Each
-        retry starts the answer again: the observer's next ``text`` is the new attempt's, from its
-        start, after an ``interrupted`` if the failed attempt had shown any text.
+        Same guards (retry -> breakers -> timeout), same model chain, same ``Reply`` and errors; the
+        timeout is the observer's silence between chunks under the total cap (see the module's
+        docstring). Each retry (and each next model of the chain) starts the answer again: the
+        observer's next ``text`` is the new attempt's, from its start, after an ``interrupted`` if the
+        failed attempt had shown any text.
         """
         contents = build_contents(history, prompt)
         if not contents:
             raise ValueError("nothing to send: the prompt and the history are empty")
-        return await self._stream(contents, self._config(persona, tools), observer)
+        return await self._generate(contents, self._config(persona, tools, options), options, observer)
 
     async def stream_with_parts(
         self,
@@ -380,132 +446,52 @@ class GeminiService:
         history_parts: Mapping[int, Sequence[PartLike]] | None = None,
         persona: str | None = None,
         tools: Sequence[str] = (),
+        options: GenerationOptions | None = None,
     ) -> Reply:
         """``generate_with_parts``, streamed (see ``stream``)."""
         contents = build_multimodal_contents(history, prompt, parts, history_parts or {})
         if not contents:
             raise ValueError("nothing to send: the prompt, the files and the history are empty")
-        return await self._stream(contents, self._config(persona, tools), observer)
+        return await self._generate(contents, self._config(persona, tools, options), options, observer)
 
-    async def _stream(
-        self,
-        contents: list[types.ContentDict],
-        config: types.GenerateContentConfigDict,
-        observer: StreamObserver,
-    ) -> Reply:
-        with span("gemini.generate", dependency="gemini", turns=len(contents), streamed=True) as step:
-            reply = await self.retry.call(lambda: self._stream_attempt(contents, config, observer))
-            step.set(model=reply.model, outcome=reply.kind.value)
-        return reply
-
-    async def _stream_attempt(
-        self,
-        contents: list[types.ContentDict],
-        config: types.GenerateContentConfigDict,
-        observer: StreamObserver,
-    ) -> Reply:
-        """One retry attempt of a stream: the models in ``_attempt``'s order."""
-        for model in self._models():
-            try:
-                return await self._stream_call(model, contents, config, observer)
-            except _Unusable:
-                continue
-        raise self._none_usable()
-
-    def _none_usable(self) -> Exception:
-        """Every model is out (its daily quota, or Gemini lacks it): the error to raise, after the
-        breaker is forced open until the first quota resets (as ``_attempt`` does)."""
-        now = self._clock.monotonic()
-        resets = [t for t in self._exhausted.values() if t > now]
-        if resets:
-            quota_error = self._quota_error
-            assert quota_error is not None  # set whenever a model is marked exhausted
-            remaining = max(0.0, min(resets) - now)
-            self.breaker.force_open(remaining, reason=QUOTA_REASON)
-            error: Exception = QuotaExhaustedError(self.breaker.name, remaining, quota_error)
-            error.__cause__ = quota_error
-            return error
-        missing = self._no_model_error()
-        log.error(
-            "gemini.no_model_available",
-            missing=list(missing.models),
-            fix="set GEMINI_MODEL / GEMINI_FALLBACK_MODELS to models Gemini has (python -m bot check)",
-        )
-        return missing
-
-    async def _stream_call(
-        self,
-        model: str,
-        contents: list[types.ContentDict],
-        config: types.GenerateContentConfigDict,
-        observer: StreamObserver,
-    ) -> Reply:
-        """One streamed request to ``model`` through the breaker, under the silence timeout and the cap."""
-        client = self._client
-        if client is None:
-            raise GeminiStoppedError("the Gemini service is not running")
-        lease = self._admit()
-        started = self._clock.monotonic()
-        merged = StreamedResponse()
-        try:
-            with span("gemini.attempt", dependency="gemini", model=model, streamed=True):
-                await read_stream(
-                    lambda: client.aio.models.generate_content_stream(
-                        model=model, contents=contents, config=config
-                    ),
-                    merged,
-                    observer,
-                    cap=self.timeout.maximum,
-                )
-        except Exception as exc:
-            if merged.shown:
-                observer.interrupted()
-            self._attempt_failed(model, lease, exc, started)
-            raise
-        except BaseException:
-            lease.release()  # cancelled (a Stop, a shutdown): no outcome
-            raise
-        lease.record_success()
-        reply = to_reply(merged.response(), model)
-        self._observe(reply.kind.value, started, 200)
-        self._count_tokens(reply)
-        self.last_success = self._clock.time()
-        return reply
-
-    def _attempt_failed(self, model: str, lease: Lease, exc: Exception, started: float) -> None:
-        """Settle ``lease`` for a failed attempt as ``_call`` does and remember what it says about
-        ``model``; raises ``_Unusable`` when the next model should be tried."""
-        verdict = classify(exc, now=self._clock.time())
-        missing = exc if isinstance(exc, errors.APIError) and verdict.code == 404 else None
-        if verdict.daily_quota or missing is not None or verdict.category in _PER_REQUEST:
-            lease.release()
-        else:
-            lease.record_failure(exc)
-        self._observe(verdict.category.value, started, verdict.code)
-        self._note_error(exc)
-        if verdict.daily_quota:
-            self._mark_exhausted(model, verdict, exc)
-            raise _Unusable(exc) from exc
-        if missing is not None:
-            self._mark_missing(model, missing)
-            raise _Unusable(exc) from exc
-
-    def _config(self, persona: str | None, tools: Sequence[str]) -> types.GenerateContentConfigDict:
+    def _config(
+        self, persona: str | None, tools: Sequence[str], options: GenerationOptions | None = None
+    ) -> types.GenerateContentConfigDict:
+        """The request's ``config``: the persona as system instruction, the output ceiling, the
+        temperature and safety threshold (``options`` first, then the service's defaults), the tools."""
+        chosen = options or GenerationOptions()
         config: types.GenerateContentConfigDict = {}
         if persona or self.persona:
             config["system_instruction"] = persona or self.persona
-        if self.max_output_tokens is not None:
-            config["max_output_tokens"] = self.max_output_tokens
+        ceiling = self.max_output_tokens
+        if chosen.max_output_tokens is not None:
+            ceiling = chosen.max_output_tokens if ceiling is None else min(ceiling, chosen.max_output_tokens)
+        if ceiling is not None:
+            config["max_output_tokens"] = ceiling
+        temperature = chosen.temperature if chosen.temperature is not None else self.temperature
+        if temperature is not None:
+            config["temperature"] = temperature
+        threshold = chosen.safety_threshold or self.safety_threshold
+        if threshold:
+            block = types.HarmBlockThreshold(threshold.upper())
+            config["safety_settings"] = [
+                {"category": types.HarmCategory(category), "threshold": block} for category in HARM_CATEGORIES
+            ]
         if tools:
             config["tools"] = tool_config(tools)
         return config
 
     async def _generate(
-        self, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
+        self,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+        options: GenerationOptions | None = None,
+        observer: StreamObserver | None = None,
     ) -> Reply:
         # The whole call, retries included; each request to Gemini is a "gemini.attempt" inside it.
-        with span("gemini.generate", dependency="gemini", turns=len(contents)) as step:
-            reply = await self.retry.call(lambda: self._attempt(contents, config))
+        streamed = observer is not None
+        with span("gemini.generate", dependency="gemini", turns=len(contents), streamed=streamed) as step:
+            reply = await self.retry.call(lambda: self._attempt(contents, config, options, observer))
             step.set(model=reply.model, outcome=reply.kind.value)
         return reply
 
@@ -529,7 +515,7 @@ class GeminiService:
         client = self._client
         if client is None:
             return []
-        results = await check_models(client, self.models(), within=within)
+        results = await check_models(client, self.allowed_models, within=within)
         log_model_checks(results, primary=self.model)
         return results
 
@@ -537,16 +523,74 @@ class GeminiService:
         """The configured models, in the order they are tried."""
         return [self.model, *self.fallback_models]
 
+    def chain(self, options: GenerationOptions | None = None) -> list[str]:
+        """The models one request tries, in order: ``options.model`` (when allowed), then ``models()``."""
+        first = options.model if options is not None and options.model in self.allowed_models else None
+        return list(dict.fromkeys([first, *self.models()] if first else self.models()))
+
     async def _attempt(
-        self, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
+        self,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+        options: GenerationOptions | None = None,
+        observer: StreamObserver | None = None,
     ) -> Reply:
-        """One retry attempt: the first model Gemini has and whose daily quota is not used up, then
-        the next ones."""
-        for model in self._models():
-            try:
-                return await self._call(model, contents, config)
-            except _Unusable:
-                continue
+        """One retry attempt through the ``gemini`` breaker: the first model of the chain Gemini has,
+        whose daily quota is not used up and whose own breaker admits a call; when that model is
+        overloaded or rate-limited (``_MODEL_FAILURES``), the next one, in the same attempt.
+
+        The ``gemini`` breaker hears one outcome per attempt: success when any model answered, the
+        last failure when none did (so it opens when Gemini fails whatever model is asked). A model's
+        own breaker hears its failures only when another model answered the same attempt: it opens
+        for a model that fails where others work, never for an outage of Gemini as a whole (which
+        the ``gemini`` breaker alone counts, and alerts about once).
+        """
+        models = self._models(options)
+        lease = self._admit()
+        failure: BaseException | None = None
+        closed: list[Breaker] = []
+        failed: list[tuple[Lease, BaseException]] = []  # model leases, settled once the attempt ends
+        try:
+            for model in models:
+                breaker = self.model_breakers.get(model)
+                if breaker is not None and not breaker.would_admit():
+                    closed.append(breaker)
+                    continue
+                try:
+                    reply = await self._call(model, contents, config, failed, observer)
+                except (_Unusable, CircuitOpenError):
+                    continue  # no quota, no such model, or its breaker opened meanwhile: the next one
+                except errors.APIError as exc:
+                    if exc.code not in _MODEL_FAILURES:
+                        raise
+                    failure = exc  # this model is overloaded or rate-limited: the next may answer
+                    log.info("gemini.model_fallback", model=model, code=exc.code)
+                    continue
+                for model_lease, error in failed:
+                    model_lease.record_failure(error)  # that model failed where this one answered
+                failed.clear()
+                lease.record_success()
+                return reply
+        except Exception as exc:
+            if classify(exc).category in _PER_REQUEST:
+                lease.release()  # one request's content says nothing about Gemini's health
+            else:
+                lease.record_failure(exc)
+            raise
+        except BaseException:
+            lease.release()  # cancelled: no outcome
+            raise
+        finally:
+            for model_lease, _ in failed:
+                model_lease.release()  # no model answered: Gemini's failure, not one model's
+        if failure is not None:
+            lease.record_failure(failure)
+            raise failure
+        lease.release()
+        if closed:
+            # The models left all have an open breaker of their own: transient, like an open circuit.
+            soonest = min(closed, key=lambda b: b.remaining_open())
+            raise CircuitOpenError(soonest.name, soonest.remaining_open())
         now = self._clock.monotonic()
         resets = [t for t in self._exhausted.values() if t > now]
         if resets:
@@ -563,11 +607,11 @@ class GeminiService:
         )
         raise error
 
-    def _models(self) -> list[str]:
-        """Models to try now, in order: those Gemini is not known to lack, whose daily quota is not
-        known to be used up."""
+    def _models(self, options: GenerationOptions | None = None) -> list[str]:
+        """Models to try now, in order (``chain``): those Gemini is not known to lack, whose daily
+        quota is not known to be used up."""
         now = self._clock.monotonic()
-        present = self._present()
+        present = self._present(options)
         if not present:
             raise self._no_model_error()
         models = [m for m in present if self._exhausted.get(m, 0.0) <= now]
@@ -580,46 +624,75 @@ class GeminiService:
             models = present
         return models
 
-    def _present(self) -> list[str]:
-        """Configured models Gemini is not known to lack (their quota aside), in order."""
+    def _present(self, options: GenerationOptions | None = None) -> list[str]:
+        """Models of the chain Gemini is not known to lack (their quota aside), in order."""
         now = self._clock.monotonic()
-        return [m for m in self.models() if self._missing.get(m, 0.0) <= now]
+        return [m for m in self.chain(options) if self._missing.get(m, 0.0) <= now]
 
     def _no_model_error(self) -> ModelNotFoundError:
         """The permanent error for "Gemini has none of the configured models"."""
         original = self._missing_error
         assert original is not None  # set whenever a model is marked missing
-        present = self._present()
-        return ModelNotFoundError([m for m in self.models() if m not in present], original)
+        now = self._clock.monotonic()
+        missing = [m for m in self.allowed_models if self._missing.get(m, 0.0) > now]
+        return ModelNotFoundError(missing, original)
 
     async def _call(
-        self, model: str, contents: list[types.ContentDict], config: types.GenerateContentConfigDict
+        self,
+        model: str,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+        failed: list[tuple[Lease, BaseException]] | None = None,
+        observer: StreamObserver | None = None,
     ) -> Reply:
-        """One request to ``model`` through the breaker and the timeout; records metrics and health."""
+        """One request to ``model`` through its own breaker (when it has one) and the timeout; records
+        metrics and health. The ``gemini`` breaker's lease is ``_attempt``'s; a failure's model lease
+        goes to ``failed`` for ``_attempt`` to settle (without it, it is recorded at once). With an
+        ``observer`` the request is streamed: the silence timeout under the total cap, the text so far
+        to the observer after each chunk, ``interrupted`` when it fails after showing text."""
         client = self._client
         if client is None:
             raise GeminiStoppedError("the Gemini service is not running")
-        lease = self._admit()
+        breaker = self.model_breakers.get(model)
+        lease = breaker.admit() if breaker is not None else None
         started = self._clock.monotonic()
+        merged = StreamedResponse() if observer is not None else None
         try:
-            with span("gemini.attempt", dependency="gemini", model=model):
-                response = await self.timeout.call(
-                    lambda: client.aio.models.generate_content(model=model, contents=contents, config=config),
-                    OPERATION,
-                )
+            with span("gemini.attempt", dependency="gemini", model=model, streamed=merged is not None):
+                if observer is not None and merged is not None:
+                    await read_stream(
+                        lambda: client.aio.models.generate_content_stream(
+                            model=model, contents=contents, config=config
+                        ),
+                        merged,
+                        observer,
+                        cap=self.timeout.maximum,
+                    )
+                    response = merged.response()
+                else:
+                    response = await self.timeout.call(
+                        lambda: client.aio.models.generate_content(
+                            model=model, contents=contents, config=config
+                        ),
+                        OPERATION,
+                    )
         except Exception as exc:
+            if observer is not None and merged is not None and merged.shown:
+                observer.interrupted()
             verdict = classify(exc, now=self._clock.time())
             # A 404 from generateContent: Gemini does not have this model (unknown, retired, an alias
             # of another API version).
             missing = exc if isinstance(exc, errors.APIError) and verdict.code == 404 else None
-            # Settle the lease first: nothing below may leave a half-open probe unreported.
-            if verdict.daily_quota or missing is not None or verdict.category in _PER_REQUEST:
-                # None says anything about Gemini's health, so none counts: one user's oversized
-                # messages, or one model that does not exist, must not open the breaker for
-                # everyone; when every model's quota is used up _attempt forces it open instead.
-                lease.release()
-            else:
-                lease.record_failure(exc)
+            if lease is not None:
+                # Settle the lease first: nothing below may leave a half-open probe unreported. None
+                # of these says anything about the model's health (one user's oversized message, a
+                # model that does not exist, a quota that is skipped until it resets).
+                if verdict.daily_quota or missing is not None or verdict.category in _PER_REQUEST:
+                    lease.release()
+                elif failed is not None:
+                    failed.append((lease, exc))
+                else:
+                    lease.record_failure(exc)
             self._observe(verdict.category.value, started, verdict.code)
             self._note_error(exc)
             if verdict.daily_quota:
@@ -630,9 +703,11 @@ class GeminiService:
                 raise _Unusable(exc) from exc
             raise
         except BaseException:
-            lease.release()  # cancelled: no outcome
+            if lease is not None:
+                lease.release()  # cancelled (a Stop, a shutdown): no outcome
             raise
-        lease.record_success()
+        if lease is not None:
+            lease.record_success()
         reply = to_reply(response, model)
         self._observe(reply.kind.value, started, 200)
         self._count_tokens(reply)
@@ -1095,7 +1170,7 @@ def to_reply(response: types.GenerateContentResponse, model: str) -> Reply:
         )
 
     if block is not None and block != "BLOCKED_REASON_UNSPECIFIED":
-        return refusal(ReplyKind.PROMPT_BLOCKED)
+        return refusal(ReplyKind.PROMPT_BLOCKED, _PROMPT_BLOCK_MESSAGES.get(block))
     text = answer_text(candidate) if candidate is not None else None
     if text and text.strip():
         sources = grounding_sources(candidate) if candidate is not None else ()
@@ -1109,6 +1184,8 @@ def to_reply(response: types.GenerateContentResponse, model: str) -> Reply:
         return refusal(ReplyKind.SAFETY_BLOCKED)
     if finish == "MAX_TOKENS":  # thinking models can spend the whole budget before the answer
         return refusal(ReplyKind.EMPTY, _NO_ROOM_MESSAGE)
+    if finish == "OTHER":
+        return refusal(ReplyKind.EMPTY, _OTHER_MESSAGE)
     return refusal(ReplyKind.EMPTY)
 
 

@@ -47,6 +47,7 @@ from services.datadir import make_private_dir
 T = TypeVar("T")
 
 ROLES = ("user", "model")
+MAX_SPEAKER_CHARS = 120  # a speaker label: a display name (32 characters at most) and a mention
 TERMINAL_STATES = (ItemState.DONE, ItemState.DEAD, ItemState.EXPIRED)
 TRUNCATION_MARK = " […truncated]"
 BUSY_SLICE_MS = 20  # one uninterruptible SQLite busy wait; see SqliteStore._begin
@@ -213,6 +214,14 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID""",
         "CREATE INDEX token_usage_by_guild ON token_usage (day, guild_id)",
     ],
+    [
+        # Conversations (bot/conversations.py): who said a user turn (a label such as "Bob
+        # (<@123>)", so Gemini can tell the people of a channel apart), and the turns by the id of
+        # the message they came from, so a reply to an earlier answer finds that answer's
+        # conversation and continues it as a branch of its own.
+        "ALTER TABLE turns ADD COLUMN speaker TEXT",
+        "CREATE INDEX turns_by_message ON turns (message_id, id) WHERE message_id IS NOT NULL",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 AVAILABILITY_WITHIN = 30.0
@@ -227,7 +236,8 @@ _QUEUE_COLUMNS = (
 
 
 _NEWEST_TURNS_SQL = (
-    "SELECT role, text, created_at, message_id FROM turns WHERE conversation_key = ? ORDER BY id DESC LIMIT ?"
+    "SELECT role, text, created_at, message_id, speaker FROM turns WHERE conversation_key = ? "
+    "ORDER BY id DESC LIMIT ?"
 )
 
 # Acceptance's insert: claimed (with a lease) when asked and the conversation has nothing
@@ -282,7 +292,7 @@ _ADD_USAGE_SQL = """INSERT INTO token_usage (day, user_id, guild_id, model, call
         thought_tokens = thought_tokens + excluded.thought_tokens,
         cached_tokens = cached_tokens + excluded.cached_tokens"""
 # What counts against a quota: tokens Gemini read (cached ones included) and wrote (thoughts too).
-_COUNTED = "prompt_tokens + output_tokens + thought_tokens"
+COUNTED_SQL = "prompt_tokens + output_tokens + thought_tokens"
 USAGE_RETENTION_SECONDS = 400 * 86400.0
 """How long daily usage rows are kept (a year and a bit: a month-on-month comparison still works)."""
 SECONDS_PER_DAY = 86400
@@ -342,12 +352,18 @@ class Breaker(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One stored message of a conversation."""
+    """One stored message of a conversation; ``speaker`` says who wrote a user turn (None: unknown,
+    or a model turn)."""
 
     role: str
     text: str
     created_at: float
     message_id: str | None = None
+    speaker: str | None = None
+
+
+TurnInput = tuple[str, str, str | int | None] | tuple[str, str, str | int | None, str | None]
+"""A turn to store: ``(role, text, message_id)``, or with its ``speaker`` as a fourth item."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,13 +434,13 @@ class UsageRow:
     totals: UsageTotals
 
 
-def _totals(row: Sequence[Any] | None) -> UsageTotals:
+def totals_from_row(row: Sequence[Any] | None) -> UsageTotals:
     if row is None or row[0] is None:
         return UsageTotals()
     return UsageTotals(*(int(v or 0) for v in row[:5]))
 
 
-_SUM_USAGE = "SUM(calls), SUM(prompt_tokens), SUM(output_tokens), SUM(thought_tokens), SUM(cached_tokens)"
+SUM_USAGE_SQL = "SUM(calls), SUM(prompt_tokens), SUM(output_tokens), SUM(thought_tokens), SUM(cached_tokens)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,7 +529,8 @@ def truncate(text: str, limit: int) -> str:
     return text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
-def _item(row: Sequence[Any]) -> QueueItem:
+def item_from_row(row: Sequence[Any]) -> QueueItem:
+    """A ``QueueItem`` from a row of ``_QUEUE_COLUMNS`` (any backend's row: a sequence of them)."""
     return QueueItem(
         id=row[0],
         kind=ItemKind(row[1]),
@@ -538,6 +555,50 @@ async def _one(db: aiosqlite.Connection, sql: str, args: Any = ()) -> sqlite3.Ro
 async def _all(db: aiosqlite.Connection, sql: str, args: Any = ()) -> builtins.list[sqlite3.Row]:
     """All rows of a statement, in one hop to aiosqlite's thread."""
     return builtins.list(await db.execute_fetchall(sql, args))
+
+
+def turn_rows(
+    key: str, turns: Sequence[TurnInput], stamp: float, max_chars: int
+) -> list[tuple[str, str, str, str | None, float, str | None]]:
+    """``(key, role, text, message_id, created_at, speaker)`` rows of ``turns``: roles checked,
+    texts cut to ``max_chars``, speakers to ``MAX_SPEAKER_CHARS``. Shared by both backends."""
+    rows = []
+    for turn in turns:
+        role, text, mid = turn[0], turn[1], turn[2]
+        speaker = turn[3] if len(turn) > 3 else None
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        rows.append((
+            key, role, truncate(text, max_chars), None if mid is None else str(mid), stamp,
+            None if speaker is None else str(speaker)[:MAX_SPEAKER_CHARS],
+        ))
+    return rows
+
+
+def bounded_history(newest_first: list[Turn], max_chars: int) -> list[Turn]:
+    """The newest turns that fit ``max_chars`` together, oldest first (the newest one cut to fit
+    when it alone is too long). Shared by both backends."""
+    kept: list[Turn] = []
+    budget = max_chars
+    for turn in newest_first:
+        if len(turn.text) > budget:
+            if not kept:  # the newest turn alone is too long (bound lowered since it was stored)
+                cut = truncate(turn.text, budget)
+                kept.append(Turn(turn.role, cut, turn.created_at, turn.message_id, turn.speaker))
+            break
+        kept.append(turn)
+        budget -= len(turn.text)
+    kept.reverse()
+    return kept
+
+
+def check_housekeeping(batch_rows: int, max_batches: int, **retentions: float) -> None:
+    """Refuse negative retentions and empty batches (``housekeeping``'s arguments, both backends)."""
+    for name, value in retentions.items():
+        if not value >= 0:
+            raise ValueError(f"{name} must be at least 0 seconds, not {value!r}")
+    if batch_rows < 1 or max_batches < 1:
+        raise ValueError("batch_rows and max_batches must be at least 1")
 
 
 # The last_error of an item whose claim ended without its holder recording how: the holder died
@@ -912,13 +973,13 @@ class SqliteStore:
     async def append_turns(
         self,
         key: str,
-        turns: Sequence[tuple[str, str, str | int | None]],
+        turns: Sequence[TurnInput],
         *,
         now: float | None = None,
         usage: UsageRecord | None = None,
     ) -> None:
-        """Store ``(role, text, message_id)`` turns in one transaction (a question and its answer),
-        and ``usage`` (the Gemini call that answered it) in the same one."""
+        """Store ``(role, text, message_id[, speaker])`` turns in one transaction (a question and its
+        answer), and ``usage`` (the Gemini call that answered it) in the same one."""
         rows = self._turn_rows(key, turns, now)
 
         def body(conn: sqlite3.Connection) -> None:
@@ -930,25 +991,21 @@ class SqliteStore:
         await self._run("append_turns", self._in_thread(body), write=False)
 
     def _turn_rows(
-        self, key: str, turns: Sequence[tuple[str, str, str | int | None]], now: float | None
-    ) -> list[tuple[str, str, str, str | None, float]]:
+        self, key: str, turns: Sequence[TurnInput], now: float | None
+    ) -> list[tuple[str, str, str, str | None, float, str | None]]:
         """Validated, truncated rows for ``_insert_turns``."""
-        stamp = self._now(now)
-        rows = []
-        for role, text, mid in turns:
-            if role not in ROLES:
-                raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-            rows.append(
-                (key, role, truncate(text, self.history_max_chars), None if mid is None else str(mid), stamp)
-            )
-        return rows
+        return turn_rows(key, turns, self._now(now), self.history_max_chars)
 
     def _insert_turns(
-        self, conn: sqlite3.Connection, key: str, rows: list[tuple[str, str, str, str | None, float]]
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        rows: list[tuple[str, str, str, str | None, float, str | None]],
     ) -> None:
         """Insert turns and prune the conversation to its newest ``history_max_messages`` rows."""
         conn.executemany(
-            "INSERT INTO turns (conversation_key, role, text, message_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO turns (conversation_key, role, text, message_id, created_at, speaker) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
             rows,
         )
         conn.execute(
@@ -983,32 +1040,71 @@ class SqliteStore:
 
     async def _newest_turns(self, db: aiosqlite.Connection, key: str) -> list[Turn]:
         rows = await _all(db, _NEWEST_TURNS_SQL, (key, self.history_max_messages))
-        return [Turn(r[0], r[1], r[2], r[3]) for r in rows]
+        return [Turn(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     def _bounded(self, newest_first: list[Turn]) -> list[Turn]:
-        kept: list[Turn] = []
-        budget = self.history_max_chars
-        for turn in newest_first:
-            if len(turn.text) > budget:
-                if not kept:  # the newest turn alone is too long (bound lowered since it was stored)
-                    cut = truncate(turn.text, budget)
-                    kept.append(Turn(turn.role, cut, turn.created_at, turn.message_id))
-                break
-            kept.append(turn)
-            budget -= len(turn.text)
-        kept.reverse()
-        return kept
+        return bounded_history(newest_first, self.history_max_chars)
 
-    async def forget(self, key: str) -> int:
+    async def forget(self, key: str, *, branches: bool = False) -> int:
         """Delete a conversation's history (``/reset``), its file references included; return how
-        many turns went."""
+        many turns went. With ``branches``, also the conversations branched off it (keys
+        ``"<key>:<id>"``, ``branch``)."""
+        where = "conversation_key = ?"
+        args: tuple[str, ...] = (key,)
+        if branches:
+            # A range on the key (":" + 1 is ";"), so the deletion goes through the key's index.
+            where = "(conversation_key = ? OR (conversation_key >= ? AND conversation_key < ?))"
+            args = (key, f"{key}:", f"{key};")
 
         async def body(db: aiosqlite.Connection) -> int:
-            cur = await db.execute("DELETE FROM turns WHERE conversation_key = ?", (key,))
-            await db.execute("DELETE FROM attachment_refs WHERE conversation_key = ?", (key,))
+            cur = await db.execute(f"DELETE FROM turns WHERE {where}", args)
+            await db.execute(f"DELETE FROM attachment_refs WHERE {where}", args)
             return cur.rowcount
 
         return await self._run("forget", body)
+
+    async def branch(self, question_id: str | int, new_key: str) -> str | None:
+        """The conversation a reply to the answer of question ``question_id`` continues.
+
+        The answer's own conversation (where the question was first stored) when that exchange is
+        still its latest; otherwise ``new_key``, a branch that starts as that conversation did up to
+        and including the exchange (its turns copied, at most ``history_max_messages``). None when
+        no stored conversation holds the question (forgotten, pruned, never stored). Idempotent: a
+        replayed message finds ``new_key`` already started and does not copy again. One transaction.
+        """
+        qid = str(question_id)
+        limit = self.history_max_messages
+
+        def body(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT conversation_key, id FROM turns WHERE message_id = ? AND role = 'user' "
+                "ORDER BY id LIMIT 1",
+                (qid,),
+            ).fetchone()
+            if row is None:
+                return None
+            key, asked = str(row[0]), int(row[1])
+            latest = conn.execute(
+                "SELECT MAX(id) FROM turns WHERE conversation_key = ? AND role = 'user'", (key,)
+            ).fetchone()
+            if latest is not None and latest[0] == asked:
+                return key
+            if conn.execute("SELECT 1 FROM turns WHERE conversation_key = ? LIMIT 1", (new_key,)).fetchone():
+                return new_key
+            answered = conn.execute(
+                "SELECT MIN(id) FROM turns WHERE conversation_key = ? AND role = 'model' AND id > ?",
+                (key, asked),
+            ).fetchone()
+            end = answered[0] if answered is not None and answered[0] is not None else asked
+            conn.execute(
+                "INSERT INTO turns (conversation_key, role, text, message_id, created_at, speaker) "
+                "SELECT ?, role, text, message_id, created_at, speaker FROM (SELECT * FROM turns "
+                "WHERE conversation_key = ? AND id <= ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+                (new_key, key, end, limit),
+            )
+            return new_key
+
+        return await self._run("branch", self._in_thread(body), write=False)
 
     # -- file references of the history (bot/attachments.py) --------------------------------
 
@@ -1133,7 +1229,7 @@ class SqliteStore:
                 sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE dedup_key = ?"
                 existing = conn.execute(sql, (dedup_key,)).fetchone()
                 if existing is not None:
-                    return _item(existing)
+                    return item_from_row(existing)
             if check is not None:
                 refused = _refusal(conn, check, payload)
                 if refused is not None:
@@ -1145,7 +1241,7 @@ class SqliteStore:
                 (kind.value, conversation_key, encoded, now, now, dedup_key),
             ).fetchone()
             assert row is not None
-            return _item(row)
+            return item_from_row(row)
 
         item = await self._run("enqueue", self._in_thread(body), write=False)
         if isinstance(item, QueueFullError):  # raised outside the breaker: the store is fine
@@ -1192,7 +1288,7 @@ class SqliteStore:
                 f"RETURNING {_QUEUE_COLUMNS}",
                 (lease_until, *(r[0] for r in heads)),
             ).fetchall()
-            return sorted((_item(r) for r in rows), key=lambda item: item.id)
+            return sorted((item_from_row(r) for r in rows), key=lambda item: item.id)
 
         return await self._run("claim", self._in_thread(body), write=False)
 
@@ -1232,7 +1328,7 @@ class SqliteStore:
                 f"AND created_at < ? RETURNING {_QUEUE_COLUMNS}",
                 (now, cutoff),
             ).fetchall()
-            return sorted((_item(r) for r in rows), key=lambda item: item.id)
+            return sorted((item_from_row(r) for r in rows), key=lambda item: item.id)
 
         return await self._run("expire", self._in_thread(body), write=False)
 
@@ -1387,11 +1483,11 @@ class SqliteStore:
             # One statement decides the state (claimed unless the conversation has a backlog),
             # inserts, and says whether the item is next (no older item pending or claimed).
             row = conn.execute(_ACCEPT_SQL, args).fetchone()
-            item = _item(row)
+            item = item_from_row(row)
             if not with_history or item.state is not ItemState.CLAIMED or not row[-1]:
                 return item, None
             turns = conn.execute(_NEWEST_TURNS_SQL, (conversation_key, self.history_max_messages))
-            return item, [Turn(r[0], r[1], r[2], r[3]) for r in turns.fetchall()]
+            return item, [Turn(r[0], r[1], r[2], r[3], r[4]) for r in turns.fetchall()]
 
         accepted = await self._run("accept", self._in_thread(body), write=False)
         if isinstance(accepted, QueueFullError):  # raised outside the breaker: the store is fine
@@ -1432,7 +1528,7 @@ class SqliteStore:
         item_id: int,
         *,
         key: str | None = None,
-        turns: Sequence[tuple[str, str, str | int | None]] = (),
+        turns: Sequence[TurnInput] = (),
         now: float | None = None,
         usage: UsageRecord | None = None,
     ) -> None:
@@ -1498,14 +1594,14 @@ class SqliteStore:
         row = await self._run(operation, self._in_thread(body), write=False)
         if row is None:  # raised outside the breaker: an unknown id is not a storage failure
             raise QueueItemNotFoundError(item_id)
-        return _item(row)
+        return item_from_row(row)
 
     @staticmethod
     async def _get(db: aiosqlite.Connection, item_id: int) -> QueueItem:
         row = await _one(db, f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id = ?", (item_id,))
         if row is None:
             raise QueueItemNotFoundError(item_id)
-        return _item(row)
+        return item_from_row(row)
 
     # -- processed message ids -------------------------------------------------------------
 
@@ -1568,17 +1664,15 @@ class SqliteStore:
         is held only briefly and other writers go between transactions; a call runs at most
         ``max_batches`` of them, and says ``more`` when it stopped there with its last one full.
         """
-        for name, value in (
-            ("queue_retention", queue_retention),
-            ("history_retention", history_retention),
-            ("processed_retention", processed_retention),
-            ("done_retention", done_retention),
-            ("usage_retention", usage_retention),
-        ):
-            if not value >= 0:
-                raise ValueError(f"{name} must be at least 0 seconds, not {value!r}")
-        if batch_rows < 1 or max_batches < 1:
-            raise ValueError("batch_rows and max_batches must be at least 1")
+        check_housekeeping(
+            batch_rows,
+            max_batches,
+            queue_retention=queue_retention,
+            history_retention=history_retention,
+            processed_retention=processed_retention,
+            done_retention=done_retention,
+            usage_retention=usage_retention,
+        )
         targets = (  # (name, statement, arguments without the limit)
             ("done_items", _PRUNE_FINISHED_SQL, {"state": "done", "cutoff": now - done_retention}),
             ("dead_items", _PRUNE_FINISHED_SQL, {"state": "dead", "cutoff": now - queue_retention}),
@@ -1634,7 +1728,7 @@ class SqliteStore:
 
         async def body(db: aiosqlite.Connection) -> tuple[dict[int, int], dict[int, int]]:
             by_user, by_guild = (
-                f"SELECT {column}, SUM({_COUNTED}) FROM token_usage WHERE day = ? GROUP BY {column}"
+                f"SELECT {column}, SUM({COUNTED_SQL}) FROM token_usage WHERE day = ? GROUP BY {column}"
                 for column in ("user_id", "guild_id")
             )
             users = await _all(db, by_user, (day,))
@@ -1651,7 +1745,8 @@ class SqliteStore:
         where, args = self._usage_filter(first_day, last_day, user_id, guild_id)
 
         async def body(db: aiosqlite.Connection) -> UsageTotals:
-            return _totals(await _one(db, f"SELECT {_SUM_USAGE} FROM token_usage WHERE {where}", args))
+            row = await _one(db, f"SELECT {SUM_USAGE_SQL} FROM token_usage WHERE {where}", args)
+            return totals_from_row(row)
 
         return await self._run("usage_totals", body, write=False)
 
@@ -1664,11 +1759,11 @@ class SqliteStore:
         async def body(db: aiosqlite.Connection) -> dict[str, UsageTotals]:
             rows = await _all(
                 db,
-                f"SELECT {_SUM_USAGE}, model FROM token_usage WHERE {where} GROUP BY model "
-                f"ORDER BY SUM({_COUNTED}) DESC, model",
+                f"SELECT {SUM_USAGE_SQL}, model FROM token_usage WHERE {where} GROUP BY model "
+                f"ORDER BY SUM({COUNTED_SQL}) DESC, model",
                 args,
             )
-            return {str(r[5]): _totals(r) for r in rows}
+            return {str(r[5]): totals_from_row(r) for r in rows}
 
         return await self._run("usage_by_model", body, write=False)
 
@@ -1691,11 +1786,11 @@ class SqliteStore:
         async def body(db: aiosqlite.Connection) -> list[UsageRow]:
             rows = await _all(
                 db,
-                f"SELECT {_SUM_USAGE}, {column} FROM token_usage WHERE {where} GROUP BY {column} "
-                f"ORDER BY SUM({_COUNTED}) DESC, {column} LIMIT ?",
+                f"SELECT {SUM_USAGE_SQL}, {column} FROM token_usage WHERE {where} GROUP BY {column} "
+                f"ORDER BY SUM({COUNTED_SQL}) DESC, {column} LIMIT ?",
                 (*args, limit),
             )
-            return [UsageRow(int(r[5]), _totals(r)) for r in rows]
+            return [UsageRow(int(r[5]), totals_from_row(r)) for r in rows]
 
         return await self._run("usage_top", body, write=False)
 
@@ -1874,6 +1969,6 @@ class SqliteStore:
             else:
                 sql = f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE state = ? ORDER BY id LIMIT ?"
                 args = (ItemState(state).value, limit)  # type: ignore[assignment]
-            return [_item(r) for r in await _all(db, sql, args)]
+            return [item_from_row(r) for r in await _all(db, sql, args)]
 
         return await self._run("list", body, write=False)

@@ -8,6 +8,9 @@ import pytest
 
 from resilience.clock import FakeClock
 
+# A real PostgreSQL for the storage tests (tests/pg.py): one server per session (xdist worker).
+from tests.pg import pg_server, pg_url  # noqa: F401
+
 
 @pytest.fixture
 def fake_clock() -> FakeClock:

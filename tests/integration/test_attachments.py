@@ -46,6 +46,11 @@ def last_turn(gemini: GeminiEmulator) -> list[dict[str, Any]]:
     return request_parts(generate_requests(gemini)[-1])[-1]
 
 
+def spoken(live: Live, text: str, user: str = "normal") -> str:
+    """``text`` as Gemini gets it in a server's channel: with who said it (bot.conversations)."""
+    return f"{live.discord.world.user(user).username.title()} (<@{live.discord.users[user]}>): {text}"
+
+
 def answers(live: Live, message_id: Any, channel: int | None = None) -> list[str]:
     return [m.content for m in live.replies_to(message_id, channel) if not m.content.startswith(ACK_MARK)]
 
@@ -76,7 +81,7 @@ async def test_an_image_a_text_file_a_pdf_a_voice_message_and_a_too_large_file_i
         assert parts[1]["text"].startswith("[File notes.txt]\nShopping list: apples")
         assert parts[2] == {"inline": "application/pdf", "bytes": len(PDF), "sha256": sha(PDF)}
         assert parts[3] == {"inline": "audio/ogg", "bytes": len(OGG), "sha256": sha(OGG)}
-        assert parts[4] == {"text": "what is in these?"}
+        assert parts[4] == {"text": spoken(live, "what is in these?")}
         assert len(parts) == 5  # huge.png never reached Gemini
         text = answer.content
         assert f"I see an image of {len(PNG)} bytes, type image/png." in text
@@ -302,8 +307,8 @@ async def test_a_later_question_sees_the_earlier_image_again(tmp_path: Path) -> 
         await live.wait_replies(second["id"])
         turns = request_parts(generate_requests(live.gemini)[-1])
         assert turns[0][0] == {"inline": "image/png", "bytes": len(PNG), "sha256": sha(PNG)}
-        assert turns[0][1] == {"text": "remember this picture"}
-        assert turns[-1] == [{"text": "what was in it?"}]
+        assert turns[0][1] == {"text": spoken(live, "remember this picture")}
+        assert turns[-1] == [{"text": spoken(live, "what was in it?")}]
 
 
 async def test_an_earlier_image_that_is_gone_is_named_as_no_longer_available(tmp_path: Path) -> None:
@@ -404,4 +409,4 @@ async def test_a_file_gemini_cannot_read_is_named_and_the_question_answered_with
         assert "«what about this?»" in answer.content
         requests = generate_requests(live.gemini)
         assert [r.outcome for r in requests] == ["fault:400", "ok"]
-        assert request_parts(requests[-1])[-1] == [{"text": "what about this?"}]
+        assert request_parts(requests[-1])[-1] == [{"text": spoken(live, "what about this?")}]

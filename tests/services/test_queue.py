@@ -1,9 +1,9 @@
-"""The durable degradation queue in SqliteStore, against real SQLite files."""
+"""The durable degradation queue, against a real SQLite file and a real PostgreSQL database (each
+test that takes ``store`` or ``open_store`` runs once per backend)."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,29 +17,31 @@ from resilience.breakers import Breaker
 from resilience.clock import FakeClock
 from resilience.degradation import DurableQueue, ItemKind, ItemState
 from resilience.errors import CallTimeoutError, CircuitOpenError
+from services.pg_storage import PostgresStore
 from services.storage import QueueItemNotFoundError, SqliteStore
+from tests.pg import PostgresServer
+from tests.services.conftest import OpenStore, Store, write_lock_held
 
 IN, OUT = ItemKind.INBOUND, ItemKind.OUTBOUND
 T0 = 1_700_000_000.0
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    """A started store on a fresh file."""
-    s = SqliteStore(tmp_path / "queue.sqlite3")
-    await s.start()
-    yield s
-    await s.stop()
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    """A started store on a fresh database."""
+    async with open_store() as s:
+        yield s
 
 
-def test_store_satisfies_the_durable_queue_protocol() -> None:
-    queue: DurableQueue = SqliteStore(Path("unused.sqlite3"))  # mypy checks the structure
+def test_both_stores_satisfy_the_durable_queue_protocol() -> None:
     names = ("enqueue", "claim", "complete", "fail", "dead_letter", "expire", "position", "stats", "purge")
-    for name in names:
-        assert callable(getattr(queue, name))
+    queues: list[DurableQueue] = [SqliteStore(Path("unused.sqlite3")), PostgresStore("postgresql://unused/x")]
+    for queue in queues:
+        for name in names:
+            assert callable(getattr(queue, name))
 
 
-async def test_enqueue_returns_a_pending_item_with_its_payload(store: SqliteStore) -> None:
+async def test_enqueue_returns_a_pending_item_with_its_payload(store: Store) -> None:
     item = await store.enqueue(IN, "c1", {"text": "hi", "n": [1, 2]}, now=T0, dedup_key="m1")
     assert item.state is ItemState.PENDING and item.kind is IN and item.attempts == 0
     assert item.payload == {"text": "hi", "n": [1, 2]} and item.created_at == T0 == item.next_attempt_at
@@ -47,7 +49,7 @@ async def test_enqueue_returns_a_pending_item_with_its_payload(store: SqliteStor
     assert await store.get(item.id + 100) is None
 
 
-async def test_same_dedup_key_is_never_queued_twice(store: SqliteStore) -> None:
+async def test_same_dedup_key_is_never_queued_twice(store: Store) -> None:
     first = await store.enqueue(IN, "c1", {"v": 1}, now=T0, dedup_key="msg-42")
     again = await store.enqueue(IN, "c1", {"v": 2}, now=T0 + 5, dedup_key="msg-42")
     assert again == first
@@ -56,7 +58,7 @@ async def test_same_dedup_key_is_never_queued_twice(store: SqliteStore) -> None:
     assert len(await store.list()) == 3
 
 
-async def test_claim_takes_only_the_head_of_each_conversation_across_kinds(store: SqliteStore) -> None:
+async def test_claim_takes_only_the_head_of_each_conversation_across_kinds(store: Store) -> None:
     a1 = await store.enqueue(OUT, "a", {"n": 1}, now=T0)
     a2 = await store.enqueue(IN, "a", {"n": 2}, now=T0)
     b1 = await store.enqueue(IN, "b", {"n": 1}, now=T0)
@@ -69,20 +71,20 @@ async def test_claim_takes_only_the_head_of_each_conversation_across_kinds(store
     assert [i.id for i in await store.claim(now=T0 + 3, lease_seconds=30)] == [a2.id]
 
 
-async def test_kind_filter_does_not_skip_ahead_of_a_head_of_the_other_kind(store: SqliteStore) -> None:
+async def test_kind_filter_does_not_skip_ahead_of_a_head_of_the_other_kind(store: Store) -> None:
     out = await store.enqueue(OUT, "a", {}, now=T0)
     await store.enqueue(IN, "a", {}, now=T0)
     assert await store.claim(now=T0, lease_seconds=30, kind=IN) == []
     assert [i.id for i in await store.claim(now=T0, lease_seconds=30, kind=OUT)] == [out.id]
 
 
-async def test_claim_respects_limit_and_oldest_first(store: SqliteStore) -> None:
+async def test_claim_respects_limit_and_oldest_first(store: Store) -> None:
     items = [await store.enqueue(IN, f"c{i}", {}, now=T0 + i) for i in range(5)]
     claimed = await store.claim(now=T0 + 10, lease_seconds=5, limit=2)
     assert [i.id for i in claimed] == [items[0].id, items[1].id]
 
 
-async def test_expired_lease_returns_the_item_to_pending_for_another_worker(store: SqliteStore) -> None:
+async def test_expired_lease_returns_the_item_to_pending_for_another_worker(store: Store) -> None:
     item = await store.enqueue(IN, "c", {}, now=T0)
     await store.claim(now=T0, lease_seconds=10)
     assert await store.claim(now=T0 + 9.9, lease_seconds=10) == []
@@ -91,7 +93,7 @@ async def test_expired_lease_returns_the_item_to_pending_for_another_worker(stor
     assert again[0].attempts == 0
 
 
-async def test_fail_adds_an_attempt_and_next_attempt_time_is_respected(store: SqliteStore) -> None:
+async def test_fail_adds_an_attempt_and_next_attempt_time_is_respected(store: Store) -> None:
     item = await store.enqueue(IN, "c", {}, now=T0)
     later = await store.enqueue(IN, "c", {}, now=T0)
     await store.claim(now=T0, lease_seconds=30)
@@ -105,7 +107,7 @@ async def test_fail_adds_an_attempt_and_next_attempt_time_is_respected(store: Sq
     assert (await store.get(later.id)).state is ItemState.PENDING  # type: ignore[union-attr]
 
 
-async def test_dead_letter_removes_the_item_from_the_line(store: SqliteStore) -> None:
+async def test_dead_letter_removes_the_item_from_the_line(store: Store) -> None:
     item = await store.enqueue(IN, "c", {}, now=T0)
     nxt = await store.enqueue(IN, "c", {}, now=T0)
     await store.claim(now=T0, lease_seconds=30)
@@ -114,14 +116,14 @@ async def test_dead_letter_removes_the_item_from_the_line(store: SqliteStore) ->
     assert [i.id for i in await store.claim(now=T0, lease_seconds=30)] == [nxt.id]
 
 
-async def test_unknown_item_ids_raise_not_found(store: SqliteStore) -> None:
+async def test_unknown_item_ids_raise_not_found(store: Store) -> None:
     with pytest.raises(QueueItemNotFoundError):
         await store.complete(999)
     with pytest.raises(QueueItemNotFoundError):
         await store.fail(999, "x", next_attempt_at=T0)
 
 
-async def test_expire_marks_old_pending_items_and_returns_them(store: SqliteStore) -> None:
+async def test_expire_marks_old_pending_items_and_returns_them(store: Store) -> None:
     old = await store.enqueue(IN, "a", {}, now=T0)
     young = await store.enqueue(IN, "b", {}, now=T0 + 500)
     crashed = await store.enqueue(OUT, "c", {}, now=T0)
@@ -133,7 +135,7 @@ async def test_expire_marks_old_pending_items_and_returns_them(store: SqliteStor
     assert await store.expire(now=T0 + 600, max_age=300) == []
 
 
-async def test_position_counts_pending_items_in_order(store: SqliteStore) -> None:
+async def test_position_counts_pending_items_in_order(store: Store) -> None:
     a = await store.enqueue(IN, "a", {}, now=T0)
     b = await store.enqueue(OUT, "b", {}, now=T0)
     c = await store.enqueue(IN, "c", {}, now=T0)
@@ -143,7 +145,7 @@ async def test_position_counts_pending_items_in_order(store: SqliteStore) -> Non
     assert await store.position(12345) == 0
 
 
-async def test_stats_report_depth_by_kind_and_state_and_oldest_pending_age(store: SqliteStore) -> None:
+async def test_stats_report_depth_by_kind_and_state_and_oldest_pending_age(store: Store) -> None:
     assert (await store.stats(now=T0)).oldest_pending_age is None
     a = await store.enqueue(IN, "a", {}, now=T0)
     await store.enqueue(IN, "b", {}, now=T0 + 10)
@@ -156,7 +158,7 @@ async def test_stats_report_depth_by_kind_and_state_and_oldest_pending_age(store
     assert stats.oldest_pending_age == 30
 
 
-async def test_purge_deletes_only_the_given_terminal_state(store: SqliteStore) -> None:
+async def test_purge_deletes_only_the_given_terminal_state(store: Store) -> None:
     a = await store.enqueue(IN, "a", {}, now=T0)
     b = await store.enqueue(IN, "b", {}, now=T0)
     await store.enqueue(IN, "c", {}, now=T0 + 1000)
@@ -170,24 +172,22 @@ async def test_purge_deletes_only_the_given_terminal_state(store: SqliteStore) -
     assert [i.id for i in await store.list(ItemState.DEAD)] == [b.id]
 
 
-async def test_queue_survives_a_restart(tmp_path: Path) -> None:
-    path = tmp_path / "q.sqlite3"
-    async with SqliteStore(path) as s:
+async def test_queue_survives_a_restart(open_store: OpenStore) -> None:
+    async with open_store() as s:
         item = await s.enqueue(IN, "c", {"text": "hello"}, now=T0, dedup_key="m")
         await s.claim(now=T0, lease_seconds=10)
-    async with SqliteStore(path) as s:
+    async with open_store() as s:
         got = await s.claim(now=T0 + 10, lease_seconds=10)
         assert [(i.id, i.payload) for i in got] == [(item.id, {"text": "hello"})]
 
 
-async def test_two_connections_claiming_concurrently_never_get_the_same_item(tmp_path: Path) -> None:
-    path = tmp_path / "q.sqlite3"
-    async with SqliteStore(path) as one, SqliteStore(path) as two:
+async def test_two_connections_claiming_concurrently_never_get_the_same_item(open_store: OpenStore) -> None:
+    async with open_store() as one, open_store() as two:
         for i in range(60):
             await one.enqueue(IN, f"c{i}", {"i": i}, now=T0)
         seen: list[int] = []
 
-        async def worker(s: SqliteStore) -> None:
+        async def worker(s: Store) -> None:
             for _ in range(40):
                 got = await s.claim(now=T0, lease_seconds=300, limit=3)
                 seen.extend(i.id for i in got)
@@ -260,9 +260,9 @@ class QueueModel:
         return gone
 
 
-async def _replay(path: Path, ops: list[tuple[Any, ...]]) -> None:
+async def _replay(store: Store, ops: list[tuple[Any, ...]]) -> None:
     model, now = QueueModel(), T0
-    async with SqliteStore(path) as store:
+    async with store:
         for op in ops:
             name = op[0]
             if name == "enqueue":
@@ -307,33 +307,36 @@ async def _replay(path: Path, ops: list[tuple[Any, ...]]) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_op, max_size=30))
-def test_random_operation_sequences_match_the_model(ops: list[tuple[Any, ...]], tmp_path: Path) -> None:
+def test_random_operation_sequences_match_the_model(
+    ops: list[tuple[Any, ...]], backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """FIFO per conversation, leases, attempts, dedup and expiry agree with ``QueueModel``."""
-    path = tmp_path / f"model-{uuid.uuid4().hex}.sqlite3"
-    asyncio.run(_replay(path, ops))
+    store: Store
+    if backend == "postgres":
+        server: PostgresServer = request.getfixturevalue("pg_server")
+        store = PostgresStore(server.reset(), register=False)
+    else:
+        store = SqliteStore(tmp_path / f"model-{uuid.uuid4().hex}.sqlite3")
+    asyncio.run(_replay(store, ops))
 
 
-async def test_unknown_item_ids_do_not_count_as_storage_failures_in_the_breaker(tmp_path: Path) -> None:
+async def test_unknown_item_ids_do_not_count_as_storage_failures_in_the_breaker(
+    open_store: OpenStore,
+) -> None:
     breaker = Breaker("storage", FakeClock(), fail_max=2, reset_timeout=5.0)
-    async with SqliteStore(tmp_path / "q.sqlite3", breaker=breaker) as s:
+    async with open_store(breaker=breaker) as s:
         for _ in range(4):
             with pytest.raises(QueueItemNotFoundError):
                 await s.complete(999)
         assert (await s.enqueue(IN, "c", {}, now=T0)).id == 1  # the breaker is still closed
 
 
-async def test_storage_timeouts_open_the_real_breaker_and_it_then_rejects_fast(tmp_path: Path) -> None:
-    path = tmp_path / "q.sqlite3"
+async def test_storage_timeouts_open_the_real_breaker_and_it_then_rejects_fast(open_store: OpenStore) -> None:
     breaker = Breaker("storage", FakeClock(), fail_max=2, reset_timeout=5.0)
-    async with SqliteStore(path, statement_timeout=0.03, breaker=breaker) as s:
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock: every write times out
-        try:
+    async with open_store(statement_timeout=0.05, breaker=breaker) as s:
+        async with write_lock_held(s):  # another writer holds the lock: every write times out
             for _ in range(2):
                 with pytest.raises(CallTimeoutError):
                     await s.enqueue(IN, "c", {}, now=T0)
             with pytest.raises(CircuitOpenError):
                 await s.enqueue(IN, "c", {}, now=T0)
-        finally:
-            other.execute("ROLLBACK")
-            other.close()

@@ -1,4 +1,5 @@
-"""SqliteStore: migrations, history bounds, processed ids, events, timeouts, breaker routing."""
+"""The store on both backends: history bounds, processed ids, events, timeouts, breaker routing; and
+SQLite's own migrations, WAL and quarantine (tests/services/test_pg_storage.py has PostgreSQL's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from resilience.errors import CallTimeoutError, Category, classify
+from services.pg_storage import PostgresStore
 from services.storage import (
     SCHEMA_VERSION,
     TRUNCATION_MARK,
@@ -18,17 +20,16 @@ from services.storage import (
     StorageBusyError,
     StoreNotStartedError,
 )
+from tests.services.conftest import OpenStore, Store, fetch, open_transactions, write_lock_held
 
 NOW = 1_700_000_000.0
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    """A started store on a fresh file with small history bounds (5 messages, 100 chars)."""
-    s = SqliteStore(tmp_path / "bot.sqlite3", history_max_messages=5, history_max_chars=100, events_max=10)
-    await s.start()
-    yield s
-    await s.stop()
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    """A started store on a fresh database with small history bounds (5 messages, 100 chars)."""
+    async with open_store(history_max_messages=5, history_max_chars=100, events_max=10) as s:
+        yield s
 
 
 def _versions(path: Path) -> list[int]:
@@ -61,8 +62,8 @@ async def test_database_from_a_newer_version_is_refused_with_a_clear_error(tmp_p
     assert s.health()["open"] is False
 
 
-async def test_service_protocol_start_stop_health(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "sub" / "bot.sqlite3")
+async def test_service_protocol_start_stop_health(open_store: OpenStore) -> None:
+    s = open_store()
     assert s.name == "storage" and s.depends_on == ()
     assert s.health()["ok"] is False
     with pytest.raises(StoreNotStartedError):
@@ -75,7 +76,7 @@ async def test_service_protocol_start_stop_health(tmp_path: Path) -> None:
     assert s.health()["ok"] is False
 
 
-async def test_history_keeps_newest_turns_within_the_message_bound(store: SqliteStore) -> None:
+async def test_history_keeps_newest_turns_within_the_message_bound(store: Store) -> None:
     for i in range(8):
         await store.append_turn("c", "user" if i % 2 == 0 else "model", f"t{i}", message_id=i, now=NOW + i)
     turns = await store.history("c")
@@ -84,14 +85,13 @@ async def test_history_keeps_newest_turns_within_the_message_bound(store: Sqlite
     assert await store.history("other") == []
 
 
-async def test_history_prunes_old_rows_so_the_table_stays_bounded(store: SqliteStore) -> None:
+async def test_history_prunes_old_rows_so_the_table_stays_bounded(store: Store) -> None:
     for i in range(30):
         await store.append_turn("c", "user", f"t{i}", now=NOW + i)
-    with sqlite3.connect(store.path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0] == 5
+    assert await fetch(store, "SELECT COUNT(*) FROM turns") == [(5,)]
 
 
-async def test_history_keeps_only_the_newest_turns_that_fit_the_char_bound(store: SqliteStore) -> None:
+async def test_history_keeps_only_the_newest_turns_that_fit_the_char_bound(store: Store) -> None:
     await store.append_turn("c", "user", "a" * 40, now=NOW)
     await store.append_turn("c", "model", "b" * 40, now=NOW + 1)
     await store.append_turn("c", "user", "c" * 40, now=NOW + 2)
@@ -100,7 +100,7 @@ async def test_history_keeps_only_the_newest_turns_that_fit_the_char_bound(store
     assert sum(len(t.text) for t in turns) <= 100
 
 
-async def test_one_huge_turn_is_truncated_and_does_not_poison_later_history(store: SqliteStore) -> None:
+async def test_one_huge_turn_is_truncated_and_does_not_poison_later_history(store: Store) -> None:
     await store.append_turn("c", "model", "x" * 50_000, now=NOW)
     turns = await store.history("c")
     assert len(turns) == 1 and len(turns[0].text) == 100 and turns[0].text.endswith(TRUNCATION_MARK)
@@ -109,7 +109,7 @@ async def test_one_huge_turn_is_truncated_and_does_not_poison_later_history(stor
     assert [t.text for t in turns] == ["short question"]  # the huge turn no longer fits beside it
 
 
-async def test_forget_deletes_one_conversation_only(store: SqliteStore) -> None:
+async def test_forget_deletes_one_conversation_only(store: Store) -> None:
     await store.append_turn("a", "user", "1", now=NOW)
     await store.append_turn("b", "user", "2", now=NOW)
     assert await store.forget("a") == 1
@@ -117,37 +117,36 @@ async def test_forget_deletes_one_conversation_only(store: SqliteStore) -> None:
     assert [t.text for t in await store.history("b")] == ["2"]
 
 
-async def test_prune_history_drops_idle_turns(store: SqliteStore) -> None:
+async def test_prune_history_drops_idle_turns(store: Store) -> None:
     await store.append_turn("a", "user", "old", now=NOW)
     await store.append_turn("b", "user", "new", now=NOW + 1000)
     assert await store.prune_history(500, now=NOW + 1000) == 1
     assert await store.history("a") == [] and len(await store.history("b")) == 1
 
 
-async def test_append_turn_rejects_unknown_roles(store: SqliteStore) -> None:
+async def test_append_turn_rejects_unknown_roles(store: Store) -> None:
     with pytest.raises(ValueError):
         await store.append_turn("c", "system", "x", now=NOW)
 
 
-async def test_mark_processed_is_true_once_then_false_and_survives_restart(tmp_path: Path) -> None:
-    path = tmp_path / "bot.sqlite3"
-    async with SqliteStore(path) as s:
+async def test_mark_processed_is_true_once_then_false_and_survives_restart(open_store: OpenStore) -> None:
+    async with open_store() as s:
         assert await s.mark_processed(123, now=NOW) is True
         assert await s.mark_processed("123", now=NOW + 1) is False
         assert await s.is_processed(123) and not await s.is_processed(124)
-    async with SqliteStore(path) as s:
+    async with open_store() as s:
         assert await s.is_processed("123")
         assert await s.mark_processed(123, now=NOW + 2) is False
 
 
-async def test_prune_processed_forgets_only_old_ids(store: SqliteStore) -> None:
+async def test_prune_processed_forgets_only_old_ids(store: Store) -> None:
     await store.mark_processed(1, now=NOW)
     await store.mark_processed(2, now=NOW + 100)
     assert await store.prune_processed(50, now=NOW + 100) == 1
     assert not await store.is_processed(1) and await store.is_processed(2)
 
 
-async def test_events_are_bounded_and_newest_first(store: SqliteStore) -> None:
+async def test_events_are_bounded_and_newest_first(store: Store) -> None:
     for i in range(25):
         await store.record_event("error" if i % 2 else "trace", {"i": i}, now=NOW + i)
     events = await store.recent_events(limit=100)
@@ -157,11 +156,13 @@ async def test_events_are_bounded_and_newest_first(store: SqliteStore) -> None:
     assert [e.data["i"] for e in errors] == [23, 21, 19] and all(e.kind == "error" for e in errors)
 
 
-async def test_a_slow_statement_raises_call_timeout_and_the_store_stays_usable(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "bot.sqlite3", statement_timeout=0.03)
+async def test_a_slow_statement_raises_call_timeout_and_the_store_stays_usable(open_store: OpenStore) -> None:
+    s = open_store(statement_timeout=0.03)
     async with s:
 
         async def slow(db: Any) -> Any:
+            if isinstance(s, PostgresStore):
+                return await db.fetchval("SELECT pg_sleep(5)")
             sql = (
                 "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1000000000) "
                 "SELECT COUNT(*) FROM c"
@@ -178,19 +179,14 @@ async def test_a_slow_statement_raises_call_timeout_and_the_store_stays_usable(t
         assert s.health()["ok"] is True
 
 
-async def test_a_writer_holding_the_lock_makes_writes_time_out_not_hang(tmp_path: Path) -> None:
-    path = tmp_path / "bot.sqlite3"
-    s = SqliteStore(path, statement_timeout=0.05, busy_timeout_ms=5000)
+async def test_a_writer_holding_the_lock_makes_writes_time_out_not_hang(open_store: OpenStore) -> None:
+    s = open_store(statement_timeout=0.05, busy_timeout_ms=5000)
     async with s:
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+        async with write_lock_held(s):
             with pytest.raises(CallTimeoutError):
                 await s.mark_processed(1, now=NOW)
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
-        assert await s.mark_processed(1, now=NOW) is True  # the timed-out BEGIN left no transaction open
+        assert await s.mark_processed(1, now=NOW) is True  # the timed-out write left no transaction open
+        assert await open_transactions(s) == 0
 
 
 async def test_busy_timeout_shorter_than_statement_timeout_raises_storage_busy(tmp_path: Path) -> None:
@@ -224,9 +220,9 @@ class RecordingBreaker:
         return await fn(*args)
 
 
-async def test_every_public_operation_goes_through_the_breaker(tmp_path: Path) -> None:
+async def test_every_public_operation_goes_through_the_breaker(open_store: OpenStore) -> None:
     breaker = RecordingBreaker()
-    async with SqliteStore(tmp_path / "bot.sqlite3", breaker=breaker) as s:
+    async with open_store(breaker=breaker) as s:
         await s.append_turn("c", "user", "x", now=NOW)
         await s.history("c")
         await s.mark_processed(1, now=NOW)
@@ -237,10 +233,10 @@ async def test_every_public_operation_goes_through_the_breaker(tmp_path: Path) -
             await s.is_processed(1)
 
 
-async def test_a_cancelled_operation_leaves_no_transaction_open(tmp_path: Path) -> None:
+async def test_a_cancelled_operation_leaves_no_transaction_open(open_store: OpenStore) -> None:
     import asyncio
 
-    async with SqliteStore(tmp_path / "bot.sqlite3") as s:
+    async with open_store() as s:
         for delay_steps in range(6):  # cancel at several points inside the transaction
             task = asyncio.create_task(s.append_turn("c", "user", f"m{delay_steps}", now=NOW))
             for _ in range(delay_steps):
@@ -251,7 +247,7 @@ async def test_a_cancelled_operation_leaves_no_transaction_open(tmp_path: Path) 
             except asyncio.CancelledError:
                 pass
         await s.append_turn("c", "user", "after", now=NOW)
-        assert s._db is not None and not s._db.in_transaction
+        assert await open_transactions(s) == 0
         assert (await s.history("c"))[-1].text == "after"
 
 

@@ -22,6 +22,7 @@ from services.storage import (
     StorageBusyError,
     claim_abandoned,
 )
+from tests.services.conftest import OpenStore, Store, open_transactions, write_lock_held
 
 IN, OUT = ItemKind.INBOUND, ItemKind.OUTBOUND
 T0 = 1_700_000_000.0
@@ -29,34 +30,39 @@ LEASE = 60.0
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    """A started store on a fresh file."""
-    s = SqliteStore(tmp_path / "bot.sqlite3")
-    await s.start()
-    yield s
-    await s.stop()
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    """A started store on a fresh database (each backend)."""
+    async with open_store() as s:
+        yield s
 
 
-async def accept(store: SqliteStore, message_id: int, key: str = "c1", *, claim: bool = True):  # type: ignore[no-untyped-def]
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A started SQLite store, for what only SQLite has (its database thread)."""
+    async with SqliteStore(tmp_path / "bot.sqlite3") as s:
+        yield s
+
+
+async def accept(store: Store, message_id: int, key: str = "c1", *, claim: bool = True):  # type: ignore[no-untyped-def]
     return await store.accept(
         message_id, IN, key, {"m": message_id}, now=T0, lease_seconds=LEASE, claim=claim
     )
 
 
-async def test_accept_claims_a_message_for_the_caller_and_marks_it_processed(store: SqliteStore) -> None:
+async def test_accept_claims_a_message_for_the_caller_and_marks_it_processed(store: Store) -> None:
     item = await accept(store, 1)
     assert item is not None and item.state is ItemState.CLAIMED
     assert item.lease_until == T0 + LEASE and item.dedup_key == "msg:1"
     assert await store.is_processed(1)
 
 
-async def test_accepting_the_same_message_twice_returns_none_and_stores_nothing(store: SqliteStore) -> None:
+async def test_accepting_the_same_message_twice_returns_none_and_stores_nothing(store: Store) -> None:
     assert await accept(store, 1) is not None
     assert await accept(store, 1) is None
     assert len(await store.list()) == 1
 
 
-async def test_a_message_behind_a_pending_one_waits_pending(store: SqliteStore) -> None:
+async def test_a_message_behind_a_pending_one_waits_pending(store: Store) -> None:
     first = await accept(store, 1, claim=False)
     second = await accept(store, 2)
     other_conversation = await accept(store, 3, key="c2")
@@ -68,7 +74,7 @@ async def test_a_message_behind_a_pending_one_waits_pending(store: SqliteStore) 
     )
 
 
-async def test_history_if_next_refuses_while_an_older_item_is_pending_or_claimed(store: SqliteStore) -> None:
+async def test_history_if_next_refuses_while_an_older_item_is_pending_or_claimed(store: Store) -> None:
     older = await accept(store, 1)  # claimed (e.g. by the drain)
     newer = await accept(store, 2)
     assert older is not None and newer is not None
@@ -80,14 +86,14 @@ async def test_history_if_next_refuses_while_an_older_item_is_pending_or_claimed
 
 
 async def accept_with_history(  # type: ignore[no-untyped-def]
-    store: SqliteStore, message_id: int, key: str = "c1"
+    store: Store, message_id: int, key: str = "c1"
 ):
     return await store.accept_with_history(
         message_id, IN, key, {"m": message_id}, now=T0, lease_seconds=LEASE
     )
 
 
-async def test_accept_with_history_returns_the_history_when_the_item_is_next(store: SqliteStore) -> None:
+async def test_accept_with_history_returns_the_history_when_the_item_is_next(store: Store) -> None:
     """Claimed and next in its conversation: the history comes back from the acceptance itself,
     bounded like ``history``, and the item is stored and marked processed like ``accept`` does."""
     first = await accept(store, 1)
@@ -104,7 +110,7 @@ async def test_accept_with_history_returns_the_history_when_the_item_is_next(sto
 
 
 async def test_accept_with_history_gives_none_when_an_older_item_is_pending_or_claimed(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     """Not next: no history (the caller asks history_if_next under the mutex), in both cases."""
     older = await accept(store, 1)  # claimed, being answered
@@ -120,16 +126,16 @@ async def test_accept_with_history_gives_none_when_an_older_item_is_pending_or_c
     assert fresh is not None and fresh[1] == []  # next in an empty conversation: empty history
 
 
-async def test_accept_with_history_is_bounded_like_history(tmp_path: Path) -> None:
+async def test_accept_with_history_is_bounded_like_history(open_store: OpenStore) -> None:
     """The character bound applies to the history read at acceptance too."""
-    async with SqliteStore(tmp_path / "b.sqlite3", history_max_messages=3, history_max_chars=10) as s:
+    async with open_store(history_max_messages=3, history_max_chars=10) as s:
         await s.append_turns("c1", [("user", "aaaa", 1), ("model", "bbbb", None), ("user", "cccc", 2)])
         accepted = await accept_with_history(s, 9)
         assert accepted is not None and accepted[1] is not None
         assert [t.text for t in accepted[1]] == ["bbbb", "cccc"] == [t.text for t in await s.history("c1")]
 
 
-async def test_finish_marks_done_and_stores_the_exchange_in_one_step(store: SqliteStore) -> None:
+async def test_finish_marks_done_and_stores_the_exchange_in_one_step(store: Store) -> None:
     item = await accept(store, 1)
     assert item is not None
     await store.finish(item.id, key="c1", turns=[("user", "q", 1), ("model", "a", None)])
@@ -142,7 +148,7 @@ async def test_finish_marks_done_and_stores_the_exchange_in_one_step(store: Sqli
 
 
 async def test_requeue_keeps_the_id_counts_attempts_only_when_asked_and_can_change_kind(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     item = await accept(store, 1)
     assert item is not None
@@ -163,20 +169,21 @@ async def test_requeue_keeps_the_id_counts_attempts_only_when_asked_and_can_chan
     assert await store.claim(now=T0 + 9, lease_seconds=LEASE) == []
 
 
-async def test_release_claims_hands_a_dead_process_claims_back_at_once(store: SqliteStore) -> None:
-    a = await accept(store, 1)
-    b = await accept(store, 2, key="c2")
+async def test_release_claims_hands_a_dead_process_claims_back_at_once(open_store: OpenStore) -> None:
+    async with open_store() as dead:  # a process that claimed two messages, then ended
+        a = await accept(dead, 1)
+        b = await accept(dead, 2, key="c2")
     assert a is not None and b is not None
-    assert await store.release_claims() == 2
-    claimed = await store.claim(now=T0, lease_seconds=LEASE)  # long before the leases would expire
-    assert sorted(i.id for i in claimed) == [a.id, b.id]
+    async with open_store() as store:
+        assert await store.release_claims() == 2
+        claimed = await store.claim(now=T0, lease_seconds=LEASE)  # long before the leases would expire
+        assert sorted(i.id for i in claimed) == [a.id, b.id]
 
 
-async def test_acceptance_survives_a_restart(tmp_path: Path) -> None:
-    path = tmp_path / "bot.sqlite3"
-    async with SqliteStore(path) as first:
+async def test_acceptance_survives_a_restart(open_store: OpenStore) -> None:
+    async with open_store() as first:
         assert await accept(first, 1) is not None
-    async with SqliteStore(path) as second:
+    async with open_store() as second:
         assert await accept(second, 1) is None  # processed before the restart
         assert await second.release_claims() == 1
 
@@ -184,25 +191,21 @@ async def test_acceptance_survives_a_restart(tmp_path: Path) -> None:
 # -- acceptance and finish run as one call on the database thread: waits, timeouts, cancels -----
 
 
-async def test_an_accept_that_times_out_on_the_write_lock_is_never_committed_later(tmp_path: Path) -> None:
+async def test_an_accept_that_times_out_on_the_write_lock_is_never_committed_later(
+    open_store: OpenStore,
+) -> None:
     """Another writer holds the lock past the statement timeout: CallTimeoutError, and once the lock
     is free the abandoned acceptance does not land behind the caller's back (nor block the next)."""
-    path = tmp_path / "bot.sqlite3"
-    async with SqliteStore(path, statement_timeout=0.05, busy_timeout_ms=5000) as s:
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+    async with open_store(statement_timeout=0.05, busy_timeout_ms=5000) as s:
+        async with write_lock_held(s):
             with pytest.raises(CallTimeoutError):
                 await accept(s, 1)
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         started = time.monotonic()
         item = await accept(s, 1)  # not a replay: the timed-out acceptance was rolled back
         assert item is not None and item.state is ItemState.CLAIMED
         assert time.monotonic() - started < 1.0  # the abandoned wait stopped; it did not run to 5 s
         assert len(await s.list()) == 1
-        assert s._db is not None and not s._db.in_transaction
+        assert await open_transactions(s) == 0
 
 
 async def test_an_accept_waiting_longer_than_busy_timeout_raises_storage_busy(tmp_path: Path) -> None:
@@ -221,7 +224,7 @@ async def test_an_accept_waiting_longer_than_busy_timeout_raises_storage_busy(tm
         assert await accept(s, 1) is not None and s.health()["consecutive_failures"] == 0
 
 
-async def test_cancelled_accepts_and_finishes_are_all_or_nothing(store: SqliteStore) -> None:
+async def test_cancelled_accepts_and_finishes_are_all_or_nothing(store: Store) -> None:
     """Cancelled at several points: each acceptance either stored its item and processed id, or
     neither; each finish either marked done and stored the turns, or neither; no transaction is
     left open and the store keeps working."""
@@ -249,12 +252,12 @@ async def test_cancelled_accepts_and_finishes_are_all_or_nothing(store: SqliteSt
         assert (state is ItemState.DONE) == (f"q{steps}" in turns)
         if state is ItemState.DONE:
             break
-    assert store._db is not None and not store._db.in_transaction
+    assert await open_transactions(store) == 0
     assert await accept(store, 2, key="c9") is not None
 
 
 async def test_a_transaction_abandoned_while_its_body_runs_rolls_back_instead_of_committing(
-    store: SqliteStore,
+    sqlite_store: Store,
 ) -> None:
     """The caller is cancelled while the thread is between statements (no statement to interrupt):
     the thread sees it before COMMIT and rolls back, so nothing lands after the caller gave up."""
@@ -265,6 +268,7 @@ async def test_a_transaction_abandoned_while_its_body_runs_rolls_back_instead_of
         entered.set()
         go.wait(2)
 
+    store = sqlite_store
     task = asyncio.create_task(store._run("probe", store._in_thread(body), write=False))
     async with asyncio.timeout(2):
         while not entered.is_set():
@@ -282,25 +286,29 @@ async def test_a_transaction_abandoned_while_its_body_runs_rolls_back_instead_of
 # -- claim_abandoned: which queued questions the drain must look for in the channel first ----------
 
 
-async def claimed(store: SqliteStore, now: float = T0) -> dict[int, QueueItem]:
+async def claimed(store: Store, now: float = T0) -> dict[int, QueueItem]:
     return {item.id: item for item in await store.claim(now=now, lease_seconds=LEASE)}
 
 
 async def test_a_claim_released_at_start_up_is_abandoned_until_its_next_holder_puts_it_back(
-    store: SqliteStore,
+    open_store: OpenStore,
 ) -> None:
     """A dead process's claim: abandoned when claimed again; requeued by the live holder, not any more."""
-    item = await accept(store, 1)
-    assert not claim_abandoned(item)
+    async with open_store() as dead:
+        item = await accept(dead, 1)
+    assert item is not None and not claim_abandoned(item)
+    store = open_store()
+    await store.start()
     await store.release_claims()
     [again] = (await claimed(store)).values()
     assert again.id == item.id and again.last_error == CLAIM_RELEASED and claim_abandoned(again)
     await store.requeue(item.id, error="timeout", next_attempt_at=T0, count_attempt=True)
     [third] = (await claimed(store)).values()
     assert third.last_error == "timeout" and not claim_abandoned(third)
+    await store.stop()
 
 
-async def test_a_claim_whose_lease_ran_out_is_abandoned(store: SqliteStore) -> None:
+async def test_a_claim_whose_lease_ran_out_is_abandoned(store: Store) -> None:
     """The holder outlived its lease (it may have posted the answer and failed to record it)."""
     item = await accept(store, 1)
     assert await claimed(store, T0 + LEASE - 1) == {}  # still leased
@@ -308,7 +316,7 @@ async def test_a_claim_whose_lease_ran_out_is_abandoned(store: SqliteStore) -> N
     assert reaped.id == item.id and reaped.last_error == LEASE_RAN_OUT and claim_abandoned(reaped)
 
 
-async def test_items_never_claimed_or_put_back_by_their_holder_are_not_abandoned(store: SqliteStore) -> None:
+async def test_items_never_claimed_or_put_back_by_their_holder_are_not_abandoned(store: Store) -> None:
     """Queued behind a backlog (never claimed), requeued, failed: none was answered by anyone."""
     pending = await accept(store, 1, claim=False)
     requeued = await accept(store, 2, key="c2")

@@ -1,6 +1,7 @@
 """Caps on waiting work: acceptance of new inbound work over a per-user, per-guild or total cap.
 
-Real SQLite files; the caps are ``QueueCaps`` passed by the caller, the refusal a ``QueueFullError``
+Real SQLite files and PostgreSQL databases (each test on ``store`` or ``open_store`` runs on both);
+the caps are ``QueueCaps`` passed by the caller, the refusal a ``QueueFullError``
 with the cap's scope and limit. Outbound items (answers and notices of accepted work) are never
 refused, and a refusal stores nothing: not the item, not the message id.
 """
@@ -22,6 +23,7 @@ from resilience.degradation import ItemKind, ItemState, QueueCaps
 from resilience.errors import QueueFullError
 from services import storage
 from services.storage import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from tests.services.conftest import OpenStore, Store
 
 IN, OUT = ItemKind.INBOUND, ItemKind.OUTBOUND
 T0 = 1_700_000_000.0
@@ -30,12 +32,17 @@ USER_CAP = QueueCaps(max_pending_per_user=3)
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    """A started store on a fresh file."""
-    s = SqliteStore(tmp_path / "bot.sqlite3")
-    await s.start()
-    yield s
-    await s.stop()
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    """A started store on a fresh database (each backend)."""
+    async with open_store() as s:
+        yield s
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A started SQLite store, for SQLite's own query plans and kept count."""
+    async with SqliteStore(tmp_path / "bot.sqlite3") as s:
+        yield s
 
 
 def message(author: int, guild: int | None = 1, **extra: Any) -> dict[str, Any]:
@@ -44,7 +51,7 @@ def message(author: int, guild: int | None = 1, **extra: Any) -> dict[str, Any]:
 
 
 async def accept(
-    store: SqliteStore,
+    store: Store,
     message_id: int,
     author: int,
     guild: int | None = 1,
@@ -67,7 +74,7 @@ async def accept(
 
 
 async def test_a_user_at_the_pending_cap_is_refused_and_nothing_of_the_message_is_stored(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     for mid in (1, 2, 3):
         assert await accept(store, mid, author=7) is not None
@@ -79,7 +86,7 @@ async def test_a_user_at_the_pending_cap_is_refused_and_nothing_of_the_message_i
     assert await accept(store, 5, author=8) is not None  # other users are not held back
 
 
-async def test_a_refused_user_is_accepted_again_once_an_earlier_one_is_answered(store: SqliteStore) -> None:
+async def test_a_refused_user_is_accepted_again_once_an_earlier_one_is_answered(store: Store) -> None:
     for mid in (1, 2, 3):
         await accept(store, mid, author=7)
     with pytest.raises(QueueFullError):
@@ -89,7 +96,7 @@ async def test_a_refused_user_is_accepted_again_once_an_earlier_one_is_answered(
     assert await accept(store, 4, author=7) is not None
 
 
-async def test_only_pending_inbound_items_count_against_the_user_cap(store: SqliteStore) -> None:
+async def test_only_pending_inbound_items_count_against_the_user_cap(store: Store) -> None:
     caps = QueueCaps(max_pending_per_user=1)
     claimed = await accept(store, 1, author=7, caps=caps, claim=True)  # being answered live now
     assert claimed is not None and claimed.state is ItemState.CLAIMED
@@ -100,7 +107,7 @@ async def test_only_pending_inbound_items_count_against_the_user_cap(store: Sqli
         await accept(store, 3, author=7, caps=caps)
 
 
-async def test_a_guild_at_the_pending_cap_is_refused_whoever_writes(store: SqliteStore) -> None:
+async def test_a_guild_at_the_pending_cap_is_refused_whoever_writes(store: Store) -> None:
     caps = QueueCaps(max_pending_per_user=5, max_pending_per_guild=4)
     for mid in range(1, 5):
         await accept(store, mid, author=mid, guild=9, caps=caps)  # four users, one guild
@@ -111,7 +118,7 @@ async def test_a_guild_at_the_pending_cap_is_refused_whoever_writes(store: Sqlit
     assert await accept(store, 7, author=5, guild=None, caps=caps) is not None  # a DM has no guild
 
 
-async def test_the_user_cap_is_reported_before_the_guild_cap(store: SqliteStore) -> None:
+async def test_the_user_cap_is_reported_before_the_guild_cap(store: Store) -> None:
     caps = QueueCaps(max_pending_per_user=2, max_pending_per_guild=2)
     await accept(store, 1, author=7, caps=caps)
     await accept(store, 2, author=7, caps=caps)
@@ -120,7 +127,7 @@ async def test_the_user_cap_is_reported_before_the_guild_cap(store: SqliteStore)
     assert info.value.scope == "user"  # the sentence the user gets can say it is about them
 
 
-async def test_the_total_cap_counts_pending_and_claimed_items_of_both_kinds(store: SqliteStore) -> None:
+async def test_the_total_cap_counts_pending_and_claimed_items_of_both_kinds(store: Store) -> None:
     caps = QueueCaps(max_items=3)
     await accept(store, 1, author=1, caps=caps, claim=True)  # claimed
     await accept(store, 2, author=2, caps=caps)  # pending
@@ -132,7 +139,7 @@ async def test_the_total_cap_counts_pending_and_claimed_items_of_both_kinds(stor
         await store.enqueue(IN, "c4", message(4), now=T0, caps=caps)
 
 
-async def test_outbound_items_of_accepted_work_are_never_refused(store: SqliteStore) -> None:
+async def test_outbound_items_of_accepted_work_are_never_refused(store: Store) -> None:
     caps = QueueCaps(max_items=1, max_pending_per_user=1, max_pending_per_guild=1)
     await accept(store, 1, author=7, caps=caps)
     for n in range(3):  # answers and notices for an accepted message must go out
@@ -141,7 +148,7 @@ async def test_outbound_items_of_accepted_work_are_never_refused(store: SqliteSt
     assert len(await store.list(ItemState.PENDING)) == 4
 
 
-async def test_a_replay_is_ignored_not_refused_even_at_the_cap(store: SqliteStore) -> None:
+async def test_a_replay_is_ignored_not_refused_even_at_the_cap(store: Store) -> None:
     caps = QueueCaps(max_pending_per_user=1)
     await accept(store, 1, author=7, caps=caps)
     assert await accept(store, 1, author=7, caps=caps) is None  # the event came again: seen before
@@ -149,7 +156,7 @@ async def test_a_replay_is_ignored_not_refused_even_at_the_cap(store: SqliteStor
     assert await store.enqueue(IN, "c", message(8), now=T0, dedup_key="d1", caps=caps) == first
 
 
-async def test_accept_with_history_enforces_the_caps_too(store: SqliteStore) -> None:
+async def test_accept_with_history_enforces_the_caps_too(store: Store) -> None:
     caps = QueueCaps(max_pending_per_user=1)
     await accept(store, 1, author=7, caps=caps)
     with pytest.raises(QueueFullError):
@@ -161,15 +168,15 @@ async def test_accept_with_history_enforces_the_caps_too(store: SqliteStore) -> 
     assert not await store.is_processed(2)
 
 
-async def test_without_caps_nothing_is_refused(store: SqliteStore) -> None:
+async def test_without_caps_nothing_is_refused(store: Store) -> None:
     for mid in range(1, 30):
         assert await accept(store, mid, author=7, caps=None) is not None
 
 
-async def test_a_refusal_is_no_storage_failure_for_the_breaker_or_health(tmp_path: Path) -> None:
+async def test_a_refusal_is_no_storage_failure_for_the_breaker_or_health(open_store: OpenStore) -> None:
     breaker = Breaker("storage", FakeClock(), fail_max=1, reset_timeout=5.0)
     caps = QueueCaps(max_pending_per_user=1)
-    async with SqliteStore(tmp_path / "bot.sqlite3", breaker=breaker) as s:
+    async with open_store(breaker=breaker) as s:
         await accept(s, 1, author=7, caps=caps)
         for mid in (2, 3):
             with pytest.raises(QueueFullError):
@@ -178,12 +185,13 @@ async def test_a_refusal_is_no_storage_failure_for_the_breaker_or_health(tmp_pat
         assert s.health()["ok"] and s.health()["consecutive_failures"] == 0
 
 
-async def test_concurrent_acceptances_from_two_processes_never_pass_the_cap_together(tmp_path: Path) -> None:
+async def test_concurrent_acceptances_from_two_processes_never_pass_the_cap_together(
+    open_store: OpenStore,
+) -> None:
     """Two stores (two connections, as two bot processes would have) accept one user's messages at
     once: the count and the insert are one write transaction, so exactly the cap gets in."""
-    path = tmp_path / "bot.sqlite3"
     caps = QueueCaps(max_pending_per_user=5, max_pending_per_guild=8)
-    async with SqliteStore(path) as one, SqliteStore(path) as two:
+    async with open_store() as one, open_store() as two:
         calls = [
             accept(one if mid % 2 else two, mid, author=7 if mid < 30 else mid, guild=1, caps=caps)
             for mid in range(1, 41)
@@ -238,8 +246,9 @@ async def test_a_database_from_before_the_caps_counts_its_queued_messages_after_
     ],
 )
 async def test_each_cap_is_counted_through_an_index_not_a_scan_of_payloads(
-    store: SqliteStore, sql: str, index: str
+    sqlite_store: SqliteStore, sql: str, index: str
 ) -> None:
+    store = sqlite_store
     await store.stop()
     with sqlite3.connect(store.path) as conn:
         plan = " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", {"owner": 1, "cap": 5}))
@@ -257,9 +266,12 @@ def _live(path: Path) -> tuple[int, int]:
     return kept, counted
 
 
-async def test_the_live_count_for_the_total_cap_follows_every_queue_operation(store: SqliteStore) -> None:
+async def test_the_live_count_for_the_total_cap_follows_every_queue_operation(
+    sqlite_store: SqliteStore,
+) -> None:
     """The total cap reads a count kept by triggers (a backlog is not counted on every message):
     after each kind of change the kept count equals the live items counted in full."""
+    store = sqlite_store
     path = store.path
     steps: list[tuple[str, Any]] = [
         ("accept claimed", lambda: accept(store, 1, author=1, caps=None, claim=True)),

@@ -1,5 +1,6 @@
 """Housekeeping: finished queue items, old turns and old processed ids go after their retention,
-in short bounded transactions; live items never go. Real SQLite files, explicit times."""
+in short bounded transactions; live items never go. Real SQLite files and PostgreSQL databases (a
+test on ``store`` or ``open_store`` runs on both), explicit times."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pytest
 
 from resilience.degradation import ItemKind, ItemState
 from services import storage
+from services.pg_storage import PostgresStore
 from services.storage import MIGRATIONS, Housekeeping, SqliteStore
+from tests.services.conftest import OpenStore, Store
 
 IN, OUT = ItemKind.INBOUND, ItemKind.OUTBOUND
 T0 = 1_700_000_000.0
@@ -22,7 +25,7 @@ HOUR, DAY = 3600.0, 86400.0
 LEASE = 60.0
 
 
-async def housekeep(store: SqliteStore, now: float, **overrides: Any) -> Housekeeping:
+async def housekeep(store: Store, now: float, **overrides: Any) -> Housekeeping:
     """``housekeeping`` with the default retentions: 7 days for finished items and processed ids,
     30 days for turns."""
     retention = {"queue_retention": 7 * DAY, "history_retention": 30 * DAY, "processed_retention": 7 * DAY}
@@ -30,19 +33,24 @@ async def housekeep(store: SqliteStore, now: float, **overrides: Any) -> Houseke
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    """A started store on a fresh file."""
-    s = SqliteStore(tmp_path / "bot.sqlite3")
-    await s.start()
-    yield s
-    await s.stop()
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    """A started store on a fresh database (each backend)."""
+    async with open_store() as s:
+        yield s
 
 
-async def states(store: SqliteStore) -> dict[int, ItemState]:
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A started SQLite store, for SQLite's own query plans."""
+    async with SqliteStore(tmp_path / "bot.sqlite3") as s:
+        yield s
+
+
+async def states(store: Store) -> dict[int, ItemState]:
     return {item.id: item.state for item in await store.list(limit=10_000)}
 
 
-async def test_finished_items_go_after_their_retention_and_live_items_never(store: SqliteStore) -> None:
+async def test_finished_items_go_after_their_retention_and_live_items_never(store: Store) -> None:
     dead = await store.enqueue(IN, "a", {}, now=T0)
     await store.dead_letter(dead.id, "gave up", now=T0)
     done = await store.enqueue(IN, "b", {}, now=T0)
@@ -68,7 +76,7 @@ async def test_finished_items_go_after_their_retention_and_live_items_never(stor
     assert later.dead_items == 1 and set(await states(store)) == {pending.id, claimed.id}
 
 
-async def test_retention_counts_from_when_an_item_ended_not_when_it_was_queued(store: SqliteStore) -> None:
+async def test_retention_counts_from_when_an_item_ended_not_when_it_was_queued(store: Store) -> None:
     """A message that waited 5 days before it was dead-lettered is still kept 7 days for operators."""
     item = await store.enqueue(IN, "a", {}, now=T0)
     await store.dead_letter(item.id, "gave up", now=T0 + 5 * DAY)
@@ -76,7 +84,7 @@ async def test_retention_counts_from_when_an_item_ended_not_when_it_was_queued(s
     assert (await housekeep(store, T0 + 12 * DAY + 1)).dead_items == 1
 
 
-async def test_done_items_go_at_once_by_default_or_after_their_own_retention(store: SqliteStore) -> None:
+async def test_done_items_go_at_once_by_default_or_after_their_own_retention(store: Store) -> None:
     answered = await store.accept(1, IN, "a", {}, now=T0, lease_seconds=LEASE)
     delivered = await store.enqueue(OUT, "b", {}, now=T0)
     assert answered is not None
@@ -91,7 +99,7 @@ async def test_done_items_go_at_once_by_default_or_after_their_own_retention(sto
     assert (await housekeep(store, T0 + 3 * DAY + 1)).done_items == 1
 
 
-async def test_old_turns_and_processed_ids_go_after_their_retention(store: SqliteStore) -> None:
+async def test_old_turns_and_processed_ids_go_after_their_retention(store: Store) -> None:
     await store.append_turns("old", [("user", "q1", 1), ("model", "a1", None)], now=T0)
     await store.append_turns("mixed", [("user", "q2", 2), ("model", "a2", None)], now=T0)
     await store.append_turns("mixed", [("user", "q3", 3), ("model", "a3", None)], now=T0 + 20 * DAY)
@@ -105,47 +113,51 @@ async def test_old_turns_and_processed_ids_go_after_their_retention(store: Sqlit
     assert not await store.is_processed(10) and await store.is_processed(11)
 
 
-class RecordingStore(SqliteStore):
-    """A store that records what each housekeeping transaction returned."""
+def record_batches(store: Store) -> list[dict[str, int]]:
+    """What each housekeeping transaction of ``store`` returns, from now on."""
+    batches: list[dict[str, int]] = []
+    run = store._run
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches: list[dict[str, int]] = []
-
-    async def _run(self, operation: str, body: Any, *, write: bool = True) -> Any:
-        result = await super()._run(operation, body, write=write)
+    async def recording(operation: str, body: Any, *, write: bool = True) -> Any:
+        result = await run(operation, body, write=write)
         if operation == "housekeeping":
-            self.batches.append(result)
+            batches.append(result)
         return result
 
+    store._run = recording  # type: ignore[method-assign]
+    return batches
 
-async def _dead_items(store: SqliteStore, n: int) -> None:
+
+async def _dead_items(store: Store, n: int) -> None:
     for i in range(n):
         item = await store.enqueue(IN, f"c{i}", {"i": i}, now=T0)
         await store.dead_letter(item.id, "gave up", now=T0)
 
 
 async def test_each_transaction_deletes_a_bounded_number_of_rows_and_a_call_says_when_more_is_due(
-    tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
-    async with RecordingStore(tmp_path / "bot.sqlite3") as s:
+    async with open_store() as s:
+        batches = record_batches(s)
         await _dead_items(s, 45)
         await s.append_turns("c", [("user", f"q{i}", i) for i in range(15)], now=T0)
         first = await housekeep(s, T0 + 100 * DAY, batch_rows=10, max_batches=3)
         assert (first.dead_items, first.turns, first.more) == (30, 0, True)
-        assert [sum(b.values()) for b in s.batches] == [10, 10, 10]
-        s.batches.clear()
+        assert [sum(b.values()) for b in batches] == [10, 10, 10]
+        batches.clear()
         rest = await housekeep(s, T0 + 100 * DAY, batch_rows=10, max_batches=10)
         assert (rest.dead_items, rest.turns, rest.more) == (15, 15, False)
-        assert all(sum(b.values()) <= 10 for b in s.batches) and len(s.batches) == 4
+        assert all(sum(b.values()) <= 10 for b in batches) and len(batches) == 4
         assert await s.list() == []
 
 
-async def test_other_writers_go_between_housekeeping_transactions(store: SqliteStore) -> None:
-    """A message accepted during a long housekeeping run waits for one batch, not for the run."""
+async def test_other_writers_go_between_housekeeping_transactions(store: Store) -> None:
+    """A message accepted during a long housekeeping run waits for one batch, not for the run (on
+    PostgreSQL for none: its batches of one row each make the run last long enough to tell)."""
     await _dead_items(store, 200)
+    batch_rows = 1 if isinstance(store, PostgresStore) else 10
     run = asyncio.ensure_future(
-        housekeep(store, T0 + 100 * DAY, batch_rows=10, max_batches=100)
+        housekeep(store, T0 + 100 * DAY, batch_rows=batch_rows, max_batches=1000)
     )
     await asyncio.sleep(0)  # housekeeping takes the store for its first batch
     accepted = await store.accept(1, IN, "live", {}, now=T0, lease_seconds=LEASE)
@@ -156,7 +168,7 @@ async def test_other_writers_go_between_housekeeping_transactions(store: SqliteS
     assert report.dead_items == 200 and await store.get(accepted.id) is not None
 
 
-async def test_housekeeping_refuses_negative_retentions_and_empty_batches(store: SqliteStore) -> None:
+async def test_housekeeping_refuses_negative_retentions_and_empty_batches(store: Store) -> None:
     with pytest.raises(ValueError, match="history_retention"):
         await housekeep(store, T0, history_retention=-1)
     with pytest.raises(ValueError, match="batch_rows"):
@@ -201,9 +213,10 @@ async def test_a_database_from_before_housekeeping_prunes_its_old_rows_after_the
     ],
 )
 async def test_each_deletion_finds_its_rows_through_an_index(
-    store: SqliteStore, sql: str, args: dict[str, Any], index: str
+    sqlite_store: SqliteStore, sql: str, args: dict[str, Any], index: str
 ) -> None:
     """No full scan of a big table while the write lock is held."""
+    store = sqlite_store
     await store.stop()
     with sqlite3.connect(store.path) as conn:
         plan = " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args))

@@ -1,6 +1,7 @@
 """Storage for operations (migration 3): incidents, per-day availability kept by triggers, alert states.
 
-A real SQLite file each time; the availability counts come from the queue's own transitions.
+A real SQLite file or PostgreSQL database each time (a test on ``store`` runs on both); the
+availability counts come from the queue's own transitions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from services.storage import (
     IncidentRecord,
     SqliteStore,
 )
+from tests.services.conftest import OpenStore, Store, execute
 
 IN, OUT = ItemKind.INBOUND, ItemKind.OUTBOUND
 DAY0 = 19_700 * DAY  # midnight UTC of some day
@@ -27,14 +29,12 @@ LEASE = 60.0
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "bot.sqlite3", synchronous="NORMAL")
-    await s.start()
-    yield s
-    await s.stop()
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    async with open_store(synchronous="NORMAL") as s:
+        yield s
 
 
-async def accept(store: SqliteStore, message_id: int, at: float, *, claim: bool = True):  # type: ignore[no-untyped-def]
+async def accept(store: Store, message_id: int, at: float, *, claim: bool = True):  # type: ignore[no-untyped-def]
     item = await store.accept(
         message_id, IN, f"c{message_id}", {"message_id": message_id}, now=at, lease_seconds=LEASE, claim=claim
     )
@@ -46,7 +46,7 @@ async def accept(store: SqliteStore, message_id: int, at: float, *, claim: bool 
 
 
 async def test_availability_counts_accepted_and_answered_in_time_per_day_of_acceptance(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     """Answered within 30 s counts in time; later counts as answered only; dead-lettered, never; a
     late answer counts for the day the message was accepted."""
@@ -64,7 +64,7 @@ async def test_availability_counts_accepted_and_answered_in_time_per_day_of_acce
 
 
 async def test_a_message_waiting_less_than_30_s_is_not_settled_but_one_waiting_longer_is_a_miss(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     await accept(store, 1, DAY0 + 1000)
     await accept(store, 2, DAY0 + 1100, claim=False)
@@ -72,7 +72,7 @@ async def test_a_message_waiting_less_than_30_s_is_not_settled_but_one_waiting_l
     assert (day.accepted, day.settled, day.answered_in_time) == (2, 1, 0)
 
 
-async def test_notices_and_other_outbound_items_are_not_accepted_messages(store: SqliteStore) -> None:
+async def test_notices_and_other_outbound_items_are_not_accepted_messages(store: Store) -> None:
     """A notice or an alert queued for delivery is neither accepted nor answered for availability."""
     note = await store.enqueue(OUT, "alerts", {"chunks": ["x"], "notice": True}, now=DAY0 + 5)
     [claimed] = await store.claim(now=DAY0 + 5, lease_seconds=LEASE)
@@ -87,19 +87,16 @@ async def test_notices_and_other_outbound_items_are_not_accepted_messages(store:
     assert (day.accepted, day.answered, day.answered_in_time) == (1, 1, 1)
 
 
-async def test_a_damaged_payload_does_not_stop_an_item_from_finishing(store: SqliteStore) -> None:
+async def test_a_damaged_payload_does_not_stop_an_item_from_finishing(store: Store) -> None:
     item = await accept(store, 1, DAY0)
     # Write a non-JSON payload behind the store's back, as a damaged file would hold.
-    conn = sqlite3.connect(store.path)
-    conn.execute("UPDATE queue SET payload = 'not json' WHERE id = ?", (item.id,))
-    conn.commit()
-    conn.close()
+    await execute(store, f"UPDATE queue SET payload = 'not json' WHERE id = {item.id}")
     await store.finish(item.id, now=DAY0 + 1)
     [day] = await store.availability(now=DAY0 + 100)
     assert day.answered_in_time == 1
 
 
-async def test_housekeeping_deleting_done_items_keeps_the_counts(store: SqliteStore) -> None:
+async def test_housekeeping_deleting_done_items_keeps_the_counts(store: Store) -> None:
     item = await accept(store, 1, DAY0)
     await store.finish(item.id, now=DAY0 + 1)
     await store.housekeeping(now=DAY0 + 10, queue_retention=0, history_retention=0, processed_retention=0)
@@ -141,7 +138,7 @@ async def test_the_migration_upgrades_a_version_2_database_with_its_queue(tmp_pa
 # --- incidents ---------------------------------------------------------------------------------
 
 
-async def test_incidents_are_inserted_updated_listed_newest_first_and_bounded(store: SqliteStore) -> None:
+async def test_incidents_are_inserted_updated_listed_newest_first_and_bounded(store: Store) -> None:
     first = IncidentRecord("breaker", "gemini", "Boom (503)", started_at=DAY0)
     first_id = await store.save_incident(first)
     second = IncidentRecord("degraded", "degraded", "queue", started_at=DAY0 + 50)
@@ -161,20 +158,24 @@ async def test_incidents_are_inserted_updated_listed_newest_first_and_bounded(st
     assert len(rows) == INCIDENTS_MAX and first_id not in {r.id for r in rows}
 
 
-async def test_open_incidents_of_a_dead_process_are_closed_at_start(store: SqliteStore) -> None:
-    open_id = await store.save_incident(IncidentRecord("breaker", "gemini", "x", started_at=DAY0))
-    done = IncidentRecord("breaker", "gemini", "x", started_at=DAY0 - 500, ended_at=DAY0 - 400,
-                          settled_at=DAY0 - 300, note=None)
-    await store.save_incident(done)
+async def test_open_incidents_of_a_dead_process_are_closed_at_start(open_store: OpenStore) -> None:
+    async with open_store() as dead:  # the process that recorded them, then died
+        open_id = await dead.save_incident(IncidentRecord("breaker", "gemini", "x", started_at=DAY0))
+        done = IncidentRecord("breaker", "gemini", "x", started_at=DAY0 - 500, ended_at=DAY0 - 400,
+                              settled_at=DAY0 - 300, note=None)
+        await dead.save_incident(done)
+    store = open_store()
+    await store.start()
     assert await store.close_open_incidents(now=DAY0 + 60, note="process restarted") == 1
     rows = {r.id: r for r in await store.incidents()}
     assert rows[open_id].ended_at == DAY0 + 60 and rows[open_id].note == "process restarted"
+    await store.stop()
 
 
 # --- alert states ------------------------------------------------------------------------------
 
 
-async def test_alert_states_are_replaced_and_deleted_in_one_call(store: SqliteStore) -> None:
+async def test_alert_states_are_replaced_and_deleted_in_one_call(store: Store) -> None:
     a = AlertRecord("breaker_open:gemini", "open 90 s", DAY0, DAY0 + 1, None)
     b = AlertRecord("queue_age", "oldest 400 s", DAY0, None, None)
     await store.save_alert_states([a, b])

@@ -1,5 +1,6 @@
-"""Token usage in SQLite: one row per UTC day, user, guild and model, written in the transaction that
-finishes the answer (no write of its own), read back for quotas and reports. Real SQLite files."""
+"""Token usage: one row per UTC day, user, guild and model, written in the transaction that finishes
+the answer (no write of its own), read back for quotas and reports. Real SQLite files and PostgreSQL
+databases (a test on ``store`` runs on both)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,16 @@ from services.storage import (
     UsageTotals,
     usage_day,
 )
+from tests.services.conftest import OpenStore, Store, fetch
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 DAY = usage_day(T0)
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "bot.sqlite3", synchronous="NORMAL")
-    await s.start()
-    yield s
-    await s.stop()
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    async with open_store(synchronous="NORMAL") as s:
+        yield s
 
 
 def usage(
@@ -40,9 +40,8 @@ def usage(
     return UsageRecord(day=day, user_id=user, guild_id=guild, model=model, **counts)
 
 
-def rows(path: Path) -> list[tuple[int, ...]]:
-    with sqlite3.connect(path) as conn:
-        return list(conn.execute("SELECT * FROM token_usage ORDER BY day, user_id, guild_id, model"))
+async def rows(store: Store) -> list[tuple[int, ...]]:
+    return await fetch(store, "SELECT * FROM token_usage ORDER BY day, user_id, guild_id, model")
 
 
 def test_the_utc_day_is_the_quota_window() -> None:
@@ -50,26 +49,26 @@ def test_the_utc_day_is_the_quota_window() -> None:
     assert usage_day(19676 * 86400.0 - 0.001) == 19675
 
 
-async def test_finishing_an_item_records_its_usage_in_the_same_transaction(store: SqliteStore) -> None:
+async def test_finishing_an_item_records_its_usage_in_the_same_transaction(store: Store) -> None:
     item = await store.enqueue(ItemKind.INBOUND, "k", {"content": "q"}, now=T0)
     await store.finish(item.id, key="k", turns=[("user", "q", 1), ("model", "a", None)], now=T0,
                        usage=usage(7, thought=5, cached=40))
-    assert rows(store.path) == [(DAY, 7, 1, "gemini-2.5-flash", 1, 100, 20, 5, 40)]
+    assert await rows(store) == [(DAY, 7, 1, "gemini-2.5-flash", 1, 100, 20, 5, 40)]
     assert (await store.get(item.id)).state is ItemState.DONE  # type: ignore[union-attr]
     # A finish that fails (the item is gone) rolls its usage back with it: nothing is half-written.
     with pytest.raises(QueueItemNotFoundError):
         await store.finish(999, usage=usage(8))
-    assert [r[1] for r in rows(store.path)] == [7]
+    assert [r[1] for r in await rows(store)] == [7]
 
 
-async def test_usage_adds_up_per_day_user_guild_and_model(store: SqliteStore) -> None:
+async def test_usage_adds_up_per_day_user_guild_and_model(store: Store) -> None:
     await store.append_turns("k", [("user", "q", 1)], usage=usage(7))
     await store.append_turns("k", [], usage=usage(7, prompt=10, output=1))  # usage without turns
     await store.record_usage(usage(7, guild=None))  # a DM
     await store.record_usage(usage(7, model="gemini-2.0-flash"))
     await store.record_usage(usage(8, guild=2, thought=9))
     await store.record_usage(usage(7, day=DAY - 1))
-    assert rows(store.path) == [
+    assert await rows(store) == [
         (DAY - 1, 7, 1, "gemini-2.5-flash", 1, 100, 20, 0, 0),
         (DAY, 7, 0, "gemini-2.5-flash", 1, 100, 20, 0, 0),
         (DAY, 7, 1, "gemini-2.0-flash", 1, 100, 20, 0, 0),
@@ -93,21 +92,21 @@ async def test_usage_adds_up_per_day_user_guild_and_model(store: SqliteStore) ->
         await store.usage_top(DAY, DAY, by="model")
 
 
-async def test_housekeeping_deletes_usage_past_its_retention(store: SqliteStore) -> None:
+async def test_housekeeping_deletes_usage_past_its_retention(store: Store) -> None:
     for back in (0, 10, 500):
         await store.record_usage(usage(7, day=DAY - back))
     done = await store.housekeeping(
         now=T0, queue_retention=0, history_retention=3600, processed_retention=0, usage_retention=30 * 86400.0
     )
     assert done.usage_rows == 1 and done.as_dict()["usage_rows"] == 1
-    assert [r[0] for r in rows(store.path)] == [DAY - 10, DAY]
+    assert [r[0] for r in await rows(store)] == [DAY - 10, DAY]
     for back in (399, 401):
         await store.record_usage(usage(7, day=DAY - back))
     default = await store.housekeeping(
         now=T0, queue_retention=0, history_retention=3600, processed_retention=0
     )
     assert default.usage_rows == 1  # 400 days by default
-    assert [r[0] for r in rows(store.path)] == [DAY - 399, DAY - 10, DAY]
+    assert [r[0] for r in await rows(store)] == [DAY - 399, DAY - 10, DAY]
 
 
 async def test_a_database_of_schema_2_gains_the_usage_table_and_keeps_its_rows(tmp_path: Path) -> None:
