@@ -370,3 +370,13 @@ async def test_in_a_dm_model_shows_the_default_and_choosing_one_is_refused(live:
     assert shown.startswith("Gemini model here: `gemini-2.5-flash`.")
     refused = await run(live, "model", {"model": "gemini-2.5-pro"}, user="manager", channel_id=dm)
     assert only_text(refused) == texts.server_only("model")
+
+
+async def test_the_servers_streaming_setting_decides_whether_an_answer_streams(live: Live) -> None:
+    """The bot's default here is STREAMING=false (the harness); a server may turn it on for a category."""
+    await settings(live, "set", setting="streaming", value="on", where="Study")
+    await ask(live, "hello there", "python")  # in the category: streamed
+    await ask(live, "hello there", "general")  # elsewhere: the bot's default, sent whole
+    generations = {"generateContent", "streamGenerateContent"}
+    actions = [r.action for r in live.gemini.requests if r.action in generations]
+    assert actions == ["streamGenerateContent", "generateContent"]
