@@ -161,5 +161,7 @@ def summary(body: dict[str, Any]) -> str | None:
         else:
             text = json.dumps(result.get("result", result), ensure_ascii=False)
             lines.append(f"- {response.get('name')}: {text[:200]}")
-    stopped = " (I was asked to stop calling functions)" if mode(body) == "NONE" else ""
+    # Told to stop (mode NONE) while it still wanted to call: the answer says so.
+    wanted_more = mode(body) == "NONE" and plan({**body, "toolConfig": {}}) is not None
+    stopped = " (I was asked to stop calling functions)" if wanted_more else ""
     return f"I called {len(done)} function(s){stopped}:\n" + "\n".join(lines)
