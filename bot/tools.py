@@ -279,7 +279,13 @@ async def confirm_clicked(
         await interaction.response.edit_message(content=f"{name}: the request was damaged.", view=None)
         return
     await interaction.response.defer()
-    if not await app.storage.mark_processed(f"toolconfirm:{message.id}"):
+    try:
+        fresh = await app.storage.mark_processed(f"toolconfirm:{message.id}")
+    except Exception as exc:
+        log.warning("tool.not_recorded", tool=name, category=classify(exc).category.value)
+        await _settle(message, f"{name} was not run: I could not record it; click Confirm again later.", name)
+        return
+    if not fresh:
         return  # a second click, or one a dead process took: done (or being done) once already
     reference = message.reference
     question = reference.message_id if reference is not None and reference.message_id else message.id
@@ -287,10 +293,18 @@ async def confirm_clicked(
     result = await app.tools.run(tool, arguments, context)
     done = result.get("result", "") if "result" in result else ""
     text = f"Done: {name} {done}".strip() if "error" not in result else f"{name} failed: {result['error']}"
+    await _settle(message, text, name, keep_buttons=False)
+
+
+async def _settle(message: discord.Message, text: str, name: str, *, keep_buttons: bool = True) -> None:
+    """Show what became of a proposed call on its confirmation message; never raises."""
     try:
-        await message.edit(content=text[:1900], view=None)
-    except discord.HTTPException:
-        log.info("tool.confirm_not_edited", tool=name)
+        if keep_buttons:
+            await message.edit(content=text[:1900])
+        else:
+            await message.edit(content=text[:1900], view=None)
+    except Exception as exc:  # the outcome is in the log; the message keeps its old text
+        log.info("tool.confirm_not_edited", tool=name, category=classify(exc).category.value)
 
 
 # -- the built-in tools -----------------------------------------------------------------------

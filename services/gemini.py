@@ -83,6 +83,8 @@ PING_PERSONA = "You are a health check. Answer in one short sentence."
 # The SDK's own deadline is only a backstop behind the AdaptiveTimeout, which must fire first
 # so the breaker sees a CallTimeoutError with our operation name.
 SDK_TIMEOUT_MARGIN = 5.0
+MAX_CALLS_PER_ROUND = 10
+"""Function calls of one round that are run; the others get an error result (``_function_loop``)."""
 
 # Failures caused by one request's content, not by Gemini's health: the breaker ignores them.
 _PER_REQUEST = frozenset({Category.INVALID_INPUT, Category.TOO_LARGE})
@@ -557,7 +559,12 @@ class GeminiService:
             rounds += 1
             if self._metrics is not None:
                 self._metrics.tool_rounds.inc()
-            results = [await functions.call(call) for call in reply.calls]
+            results: list[dict[str, Any]] = []
+            for n, call in enumerate(reply.calls):  # in order: a later call may rely on an earlier one
+                if n >= MAX_CALLS_PER_ROUND or self._clock.monotonic() - started >= functions.seconds:
+                    results.append({"error": "not run: too many calls in this round, or out of time"})
+                else:
+                    results.append(await functions.call(call))
             history.append(reply.content)
             history.append(function_responses(reply.calls, results))
         if reply.calls and not reply.text.strip():

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from google.genai import types
+from structlog.testing import capture_logs
 
 from resilience.breakers import BreakerBoard
 from resilience.clock import FakeClock
@@ -233,3 +234,13 @@ def test_the_emulator_refuses_a_call_turn_without_its_responses():
     assert emulated.turn_problem(body) == emulated.COUNT_MISMATCH
     body["contents"][2]["parts"].append({"functionResponse": {"name": "c", "response": {}}})
     assert "does not match the call 'b'" in (emulated.turn_problem(body) or "")
+
+
+async def test_calls_are_logged_without_their_arguments_or_results(fake_clock):
+    tools = registry(fake_clock)
+    echo = tools.get("echo")
+    assert echo is not None
+    with capture_logs() as logs:
+        await tools.run(echo, {"text": "a secret the user wrote"}, None)
+    assert [line["event"] for line in logs] == ["tool.call"]
+    assert "secret" not in repr(logs) and logs[0]["tool"] == "echo" and logs[0]["outcome"] == "ok"
