@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from bot import marks, tools
+from bot.texts import ACK_MARK
 from sandbox import functions as emulated
 from sandbox.discord_state import MANAGE_GUILD
-from services.tools import FunctionCall, Tool
+from services.tools import FunctionCall, Safety, Tool
 from tests.integration.harness import Emulators, running_emulators
 from tests.integration.test_pipeline import Live, live_bot
 from tests.integration.test_slash_commands import only_text, run
@@ -196,3 +197,37 @@ async def test_streamed_answers_run_the_loop_too(emus: Emulators, tmp_path: Path
         await live.discord.wait_until(final, 15)
         streamed = [r for r in live.gemini.requests if r.action == "streamGenerateContent"]
         assert len(streamed) == 3
+
+
+async def test_a_write_done_before_gemini_failed_is_not_done_again_when_the_queued_answer_is_retried(
+    live: Live,
+) -> None:
+    """Gemini fails after a round whose write ran: the question is queued, and when the drain answers
+    it the whole loop runs again, but the write is not done a second time."""
+    done: list[dict[str, Any]] = []
+    gate = asyncio.Event()
+
+    async def stamp(context: Any, args: dict[str, Any]) -> dict[str, Any]:
+        done.append(args)
+        await gate.wait()  # the test breaks Gemini before the next round is asked for
+        return {"stamped": args["label"]}
+
+    live.app.tools.register(Tool(
+        "stamp", "Stamps something (a write).", stamp,
+        {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+        safety=Safety.WRITE, timeout=10.0,
+    ))
+    live.app.gemini_retry.max_attempts = 1
+    await functions_on(live, "read, stamp")
+    asked = await live.say('use tools: stamp{"label": "x"}, current_time')
+    await live.discord.wait_until(lambda: bool(done), 10)
+    live.gemini.faults.add("503")  # the round after the write fails: the answer goes to the queue
+    gate.set()
+    [ack] = await live.wait_replies(asked["id"], timeout=15)
+    assert ack.content.startswith(ACK_MARK), ack.content
+    live.gemini.faults.clear()
+    [_, late] = await live.wait_replies(asked["id"], 2, timeout=30)
+    text = marks.strip(late.content)
+    assert "- stamp: \"stamp with these arguments was already done for this question" in text, text
+    assert "- current_time: {" in text
+    assert done == [{"label": "x"}]  # run once, across both tries
