@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("bot.tools")
 
-LEVELS = frozenset(level.value for level in Safety)
 CONFIRM_PREFIX = "gembot:tool:"
 CONFIRM_TEMPLATE = (
     r"gembot:tool:(?P<act>ok|no):(?P<user>\d{1,20}):(?P<name>[a-z][a-z0-9_]{0,63}):(?P<args>\{.*\})"

@@ -150,6 +150,21 @@ async def test_a_destructive_admin_tool_asks_for_confirmation_by_button(live: Li
     await live.discord.wait_until(settled, 10)
     left = [m["content"] for m in world.history(live.general) if m["content"].startswith("old message")]
     assert left == ["old message 0"]
+    assert not world.find_message(live.general, int(prompt.id))["components"]  # the buttons are gone
+
+    # Cancel on a second proposal: nothing is deleted.
+    again = await live.say('use tools: delete_messages{"count": 1}', author="manager")
+    replies = await live.wait_replies(again["id"], 2, timeout=15)
+    [second] = [m for m in replies if m.payload.get("components")]
+    cancel = f'gembot:tool:no:{again["author"]["id"]}:delete_messages:{{"count":1}}'
+    cancelled = await live.discord.click_button(live.general, int(second.id), cancel, user="manager")
+    await live.discord.wait_until(lambda: cancelled.acknowledged, 10)
+    assert cancelled.callback_type == 7  # UPDATE_MESSAGE: the proposal says it was cancelled
+    shown = world.find_message(live.general, int(second.id))
+    assert shown is not None and shown["content"] == "Cancelled: delete_messages was not run."
+    assert [m["content"] for m in world.history(live.general) if m["content"].startswith("old message")] == [
+        "old message 0"
+    ]
 
 
 async def test_the_round_cap_holds(live: Live) -> None:
