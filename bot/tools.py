@@ -45,7 +45,7 @@ from google.genai import types
 
 from bot.settings import Effective, scope_chain
 from resilience.errors import classify
-from services.tools import FunctionCall, Safety, Tool, ToolError
+from services.tools import FunctionCall, Safety, Tool, ToolError, check_arguments
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -168,6 +168,10 @@ class AnswerTools:
         if tool is None:
             registry.observe(call.name, "not_offered", 0.0)
             return {"error": f"there is no function {call.name[:64]!r} here"}
+        problem = check_arguments(tool.parameters, call.args)
+        if problem is not None:  # before anything is recorded or proposed
+            registry.observe(tool.name, "invalid", 0.0)
+            return {"error": f"{tool.name}: {problem}"}
         if tool.safety is not Safety.READ:
             try:
                 key = _key(self.context.question_id, tool.name, call.args)
@@ -193,8 +197,9 @@ class AnswerTools:
         if len(confirm) > MAX_CUSTOM_ID:
             self.app.tools.observe(tool.name, "refused", 0.0)
             return {"error": f"{tool.name}: these arguments are too long to ask for a confirmation"}
+        shown = payload[:300].replace("`", "'")
         text = (f"<@{ctx.invoker_id}>, Gemini wants to run **{tool.name}** ({tool.description}) with "
-                f"`{payload[:300]}`. Only you can confirm it; nothing happens until you do.")
+                f"`{shown}`. Only you can confirm it; nothing happens until you do.")
         try:
             reference = discord.MessageReference(
                 message_id=ctx.question_id, channel_id=ctx.channel.id, fail_if_not_exists=False
