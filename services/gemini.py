@@ -27,6 +27,12 @@ path by a silence timeout between chunks (the observer's ``silence_seconds``) un
 adaptive timeout's maximum, ``GEMINI_TIMEOUT_SECONDS``): a long answer that keeps coming is never cut,
 a stalled one is noticed in seconds. A failure after chunks is a failure of the whole attempt (the
 observer hears ``interrupted``); a retry streams the answer again from its start.
+
+Function calling (``functions``, a ``services.tools.FunctionCaller``): a manual loop, google-genai's
+automatic function calling off. Each round is one guarded generation as above (streamed or not);
+Gemini's calls are run by the caller between rounds (the bot's runtime: each tool's breaker and
+timeout), and their results go back as one user turn of ``functionResponse`` parts. A round cap and a
+time cap end the loop with a last round in mode NONE (``_function_loop``).
 """
 
 from __future__ import annotations
