@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import discord
 import structlog
 
-from bot import conversations, grounding, long_answers, marks, moderation, streaming, texts
+from bot import conversations, grounding, long_answers, marks, moderation, streaming, texts, tools
 from bot.attachments import Attachments, Prepared, describe
 from bot.history import LeftOutNotes, fit
 from bot.inbound import Inbound, Snowflake
@@ -79,10 +79,15 @@ class Answerer:
             async with app.discord_io.typing(channel):
                 async with asyncio.timeout(app.config.processing_timeout_seconds):
                     # Files (bot.attachments): read, then sent with the question; none: generate.
+                    # Functions Gemini may call here (bot.tools), run by our runtime between rounds.
+                    functions = tools.for_answer(
+                        app, settings, channel=channel, author_id=inbound.author_id,
+                        question_id=inbound.message_id, author=getattr(original, "author", None),
+                    )
                     generating = self.attachments.generate(
                         item.payload, prompt, inbound.key, earlier,
                         tools=settings.tools, persona=settings.persona, options=settings.options(),
-                        observer=stream,
+                        observer=stream, functions=functions,
                     )
                     if stream is None:
                         reply, attached = await generating

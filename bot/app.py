@@ -38,6 +38,7 @@ from services.otel import OtelTracing
 from services.pg_storage import PostgresStore
 from services.storage import SqliteStore
 from services.storage_protocol import Storage
+from services.tools import ToolRegistry
 
 SANDBOX_GEMINI_KEY = "sandbox-key"
 
@@ -66,6 +67,8 @@ class Application:
     queue_caps: QueueCaps
     usage: UsageLedger
     settings: SettingsCache
+    tools: ToolRegistry
+    """Functions Gemini may call (``bot.tools``); ``app.tools.register(tool)`` adds one (plugins)."""
     # Other processes on the same database (PostgreSQL), or none (SQLite: LocalCoordination).
     coordination: Coordination = field(default_factory=LocalCoordination)
     client: discord.Client | None = None
@@ -319,6 +322,7 @@ def build_application(
         ),
         usage=usage,
         settings=SettingsCache(config),
+        tools=ToolRegistry(board, clock=clock, metrics=metrics),
         coordination=coordination,
     )
     http_api.sources.registry = registry

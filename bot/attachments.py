@@ -56,6 +56,7 @@ from services.gemini import (
     StreamObserver,
 )
 from services.storage import Turn
+from services.tools import FunctionCaller
 
 if TYPE_CHECKING:
     from bot.app import Application
@@ -456,6 +457,7 @@ class Attachments:
         persona: str | None = None,
         options: GenerationOptions | None = None,
         observer: StreamObserver | None = None,
+        functions: FunctionCaller | None = None,
     ) -> tuple[Reply, Prepared]:
         """Gemini's reply to ``content`` with the payload's files and those of earlier turns, the
         Google-run ``tools`` the guild turned on, and the server's ``persona`` and ``options``
@@ -475,12 +477,14 @@ class Attachments:
             notes = " ".join(prepared.notes) or texts.no_answer()
             return Reply(ReplyKind.EMPTY, "", "", user_message=notes), Prepared()
         if prepared.empty:
-            reply = await generate(content, history, tools=tools, persona=persona, options=options)
+            reply = await generate(
+                content, history, tools=tools, persona=persona, options=options, functions=functions
+            )
             return reply, prepared
         try:
             reply = await generate_with_parts(
                 content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools,
-                persona=persona, options=options,
+                persona=persona, options=options, functions=functions,
             )
         except errors.ClientError as exc:
             if exc.code == 403 and prepared.uses_uris:
@@ -496,7 +500,7 @@ class Attachments:
                 raise
             reply = await generate_with_parts(
                 content, prepared.parts, history, history_parts=prepared.history_parts, tools=tools,
-                persona=persona, options=options,
+                persona=persona, options=options, functions=functions,
             )
         return reply, prepared
 

@@ -35,6 +35,7 @@ from bot.operations import (
 )
 from bot.routing import FailureRouter
 from bot.streaming import Regenerator
+from bot.tools import ToolConfirmation, builtin_tools
 from bot.views import AnswerButtons
 from resilience.errors import CallTimeoutError, CircuitOpenError
 from resilience.tasks import SupervisedTask, exponential_backoff
@@ -127,6 +128,10 @@ class GeminiBot(commands.Bot):
         app.client = self
         # An instance attribute: discord.py calls self._try_clear_expired_ratelimits() on each new bucket.
         self.http._try_clear_expired_ratelimits = BucketPruner(self.http)  # type: ignore[method-assign]
+        # Functions Gemini may call (bot.tools): the built-in Discord tools; plugins register theirs.
+        for tool in builtin_tools():
+            if tool.name not in app.tools:
+                app.tools.register(tool)
         self.router = FailureRouter(app)
         self.answerer = Answerer(app, self.router)
         # Regenerate on a streamed answer: a new answer to its question, by edit (bot.streaming).
@@ -219,6 +224,8 @@ class GeminiBot(commands.Bot):
         self.add_view(
             AnswerButtons(on_stop=self.answerer.streaming.on_stop, on_regenerate=self.regenerator.on_click)
         )
+        # Confirm / Cancel of a proposed destructive function call: the action is in the custom_id.
+        self.add_dynamic_items(ToolConfirmation)
         await self._sync_commands()
         await self._take_up_operations_state()
         reopened = await apply_breaker_overrides(self.app)

@@ -170,6 +170,23 @@ def _flag(text: str, limits: Limits) -> bool:
     raise InvalidSettingError(f"{text.strip()[:40]!r} is neither on nor off: use on or off")
 
 
+_FUNCTION = re.compile(r"[a-z][a-z0-9_]{0,63}")
+MAX_FUNCTION_NAMES = 32
+
+
+def _functions(text: str, limits: Limits) -> list[str]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in re.split(r"[,\s]+", text) if n.strip()))
+    if names in (("off",), ("none",)):
+        return []
+    bad = [n for n in names if not _FUNCTION.fullmatch(n) or n in ("off", "none")]
+    if bad or not names or len(names) > MAX_FUNCTION_NAMES:
+        raise InvalidSettingError(
+            "name the functions Gemini may call, comma-separated: tool names or the levels read, write "
+            f"and admin (at most {MAX_FUNCTION_NAMES}), or off"
+        )
+    return list(names)
+
+
 def _channel(text: str, limits: Limits) -> int:
     found = _CHANNEL.fullmatch(text.strip())
     if found is None:
@@ -220,6 +237,10 @@ SETTINGS: dict[str, Setting] = {
             channel_only=True,
         ),
         Setting("auto_thread", "Auto-thread", "answer a mention in a new thread", _flag, _on_off),
+        Setting(
+            "functions", "Functions", "what Gemini may look up or do here (tool names or read, write, admin)",
+            _functions, lambda v: ", ".join(f"`{n}`" for n in v) if v else "none",
+        ),
         Setting(
             "modlog_channel", "Moderation log", "where blocked questions and answers are recorded", _channel,
             lambda v: "none" if v is None else f"<#{v}>", server_only=True,
@@ -276,6 +297,10 @@ class Effective:
     tools: tuple[str, ...] = ()
     modlog_channel: int | None = None
     modlog_text: bool = False
+    functions: tuple[str, ...] = ()
+    """Functions Gemini may call (``bot.tools``): tool names and levels (read, write, admin)."""
+    functions_by_guild: bool = False
+    """Whether ``functions`` is the server's own choice (admin tools need it) or the bot's default."""
 
     def options(self) -> GenerationOptions:
         """The Gemini request options these settings make."""
@@ -340,6 +365,7 @@ class SettingsCache:
             "auto_thread": False,
             "modlog_channel": None,
             "modlog_text": False,
+            "functions": tuple(config.tools_default),
         }
         self._guilds: dict[int, _Guild] = {}
         self._chat: dict[int, frozenset[int]] = {}
@@ -353,6 +379,7 @@ class SettingsCache:
             grounding=False,
             streaming=None,
             auto_thread=False,
+            functions=tuple(config.tools_default),
         )
 
     def load(self, data: Mapping[str, Any] | None) -> None:
@@ -400,7 +427,8 @@ class SettingsCache:
         guild = self._guilds.get(guild_id) if guild_id is not None else None
         if guild is None:
             return self._bot
-        values = {name: self._resolve(guild, chain, name)[0] for name in SETTINGS}
+        resolved = {name: self._resolve(guild, chain, name) for name in SETTINGS}
+        values = {name: value for name, (value, _) in resolved.items()}
         grounding = bool(values["grounding"])
         tools = tuple(t for t in guild.tools if t != GROUNDING_TOOL)
         if grounding:
@@ -419,6 +447,8 @@ class SettingsCache:
             tools=tools,
             modlog_channel=guild.server.get("modlog_channel"),
             modlog_text=bool(guild.server.get("modlog_text", False)),
+            functions=tuple(values["functions"]),
+            functions_by_guild=resolved["functions"][1] != DEFAULT,
         )
 
     def explain(self, guild_id: int, chain: Sequence[int]) -> list[Explained]:

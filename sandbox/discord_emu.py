@@ -1166,6 +1166,9 @@ class DiscordEmulator:
             ("PATCH", msg, "edit", self._edit_message, True),
             ("DELETE", msg, "delete", self._delete_message, True),
             ("PUT", msg + "/reactions/{emoji}/@me", "react", self._add_reaction, True),
+            # Pin Message (discord-api-docs, Message resource): PUT /channels/{id}/messages/pins/{id},
+            # 204; a message already pinned stays pinned (the same 204).
+            ("PUT", "/channels/{channel_id}/messages/pins/{message_id}", "pin", self._pin_message, True),
             ("POST", msg + "/threads", "thread", self._start_thread, True),
             ("DELETE", msg + "/reactions/{emoji}/@me", "react", self._remove_reaction, True),
             ("GET", "/applications/{app_id}/commands", "commands", self._get_commands, True),
@@ -1480,6 +1483,11 @@ class DiscordEmulator:
         _, message = self._message(request)
         emoji = request.match_info["emoji"]
         self.world.reactions.setdefault(int(message["id"]), {}).setdefault(emoji, set()).add(self.bot_user_id)
+        return web.Response(status=204)
+
+    async def _pin_message(self, request: web.Request, body: Any) -> web.Response:
+        _, message = self._message(request)
+        message["pinned"] = True
         return web.Response(status=204)
 
     async def _remove_reaction(self, request: web.Request, body: Any) -> web.Response:

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox import responder
+from sandbox import functions, responder
 from sandbox.faults import Fault, FaultPlan
 
 API_KEY_HEADER = "x-goog-api-key"
@@ -273,7 +273,8 @@ def last_user_text(body: Any) -> str:
     """The text of the last user turn of a ``generateContent`` body ("" for anything else)."""
     if not isinstance(body, dict):
         return ""
-    turns = [c for c in body.get("contents", []) if isinstance(c, dict) and c.get("role", "user") == "user"]
+    turns = [c for c in body.get("contents", []) if isinstance(c, dict) and c.get("role", "user") == "user"
+             and not all(isinstance(p, dict) and "functionResponse" in p for p in c.get("parts") or [{}])]
     return responder.said(turns[-1]) if turns else ""
 
 
@@ -704,7 +705,9 @@ class GeminiEmulator(FilesApi):
         if model is not None and served is None:
             rec.outcome = "not_found"
             return web.json_response(model_not_found_body(model, version, action), status=404)
-        problem = (tools_problem(body) or generation_problem(body)) if action in _GENERATION_ACTIONS else None
+        problem = (
+            tools_problem(body) or generation_problem(body) or functions.turn_problem(body)
+        ) if action in _GENERATION_ACTIONS else None
         if problem is not None:
             rec.outcome = "bad_request"
             return web.json_response(error_body(400, "INVALID_ARGUMENT", problem), status=400)
@@ -866,7 +869,14 @@ class GeminiEmulator(FilesApi):
             usage["totalTokenCount"] += 1024
             return {"candidates": [{"content": {"role": "model"}, "finishReason": "MAX_TOKENS", "index": 0}],
                     "usageMetadata": usage, "modelVersion": version}
-        text = responder.reply(body, self._file_facts, self._rng)
+        calls = functions.plan(body)
+        if calls is not None:  # function calling (sandbox.functions): the model asks, the caller runs them
+            called = json.dumps(calls)
+            asking = {"content": {"parts": calls, "role": "model"}, "finishReason": "STOP", "index": 0}
+            return {"candidates": [asking], "usageMetadata": self._usage(body, called),
+                    "modelVersion": version}
+        summary = functions.summary(body)
+        text = summary if summary is not None else responder.reply(body, self._file_facts, self._rng)
         finish = "STOP"
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
         if isinstance(limit, int) and responder.count_tokens(text) > limit:

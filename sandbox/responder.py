@@ -101,7 +101,8 @@ _KIND_WORDS = {"image": "an image", "audio": "audio", "video": "a video", "text"
 # Part fields the API accepts under either name: protobuf's JSON mapping reads the original
 # (snake_case) name as well as the lowerCamelCase one, and google-genai sends some parts either way.
 _PART_FIELDS = {"inline_data": "inlineData", "file_data": "fileData", "mime_type": "mimeType",
-                "file_uri": "fileUri", "display_name": "displayName"}
+                "file_uri": "fileUri", "display_name": "displayName", "function_call": "functionCall",
+                "function_response": "functionResponse"}
 
 
 def normalised(body: Any) -> Any:

@@ -127,6 +127,13 @@ class Config:
     streaming: bool = True
     stream_edit_interval_seconds: float = 1.0
     stream_silence_seconds: float = 10.0
+    # Functions the model may call (bot/tools.py): which are on where a server set nothing, the
+    # rounds of calls per answer, the time they may take together, and whether their arguments and
+    # results are logged (they may hold what users wrote).
+    tools_default: tuple[str, ...] = ()
+    tools_max_rounds: int = 5
+    tools_total_seconds: float = 20.0
+    tools_log_payloads: bool = False
     quota_user_tokens_per_day: int = 0
     quota_guild_tokens_per_day: int = 0
     retry_max_attempts: int = 3
@@ -361,6 +368,17 @@ def _attachment_kinds(text: str) -> frozenset[str]:
     return frozenset(items)
 
 
+def _tool_names(text: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(item.strip().lower() for item in text.split(",") if item.strip()))
+    bad = [item for item in items if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", item)]
+    if bad:
+        raise _Invalid(
+            f"not tool names: {', '.join(bad)}",
+            "use a comma-separated list of tool names or levels (read, write, admin), or leave it empty",
+        )
+    return tuple(item for item in items if item not in ("none", "off"))
+
+
 def _models(text: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in text.split(",") if item.strip())
     bad = [item for item in items if any(c.isspace() for c in item)]
@@ -487,6 +505,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     # streaming message is the ceiling (DESIGN.md, "Facts for the second wave").
     "stream_edit_interval_seconds": _Number(float, 1, 60),
     "stream_silence_seconds": _Number(float, 1, 600),
+    "tools_default": _tool_names,
+    "tools_max_rounds": _Number(int, 1, 10),
+    "tools_total_seconds": _Number(float, 1, 300),
+    "tools_log_payloads": _bool,
     # 0 = unlimited.
     "quota_user_tokens_per_day": _Number(int, 0, 10**12),
     "quota_guild_tokens_per_day": _Number(int, 0, 10**12),

@@ -181,6 +181,8 @@ SCOPED_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "grounding": (_is_bool, "true or false"),
     "streaming": (_is_bool, "true or false"),
     "auto_thread": (_is_bool, "true or false"),
+    "functions": (lambda v: isinstance(v, list | tuple) and len(v) <= 32 and all(
+        isinstance(n, str) and 0 < len(n) <= 64 for n in v), "a list of at most 32 function names"),
 }
 """Settings a guild may set for itself and override per category, channel, forum or thread."""
 SERVER_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {

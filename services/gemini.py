@@ -27,6 +27,12 @@ path by a silence timeout between chunks (the observer's ``silence_seconds``) un
 adaptive timeout's maximum, ``GEMINI_TIMEOUT_SECONDS``): a long answer that keeps coming is never cut,
 a stalled one is noticed in seconds. A failure after chunks is a failure of the whole attempt (the
 observer hears ``interrupted``); a retry streams the answer again from its start.
+
+Function calling (``functions``, a ``services.tools.FunctionCaller``): a manual loop, google-genai's
+automatic function calling off. Each round is one guarded generation as above (streamed or not);
+Gemini's calls are run by the caller between rounds (the bot's runtime: each tool's breaker and
+timeout), and their results go back as one user turn of ``functionResponse`` parts. A round cap and a
+time cap end the loop with a last round in mode NONE (``_function_loop``).
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ import io
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from functools import partial
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -61,6 +68,7 @@ from resilience.retries import RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.metrics import Metrics
 from services.storage import Turn
+from services.tools import FunctionCall, FunctionCaller
 
 log = structlog.get_logger("services.gemini")
 
@@ -81,6 +89,8 @@ PING_PERSONA = "You are a health check. Answer in one short sentence."
 # The SDK's own deadline is only a backstop behind the AdaptiveTimeout, which must fire first
 # so the breaker sees a CallTimeoutError with our operation name.
 SDK_TIMEOUT_MARGIN = 5.0
+MAX_CALLS_PER_ROUND = 10
+"""Function calls of one round that are run; the others get an error result (``_function_loop``)."""
 
 # Failures caused by one request's content, not by Gemini's health: the breaker ignores them.
 _PER_REQUEST = frozenset({Category.INVALID_INPUT, Category.TOO_LARGE})
@@ -221,6 +231,12 @@ class Reply:
     thought_tokens: int = 0
     cached_tokens: int = 0
     sources: tuple[Source, ...] = ()
+    calls: tuple[FunctionCall, ...] = ()
+    """Functions Gemini asked to call (function calling, ``services.tools``); only inside the loop."""
+    content: Any = None
+    """The model's ``Content`` when it asked for calls: sent back as is (thought signatures included)."""
+    rounds: int = 0
+    """Rounds of function calls before this answer."""
 
     @property
     def ok(self) -> bool:
@@ -374,6 +390,7 @@ class GeminiService:
         persona: str | None = None,
         tools: Sequence[str] = (),
         options: GenerationOptions | None = None,
+        functions: FunctionCaller | None = None,
     ) -> Reply:
         """Answer ``prompt`` in the context of ``history`` (oldest first), as ``persona``, with the
         Google-run ``tools`` (names of ``TOOLS``: search grounding, URL context, code execution) and a
@@ -391,7 +408,8 @@ class GeminiService:
         contents = build_contents(history, prompt)
         if not contents:
             raise ValueError("nothing to send: the prompt and the history are empty")
-        return await self._generate(contents, self._config(persona, tools, options), options)
+        config = self._config(persona, tools, options)
+        return await self._generate(contents, config, options, functions=functions)
 
     async def generate_with_parts(
         self,
@@ -403,6 +421,7 @@ class GeminiService:
         persona: str | None = None,
         tools: Sequence[str] = (),
         options: GenerationOptions | None = None,
+        functions: FunctionCaller | None = None,
     ) -> Reply:
         """``generate`` with files: ``parts`` (images, audio, PDFs as ``types.Part``, texts as
         ``{"text": ...}``) go before ``prompt`` in the last user turn, and ``history_parts[i]``
@@ -411,7 +430,8 @@ class GeminiService:
         contents = build_multimodal_contents(history, prompt, parts, history_parts or {})
         if not contents:
             raise ValueError("nothing to send: the prompt, the files and the history are empty")
-        return await self._generate(contents, self._config(persona, tools, options), options)
+        config = self._config(persona, tools, options)
+        return await self._generate(contents, config, options, functions=functions)
 
     async def stream(
         self,
@@ -422,6 +442,7 @@ class GeminiService:
         persona: str | None = None,
         tools: Sequence[str] = (),
         options: GenerationOptions | None = None,
+        functions: FunctionCaller | None = None,
     ) -> Reply:
         """``generate``, streamed: ``observer.text`` gets the answer so far as Gemini writes it.
 
@@ -434,7 +455,8 @@ class GeminiService:
         contents = build_contents(history, prompt)
         if not contents:
             raise ValueError("nothing to send: the prompt and the history are empty")
-        return await self._generate(contents, self._config(persona, tools, options), options, observer)
+        config = self._config(persona, tools, options)
+        return await self._generate(contents, config, options, observer, functions)
 
     async def stream_with_parts(
         self,
@@ -447,12 +469,14 @@ class GeminiService:
         persona: str | None = None,
         tools: Sequence[str] = (),
         options: GenerationOptions | None = None,
+        functions: FunctionCaller | None = None,
     ) -> Reply:
         """``generate_with_parts``, streamed (see ``stream``)."""
         contents = build_multimodal_contents(history, prompt, parts, history_parts or {})
         if not contents:
             raise ValueError("nothing to send: the prompt, the files and the history are empty")
-        return await self._generate(contents, self._config(persona, tools, options), options, observer)
+        config = self._config(persona, tools, options)
+        return await self._generate(contents, config, options, observer, functions)
 
     def _config(
         self, persona: str | None, tools: Sequence[str], options: GenerationOptions | None = None
@@ -487,13 +511,75 @@ class GeminiService:
         config: types.GenerateContentConfigDict,
         options: GenerationOptions | None = None,
         observer: StreamObserver | None = None,
+        functions: FunctionCaller | None = None,
     ) -> Reply:
         # The whole call, retries included; each request to Gemini is a "gemini.attempt" inside it.
         streamed = observer is not None
-        with span("gemini.generate", dependency="gemini", turns=len(contents), streamed=streamed) as step:
-            reply = await self.retry.call(lambda: self._attempt(contents, config, options, observer))
-            step.set(model=reply.model, outcome=reply.kind.value)
-        return reply
+        declarations = functions.declarations() if functions is not None else []
+        if functions is None or not declarations:
+            with span("gemini.generate", dependency="gemini", turns=len(contents), streamed=streamed) as step:
+                reply = await self.retry.call(lambda: self._attempt(contents, config, options, observer))
+                step.set(model=reply.model, outcome=reply.kind.value)
+            return reply
+        return await self._function_loop(contents, config, options, observer, functions, declarations)
+
+    async def _function_loop(
+        self,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+        options: GenerationOptions | None,
+        observer: StreamObserver | None,
+        functions: FunctionCaller,
+        declarations: list[types.FunctionDeclarationDict],
+    ) -> Reply:
+        """Manual function calling: each round is one guarded generation (retry -> breakers ->
+        timeout); when Gemini asks for calls, ``functions`` runs each (the bot's runtime: breaker,
+        timeout, checks) and the results go back as one user turn of ``functionResponse`` parts, one
+        per call, in order. After ``functions.max_rounds`` rounds, or once ``functions.seconds`` have
+        passed, the next round is the last: function calling mode NONE, so Gemini answers in words.
+        A retry of one round never runs the calls of an earlier round again. Token counts add up."""
+        offered: types.GenerateContentConfigDict = {
+            **config,
+            "tools": [*(config.get("tools") or []), {"function_declarations": declarations}],
+            "automatic_function_calling": {"disable": True},
+        }
+        last_round: types.GenerateContentConfigDict = {
+            **offered,
+            "tool_config": {"function_calling_config": {"mode": types.FunctionCallingConfigMode.NONE}},
+        }
+        history: list[Any] = list(contents)
+        started = self._clock.monotonic()
+        rounds, spent = 0, [0, 0, 0, 0]
+        streamed = observer is not None
+        while True:
+            final = rounds >= functions.max_rounds or self._clock.monotonic() - started >= functions.seconds
+            cfg = last_round if final else offered
+            with span("gemini.generate", dependency="gemini", turns=len(history), streamed=streamed,
+                      round=rounds) as step:
+                reply = await self.retry.call(partial(self._attempt, history, cfg, options, observer))
+                step.set(model=reply.model, outcome=reply.kind.value, calls=len(reply.calls))
+            spent = [spent[0] + reply.prompt_tokens, spent[1] + reply.completion_tokens,
+                     spent[2] + reply.thought_tokens, spent[3] + reply.cached_tokens]
+            if not reply.calls or final:
+                break
+            rounds += 1
+            if self._metrics is not None:
+                self._metrics.tool_rounds.inc()
+            results: list[dict[str, Any]] = []
+            for n, call in enumerate(reply.calls):  # in order: a later call may rely on an earlier one
+                if n >= MAX_CALLS_PER_ROUND or self._clock.monotonic() - started >= functions.seconds:
+                    results.append({"error": "not run: too many calls in this round, or out of time"})
+                else:
+                    results.append(await functions.call(call))
+            history.append(reply.content)
+            history.append(function_responses(reply.calls, results))
+        if reply.calls and not reply.text.strip():
+            # Calls after the last round (a model that ignored mode NONE): no answer in words.
+            reply = replace(reply, kind=ReplyKind.EMPTY, text="", user_message=USER_MESSAGES[ReplyKind.EMPTY])
+        return replace(
+            reply, calls=(), content=None, rounds=rounds, prompt_tokens=spent[0], completion_tokens=spent[1],
+            thought_tokens=spent[2], cached_tokens=spent[3],
+        )
 
     @property
     def sdk_client(self) -> genai.Client:
@@ -1172,6 +1258,12 @@ def to_reply(response: types.GenerateContentResponse, model: str) -> Reply:
     if block is not None and block != "BLOCKED_REASON_UNSPECIFIED":
         return refusal(ReplyKind.PROMPT_BLOCKED, _PROMPT_BLOCK_MESSAGES.get(block))
     text = answer_text(candidate) if candidate is not None else None
+    calls = function_calls(candidate) if candidate is not None else ()
+    if calls and candidate is not None:
+        return Reply(
+            ReplyKind.ANSWER, text or "", model, finish, prompt_tokens, completion_tokens, block, None,
+            thought_tokens, cached_tokens, calls=calls, content=candidate.content,
+        )
     if text and text.strip():
         sources = grounding_sources(candidate) if candidate is not None else ()
         return Reply(
@@ -1187,6 +1279,23 @@ def to_reply(response: types.GenerateContentResponse, model: str) -> Reply:
     if finish == "OTHER":
         return refusal(ReplyKind.EMPTY, _OTHER_MESSAGE)
     return refusal(ReplyKind.EMPTY)
+
+
+def function_responses(calls: Sequence[FunctionCall], results: Sequence[dict[str, Any]]) -> types.Content:
+    """The user turn that answers a round of calls: one ``functionResponse`` part per call, in the
+    calls' order, each with the call's name and id (as google-genai's own loop sends them)."""
+    parts = [
+        types.Part(function_response=types.FunctionResponse(id=call.id, name=call.name, response=result))
+        for call, result in zip(calls, results, strict=True)
+    ]
+    return types.Content(role="user", parts=parts)
+
+
+def function_calls(candidate: types.Candidate) -> tuple[FunctionCall, ...]:
+    """The ``functionCall`` parts of a candidate, in order."""
+    parts = candidate.content.parts if candidate.content is not None else None
+    calls = [part.function_call for part in parts or [] if part.function_call is not None]
+    return tuple(FunctionCall(call.name or "", dict(call.args or {}), call.id) for call in calls)
 
 
 def answer_text(candidate: types.Candidate) -> str | None:

@@ -223,6 +223,13 @@ class Metrics:
             "command_latency_seconds", "Time a slash command took, from receipt to its reply.",
             ["command"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
         )
+        # functions the model calls (services.tools): tool names are a registry's, at most 64
+        self.tool_calls = Counter("tool_calls", "Function calls the model asked for, by tool and outcome.",
+                                  ["tool", "outcome"], namespace=ns, registry=r)
+        self.tool_latency = Histogram("tool_latency_seconds", "Time one function call took.", ["tool"],
+                                      namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.tool_rounds = Counter("tool_rounds", "Rounds of function calls in answers.", namespace=ns,
+                                   registry=r)
 
         # Series that exist from the start, so a dashboard shows 0 rather than nothing.
         for outcome in MESSAGE_OUTCOMES:
@@ -318,6 +325,11 @@ class Metrics:
         """Count one Gemini attempt with its HTTP ``code`` (None: no HTTP answer) and latency."""
         self.gemini_requests.labels(outcome, "none" if code is None else str(code)).inc()
         self.gemini_latency.labels(outcome).observe(seconds)
+
+    def observe_tool(self, tool: str, outcome: str, seconds: float) -> None:
+        """Count one function call of ``tool`` (a registered name or "unknown") and its time."""
+        self.tool_calls.labels(tool, outcome).inc()
+        self.tool_latency.labels(tool).observe(seconds)
 
     def watch_models(self, models: Iterable[str]) -> None:
         """Create the token series of ``models`` at 0 (the configured ones: a fixed, small set)."""

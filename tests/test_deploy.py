@@ -64,6 +64,7 @@ def exported_metrics() -> dict[str, set[str]]:
     metrics.alerts_firing.labels("breaker_open").set(0)
     metrics.incidents.labels("gemini").inc()
     metrics.incident_mttr.labels("gemini").set(1)
+    metrics.observe_tool("current_time", "ok", 0.01)
     text = metrics.render()[0].decode()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: dict[str, set[str]] = {}

@@ -213,3 +213,22 @@ def test_the_datastore_refuses_settings_of_the_wrong_shape() -> None:
         "guild_settings.guilds['1'].settings.channels['2'].persona: expected a string of 1 to 4000 "
         f"characters, got {'p' * 4001!r}"[:300],
     ]
+
+
+def test_functions_are_read_as_names_and_levels_and_admin_needs_the_servers_own_choice() -> None:
+    limits = SettingsCache(CONFIG).limits
+    assert parse("functions", "read, react  create_thread", limits) == ["read", "react", "create_thread"]
+    assert parse("functions", "off", SettingsCache(CONFIG).limits) == []
+    with pytest.raises(InvalidSettingError, match="name the functions"):
+        parse("functions", "Rm -rf", SettingsCache(CONFIG).limits)
+    # Nothing set: the bot's default, which cannot grant admin tools (functions_by_guild False).
+    default = load_config(environ={"TOOLS_DEFAULT": "read,admin"}, env_file=None)
+    bare = SettingsCache(default)
+    bare.load({"guilds": {str(GUILD): {}}})
+    assert bare.effective(GUILD, (CHANNEL,)).functions == ("read", "admin")
+    assert not bare.effective(GUILD, (CHANNEL,)).functions_by_guild
+    stored = {"server": {"functions": ["read"]}, "channels": {str(CHANNEL): {"functions": ["admin"]}}}
+    own = cache({"settings": stored})
+    here = own.effective(GUILD, (CHANNEL,))
+    assert here.functions == ("admin",) and here.functions_by_guild
+    assert own.effective(GUILD, (OTHER,)).functions == ("read",)
