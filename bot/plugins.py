@@ -261,6 +261,9 @@ class PluginHost:
         if bot is None:
             return
         for plugin in reversed([p for p in self._plugins.values() if p.state == "loaded"]):
+            if plugin.module not in bot.extensions:  # commands.Bot.close() unloads extensions itself
+                plugin.state = "unloaded"
+                continue
             try:
                 await bot.unload_extension(plugin.module)
             except Exception as exc:
