@@ -27,6 +27,7 @@ BUTTON_ID = "gembot:selfmod:{action}:{id}"
 BUTTON_TEMPLATE = r"gembot:selfmod:(?P<action>apply|reject):(?P<id>[0-9a-f]{1,32})"
 DIFF_ROOM = 1400
 PROPOSE_MARGIN = 120.0  # seconds for Gemini and the rest, besides the tests' own bound
+FOLLOWUP_WINDOW = 14 * 60.0  # an interaction's token lasts 15 minutes
 
 
 def plugin_commands(
@@ -135,7 +136,10 @@ def plugin_commands(
                 await followup(interaction, text)
 
         await commands.run(
-            interaction, body, check=commands.require_owner, limit=selfmod.test_timeout + PROPOSE_MARGIN
+            interaction,
+            body,
+            check=commands.require_owner,
+            limit=min(FOLLOWUP_WINDOW, selfmod.test_timeout + PROPOSE_MARGIN),
         )
 
 

@@ -145,12 +145,15 @@ class PluginHost:
     _bot: commands.Bot | None = field(default=None, repr=False)
     _on_change: Callable[[], None] | None = field(default=None, repr=False)
     _plugins: dict[str, Plugin] = field(default_factory=dict, repr=False)
+    # Why the plugins folder could not be read (its plugins are then not found), else None.
+    problem: str | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def start_timeout(self) -> float:
         """The registry's bound on ``start``: every plugin's own bound, and a margin."""
-        return self.load_timeout * max(1, len(self.enabled or ()) or 8) + 5.0
+        count = len(self.enabled) if self.enabled is not None else len(self.discover())
+        return self.load_timeout * max(1, count) + 5.0
 
     def attach(self, bot: commands.Bot, *, on_change: Callable[[], None] | None = None) -> None:
         """Host the plugins in ``bot``; ``on_change()`` runs after each load, unload or reload."""
@@ -173,8 +176,16 @@ class PluginHost:
         for ep in self._entry_points():
             found[ep.name] = Plugin(ep.name, ep.module, "entry point")
         directory = self.directory
-        if directory.is_dir():
-            self._importable(directory)
+        self.problem = None
+        try:
+            if directory.is_dir():
+                self._importable(directory)
+            elif self.folder is not None:
+                raise PluginError("*", f"the plugins folder {directory} does not exist")
+        except PluginError as exc:
+            self.problem = str(exc)
+            log.error("plugins.folder_unusable", folder=str(directory), error=self.problem)
+        if directory.is_dir() and self.problem is None:
             for child in sorted(directory.iterdir()):
                 name = child.stem if child.suffix == ".py" else child.name
                 if name.startswith("_") or name in NOT_PLUGINS or not name.isidentifier():
@@ -238,6 +249,8 @@ class PluginHost:
             log.info("plugins.no_bot", note="no discord client: plugins are not loaded")
             return
         found = self.discover()
+        if self.problem is not None and self.required:
+            raise PluginError("*", self.problem)
         names = list(found) if self.enabled is None else list(self.enabled)
         missing = sorted(n for n in {*names, *self.required} if n not in found)
         for name in missing:
@@ -277,6 +290,7 @@ class PluginHost:
             "ok": self._bot is None or not required_down,
             "loaded": self.loaded(),
             "failed": failed,
+            **({"problem": self.problem} if self.problem else {}),
         }
 
     # -- the operations (/admin plugin ...) -------------------------------------------------------

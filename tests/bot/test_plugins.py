@@ -8,6 +8,7 @@ imports of one test never meet another's).
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +20,15 @@ import discord
 import pytest
 from discord.ext import commands
 
-from bot.plugins import CommandSyncer, PluginHost, PluginLoadError, PluginStateError, UnknownPluginError
+from bot.plugins import (
+    ENTRY_POINT_GROUP,
+    CommandSyncer,
+    PluginError,
+    PluginHost,
+    PluginLoadError,
+    PluginStateError,
+    UnknownPluginError,
+)
 from resilience.clock import FakeClock
 
 PLUGIN = """
@@ -167,3 +176,35 @@ async def test_syncs_after_changes_are_spaced_by_the_interval() -> None:
     await asyncio.wait_for(gate.wait(), 5)
     await syncer.close()
     assert synced == [1000.0, 1030.0]
+
+
+async def test_installed_plugins_load_from_their_entry_points(plugins: Plugins, tmp_path: Path) -> None:
+    """An entry point of the group ``gemini_bot.plugins`` names a module anywhere on the path."""
+    package = tmp_path / "site" / f"ep_{uuid.uuid4().hex[:10]}"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "hello_ext.py").write_text(PLUGIN.format(version="installed"))
+    sys.path.append(str(package.parent))
+    try:
+        plugins.host.entry_points = lambda: [
+            importlib.metadata.EntryPoint("hello", f"{package.name}.hello_ext", ENTRY_POINT_GROUP)
+        ]
+        await plugins.host.start()
+        assert plugins.hello() == "installed"
+        assert plugins.host.get("hello").source == "entry point"
+    finally:
+        await plugins.host.stop()
+        sys.path.remove(str(package.parent))
+        for name in [m for m in sys.modules if m.startswith(package.name)]:
+            del sys.modules[name]
+
+
+async def test_an_unusable_plugins_folder_is_reported_and_fails_only_a_start_that_needs_it(
+    plugins: Plugins, tmp_path: Path
+) -> None:
+    plugins.host.folder = tmp_path / "nowhere"
+    await plugins.host.start()
+    assert "does not exist" in plugins.host.health()["problem"]
+    plugins.host.required = frozenset({"hello"})
+    with pytest.raises(PluginError, match="does not exist"):
+        await plugins.host.start()
