@@ -117,6 +117,9 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         ("open('/etc/passwd')\n", "uses open"),
         ("import asyncio\nasyncio.create_subprocess_exec('ls')\n", "create_subprocess_exec"),
         ("x = ().__class__\n", "private attribute __class__"),
+        ("import discord\nx = discord.utils.os\n", "uses .os"),
+        ("import asyncio\nasyncio.get_running_loop().subprocess_exec\n", "uses .get_running_loop"),
+        ("s = '{0.__globals__}'.format(len)\n", "a string with a dunder"),
         ("from . import other\n", "relative import"),
         ("def f(:\n", "does not parse"),
         ("x = 1\n" * 20_000, "bytes, over"),
@@ -125,6 +128,15 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
 def test_a_patch_that_reaches_outside_the_plugin_api_is_refused(source: str, why: str) -> None:
     problems = check_source(source)
     assert any(why in p for p in problems), problems
+
+
+def test_a_discord_tasks_loop_is_allowed() -> None:
+    assert (
+        check_source(
+            "from discord.ext import tasks\n\n\n@tasks.loop(seconds=5)\nasync def tick():\n    pass\n"
+        )
+        == []
+    )
 
 
 def test_the_example_plugin_passes_the_checks() -> None:
