@@ -227,3 +227,26 @@ async def test_reminders_survive_a_restart_and_fire_once(tmp_path: Path) -> None
             await asyncio.sleep(0.3)
             assert len(reminders_shown(live)) == 1
             assert "no reminders waiting" in await said(live, "remind", {"list": {}})
+
+
+async def test_apply_works_on_a_proposal_shown_before_a_restart(world: World) -> None:
+    """The buttons' custom_id names the proposal, and the proposal is kept in DATA_DIR: a bot
+    started after the one that showed it applies it."""
+    async with live_bot(world.emus, world.data, **world.settings()) as live:
+        await live.bot.tree.sync()
+        record = await run(
+            live,
+            "admin",
+            {"propose": {"plugin": "ping", "change": 'replace "pong v1" with "pong v2"'}},
+            user="owner",
+        )
+        [shown] = record.followups
+    apply = next(c["custom_id"] for row in shown.payload["components"] for c in row["components"])
+    async with live_bot(world.emus, world.data, **world.settings()) as live:
+        click = await live.discord.click_button(record.channel_id, shown.id, apply, user="owner")
+        await live.discord.wait_until(lambda: bool(click.followups), 30)
+        assert "Applied proposal" in click.texts()[-1]
+        assert await said(live, "pingx") == "pong v2"
+        again = await live.discord.click_button(record.channel_id, shown.id, apply, user="owner")
+        await live.discord.wait_until(lambda: bool(again.followups), 30)
+        assert "is applied, not ready" in again.texts()[-1]
