@@ -16,6 +16,7 @@ COPY services/ services/
 COPY bot/ bot/
 COPY sandbox/ sandbox/
 COPY rehearsal/ rehearsal/
+COPY plugins/ plugins/
 RUN pip install --prefix=/install .
 
 FROM python:3.11-slim

@@ -15,13 +15,22 @@ from typing import Any
 
 import discord
 
+from bot.inbound import Inbound
+from bot.plugins import PluginHost
 from bot.ratelimit import RateLimiter
 from bot.settings import Effective, SettingsCache
 from bot.usage import UsageLedger
 from resilience.breakers import BreakerBoard
 from resilience.clock import Clock, SystemClock
 from resilience.context import TraceCollector
-from resilience.degradation import DEFAULT_MAINTENANCE_MESSAGE, DegradationState, Mode, QueueCaps, QueueItem
+from resilience.degradation import (
+    DEFAULT_MAINTENANCE_MESSAGE,
+    DegradationState,
+    ItemKind,
+    Mode,
+    QueueCaps,
+    QueueItem,
+)
 from resilience.fingerprints import ErrorAggregator
 from resilience.mutex import KeyedMutex
 from resilience.registry import Service, ServiceRegistry
@@ -69,6 +78,8 @@ class Application:
     settings: SettingsCache
     tools: ToolRegistry
     """Functions Gemini may call (``bot.tools``); ``app.tools.register(tool)`` adds one (plugins)."""
+    # Plugins (bot.plugins): discord.py extensions, a registry service; the client attaches itself.
+    plugins: PluginHost = field(default_factory=PluginHost)
     # Other processes on the same database (PostgreSQL), or none (SQLite: LocalCoordination).
     coordination: Coordination = field(default_factory=LocalCoordination)
     client: discord.Client | None = None
@@ -157,6 +168,35 @@ class Application:
         """Run the drain now (after a requeue, a reset, an operator's action), when one runs here."""
         if self.drain_waker is not None:
             self.drain_waker()
+
+    async def queue_notice(
+        self,
+        *,
+        channel_id: int,
+        guild_id: int | None,
+        user_id: int,
+        text: str,
+        ref_id: int,
+        dedup_key: str,
+    ) -> QueueItem:
+        """Deliver ``text`` to ``channel_id`` through the durable outbound queue, pinging ``user_id``.
+
+        For plugins (a reminder): the drain sends it, retrying while Discord refuses, and never
+        twice: ``dedup_key`` makes a second call for the same notice return the first item, and
+        ``ref_id`` (a unique snowflake, e.g. the interaction that asked for it) names the message
+        (its nonce and invisible mark, ``bot.marks``) so a restarted bot sees it was posted.
+        """
+        inbound = Inbound(
+            message_id=ref_id, channel_id=channel_id, guild_id=guild_id, author_id=user_id, content=text
+        )
+        payload = inbound.payload(
+            chunks=[text], chunk_offset=0, outcome="notice", notice=True, nonce=f"p{ref_id}"
+        )
+        item = await self.storage.enqueue(
+            ItemKind.OUTBOUND, f"notice:{dedup_key}", payload, now=self.clock.time(), dedup_key=dedup_key
+        )
+        self.drain_wake()
+        return item
 
     def _client(self) -> discord.Client:
         if self.client is None:
@@ -293,7 +333,14 @@ def build_application(
         clock=clock,
     )
     # Right after metrics: it answers /live and /ready while the others start, and stops last.
-    services: list[Service] = [metrics, http_api, datastore, storage, usage, gemini, discord_io]
+    plugins = PluginHost(
+        folder=config.plugins_dir,
+        enabled=config.plugins,
+        required=config.required_plugins,
+        load_timeout=config.plugin_load_timeout_seconds,
+        clock=clock,
+    )
+    services: list[Service] = [metrics, http_api, datastore, storage, usage, gemini, discord_io, plugins]
     if otel is not None:
         services.append(otel)  # last: the bot has stopped taking work when it flushes and stops
     registry = ServiceRegistry(services)
@@ -324,6 +371,7 @@ def build_application(
         settings=SettingsCache(config),
         tools=ToolRegistry(board, clock=clock, metrics=metrics),
         coordination=coordination,
+        plugins=plugins,
     )
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected

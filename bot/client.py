@@ -21,7 +21,7 @@ from bot.alerts import Alerter
 from bot.answering import Answerer
 from bot.app import Application
 from bot.catchup import MAX_CHANNELS, Catchup
-from bot.commands import DEFAULT_TIMEOUT, SlashCommands, application_owners, setup_commands
+from bot.commands import DEFAULT_TIMEOUT, SlashCommands, application_owners, command_names, setup_commands
 from bot.drain import Drain
 from bot.health import HealthMonitor
 from bot.history import MAX_CONVERSATIONS_TOLD
@@ -33,7 +33,10 @@ from bot.operations import (
     process_state,
     serve_operations,
 )
+from bot.plugin_admin import plugin_commands, proposal_buttons
+from bot.plugins import CommandSyncer
 from bot.routing import FailureRouter
+from bot.selfmod import ProposalBook, SelfModifier, SelfModifyError
 from bot.streaming import Regenerator
 from bot.tools import ToolConfirmation, builtin_tools
 from bot.views import AnswerButtons
@@ -173,6 +176,20 @@ class GeminiBot(commands.Bot):
             clock=app.clock,
             expected=(StorageError, CircuitOpenError, CallTimeoutError, ConnectionError),
         )
+        # Plugins (bot.plugins): extensions of this bot, loaded by the registry's "plugins" service;
+        # after each change the slash commands are copied to the test guild and synced, rate-limited.
+        self.command_syncer = CommandSyncer(
+            self._sync_commands, interval=app.config.command_sync_interval_seconds, clock=app.clock
+        )
+        app.plugins.attach(self, on_change=self._plugins_changed)
+        self.selfmod = SelfModifier(
+            app.plugins,
+            ProposalBook(app.config.data_dir / "self_modify.json"),
+            ask=self._ask_gemini,
+            clock=app.clock,
+            enabled=app.config.self_modify,
+            test_timeout=app.config.self_modify_test_timeout_seconds,
+        )
         self._check_models = check_models
         self._closed = False
         # Set while setup_hook runs: a close() meanwhile waits for it, so that every service
@@ -304,13 +321,35 @@ class GeminiBot(commands.Bot):
         commands = SlashCommands(
             self.app, self.answerer, self.router, timeout=timeout, owners=lambda: self.application_owners
         )
+        admin = admin_group(commands, self.operations)
+        plugin_commands(admin, commands, self.app.plugins, self.selfmod)
         setup_commands(
             self.tree,
             commands,
-            groups=(server_group(commands, self.operations), admin_group(commands, self.operations)),
+            groups=(server_group(commands, self.operations), admin),
             guild_id=self.app.config.discord_guild_id,
         )
+        # Apply / Reject on a self-modification proposal, also one an earlier process showed.
+        self.add_dynamic_items(proposal_buttons(commands, self.selfmod))
         return commands
+
+    def _plugins_changed(self) -> None:
+        """A plugin was loaded, unloaded or reloaded: refresh the test guild's copies of the
+        commands at once (interactions from there use them), and sync with Discord soon."""
+        guild_id = self.app.config.discord_guild_id
+        if guild_id is not None:
+            guild = discord.Object(id=guild_id)
+            self.tree.clear_commands(guild=guild)
+            self.tree.copy_global_to(guild=guild)
+        self.app.metrics.set_commands(command_names(self.tree))
+        self.command_syncer.request()
+
+    async def _ask_gemini(self, prompt: str) -> str:
+        """One answer from Gemini for self-modification (no persona, no history)."""
+        reply = await self.app.gemini.generate(prompt, persona="")
+        if not reply.ok:
+            raise SelfModifyError(f"Gemini gave no patch: {reply.user_message or reply.finish_reason}")
+        return reply.text
 
     async def _sync_commands(self) -> None:
         """Publish the slash commands: to the test guild at once, or globally (Discord takes a while)."""
@@ -384,6 +423,7 @@ class GeminiBot(commands.Bot):
             log.warning("bot.shutdown_unfinished", messages=left, note="their queue items resume on restart")
         await self.catchup.close()
         await self.heartbeat.stop()
+        await self.command_syncer.close()
         await self.health.stop()
         await self.drain.stop()
         await self.alerter.close()

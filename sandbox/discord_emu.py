@@ -731,7 +731,7 @@ class DiscordEmulator:
 
         Raises ``KeyError`` when the message is gone or shows no such button (nobody can click it).
         """
-        message = self.world.find_message(channel_id, message_id)
+        message = self.world.find_message(channel_id, message_id) or self._ephemeral_message(message_id)
         if message is None:
             raise KeyError(f"no message {message_id} in channel {channel_id}")
         buttons = [c for row in message.get("components") or [] for c in row.get("components", [])]
@@ -776,6 +776,15 @@ class DiscordEmulator:
         self._by_token[token] = record
         await self._dispatch("INTERACTION_CREATE", data)
         return record
+
+    def _ephemeral_message(self, message_id: int) -> dict[str, Any] | None:
+        """An ephemeral follow-up (only its user sees it, and may click its buttons: Discord sends
+        the component interaction like any other)."""
+        for record in self._interactions.values():
+            for sent in record.followups:
+                if sent.id == message_id and sent.ephemeral:
+                    return sent.payload
+        return None
 
     async def submit_modal(
         self, record: InteractionRecord, values: dict[str, str], *, user: str | int | None = None

@@ -16,6 +16,13 @@ from typing import Any
 
 _LENGTH_RE = re.compile(r"reply with (\d+) char", re.IGNORECASE)
 _EXACT_CODE_RE = re.compile(r"reply with exactly (\d+) characters of code", re.IGNORECASE)
+# A request to change a file (the bot's /admin propose): the current file in a fence, the change in
+# words. The emulator edits deterministically, by the verbs of ``edit_file``.
+_FILE_CHANGE_RE = re.compile(
+    r"Change requested: (?P<change>.*?)\n.*?Current file:\n```python\n(?P<body>.*)```", re.DOTALL
+)
+_QUOTED = r'"((?:[^"\\]|\\.)*)"'
+_EDIT_RE = re.compile(rf"(replace|add line|prepend line)\s+{_QUOTED}(?:\s+with\s+{_QUOTED})?")
 _WORDS = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut "
           "labore et dolore magna aliqua").split()
 # Cap requested lengths so a typo cannot make the emulator build a gigabyte string.
@@ -186,6 +193,8 @@ def _reply(body: dict[str, Any], rng: random.Random | None = None) -> str:
     earlier = len(contents) - 1 if contents else 0
     prompt = last.strip().lower().rstrip("?!. ")
 
+    if match := _FILE_CHANGE_RE.search(last):
+        return "```python\n" + edit_file(match.group("body"), match.group("change")) + "```"
     if prompt in CANNED:
         return CANNED[prompt]
     if "pick a number" in prompt:
@@ -210,6 +219,22 @@ def _reply(body: dict[str, Any], rng: random.Random | None = None) -> str:
             return f"I follow my system instruction: «{system}»"
         return "I am the sandbox Gemini, and I was given no system instruction."
     return f"Echo (saw {earlier} earlier turns): «{last}»"
+
+
+def edit_file(body: str, change: str) -> str:
+    """A file changed as ``change`` says, deterministically: each ``replace "A" with "B"`` replaces
+    every A by B, ``add line "X"`` appends the line X, ``prepend line "X"`` puts it first (``\\n`` in
+    a quoted text is a newline). Anything else changes nothing."""
+    for verb, first, second in _EDIT_RE.findall(change):
+        a = first.replace("\\n", "\n").replace('\\"', '"')
+        b = (second or "").replace("\\n", "\n").replace('\\"', '"')
+        if verb == "replace":
+            body = body.replace(a, b)
+        elif verb == "add line":
+            body = body + a + "\n"
+        else:
+            body = a + "\n" + body
+    return body
 
 
 def _who_said(words: str, earlier: list[dict[str, Any]]) -> str:

@@ -189,6 +189,16 @@ class Config:
     alert_memory_mb: int = 1024
     alert_error_rate: float = 0.25
     availability_slo: float = 0.999
+    # Plugins (bot/plugins.py): discord.py extensions in PLUGINS_DIR (default: the repository's
+    # ``plugins`` package) and installed under the ``gemini_bot.plugins`` entry-point group.
+    plugins_dir: Path | None = None
+    plugins: tuple[str, ...] | None = None  # None: every plugin found
+    required_plugins: frozenset[str] = frozenset()
+    plugin_load_timeout_seconds: float = 10.0
+    command_sync_interval_seconds: float = 30.0
+    # Guarded self-modification (bot/selfmod.py): owners may have Gemini change a plugin's file.
+    self_modify: bool = False
+    self_modify_test_timeout_seconds: float = 60.0
     # Risky but valid settings (a non-loopback HTTP_HOST, an .env or DATA_DIR other users can
     # read); shown by `check` and logged at start.
     warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False)
@@ -355,6 +365,28 @@ def _user_ids(text: str) -> frozenset[int]:
             "use comma-separated numeric user ids, e.g. 123456789012345678,234567890123456789",
         )
     return frozenset(int(item) for item in items)
+
+
+def _plugin_names(text: str) -> tuple[str, ...]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item)]
+    if bad:
+        raise _Invalid(
+            f"not plugin names: {', '.join(repr(b) for b in bad)}",
+            "use comma-separated plugin names (a module name each, e.g. remind,weather)",
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def _plugin_names_or_all(text: str) -> tuple[str, ...] | None:
+    lowered = text.strip().lower()
+    if lowered == "*":
+        return None
+    return () if lowered == "none" else _plugin_names(text)
+
+
+def _plugin_name_set(text: str) -> frozenset[str]:
+    return frozenset(_plugin_names(text))
 
 
 def _attachment_kinds(text: str) -> frozenset[str]:
@@ -562,6 +594,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "alert_memory_mb": _Number(int, 16, 1_000_000),
     "alert_error_rate": _Number(float, 0.001, 1),
     "availability_slo": _Number(float, 0.5, 0.99999),
+    "plugins_dir": _path,
+    "plugins": _plugin_names_or_all,
+    "required_plugins": _plugin_name_set,
+    "plugin_load_timeout_seconds": _Number(float, 0.1, 600),
+    "command_sync_interval_seconds": _Number(float, 0, 3600),
+    "self_modify": _bool,
+    "self_modify_test_timeout_seconds": _Number(float, 1, 3600),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)

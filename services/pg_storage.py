@@ -65,6 +65,8 @@ from services.storage import (
     HOUSEKEEPING_BATCH_ROWS,
     INCIDENTS_MAX,
     LEASE_RAN_OUT,
+    REMINDER_COLUMNS,
+    REMINDERS_PER_USER,
     SUM_USAGE_SQL,
     TERMINAL_STATES,
     USAGE_RETENTION_SECONDS,
@@ -75,9 +77,11 @@ from services.storage import (
     Housekeeping,
     IncidentRecord,
     QueueItemNotFoundError,
+    Reminder,
     SchemaTooNewError,
     StorageError,
     StoreNotStartedError,
+    TooManyRemindersError,
     Turn,
     TurnInput,
     UsageRecord,
@@ -86,6 +90,7 @@ from services.storage import (
     bounded_history,
     check_housekeeping,
     item_from_row,
+    reminder_from_row,
     totals_from_row,
     turn_rows,
     usage_day,
@@ -1678,3 +1683,93 @@ class PostgresStore:
             return [item_from_row(r) for r in rows]
 
         return await self._run("list", body, write=False)
+
+    # -- reminders (plugins/remind.py) -------------------------------------------------------
+
+    async def add_reminder(
+        self, *, user_id: int, channel_id: int, guild_id: int | None, source_id: int, text: str,
+        due_at: float, now: float | None = None,
+    ) -> Reminder:
+        """Store a reminder; ``TooManyRemindersError`` past ``REMINDERS_PER_USER`` pending ones."""
+        stamp = self._now(now)
+
+        async def body(conn: asyncpg.Connection) -> Reminder | TooManyRemindersError:
+            # One user's concurrent adds cannot both slip under the cap.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('reminders'), $1::int)", user_id % 2**31
+            )
+            count = await conn.fetchval(
+                "SELECT COUNT(*) FROM reminders WHERE user_id = $1 AND fired_at IS NULL", user_id
+            )
+            if count >= REMINDERS_PER_USER:
+                return TooManyRemindersError(user_id)
+            new_id = await conn.fetchval(
+                "INSERT INTO reminders (user_id, channel_id, guild_id, source_id, text, due_at, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                user_id, channel_id, guild_id, source_id, _clean(text), due_at, stamp,
+            )
+            return Reminder(int(new_id), user_id, channel_id, guild_id, source_id, text, due_at, stamp)
+
+        added = await self._run("add_reminder", body)
+        if isinstance(added, TooManyRemindersError):
+            raise added
+        return added
+
+    async def due_reminders(self, *, now: float, limit: int = 50) -> builtins.list[Reminder]:
+        """Reminders not yet fired whose time has come, the earliest first."""
+
+        async def body(conn: asyncpg.Connection) -> list[Reminder]:
+            rows = await conn.fetch(
+                f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE fired_at IS NULL AND due_at <= $1"
+                " ORDER BY due_at, id LIMIT $2",
+                now, limit,
+            )
+            return [reminder_from_row(r) for r in rows]
+
+        return await self._run("due_reminders", body, write=False)
+
+    async def next_reminder_at(self) -> float | None:
+        """When the earliest reminder not yet fired is due (None: none)."""
+
+        async def body(conn: asyncpg.Connection) -> float | None:
+            value = await conn.fetchval("SELECT MIN(due_at) FROM reminders WHERE fired_at IS NULL")
+            return None if value is None else float(value)
+
+        return await self._run("next_reminder_at", body, write=False)
+
+    async def user_reminders(self, user_id: int) -> builtins.list[Reminder]:
+        """A user's reminders not yet fired, the earliest first."""
+
+        async def body(conn: asyncpg.Connection) -> list[Reminder]:
+            rows = await conn.fetch(
+                f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE user_id = $1 AND fired_at IS NULL"
+                " ORDER BY due_at, id",
+                user_id,
+            )
+            return [reminder_from_row(r) for r in rows]
+
+        return await self._run("user_reminders", body, write=False)
+
+    async def cancel_reminder(self, reminder_id: int, user_id: int) -> bool:
+        """Delete one of ``user_id``'s reminders not yet fired; False if there is none such."""
+
+        async def body(conn: asyncpg.Connection) -> bool:
+            status = await conn.execute(
+                "DELETE FROM reminders WHERE id = $1 AND user_id = $2 AND fired_at IS NULL",
+                reminder_id, user_id,
+            )
+            return str(status).endswith(" 1")
+
+        return await self._run("cancel_reminder", body)
+
+    async def reminder_fired(self, reminder_id: int, *, now: float | None = None) -> None:
+        """Mark a reminder fired (its delivery is in the queue); fired rows are deleted after a day."""
+        stamp = self._now(now)
+
+        async def body(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "UPDATE reminders SET fired_at = $1 WHERE id = $2 AND fired_at IS NULL", stamp, reminder_id
+            )
+            await conn.execute("DELETE FROM reminders WHERE fired_at < $1", stamp - DAY)
+
+        await self._run("reminder_fired", body)

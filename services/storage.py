@@ -222,6 +222,23 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE turns ADD COLUMN speaker TEXT",
         "CREATE INDEX turns_by_message ON turns (message_id, id) WHERE message_id IS NOT NULL",
     ],
+    [
+        # Reminders (plugins/remind.py): what to tell whom, where and when. A due reminder is handed
+        # to the queue as an outbound item (its dedup key names the reminder) and then marked fired.
+        """CREATE TABLE reminders (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL,
+            channel_id INTEGER NOT NULL,
+            guild_id INTEGER,
+            source_id INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            due_at REAL NOT NULL,
+            created_at REAL NOT NULL,
+            fired_at REAL
+        )""",
+        "CREATE INDEX reminders_due ON reminders (due_at) WHERE fired_at IS NULL",
+        "CREATE INDEX reminders_by_user ON reminders (user_id, due_at) WHERE fired_at IS NULL",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 AVAILABILITY_WITHIN = 30.0
@@ -374,6 +391,42 @@ class Event:
     kind: str
     data: dict[str, Any]
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reminder:
+    """A reminder (plugins/remind.py): tell ``user_id`` ``text`` in ``channel_id`` at ``due_at``.
+
+    ``source_id`` is the id of the interaction that set it: unique, it names the delivery (its
+    marks and nonce) so a restarted bot recognises a reminder it already posted.
+    """
+
+    id: int
+    user_id: int
+    channel_id: int
+    guild_id: int | None
+    source_id: int
+    text: str
+    due_at: float
+    created_at: float
+    fired_at: float | None = None
+
+
+REMINDER_COLUMNS = "id, user_id, channel_id, guild_id, source_id, text, due_at, created_at, fired_at"
+REMINDERS_PER_USER = 25
+"""At most this many pending reminders per user (``add_reminder`` refuses more)."""
+
+
+class TooManyRemindersError(Exception):
+    """A user already has ``REMINDERS_PER_USER`` pending reminders."""
+
+
+def reminder_from_row(row: Sequence[Any]) -> Reminder:
+    return Reminder(
+        id=int(row[0]), user_id=int(row[1]), channel_id=int(row[2]),
+        guild_id=None if row[3] is None else int(row[3]), source_id=int(row[4]), text=str(row[5]),
+        due_at=float(row[6]), created_at=float(row[7]), fired_at=None if row[8] is None else float(row[8]),
+    )
 
 
 def usage_day(timestamp: float) -> int:
@@ -1972,3 +2025,89 @@ class SqliteStore:
             return [item_from_row(r) for r in await _all(db, sql, args)]
 
         return await self._run("list", body, write=False)
+
+    # -- reminders (plugins/remind.py) -------------------------------------------------------
+
+    async def add_reminder(
+        self, *, user_id: int, channel_id: int, guild_id: int | None, source_id: int, text: str,
+        due_at: float, now: float | None = None,
+    ) -> Reminder:
+        """Store a reminder; ``TooManyRemindersError`` past ``REMINDERS_PER_USER`` pending ones."""
+        stamp = self._now(now)
+
+        # The refusal is returned, not raised, from the transaction: the breaker counts no failure.
+        async def body(db: aiosqlite.Connection) -> Reminder | TooManyRemindersError:
+            row = await _one(
+                db, "SELECT COUNT(*) FROM reminders WHERE user_id = ? AND fired_at IS NULL", (user_id,)
+            )
+            if row is not None and row[0] >= REMINDERS_PER_USER:
+                return TooManyRemindersError(user_id)
+            cur = await db.execute(
+                "INSERT INTO reminders (user_id, channel_id, guild_id, source_id, text, due_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (user_id, channel_id, guild_id, source_id, text, due_at, stamp),
+            )
+            assert cur.lastrowid is not None
+            return Reminder(cur.lastrowid, user_id, channel_id, guild_id, source_id, text, due_at, stamp)
+
+        added = await self._run("add_reminder", body)
+        if isinstance(added, TooManyRemindersError):
+            raise added
+        return added
+
+    async def due_reminders(self, *, now: float, limit: int = 50) -> builtins.list[Reminder]:
+        """Reminders not yet fired whose time has come, the earliest first."""
+
+        async def body(db: aiosqlite.Connection) -> builtins.list[Reminder]:
+            sql = (
+                f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE fired_at IS NULL AND due_at <= ?"
+                " ORDER BY due_at, id LIMIT ?"
+            )
+            return [reminder_from_row(r) for r in await _all(db, sql, (now, limit))]
+
+        return await self._run("due_reminders", body, write=False)
+
+    async def next_reminder_at(self) -> float | None:
+        """When the earliest reminder not yet fired is due (None: none)."""
+
+        async def body(db: aiosqlite.Connection) -> float | None:
+            row = await _one(db, "SELECT MIN(due_at) FROM reminders WHERE fired_at IS NULL")
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._run("next_reminder_at", body, write=False)
+
+    async def user_reminders(self, user_id: int) -> builtins.list[Reminder]:
+        """A user's reminders not yet fired, the earliest first."""
+
+        async def body(db: aiosqlite.Connection) -> builtins.list[Reminder]:
+            sql = (
+                f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE user_id = ? AND fired_at IS NULL"
+                " ORDER BY due_at, id"
+            )
+            return [reminder_from_row(r) for r in await _all(db, sql, (user_id,))]
+
+        return await self._run("user_reminders", body, write=False)
+
+    async def cancel_reminder(self, reminder_id: int, user_id: int) -> bool:
+        """Delete one of ``user_id``'s reminders not yet fired; False if there is none such."""
+
+        async def body(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(
+                "DELETE FROM reminders WHERE id = ? AND user_id = ? AND fired_at IS NULL",
+                (reminder_id, user_id),
+            )
+            return cur.rowcount > 0
+
+        return await self._run("cancel_reminder", body)
+
+    async def reminder_fired(self, reminder_id: int, *, now: float | None = None) -> None:
+        """Mark a reminder fired (its delivery is in the queue); fired rows are deleted after a day."""
+        stamp = self._now(now)
+
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE reminders SET fired_at = ? WHERE id = ? AND fired_at IS NULL", (stamp, reminder_id)
+            )
+            await db.execute("DELETE FROM reminders WHERE fired_at < ?", (stamp - DAY,))
+
+        await self._run("reminder_fired", body)

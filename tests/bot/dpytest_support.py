@@ -185,6 +185,7 @@ async def dpytest_bot(tmp_path: Path, gemini: GeminiEmulator, **settings: str) -
         "MUTEX_ACQUIRE_TIMEOUT_SECONDS": "2",
         "USER_RATE_LIMIT_PER_MINUTE": "1000",
         "GUILD_RATE_LIMIT_PER_MINUTE": "10000",
+        "PLUGINS": "none",  # plugins' own tests load them (PLUGINS=remind)
         **settings,
     }
     config = load_config(environ=environ, env_file=None)

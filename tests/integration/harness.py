@@ -68,6 +68,9 @@ TEST_SETTINGS: dict[str, str] = {
     # message shows when it is created); streamed answers have their own, which set it to true
     # (tests/integration/test_streaming.py).
     "STREAMING": "false",
+    # No plugins: the scenarios written before plugins count the commands and the storage calls;
+    # plugins have their own (tests/integration/test_plugins.py, which set PLUGINS).
+    "PLUGINS": "none",
 }
 
 # Lines that fail assert_clean_logs whatever their level.
