@@ -15,6 +15,7 @@ from typing import Any
 
 import discord
 
+from bot.healing import MIB, Healer
 from bot.ratelimit import RateLimiter
 from bot.settings import Effective, SettingsCache
 from bot.usage import UsageLedger
@@ -40,6 +41,7 @@ from services.storage import SqliteStore
 from services.storage_protocol import Storage
 
 SANDBOX_GEMINI_KEY = "sandbox-key"
+TRACES_KEPT = 20  # recent traces the healer keeps when it trims caches under memory pressure
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Application:
     queue_caps: QueueCaps
     usage: UsageLedger
     settings: SettingsCache
+    healer: Healer
     # Other processes on the same database (PostgreSQL), or none (SQLite: LocalCoordination).
     coordination: Coordination = field(default_factory=LocalCoordination)
     client: discord.Client | None = None
@@ -270,8 +273,11 @@ def build_application(
             queue=storage,
             message_latency=message_latency,
             caches={
-                "mutex_keys": BoundedCache(lambda: len(mutex), mutex.max_idle_keys),
-                "traces": BoundedCache(lambda: len(traces.recent()), traces.max_traces),
+                "mutex_keys": BoundedCache(lambda: len(mutex), mutex.max_idle_keys, trim=mutex.trim),
+                # Under memory pressure the healer keeps the newest traces only (bot.healing).
+                "traces": BoundedCache(
+                    lambda: len(traces.recent()), traces.max_traces, trim=lambda: traces.trim(TRACES_KEPT)
+                ),
                 "slow_traces": BoundedCache(lambda: len(traces.slow()), traces.max_traces),
                 "error_groups": BoundedCache(lambda: len(errors), errors.max_groups),
                 "message_latency": BoundedCache(lambda: len(message_latency), message_latency.maxlen),
@@ -289,8 +295,22 @@ def build_application(
         guild_daily=config.quota_guild_tokens_per_day,
         clock=clock,
     )
+    # Watches the health assessment and repairs what it can (bot.healing); started after the
+    # services it may restart, stopped before them.
+    healer = Healer(
+        clock=clock,
+        metrics=metrics,
+        board=board,
+        degradation=degradation,
+        datastore=datastore,
+        caches=http_api.sources.caches,
+        enabled=config.heal_enabled,
+        max_per_hour=config.heal_max_actions_per_hour,
+        gateway_silence=config.heal_gateway_silence_seconds,
+        memory_bytes=config.heal_memory_mb * MIB,
+    )
     # Right after metrics: it answers /live and /ready while the others start, and stops last.
-    services: list[Service] = [metrics, http_api, datastore, storage, usage, gemini, discord_io]
+    services: list[Service] = [metrics, http_api, datastore, storage, usage, gemini, discord_io, healer]
     if otel is not None:
         services.append(otel)  # last: the bot has stopped taking work when it flushes and stops
     registry = ServiceRegistry(services)
@@ -319,8 +339,10 @@ def build_application(
         ),
         usage=usage,
         settings=SettingsCache(config),
+        healer=healer,
         coordination=coordination,
     )
+    healer.registry = registry
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected
     return app

@@ -182,6 +182,13 @@ class Config:
     alert_memory_mb: int = 1024
     alert_error_rate: float = 0.25
     availability_slo: float = 0.999
+    # Self-healing (bot.healing): the healer acts at most heal_max_actions_per_hour times per kind of
+    # action; the gateway is reconnected after this many silent seconds (below discord.py's 60 s);
+    # gc runs and caches are trimmed above this resident memory.
+    heal_enabled: bool = True
+    heal_max_actions_per_hour: int = 3
+    heal_gateway_silence_seconds: float = 45.0
+    heal_memory_mb: int = 768
     # Risky but valid settings (a non-loopback HTTP_HOST, an .env or DATA_DIR other users can
     # read); shown by `check` and logged at start.
     warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False)
@@ -540,6 +547,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "alert_memory_mb": _Number(int, 16, 1_000_000),
     "alert_error_rate": _Number(float, 0.001, 1),
     "availability_slo": _Number(float, 0.5, 0.99999),
+    "heal_enabled": _bool,
+    "heal_max_actions_per_hour": _Number(int, 1, 60),
+    # discord.py itself reconnects after 60 s without a frame: the healer only helps below that.
+    "heal_gateway_silence_seconds": _Number(float, 1, 55),
+    "heal_memory_mb": _Number(int, 1, 1_000_000),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)
