@@ -234,7 +234,10 @@ class Healer:
     # -- service protocol -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.enabled:
+        """Start the loop, once the Discord client attached itself: the client owns the gateway it
+        watches and the health assessment it acts on. A bare application (a tool, a test of the
+        services) has neither, and its healer stays idle."""
+        if self.enabled and self._gateway is not None:
             self.task.start()
 
     async def stop(self) -> None:

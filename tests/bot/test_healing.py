@@ -430,3 +430,17 @@ async def test_the_report_and_the_admin_text_show_budgets_and_history_newest_fir
 
 def replace_report(report: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return {**report, **changes}
+
+
+async def test_without_a_discord_client_attached_the_healers_loop_stays_idle(tmp_path: Path) -> None:
+    """A bare application (no client: no gateway, no assessment) never runs the loop, so a test of
+    the services on a ``FakeClock`` does not see virtual time pushed on by it."""
+    clock = FakeClock()
+    healer = Healer(
+        clock=clock, metrics=Metrics(process_metrics=False), board=BreakerBoard(clock),
+        degradation=DegradationState(clock), datastore=DataStoreService(DataStore(tmp_path, clock=clock)),
+        caches={},
+    )
+    await healer.start()
+    assert not healer.task.running and clock.monotonic() == 1000.0
+    await healer.stop()
