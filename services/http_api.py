@@ -2,8 +2,9 @@
 
 Read-only views: ``GET /live``, ``GET /ready``, ``GET /metrics`` and ``GET /api/health/...``
 (``/api/health/errors``: the failure groups, through the operations). The trace views
-``GET /api/traces`` and ``GET /api/traces/{trace_id}`` and ``GET /api/admin/load`` read only,
-but need the admin token like the admin actions: a trace says who asked when.
+``GET /api/traces`` and ``GET /api/traces/{trace_id}``, ``GET /api/admin/load`` and
+``GET /api/health/healing`` (the healer's history) read only, but need the admin token like the
+admin actions: a trace says who asked when, the healer's history what it restarted and recovered.
 Admin actions: ``POST /api/admin/...`` and ``POST /api/test/gemini``, each a thin view over the
 injected operations object (``bot.operations.Operations``: this module never imports ``bot/``),
 each requiring ``Authorization: Bearer <ADMIN_API_TOKEN>``:
