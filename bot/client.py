@@ -229,12 +229,16 @@ class GeminiBot(commands.Bot):
         ws = self.ws
         if not self.is_ready() or self.is_closed() or ws is None or not ws.open:
             return None
-        keep_alive = ws._keep_alive
-        if keep_alive is None:
+        # Private attributes of discord.py 2.x, read defensively: a release without them turns the
+        # healer's gateway watch off (None) instead of failing it.
+        keep_alive = getattr(ws, "_keep_alive", None)
+        last_frame = getattr(keep_alive, "_last_recv", None)
+        if keep_alive is None or not isinstance(last_frame, float):
             return None  # between the socket opening and HELLO
+        interval = getattr(keep_alive, "interval", None)
         return GatewayReading(
-            silent_for=max(0.0, time.perf_counter() - keep_alive._last_recv),
-            heartbeat_interval=keep_alive.interval,
+            silent_for=max(0.0, time.perf_counter() - last_frame),
+            heartbeat_interval=float(interval) if isinstance(interval, int | float) else None,
         )
 
     async def _recover_file(self, name: str) -> str:
@@ -421,6 +425,7 @@ class GeminiBot(commands.Bot):
         await self.catchup.close()
         await self.heartbeat.stop()
         await self.health.stop()
+        await self.app.healer.stop()  # no restart nor reconnect while the bot shuts down
         await self.drain.stop()
         await self.alerter.close()
         try:
