@@ -222,6 +222,13 @@ def admin_group(commands: SlashCommands, ops: Operations) -> app_commands.Group:
 
         await admin(interaction, act)
 
+    @group.command(name="healing", description="What self-healing did: restarts, recoveries, reconnects, gc")
+    async def healing(interaction: discord.Interaction) -> None:
+        async def act(by: str) -> str:
+            return format_healing(await ops.healing(by=by), commands.app.clock.time())
+
+        await admin(interaction, act)
+
     return group
 
 
@@ -480,6 +487,36 @@ def format_incidents(report: dict[str, Any], now: float) -> str:
         lines.append(f"- `{row['dependency']}` {when}, {lasted}: {row['cause']}")
     if not report.get("stored", True):
         lines.append("(storage is unreadable: only the incidents this process holds in memory)")
+    return "\n".join(lines)
+
+
+def format_healing(report: dict[str, Any], now: float) -> str:
+    """The healer's state, each kind's budget this hour, and its latest actions (newest first)."""
+    if not report["enabled"]:
+        head = "Self-healing is off (HEAL_ENABLED=false)."
+    else:
+        head = (
+            f"Self-healing is on: at most {report['max_per_hour']} actions of each kind an hour;"
+            f" the gateway is reconnected after {human(report['gateway_silence_seconds'])} of silence;"
+            f" gc and cache trims above {report['memory_threshold_bytes'] // (1024 * 1024)} MiB."
+        )
+    budgets = []
+    for kind, use in report["kinds"].items():
+        line = f"{kind} {use['used']}/{report['max_per_hour']}"
+        if use["held"]:
+            line += f" (held back, next in {human(use['free_in'])})"
+        budgets.append(line)
+    lines = [head, "This hour: " + ", ".join(budgets) + "."]
+    history = report["history"]
+    if not history:
+        lines.append("No actions yet.")
+    for row in history[:10]:
+        lines.append(
+            f"- {human(now - row['at'])} ago, {row['kind']} `{row['target']}`: {row['outcome']}"
+            f" ({row['reason']}): {row['detail']}"
+        )
+    if len(history) > 10:
+        lines.append(f"… and {len(history) - 10} older (GET /api/health/healing lists them all)")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import discord
 
+from bot.healing import MIB, Healer
 from bot.inbound import Inbound
 from bot.plugins import PluginHost
 from bot.ratelimit import RateLimiter
@@ -50,6 +51,7 @@ from services.storage_protocol import Storage
 from services.tools import ToolRegistry
 
 SANDBOX_GEMINI_KEY = "sandbox-key"
+TRACES_KEPT = 20  # recent traces the healer keeps when it trims caches under memory pressure
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Application:
     settings: SettingsCache
     tools: ToolRegistry
     """Functions Gemini may call (``bot.tools``); ``app.tools.register(tool)`` adds one (plugins)."""
+    healer: Healer
     # Plugins (bot.plugins): discord.py extensions, a registry service; the client attaches itself.
     plugins: PluginHost = field(default_factory=PluginHost)
     # Other processes on the same database (PostgreSQL), or none (SQLite: LocalCoordination).
@@ -313,8 +316,11 @@ def build_application(
             queue=storage,
             message_latency=message_latency,
             caches={
-                "mutex_keys": BoundedCache(lambda: len(mutex), mutex.max_idle_keys),
-                "traces": BoundedCache(lambda: len(traces.recent()), traces.max_traces),
+                "mutex_keys": BoundedCache(lambda: len(mutex), mutex.max_idle_keys, trim=mutex.trim),
+                # Under memory pressure the healer keeps the newest traces only (bot.healing).
+                "traces": BoundedCache(
+                    lambda: len(traces.recent()), traces.max_traces, trim=lambda: traces.trim(TRACES_KEPT)
+                ),
                 "slow_traces": BoundedCache(lambda: len(traces.slow()), traces.max_traces),
                 "error_groups": BoundedCache(lambda: len(errors), errors.max_groups),
                 "message_latency": BoundedCache(lambda: len(message_latency), message_latency.maxlen),
@@ -332,6 +338,20 @@ def build_application(
         guild_daily=config.quota_guild_tokens_per_day,
         clock=clock,
     )
+    # Watches the health assessment and repairs what it can (bot.healing); started after the
+    # services it may restart, stopped before them.
+    healer = Healer(
+        clock=clock,
+        metrics=metrics,
+        board=board,
+        degradation=degradation,
+        datastore=datastore,
+        caches=http_api.sources.caches,
+        enabled=config.heal_enabled,
+        max_per_hour=config.heal_max_actions_per_hour,
+        gateway_silence=config.heal_gateway_silence_seconds,
+        memory_bytes=config.heal_memory_mb * MIB,
+    )
     # Right after metrics: it answers /live and /ready while the others start, and stops last.
     plugins = PluginHost(
         folder=config.plugins_dir,
@@ -340,7 +360,9 @@ def build_application(
         load_timeout=config.plugin_load_timeout_seconds,
         clock=clock,
     )
-    services: list[Service] = [metrics, http_api, datastore, storage, usage, gemini, discord_io, plugins]
+    services: list[Service] = [
+        metrics, http_api, datastore, storage, usage, gemini, discord_io, plugins, healer
+    ]
     if otel is not None:
         services.append(otel)  # last: the bot has stopped taking work when it flushes and stops
     registry = ServiceRegistry(services)
@@ -370,9 +392,11 @@ def build_application(
         usage=usage,
         settings=SettingsCache(config),
         tools=ToolRegistry(board, clock=clock, metrics=metrics),
+        healer=healer,
         coordination=coordination,
         plugins=plugins,
     )
+    healer.registry = registry
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected
     return app

@@ -11,6 +11,7 @@ clicks on buttons an earlier process drew still work). Nothing below imports thi
 from __future__ import annotations
 
 import asyncio
+import time
 
 import discord
 import structlog
@@ -23,6 +24,7 @@ from bot.app import Application
 from bot.catchup import MAX_CHANNELS, Catchup
 from bot.commands import DEFAULT_TIMEOUT, SlashCommands, application_owners, command_names, setup_commands
 from bot.drain import Drain
+from bot.healing import GatewayReading
 from bot.health import HealthMonitor
 from bot.history import MAX_CONVERSATIONS_TOLD
 from bot.incidents import IncidentTracker
@@ -163,6 +165,14 @@ class GeminiBot(commands.Bot):
         app.http_api.sources.incidents = self.incidents.report
         app.http_api.sources.assessment = self.assessment
         self.operations = serve_operations(app, incidents=self.incidents.report)
+        # Self-healing (bot.healing): it acts on each assessment, watches the gateway, and recovers
+        # files and reconnects the way an operator's /admin command does.
+        self.health.add_consumer(app.healer.observe)
+        app.healer.attach(
+            gateway=self.gateway_reading,
+            reconnect=lambda: self.operations.discord_reconnect(by="healer"),
+            recover_file=self._recover_file,
+        )
         # Several processes on one database (PostgreSQL): act on the others' operator actions, and
         # record this one's state in its heartbeat row for their /status.
         follow_other_processes(app)
@@ -210,7 +220,10 @@ class GeminiBot(commands.Bot):
                 "history_notes": BoundedCache(lambda: len(self.answerer.left_out), MAX_CONVERSATIONS_TOLD),
                 # Today's users and servers with a quota (none when quotas are off); emptied at midnight UTC.
                 "quota_owners": BoundedCache(lambda: self.app.usage.tracked, 2 * self.app.usage.max_owners),
-                "discord_messages": BoundedCache(lambda: len(self.cached_messages), state.max_messages or 0),
+                # Trimmed under memory pressure (bot.healing): discord.py refetches what it needs.
+                "discord_messages": BoundedCache(
+                    lambda: len(self.cached_messages), state.max_messages or 0, trim=self._trim_messages
+                ),
                 # discord.py keeps at most 128 DM channels (ConnectionState._add_private_channel).
                 "discord_dm_channels": BoundedCache(lambda: len(self.private_channels), 128),
                 # Weakly held (the live objects only), and pruned by BucketPruner: no fixed bound.
@@ -218,6 +231,40 @@ class GeminiBot(commands.Bot):
                 "discord_ratelimit_buckets": lambda: len(self.http._buckets),
             }
         )
+
+    def _trim_messages(self) -> int:
+        """Empty discord.py's message cache; returns how many messages it held."""
+        messages = self._connection._messages
+        if messages is None:
+            return 0
+        count = len(messages)
+        messages.clear()
+        return count
+
+    def gateway_reading(self) -> GatewayReading | None:
+        """Seconds since the gateway's last frame (an event or a heartbeat ACK) and its heartbeat
+        interval, from discord.py's keep-alive handler; None without a live session to judge.
+
+        discord.py stamps every frame it receives (``KeepAliveHandler.tick``, ``time.perf_counter``)
+        and gives up on a connection only after ``heartbeat_timeout`` (60 s) without one.
+        """
+        ws = self.ws
+        if not self.is_ready() or self.is_closed() or ws is None or not ws.open:
+            return None
+        # Private attributes of discord.py 2.x, read defensively: a release without them turns the
+        # healer's gateway watch off (None) instead of failing it.
+        keep_alive = getattr(ws, "_keep_alive", None)
+        last_frame = getattr(keep_alive, "_last_recv", None)
+        if keep_alive is None or not isinstance(last_frame, float):
+            return None  # between the socket opening and HELLO
+        interval = getattr(keep_alive, "interval", None)
+        return GatewayReading(
+            silent_for=max(0.0, time.perf_counter() - last_frame),
+            heartbeat_interval=float(interval) if isinstance(interval, int | float) else None,
+        )
+
+    async def _recover_file(self, name: str) -> str:
+        return (await self.operations.datastore_recover(name, by="healer"))["source"]
 
     async def setup_hook(self) -> None:
         """Start the services in dependency order (rolled back on failure), then the drain."""
@@ -425,6 +472,7 @@ class GeminiBot(commands.Bot):
         await self.heartbeat.stop()
         await self.command_syncer.close()
         await self.health.stop()
+        await self.app.healer.stop()  # no restart nor reconnect while the bot shuts down
         await self.drain.stop()
         await self.alerter.close()
         try:

@@ -1359,6 +1359,12 @@ class Operations:
         _log("discord_reconnect", by, code=RECONNECT_CLOSE_CODE)
         return DiscordReconnect(closed=True, code=RECONNECT_CLOSE_CODE)
 
+    async def healing(self, *, by: str | None = None) -> dict[str, Any]:
+        """The healer's settings, each kind's use of its hourly budget, and its actions, newest first
+        (``bot.healing.Healer.report``)."""
+        _log("healing", by)
+        return self.app.healer.report()
+
     async def test_gemini(self, *, by: str | None = None) -> GeminiTest:
         """A tiny prompt through Gemini's breaker, retry and timeout; failures are classified, not raised."""
         app = self.app

@@ -313,6 +313,15 @@ class TraceCollector:
         """Finished slow traces, newest first."""
         return list(reversed(self._slow))
 
+    def trim(self, keep: int) -> int:
+        """Forget all but the newest ``keep`` traces of each list (memory pressure); returns how many went."""
+        dropped = 0
+        for kept in (self._recent, self._slow):
+            while len(kept) > max(0, keep):
+                kept.popleft()
+                dropped += 1
+        return dropped
+
     def get(self, trace_id: str) -> TraceRecord | None:
         """The kept trace with this id, if any."""
         for record in reversed(self._recent):

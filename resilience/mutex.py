@@ -215,6 +215,13 @@ class KeyedMutex:
         slot.holder = ""
         slot.lock.release()
 
+    def trim(self) -> int:
+        """Forget every idle key (memory pressure); held or awaited locks stay. Returns how many went."""
+        idle = [key for key, slot in self._slots.items() if not slot.busy()]
+        for key in idle:
+            del self._slots[key]
+        return len(idle)
+
     def _evict(self, room: int) -> None:
         """Drop idle keys, least recently used first, to make ``room`` within the bound."""
         excess = len(self._slots) + room - self._max_idle_keys

@@ -1,8 +1,9 @@
 """The service registry: an ordered list of services started and stopped with rollback.
 
 Like discord.py's ``Cog._inject``: a partial start-up is undone in reverse before one error
-naming the failed service is raised. Deliberately flat: no hierarchy, no restarts here
-(a service that needs a background loop owns a ``SupervisedTask``).
+naming the failed service is raised. Deliberately flat: no hierarchy. ``restart(name)`` stops
+one service (and those that depend on it) and starts them again with the same rollback; it never
+runs by itself: the healer (``bot.healing``) or an operator calls it.
 """
 
 from __future__ import annotations
@@ -149,30 +150,79 @@ class ServiceRegistry:
         for svc in self._order:
             if self._states[svc.name] is ServiceState.RUNNING:
                 continue
-            timeout = float(getattr(svc, "start_timeout", None) or self._start_timeout)
-            self._set(svc.name, ServiceState.STARTING)
-            try:
-                async with asyncio.timeout(timeout):
-                    await svc.start()
-            except asyncio.CancelledError:
-                self._set(svc.name, ServiceState.FAILED)
-                await self._rollback(started)
-                raise
-            except Exception as exc:
-                cause: BaseException = exc
-                if isinstance(exc, TimeoutError) and not isinstance(exc, CallTimeoutError):
-                    cause = CallTimeoutError(f"start {svc.name}", timeout)
-                    cause.__cause__ = exc
-                self._set(svc.name, ServiceState.FAILED)
-                # The error names the cause; the stack is for debugging (a start-up failure is
-                # reported to the person starting the bot as one sentence, not a traceback).
-                log.error("service_start_failed", service=svc.name, error=repr(cause))
-                log.debug("service_start_failed.stack", service=svc.name, exc_info=exc)
-                await self._rollback(started)
-                raise ServiceStartError(svc.name, cause) from cause
-            self._set(svc.name, ServiceState.RUNNING)
+            await self._start_one(svc, started)
             started.append(svc)
-            log.info("service_started", service=svc.name)
+
+    async def _start_one(self, svc: Service, started: list[Service]) -> None:
+        """Start ``svc`` under its timeout; on failure stop ``started`` (reverse) and raise."""
+        timeout = float(getattr(svc, "start_timeout", None) or self._start_timeout)
+        self._set(svc.name, ServiceState.STARTING)
+        try:
+            async with asyncio.timeout(timeout):
+                await svc.start()
+        except asyncio.CancelledError:
+            self._set(svc.name, ServiceState.FAILED)
+            await self._rollback(started)
+            raise
+        except Exception as exc:
+            cause: BaseException = exc
+            if isinstance(exc, TimeoutError) and not isinstance(exc, CallTimeoutError):
+                cause = CallTimeoutError(f"start {svc.name}", timeout)
+                cause.__cause__ = exc
+            self._set(svc.name, ServiceState.FAILED)
+            # The error names the cause; the stack is for debugging (a start-up failure is
+            # reported to the person starting the bot as one sentence, not a traceback).
+            log.error("service_start_failed", service=svc.name, error=repr(cause))
+            log.debug("service_start_failed.stack", service=svc.name, exc_info=exc)
+            await self._rollback(started)
+            raise ServiceStartError(svc.name, cause) from cause
+        self._set(svc.name, ServiceState.RUNNING)
+        log.info("service_started", service=svc.name)
+
+    def dependents(self, name: str) -> list[str]:
+        """Services that depend on ``name``, directly or not, in start order (``KeyError`` if unknown)."""
+        self._by_name[name]
+        affected = {name}
+        found: list[str] = []
+        for svc in self._order:
+            if svc.name != name and any(dep in affected for dep in svc.depends_on):
+                affected.add(svc.name)
+                found.append(svc.name)
+        return found
+
+    async def restart(self, name: str) -> list[str]:
+        """Stop ``name`` and its started dependents (reverse order), then start them again in order.
+
+        Returns the names restarted, in start order. A stop that fails or times out is logged and
+        the start is tried anyway (the service's resources may be gone already). A start that
+        fails is rolled back: that service's ``stop()`` releases what it half-opened, it stays
+        ``FAILED``, the dependents after it are left ``STOPPED`` (they would fail without it), and
+        ``ServiceStartError`` names it. Services restarted before it keep running.
+        """
+        group = [
+            self._by_name[n]
+            for n in (name, *self.dependents(name))
+            if n == name or self._states[n] is not ServiceState.CREATED
+        ]
+        log.warning("service_restart", service=name, services=[s.name for s in group])
+        live = (ServiceState.RUNNING, ServiceState.FAILED)
+        await self._stop_each([s for s in reversed(group) if self._states[s.name] in live])
+        for svc in group:
+            try:
+                await self._start_one(svc, [])
+            except ServiceStartError:
+                await self._undo_start(svc)
+                raise
+        return [s.name for s in group]
+
+    async def _undo_start(self, svc: Service) -> None:
+        """Release what a failed start opened; the state stays ``FAILED`` whatever ``stop()`` does."""
+        timeout = float(getattr(svc, "stop_timeout", None) or self._stop_timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                await svc.stop()
+        except Exception as exc:
+            log.error("service_rollback_failed", service=svc.name, error=repr(exc))
 
     async def stop_all(self) -> None:
         """Stop every running service in reverse order; logs failures, never raises them."""

@@ -199,6 +199,13 @@ class Config:
     # Guarded self-modification (bot/selfmod.py): owners may have Gemini change a plugin's file.
     self_modify: bool = False
     self_modify_test_timeout_seconds: float = 60.0
+    # Self-healing (bot.healing): the healer acts at most heal_max_actions_per_hour times per kind of
+    # action; the gateway is reconnected after this many silent seconds (below discord.py's 60 s);
+    # gc runs and caches are trimmed above this resident memory.
+    heal_enabled: bool = True
+    heal_max_actions_per_hour: int = 3
+    heal_gateway_silence_seconds: float = 45.0
+    heal_memory_mb: int = 768
     # Risky but valid settings (a non-loopback HTTP_HOST, an .env or DATA_DIR other users can
     # read); shown by `check` and logged at start.
     warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False)
@@ -601,6 +608,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "command_sync_interval_seconds": _Number(float, 0, 3600),
     "self_modify": _bool,
     "self_modify_test_timeout_seconds": _Number(float, 1, 3600),
+    "heal_enabled": _bool,
+    "heal_max_actions_per_hour": _Number(int, 1, 60),
+    # discord.py itself reconnects after 60 s without a frame: the healer only helps below that.
+    "heal_gateway_silence_seconds": _Number(float, 1, 55),
+    "heal_memory_mb": _Number(int, 1, 1_000_000),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(name.upper() for name in _PARSERS)

@@ -2,8 +2,9 @@
 
 Read-only views: ``GET /live``, ``GET /ready``, ``GET /metrics`` and ``GET /api/health/...``
 (``/api/health/errors``: the failure groups, through the operations). The trace views
-``GET /api/traces`` and ``GET /api/traces/{trace_id}`` and ``GET /api/admin/load`` read only,
-but need the admin token like the admin actions: a trace says who asked when.
+``GET /api/traces`` and ``GET /api/traces/{trace_id}``, ``GET /api/admin/load`` and
+``GET /api/health/healing`` (the healer's history) read only, but need the admin token like the
+admin actions: a trace says who asked when, the healer's history what it restarted and recovered.
 Admin actions: ``POST /api/admin/...`` and ``POST /api/test/gemini``, each a thin view over the
 injected operations object (``bot.operations.Operations``: this module never imports ``bot/``),
 each requiring ``Authorization: Bearer <ADMIN_API_TOKEN>``:
@@ -132,6 +133,7 @@ class AdminOperations(Protocol):
     ) -> Any: ...
     async def load_restore(self, *, by: str | None = None) -> Any: ...
     async def load_status(self, *, by: str | None = None) -> Any: ...
+    async def healing(self, *, by: str | None = None) -> Any: ...
     async def load_test(
         self, requests: int = 20, concurrency: int = 4, *, confirm: bool = False, by: str | None = None
     ) -> Any: ...
@@ -180,10 +182,16 @@ class LatencyWindow:
 
 @dataclass(frozen=True, slots=True)
 class BoundedCache:
-    """A cache's size reader that also knows the cache's bound; the memory view shows both."""
+    """A cache's size reader that also knows the cache's bound; the memory view shows both.
+
+    ``trim``, when given, empties the cache (or most of it) under memory pressure and returns how
+    many entries went: the healer (``bot.healing``) calls it; only caches whose entries are
+    rebuilt or refetched on demand have one.
+    """
 
     size: Callable[[], int]
     bound: int
+    trim: Callable[[], int] | None = None
 
     def __call__(self) -> int:
         return self.size()
@@ -476,9 +484,13 @@ class HttpApi:
             log.info("http_api.stopped", port=self.port)
 
     def health(self) -> dict[str, Any]:
+        """``alive`` is false once the listening socket stopped serving while the API should run:
+        the healer (``bot.healing``) restarts it then."""
         limit = self._connections
+        listener = self._listener
         return {
             "ok": self._runner is not None,
+            "alive": self._runner is None or (listener is not None and listener.is_serving()),
             "port": self.port,
             "admin_enabled": self._token is not None,
             "connections": {
@@ -528,6 +540,8 @@ class HttpApi:
                 get("/api/traces/{trace_id}", admin(self._trace)),
                 get("/api/health/errors", self._view(self._errors)),
                 get("/api/admin/load", admin(self._load_status)),
+                # The healer's settings, budgets and history: what it did to the bot, for owners.
+                get("/api/health/healing", admin(self._healing)),
                 post("/api/admin/load/shed", admin(self._load_shed)),
                 post("/api/admin/load/restore", admin(self._load_restore)),
                 post("/api/test/load", admin(self._load_test, timeout=LOAD_TEST_TIMEOUT)),
@@ -1020,6 +1034,9 @@ class HttpApi:
             queue_new_messages=body.get("queue_new_messages"),
             by=ACTOR,
         )
+
+    async def _healing(self, request: web.Request, ops: AdminOperations) -> Any:
+        return await ops.healing(by=ACTOR)
 
     async def _load_status(self, request: web.Request, ops: AdminOperations) -> Any:
         return await ops.load_status(by=ACTOR)

@@ -48,6 +48,9 @@ RETRY_OUTCOMES = ("retried", "denied_by_budget", "hint_too_long")
 
 ALERT_DESTINATIONS = ("channel", "webhook", "dm")
 ALERT_RESULTS = ("sent", "queued", "failed")
+# The healer's actions (bot.healing) and how each ended: done, failed, or held back by the rate bound.
+HEALING_KINDS = ("restart", "datastore", "gateway", "memory")
+HEALING_OUTCOMES = ("done", "failed", "held")
 
 COMMAND_OUTCOMES = ("ok", "refused", "timeout", "error", "not_acknowledged")
 """How a slash command ended: done; refused (who may not run it); took too long; failed (a
@@ -201,6 +204,11 @@ class Metrics:
             "sent when Discord takes it), failed (kept and tried again).",
             ["destination", "result"], namespace=ns, registry=r,
         )
+        self.healing_actions = Counter(
+            "healing_actions", "The healer's actions by kind (restart, datastore, gateway, memory) and "
+            "outcome: done, failed, held (the rate bound held it back).",
+            ["kind", "outcome"], namespace=ns, registry=r,
+        )
         self.incidents = Counter("incidents", "Incidents started (a breaker opened, degraded mode began).",
                                  ["dependency"], namespace=ns, registry=r)
         self.incident_mttr = Gauge("incident_mttr_seconds", "Mean time to recover of the recorded incidents.",
@@ -241,6 +249,9 @@ class Metrics:
         for destination in ALERT_DESTINATIONS:
             for result in ALERT_RESULTS:
                 self.alert_notifications.labels(destination, result)
+        for heal_kind in HEALING_KINDS:
+            for heal_outcome in HEALING_OUTCOMES:
+                self.healing_actions.labels(heal_kind, heal_outcome)
         for item_kind in ItemKind:
             self.queue_dead_letters.labels(item_kind)
             self.queue_expired.labels(item_kind)

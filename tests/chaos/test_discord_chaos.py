@@ -431,8 +431,9 @@ async def test_silent_gateway_is_noticed_resumed_and_what_was_said_meanwhile_is_
     spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]
 ) -> None:
     """The gateway connection goes silent (no heartbeat ACKs, no events) while users keep talking.
-    discord.py notices the zombie connection (its heartbeat timeout: 60 s of nothing received),
-    closes it and RESUMEs; the messages sent during the silence are replayed and answered
+    The healer notices the zombie connection (HEAL_GATEWAY_SILENCE_SECONDS, 45 s by default; else
+    discord.py's heartbeat timeout, 60 s of nothing received), closes it and discord.py RESUMEs;
+    the messages sent during the silence are replayed and answered
     exactly once, none before the RESUME (the bot never had them), none twice."""
     users = add_users(emulators)
     channels = conversations(emulators)

@@ -322,6 +322,8 @@ async def test_datastore_corrupted_while_running_is_reported_recovered_and_nothi
 
     Throughout, the bot keeps answering: every message is answered (directly, or after the
     maintenance window) exactly once and in order; the only error logged is that alert."""
+    # The operator's path is under test: the healer, which repairs damaged files by itself, is off.
+    bot_env["HEAL_ENABLED"] = "false"
     users = add_users(emulators, 1)
     channels = guild_conversations(emulators)
     ledger = Ledger(emulators.discord)

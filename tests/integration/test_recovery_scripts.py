@@ -163,7 +163,11 @@ class LiveBot:
 
 @pytest.fixture
 async def live(spawn_bot: SpawnBot, emulators: Emulators, bot_env: dict[str, str]) -> AsyncIterator[LiveBot]:
-    """A running bot whose GET /ready answers 200, and the URL of its HTTP API, read from its log."""
+    """A running bot whose GET /ready answers 200, and the URL of its HTTP API, read from its log.
+
+    Its healer is off: these tests break things for the operator's scripts to find and repair, and
+    the healer would race them to it (its own tests: tests/integration/test_healing.py)."""
+    bot_env["HEAL_ENABLED"] = "false"
     proc = spawn_bot()
     await proc.wait_ready(emulators)
     line = await proc.wait_for_log(lambda r: r.get("event") == "http_api.listening", timeout=10)

@@ -228,3 +228,59 @@ async def test_cancelling_start_all_rolls_back_and_propagates_cancellation() -> 
             await task
     assert log == ["start a", "start b", "stop a"]
     assert registry.states() == {"a": ServiceState.STOPPED, "b": ServiceState.FAILED}
+
+
+# --- restart (the healer's: bot/healing.py) ---------------------------------------------------------
+
+
+async def test_restart_stops_a_service_and_its_dependents_in_reverse_and_starts_them_in_order() -> None:
+    log: list[str] = []
+    services = [
+        Recorder("config", log),
+        Recorder("storage", log, ("config",)),
+        Recorder("usage", log, ("storage",)),
+        Recorder("http", log, ("config",)),
+        Recorder("report", log, ("usage",)),
+    ]
+    registry = ServiceRegistry(services)
+    await registry.start_all()
+    assert registry.dependents("storage") == ["usage", "report"]
+    log.clear()
+    assert await registry.restart("storage") == ["storage", "usage", "report"]
+    assert log == [
+        "stop report", "stop usage", "stop storage", "start storage", "start usage", "start report"
+    ]
+    assert set(registry.states().values()) == {ServiceState.RUNNING}
+
+
+async def test_restart_of_a_failed_start_rolls_it_back_and_leaves_its_dependents_stopped() -> None:
+    """The failed service's stop() releases what it half-opened; it stays FAILED; the error names it;
+    its dependents are not started on top of it; a later restart brings all of them back."""
+    log: list[str] = []
+    storage = Recorder("storage", log)
+    services = [storage, Recorder("usage", log, ("storage",))]
+    registry = ServiceRegistry(services)
+    await registry.start_all()
+    log.clear()
+    storage.start_error = ConnectionError("disk gone")
+    with pytest.raises(ServiceStartError) as info:
+        await registry.restart("storage")
+    assert info.value.service == "storage"
+    assert log == ["stop usage", "stop storage", "start storage", "stop storage"]
+    assert registry.states() == {"storage": ServiceState.FAILED, "usage": ServiceState.STOPPED}
+    storage.start_error = None
+    log.clear()
+    await registry.restart("storage")
+    assert log == ["stop storage", "start storage", "start usage"]
+    assert set(registry.states().values()) == {ServiceState.RUNNING}
+
+
+async def test_restart_goes_on_when_the_stop_fails_and_never_starts_a_service_that_never_ran() -> None:
+    log: list[str] = []
+    storage = Recorder("storage", log, stop_error=OSError("already closed"))
+    registry = ServiceRegistry([storage, Recorder("late", log, ("storage",))])
+    await registry._start_one(storage, [])  # only storage started; "late" was never started
+    log.clear()
+    assert await registry.restart("storage") == ["storage"]
+    assert log == ["stop storage", "start storage"]
+    assert registry.states() == {"storage": ServiceState.RUNNING, "late": ServiceState.CREATED}
