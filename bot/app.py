@@ -15,6 +15,8 @@ from typing import Any
 
 import discord
 
+from bot.answer_cache import AnswerCache
+from bot.memory import SemanticMemory
 from bot.ratelimit import RateLimiter
 from bot.settings import Effective, SettingsCache
 from bot.usage import UsageLedger
@@ -28,11 +30,14 @@ from resilience.registry import Service, ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.config import Config
+from services.context_cache import ContextCache
 from services.coordination import Coordination, LocalCoordination
 from services.datastore import DataStore, DataStoreService, PgDataStore, SharedState, SharedStateService
 from services.discord_io import DiscordIO
+from services.embeddings import Embedder
 from services.gemini import GeminiService, model_breaker_name
 from services.http_api import BoundedCache, HealthSources, HttpApi, LatencyWindow
+from services.memory_store import MemoryStore
 from services.metrics import Metrics
 from services.otel import OtelTracing
 from services.pg_storage import PostgresStore
@@ -66,6 +71,9 @@ class Application:
     queue_caps: QueueCaps
     usage: UsageLedger
     settings: SettingsCache
+    memory: SemanticMemory
+    answer_cache: AnswerCache
+    context_cache: ContextCache
     # Other processes on the same database (PostgreSQL), or none (SQLite: LocalCoordination).
     coordination: Coordination = field(default_factory=LocalCoordination)
     client: discord.Client | None = None
@@ -115,6 +123,8 @@ class Application:
         stored = self.store.cached("guild_settings") or {}
         guilds = stored.get("guilds", {})
         self.settings.load(stored)
+        # A persona no longer in use anywhere: its Gemini context cache goes (services.context_cache).
+        self.context_cache.retain(self.settings.personas())
         self._guild_maintenance = {
             int(gid): (settings["maintenance"].get("message") or DEFAULT_MAINTENANCE_MESSAGE)
             for gid, settings in guilds.items()
@@ -289,8 +299,37 @@ def build_application(
         guild_daily=config.quota_guild_tokens_per_day,
         clock=clock,
     )
+    # Semantic memory (bot.memory): embeddings behind a breaker and a retry policy of their own, so an
+    # embedding outage never pauses answers; stored in SQLite only (services.memory_store).
+    embed_retry = RetryPolicy(
+        "gemini.embed", max_attempts=2, base_delay=0.2, max_delay=1.0, hint_cap=2.0,
+        budget=RetryBudget(clock=clock), sleep=clock.sleep,
+    )
+    metrics.watch_retry_policy(embed_retry, "gemini.embed")
+    embedder = Embedder(
+        lambda: gemini.sdk_client,
+        model=config.memory_embedding_model,
+        dimensions=config.memory_embedding_dimensions,
+        breaker=board.add("gemini.embed"),
+        retry=embed_retry,
+    )
+    memory_store = None
+    if not config.database_url:
+        memory_path = data_dir / "memory.sqlite3"
+        memory_store = MemoryStore(memory_path, max_items=config.memory_max_items, clock=clock)
+    memory = SemanticMemory(
+        memory_store, embedder, clock=clock, max_tokens=config.memory_max_tokens, top_k=config.memory_top_k
+    )
+    context_cache = ContextCache(lambda: gemini.sdk_client, ttl=config.context_cache_ttl_seconds, clock=clock)
+    gemini.context_cache = context_cache
+    answer_cache = AnswerCache(
+        max_entries=config.answer_cache_max_entries, ttl=config.answer_cache_ttl_seconds, clock=clock
+    )
     # Right after metrics: it answers /live and /ready while the others start, and stops last.
     services: list[Service] = [metrics, http_api, datastore, storage, usage, gemini, discord_io]
+    if memory_store is not None:
+        services.append(memory_store)
+    services.append(memory)
     if otel is not None:
         services.append(otel)  # last: the bot has stopped taking work when it flushes and stops
     registry = ServiceRegistry(services)
@@ -319,6 +358,9 @@ def build_application(
         ),
         usage=usage,
         settings=SettingsCache(config),
+        memory=memory,
+        answer_cache=answer_cache,
+        context_cache=context_cache,
         coordination=coordination,
     )
     http_api.sources.registry = registry

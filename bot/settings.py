@@ -228,6 +228,19 @@ SETTINGS: dict[str, Setting] = {
             "modlog_text", "Log message text", "the moderation log quotes the blocked message", _flag,
             _on_off, server_only=True,
         ),
+        Setting(
+            "memory", "Server memory", "remember what is said here and recall it when relevant (bot.memory)",
+            _flag, _on_off, server_only=True,
+        ),
+        Setting(
+            "answer_cache", "Answer cache", "the same question in the same context gets the stored answer",
+            _flag, _on_off,
+        ),
+        Setting(
+            "offline_answers", "Cached answers offline",
+            "while Gemini is down, /ask shows an earlier answer to the same question, marked and dated",
+            _flag, _on_off, server_only=True,
+        ),
     )
 }
 """Every setting, in the order ``/settings show`` lists them."""
@@ -276,6 +289,9 @@ class Effective:
     tools: tuple[str, ...] = ()
     modlog_channel: int | None = None
     modlog_text: bool = False
+    memory: bool = False
+    answer_cache: bool = False
+    offline_answers: bool = False
 
     def options(self) -> GenerationOptions:
         """The Gemini request options these settings make."""
@@ -340,6 +356,9 @@ class SettingsCache:
             "auto_thread": False,
             "modlog_channel": None,
             "modlog_text": False,
+            "memory": False,
+            "answer_cache": config.answer_cache,
+            "offline_answers": False,
         }
         self._guilds: dict[int, _Guild] = {}
         self._chat: dict[int, frozenset[int]] = {}
@@ -353,6 +372,7 @@ class SettingsCache:
             grounding=False,
             streaming=None,
             auto_thread=False,
+            answer_cache=config.answer_cache,
         )
 
     def load(self, data: Mapping[str, Any] | None) -> None:
@@ -419,7 +439,19 @@ class SettingsCache:
             tools=tools,
             modlog_channel=guild.server.get("modlog_channel"),
             modlog_text=bool(guild.server.get("modlog_text", False)),
+            memory=bool(values["memory"]),
+            answer_cache=bool(values["answer_cache"]),
+            offline_answers=bool(values["offline_answers"]),
         )
+
+    def personas(self) -> set[str]:
+        """Every persona some message may be answered with now (the bot's, each guild's, each place's)."""
+        found = {str(self.defaults["persona"])}
+        for guild in self._guilds.values():
+            if guild.server.get("persona"):
+                found.add(str(guild.server["persona"]))
+            found.update(str(v["persona"]) for v in guild.scopes.values() if v.get("persona"))
+        return found
 
     def explain(self, guild_id: int, chain: Sequence[int]) -> list[Explained]:
         """Every setting's value for ``chain`` in guild ``guild_id`` and where it comes from."""

@@ -745,7 +745,8 @@ class GeminiEmulator(FilesApi):
         if action == "batchEmbedContents":
             return web.json_response(gemini_caches.embeddings(body))
         if action == "embedContent":
-            return web.json_response({"embedding": gemini_caches.embeddings({"requests": [body]})["embeddings"][0]})
+            [vector] = gemini_caches.embeddings({"requests": [body]})["embeddings"]
+            return web.json_response({"embedding": vector})
         refused = self._check_file_parts(body)
         if refused is not None:
             rec.outcome = f"file_refused:{refused.status}"
@@ -1015,8 +1016,10 @@ class GeminiEmulator(FilesApi):
         """The ``cachedContents`` resources (``sandbox.gemini_caches``), recorded like every request."""
         headers = {k: ("***" if k.lower() == API_KEY_HEADER else v) for k, v in request.headers.items()}
         action = {"POST": "createCachedContent", "GET": "getCachedContent", "DELETE": "deleteCachedContent"}
-        rec = RecordedRequest(request.method, request.path, None, request.path.strip("/").split("/")[0],
-                              action.get(request.method, request.method), headers, summarised(body), self._clock())
+        version = request.path.strip("/").split("/")[0]
+        verb = action.get(request.method, request.method)
+        rec = RecordedRequest(request.method, request.path, None, version, verb, headers, summarised(body),
+                              self._clock())
         self.requests.append(rec)
         key = request.headers.get(API_KEY_HEADER) or request.query.get("key")
         if key != self.api_key:
