@@ -43,6 +43,7 @@ from bot.answering import Answerer
 from bot.conversations import speaker_label
 from bot.health import AVAILABILITY_DAYS, Availability
 from bot.inbound import Inbound, Snowflake, accept
+from bot.memory_commands import memory_group
 from bot.operations import (
     InvalidRequestError,
     OperationError,
@@ -1074,7 +1075,7 @@ def setup_commands(
     command: app_commands.Command[Any, Any, None]
     for command in (ask, reset, status, help_, usage, model):
         tree.add_command(command, override=True)
-    for group in (*groups, settings_group):
+    for group in (*groups, settings_group, memory_group(commands)):
         tree.add_command(group, override=True)
     if guild_id is not None:
         # The test guild gets its own copies (synced there at once); refresh them too, or they
