@@ -1,7 +1,7 @@
 """Gemini context caches for long personas (``client.aio.caches``): a persona sent once, not per question.
 
-A persona (the system instruction) of at least the model's minimum for explicit caching (1,024
-tokens for Flash models, 4,096 for Pro, estimated at four characters a token) is put in a
+A persona (the system instruction) of about the model's minimum for explicit caching or more (1,024
+tokens for Flash models, 4,096 for Pro, estimated at four characters a token; ``CLOSE_ENOUGH``) is put in a
 ``cachedContents`` resource with a TTL (``CONTEXT_CACHE_TTL_SECONDS``), and requests name it
 (``cached_content``) instead of sending the persona. One cache per (model, persona); it is made
 again when less than ``RENEW_MARGIN_SECONDS`` of its life is left. A changed persona is another
@@ -39,6 +39,12 @@ CACHE_API_VERSION = "v1beta"
 MIN_TOKENS = {"pro": 4096, "flash": 1024}
 """Gemini's minimum for an explicit cache, per model family (https://ai.google.dev/gemini-api/docs/caching)."""
 CHARS_PER_TOKEN = 4
+CLOSE_ENOUGH = 0.9
+"""A persona whose estimate is within 10% under the minimum is tried anyway: Gemini's own count decides
+(dense text, code and other scripts take more tokens than four characters each). A 4,000-character
+persona, the longest a server can set, is such a one."""
+TOO_SMALL_RETRY_SECONDS = 86400.0
+"""A persona Gemini found too small is not tried again for a day (its size does not change)."""
 CREATE_TIMEOUT_SECONDS = 5.0
 RENEW_MARGIN_SECONDS = 60.0
 RETRY_AFTER_SECONDS = 600.0
@@ -121,7 +127,7 @@ class ContextCache:
             return config
         if config.get("tools") or config.get("tool_config"):
             return config
-        if len(persona) < min_tokens(model) * CHARS_PER_TOKEN:
+        if len(persona) < min_tokens(model) * CHARS_PER_TOKEN * CLOSE_ENOUGH:
             return config
         name = await self._cache_for(model, persona)
         if name is None:
@@ -159,7 +165,8 @@ class ContextCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._refused[key] = now + RETRY_AFTER_SECONDS
+                small = isinstance(exc, errors.APIError) and "too small" in str(exc.message or "").lower()
+                self._refused[key] = now + (TOO_SMALL_RETRY_SECONDS if small else RETRY_AFTER_SECONDS)
                 log.info(
                     "context_cache.not_created", model=model, error=type(exc).__name__, detail=str(exc)[:200]
                 )

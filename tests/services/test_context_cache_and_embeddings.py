@@ -174,3 +174,16 @@ async def test_embedding_failures_open_their_own_breaker_which_then_fails_fast(
     with pytest.raises(CircuitOpenError):
         await e.embed(["two"], "RETRIEVAL_QUERY")
     assert len(emu.requests) == before  # nothing sent while open
+
+
+async def test_a_persona_just_under_the_minimum_is_tried_once_and_not_again_for_a_day(
+    emu, gemini, fake_clock
+) -> None:
+    persona = "x" * 4000  # a server's longest persona: 1,000 tokens, under Flash's 1,024
+    assert (await gemini.generate("hello", persona=persona)).ok
+    assert (await gemini.generate("hello", persona=persona)).ok
+    fake_clock.advance(3600)
+    assert (await gemini.generate("hello", persona=persona)).ok
+    creates = [r for r in emu.requests if r.action == "createCachedContent"]
+    assert [r.outcome for r in creates] == ["refused:400"]
+    assert all("systemInstruction" in r.body for r in generations(emu))
