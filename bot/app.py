@@ -37,9 +37,10 @@ from services.discord_io import DiscordIO
 from services.embeddings import Embedder
 from services.gemini import GeminiService, model_breaker_name
 from services.http_api import BoundedCache, HealthSources, HttpApi, LatencyWindow
-from services.memory_store import MemoryStore
+from services.memory_store import MemoryBackend, MemoryStore
 from services.metrics import Metrics
 from services.otel import OtelTracing
+from services.pg_memory_store import PgMemoryStore
 from services.pg_storage import PostgresStore
 from services.storage import SqliteStore
 from services.storage_protocol import Storage
@@ -300,7 +301,8 @@ def build_application(
         clock=clock,
     )
     # Semantic memory (bot.memory): embeddings behind a breaker and a retry policy of their own, so an
-    # embedding outage never pauses answers; stored in SQLite only (services.memory_store).
+    # embedding outage never pauses answers; stored beside the queue (services.memory_store in its own
+    # SQLite file, services.pg_memory_store in the PostgreSQL database).
     embed_retry = RetryPolicy(
         "gemini.embed", max_attempts=2, base_delay=0.2, max_delay=1.0, hint_cap=2.0,
         budget=RetryBudget(clock=clock), sleep=clock.sleep,
@@ -313,8 +315,11 @@ def build_application(
         breaker=board.add("gemini.embed"),
         retry=embed_retry,
     )
-    memory_store = None
-    if not config.database_url:
+    memory_store: MemoryBackend
+    if isinstance(storage, PostgresStore):  # in the shared database, so every process sees it
+        memory_store = PgMemoryStore(storage, coordination=coordination, max_items=config.memory_max_items,
+                                     clock=clock)
+    else:
         memory_path = data_dir / "memory.sqlite3"
         memory_store = MemoryStore(memory_path, max_items=config.memory_max_items, clock=clock)
     memory = SemanticMemory(
@@ -327,9 +332,7 @@ def build_application(
     )
     # Right after metrics: it answers /live and /ready while the others start, and stops last.
     services: list[Service] = [metrics, http_api, datastore, storage, usage, gemini, discord_io]
-    if memory_store is not None:
-        services.append(memory_store)
-    services.append(memory)
+    services += [memory_store, memory]
     if otel is not None:
         services.append(otel)  # last: the bot has stopped taking work when it flushes and stops
     registry = ServiceRegistry(services)

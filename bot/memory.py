@@ -30,7 +30,7 @@ from bot.history import estimate_tokens
 from resilience.clock import Clock
 from resilience.errors import classify
 from services.embeddings import Embedder
-from services.memory_store import Memory, MemoryStore, Scope
+from services.memory_store import Memory, MemoryBackend, Scope
 
 log = structlog.get_logger("bot.memory")
 
@@ -46,17 +46,14 @@ STOP_WAIT_SECONDS = 2.0
 OPEN = "<memory>"
 CLOSE = "</memory>"
 HEADER = "What you remember from earlier conversations (use it only where it helps):"
-SQLITE_ONLY = (
-    "Semantic memory is off: it is stored in SQLite only, and this bot runs on PostgreSQL "
-    "(DATABASE_URL)."
-)
+UNAVAILABLE = "Semantic memory is off: this bot has no memory store."
 
 
 class SemanticMemory:
     """Recall and remember through the embedder and the store; a registry service named ``"memory"``.
 
-    ``store`` is None on PostgreSQL (memory unavailable: every call is a no-op and ``/memory``
-    says why).
+    ``store`` is SQLite's ``MemoryStore`` or PostgreSQL's ``PgMemoryStore``; None turns memory off
+    (every call is a no-op and ``/memory`` says why).
     """
 
     name = "memory"
@@ -64,7 +61,7 @@ class SemanticMemory:
 
     def __init__(
         self,
-        store: MemoryStore | None,
+        store: MemoryBackend | None,
         embedder: Embedder,
         *,
         clock: Clock,
@@ -91,7 +88,7 @@ class SemanticMemory:
 
     async def start(self) -> None:
         if self.store is None:
-            log.warning("memory.unavailable", reason=SQLITE_ONLY)
+            log.warning("memory.unavailable", reason=UNAVAILABLE)
 
     async def stop(self) -> None:
         """Let background writes finish briefly, then cancel the rest; safe to call twice."""

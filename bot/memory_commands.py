@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from bot.commands import Check, SlashCommands
 
 SHOWN = 10
-NOT_HERE = "it is stored in SQLite only, and this bot uses PostgreSQL."
+NOT_HERE = "it has no memory store."
 SHOWN_CHARS = 120
 
 

@@ -11,8 +11,8 @@ the interface here would not change.
 
 The store is a file of its own (``DATA_DIR/memory.sqlite3``, owner-only, WAL), with its own
 migrations (``services/migrations/memory/NNNN_name.sql``), so semantic memory can be dropped or
-moved without touching the queue's database. PostgreSQL (``DATABASE_URL``) has no memory store:
-the bot says so at start-up and memory stays off (see README, "Semantic memory").
+moved without touching the queue's database. On PostgreSQL (``DATABASE_URL``) the same interface
+(``MemoryBackend``) is ``services.pg_memory_store.PgMemoryStore``, in the bot's database.
 
 Forgetting deletes the rows, vectors and all, and records when: a memory said before a user's (or
 a server's) last "forget" is never stored afterwards, even if its embedding was still on its way.
@@ -28,7 +28,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import aiosqlite
 
@@ -104,15 +104,65 @@ def top_k(query: Sequence[float], rows: Iterable[tuple[Any, ...]], k: int, min_s
         if score >= min_score:
             scored.append((score, row))
     scored.sort(key=lambda pair: (-pair[0], -pair[1][0]))
-    return [_memory(row, score) for score, row in scored[:k]]
+    return [memory_from_row(row, score) for score, row in scored[:k]]
 
 
-def _memory(row: Sequence[Any], score: float = 0.0) -> Memory:
+def memory_from_row(row: Sequence[Any], score: float = 0.0) -> Memory:
     """A ``Memory`` from a row (id, scope, owner, author, guild, text, answer, said_at, ...)."""
     return Memory(
         int(row[0]), row[1], int(row[2]), int(row[3]), None if row[4] is None else int(row[4]), str(row[5]),
         str(row[6]), float(row[7]), score,
     )
+
+
+class MemoryBackend(Protocol):
+    """What semantic memory needs of its storage: ``MemoryStore`` (SQLite) or
+    ``services.pg_memory_store.PgMemoryStore`` (PostgreSQL)."""
+
+    name: str
+    depends_on: tuple[str, ...]
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def user_enabled(self, user_id: int) -> bool: ...
+
+    async def set_user_enabled(self, user_id: int, enabled: bool) -> None: ...
+
+    async def add(
+        self,
+        scope: Scope,
+        owner_id: int,
+        *,
+        author_id: int,
+        guild_id: int | None,
+        text: str,
+        answer: str,
+        model: str,
+        vector: Sequence[float],
+        said_at: float,
+    ) -> int | None: ...
+
+    async def recall(
+        self,
+        owners: Sequence[tuple[Scope, int]],
+        query: Sequence[float],
+        *,
+        model: str,
+        k: int,
+        min_score: float,
+    ) -> list[Memory]: ...
+
+    async def list_user(self, user_id: int, limit: int = 10) -> tuple[list[Memory], int]: ...
+
+    async def forget_user(self, user_id: int, memory_id: int | None = None) -> int: ...
+
+    async def forget_guild(self, guild_id: int) -> int: ...
+
+    async def count(self) -> int: ...
 
 
 class MemoryStore:
@@ -310,7 +360,7 @@ class MemoryStore:
                 rows = await cursor.fetchall()
             async with db.execute("SELECT COUNT(*) FROM memories WHERE author_id = ?", (user_id,)) as cursor:
                 count = await cursor.fetchone()
-        return [_memory(row) for row in rows], int(count[0]) if count else 0
+        return [memory_from_row(row) for row in rows], int(count[0]) if count else 0
 
     async def forget_user(self, user_id: int, memory_id: int | None = None) -> int:
         """Delete what ``user_id`` said (one memory by id, or all of it, in both scopes); returns how

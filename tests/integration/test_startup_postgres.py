@@ -3,8 +3,11 @@ a service did not start), never a traceback, never the database's password."""
 
 from __future__ import annotations
 
+from services.pg_storage import migration_files
 from tests.integration.conftest import SpawnBot
 from tests.pg import PostgresServer, free_port
+
+LATEST = migration_files()[-1][0]  # the newest schema version this build ships
 
 
 def with_password(url: str) -> str:
@@ -14,12 +17,15 @@ def with_password(url: str) -> str:
 async def test_a_database_of_a_newer_bot_stops_the_start_with_its_sentence(
     spawn_bot: SpawnBot, bot_env: dict[str, str], pg_url: str, pg_server: PostgresServer
 ) -> None:
-    pg_server.execute(pg_url, "INSERT INTO schema_version (version) VALUES (3)")
+    pg_server.execute(pg_url, f"INSERT INTO schema_version (version) VALUES ({LATEST + 1})")
     proc = spawn_bot(env={**bot_env, "DATABASE_URL": with_password(pg_url)})
     code = await proc.wait_exit(20)
     output = proc.output("stderr") + proc.output("stdout")
     assert code == 3, output
-    sentence = "has schema version 3, this build supports up to 2; upgrade the bot or restore an older"
+    sentence = (
+        f"has schema version {LATEST + 1}, this build supports up to {LATEST}; "
+        "upgrade the bot or restore an older"
+    )
     assert sentence in output
     assert "Traceback" not in output and "pw-very-secret" not in output
 

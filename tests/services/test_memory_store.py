@@ -1,16 +1,22 @@
-"""The memory store (SQLite, float32 BLOBs, brute-force cosine) on a FakeClock; no sleeps."""
+"""The memory stores (SQLite's file, PostgreSQL's tables; float32 vectors, brute-force cosine) on a
+FakeClock; no sleeps. Tests taking ``store`` run once per backend, on a real PostgreSQL for
+``[postgres]`` (``tests/pg.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from resilience.clock import FakeClock
 from sandbox.gemini_caches import bag_of_words
-from services.memory_store import MemoryStore, MemoryStoreError, migration_files, statements
+from services.memory_store import MemoryBackend, MemoryStore, MemoryStoreError, migration_files, statements
+from services.pg_memory_store import PgMemoryStore
+from services.pg_storage import PostgresStore
+from services.pg_storage import migration_files as pg_migration_files
 
 MODEL = "gemini-embedding-001"
 
@@ -19,14 +25,40 @@ def vec(text: str) -> list[float]:
     return bag_of_words(text, 256)
 
 
+Opener = Callable[[], contextlib.AbstractAsyncContextManager[MemoryBackend]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_memory(request: pytest.FixtureRequest, tmp_path: Path, fake_clock: FakeClock) -> Opener:
+    """Opens a started memory store (at most 5 items per owner) on this test's one database."""
+
+    @contextlib.asynccontextmanager
+    async def sqlite() -> AsyncIterator[MemoryBackend]:
+        async with MemoryStore(tmp_path / "memory.sqlite3", max_items=5, clock=fake_clock) as s:
+            yield s
+
+    @contextlib.asynccontextmanager
+    async def postgres() -> AsyncIterator[MemoryBackend]:
+        async with PostgresStore(url) as pg:
+            s = PgMemoryStore(pg, max_items=5, clock=fake_clock)
+            await s.start()
+            yield s
+            await s.stop()
+
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        return postgres
+    return sqlite
+
+
 @pytest.fixture
-async def store(tmp_path: Path, fake_clock: FakeClock) -> AsyncIterator[MemoryStore]:
-    async with MemoryStore(tmp_path / "memory.sqlite3", max_items=5, clock=fake_clock) as s:
+async def store(open_memory: Opener) -> AsyncIterator[MemoryBackend]:
+    async with open_memory() as s:
         yield s
 
 
 async def add(
-    store: MemoryStore,
+    store: MemoryBackend,
     text: str,
     *,
     author: int = 1,
@@ -35,27 +67,30 @@ async def add(
     said_at: float | None = None,
 ) -> int | None:
     return await store.add(
-        scope,
+        scope,  # type: ignore[arg-type]
         owner,
         author_id=author,
         guild_id=None,
         text=text,
         answer="ok",
-        model=MODEL,  # type: ignore[arg-type]
+        model=MODEL,
         vector=vec(text),
-        said_at=said_at if said_at is not None else store._clock.time(),
+        said_at=said_at if said_at is not None else store._clock.time(),  # type: ignore[attr-defined]
     )
 
 
 async def test_the_schema_version_follows_the_migration_files_and_the_file_is_owner_only(
-    tmp_path: Path, store: MemoryStore
+    tmp_path: Path, fake_clock: FakeClock
 ) -> None:
     files = migration_files()
     assert [n for n, _ in files] == list(range(1, len(files) + 1))
-    assert await store.schema_version() == files[-1][0]
+    async with MemoryStore(tmp_path / "memory.sqlite3", clock=fake_clock) as store:
+        assert await store.schema_version() == files[-1][0]
     assert (tmp_path / "memory.sqlite3").stat().st_mode & 0o077 == 0
     for _, path in files:
         assert statements(path.read_text())  # every file holds statements
+    # PostgreSQL's memory tables come with the bot's schema (a migration of its own).
+    assert any("memory" in path.name for _, path in pg_migration_files())
 
 
 async def test_a_database_newer_than_the_build_is_refused(tmp_path: Path, fake_clock: FakeClock) -> None:
@@ -68,7 +103,7 @@ async def test_a_database_newer_than_the_build_is_refused(tmp_path: Path, fake_c
         await MemoryStore(path, clock=fake_clock).start()
 
 
-async def test_recall_ranks_by_similarity_and_keeps_to_its_owners(store: MemoryStore) -> None:
+async def test_recall_ranks_by_similarity_and_keeps_to_its_owners(store: MemoryBackend) -> None:
     await add(store, "My cat is called Zanzibar")
     await add(store, "I live in Lisbon")
     await add(store, "My cat is black", author=2, owner=2)  # another user's memory
@@ -79,7 +114,7 @@ async def test_recall_ranks_by_similarity_and_keeps_to_its_owners(store: MemoryS
     assert await store.recall([("user", 1)], vec("my cat"), model="other", k=3, min_score=0.0) == []
 
 
-async def test_an_owner_keeps_at_most_max_items_the_oldest_going_first(store: MemoryStore) -> None:
+async def test_an_owner_keeps_at_most_max_items_the_oldest_going_first(store: MemoryBackend) -> None:
     for n in range(7):
         await add(store, f"fact number {n}")
     memories, total = await store.list_user(1, limit=10)
@@ -87,7 +122,7 @@ async def test_an_owner_keeps_at_most_max_items_the_oldest_going_first(store: Me
 
 
 async def test_forgetting_deletes_the_rows_and_refuses_what_was_said_before(
-    store: MemoryStore, fake_clock: FakeClock
+    store: MemoryBackend, fake_clock: FakeClock
 ) -> None:
     said = fake_clock.time()
     await add(store, "My cat is called Zanzibar", said_at=said)
@@ -103,7 +138,7 @@ async def test_forgetting_deletes_the_rows_and_refuses_what_was_said_before(
     assert await add(store, "said after the forget") is not None
 
 
-async def test_forgetting_one_memory_or_a_servers_memory(store: MemoryStore, fake_clock: FakeClock) -> None:
+async def test_forgetting_one_memory_or_a_servers_memory(store: MemoryBackend, fake_clock: FakeClock) -> None:
     first = await add(store, "first thing")
     await add(store, "second thing")
     await add(store, "in the server", scope="guild", owner=77, author=3)
@@ -117,11 +152,10 @@ async def test_forgetting_one_memory_or_a_servers_memory(store: MemoryStore, fak
     assert await add(store, "late user write", author=3, owner=3, said_at=said) is not None  # the user's own
 
 
-async def test_the_opt_in_survives_a_restart(tmp_path: Path, fake_clock: FakeClock) -> None:
-    path = tmp_path / "memory.sqlite3"
-    async with MemoryStore(path, clock=fake_clock) as s:
+async def test_the_opt_in_survives_a_restart(open_memory: Opener) -> None:
+    async with open_memory() as s:
         await s.set_user_enabled(5, True)
         await s.set_user_enabled(6, True)
         await s.set_user_enabled(6, False)
-    async with MemoryStore(path, clock=fake_clock) as s:
+    async with open_memory() as s:
         assert s.user_enabled(5) and not s.user_enabled(6)
