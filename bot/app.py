@@ -317,8 +317,7 @@ def build_application(
     )
     memory_store: MemoryBackend
     if isinstance(storage, PostgresStore):  # in the shared database, so every process sees it
-        memory_store = PgMemoryStore(storage, coordination=coordination, max_items=config.memory_max_items,
-                                     clock=clock)
+        memory_store = PgMemoryStore(storage, max_items=config.memory_max_items, clock=clock)
     else:
         memory_path = data_dir / "memory.sqlite3"
         memory_store = MemoryStore(memory_path, max_items=config.memory_max_items, clock=clock)

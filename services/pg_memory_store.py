@@ -5,8 +5,8 @@ pgvector is not installed on these machines (``/usr/share/postgresql/15/extensio
 float32 ``BYTEA`` and recall is the same brute-force cosine in the bot, over the same bounded set
 (each owner's newest ``max_items``). Every operation is one transaction of the ``PostgresStore``
 (its pool, breaker and statement timeout). Which users turned their memory on is kept in memory in
-each process, read at start-up and told to the other processes (``services.coordination``,
-``memory.user``) when one changes it, so the hot path reads no row.
+each process, read at start-up and told to the other processes (``LISTEN/NOTIFY``, ``memory.user``,
+with the change's commit) when one changes it, so the hot path reads no row.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 import asyncpg
 
 from resilience.clock import Clock, SystemClock
-from services.coordination import Coordination
 from services.memory_store import DEFAULT_MAX_ITEMS, Memory, Scope, memory_from_row, pack, top_k
 from services.pg_storage import PostgresStore
 
@@ -36,26 +35,30 @@ class PgMemoryStore:
         self,
         postgres: PostgresStore,
         *,
-        coordination: Coordination | None = None,
         max_items: int = DEFAULT_MAX_ITEMS,
         clock: Clock | None = None,
     ) -> None:
         self.postgres = postgres
         self.max_items = max_items
-        self._coordination = coordination
         self._clock = clock or SystemClock()
         self.enabled_users: set[int] = set()
         self._started = False
-        if coordination is not None:
-            coordination.subscribe(USER_CHANGED, self._user_changed)
+        postgres.subscribe(USER_CHANGED, self._user_changed)
+        postgres.subscribe("resync", self._resync)  # notifications were lost: read the choices again
 
     async def start(self) -> None:
+        await self._load()
+        self._started = True
+
+    async def _load(self) -> None:
         async def body(conn: asyncpg.Connection) -> set[int]:
             rows = await conn.fetch("SELECT user_id FROM memory_users WHERE enabled")
             return {int(r[0]) for r in rows}
 
-        self.enabled_users = await self.postgres.transaction("memory.start", body)
-        self._started = True
+        self.enabled_users = await self.postgres.transaction("memory.load", body)
+
+    async def _resync(self, payload: dict[str, Any]) -> None:
+        await self._load()
 
     async def stop(self) -> None:
         self._started = False
@@ -82,11 +85,10 @@ class PgMemoryStore:
                 "updated_at = excluded.updated_at",
                 user_id, enabled, now,
             )
+            await self.postgres.notify_in(conn, USER_CHANGED, {"user_id": user_id, "enabled": enabled})
 
         await self.postgres.transaction("memory.set_user", body)
         (self.enabled_users.add if enabled else self.enabled_users.discard)(user_id)
-        if self._coordination is not None:
-            await self._coordination.notify(USER_CHANGED, {"user_id": user_id, "enabled": enabled})
 
     # -- memories --------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ FakeClock; no sleeps. Tests taking ``store`` run once per backend, on a real Pos
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -159,3 +160,20 @@ async def test_the_opt_in_survives_a_restart(open_memory: Opener) -> None:
         await s.set_user_enabled(6, False)
     async with open_memory() as s:
         assert s.user_enabled(5) and not s.user_enabled(6)
+
+
+async def test_on_postgresql_an_opt_in_reaches_the_other_processes(
+    pg_url: str, fake_clock: FakeClock
+) -> None:
+    async with PostgresStore(pg_url, process_name="a") as a, PostgresStore(pg_url, process_name="b") as b:
+        first, second = PgMemoryStore(a, clock=fake_clock), PgMemoryStore(b, clock=fake_clock)
+        await first.start()
+        await second.start()
+        await first.set_user_enabled(9, True)
+        async with asyncio.timeout(5):
+            while not second.user_enabled(9):
+                await asyncio.sleep(0.01)
+        await second.set_user_enabled(9, False)
+        async with asyncio.timeout(5):
+            while first.user_enabled(9):
+                await asyncio.sleep(0.01)
