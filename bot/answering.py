@@ -126,7 +126,9 @@ class Answerer:
             if not stream.started:
                 stream = None  # nothing was shown yet (a quick answer, a refusal): sent as usual
         usage = app.usage.record(inbound.author_id, inbound.guild_id, reply)
-        if hit is None and reply.ok and attached.empty and inbound.guild_id is not None:
+        # Only whole answers are kept: not one cut short (MAX_TOKENS), stopped (no finish reason), blank.
+        whole = reply.ok and reply.finish_reason == "STOP" and has_visible_text(reply.text)
+        if hit is None and whole and attached.empty and inbound.guild_id is not None:
             if cache_key:
                 app.answer_cache.put(inbound.guild_id, cache_key, reply)
             if settings.offline_answers and inbound.content and not item.payload.get("private"):

@@ -159,3 +159,20 @@ async def test_ask_offers_a_cached_answer_marked_and_dated_while_gemini_is_down(
     text = only_text(await run(live, "ask", {"prompt": "Pick a number"}))
     assert text.startswith(texts.ACK_MARK) and texts.CACHED_MARK not in text
     live.app.board.get("gemini").reset()
+
+
+async def test_with_streaming_on_a_cache_hit_is_sent_whole_and_a_streamed_answer_is_cached(
+    tmp_path: Path,
+) -> None:
+    async with running_emulators(heartbeat_interval=1.0) as emus:
+        world = emus.discord.world
+        world.add_member("manager", "mia", roles=[world.add_role("Manager", MANAGE_GUILD)])
+        async with live_bot(emus, tmp_path / "data", STREAMING="true", ANSWER_CACHE="true") as live:
+            live.bot.install_commands()
+            await live.bot.tree.sync()
+            await run(live, "settings", {"set": {"setting": "history", "value": "0"}}, user="manager")
+            first = await ask(live, "Pick a number")
+            calls = sum(1 for r in live.gemini.requests if r.action == "streamGenerateContent")
+            assert calls == 1
+            assert await ask(live, "Pick a number") == first
+            assert sum(1 for r in live.gemini.requests if r.action == "streamGenerateContent") == calls
