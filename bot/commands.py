@@ -208,7 +208,7 @@ class SlashCommands:
     def require_guild_manager(self, interaction: discord.Interaction, command: str) -> None:
         """One guild's settings: a member with Administrator or Manage Server, in that guild."""
         root = command.split()[0]
-        named = root if root in ("settings", "model") else "server"  # the sentences name the command
+        named = root if root in ("settings", "model", "memory") else "server"  # sentences name the command
         if interaction.guild_id is None:
             self._refuse(interaction, command, "a server", texts.server_only(named))
         perms = interaction.permissions

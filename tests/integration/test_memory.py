@@ -9,6 +9,7 @@ deterministic. What memory recalled is read from the ``<memory>`` block of the q
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,28 @@ async def test_with_streaming_on_a_cache_hit_is_sent_whole_and_a_streamed_answer
             assert calls == 1
             assert await ask(live, "Pick a number") == first
             assert sum(1 for r in live.gemini.requests if r.action == "streamGenerateContent") == calls
+
+
+async def test_memory_off_forget_one_and_a_servers_memory_by_its_managers_only(live: Live) -> None:
+    await run(live, "settings", {"set": {"setting": "memory", "value": "on"}}, user="manager")
+    await ask(live, FACT)  # remembered for the server (and not for Bob: his memory is off)
+    await remembered(live, 1)
+    other = live.discord.channels["other"]
+    await ask(live, QUESTION, channel=other, author="manager")  # anyone in the server gets the recall
+    assert FACT in last_question(live)
+    await remembered(live, 2)
+
+    shown = await memory(live, "show")
+    assert "Your memory is off" in shown and "This server's memory is on" in shown
+    found = re.search(r"\n`(\d+)` ", shown)  # the number of Bob's newest memory
+    assert found is not None
+    first = found.group(1)
+    assert "I forgot memory" in await memory(live, "forget", item=int(first))
+    assert "I have no memory" in await memory(live, "forget", item=int(first))
+
+    refused = await memory(live, "forget", server=True)
+    assert "needs the Manage Server permission" in refused
+    assert "I forgot this server's memory (1 thing)" in await memory(
+        live, "forget", user="manager", server=True
+    )
+    assert await live.app.memory.store.count() == 0  # type: ignore[union-attr]
