@@ -202,3 +202,18 @@ async def test_memory_off_forget_one_and_a_servers_memory_by_its_managers_only(l
         live, "forget", user="manager", server=True
     )
     assert await live.app.memory.store.count() == 0  # type: ignore[union-attr]
+
+
+async def test_on_postgresql_memory_lives_in_the_bots_database(tmp_path: Path, pg_url: str) -> None:
+    async with running_emulators(heartbeat_interval=1.0) as emus:
+        emus.discord.world.add_text_channel("other")
+        async with live_bot(emus, tmp_path / "data", DATABASE_URL=pg_url) as live:
+            live.bot.install_commands()
+            await live.bot.tree.sync()
+            assert "Your memory is on" in await memory(live, "on")
+            await ask(live, FACT)
+            await remembered(live, 1)
+            await ask(live, QUESTION, channel=live.discord.channels["other"])
+            assert FACT in last_question(live)
+            assert not (tmp_path / "data" / "memory.sqlite3").exists()
+            assert "I forgot everything you said" in await memory(live, "forget")
