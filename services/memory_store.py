@@ -6,8 +6,8 @@ can load the ``vec0`` extension here. Vectors are therefore stored as float32 BL
 brute-force cosine in Python over a bounded set: each owner (a user, a server) keeps at most
 ``max_items`` memories (the oldest go first), so one recall scores at most two owners' worth
 (2,000 by default, 256 floats each: about 25 ms of CPU on the 2-core development machine, in a
-worker thread so the event loop does not stall). With sqlite-vec loadable, the ``vector`` column would move to a ``vec0`` table;
-the interface here would not change.
+worker thread so the event loop does not stall). With sqlite-vec loadable, the ``vector`` column
+would move to a ``vec0`` table; the interface here would not change.
 
 The store is a file of its own (``DATA_DIR/memory.sqlite3``, owner-only, WAL), with its own
 migrations (``services/migrations/memory/NNNN_name.sql``), so semantic memory can be dropped or

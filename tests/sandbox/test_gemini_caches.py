@@ -101,3 +101,11 @@ async def test_an_embeddings_fault_hits_embeddings_only(emu, client) -> None:
     assert (await client.aio.models.generate_content(model="gemini-2.5-flash", contents="hello")).text
     with pytest.raises(errors.ServerError):
         await client.aio.models.embed_content(model="gemini-embedding-001", contents=["x"])
+
+
+def test_the_console_fault_command_can_target_embeddings_only() -> None:
+    from sandbox.console import parse_fault
+    from sandbox.gemini import FAULT_KINDS
+
+    spec = parse_fault(["503", "embeddings", "next", "2"], FAULT_KINDS)
+    assert spec["kind"] == "503" and spec["target"] == "embeddings" and spec["count"] == 2
