@@ -30,6 +30,7 @@ from resilience.registry import Service, ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.config import Config
+from services.context_cache import MAX_CACHES as CONTEXT_CACHES_MAX
 from services.context_cache import ContextCache
 from services.coordination import Coordination, LocalCoordination
 from services.datastore import DataStore, DataStoreService, PgDataStore, SharedState, SharedStateService
@@ -365,6 +366,13 @@ def build_application(
         context_cache=context_cache,
         coordination=coordination,
     )
+    # The caches of memory and caching, beside the others in the memory view (GET /api/health/memory).
+    answers_max = config.answer_cache_max_entries
+    http_api.sources.caches.update({
+        "answer_cache": BoundedCache(lambda: answer_cache.status()["answers"], answers_max),
+        "offline_answers": BoundedCache(lambda: answer_cache.status()["offline"], answers_max),
+        "context_caches": BoundedCache(lambda: len(context_cache.names()), CONTEXT_CACHES_MAX),
+    })
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected
     return app

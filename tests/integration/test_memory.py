@@ -137,6 +137,7 @@ async def test_the_answer_cache_hits_for_the_same_question_and_context_and_misse
     calls = generations(live)
     assert await ask(live, "Pick a number") == first and generations(live) == calls  # a hit
     assert live.app.answer_cache.status()["hits"] == 1
+    assert live.app.http_api.sources.caches["answer_cache"]() == 1  # in the memory view, with its bound
 
     await setting("persona", "You are a terse oracle.")  # another context: a miss
     await ask(live, "Pick a number")
