@@ -48,6 +48,8 @@ TOO_SMALL_RETRY_SECONDS = 86400.0
 CREATE_TIMEOUT_SECONDS = 5.0
 RENEW_MARGIN_SECONDS = 60.0
 RETRY_AFTER_SECONDS = 600.0
+STOP_WAIT_SECONDS = 2.0
+"""At shutdown, how long the deletions of this process's caches may take (they expire anyway)."""
 MAX_CACHES = 100
 """Caches this process keeps at most (personas x models); past it the least recently made is deleted."""
 T = TypeVar("T")
@@ -237,5 +239,7 @@ class ContextCache:
             self._delete_later(entry.name)
         self._entries.clear()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CREATE_TIMEOUT_SECONDS):
+            async with asyncio.timeout(STOP_WAIT_SECONDS):
                 await self.settle()
+        for task in list(self._tasks):
+            task.cancel()

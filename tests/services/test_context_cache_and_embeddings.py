@@ -187,3 +187,10 @@ async def test_a_persona_just_under_the_minimum_is_tried_once_and_not_again_for_
     creates = [r for r in emu.requests if r.action == "createCachedContent"]
     assert [r.outcome for r in creates] == ["refused:400"]
     assert all("systemInstruction" in r.body for r in generations(emu))
+
+
+async def test_stopping_the_service_deletes_the_caches_it_made(emu, gemini) -> None:
+    await gemini.generate("hello", persona=LONG)
+    assert len(emu.caches.caches) == 1
+    await gemini.stop()
+    assert emu.caches.caches == {} and gemini.context_cache.names() == []
