@@ -20,18 +20,20 @@ import discord
 import structlog
 
 from bot import conversations, grounding, long_answers, marks, moderation, streaming, texts, tools
-from bot.attachments import Attachments, Prepared, describe
+from bot.answer_cache import context_key
+from bot.attachments import Attachments, Prepared, describe, files_of
 from bot.history import LeftOutNotes, fit
 from bot.inbound import Inbound, Snowflake
 from bot.long_answers import AnswerFiles
 from bot.routing import Explanation, FailureRouter, Original
-from bot.settings import fallback_note, recent
+from bot.settings import Effective, fallback_note, recent
 from bot.splitting import has_visible_text, split_message
 from resilience.context import span
 from resilience.degradation import ItemKind, ItemState, QueueItem
 from resilience.errors import Category, classify
 from services.discord_io import PartialDeliveryError
 from services.gemini import Reply, ReplyKind
+from services.memory_store import Scope
 from services.storage import Turn, TurnInput, UsageRecord
 
 if TYPE_CHECKING:
@@ -66,6 +68,10 @@ class Answerer:
         app = self.app
         left_out = 0
         settings = app.effective(inbound.guild_id, inbound.chain)  # the server's /settings (memory)
+        owners: list[tuple[Scope, int]] = []
+        cache_key: str | None = None
+        hit: Reply | None = None
+        functions: tools.AnswerTools | None = None
         prefix = self._prefix(item, inbound, live)
         stream = self.streaming.open(
             item, inbound, channel, original=original, prefix=prefix, files=long_answers.can_attach(channel),
@@ -76,19 +82,35 @@ class Answerer:
                 history = await app.storage.history(inbound.key)
             history, left_out = fit(recent(history, settings.history), app.config.history_max_tokens)
             prompt, earlier = conversations.for_gemini(inbound, history)  # who said what, in a server
+            owners = app.memory.owners(
+                author_id=inbound.author_id, guild_id=inbound.guild_id, guild_on=settings.memory,
+                private=bool(item.payload.get("private")),
+            )
             async with app.discord_io.typing(channel):
                 async with asyncio.timeout(app.config.processing_timeout_seconds):
-                    # Files (bot.attachments): read, then sent with the question; none: generate.
                     # Functions Gemini may call here (bot.tools), run by our runtime between rounds.
                     functions = tools.for_answer(
                         app, settings, channel=channel, author_id=inbound.author_id,
                         question_id=inbound.message_id, author=getattr(original, "author", None),
                     )
-                    generating = self.attachments.generate(
-                        item.payload, prompt, inbound.key, earlier,
-                        tools=settings.tools, persona=settings.persona, options=settings.options(),
-                        observer=stream, functions=functions,
-                    )
+                    if owners:  # what was said long ago, when relevant (bot.memory); "" on any failure
+                        skip = {turn.text for turn in history}
+                        prompt = await app.memory.recall(inbound.content, owners, skip=skip) + prompt
+                    # An answer that may call functions is never cached: it depends on the moment, or acts.
+                    if functions is None:
+                        cache_key = self._cache_key(item, inbound, settings, prompt, earlier)
+                    if cache_key and inbound.guild_id is not None:
+                        hit = app.answer_cache.get(inbound.guild_id, cache_key)
+                    if hit is not None:
+                        log.info("answer_cache.hit", item=item.id)
+                        generating = _cached(hit)
+                    else:
+                        # Files (bot.attachments): read, then sent with the question; none: generate.
+                        generating = self.attachments.generate(
+                            item.payload, prompt, inbound.key, earlier,
+                            tools=settings.tools, persona=settings.persona, options=settings.options(),
+                            observer=stream, functions=functions,
+                        )
                     if stream is None:
                         reply, attached = await generating
                     else:  # shown as it is written; a Stop ends it with what was written
@@ -112,6 +134,14 @@ class Answerer:
             if not stream.started:
                 stream = None  # nothing was shown yet (a quick answer, a refusal): sent as usual
         usage = app.usage.record(inbound.author_id, inbound.guild_id, reply)
+        # Only whole answers are kept: not one cut short (MAX_TOKENS), stopped (no finish reason), blank.
+        whole = reply.ok and reply.finish_reason == "STOP" and has_visible_text(reply.text)
+        if hit is None and whole and attached.empty and inbound.guild_id is not None:
+            if cache_key:
+                app.answer_cache.put(inbound.guild_id, cache_key, reply)
+            offline = settings.offline_answers and functions is None
+            if offline and inbound.content and not item.payload.get("private"):
+                app.answer_cache.put_offline(inbound.guild_id, inbound.content, reply)
 
         turns: list[TurnRow] = []
         files: AnswerFiles | None = None
@@ -156,7 +186,25 @@ class Answerer:
             await moderation.record(app, inbound, reply, settings)  # the server's log of blocks, if any
         if turns and delivered != "error":
             await self.attachments.remember(inbound.key, inbound.message_id, attached)
+        if reply.ok and owners and delivered != "error" and inbound.content:
+            app.memory.remember(  # in the background: nobody waits for the embedding
+                owners, author_id=inbound.author_id, guild_id=inbound.guild_id, text=inbound.content,
+                answer=reply.text, said_at=item.created_at,
+            )
         return delivered
+
+    @staticmethod
+    def _cache_key(
+        item: QueueItem, inbound: Inbound, settings: Effective, prompt: str, history: Sequence[Turn]
+    ) -> str | None:
+        """The answer cache's key for this request (``bot.answer_cache``), or None when it is not
+        cached: the server's ``answer_cache`` setting off, a DM, a question with files."""
+        if not settings.answer_cache or inbound.guild_id is None or files_of(item.payload):
+            return None
+        return context_key(
+            prompt=prompt, history=history, persona=settings.persona, tools=settings.tools,
+            options=settings.options(),
+        )
 
     @staticmethod
     def _prefix(item: QueueItem, inbound: Inbound, live: bool) -> str:
@@ -346,6 +394,11 @@ def _fit(chunk: str, room: int = marks.ROOM) -> list[str]:
     if len(chunk) <= room or not has_visible_text(chunk):
         return [chunk]
     return split_message(chunk, limit=room)
+
+
+async def _cached(reply: Reply) -> tuple[Reply, Prepared]:
+    """An answer from the answer cache, as a generation returns it."""
+    return reply, Prepared()
 
 
 def _stopped(text: str) -> tuple[Reply, Prepared]:

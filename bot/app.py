@@ -15,8 +15,10 @@ from typing import Any
 
 import discord
 
+from bot.answer_cache import AnswerCache
 from bot.healing import MIB, Healer
 from bot.inbound import Inbound
+from bot.memory import SemanticMemory
 from bot.plugins import PluginHost
 from bot.ratelimit import RateLimiter
 from bot.settings import Effective, SettingsCache
@@ -38,13 +40,18 @@ from resilience.registry import Service, ServiceRegistry
 from resilience.retries import RetryBudget, RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
 from services.config import Config
+from services.context_cache import MAX_CACHES as CONTEXT_CACHES_MAX
+from services.context_cache import ContextCache
 from services.coordination import Coordination, LocalCoordination
 from services.datastore import DataStore, DataStoreService, PgDataStore, SharedState, SharedStateService
 from services.discord_io import DiscordIO
+from services.embeddings import Embedder
 from services.gemini import GeminiService, model_breaker_name
 from services.http_api import BoundedCache, HealthSources, HttpApi, LatencyWindow
+from services.memory_store import MemoryBackend, MemoryStore
 from services.metrics import Metrics
 from services.otel import OtelTracing
+from services.pg_memory_store import PgMemoryStore
 from services.pg_storage import PostgresStore
 from services.storage import SqliteStore
 from services.storage_protocol import Storage
@@ -81,6 +88,9 @@ class Application:
     tools: ToolRegistry
     """Functions Gemini may call (``bot.tools``); ``app.tools.register(tool)`` adds one (plugins)."""
     healer: Healer
+    memory: SemanticMemory
+    answer_cache: AnswerCache
+    context_cache: ContextCache
     # Plugins (bot.plugins): discord.py extensions, a registry service; the client attaches itself.
     plugins: PluginHost = field(default_factory=PluginHost)
     # Other processes on the same database (PostgreSQL), or none (SQLite: LocalCoordination).
@@ -132,6 +142,8 @@ class Application:
         stored = self.store.cached("guild_settings") or {}
         guilds = stored.get("guilds", {})
         self.settings.load(stored)
+        # A persona no longer in use anywhere: its Gemini context cache goes (services.context_cache).
+        self.context_cache.retain(self.settings.personas())
         self._guild_maintenance = {
             int(gid): (settings["maintenance"].get("message") or DEFAULT_MAINTENANCE_MESSAGE)
             for gid, settings in guilds.items()
@@ -338,6 +350,36 @@ def build_application(
         guild_daily=config.quota_guild_tokens_per_day,
         clock=clock,
     )
+    # Semantic memory (bot.memory): embeddings behind a breaker and a retry policy of their own, so an
+    # embedding outage never pauses answers; stored beside the queue (services.memory_store in its own
+    # SQLite file, services.pg_memory_store in the PostgreSQL database).
+    embed_retry = RetryPolicy(
+        "gemini.embed", max_attempts=2, base_delay=0.2, max_delay=1.0, hint_cap=2.0,
+        budget=RetryBudget(clock=clock), sleep=clock.sleep,
+    )
+    metrics.watch_retry_policy(embed_retry, "gemini.embed")
+    embedder = Embedder(
+        lambda: gemini.sdk_client,
+        model=config.memory_embedding_model,
+        dimensions=config.memory_embedding_dimensions,
+        breaker=board.add("gemini.embed"),
+        retry=embed_retry,
+    )
+    memory_store: MemoryBackend
+    if isinstance(storage, PostgresStore):  # in the shared database, so every process sees it
+        memory_store = PgMemoryStore(storage, max_items=config.memory_max_items, clock=clock)
+    else:
+        memory_path = data_dir / "memory.sqlite3"
+        memory_store = MemoryStore(memory_path, max_items=config.memory_max_items, clock=clock)
+    memory = SemanticMemory(
+        memory_store, embedder, clock=clock, max_tokens=config.memory_max_tokens, top_k=config.memory_top_k
+    )
+    context_cache = ContextCache(lambda: gemini.sdk_client, ttl=config.context_cache_ttl_seconds, clock=clock)
+    gemini.context_cache = context_cache
+    answer_cache = AnswerCache(
+        max_entries=config.answer_cache_max_entries, ttl=config.answer_cache_ttl_seconds, clock=clock
+    )
+    # Right after metrics: it answers /live and /ready while the others start, and stops last.
     # Watches the health assessment and repairs what it can (bot.healing); started after the
     # services it may restart, stopped before them.
     healer = Healer(
@@ -361,7 +403,8 @@ def build_application(
         clock=clock,
     )
     services: list[Service] = [
-        metrics, http_api, datastore, storage, usage, gemini, discord_io, plugins, healer
+        metrics, http_api, datastore, storage, usage, gemini, discord_io,
+        memory_store, memory, plugins, healer,
     ]
     if otel is not None:
         services.append(otel)  # last: the bot has stopped taking work when it flushes and stops
@@ -393,10 +436,20 @@ def build_application(
         settings=SettingsCache(config),
         tools=ToolRegistry(board, clock=clock, metrics=metrics),
         healer=healer,
+        memory=memory,
+        answer_cache=answer_cache,
+        context_cache=context_cache,
         coordination=coordination,
         plugins=plugins,
     )
     healer.registry = registry
+    # The caches of memory and caching, beside the others in the memory view (GET /api/health/memory).
+    answers_max = config.answer_cache_max_entries
+    http_api.sources.caches.update({
+        "answer_cache": BoundedCache(lambda: answer_cache.status()["answers"], answers_max),
+        "offline_answers": BoundedCache(lambda: answer_cache.status()["offline"], answers_max),
+        "context_caches": BoundedCache(lambda: len(context_cache.names()), CONTEXT_CACHES_MAX),
+    })
     http_api.sources.registry = registry
     http_api.sources.discord_connected = app.discord_connected
     return app

@@ -43,6 +43,7 @@ from bot.answering import Answerer
 from bot.conversations import speaker_label
 from bot.health import AVAILABILITY_DAYS, Availability
 from bot.inbound import Inbound, Snowflake, accept
+from bot.memory_commands import memory_group
 from bot.operations import (
     InvalidRequestError,
     OperationError,
@@ -207,7 +208,7 @@ class SlashCommands:
     def require_guild_manager(self, interaction: discord.Interaction, command: str) -> None:
         """One guild's settings: a member with Administrator or Manage Server, in that guild."""
         root = command.split()[0]
-        named = root if root in ("settings", "model") else "server"  # the sentences name the command
+        named = root if root in ("settings", "model", "memory") else "server"  # sentences name the command
         if interaction.guild_id is None:
             self._refuse(interaction, command, "a server", texts.server_only(named))
         perms = interaction.permissions
@@ -590,6 +591,8 @@ def help_text() -> str:
         "`/ask prompt:<question>` (add `private:True` to see the answer alone).\n"
         "I remember the recent conversation of each channel, thread and DM; `/reset` makes me forget it "
         "(in a server that needs the Manage Messages permission; your DM with me you can always reset).\n"
+        "**Long-term memory** is yours to choose: `/memory on` and I remember what you tell me and recall "
+        "it when it helps, anywhere; `/memory show` lists it, `/memory forget` deletes it.\n"
         "**When Gemini or Discord has trouble** I save your message, tell you it is queued, and answer it "
         "here as soon as I can; nothing you sent is lost.\n"
         "`/status` shows how I'm doing; `/usage` the Gemini tokens you used today (and your daily "
@@ -598,7 +601,8 @@ def help_text() -> str:
         "the channels where I answer every message, and the tools Google runs for my answers (search "
         "grounding with sources, reading links, running code); `/usage server:True` for its usage; "
         "`/settings` for how I answer here (persona, model, temperature, answer length, safety filter, "
-        "history, grounding, streaming, chat channels, auto-threads, a moderation log), for the whole "
+        "history, grounding, streaming, chat channels, auto-threads, a moderation log, the server's memory, "
+        "the answer cache, cached answers while Gemini is down), for the whole "
         "server or one category, channel, forum or thread; `/settings show` says what applies where. "
         "`/model` shows (and managers choose) the Gemini model; if it is overloaded, the next answers "
         "and says so.\n"
@@ -1074,7 +1078,7 @@ def setup_commands(
     command: app_commands.Command[Any, Any, None]
     for command in (ask, reset, status, help_, usage, model):
         tree.add_command(command, override=True)
-    for group in (*groups, settings_group):
+    for group in (*groups, settings_group, memory_group(commands)):
         tree.add_command(group, override=True)
     if guild_id is not None:
         # The test guild gets its own copies (synced there at once); refresh them too, or they

@@ -92,8 +92,28 @@ class FailureRouter:
             return "error"
         if live or not item.payload.get("acked"):
             position = await self.position(requeued)
-            await self.acknowledge(channel, original, texts.queued(verdict, position), requeued)
+            text = texts.queued(verdict, position)
+            offer = self.offline_answer(item)
+            if offer is not None:
+                text = f"{text}\n\n{offer}"
+            await self.acknowledge(channel, original, text, requeued)
         return "queued"
+
+    def offline_answer(self, item: QueueItem) -> str | None:
+        """For a ``/ask`` in a server whose ``offline_answers`` setting is on: an earlier answer to the
+        same question (``bot.answer_cache``), marked as cached and dated; else None."""
+        payload = item.payload
+        if not payload.get("interaction") or payload.get("guild_id") is None:
+            return None
+        inbound = Inbound.from_payload(payload)
+        assert inbound.guild_id is not None
+        if not self.app.effective(inbound.guild_id, inbound.chain).offline_answers:
+            return None
+        found = self.app.answer_cache.offline(inbound.guild_id, inbound.content)
+        if found is None:
+            return None
+        log.info("answer_cache.offline_offer", item=item.id)
+        return texts.cached_answer(found.reply.text, found.stored_at)
 
     def counts_against(
         self, verdict: Classification, breaker: str, *, suspects: frozenset[Category] = frozenset()

@@ -249,6 +249,19 @@ SETTINGS: dict[str, Setting] = {
             "modlog_text", "Log message text", "the moderation log quotes the blocked message", _flag,
             _on_off, server_only=True,
         ),
+        Setting(
+            "memory", "Server memory", "remember what is said here and recall it when relevant (bot.memory)",
+            _flag, _on_off, server_only=True,
+        ),
+        Setting(
+            "answer_cache", "Answer cache", "the same question in the same context gets the stored answer",
+            _flag, _on_off,
+        ),
+        Setting(
+            "offline_answers", "Cached answers offline",
+            "while Gemini is down, /ask shows an earlier answer to the same question, marked and dated",
+            _flag, _on_off, server_only=True,
+        ),
     )
 }
 """Every setting, in the order ``/settings show`` lists them."""
@@ -301,6 +314,9 @@ class Effective:
     """Functions Gemini may call (``bot.tools``): tool names and levels (read, write, admin)."""
     functions_by_guild: bool = False
     """Whether ``functions`` is the server's own choice (admin tools need it) or the bot's default."""
+    memory: bool = False
+    answer_cache: bool = False
+    offline_answers: bool = False
 
     def options(self) -> GenerationOptions:
         """The Gemini request options these settings make."""
@@ -366,6 +382,9 @@ class SettingsCache:
             "modlog_channel": None,
             "modlog_text": False,
             "functions": tuple(config.tools_default),
+            "memory": False,
+            "answer_cache": config.answer_cache,
+            "offline_answers": False,
         }
         self._guilds: dict[int, _Guild] = {}
         self._chat: dict[int, frozenset[int]] = {}
@@ -380,6 +399,7 @@ class SettingsCache:
             streaming=None,
             auto_thread=False,
             functions=tuple(config.tools_default),
+            answer_cache=config.answer_cache,
         )
 
     def load(self, data: Mapping[str, Any] | None) -> None:
@@ -449,7 +469,19 @@ class SettingsCache:
             modlog_text=bool(guild.server.get("modlog_text", False)),
             functions=tuple(values["functions"]),
             functions_by_guild=resolved["functions"][1] != DEFAULT,
+            memory=bool(values["memory"]),
+            answer_cache=bool(values["answer_cache"]),
+            offline_answers=bool(values["offline_answers"]),
         )
+
+    def personas(self) -> set[str]:
+        """Every persona some message may be answered with now (the bot's, each guild's, each place's)."""
+        found = {str(self.defaults["persona"])}
+        for guild in self._guilds.values():
+            if guild.server.get("persona"):
+                found.add(str(guild.server["persona"]))
+            found.update(str(v["persona"]) for v in guild.scopes.values() if v.get("persona"))
+        return found
 
     def explain(self, guild_id: int, chain: Sequence[int]) -> list[Explained]:
         """Every setting's value for ``chain`` in guild ``guild_id`` and where it comes from."""

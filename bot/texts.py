@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from resilience.errors import Classification
 
 # Acknowledgements start with this mark, so a restarted bot can tell "I only said it was
@@ -306,3 +308,19 @@ def duration(seconds: float) -> str:
     if seconds < 48 * 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+CACHED_MARK = "\U0001f4e6"  # package: an answer from the cache, not a fresh one
+CACHED_ANSWER_CHARS = 1400
+
+
+def cached_answer(text: str, stored_at: float) -> str:
+    """An earlier answer to the same question, offered while Gemini is down (``bot.answer_cache``):
+    marked as cached and dated, after the "queued" acknowledgement (which must come first: it starts
+    with ``ACK_MARK``)."""
+    when = dt.datetime.fromtimestamp(stored_at, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = text if len(text) <= CACHED_ANSWER_CHARS else text[: CACHED_ANSWER_CHARS - 1].rstrip() + "…"
+    return (
+        f"{CACHED_MARK} Meanwhile, a cached answer to the same question, from {when} (it may be out of "
+        f"date):\n\n{body}"
+    )

@@ -33,6 +33,7 @@ Type a line to send it as the current user in the current channel.
             safety prompt_block empty max_tokens drop      e.g. :fault gemini 503 30s
       params: 429 retry_delay=5s, latency seconds=2 (or dist=uniform low=1 high=3),
               stream_error mode=error|broken|hang after=N
+      MODEL embeddings: the memory's embedding calls only      e.g. :fault gemini 503 embeddings
   :fault discord [ROUTE] KIND [next N | 30s | p=0.5] [key=value ...]
       ROUTE: send edit react typing interaction gateway ...   e.g. :fault discord send 500 next 3
       KIND: 429 500 502 503 504 latency drop close disconnect reconnect invalid_session silent

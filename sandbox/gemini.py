@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox import functions, responder
+from sandbox import functions, gemini_caches, responder
 from sandbox.faults import Fault, FaultPlan
 
 API_KEY_HEADER = "x-goog-api-key"
@@ -44,7 +44,11 @@ LATEST_ALIASES = {
     "gemini-pro-latest": "gemini-2.5-pro",
 }
 ALIAS_VERSIONS = frozenset({"v1beta"})
-POST_ACTIONS = frozenset({"generateContent", "streamGenerateContent", "batchEmbedContents", "countTokens"})
+POST_ACTIONS = frozenset({
+    "generateContent", "streamGenerateContent", "batchEmbedContents", "embedContent", "countTokens"})
+# Faults with this target hit the embedding calls only (whatever embedding model is asked).
+EMBEDDINGS_TARGET = "embeddings"
+CACHED_TOKENS_KEY = "__cachedTokens"
 _EMBEDDING_ACTIONS = frozenset({"batchEmbedContents", "embedContent", "countTokens"})
 _GENERATION_ACTIONS = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
 FAULT_KINDS = (
@@ -625,6 +629,8 @@ class GeminiEmulator(FilesApi):
         self.file_lifetime = FILE_LIFETIME_SECONDS
         self.processing_gets: dict[str, int] = {"video": 2}
         self._uploads: dict[str, dict[str, Any]] = {}
+        # Explicit context caches (sandbox.gemini_caches); ``caches.clock`` is their expiry's wall clock.
+        self.caches = gemini_caches.ContextCaches(time.time, lambda: self.models)
 
     # lifecycle
 
@@ -678,6 +684,8 @@ class GeminiEmulator(FilesApi):
         except ValueError:
             body = raw.decode("utf-8", "replace")
         body = responder.normalised(body)
+        if request.path.strip("/").split("/")[1:2] == ["cachedContents"]:
+            return await self._cached_contents(request, body)
         parsed = parse_model_path(request.path)
         version, model, action = parsed if parsed else (None, None, None)
         headers = {k: ("***" if k.lower() == API_KEY_HEADER else v) for k, v in request.headers.items()}
@@ -712,8 +720,10 @@ class GeminiEmulator(FilesApi):
             rec.outcome = "bad_request"
             return web.json_response(error_body(400, "INVALID_ARGUMENT", problem), status=400)
         prompt = last_user_text(body).lower()
+        embedding = served is not None and is_embedding_model(served)
         fault = self.faults.pick(
             *(model, f"models/{model}") if model else ("models",),
+            *((EMBEDDINGS_TARGET,) if embedding else ()),
             accept=lambda f: f.kind not in FILE_FAULT_KINDS
             and str(f.params.get("prompt", "")).lower() in prompt,
         )
@@ -736,11 +746,21 @@ class GeminiEmulator(FilesApi):
         if action == "countTokens":
             return web.json_response({"totalTokens": self._usage(body, "")["promptTokenCount"]})
         if action == "batchEmbedContents":
-            return web.json_response(self._embeddings(body))
+            return web.json_response(gemini_caches.embeddings(body))
+        if action == "embedContent":
+            [vector] = gemini_caches.embeddings({"requests": [body]})["embeddings"]
+            return web.json_response({"embedding": vector})
         refused = self._check_file_parts(body)
         if refused is not None:
             rec.outcome = f"file_refused:{refused.status}"
             return refused
+        applied = self.caches.apply(model, body)
+        if isinstance(applied, web.Response):
+            rec.outcome = f"cache_refused:{applied.status}"
+            return applied
+        body, cached_tokens = applied
+        if cached_tokens:
+            body = {**body, CACHED_TOKENS_KEY: cached_tokens}  # read by _usage; never sent anywhere
         if action == "streamGenerateContent":
             return await self._stream(request, model, body, fault)
         answer = self._generate(model, body, fault)
@@ -831,6 +851,8 @@ class GeminiEmulator(FilesApi):
         prompt += responder.count_tokens(responder.text_of(body.get("systemInstruction")))
         answer = responder.count_tokens(text)
         usage = {"promptTokenCount": prompt, "totalTokenCount": prompt + answer}
+        if body.get(CACHED_TOKENS_KEY):  # an explicit context cache's tokens are part of the prompt's
+            usage["cachedContentTokenCount"] = int(body[CACHED_TOKENS_KEY])
         if answer:
             usage["candidatesTokenCount"] = answer
         return usage
@@ -1000,12 +1022,19 @@ class GeminiEmulator(FilesApi):
     def _event(doc: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(doc).encode() + b"\r\n\r\n"
 
-    def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Deterministic 8-dimensional embeddings derived from each text."""
-        out = []
-        for req in body.get("requests", []):
-            text = responder.text_of(req.get("content")) if isinstance(req, dict) else ""
-            rng = random.Random(text)
-            out.append({"values": [round(rng.uniform(-1, 1), 6) for _ in range(8)]})
-        return {"embeddings": out}
-
+    async def _cached_contents(self, request: web.Request, body: Any) -> web.StreamResponse:
+        """The ``cachedContents`` resources (``sandbox.gemini_caches``), recorded like every request."""
+        headers = {k: ("***" if k.lower() == API_KEY_HEADER else v) for k, v in request.headers.items()}
+        action = {"POST": "createCachedContent", "GET": "getCachedContent", "DELETE": "deleteCachedContent"}
+        version = request.path.strip("/").split("/")[0]
+        verb = action.get(request.method, request.method)
+        rec = RecordedRequest(request.method, request.path, None, version, verb, headers, summarised(body),
+                              self._clock())
+        self.requests.append(rec)
+        key = request.headers.get(API_KEY_HEADER) or request.query.get("key")
+        if key != self.api_key:
+            rec.outcome = "invalid_key"
+            return web.json_response(invalid_key_body(), status=400)
+        response = await self.caches.handle(request, body)
+        rec.outcome = "ok" if response.status == 200 else f"refused:{response.status}"
+        return response

@@ -50,8 +50,15 @@ def text_of(content: dict[str, Any] | None) -> str:
 SPEAKER = re.compile(r"^(?P<name>[^\n:()<>]{1,60}) \(<@(?P<id>\d{1,20})>\): ")
 
 
+# What a bot recalls from its long-term memory may come before the question, in <memory> tags (the
+# bot's semantic memory does so): the emulated model reads it as context, not as the question.
+MEMORY_BLOCK = re.compile(r"^<memory>.*?</memory>\s*", re.S)
+
+
 def split_speaker(text: str) -> tuple[str | None, str]:
-    """``("Name (<@id>)", rest)`` for a text that starts with a speaker label, else ``(None, text)``."""
+    """``("Name (<@id>)", rest)`` for a text that starts with a speaker label, else ``(None, text)``
+    (a leading ``<memory>`` block is left out of both)."""
+    text = MEMORY_BLOCK.sub("", text, count=1)
     found = SPEAKER.match(text)
     if found is None:
         return None, text

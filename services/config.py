@@ -134,6 +134,16 @@ class Config:
     tools_max_rounds: int = 5
     tools_total_seconds: float = 20.0
     tools_log_payloads: bool = False
+    # Semantic memory (bot/memory.py) and caching (bot/answer_cache.py, services/context_cache.py)
+    memory_embedding_model: str = "gemini-embedding-001"
+    memory_embedding_dimensions: int = 256
+    memory_top_k: int = 5
+    memory_max_tokens: int = 600
+    memory_max_items: int = 1000
+    answer_cache: bool = False
+    answer_cache_max_entries: int = 1000
+    answer_cache_ttl_seconds: float = 3600.0
+    context_cache_ttl_seconds: float = 3600.0
     quota_user_tokens_per_day: int = 0
     quota_guild_tokens_per_day: int = 0
     retry_max_attempts: int = 3
@@ -548,6 +558,18 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "tools_max_rounds": _Number(int, 1, 10),
     "tools_total_seconds": _Number(float, 1, 300),
     "tools_log_payloads": _bool,
+    "memory_embedding_model": _model,
+    # gemini-embedding-001 gives 128 to 3,072 dimensions (Google recommends 768, 1,536 or 3,072);
+    # fewer make the brute-force recall cheaper (services/memory_store.py).
+    "memory_embedding_dimensions": _Number(int, 128, 3072),
+    "memory_top_k": _Number(int, 1, 50),
+    "memory_max_tokens": _Number(int, 50, 100_000),
+    "memory_max_items": _Number(int, 10, 100_000),
+    "answer_cache": _bool,
+    "answer_cache_max_entries": _Number(int, 1, 1_000_000),
+    "answer_cache_ttl_seconds": _Number(float, 1, 30 * 86400),
+    # 0 turns the context cache off; Gemini's caches live at least a minute.
+    "context_cache_ttl_seconds": _Number(float, 0, 7 * 86400),
     # 0 = unlimited.
     "quota_user_tokens_per_day": _Number(int, 0, 10**12),
     "quota_guild_tokens_per_day": _Number(int, 0, 10**12),

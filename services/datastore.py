@@ -183,12 +183,15 @@ SCOPED_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "auto_thread": (_is_bool, "true or false"),
     "functions": (lambda v: isinstance(v, list | tuple) and len(v) <= 32 and all(
         isinstance(n, str) and 0 < len(n) <= 64 for n in v), "a list of at most 32 function names"),
+    "answer_cache": (_is_bool, "true or false"),
 }
 """Settings a guild may set for itself and override per category, channel, forum or thread."""
 SERVER_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **SCOPED_SETTING_CHECKS,
     "modlog_channel": (lambda v: _is_int(v) and v > 0, "a channel id"),
     "modlog_text": (_is_bool, "true or false"),
+    "memory": (_is_bool, "true or false"),
+    "offline_answers": (_is_bool, "true or false"),
 }
 """Settings of the whole guild (the scoped ones, and its moderation log)."""
 

@@ -66,6 +66,7 @@ from resilience.errors import (
 )
 from resilience.retries import RetryPolicy
 from resilience.timeouts import AdaptiveTimeout
+from services.context_cache import ContextCache
 from services.metrics import Metrics
 from services.storage import Turn
 from services.tools import FunctionCall, FunctionCaller
@@ -337,6 +338,8 @@ class GeminiService:
         # model -> monotonic time to ask again about a model Gemini answered 404 for.
         self._missing: dict[str, float] = {}
         self._missing_error: errors.APIError | None = None
+        # Context caches for long personas (services.context_cache), attached by the application.
+        self.context_cache: ContextCache | None = None
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -355,6 +358,8 @@ class GeminiService:
 
     async def stop(self) -> None:
         """Close the client's sessions; safe to call twice."""
+        if self._client is not None and self.context_cache is not None:
+            await self.context_cache.stop()  # its deletions need the client
         client, self._client = self._client, None
         if client is None:
             return
@@ -746,9 +751,12 @@ class GeminiService:
         try:
             with span("gemini.attempt", dependency="gemini", model=model, streamed=merged is not None):
                 if observer is not None and merged is not None:
+                    streamed_config = config
+                    if self.context_cache is not None:
+                        streamed_config = await self.context_cache.config_for(model, config)
                     await read_stream(
                         lambda: client.aio.models.generate_content_stream(
-                            model=model, contents=contents, config=config
+                            model=model, contents=contents, config=streamed_config
                         ),
                         merged,
                         observer,
@@ -757,10 +765,7 @@ class GeminiService:
                     response = merged.response()
                 else:
                     response = await self.timeout.call(
-                        lambda: client.aio.models.generate_content(
-                            model=model, contents=contents, config=config
-                        ),
-                        OPERATION,
+                        lambda: self._send(client, model, contents, config), OPERATION
                     )
         except Exception as exc:
             if observer is not None and merged is not None and merged.shown:
@@ -799,6 +804,23 @@ class GeminiService:
         self._count_tokens(reply)
         self.last_success = self._clock.time()
         return reply
+
+    async def _send(
+        self,
+        client: genai.Client,
+        model: str,
+        contents: list[types.ContentDict],
+        config: types.GenerateContentConfigDict,
+    ) -> types.GenerateContentResponse:
+        """One ``generate_content``, naming the persona's context cache when it has one
+        (``services.context_cache``)."""
+
+        def call(chosen: types.GenerateContentConfigDict) -> Awaitable[types.GenerateContentResponse]:
+            return client.aio.models.generate_content(model=model, contents=contents, config=chosen)
+
+        if self.context_cache is None:
+            return await call(config)
+        return await self.context_cache.send(model, config, call)
 
     def _admit(self) -> Lease:
         """A breaker lease; while held open for the quota, the rejection says so."""

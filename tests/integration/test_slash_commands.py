@@ -423,7 +423,8 @@ async def test_admin_and_server_groups_carry_their_default_permissions_in_the_sy
     assert synced["server"]["contexts"] == [0] and synced["server"]["dm_permission"] is False  # guilds only
     assert str(synced["settings"]["default_member_permissions"]) == "32"  # Manage Server
     user_commands = [c for name, c in synced.items() if name not in ("admin", "server", "settings")]
-    assert {c["name"] for c in user_commands} == {"ask", "reset", "status", "help", "usage", "model"}
+    names = {c["name"] for c in user_commands}
+    assert names == {"ask", "reset", "status", "help", "usage", "model", "memory"}
     assert all(c.get("default_member_permissions") is None for c in user_commands)
 
 

@@ -159,7 +159,7 @@ async def test_stream_last_chunk_carries_finish_reason_and_usage(client):
 async def test_embed_content_returns_one_deterministic_vector_per_text(emu, client):
     a = await client.aio.models.embed_content(model="gemini-embedding-001", contents=["alpha", "beta"])
     b = await client.aio.models.embed_content(model="gemini-embedding-001", contents=["alpha"])
-    assert len(a.embeddings) == 2 and len(a.embeddings[0].values) == 8
+    assert len(a.embeddings) == 2 and len(a.embeddings[0].values) == 3072  # gemini-embedding-001's size
     assert a.embeddings[0].values == b.embeddings[0].values != a.embeddings[1].values
     assert emu.requests[-1].action == "batchEmbedContents"
 
