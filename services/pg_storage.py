@@ -185,22 +185,28 @@ _ADD_USAGE_SQL = """INSERT INTO token_usage (day, user_id, guild_id, model, call
         cached_tokens = token_usage.cached_tokens + EXCLUDED.cached_tokens"""
 
 # Housekeeping's deletions, each of at most $n rows through an index; SKIP LOCKED: a row another
-# transaction holds is left for the next round rather than waited for.
+# transaction holds is left for the next round rather than waited for. The rows are chosen once, in
+# a MATERIALIZED CTE: as ``WHERE id IN (SELECT ... LIMIT n)`` PostgreSQL may run the sub-select
+# again (a nested-loop rescan, a concurrent update), and with SKIP LOCKED each run picks other rows,
+# so more than n went (seen under load: the batch's room went negative).
 _PRUNE_FINISHED_SQL = (
-    "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE state IN ('done', 'dead', 'expired') "
-    "AND state = $1 AND finished_at < $2 LIMIT $3 FOR UPDATE SKIP LOCKED)"
+    "WITH doomed AS MATERIALIZED (SELECT id FROM queue WHERE state IN ('done', 'dead', 'expired') "
+    "AND state = $1 AND finished_at < $2 LIMIT $3 FOR UPDATE SKIP LOCKED) "
+    "DELETE FROM queue q USING doomed WHERE q.id = doomed.id"
 )
 _PRUNE_TURNS_SQL = (
-    "DELETE FROM turns WHERE id IN (SELECT id FROM turns WHERE created_at < $1 LIMIT $2 "
-    "FOR UPDATE SKIP LOCKED)"
+    "WITH doomed AS MATERIALIZED (SELECT id FROM turns WHERE created_at < $1 LIMIT $2 "
+    "FOR UPDATE SKIP LOCKED) DELETE FROM turns t USING doomed WHERE t.id = doomed.id"
 )
 _PRUNE_PROCESSED_SQL = (
-    "DELETE FROM processed WHERE message_id IN (SELECT message_id FROM processed WHERE processed_at < $1 "
-    "LIMIT $2 FOR UPDATE SKIP LOCKED)"
+    "WITH doomed AS MATERIALIZED (SELECT message_id FROM processed WHERE processed_at < $1 "
+    "LIMIT $2 FOR UPDATE SKIP LOCKED) "
+    "DELETE FROM processed p USING doomed WHERE p.message_id = doomed.message_id"
 )
 _PRUNE_USAGE_SQL = (
-    "DELETE FROM token_usage WHERE (day, user_id, guild_id, model) IN (SELECT day, user_id, guild_id, "
-    "model FROM token_usage WHERE day < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+    "WITH doomed AS MATERIALIZED (SELECT day, user_id, guild_id, model FROM token_usage WHERE day < $1 "
+    "LIMIT $2 FOR UPDATE SKIP LOCKED) DELETE FROM token_usage u USING doomed WHERE u.day = doomed.day "
+    "AND u.user_id = doomed.user_id AND u.guild_id = doomed.guild_id AND u.model = doomed.model"
 )
 
 # SQLSTATEs that say "the database is not there now", not "this statement is wrong": connection
@@ -828,8 +834,9 @@ class PostgresStore:
         async def body(conn: asyncpg.Connection) -> int:
             return _status_count(
                 await conn.execute(
-                    "DELETE FROM attachment_refs WHERE id IN (SELECT id FROM attachment_refs "
-                    "WHERE created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    "WITH doomed AS MATERIALIZED (SELECT id FROM attachment_refs WHERE created_at < $1 "
+                    "LIMIT $2 FOR UPDATE SKIP LOCKED) DELETE FROM attachment_refs a USING doomed "
+                    "WHERE a.id = doomed.id",
                     cutoff, HOUSEKEEPING_BATCH_ROWS,
                 )
             )
@@ -1297,7 +1304,7 @@ class PostgresStore:
             for name, sql, args in targets:
                 deleted[name] = _status_count(await conn.execute(sql, *args, room))
                 room -= deleted[name]
-                if room == 0:
+                if room <= 0:
                     break
             return deleted
 
