@@ -77,6 +77,7 @@ ALLOWED_IMPORTS = frozenset(
         "discord.ui",
         "discord.utils",
         "structlog",
+        "services.tools",  # the plugin API for functions Gemini may call (Tool, Safety)
     }
 )
 FORBIDDEN_NAMES = frozenset(

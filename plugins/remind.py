@@ -150,15 +150,11 @@ class Reminders(commands.Cog):
         self.task: asyncio.Task[None] | None = None
 
     async def cog_load(self) -> None:
-        tools = getattr(self.desk.app, "tools", None)
-        if tools is not None:
-            tools.register(self.tool())
+        self.desk.app.tools.register(self.tool())
         self.task = asyncio.create_task(self.run())
 
     async def cog_unload(self) -> None:
-        tools = getattr(self.desk.app, "tools", None)
-        if tools is not None:
-            tools.unregister(TOOL_NAME)
+        self.desk.app.tools.unregister(TOOL_NAME)
         if self.task is not None:
             self.task.cancel()
             await asyncio.wait({self.task}, timeout=5.0)
@@ -169,7 +165,7 @@ class Reminders(commands.Cog):
         async def set_reminder(ctx: Any, args: dict[str, Any]) -> dict[str, Any]:
             said = await self.desk.add(
                 user_id=ctx.invoker_id,
-                channel_id=getattr(ctx.channel, "id", 0),
+                channel_id=ctx.channel.id,
                 guild_id=ctx.guild.id if ctx.guild is not None else None,
                 source_id=ctx.question_id,
                 when=str(args["when"]),
