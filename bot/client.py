@@ -38,6 +38,7 @@ from bot.streaming import Regenerator
 from bot.views import AnswerButtons
 from resilience.errors import CallTimeoutError, CircuitOpenError
 from resilience.tasks import SupervisedTask, exponential_backoff
+from services.config import SHARD_AUTO
 from services.coordination import HEARTBEAT_SECONDS
 from services.http_api import BoundedCache
 from services.storage import StorageError
@@ -385,3 +386,43 @@ class GeminiBot(commands.Bot):
         finally:
             await self.app.registry.stop_all()
             log.info("bot.stopped")
+
+    def shard_ids_held(self) -> tuple[int, ...] | None:
+        """The shards whose gateway events this process receives; None when it is not sharded."""
+        return None
+
+
+class ShardedGeminiBot(GeminiBot, commands.AutoShardedBot):
+    """The same bot on discord.py's ``AutoShardedClient``: one gateway session per shard it holds.
+
+    ``SHARD_COUNT`` is the bot's total (``auto``: what ``GET /gateway/bot`` recommends) and
+    ``SHARD_IDS`` the shards of this process (empty: all of them). A guild's events arrive on shard
+    ``(guild_id >> 22) % shard_count``, DMs on shard 0 (Discord docs, Gateway "Sharding"); REST works
+    from any process, so the drain answers every queued item wherever its guild's shard is held.
+    """
+
+    def __init__(
+        self, app: Application, *, drain_interval: float = 1.0, check_models: bool = True, **options: object
+    ) -> None:
+        config = app.config
+        count = None if config.shard_count == SHARD_AUTO else config.shard_count
+        ids = list(config.shard_ids) or None
+        super().__init__(
+            app, drain_interval=drain_interval, check_models=check_models, shard_count=count, shard_ids=ids,
+            **options,
+        )
+
+    def shard_ids_held(self) -> tuple[int, ...] | None:
+        if self.shard_ids is not None:
+            return tuple(self.shard_ids)
+        if self.shard_count is None:
+            return ()  # asking Discord for the count: not known yet
+        return tuple(range(self.shard_count))
+
+
+def make_bot(
+    app: Application, *, drain_interval: float = 1.0, check_models: bool = True, **options: object
+) -> GeminiBot:
+    """The bot for ``app``'s configuration: sharded when ``SHARD_COUNT`` is set, else one session."""
+    kind = ShardedGeminiBot if app.config.sharded else GeminiBot
+    return kind(app, drain_interval=drain_interval, check_models=check_models, **options)
