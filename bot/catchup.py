@@ -22,6 +22,15 @@ older than that is not answered (an hour-old question out of the blue helps nobo
 
 A read that fails (no Read Message History there: 403 50001; Discord down; the breaker open)
 skips that channel, with a log line; its messages stay unanswered, like any the bot never saw.
+
+While a channel waits for its catch-up or is being read, its live messages wait behind it
+(``defer``, at most ``MAX_MESSAGES`` a channel) and are handed over after the missed ones, so a
+conversation is answered in the order it was written.
+
+A process that takes over a shard (a sharded bot restarted, or started after another died) has
+no watch of its own: ``take_over`` notes the channels of its shards in which the database holds
+messages accepted in the last ``MAX_AGE`` (by any process), each from the newest one there, and
+the first ``ready`` reads them like a reconnect.
 """
 
 from __future__ import annotations
@@ -140,6 +149,8 @@ class Catchup:
         self._slots = asyncio.Semaphore(concurrency)
         self._connects = 0
         self._pending: dict[int, int] = {}
+        self._reading: set[int] = set()  # channels being read now
+        self._deferred: dict[int, list[discord.Message]] = {}  # live messages waiting behind them
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -152,6 +163,26 @@ class Catchup:
         for channel_id, after in self.watch.snapshot(max_age=self.max_age).items():
             self._pending[channel_id] = min(after, self._pending.get(channel_id, after))
         log.info("catchup.reidentified", channels=len(self._pending))
+
+    def take_over(self, marks: dict[int, int]) -> None:
+        """Before the first connect: read these channels (id -> the message id to read after) once
+        ready, as after a reconnect (a process taking over shards another process held)."""
+        for channel_id, after in list(marks.items())[: self.watch.max_channels]:
+            self._pending[channel_id] = min(after, self._pending.get(channel_id, after))
+        if marks:
+            log.info("catchup.taking_over", channels=len(self._pending))
+
+    def defer(self, message: discord.Message) -> bool:
+        """Keep a live message of a channel that waits for (or is in) its catch-up, to be handed
+        over after the missed ones; False (handle it now) for any other channel, or a full one."""
+        channel_id = message.channel.id
+        if self._closing or (channel_id not in self._pending and channel_id not in self._reading):
+            return False
+        waiting = self._deferred.setdefault(channel_id, [])
+        if len(waiting) >= self.max_messages:
+            return False
+        waiting.append(message)
+        return True
 
     def ready(self) -> None:
         """The client is ready: read the noted channels (unless a catch-up is running: it goes on
@@ -180,6 +211,7 @@ class Catchup:
     async def _run(self) -> None:
         while self._pending and not self._closing:
             pending, self._pending = self._pending, {}
+            self._reading.update(pending)  # live messages keep waiting until each channel is read
             results = await asyncio.gather(
                 *(self._channel(cid, after) for cid, after in pending.items()), return_exceptions=True
             )
@@ -191,8 +223,25 @@ class Catchup:
             log.info("catchup.done", channels=len(pending), read=read, messages=fed)
 
     async def _channel(self, channel_id: int, after: int) -> int | None:
-        """Hand the addressed messages of one channel after ``after`` to intake, oldest first;
-        how many were handed over (intake drops those it has seen), None when unreadable."""
+        """Hand the addressed messages of one channel after ``after`` to intake, oldest first,
+        then the live ones that waited behind them; how many were read and handed over (intake
+        drops those it has seen), None when unreadable."""
+        self._reading.add(channel_id)
+        try:
+            fed = await self._read_channel(channel_id, after)
+            # Live messages that came meanwhile, in order; those coming while these are handed
+            # over wait too (the channel is still being read until none is left).
+            while waiting := self._deferred.pop(channel_id, None):
+                for message in waiting:
+                    if self._closing:
+                        break
+                    await self._handle(message)
+            return fed
+        finally:
+            self._reading.discard(channel_id)
+            self._deferred.pop(channel_id, None)
+
+    async def _read_channel(self, channel_id: int, after: int) -> int | None:
         async with self._slots:  # a few channels at a time, reading and answering alike
             try:
                 channel = await self.app.channel(channel_id)

@@ -211,6 +211,7 @@ class GeminiBot(commands.Bot):
         if self._closed:
             return  # close() was called meanwhile; it stops what was started
         self.app.reload_settings()
+        await self._take_over()
         await self._learn_owners()
         if self._check_models:
             # Warnings only, bounded: a missing model or an unreachable Gemini never stops the start.
@@ -232,6 +233,9 @@ class GeminiBot(commands.Bot):
         self.health.start()
         self.heartbeat.start()
         log.info("bot.services_started", services=self.app.registry.order)
+
+    async def _take_over(self) -> None:
+        """What a process that takes over shards reads back at its first ready (none unsharded)."""
 
     async def _take_up_operations_state(self) -> None:
         """End the incidents a dead process left open and take up its alert states (before the
@@ -348,6 +352,8 @@ class GeminiBot(commands.Bot):
         watch = self.catchup.watch
         if self.intake.is_for_me(message):
             watch.active(message.channel.id, message.id)
+            if self.catchup.defer(message):
+                return  # its channel's missed messages come first (bot.catchup)
             await self.intake.on_message(message)
             return
         me = self.user
@@ -392,6 +398,10 @@ class GeminiBot(commands.Bot):
         return None
 
 
+TAKE_OVER_ITEMS = 5000
+"""Accepted messages looked at when taking over shards (the newest; their channels are read back)."""
+
+
 class ShardedGeminiBot(GeminiBot, commands.AutoShardedBot):
     """The same bot on discord.py's ``AutoShardedClient``: one gateway session per shard it holds.
 
@@ -411,6 +421,31 @@ class ShardedGeminiBot(GeminiBot, commands.AutoShardedBot):
             app, drain_interval=drain_interval, check_models=check_models, shard_count=count, shard_ids=ids,
             **options,
         )
+
+    async def _take_over(self) -> None:
+        """Note the channels of this process's shards where users spoke in the last hour (any
+        process accepted it), each from the newest message accepted there: the first ready reads
+        what was said after it, which no process received while the shard had no session."""
+        held, count = set(self.shard_ids_held() or ()), self.shard_count
+        if not held or not count:
+            return  # SHARD_COUNT=auto: the count comes with the gateway, after this
+        since = self.app.clock.time() - self.catchup.max_age
+        try:
+            payloads = await self.app.storage.recent_inbound(since, TAKE_OVER_ITEMS)
+        except StorageError as exc:
+            log.warning("catchup.take_over_unreadable", error=type(exc).__name__)
+            return
+        marks: dict[int, int] = {}
+        for payload in payloads:  # newest first: the most recently active channels first
+            try:
+                guild_id, channel_id = payload.get("guild_id"), int(payload["channel_id"])
+                message_id = int(payload["message_id"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            shard = 0 if guild_id is None else (int(guild_id) >> 22) % count
+            if shard in held:
+                marks[channel_id] = max(marks.get(channel_id, 0), message_id)
+        self.catchup.take_over(marks)
 
     def shard_ids_held(self) -> tuple[int, ...] | None:
         if self.shard_ids is not None:

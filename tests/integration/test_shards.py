@@ -37,7 +37,9 @@ class Shard:
 
 
 @contextlib.asynccontextmanager
-async def shard_process(emus: Emulators, data_dir: Path, database_url: str, shard: int) -> AsyncIterator[Shard]:
+async def shard_process(
+    emus: Emulators, data_dir: Path, database_url: str, shard: int
+) -> AsyncIterator[Shard]:
     environ = {
         **emus.settings(), **TEST_SETTINGS, "DATA_DIR": str(data_dir), "LOG_FORMAT": "console",
         "DATABASE_URL": database_url, "DATABASE_POOL_SIZE": "4",
@@ -116,3 +118,31 @@ async def test_each_shard_receives_its_guilds_and_every_message_is_answered_once
                     await process.bot._beat()
                 rows = await a.bot.operations.processes(by="test")
                 assert sorted(r["state"]["shards"]["ids"] for r in rows) == [[0], [1]]
+
+
+async def test_a_shard_process_started_after_its_shard_had_no_session_reads_back_what_was_said(
+    pg_url: str, pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Shard 1's process stops; users keep writing in its guild (no process receives that: Discord
+    delivers a shard's events to its session only); the next process of shard 1 reads those
+    messages back from the channel and answers each once, in order, before the live ones."""
+    async with running_emulators(heartbeat_interval=1.0) as emus:
+        emu = emus.discord
+        gid = emu.world.add_guild("shard-1", shard=(1, SHARDS))
+        channel = emu.world.add_text_channel("chat", guild_id=gid)
+        say = emu.send_user_message
+        with pointed_at(emu):
+            async with shard_process(emus, tmp_path / "a", pg_url, 0):
+                async with shard_process(emus, tmp_path / "b", pg_url, 1):
+                    first = await say(channel, author="normal", content="before", mentions_bot=True)
+                    await emu.wait_until(lambda: bool(answers(emus, channel, str(first["id"]))), 10)
+                await emu.wait_until(lambda: 1 not in emu.shard_sessions, 5)
+                missed = [await say(channel, author="normal", content=f"missed {n}", mentions_bot=True)
+                          for n in range(4)]
+                async with shard_process(emus, tmp_path / "b", pg_url, 1):
+                    live = await say(channel, author="normal", content="live", mentions_bot=True)
+                    ids = [str(m["id"]) for m in (first, *missed, live)]
+                    await emu.wait_until(lambda: all(answers(emus, channel, i) for i in ids), 20)
+                    assert [len(answers(emus, channel, i)) for i in ids] == [1] * len(ids)
+                    order = [answers(emus, channel, i)[0].id for i in ids]
+                    assert order == sorted(order), "answers out of order"
