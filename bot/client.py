@@ -11,6 +11,7 @@ clicks on buttons an earlier process drew still work). Nothing below imports thi
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import discord
 import structlog
@@ -421,20 +422,35 @@ class ShardedGeminiBot(GeminiBot, commands.AutoShardedBot):
             app, drain_interval=drain_interval, check_models=check_models, shard_count=count, shard_ids=ids,
             **options,
         )
+        # Set at start-up when another process held these shards: read back the channels with a
+        # message after this id (its last heartbeat) at the first ready.
+        self._gap_after: int | None = None
 
     async def _take_over(self) -> None:
-        """Note the channels of this process's shards where users spoke in the last hour (any
-        process accepted it), each from the newest message accepted there: the first ready reads
-        what was said after it, which no process received while the shard had no session."""
+        """What no process received while this process's shards had no session, read back at the
+        first ready (bot.catchup): the channels where the database holds messages of the last hour
+        (from the newest one accepted there), and, when another process held these shards before
+        (its heartbeat row says so), every channel of their guilds with a message since its last
+        heartbeat (Discord's ``last_message_id`` in GUILD_CREATE). Live messages wait meanwhile."""
         held, count = set(self.shard_ids_held() or ()), self.shard_count
         if not held or not count:
             return  # SHARD_COUNT=auto: the count comes with the gateway, after this
-        since = self.app.clock.time() - self.catchup.max_age
+        now = self.app.clock.time()
+        since = now - self.catchup.max_age
         try:
             payloads = await self.app.storage.recent_inbound(since, TAKE_OVER_ITEMS)
+            processes = await self.app.coordination.processes()
         except StorageError as exc:
             log.warning("catchup.take_over_unreadable", error=type(exc).__name__)
             return
+        beats = [
+            p.beat_at for p in processes
+            if not p.this and held & set((p.state.get("shards") or {}).get("ids") or ())
+        ]
+        if beats:
+            # From a heartbeat before its last: what arrived just before it may not be accepted yet.
+            gap_start = max(since, max(beats) - HEARTBEAT_SECONDS)
+            self._gap_after = discord.utils.time_snowflake(datetime.fromtimestamp(gap_start, UTC))
         marks: dict[int, int] = {}
         for payload in payloads:  # newest first: the most recently active channels first
             try:
@@ -445,7 +461,20 @@ class ShardedGeminiBot(GeminiBot, commands.AutoShardedBot):
             shard = 0 if guild_id is None else (int(guild_id) >> 22) % count
             if shard in held:
                 marks[channel_id] = max(marks.get(channel_id, 0), message_id)
-        self.catchup.take_over(marks)
+        self.catchup.take_over(marks, hold=bool(marks) or self._gap_after is not None)
+
+    async def on_ready(self) -> None:
+        gap_after, self._gap_after = self._gap_after, None
+        if gap_after is not None:
+            # Channels of this process's guilds with a message since the shards were last held.
+            active: dict[int, int] = {}
+            for guild in self.guilds:
+                channels: list[discord.TextChannel | discord.Thread] = [*guild.text_channels, *guild.threads]
+                for channel in channels:
+                    if channel.last_message_id is not None and channel.last_message_id > gap_after:
+                        active[channel.id] = gap_after
+            self.catchup.take_over(active)
+        await super().on_ready()
 
     def shard_ids_held(self) -> tuple[int, ...] | None:
         if self.shard_ids is not None:

@@ -125,11 +125,14 @@ async def test_a_shard_process_started_after_its_shard_had_no_session_reads_back
 ) -> None:
     """Shard 1's process stops; users keep writing in its guild (no process receives that: Discord
     delivers a shard's events to its session only); the next process of shard 1 reads those
-    messages back from the channel and answers each once, in order, before the live ones."""
+    messages back and answers each once, in order, before the live ones: in a channel it had
+    answered in (from the database) and in one where nobody had spoken before (from the guild's
+    channels whose last message is newer than the previous holder's last heartbeat)."""
     async with running_emulators(heartbeat_interval=1.0) as emus:
         emu = emus.discord
         gid = emu.world.add_guild("shard-1", shard=(1, SHARDS))
         channel = emu.world.add_text_channel("chat", guild_id=gid)
+        quiet = emu.world.add_text_channel("quiet", guild_id=gid)
         say = emu.send_user_message
         with pointed_at(emu):
             async with shard_process(emus, tmp_path / "a", pg_url, 0):
@@ -139,6 +142,7 @@ async def test_a_shard_process_started_after_its_shard_had_no_session_reads_back
                 await emu.wait_until(lambda: 1 not in emu.shard_sessions, 5)
                 missed = [await say(channel, author="normal", content=f"missed {n}", mentions_bot=True)
                           for n in range(4)]
+                new = await say(quiet, author="normal", content="first words here", mentions_bot=True)
                 async with shard_process(emus, tmp_path / "b", pg_url, 1):
                     live = await say(channel, author="normal", content="live", mentions_bot=True)
                     ids = [str(m["id"]) for m in (first, *missed, live)]
@@ -146,3 +150,5 @@ async def test_a_shard_process_started_after_its_shard_had_no_session_reads_back
                     assert [len(answers(emus, channel, i)) for i in ids] == [1] * len(ids)
                     order = [answers(emus, channel, i)[0].id for i in ids]
                     assert order == sorted(order), "answers out of order"
+                    await emu.wait_until(lambda: bool(answers(emus, quiet, str(new["id"]))), 10)
+                    assert len(answers(emus, quiet, str(new["id"]))) == 1
