@@ -138,7 +138,13 @@ async def test_three_shards_one_killed_mid_run_and_restarted_nothing_lost_or_dou
             if killed_at is None and n >= MESSAGES // 2:
                 # Slow Gemini a moment (under its timeout), so that the victim holds claims when it dies.
                 slow = gemini.faults.add("latency", value=1.5)
-                await discord.wait_until(lambda: bool(claimed_by(pg_server, pg_url, victim.proc.pid)), 15)
+                pid = victim.proc.pid
+                try:
+                    await discord.wait_until(lambda: bool(claimed_by(pg_server, pg_url, victim.proc.pid)), 15)
+                except TimeoutError:
+                    names = pg_server.fetch(pg_url, "SELECT name FROM processes")
+                    raise AssertionError(f"shard {VICTIM} ({pid}) held no claim within 15 s: {names} "
+                                         f"{discord.shard_sessions}") from None
                 held = claimed_by(pg_server, pg_url, victim.proc.pid)
                 assert victim.proc.kill() == -9
                 killed_at = time.monotonic()
@@ -176,7 +182,7 @@ async def test_three_shards_one_killed_mid_run_and_restarted_nothing_lost_or_dou
             states = pg_server.fetch(
                 pg_url, f"SELECT DISTINCT state FROM queue WHERE id IN ({','.join(map(str, held))})"
             )
-            assert states == [("done",)], states
+            assert set(states) <= {("done",)}, states  # finished (done rows may be deleted already)
             releasers = [
                 name for name, api in (("survivor", s) for s in survivors) if any(
                     r.get("event") == "queue.released_claims_of_gone_process" for r in api.proc.logs()
@@ -207,7 +213,7 @@ async def test_three_shards_one_killed_mid_run_and_restarted_nothing_lost_or_dou
             f"{tally.as_dict()['told_why']} told why, "
             f"{tally.lost} lost, {tally.duplicated} duplicated, {tally.out_of_order} channels out of order; "
             f"{len(held)} items claimed by the killed process, released by {releasers}; "
-            f"{caught_up} missed messages read back by the restarted process; "
+            f"{caught_up} messages handed to intake by its read-back (those already answered dropped there); "
             f"gemini force-open seen by the other two in {seen_after * 1000:.0f} ms; "
             f"injected {injected.counts()}"
         )
