@@ -384,7 +384,9 @@ class DiscordEmulator:
       works for ``interaction_token_lifetime`` (15 min), then 401 50027 Invalid Webhook Token.
     - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
       ``invalidate_session()``, ``set_silent(bool)``, ``connected``, ``identify_count``,
-      ``resume_count``, ``session_lifetime``, ``live_sessions``, ``expired_sessions``.
+      ``resume_count``, ``session_lifetime``, ``live_sessions``, ``expired_sessions``;
+      sharding: ``shard_sessions`` (shard id -> live connections), ``recommended_shards`` (what
+      ``GET /gateway/bot`` answers; default one per 1,000 guilds), ``world.add_guild(shard=...)``.
     - recording: ``requests``, ``sent_messages(channel_id)``, ``history(channel_id)``,
       ``interaction_log(id)``, ``commands``, ``typing``, ``reactions(message_id)``.
     - waiting: ``wait_for_bot_message(channel_id, count, timeout)``, ``wait_until(pred, timeout)``,
