@@ -113,7 +113,7 @@ async def _measure(processes: int, url: str, quick: bool) -> dict[str, Any]:
             ]
         settings = {
             **SimulationOptions().child_settings(), "DATABASE_URL": url, "DATABASE_POOL_SIZE": "4",
-            "SHARD_COUNT": str(processes), "LOG_LEVEL": "WARNING", "GEMINI_TIMEOUT_SECONDS": "10",
+            "SHARD_COUNT": str(processes), "GEMINI_TIMEOUT_SECONDS": "10",
         }
         with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
             children = []
