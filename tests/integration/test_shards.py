@@ -152,3 +152,32 @@ async def test_a_shard_process_started_after_its_shard_had_no_session_reads_back
                     assert order == sorted(order), "answers out of order"
                     await emu.wait_until(lambda: bool(answers(emus, quiet, str(new["id"]))), 10)
                     assert len(answers(emus, quiet, str(new["id"]))) == 1
+
+
+async def test_shard_count_auto_takes_discord_s_recommendation_and_holds_every_shard(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """``SHARD_COUNT=auto``: discord.py asks ``GET /gateway/bot`` (the emulator recommends 2) and
+    opens a session for each shard in this one process (5 s apart, discord.py's IDENTIFY pace)."""
+    async with running_emulators(heartbeat_interval=1.0) as emus:
+        emus.discord.recommended_shards = 2
+        environ = {
+            **emus.settings(), **TEST_SETTINGS, "DATA_DIR": str(tmp_path / "a"), "LOG_FORMAT": "console",
+            "DATABASE_URL": pg_url, "DATABASE_POOL_SIZE": "4", "SHARD_COUNT": "auto",
+        }
+        app = build_application(load_config(environ=environ, env_file=None))
+        bot = make_bot(app, guild_ready_timeout=0.05, drain_interval=0.05, check_models=False)
+        with pointed_at(emus.discord):
+            task = asyncio.create_task(bot.start(app.config.discord_token or ""))
+            try:
+                async with asyncio.timeout(20):
+                    while not bot.is_ready():
+                        if task.done():
+                            task.result()
+                        await asyncio.sleep(0.01)
+                assert emus.discord.shard_sessions == {0: 1, 1: 1}
+                assert app.discord_shards() == {"count": 2, "ids": [0, 1], "open": [0, 1]}
+            finally:
+                await bot.close()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 10)
