@@ -172,12 +172,30 @@ class Application:
         return await self.channel(int(item.payload["channel_id"]))
 
     def discord_connected(self) -> bool:
-        """Logged in and holding an open gateway socket (``is_ready`` stays set across reconnects)."""
+        """Logged in and holding an open gateway socket (``is_ready`` stays set across reconnects);
+        sharded, one open socket per shard this process holds."""
         client = self.client
+        if isinstance(client, discord.AutoShardedClient):
+            shards = client.shards
+            return (
+                client.is_ready() and not client.is_closed() and bool(shards)
+                and not any(info.is_closed() for info in shards.values())
+            )
         ws = client.ws if client is not None else None
         return (
             client is not None and client.is_ready() and not client.is_closed() and ws is not None and ws.open
         )
+
+    def discord_shards(self) -> dict[str, Any] | None:
+        """This process's shards for its heartbeat row and ``/status``: the total count, the ids it
+        holds and those whose session is open; None when the bot is not sharded."""
+        client = self.client
+        if not isinstance(client, discord.AutoShardedClient):
+            return None
+        count = client.shard_count
+        held = list(client.shard_ids) if client.shard_ids is not None else list(range(count or 0))
+        open_ids = sorted(i for i, info in client.shards.items() if not info.is_closed())
+        return {"count": count, "ids": held, "open": open_ids}
 
     def drain_wake(self) -> None:
         """Run the drain now (after a requeue, a reset, an operator's action), when one runs here."""

@@ -22,6 +22,15 @@ older than that is not answered (an hour-old question out of the blue helps nobo
 
 A read that fails (no Read Message History there: 403 50001; Discord down; the breaker open)
 skips that channel, with a log line; its messages stay unanswered, like any the bot never saw.
+
+While a channel waits for its catch-up or is being read, its live messages wait behind it
+(``defer``, at most ``MAX_MESSAGES`` a channel) and are handed over after the missed ones, so a
+conversation is answered in the order it was written.
+
+A process that takes over a shard (a sharded bot restarted, or started after another died) has
+no watch of its own: ``take_over`` notes the channels of its shards in which the database holds
+messages accepted in the last ``MAX_AGE`` (by any process), each from the newest one there, and
+the first ``ready`` reads them like a reconnect.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ MAX_MESSAGES = 100
 """Messages read per channel after the last one the bot saw there (one page of Discord's history)."""
 MAX_AGE = 3600.0
 """Seconds: channels not active for this long are not read, messages older than this not answered."""
+TAKE_OVER_CHANNELS = 1000
+"""Channels a process taking over shards reads back at most (those active most recently first)."""
 CONCURRENCY = 4
 """Channels caught up at once (read, then answered in order): a reconnect must not become a burst."""
 
@@ -139,7 +150,11 @@ class Catchup:
         self.max_age = max_age
         self._slots = asyncio.Semaphore(concurrency)
         self._connects = 0
-        self._pending: dict[int, int] = {}
+        # channel -> the message id to read after (None: nothing to read, only live messages held)
+        self._pending: dict[int, int | None] = {}
+        self._holding_all = False  # taking over: every live message waits until the first ready
+        self._reading: set[int] = set()  # channels being read now
+        self._deferred: dict[int, list[discord.Message]] = {}  # live messages waiting behind them
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -150,12 +165,47 @@ class Catchup:
         if self._connects == 1:
             return
         for channel_id, after in self.watch.snapshot(max_age=self.max_age).items():
-            self._pending[channel_id] = min(after, self._pending.get(channel_id, after))
+            self._note(channel_id, after)
         log.info("catchup.reidentified", channels=len(self._pending))
+
+    def _note(self, channel_id: int, after: int | None) -> None:
+        """Read ``channel_id`` after ``after`` (the older mark wins; None: only hand over what waits)."""
+        if channel_id not in self._pending or self._pending[channel_id] is None:
+            self._pending[channel_id] = after
+        elif after is not None:
+            self._pending[channel_id] = min(after, self._pending[channel_id] or after)
+
+    def take_over(self, marks: dict[int, int], *, hold: bool = False) -> None:
+        """Read these channels (id -> the message id to read after) at the next ready, as after a
+        reconnect: a process taking over shards another process held. With ``hold``, every live
+        message waits until then (the channels to read are known only once the guilds arrived)."""
+        for channel_id, after in list(marks.items())[:TAKE_OVER_CHANNELS]:
+            self._note(channel_id, after)
+        self._holding_all = self._holding_all or hold
+        if marks:
+            log.info("catchup.taking_over", channels=len(self._pending))
+
+    def defer(self, message: discord.Message) -> bool:
+        """Keep a live message of a channel that waits for (or is in) its catch-up, to be handed
+        over after the missed ones; False (handle it now) for any other channel, or a full one."""
+        channel_id = message.channel.id
+        waits = self._holding_all or channel_id in self._pending or channel_id in self._reading
+        if self._closing or not waits:
+            return False
+        waiting = self._deferred.setdefault(channel_id, [])
+        if len(waiting) >= self.max_messages:
+            return False
+        waiting.append(message)
+        return True
 
     def ready(self) -> None:
         """The client is ready: read the noted channels (unless a catch-up is running: it goes on
-        with them when it is done)."""
+        with them when it is done); live messages held for a take-over go on in their order."""
+        if self._holding_all:
+            self._holding_all = False
+            for channel_id in list(self._deferred):
+                if channel_id not in self._reading:
+                    self._note(channel_id, None)
         if self._closing or not self._pending:
             return
         if self._task is None or self._task.done():
@@ -180,6 +230,7 @@ class Catchup:
     async def _run(self) -> None:
         while self._pending and not self._closing:
             pending, self._pending = self._pending, {}
+            self._reading.update(pending)  # live messages keep waiting until each channel is read
             results = await asyncio.gather(
                 *(self._channel(cid, after) for cid, after in pending.items()), return_exceptions=True
             )
@@ -190,9 +241,26 @@ class Catchup:
             read = sum(1 for n in results if isinstance(n, int))
             log.info("catchup.done", channels=len(pending), read=read, messages=fed)
 
-    async def _channel(self, channel_id: int, after: int) -> int | None:
-        """Hand the addressed messages of one channel after ``after`` to intake, oldest first;
-        how many were handed over (intake drops those it has seen), None when unreadable."""
+    async def _channel(self, channel_id: int, after: int | None) -> int | None:
+        """Hand the addressed messages of one channel after ``after`` to intake, oldest first,
+        then the live ones that waited behind them; how many were read and handed over (intake
+        drops those it has seen), None when unreadable."""
+        self._reading.add(channel_id)
+        try:
+            fed = 0 if after is None else await self._read_channel(channel_id, after)
+            # Live messages that came meanwhile, in order; those coming while these are handed
+            # over wait too (the channel is still being read until none is left).
+            while waiting := self._deferred.pop(channel_id, None):
+                for message in waiting:
+                    if self._closing:
+                        break
+                    await self._handle(message)
+            return fed
+        finally:
+            self._reading.discard(channel_id)
+            self._deferred.pop(channel_id, None)
+
+    async def _read_channel(self, channel_id: int, after: int) -> int | None:
         async with self._slots:  # a few channels at a time, reading and answering alike
             try:
                 channel = await self.app.channel(channel_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 import discord
 import structlog
@@ -44,6 +45,7 @@ from bot.tools import ToolConfirmation, builtin_tools
 from bot.views import AnswerButtons
 from resilience.errors import CallTimeoutError, CircuitOpenError
 from resilience.tasks import SupervisedTask, exponential_backoff
+from services.config import SHARD_AUTO
 from services.coordination import HEARTBEAT_SECONDS
 from services.http_api import BoundedCache
 from services.storage import StorageError
@@ -279,6 +281,7 @@ class GeminiBot(commands.Bot):
         if self._closed:
             return  # close() was called meanwhile; it stops what was started
         self.app.reload_settings()
+        await self._take_over()
         await self._learn_owners()
         if self._check_models:
             # Warnings only, bounded: a missing model or an unreachable Gemini never stops the start.
@@ -302,6 +305,9 @@ class GeminiBot(commands.Bot):
         self.health.start()
         self.heartbeat.start()
         log.info("bot.services_started", services=self.app.registry.order)
+
+    async def _take_over(self) -> None:
+        """What a process that takes over shards reads back at its first ready (none unsharded)."""
 
     async def _take_up_operations_state(self) -> None:
         """End the incidents a dead process left open and take up its alert states (before the
@@ -440,6 +446,8 @@ class GeminiBot(commands.Bot):
         watch = self.catchup.watch
         if self.intake.is_for_me(message):
             watch.active(message.channel.id, message.id)
+            if self.catchup.defer(message):
+                return  # its channel's missed messages come first (bot.catchup)
             await self.intake.on_message(message)
             return
         me = self.user
@@ -480,3 +488,100 @@ class GeminiBot(commands.Bot):
         finally:
             await self.app.registry.stop_all()
             log.info("bot.stopped")
+
+    def shard_ids_held(self) -> tuple[int, ...] | None:
+        """The shards whose gateway events this process receives; None when it is not sharded."""
+        return None
+
+
+TAKE_OVER_ITEMS = 5000
+"""Accepted messages looked at when taking over shards (the newest; their channels are read back)."""
+
+
+class ShardedGeminiBot(GeminiBot, commands.AutoShardedBot):
+    """The same bot on discord.py's ``AutoShardedClient``: one gateway session per shard it holds.
+
+    ``SHARD_COUNT`` is the bot's total (``auto``: what ``GET /gateway/bot`` recommends) and
+    ``SHARD_IDS`` the shards of this process (empty: all of them). A guild's events arrive on shard
+    ``(guild_id >> 22) % shard_count``, DMs on shard 0 (Discord docs, Gateway "Sharding"); REST works
+    from any process, so the drain answers every queued item wherever its guild's shard is held.
+    """
+
+    def __init__(
+        self, app: Application, *, drain_interval: float = 1.0, check_models: bool = True, **options: object
+    ) -> None:
+        config = app.config
+        count = None if config.shard_count == SHARD_AUTO else config.shard_count
+        ids = list(config.shard_ids) or None
+        super().__init__(
+            app, drain_interval=drain_interval, check_models=check_models, shard_count=count, shard_ids=ids,
+            **options,
+        )
+        # Set at start-up when another process held these shards: read back the channels with a
+        # message after this id (its last heartbeat) at the first ready.
+        self._gap_after: int | None = None
+
+    async def _take_over(self) -> None:
+        """What no process received while this process's shards had no session, read back at the
+        first ready (bot.catchup): the channels where the database holds messages of the last hour
+        (from the newest one accepted there), and, when another process held these shards before
+        (its heartbeat row says so), every channel of their guilds with a message since its last
+        heartbeat (Discord's ``last_message_id`` in GUILD_CREATE). Live messages wait meanwhile."""
+        held, count = set(self.shard_ids_held() or ()), self.shard_count
+        if not held or not count:
+            return  # SHARD_COUNT=auto: the count comes with the gateway, after this
+        now = self.app.clock.time()
+        since = now - self.catchup.max_age
+        try:
+            payloads = await self.app.storage.recent_inbound(since, TAKE_OVER_ITEMS)
+            processes = await self.app.coordination.processes()
+        except StorageError as exc:
+            log.warning("catchup.take_over_unreadable", error=type(exc).__name__)
+            return
+        beats = [
+            p.beat_at for p in processes
+            if not p.this and held & set((p.state.get("shards") or {}).get("ids") or ())
+        ]
+        if beats:
+            # From a heartbeat before its last: what arrived just before it may not be accepted yet.
+            gap_start = max(since, max(beats) - HEARTBEAT_SECONDS)
+            self._gap_after = discord.utils.time_snowflake(datetime.fromtimestamp(gap_start, UTC))
+        marks: dict[int, int] = {}
+        for payload in payloads:  # newest first: the most recently active channels first
+            try:
+                guild_id, channel_id = payload.get("guild_id"), int(payload["channel_id"])
+                message_id = int(payload["message_id"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            shard = 0 if guild_id is None else (int(guild_id) >> 22) % count
+            if shard in held:
+                marks[channel_id] = max(marks.get(channel_id, 0), message_id)
+        self.catchup.take_over(marks, hold=bool(marks) or self._gap_after is not None)
+
+    async def on_ready(self) -> None:
+        gap_after, self._gap_after = self._gap_after, None
+        if gap_after is not None:
+            # Channels of this process's guilds with a message since the shards were last held.
+            active: dict[int, int] = {}
+            for guild in self.guilds:
+                channels: list[discord.TextChannel | discord.Thread] = [*guild.text_channels, *guild.threads]
+                for channel in channels:
+                    if channel.last_message_id is not None and channel.last_message_id > gap_after:
+                        active[channel.id] = gap_after
+            self.catchup.take_over(active)
+        await super().on_ready()
+
+    def shard_ids_held(self) -> tuple[int, ...] | None:
+        if self.shard_ids is not None:
+            return tuple(self.shard_ids)
+        if self.shard_count is None:
+            return ()  # asking Discord for the count: not known yet
+        return tuple(range(self.shard_count))
+
+
+def make_bot(
+    app: Application, *, drain_interval: float = 1.0, check_models: bool = True, **options: object
+) -> GeminiBot:
+    """The bot for ``app``'s configuration: sharded when ``SHARD_COUNT`` is set, else one session."""
+    kind = ShardedGeminiBot if app.config.sharded else GeminiBot
+    return kind(app, drain_interval=drain_interval, check_models=check_models, **options)

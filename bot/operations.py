@@ -1590,6 +1590,7 @@ def process_state(app: Application, *, drain_running: bool) -> dict[str, Any]:
         "discord": app.discord_connected(),
         "drain": drain_running,
         "queue_new_messages": app.queue_new_messages,
+        "shards": app.discord_shards(),
     }
 
 
@@ -1622,6 +1623,9 @@ def describe_processes(rows: list[ProcessRow], heartbeat: float) -> str:
             continue
         state = row["state"]
         parts = [str(state.get("mode", "starting"))]
+        shards = state.get("shards")
+        if shards:
+            parts.insert(0, _describe_shards(shards))
         not_closed = [f"{n} {s}" for n, s in (state.get("breakers") or {}).items() if s != "closed"]
         if not_closed:
             parts.append(", ".join(not_closed))
@@ -1631,6 +1635,17 @@ def describe_processes(rows: list[ProcessRow], heartbeat: float) -> str:
         silent = " (silent)" if age > SILENT_AFTER_BEATS * heartbeat else ""
         lines.append(f"{name}: {'; '.join(parts)}; heartbeat {age:.0f} s ago{silent}")
     return "\n".join(lines)
+
+
+def _describe_shards(shards: dict[str, Any]) -> str:
+    """``shards 1 of 3`` (``shards 0, 2 of 4``), with those whose gateway session is not open."""
+    held = [int(i) for i in shards.get("ids") or []]
+    plural = "s" if len(held) != 1 else ""
+    text = f"shard{plural} {', '.join(map(str, held)) or '?'} of {shards.get('count') or '?'}"
+    down = sorted(set(held) - {int(i) for i in shards.get("open") or []})
+    if down:
+        text += f" ({', '.join(map(str, down))} not connected)"
+    return text
 
 
 def _active_overrides(overrides: dict[str, dict[str, Any]], now: float) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ import discord
 import structlog
 
 from bot.app import build_application, point_discord_at
-from bot.client import GeminiBot
+from bot.client import make_bot
 from resilience.errors import ServiceStartError, classify
 from services.config import Config
 from services.datadir import DataDirLockedError
@@ -61,7 +61,7 @@ async def serve(config: Config, *, token: str, banner: bool = False) -> int:
         log.warning("config.warning", setting=warning.name, problem=warning.problem, fix=warning.fix)
     point_discord_at(config.discord_api_base, config.discord_gateway_url)
     app = build_application(config)
-    bot = GeminiBot(app)
+    bot = make_bot(app)
     if banner:
 
         async def announce() -> None:

@@ -76,6 +76,16 @@ A client that closes with 1000 or 1001 ends its session at once (same page).
 
 The gateway records presence updates (op 3) in ``presences`` (the last one: ``presence``).
 
+Sharding, like Discord's (discord-api-docs ``docs/topics/Gateway.md``, "Sharding"): a client may
+IDENTIFY with ``shard: [shard_id, num_shards]``, one gateway session per shard. A guild's events go
+to the session of shard ``(guild_id >> 22) % num_shards`` ("Sharding Formula"), and "DMs will only
+be sent to shard 0"; READY lists, and GUILD_CREATE is sent for, the shard's guilds only, and READY
+carries the ``shard`` pair back. A shard id not below the count is closed with 4010 (Invalid shard).
+An unsharded session (no ``shard``) is shard 0 of 1: it receives everything. ``GET /gateway/bot``
+recommends ``shards`` (``recommended_shards``, else one per 1,000 guilds as Discord sizes it;
+Discord requires sharding from 2,500 guilds). ``World.add_guild(..., shard=(id, count))`` makes a
+guild whose id falls on that shard; ``shard_sessions`` tells which shards are connected.
+
 Rate limits (``rate_limits``, a :class:`sandbox.discord_state.RateLimits` on the emulator's
 ``clock``): every request Discord serves counts against its route's bucket for its channel (or
 guild, webhook), and every answer carries ``X-RateLimit-Limit``/``-Remaining``/``-Reset``/
@@ -287,12 +297,20 @@ class InteractionRecord:
         return out + [f.content for f in self.followups]
 
 
+def shard_of(guild_id: int | None, shard_count: int) -> int:
+    """The shard that receives a guild's events; DMs (no guild) go to shard 0 (Gateway.md, "Sharding")."""
+    return 0 if guild_id is None else (guild_id >> 22) % shard_count
+
+
 class _Session:
     """A gateway session: survives a disconnect for a while, so a RESUME can replay what was missed."""
 
-    def __init__(self, session_id: str, intents: int, buffer_size: int) -> None:
+    def __init__(
+        self, session_id: str, intents: int, buffer_size: int, shard: tuple[int, int] = (0, 1)
+    ) -> None:
         self.id = session_id
         self.intents = intents
+        self.shard = shard  # (shard_id, num_shards); (0, 1) for an unsharded session
         self.seq = 0
         self.buffer: deque[dict[str, Any]] = deque(maxlen=buffer_size)
         self.conn: _Connection | None = None
@@ -304,6 +322,11 @@ class _Session:
     def expired(self, now: float, lifetime: float) -> bool:
         """Dropped longer ago than ``lifetime``: Discord no longer knows it."""
         return self.conn is None and self.detached_at is not None and now - self.detached_at >= lifetime
+
+    def receives(self, guild_id: int | None) -> bool:
+        """Whether an event of ``guild_id`` (None: a DM or no guild) belongs to this session's shard."""
+        shard_id, count = self.shard
+        return shard_of(guild_id, count) == shard_id
 
 
 class _Connection:
@@ -361,7 +384,9 @@ class DiscordEmulator:
       works for ``interaction_token_lifetime`` (15 min), then 401 50027 Invalid Webhook Token.
     - gateway control: ``close_gateway(code)``, ``cut_gateway()``, ``send_reconnect()``,
       ``invalidate_session()``, ``set_silent(bool)``, ``connected``, ``identify_count``,
-      ``resume_count``, ``session_lifetime``, ``live_sessions``, ``expired_sessions``.
+      ``resume_count``, ``session_lifetime``, ``live_sessions``, ``expired_sessions``;
+      sharding: ``shard_sessions`` (shard id -> live connections), ``recommended_shards`` (what
+      ``GET /gateway/bot`` answers; default one per 1,000 guilds), ``world.add_guild(shard=...)``.
     - recording: ``requests``, ``sent_messages(channel_id)``, ``history(channel_id)``,
       ``interaction_log(id)``, ``commands``, ``typing``, ``reactions(message_id)``.
     - waiting: ``wait_for_bot_message(channel_id, count, timeout)``, ``wait_until(pred, timeout)``,
@@ -383,6 +408,7 @@ class DiscordEmulator:
         session_lifetime: float = SESSION_LIFETIME_SECONDS,
         interaction_token_lifetime: float = INTERACTION_TOKEN_LIFETIME_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        recommended_shards: int | None = None,
     ) -> None:
         self.token = token
         self.host = host
@@ -395,6 +421,7 @@ class DiscordEmulator:
         self.session_lifetime = session_lifetime
         self.interaction_token_lifetime = interaction_token_lifetime
         self.world = World()
+        self.recommended_shards = recommended_shards
         # Discord's REST rate limits, on ``clock`` (a test can move it with the client's loop time)
         self.rate_limits = RateLimits(clock)
         # bounded: a long sandbox or chaos session must not grow without limit
@@ -501,6 +528,15 @@ class DiscordEmulator:
     def connected(self) -> bool:
         """True while a client holds a live (identified or resumed) gateway connection."""
         return any(s.conn is not None for s in self._sessions.values())
+
+    @property
+    def shard_sessions(self) -> dict[int, int]:
+        """Shard id -> live connections of that shard (an unsharded session counts as shard 0)."""
+        counts: dict[int, int] = {}
+        for session in self._sessions.values():
+            if session.conn is not None:
+                counts[session.shard[0]] = counts.get(session.shard[0], 0) + 1
+        return counts
 
     @property
     def live_sessions(self) -> int:
@@ -958,17 +994,24 @@ class DiscordEmulator:
         if data.get("token") != self.token:
             await conn.close(4004)
             return
+        shard = _shard_pair(data.get("shard"))
+        if shard is None:
+            await conn.close(4010)  # Invalid shard (Gateway.md, "Gateway Close Event Codes")
+            return
         self.identify_count += 1
-        # one bot per emulator: a fresh IDENTIFY supersedes sessions nobody is attached to
-        for sid in [sid for sid, s in self._sessions.items() if s.conn is None]:
+        # one bot per emulator: a fresh IDENTIFY supersedes its shard's sessions nobody is attached to
+        for sid in [sid for sid, s in self._sessions.items() if s.conn is None and s.shard == shard]:
             del self._sessions[sid]
-        session = _Session(secrets.token_hex(16), int(data.get("intents", 0)), self.buffer_size)
+        session = _Session(secrets.token_hex(16), int(data.get("intents", 0)), self.buffer_size, shard)
         self._sessions[session.id] = session
         session.conn = conn
         conn.session = session
-        ready = self.world.ready_payload(session.id, self.gateway_url)
+        guilds = [gid for gid in self.world.guilds if session.receives(gid)]
+        ready = self.world.ready_payload(session.id, self.gateway_url, guilds=guilds)
+        if "shard" in data:
+            ready["shard"] = list(shard)
         await self._emit(session, "READY", ready, check=False)
-        for gid in self.world.guilds:
+        for gid in guilds:
             guild = self.world.guild_create_payload(session.intents, gid)
             await self._emit(session, "GUILD_CREATE", guild, check=False)
         await self._notify()
@@ -1010,10 +1053,14 @@ class DiscordEmulator:
             self.expired_sessions += 1
 
     async def _dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send an event to every session (buffered for replay while a dropped one can be resumed)."""
+        """Send an event to every session of its guild's shard (buffered for replay while a dropped
+        one can be resumed); an event without a guild goes to shard 0."""
         self._expire_sessions()
+        gid = data.get("guild_id")
+        guild_id = int(gid) if gid is not None else None
         for session in list(self._sessions.values()):
-            await self._emit(session, event, self._visible(session, event, data))
+            if session.receives(guild_id):
+                await self._emit(session, event, self._visible(session, event, data))
 
     def _visible(self, session: _Session, event: str, data: dict[str, Any]) -> dict[str, Any]:
         """Blank message content the way Discord does for a bot without the message-content intent."""
@@ -1208,7 +1255,10 @@ class DiscordEmulator:
         return _json(200, self.world.application_payload())
 
     async def _get_gateway(self, request: web.Request, body: Any) -> web.Response:
-        return _json(200, {"url": self.gateway_url, "shards": 1,
+        # Discord recommends a shard per 1,000 guilds (Gateway.md, "Sharding": "each shard can
+        # only support a maximum of 2500 guilds", and the recommendation leaves room to grow).
+        shards = self.recommended_shards or max(1, math.ceil(len(self.world.guilds) / 1000))
+        return _json(200, {"url": self.gateway_url, "shards": shards,
                            "session_start_limit": {"total": 1000, "remaining": 1000,
                                                    "reset_after": 0, "max_concurrency": 1}})
 
@@ -1695,6 +1745,17 @@ class DiscordEmulator:
         if message is record.original:
             record.original = None
         return web.Response(status=204)
+
+
+def _shard_pair(value: Any) -> tuple[int, int] | None:
+    """IDENTIFY's ``shard`` as ``(shard_id, num_shards)``: ``(0, 1)`` when absent, None when invalid."""
+    if value is None:
+        return (0, 1)
+    try:
+        shard_id, count = (int(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (shard_id, count) if count >= 1 and 0 <= shard_id < count else None
 
 
 def _resource(request: web.Request) -> str:

@@ -247,9 +247,17 @@ class World:
         """
         return self._add_user(key, username, roles=[self.admin_role_id] * admin + list(roles)).id
 
-    def add_guild(self, name: str, *, owner: str = "admin") -> int:
-        """Add a guild (the bot joined it, every user is a member) with @everyone and the bot's role."""
+    def add_guild(self, name: str, *, owner: str = "admin", shard: tuple[int, int] | None = None) -> int:
+        """Add a guild (the bot joined it, every user is a member) with @everyone and the bot's role.
+
+        ``shard=(shard_id, num_shards)`` picks an id on that shard: ``(id >> 22) % num_shards``
+        (Gateway.md, "Sharding"), the timestamp part moved forward by less than ``num_shards`` ms.
+        """
         gid = self.snowflake()
+        if shard is not None:
+            shard_id, count = shard
+            ms, low = gid >> 22, gid & 0x3FFFFF
+            gid = ((ms + (shard_id - ms) % count) << 22) | low
         bot_role = self.snowflake()
         self.guilds[gid] = GuildRecord(gid, name, owner, [
             RoleRecord(gid, "@everyone", EVERYONE_PERMISSIONS, 0),
@@ -490,12 +498,17 @@ class World:
 
     # --- gateway payloads ----------------------------------------------------------------------
 
-    def ready_payload(self, session_id: str, resume_url: str) -> dict[str, Any]:
+    def ready_payload(
+        self, session_id: str, resume_url: str, *, guilds: list[int] | None = None
+    ) -> dict[str, Any]:
+        """READY, listing ``guilds`` (default: all) as unavailable until their GUILD_CREATE."""
         me = self.bot.payload() | {"verified": True, "mfa_enabled": False, "flags": 0}
         return {
             "v": 10,
             "user": me,
-            "guilds": [{"id": str(gid), "unavailable": True} for gid in self.guilds],
+            "guilds": [
+                {"id": str(gid), "unavailable": True} for gid in (self.guilds if guilds is None else guilds)
+            ],
             "session_id": session_id,
             "resume_gateway_url": resume_url,
             "application": {"id": str(self.application_id), "flags": 0},

@@ -167,6 +167,11 @@ class Config:
     # the URL may hold a password.
     database_url: str | None = field(default=None, repr=False)
     database_pool_size: int = 10
+    # Sharding (discord.py's AutoShardedClient): None and () = one unsharded gateway session, the
+    # single-process default; "auto" (0 here) = Discord's recommended count, every shard in this
+    # process; N with no ids = shards 0..N-1 in this process; N with ids = those shards only.
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] = ()
     # Attachments (bot/attachments.py)
     attachment_max_file_bytes: int = 8 * 1024 * 1024
     attachment_max_message_bytes: int = 20 * 1024 * 1024
@@ -245,6 +250,11 @@ class Config:
         """``"live"`` with an API key, else ``"sandbox"`` (the loopback Gemini emulator)."""
         return "live" if self.gemini_api_key else "sandbox"
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the bot runs as discord.py's AutoShardedClient (``SHARD_COUNT`` is set)."""
+        return self.shard_count is not None
+
     def secrets(self) -> tuple[str, ...]:
         """The secret values that are set, for the log redactor (a database URL's password also on
         its own: a driver's message may quote it without the rest of the URL)."""
@@ -262,6 +272,8 @@ class Config:
             value = getattr(self, f.name)
             if f.name in SECRET_FIELDS:
                 text = f"<set, {len(value)} chars>" if value else "<not set>"
+            elif f.name == "shard_count" and value == SHARD_AUTO:
+                text = "auto"
             else:
                 text = _show(value)
             out[f.name.upper()] = text
@@ -514,6 +526,63 @@ def _database_url(text: str) -> str:
     return text
 
 
+# Discord's own ceiling is far higher, but a bot that needs thousands of shards needs its own plan.
+MAX_SHARDS = 4096
+SHARD_AUTO = 0  # SHARD_COUNT=auto: ask Discord (GET /gateway/bot) for its recommendation
+
+
+def _shard_count(text: str) -> int:
+    if text.lower() == "auto":
+        return SHARD_AUTO
+    if not re.fullmatch(r"[0-9]+", text) or not 1 <= int(text) <= MAX_SHARDS:
+        raise _Invalid(
+            f"{text!r} is not a shard count",
+            f"set the total number of shards of the bot (1 to {MAX_SHARDS}, the same in every process), "
+            "'auto' for Discord's recommendation, or leave it empty for one unsharded session",
+        )
+    return int(text)
+
+
+def _shard_ids(text: str) -> tuple[int, ...]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if not re.fullmatch(r"[0-9]+", item)]
+    if bad:
+        raise _Invalid(
+            f"not shard ids: {', '.join(repr(b) for b in bad)}",
+            "list this process's shards as comma-separated numbers from 0, e.g. 0,1",
+        )
+    ids = tuple(int(item) for item in items)
+    if len(set(ids)) != len(ids):
+        raise _Invalid(f"{text!r} names a shard twice", "list each shard once")
+    return tuple(sorted(ids))
+
+
+def _shard_problems(values: dict[str, Any]) -> list[ConfigProblem]:
+    """SHARD_IDS needs a fixed SHARD_COUNT, and each id must be below it."""
+    count, ids = values.get("shard_count"), values.get("shard_ids", ())
+    if not ids:
+        return []
+    if count is None or count == SHARD_AUTO:
+        return [
+            ConfigProblem(
+                "SHARD_IDS",
+                "is set without a SHARD_COUNT: a shard's guilds depend on the total count",
+                "set SHARD_COUNT to the bot's total number of shards (the same in every process)",
+            )
+        ]
+    outside = [i for i in ids if i >= count]
+    if outside:
+        return [
+            ConfigProblem(
+                "SHARD_IDS",
+                f"names shard {', '.join(map(str, outside))}, "
+                f"but SHARD_COUNT={count} has shards 0 to {count - 1}",
+                f"use ids from 0 to {count - 1}, or raise SHARD_COUNT",
+            )
+        ]
+    return []
+
+
 def _host(text: str) -> str:
     if any(c.isspace() for c in text) or "/" in text:
         raise _Invalid(f"{text!r} is not a host name or IP address", "use e.g. 127.0.0.1")
@@ -594,6 +663,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     # Connections each process keeps to PostgreSQL (besides one for notifications): mind the
     # server's max_connections (100 by default) across all processes.
     "database_pool_size": _Number(int, 2, 100),
+    "shard_count": _shard_count,
+    "shard_ids": _shard_ids,
     # Discord's own upload limit is 10 MiB (500 MiB with Nitro); Gemini takes up to 2 GB per file.
     "attachment_max_file_bytes": _Number(int, 1, 2 * 1024**3),
     "attachment_max_message_bytes": _Number(int, 1, 20 * 1024**3),
@@ -797,6 +868,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
             )
 
     problems += _model_problems(values)
+    problems += _shard_problems(values)
 
     if values.get("otel_exporter_otlp_endpoint") and not _otel_installed():
         problems.append(

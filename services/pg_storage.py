@@ -1676,6 +1676,20 @@ class PostgresStore:
 
     # -- operators (last: the method name shadows the builtin in the class body) --------
 
+    async def recent_inbound(self, since: float, limit: int) -> builtins.list[dict[str, Any]]:
+        """The payloads of user messages accepted since ``since`` (any state), newest first: where
+        a restarted shard looks for what its predecessor may have missed (bot.catchup)."""
+
+        async def body(conn: asyncpg.Connection) -> builtins.list[dict[str, Any]]:
+            rows = await conn.fetch(
+                "SELECT payload FROM queue WHERE kind = 'inbound' AND created_at >= $1 "
+                "ORDER BY id DESC LIMIT $2",
+                since, limit,
+            )
+            return [json.loads(r[0]) for r in rows]
+
+        return await self._run("recent_inbound", body, write=False)
+
     async def list(self, state: ItemState | None = None, limit: int = 50) -> builtins.list[QueueItem]:
         """Items oldest first, optionally of one state (for operators)."""
 

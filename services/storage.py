@@ -2013,6 +2013,19 @@ class SqliteStore:
 
     # -- operators (last: the method name shadows the builtin in the class body) --------
 
+    async def recent_inbound(self, since: float, limit: int) -> builtins.list[dict[str, Any]]:
+        """The payloads of user messages accepted since ``since`` (any state), newest first: where
+        a restarted shard looks for what its predecessor may have missed (bot.catchup)."""
+
+        async def body(db: aiosqlite.Connection) -> builtins.list[dict[str, Any]]:
+            sql = (
+                "SELECT payload FROM queue WHERE kind = 'inbound' AND created_at >= ? "
+                "ORDER BY id DESC LIMIT ?"
+            )
+            return [json.loads(r[0]) for r in await _all(db, sql, (since, limit))]
+
+        return await self._run("recent_inbound", body, write=False)
+
     async def list(self, state: ItemState | None = None, limit: int = 50) -> builtins.list[QueueItem]:
         """Items oldest first, optionally of one state (for operators)."""
 

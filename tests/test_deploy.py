@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.alerts import RULE_NAMES
-from services.config import Config
+from services.config import Config, load_config
 from services.http_api import DEFAULT_MAX_CONNECTIONS
 from services.metrics import Metrics
 
@@ -539,3 +539,94 @@ def test_alert_rules_pass_promtool_where_it_is_installed() -> None:
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in done.stdout
+
+
+# --- deploy/compose.shards.yml: PostgreSQL and one process per shard -----------------------------
+
+COMPOSE = ROOT / "deploy" / "compose.shards.yml"
+
+
+def read_plain_yaml(text: str) -> Any:
+    """The compose file's plain layout (PyYAML is not a dependency): nested mappings by indent,
+    block lists (``- item``) of scalars, quoted or bare scalars, ``#`` comments."""
+    lines = [
+        (len(raw) - len(raw.lstrip()), raw.strip())
+        for raw in text.splitlines()
+        if raw.strip() and not raw.strip().startswith("#")
+    ]
+
+    def scalar(value: str) -> str:
+        return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'" else value
+
+    def block(i: int, indent: int) -> tuple[Any, int]:
+        if lines[i][1].startswith("- "):
+            items: list[Any] = []
+            while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("- "):
+                assert ": " not in lines[i][1], f"compose: a list of mappings is not read: {lines[i]}"
+                items.append(scalar(lines[i][1][2:].strip()))
+                i += 1
+            return items, i
+        mapping: dict[str, Any] = {}
+        while i < len(lines) and lines[i][0] == indent:
+            key, _, value = lines[i][1].partition(":")
+            assert not lines[i][1].startswith("- "), f"compose: unexpected list item {lines[i]}"
+            i += 1
+            if value.strip():
+                mapping[key] = scalar(value.strip())
+            elif i < len(lines) and lines[i][0] > indent:
+                mapping[key], i = block(i, lines[i][0])
+            else:
+                mapping[key] = None
+        return mapping, i
+
+    parsed, end = block(0, 0)
+    assert end == len(lines), f"compose: unread line {lines[end]}"
+    return parsed
+
+
+def compose_shards() -> dict[str, dict[str, Any]]:
+    services = read_plain_yaml(COMPOSE.read_text())["services"]
+    return {name: spec for name, spec in services.items() if name.startswith("shard-")}
+
+
+def test_compose_runs_one_process_per_shard_with_one_shard_count() -> None:
+    """Every shard of SHARD_COUNT has exactly one service, and every service says the same count."""
+    shards = compose_shards()
+    counts = {spec["environment"]["SHARD_COUNT"] for spec in shards.values()}
+    assert counts == {str(len(shards))} and len(shards) >= 2
+    ids = sorted(int(spec["environment"]["SHARD_IDS"]) for spec in shards.values())
+    assert ids == list(range(len(shards)))
+    assert {name: spec["environment"]["SHARD_IDS"] for name, spec in shards.items()} == {
+        f"shard-{i}": str(i) for i in ids
+    }
+
+
+def test_compose_shards_share_one_database_and_keep_their_own_data_dir() -> None:
+    compose = read_plain_yaml(COMPOSE.read_text())
+    postgres = compose["services"]["postgres"]
+    assert postgres["image"].startswith("postgres:") and postgres["healthcheck"]["test"][0] == "CMD-SHELL"
+    shards = compose_shards()
+    urls = {spec["environment"]["DATABASE_URL"] for spec in shards.values()}
+    assert len(urls) == 1
+    data = [volume for spec in shards.values() for volume in spec["volumes"] if volume.endswith(":/app/data")]
+    assert len(set(data)) == len(shards), "each process needs a DATA_DIR of its own (its lock, its spool)"
+    for spec in shards.values():
+        assert spec["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert seconds(spec["stop_grace_period"]) > Config().shutdown_grace_seconds
+    named = set(compose["volumes"])
+    assert {v.split(":")[0] for v in data} | {"pg-data"} <= named
+
+
+def test_compose_settings_pass_the_bot_s_own_checks() -> None:
+    """Each shard's environment, with the password filled in, is a valid configuration: the URL a
+    postgresql:// URL naming the postgres service and database, the shard settings consistent, and
+    the pools within PostgreSQL's default 100 connections."""
+    compose = read_plain_yaml(COMPOSE.read_text())
+    database = compose["services"]["postgres"]["environment"]["POSTGRES_DB"]
+    shards = compose_shards()
+    for spec in shards.values():
+        environ = {k: v.replace("${POSTGRES_PASSWORD}", "s3cret") for k, v in spec["environment"].items()}
+        config = load_config(environ=environ, env_file=None)
+        assert config.database_url is not None and config.database_url.endswith(f"@postgres:5432/{database}")
+        assert config.sharded and config.shard_ids == (int(environ["SHARD_IDS"]),)
+    assert len(shards) * (Config().database_pool_size + 1) < 100

@@ -1,4 +1,5 @@
-"""The catch-up's watch: which channels a reconnect reads, from where, and its bounds.
+"""The catch-up's watch: which channels a reconnect reads, from where, and its bounds; and the
+order in which a take-over hands missed and live messages over.
 
 The catch-up itself (reads after a fresh IDENTIFY, handed to intake) runs against the Discord
 emulator in ``tests/integration/test_catchup.py``.
@@ -11,7 +12,7 @@ from datetime import UTC, datetime
 import discord
 import pytest
 
-from bot.catchup import MAX_AGE, MAX_CHANNELS, Watch
+from bot.catchup import MAX_AGE, MAX_CHANNELS, Catchup, Watch
 from resilience.clock import FakeClock
 
 
@@ -61,3 +62,53 @@ def test_snapshot_skips_channels_idle_past_the_age_bound_and_reads_at_most_that_
 def test_a_watch_needs_room_for_one_channel() -> None:
     with pytest.raises(ValueError, match="max_channels"):
         Watch(FakeClock(), max_channels=0)
+
+
+class _App:
+    """What ``Catchup`` uses of the application: its clock, a channel by id and history reads."""
+
+    def __init__(self, clock: FakeClock, history: dict[int, list[object]]) -> None:
+        self.clock = clock
+        self._history = history
+        self.discord_io = self
+
+    async def channel(self, channel_id: int) -> int:
+        return channel_id
+
+    async def history(self, channel: int, *, after: object, limit: int) -> list[object]:
+        return list(self._history.get(channel, []))
+
+
+def _message(channel_id: int, message_id: int) -> discord.Message:
+    class _Channel:
+        id = channel_id
+
+    class _Message:
+        id = message_id
+        channel = _Channel()
+
+    return _Message()  # type: ignore[return-value]
+
+
+async def test_taking_over_holds_live_messages_until_ready_then_each_channel_in_order() -> None:
+    """A take-over with ``hold`` keeps every live message until ready; a read channel's missed
+    messages go first, then its live ones; other channels' live ones go on in their order."""
+    clock = FakeClock()
+    missed = [_message(1, 10), _message(1, 11)]
+    handled: list[tuple[int, int]] = []
+
+    async def handle(message: discord.Message) -> None:
+        handled.append((message.channel.id, message.id))
+
+    catchup = Catchup(_App(clock, {1: missed}), handle, lambda m: True)  # type: ignore[arg-type]
+    catchup.take_over({1: 5}, hold=True)
+    live = [_message(1, 12), _message(2, 20), _message(2, 21)]
+    assert all(catchup.defer(m) for m in live)
+    assert handled == []
+    catchup.ready()
+    assert catchup._task is not None
+    await catchup._task
+    assert [m for m in handled if m[0] == 1] == [(1, 10), (1, 11), (1, 12)]
+    assert [m for m in handled if m[0] == 2] == [(2, 20), (2, 21)]
+    assert not catchup.defer(_message(2, 22))  # nothing held any more: handled live
+    await catchup.close()

@@ -182,3 +182,15 @@ async def test_alert_states_are_replaced_and_deleted_in_one_call(store: Store) -
     a2 = AlertRecord("breaker_open:gemini", "open 90 s", DAY0, DAY0 + 1, DAY0 + 30)
     await store.save_alert_states([a2], delete=["queue_age"])
     assert await store.alert_states() == [a2]
+
+
+async def test_recent_inbound_lists_accepted_messages_of_any_state_newest_first(store: Store) -> None:
+    """What a process taking over shards reads back: inbound payloads since a time, any state."""
+    items = [await accept(store, n, DAY0 + n) for n in (1, 2, 3)]
+    await store.accept(
+        "out", OUT, "c9", {"message_id": 9}, now=DAY0 + 4, lease_seconds=LEASE, claim=False
+    )
+    await store.finish(items[0].id, now=DAY0 + 5)  # answered: still listed
+    assert [p["message_id"] for p in await store.recent_inbound(DAY0 + 2, 10)] == [3, 2]
+    assert [p["message_id"] for p in await store.recent_inbound(DAY0, 10)] == [3, 2, 1]
+    assert [p["message_id"] for p in await store.recent_inbound(DAY0, 1)] == [3]
