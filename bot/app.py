@@ -17,7 +17,7 @@ import discord
 
 from bot.answer_cache import AnswerCache
 from bot.healing import MIB, Healer
-from bot.inbound import Inbound
+from bot.inbound import Inbound, lease_seconds
 from bot.memory import SemanticMemory
 from bot.plugins import PluginHost
 from bot.ratelimit import RateLimiter
@@ -201,6 +201,22 @@ class Application:
         """Run the drain now (after a requeue, a reset, an operator's action), when one runs here."""
         if self.drain_waker is not None:
             self.drain_waker()
+
+    async def accept(self, inbound: Inbound, *, claim: bool, extra: dict[str, Any]) -> QueueItem | None:
+        """Accept a message durably (see ``SqliteStore.accept``); None when it was seen before.
+
+        Raises ``QueueFullError`` (nothing stored) when a cap on waiting messages is reached.
+        """
+        return await self.storage.accept(
+            inbound.message_id,
+            ItemKind.INBOUND,
+            inbound.key,
+            inbound.payload(**extra),
+            now=self.clock.time(),
+            lease_seconds=lease_seconds(self.config),
+            claim=claim,
+            caps=self.queue_caps,
+        )
 
     async def queue_notice(
         self,

@@ -42,7 +42,7 @@ from bot import texts
 from bot.answering import Answerer
 from bot.conversations import speaker_label
 from bot.health import AVAILABILITY_DAYS, Availability
-from bot.inbound import Inbound, Snowflake, accept
+from bot.inbound import Inbound, Snowflake
 from bot.memory_commands import memory_group
 from bot.operations import (
     InvalidRequestError,
@@ -335,11 +335,11 @@ class SlashCommands:
             if maintenance is not None:
                 position: int | None = None
                 if cfg.maintenance_queue_messages:
-                    item = await accept(app, inbound, claim=False, extra=extra)
+                    item = await app.accept(inbound, claim=False, extra=extra)
                     position = await app.storage.position(item.id) if item is not None else None
                 await reply_to.say(texts.maintenance(maintenance, queued_position=position))
                 return "maintenance"
-            item = await accept(app, inbound, claim=True, extra=extra)
+            item = await app.accept(inbound, claim=True, extra=extra)
         except asyncio.CancelledError:
             raise
         except QueueFullError as exc:

@@ -37,7 +37,7 @@ import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -47,11 +47,21 @@ from resilience.registry import ServiceRegistry, ServiceState
 from resilience.tasks import SupervisedTask
 
 if TYPE_CHECKING:
-    from bot.health import Facts
     from resilience.breakers import BreakerBoard
     from resilience.clock import Clock
     from services.datastore import SharedStateService
     from services.metrics import Metrics
+
+
+class Facts(Protocol):
+    """What the healer reads of one health assessment (``bot.health.Facts``; a protocol, so the
+    healer, which the application builds, does not import the assessment, which imports it)."""
+
+    @property
+    def breakers(self) -> tuple[BreakerSnapshot, ...]: ...
+
+    @property
+    def rss_bytes(self) -> int | None: ...
 
 log = structlog.get_logger("bot.healing")
 

@@ -1,9 +1,9 @@
 """A user message as the bot keeps it: what intake, answering, routing and the drain share.
 
-``Inbound`` is also the queue payload of an inbound item; ``accept`` is the durable point of
-no return (``SqliteStore.accept``): the message id is recorded as processed and the work item
-stored in one transaction, so after ``kill -9`` the drain finds it and answers it, and a
-replayed gateway event is never answered twice.
+``Inbound`` is also the queue payload of an inbound item; ``Application.accept`` (``bot.app``) is
+the durable point of no return (``SqliteStore.accept``): the message id is recorded as processed
+and the work item stored in one transaction, so after ``kill -9`` the drain finds it and answers
+it, and a replayed gateway event is never answered twice.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from resilience.degradation import ItemKind, QueueItem
-
 if TYPE_CHECKING:
-    from bot.app import Application
     from services.config import Config
 
 LEASE_MARGIN = 30.0
@@ -112,22 +109,3 @@ class Snowflake:
 
     def __init__(self, id: int) -> None:
         self.id = id
-
-
-async def accept(
-    app: Application, inbound: Inbound, *, claim: bool, extra: dict[str, Any]
-) -> QueueItem | None:
-    """Accept a message durably (see ``SqliteStore.accept``); None when it was seen before.
-
-    Raises ``QueueFullError`` (nothing stored) when a cap on waiting messages is reached.
-    """
-    return await app.storage.accept(
-        inbound.message_id,
-        ItemKind.INBOUND,
-        inbound.key,
-        inbound.payload(**extra),
-        now=app.clock.time(),
-        lease_seconds=lease_seconds(app.config),
-        claim=claim,
-        caps=app.queue_caps,
-    )

@@ -9,7 +9,7 @@ message (too long, empty, over the rate limit) is answered as ``NoticeLimiter`` 
 notice per user, kind and window, then a few reactions, then silence, so a flood of refused
 messages cannot become a flood of posts.
 
-Acceptance (``bot.inbound.accept``) is the durable point of no return. A live message is
+Acceptance (``Application.accept``) is the durable point of no return. A live message is
 accepted with ``accept_with_history``: the same transaction also reads the history to answer
 with, when the message is next in its conversation. Messages of one conversation reach its
 mutex in arrival order (``Arrivals``), however long each one's write took, so an unsaved
@@ -32,7 +32,7 @@ from bot import marks, texts
 from bot.answering import Answerer
 from bot.attachments import Collected, collect
 from bot.conversations import NO_THREAD_PERMISSION, Conversations, for_gemini, speaker_label
-from bot.inbound import Inbound, accept, lease_seconds
+from bot.inbound import Inbound, lease_seconds
 from bot.ratelimit import Feedback, NoticeLimiter
 from bot.routing import FailureRouter, Original
 from bot.settings import scope_chain
@@ -193,7 +193,7 @@ class Intake:
             position: int | None = None
             if cfg.maintenance_queue_messages:
                 try:
-                    item = await accept(app, inbound, claim=False, extra={"acked": True, **files.payload()})
+                    item = await app.accept(inbound, claim=False, extra={"acked": True, **files.payload()})
                 except asyncio.CancelledError:
                     raise
                 except QueueFullError as exc:
@@ -279,7 +279,7 @@ class Intake:
         live) when it cannot be saved."""
         try:
             with span("accept", dependency="storage", queued=True):
-                item = await accept(self.app, inbound, claim=False, extra={"acked": True})
+                item = await self.app.accept(inbound, claim=False, extra={"acked": True})
         except asyncio.CancelledError:
             raise
         except QueueFullError as exc:

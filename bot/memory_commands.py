@@ -10,13 +10,36 @@ Forgetting deletes the rows, vectors and all, and nothing said before it is stor
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
 
 import discord
 from discord import app_commands
 
 if TYPE_CHECKING:
-    from bot.commands import Check, SlashCommands
+    from bot.app import Application
+
+Check = Callable[[discord.Interaction, str], None]
+
+
+class CommandHost(Protocol):
+    """What ``/memory`` needs of the slash commands (``bot.commands.SlashCommands``): the
+    application, their ``run`` frame (defer, check, timeout, one sentence per failure) and the
+    managers' check. A protocol, so this module does not import the commands that import it."""
+
+    app: Application
+
+    async def run(
+        self,
+        interaction: discord.Interaction,
+        body: Callable[[], Awaitable[None]],
+        *,
+        ephemeral: bool = True,
+        limit: float | None = None,
+        check: Check | None = None,
+    ) -> None: ...
+
+    def require_guild_manager(self, interaction: discord.Interaction, command: str) -> None: ...
 
 SHOWN = 10
 NOT_HERE = "it has no memory store."
@@ -47,7 +70,7 @@ def show_text(enabled: bool, server: bool | None, shown: list[tuple[int, float, 
     return "\n".join(lines)
 
 
-def memory_group(commands: SlashCommands) -> app_commands.Group:
+def memory_group(commands: CommandHost) -> app_commands.Group:
     """The ``/memory`` group, wired to ``commands`` (its ``run`` frame and the application)."""
     app = commands.app
     group = app_commands.Group(name="memory", description="What I remember of what you said (opt-in)")
