@@ -240,7 +240,7 @@ class _DiscordDestination:
     async def _queue(self, text: str, reason: str) -> bool:
         """Put ``text`` in the durable queue as an outbound item; True once stored."""
         app = self.app
-        message_id = discord.utils.time_snowflake(discord.utils.utcnow())
+        message_id = _fresh_snowflake()
         payload: dict[str, Any] = {
             # An outbound item like the router's notices: the drain sends its chunks once Discord
             # takes them. The id is a snowflake of now: no message has it, so the "reply" goes out
@@ -273,6 +273,18 @@ class _DiscordDestination:
         app.metrics.alert_notifications.labels(self.kind, "queued").inc()
         app.drain_wake()
         return True
+
+
+_last_snowflake = 0
+
+
+def _fresh_snowflake() -> int:
+    """A snowflake of now, never one handed out before in this process: two alerts queued in the same
+    millisecond would otherwise share their dedup key (the second one found the first and was lost)
+    and their nonce."""
+    global _last_snowflake
+    _last_snowflake = max(discord.utils.time_snowflake(discord.utils.utcnow()), _last_snowflake + 1)
+    return _last_snowflake
 
 
 class ChannelDestination(_DiscordDestination):

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import discord
 import pytest
 
 from bot.alerts import (
@@ -163,26 +165,34 @@ async def test_alert_states_survive_a_restart_no_early_repeat_and_the_resolution
     assert await app.storage.alert_states() == []
 
 
+class StubChannel(ChannelDestination):
+    """A channel destination whose channel is a stub that records what is posted to it."""
+
+    def __init__(self, app: Application, channel_id: int) -> None:
+        super().__init__(app, channel_id)
+        self.posted: list[str] = []
+
+    async def _target(self) -> Any:
+        posted = self.posted
+
+        class Stub:
+            id = self.channel_id
+
+            async def send(self, content: str, **kwargs: object) -> None:
+                posted.append(content)
+
+        return Stub()
+
+
 async def test_a_channel_alert_discord_refuses_waits_in_the_durable_queue_and_later_ones_queue_behind(
     app: Application,
 ) -> None:
     """discord.send open: the message becomes an outbound item the drain delivers (a notice, flagged
     as an alert, not an accepted message); the next one queues behind it instead of overtaking."""
 
-    posted: list[str] = []
-
-    class Stub:
-        id = 42
-
-        async def send(self, content: str, **kwargs: object) -> None:
-            posted.append(content)
-
-    class Channel(ChannelDestination):
-        async def _target(self) -> Stub:  # type: ignore[override]
-            return Stub()
-
     app.board["discord.send"].force_open(600.0, reason="test")
-    channel = Channel(app, 42)
+    channel = StubChannel(app, 42)
+    posted = channel.posted
     assert await channel.deliver("first") is True
     app.board["discord.send"].reset()
     assert await channel.deliver("second") is True  # Discord is back, but "first" still waits
@@ -311,3 +321,19 @@ async def test_a_state_taken_up_after_a_restart_gets_the_title_its_rule_gives(ap
     for rule in RULES:
         for firing in rule(facts, Thresholds()):
             assert title_of(firing.key) == firing.title
+
+
+async def test_alerts_queued_in_the_same_millisecond_are_each_kept(
+    app: Application, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queued alert's id is a snowflake of now; two in one millisecond must not share it (their
+    dedup key would make the second one find the first, and it was lost)."""
+    frozen = discord.utils.utcnow()
+    monkeypatch.setattr(discord.utils, "utcnow", lambda: frozen)  # the clock stands still
+    app.board["discord.send"].force_open(600.0, reason="test")
+    channel = StubChannel(app, 42)
+    for n in range(3):
+        assert await channel.deliver(f"alert {n}") is True
+    items = await app.storage.list(ItemState.PENDING)
+    assert [i.payload["chunks"] for i in items] == [["alert 0"], ["alert 1"], ["alert 2"]]
+    assert len({i.payload["nonce"] for i in items}) == 3
