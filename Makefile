@@ -19,7 +19,7 @@ run: $(STAMP)
 
 # Two workers: the tests wait on real sockets and processes, and the machine has two cores.
 test: $(STAMP)
-	@$(PY) -m pytest -q -n 2
+	@$(PY) -m pytest -q -n 3
 
 # The chaos scenarios (each under 2 minutes), then a 2,000-message load run under the default
 # error mix; `python -m rehearsal simulate` exits 1 if a message was lost or answered twice, or the
