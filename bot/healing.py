@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
-import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from resilience.breakers import BreakerSnapshot, BreakerState
 from resilience.degradation import DegradationState, Mode
 from resilience.registry import ServiceRegistry, ServiceState
 from resilience.tasks import SupervisedTask
+from services.http_api import rss_bytes
 
 if TYPE_CHECKING:
     from resilience.breakers import BreakerBoard
@@ -467,13 +467,3 @@ def _describe(exc: BaseException) -> str:
 
 def _mib(value: int | None) -> str:
     return "?" if value is None else f"{value / MIB:.0f}"
-
-
-def rss_bytes() -> int | None:
-    """Resident memory from /proc/self/statm (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            resident_pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")

@@ -41,7 +41,6 @@ import asyncio
 import gc
 import ipaddress
 import math
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
@@ -63,6 +62,7 @@ from resilience.errors import classify
 from resilience.mutex import LockStatus
 from services.coordination import ProcessRecord
 from services.datastore import DataStoreValidationError
+from services.http_api import rss_bytes
 from services.storage import UsageRow, UsageTotals, usage_day
 
 if TYPE_CHECKING:
@@ -1335,9 +1335,9 @@ class Operations:
 
     async def gc(self, *, by: str | None = None) -> GcResult:
         """Run a full garbage collection; report what it found and resident memory before and after."""
-        before = _rss_bytes()
+        before = rss_bytes()
         collected = gc.collect()
-        after = _rss_bytes()
+        after = rss_bytes()
         _log("gc", by, collected=collected, rss_before=before, rss_after=after)
         return GcResult(collected=collected, garbage=len(gc.garbage), rss_before=before, rss_after=after)
 
@@ -1801,13 +1801,3 @@ def _per_minute(name: str, value: Any, current: int, most: int) -> int:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
-
-
-def _rss_bytes() -> int | None:
-    """Resident memory from /proc/self/statm (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            resident_pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")

@@ -814,7 +814,7 @@ class HttpApi:
         caches.sort(key=lambda c: -1 if c["size"] is None else c["size"], reverse=True)
         return (
             {
-                "rss_bytes": _rss_bytes(),
+                "rss_bytes": rss_bytes(),
                 # O(1) figures only: counting every object (gc.get_objects) would stall the loop
                 # for tens of milliseconds on a busy heap, and this route needs no token.
                 "python": {
@@ -1211,7 +1211,7 @@ def _histogram_percentiles(histogram: Histogram) -> dict[str, Any]:
     }
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
     """Resident memory from /proc/self/statm (Linux); None elsewhere."""
     try:
         with open("/proc/self/statm", "rb") as f:
