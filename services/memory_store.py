@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import operator
 import os
-import re
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,27 +33,22 @@ import aiosqlite
 
 from resilience.clock import Clock, SystemClock
 from services.datadir import make_private_dir
+from services.storage import StorageError
+from services.storage import migration_files as versioned_files
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations") / "memory"
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 FILE_MODE = 0o600
 DEFAULT_MAX_ITEMS = 1000
 Scope = Literal["user", "guild"]
 
 
-class MemoryStoreError(Exception):
+class MemoryStoreError(StorageError):
     """The memory database is unusable (its migrations are broken, it is newer than this build)."""
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
-    """The versioned SQL files, in order; their numbers must run 1, 2, 3, ... without a gap."""
-    found = sorted(
-        (int(m.group(1)), path) for path in directory.iterdir() if (m := _MIGRATION_NAME.match(path.name))
-    )
-    numbers = [n for n, _ in found]
-    if numbers != list(range(1, len(numbers) + 1)):
-        raise MemoryStoreError(f"migrations in {directory} are not numbered 1..N without gaps: {numbers}")
-    return found
+    """The memory store's versioned SQL files, in order (``services.storage.migration_files``)."""
+    return versioned_files(directory)
 
 
 def statements(sql: str) -> list[str]:

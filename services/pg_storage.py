@@ -38,7 +38,6 @@ import builtins
 import contextlib
 import json
 import math
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -95,12 +94,14 @@ from services.storage import (
     turn_rows,
     usage_day,
 )
+from services.storage import (
+    migration_files as versioned_files,
+)
 
 T = TypeVar("T")
 log = structlog.get_logger("storage.postgres")
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations") / "postgres"
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 # Advisory lock classes (the first of the two int4 keys): "bot" and a number, so no other user of
 # the database is likely to collide.
@@ -294,17 +295,8 @@ def as_storage_error(exc: BaseException) -> StorageError:
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
-    """The versioned SQL files, in order; their numbers must run 1, 2, 3, ... without a gap."""
-    found = []
-    for path in directory.iterdir():
-        match = _MIGRATION_NAME.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    found.sort()
-    numbers = [n for n, _ in found]
-    if numbers != list(range(1, len(numbers) + 1)):
-        raise StorageError(f"migrations in {directory} are not numbered 1..N without gaps: {numbers}")
-    return found
+    """The PostgreSQL schema's versioned SQL files, in order (``services.storage.migration_files``)."""
+    return versioned_files(directory)
 
 
 async def probe(url: str, *, within: float = 5.0) -> int | None:

@@ -29,6 +29,7 @@ import builtins
 import json
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -317,6 +318,22 @@ SECONDS_PER_DAY = 86400
 
 class StorageError(Exception):
     """Root of the store's own errors."""
+
+
+MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+"""A versioned migration file: ``0001_what_it_does.sql``."""
+
+
+def migration_files(directory: Path) -> list[tuple[int, Path]]:
+    """The versioned SQL files of ``directory``, in order; their numbers must run 1, 2, 3, ...
+    without a gap (``StorageError`` otherwise). For the PostgreSQL schema and the memory store."""
+    found = sorted(
+        (int(m.group(1)), path) for path in directory.iterdir() if (m := MIGRATION_NAME.match(path.name))
+    )
+    numbers = [n for n, _ in found]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise StorageError(f"migrations in {directory} are not numbered 1..N without gaps: {numbers}")
+    return found
 
 
 class SchemaTooNewError(StorageError):
