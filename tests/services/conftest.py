@@ -1,4 +1,5 @@
-"""The storage suite runs against both backends: fixtures that hide which one a test got.
+"""Fixtures of the services tests. The storage suite runs against both backends: fixtures that hide
+which one a test got.
 
 ``open_store(**options)`` makes an unstarted store on this test's database, the same database at
 each call (two calls are two processes' stores, or a store before and after a restart): a SQLite
@@ -19,8 +20,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from resilience.clock import FakeClock
+from sandbox.gemini import GeminiEmulator
 from services.pg_storage import PostgresStore
 from services.storage import SqliteStore
+from tests.services.test_gemini_service import Harness
 
 Store = SqliteStore | PostgresStore
 OpenStore = Callable[..., Store]
@@ -116,3 +120,22 @@ async def open_transactions(store: Store) -> int:
         )
         return int(rows[0][0])
     return int(store._db is not None and store._db.in_transaction)
+
+
+# -- Gemini: the emulator and services pointed at it -----------------------------------------------
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[GeminiEmulator]:
+    """A started Gemini emulator on a loopback port."""
+    async with GeminiEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def harness(emu: GeminiEmulator, fake_clock: FakeClock) -> AsyncIterator[Harness]:
+    """Makes GeminiServices pointed at ``emu``; stops them after the test."""
+    h = Harness(emu, fake_clock)
+    yield h
+    for service in h.services:
+        await service.stop()

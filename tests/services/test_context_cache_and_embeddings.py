@@ -27,12 +27,6 @@ OTHER = "You are Bo, a terse oracle who answers in riddles and never explains. "
 
 
 @pytest.fixture
-async def emu() -> AsyncIterator[GeminiEmulator]:
-    async with GeminiEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
 async def gemini(emu: GeminiEmulator, fake_clock: FakeClock) -> AsyncIterator[GeminiService]:
     """A started GeminiService with a context cache (TTL 300 s), on the FakeClock."""
     service = GeminiService(

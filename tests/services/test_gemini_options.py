@@ -28,12 +28,6 @@ FLASH, LITE, PRO = "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro"
 
 
 @pytest.fixture
-async def emu() -> AsyncIterator[GeminiEmulator]:
-    async with GeminiEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
 async def service(emu: GeminiEmulator, fake_clock: FakeClock) -> AsyncIterator[GeminiService]:
     """Flash first, then Flash-Lite; Pro allowed too; each model with a breaker that opens after 2."""
     breakers = {

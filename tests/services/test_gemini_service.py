@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 import warnings
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from google.genai import errors, types
@@ -59,13 +59,6 @@ PERSONA = "You are Test Bot."
 def ssl_context() -> ssl.SSLContext:
     """One TLS context for every service in this file (the SDK builds one per client, ~0.1 s)."""
     return ssl.create_default_context()
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[GeminiEmulator]:
-    """A started Gemini emulator on a loopback port."""
-    async with GeminiEmulator() as emulator:
-        yield emulator
 
 
 class Harness:
@@ -113,15 +106,6 @@ class Harness:
         await service.start()
         self.services.append(service)
         return service
-
-
-@pytest.fixture
-async def harness(emu: GeminiEmulator, fake_clock: FakeClock) -> AsyncIterator[Harness]:
-    """Makes GeminiServices pointed at ``emu``; stops them after the test."""
-    h = Harness(emu, fake_clock)
-    yield h
-    for service in h.services:
-        await service.stop()
 
 
 def generate_requests(emu: GeminiEmulator, model: str | None = None) -> int:

@@ -45,12 +45,6 @@ class Watcher:
 
 
 @pytest.fixture
-async def emu() -> AsyncIterator[GeminiEmulator]:
-    async with GeminiEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
 async def services(emu: GeminiEmulator, fake_clock: FakeClock) -> AsyncIterator[list[GeminiService]]:
     made: list[GeminiService] = []
     yield made

@@ -4,32 +4,14 @@ code execution shows as fenced code and output, and every token kind reaches the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from google.genai import types
 
-from resilience.clock import FakeClock
 from sandbox.gemini import GeminiEmulator
 from services.gemini import TOOLS, Source, answer_text, grounding_sources, to_reply, tool_config
 from services.metrics import Metrics
 from services.storage import Turn
 from tests.services.test_gemini_service import MODEL, Harness
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[GeminiEmulator]:
-    async with GeminiEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def harness(emu: GeminiEmulator, fake_clock: FakeClock) -> AsyncIterator[Harness]:
-    h = Harness(emu, fake_clock)
-    yield h
-    for service in h.services:
-        await service.stop()
-
 
 SOURCES = [
     Source("example.com", "https://example.com/search/who-won-the-euro-2024/1"),

@@ -9,7 +9,6 @@ nothing else can finish it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,7 +22,6 @@ from sandbox.gemini import GeminiEmulator
 from services.gemini import ReplyKind
 from services.metrics import Metrics
 from services.tools import FunctionCall, Safety, Tool, ToolRegistry, check_arguments
-from tests.services.test_gemini_service import Harness
 
 
 async def _now(context: Any, args: dict[str, Any]) -> dict[str, Any]:
@@ -72,20 +70,6 @@ class Caller:
         if tool is None:
             return {"error": f"no function {call.name}"}
         return await self.tools.run(tool, call.args, None)
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[GeminiEmulator]:
-    async with GeminiEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def harness(emu: GeminiEmulator, fake_clock: FakeClock) -> AsyncIterator[Harness]:
-    h = Harness(emu, fake_clock)
-    yield h
-    for service in h.services:
-        await service.stop()
 
 
 def function_rounds(emu: GeminiEmulator) -> list[dict[str, Any]]:
