@@ -60,31 +60,37 @@ def plugin_commands(
 
         await admin(interaction, act)
 
+    async def lifecycle(
+        interaction: discord.Interaction,
+        name: str,
+        action: Callable[[str], Awaitable[Plugin]],
+        done: str,
+        failed: str = "",
+    ) -> None:
+        """Load, unload or reload ``name`` for an owner; one sentence either way (``failed`` after a
+        refusal's own)."""
+
+        async def act(by: str) -> str:
+            log.info("plugins.admin", action=action.__name__, plugin=name, by=by)
+            try:
+                await action(name)
+            except PluginError as exc:
+                return f"{_sentence(exc)}{failed}"
+            return f"Plugin `{name}` is {done}."
+
+        await admin(interaction, act)
+
     @plugin.command(name="load", description="Load a plugin")
     @app_commands.describe(name="The plugin")
     @app_commands.autocomplete(name=complete)
     async def plugin_load(interaction: discord.Interaction, name: str) -> None:
-        async def act(by: str) -> str:
-            try:
-                await _plugin_action(host.load(name), by, "load", name)
-            except PluginError as exc:
-                return _sentence(exc)
-            return f"Plugin `{name}` is loaded."
-
-        await admin(interaction, act)
+        await lifecycle(interaction, name, host.load, "loaded")
 
     @plugin.command(name="unload", description="Unload a plugin: its commands and listeners go")
     @app_commands.describe(name="The plugin")
     @app_commands.autocomplete(name=complete)
     async def plugin_unload(interaction: discord.Interaction, name: str) -> None:
-        async def act(by: str) -> str:
-            try:
-                await _plugin_action(host.unload(name), by, "unload", name)
-            except PluginError as exc:
-                return _sentence(exc)
-            return f"Plugin `{name}` is unloaded."
-
-        await admin(interaction, act)
+        await lifecycle(interaction, name, host.unload, "unloaded")
 
     @plugin.command(
         name="reload", description="Reload a plugin from its code; if that fails, the old one stays"
@@ -92,14 +98,8 @@ def plugin_commands(
     @app_commands.describe(name="The plugin")
     @app_commands.autocomplete(name=complete)
     async def plugin_reload(interaction: discord.Interaction, name: str) -> None:
-        async def act(by: str) -> str:
-            try:
-                await _plugin_action(host.reload(name), by, "reload", name)
-            except PluginError as exc:
-                return f"{_sentence(exc)} The previous version of `{name}` is still loaded and working."
-            return f"Plugin `{name}` is reloaded."
-
-        await admin(interaction, act)
+        kept = f" The previous version of `{name}` is still loaded and working."
+        await lifecycle(interaction, name, host.reload, "reloaded", kept)
 
     @plugin.command(name="revert", description="Undo the last applied self-modification of a plugin")
     @app_commands.describe(name="The plugin")
@@ -141,11 +141,6 @@ def plugin_commands(
             check=commands.require_owner,
             limit=min(FOLLOWUP_WINDOW, selfmod.test_timeout + PROPOSE_MARGIN),
         )
-
-
-async def _plugin_action(doing: Awaitable[Plugin], by: str, action: str, name: str) -> None:
-    log.info("plugins.admin", action=action, plugin=name, by=by)
-    await doing
 
 
 def proposal_view(proposal_id: str) -> discord.ui.View:
