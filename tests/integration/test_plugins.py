@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from resilience.degradation import ItemState
 from sandbox.discord_emu import InteractionRecord, SentMessage
 from tests.clocks import SteppedClock
 from tests.integration.harness import Emulators, running_emulators
@@ -201,6 +202,17 @@ def reminders_shown(live: Live) -> list[SentMessage]:
     return [m for m in live.sent() if "Reminder: stretch" in m.content]
 
 
+async def settled(live: Live) -> bool:
+    """Whether the queue has nothing waiting or being sent: the drain has settled every notice (a
+    bounded look, 10 s at most)."""
+    for _ in range(200):
+        storage = live.app.storage
+        if not await storage.list(ItemState.PENDING) and not await storage.list(ItemState.CLAIMED):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def test_reminders_survive_a_restart_and_fire_once(tmp_path: Path) -> None:
     clock = SteppedClock()
     data = tmp_path / "data"
@@ -218,13 +230,13 @@ async def test_reminders_survive_a_restart_and_fire_once(tmp_path: Path) -> None
             [shown] = reminders_shown(live)
             assert shown.content.startswith(f"<@{emus.discord.users['normal']}>")
             assert shown.pings == {f"user:{emus.discord.users['normal']}"}
-            cog.wake()
-            await asyncio.sleep(0.3)  # the loop and the drain look again: nothing more
+            # Looked at again, nothing is due, and the delivered notice left nothing in the queue.
+            assert await cog.desk.fire_due() == 0
+            assert await settled(live)
             assert len(reminders_shown(live)) == 1
         async with live_bot(emus, data, clock=clock, **settings) as live:
             cog = live.bot.get_cog("Reminders")
-            cog.wake()
-            await asyncio.sleep(0.3)
+            assert await cog.desk.fire_due() == 0  # after a restart too
             assert len(reminders_shown(live)) == 1
             assert "no reminders waiting" in await said(live, "remind", {"list": {}})
 
