@@ -735,29 +735,33 @@ class DiscordEmulator:
             "attachment_size_limit": 8 * 1024 * 1024,
             "app_permissions": str(self.world.permissions(self.world.bot, guild_id)),
         }
+        perms = self.world.permissions(who, guild_id) if guild_id is not None else 0
         channels = _resolved_channels(options or {})
         if channels:
-            perms = str(self.world.permissions(who, guild_id)) if guild_id is not None else "0"
             data["data"]["resolved"] = {"channels": {
-                str(cid): self.world.channel_data[cid] | {"permissions": perms} for cid in channels
+                str(cid): self.world.channel_data[cid] | {"permissions": str(perms)} for cid in channels
             }}
-        if guild_id is None:
-            data["user"] = who.payload()
-            data["context"] = 1
-        else:
-            data["guild_id"] = str(guild_id)
-            data["guild_locale"] = "en-US"
-            data["guild"] = {"id": str(guild_id), "locale": "en-US", "features": []}
-            data["member"] = self.world.member_payload(who, guild_id=guild_id) | {
-                "permissions": str(self.world.permissions(who, guild_id))
-            }
-            data["context"] = 0
+        self._invoker(data, who, guild_id, perms)
+        if guild_id is not None:
             data["data"]["guild_id"] = str(guild_id)
         record = InteractionRecord(iid, token, name, dict(options or {}), who.id, channel_id, data)
         self._interactions[iid] = record
         self._by_token[token] = record
         await self._dispatch("INTERACTION_CREATE", data)
         return record
+
+    def _invoker(self, data: dict[str, Any], who: UserRecord, guild_id: int | None, permissions: int) -> None:
+        """Who invoked an interaction, as Discord puts it: ``user`` in a DM (context 1); in a guild
+        (context 0), the guild and ``member`` with ``permissions``."""
+        if guild_id is None:
+            data["user"] = who.payload()
+            data["context"] = 1
+            return
+        data["guild_id"] = str(guild_id)
+        data["guild_locale"] = "en-US"
+        data["guild"] = {"id": str(guild_id), "locale": "en-US", "features": []}
+        data["member"] = self.world.member_payload(who, guild_id=guild_id) | {"permissions": str(permissions)}
+        data["context"] = 0
 
     async def click_button(
         self, channel_id: int, message_id: int, custom_id: str, *, user: str | int = "normal"
@@ -794,18 +798,9 @@ class DiscordEmulator:
             "attachment_size_limit": 8 * 1024 * 1024,
             "app_permissions": str(self.world.permissions(self.world.bot, guild_id)),
         }
-        if guild_id is None:
-            data["user"] = who.payload()
-            data["context"] = 1
-        else:
-            data["guild_id"] = str(guild_id)
-            data["guild_locale"] = "en-US"
-            data["guild"] = {"id": str(guild_id), "locale": "en-US", "features": []}
-            # Discord sends the member's permissions in the channel, overwrites included.
-            data["member"] = self.world.member_payload(who, guild_id=guild_id) | {
-                "permissions": str(self.world.channel_permissions(who, channel_id))
-            }
-            data["context"] = 0
+        # Discord sends the member's permissions in the channel, overwrites included.
+        in_guild = guild_id is not None
+        self._invoker(data, who, guild_id, self.world.channel_permissions(who, channel_id) if in_guild else 0)
         record = InteractionRecord(iid, token, custom_id, {}, who.id, channel_id, data)
         record.message_id = message_id
         self._interactions[iid] = record
