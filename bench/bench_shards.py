@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from rehearsal.simulate import BotApi, BotChild, SimulationOptions, child_enviro
 from sandbox.__main__ import SANDBOX_DISCORD_TOKEN, SANDBOX_GEMINI_KEY, bot_settings
 from sandbox.discord_emu import DiscordEmulator
 from sandbox.gemini import GeminiEmulator
-from tests.pg import PostgresServer, find_bin_dir
+from tests.pg import durable_server
 
 GUILDS, CHANNELS_PER_GUILD, USERS = 6, 4, 50
 START_RATE = 10.0
@@ -49,20 +48,6 @@ BOUNDED_SECONDS = 2.0
 GEMINI_LATENCY = 0.2
 MAX_RATE = 640.0
 START_TIMEOUT = 60.0
-
-
-@contextlib.contextmanager
-def _server() -> Iterator[PostgresServer | None]:
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        yield None
-        return
-    server = PostgresServer(bin_dir, durable=True)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 async def _step(ledger: Ledger, channels: list[int], users: list[str], rate: float, seconds: float,
@@ -161,7 +146,7 @@ async def _measure(processes: int, url: str, quick: bool) -> dict[str, Any]:
 
 async def _run(quick: bool, counts: list[int]) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    with _server() as server:
+    with durable_server() as server:
         if server is None:
             return {"skipped": "no PostgreSQL: install postgresql-15", "summary": []}
         for processes in counts:

@@ -32,7 +32,7 @@ import asyncpg
 from resilience.degradation import ItemKind, QueueCaps
 from services.pg_storage import PostgresStore
 from services.storage import HOUSEKEEPING_BATCH_ROWS, SqliteStore
-from tests.pg import PostgresServer, find_bin_dir
+from tests.pg import durable_server
 
 Store = SqliteStore | PostgresStore
 OpenStore = Callable[[str], Store]
@@ -200,16 +200,8 @@ def _postgres_server() -> Iterator[str | None]:
     if url:
         yield url
         return
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        yield None
-        return
-    server = PostgresServer(bin_dir, durable=True)
-    try:
-        server.start()
-        yield server.new_database(migrated=False)
-    finally:
-        server.stop()
+    with durable_server() as server:
+        yield None if server is None else server.new_database(migrated=False)
 
 
 @contextlib.asynccontextmanager

@@ -294,6 +294,22 @@ _server: PostgresServer | None = None
 _server_error: str | None = None
 
 
+@contextlib.contextmanager
+def durable_server() -> Iterator[PostgresServer | None]:
+    """A throwaway server with PostgreSQL's durable defaults (fsync, synchronous commit) for the
+    benchmarks, stopped afterwards; None when the binaries are missing."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        yield None
+        return
+    server = PostgresServer(bin_dir, durable=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 def stop_abandoned(bin_dir: Path) -> None:
     """Stop the servers of test processes that died without stopping them (a killed run), and
     delete their directories: pg_ctl starts the server as a daemon, so it outlives a SIGKILL."""
