@@ -413,7 +413,6 @@ def build_application(
     answer_cache = AnswerCache(
         max_entries=config.answer_cache_max_entries, ttl=config.answer_cache_ttl_seconds, clock=clock
     )
-    # Right after metrics: it answers /live and /ready while the others start, and stops last.
     # Watches the health assessment and repairs what it can (bot.healing); started after the
     # services it may restart, stopped before them.
     healer = Healer(
@@ -428,7 +427,7 @@ def build_application(
         gateway_silence=config.heal_gateway_silence_seconds,
         memory_bytes=config.heal_memory_mb * MIB,
     )
-    # Right after metrics: it answers /live and /ready while the others start, and stops last.
+    # Plugins (bot.plugins) load once the services they use have started.
     plugins = PluginHost(
         folder=config.plugins_dir,
         enabled=config.plugins,
@@ -436,6 +435,8 @@ def build_application(
         load_timeout=config.plugin_load_timeout_seconds,
         clock=clock,
     )
+    # The HTTP API right after metrics: it answers /live and /ready while the others start, and
+    # stops last; the healer last, so it stops first.
     services: list[Service] = [
         metrics, http_api, datastore, storage, usage, gemini, discord_io,
         memory_store, memory, plugins, healer,
